@@ -1,5 +1,5 @@
 """attnfree_ext: attention-free layers (AFT, External Attention, Talking-Heads) with stable, memory-lean kernels."""
-from ._backend import force_backend
+from ._backend import backend_info, force_backend
 from .ops.aft_full import aft_full
 from .ops.aft_local import aft_local
 from .ops.aft_simple import aft_simple
@@ -18,6 +18,7 @@ __all__ = [
     "ea_double_norm",
     "talking_heads_attention",
     "force_backend",
+    "backend_info",
     "nn",
     "compat",
 ]

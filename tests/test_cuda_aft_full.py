@@ -159,13 +159,11 @@ def test_forward_2d_w_and_noncontiguous(causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_forward_w_float32_with_bf16_inputs(causal):
+def test_w_dtype_must_match_q(causal):
+    # the same rule and message as the CPU op and the Python path
     q, k, v, w = _inputs(2, 70, 16, 2, torch.bfloat16)
-    w32 = w.float()
-    y, _ = _ops().aft_full_fwd(q, k, v, w32, causal)
-    y2, _ = _ops().aft_full_fwd(q, k, v, w, causal)
-    assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), y2.float(), rtol=2e-2, atol=2e-2)
+    with pytest.raises(TypeError, match="w must have the dtype of q"):
+        _ops().aft_full_fwd(q, k, v, w.float(), causal)
 
 
 @pytest.mark.parametrize("causal", [False, True])

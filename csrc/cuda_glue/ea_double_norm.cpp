@@ -9,32 +9,16 @@
 #include <tuple>
 #include <vector>
 
-#include "../cuda/launchers.h"
+#include "glue.h"
 
 namespace {
 
-attnfree_cuda::DType to_af_dtype(const at::Tensor& t, const char* name) {
-    switch (t.scalar_type()) {
-        case at::kFloat: return attnfree_cuda::DType::Float32;
-        case at::kHalf: return attnfree_cuda::DType::Float16;
-        case at::kBFloat16: return attnfree_cuda::DType::BFloat16;
-        case at::kDouble: return attnfree_cuda::DType::Float64;
-        default: break;
-    }
-    TORCH_CHECK_TYPE(false, name, " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
-}
+using namespace attnfree::glue;
+using attnfree::acc_dtype;
 
-at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_launch(cudaError_t err, const char* op) {
-    TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
-
-void check_logits(const at::Tensor& logits, const char* name) {
-    to_af_dtype(logits, name);
-    TORCH_CHECK_VALUE(logits.dim() >= 2, name, " must have at least 2 dimensions (..., N, S), got shape ",
-                      logits.sizes());
-    TORCH_CHECK_VALUE(logits.is_cuda(), name, " must be a CUDA tensor for the CUDA kernel, got ", logits.device());
+void check_logits_cuda(const at::Tensor& logits) {
+    attnfree::check_logits(logits);
+    check_cuda("logits", logits);
 }
 
 std::vector<int64_t> with_dim(at::IntArrayRef sizes, int64_t dim_from_end, int64_t value) {
@@ -45,20 +29,21 @@ std::vector<int64_t> with_dim(at::IntArrayRef sizes, int64_t dim_from_end, int64
 
 at::Tensor aux_like(const at::Tensor& t, const at::Tensor& ref, at::IntArrayRef shape, at::ScalarType dt,
                     const char* name) {
-    TORCH_CHECK_VALUE(t.device() == ref.device(), name, " is on ", t.device(), " but logits is on ", ref.device(),
-                      "; all inputs must be on the same device");
-    TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+    attnfree::check_tensor(name, t);
+    attnfree::check_same_device("logits", ref, name, t);
+    TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", attnfree::py_shape(shape), ", got ",
+                      attnfree::py_shape(t.sizes()));
     return t.to(dt).contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ea_double_norm_fwd_cuda(const at::Tensor& logits, double eps) {
-    check_logits(logits, "logits");
+    check_logits_cuda(logits);
     const c10::cuda::CUDAGuard guard(logits.device());
-    const auto dt = to_af_dtype(logits, "logits");
+    const auto dt = launcher_dtype(logits);
     const at::Tensor lc = logits.contiguous();
     const int64_t S = lc.size(-1), N = lc.size(-2);
     const int64_t M = (N * S) > 0 ? lc.numel() / (N * S) : 0;
-    const auto acc = acc_type(lc.scalar_type());
+    const auto acc = acc_dtype(lc.scalar_type());
     at::Tensor out = at::empty_like(lc, at::MemoryFormat::Contiguous);
     at::Tensor lse = at::empty(with_dim(lc.sizes(), 2, 1), lc.options().dtype(acc));
     at::Tensor rowsum = at::empty(with_dim(lc.sizes(), 1, 1), lc.options().dtype(acc));
@@ -68,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ea_double_norm_fwd_cuda(const at:
         return {out, lse, rowsum};
     }
     const size_t bytes = attnfree_cuda::ea_double_norm_fwd_workspace_bytes(dt, M, N, S);
-    at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, lc.options().dtype(at::kByte));
+    at::Tensor ws = workspace(bytes, lc);
     check_launch(attnfree_cuda::ea_double_norm_fwd(dt, lc.data_ptr(), out.data_ptr(), lse.data_ptr(),
                                                    rowsum.data_ptr(), eps, M, N, S, ws.data_ptr(),
                                                    c10::cuda::getCurrentCUDAStream()),
@@ -78,20 +63,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ea_double_norm_fwd_cuda(const at:
 
 at::Tensor ea_double_norm_bwd_cuda(const at::Tensor& dout, const at::Tensor& logits, const at::Tensor& out,
                                    const at::Tensor& lse, const at::Tensor& rowsum) {
-    check_logits(logits, "logits");
+    check_logits_cuda(logits);
     const c10::cuda::CUDAGuard guard(logits.device());
-    const auto dt = to_af_dtype(logits, "logits");
+    const auto dt = launcher_dtype(logits);
     const at::Tensor lc = logits.contiguous();
     const int64_t S = lc.size(-1), N = lc.size(-2);
     const int64_t M = (N * S) > 0 ? lc.numel() / (N * S) : 0;
-    const auto acc = acc_type(lc.scalar_type());
+    const auto acc = acc_dtype(lc.scalar_type());
     const at::Tensor dc = aux_like(dout, lc, lc.sizes(), lc.scalar_type(), "dout");
     const at::Tensor oc = aux_like(out, lc, lc.sizes(), lc.scalar_type(), "out");
     const at::Tensor lsec = aux_like(lse, lc, with_dim(lc.sizes(), 2, 1), acc, "lse");
     const at::Tensor rc = aux_like(rowsum, lc, with_dim(lc.sizes(), 1, 1), acc, "rowsum");
     at::Tensor dl = at::empty_like(lc, at::MemoryFormat::Contiguous);
     const size_t bytes = attnfree_cuda::ea_double_norm_bwd_workspace_bytes(dt, M, N, S);
-    at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, lc.options().dtype(at::kByte));
+    at::Tensor ws = workspace(bytes, lc);
     check_launch(attnfree_cuda::ea_double_norm_bwd(dt, dc.data_ptr(), lc.data_ptr(), oc.data_ptr(), lsec.data_ptr(),
                                                    rc.data_ptr(), dl.data_ptr(), M, N, S, ws.data_ptr(),
                                                    c10::cuda::getCurrentCUDAStream()),

@@ -1,0 +1,420 @@
+"""The implementations compared, built for one case on one device/dtype.
+
+``build(case, provider, device, dtype)`` returns a :class:`Runnable`: ``fn()`` runs the forward pass and returns
+one tensor; ``grad_targets`` are the tensors a forward+backward pass differentiates (inputs, and parameters for
+modules). It raises :class:`Unavailable` when a provider does not apply, is not installed / not compiled, or would
+need more memory than the machine has (predicted from the shapes, so the run never dies on it).
+
+Providers:
+  python                  attnfree_ext under force_backend("python")
+  compiled                attnfree_ext under force_backend("compiled") -- only when attnfree_ext._C defines the op
+                          with a kernel for this device
+  torch.compile(python)   torch.compile of the same python-path call
+  aft-pytorch             aft-pytorch 0.2.2 modules (AFTFull / AFTSimple / AFTLocal)
+  ea-pytorch              eager re-creations of External-Attention-pytorch's AFT_FULL (exp(k + w) built as a
+                          (T, B, T, D) tensor) and ExternalAttention, as that repository writes them
+  timm                    eager re-creation of timm CaiT TalkingHeadAttn (materialises the (B, h, N, N) logits)
+  sdpa                    standard multi-head attention, F.scaled_dot_product_attention at the same (B, T, D),
+                          heads = D // 64: what a user would pick instead
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import os
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .shapes import Case
+
+PROVIDERS = ("python", "compiled", "torch.compile(python)", "aft-pytorch", "ea-pytorch", "timm", "sdpa")
+
+# Which compiled op (torch.ops.attnfree.<name>) each case runs on when the compiled path is taken.
+COMPILED_OP = {
+    "aft_full": "aft_full_fwd",
+    "aft_local": "aft_local_fwd",
+    "aft_simple": "aft_simple_fwd",
+    "ea_double_norm": "ea_double_norm_fwd",
+    "mod_aft_full": "aft_full_fwd",
+    "mod_aft_simple": "aft_simple_fwd",
+    "mod_aft_local": "aft_local_fwd",
+    "mod_ea_aft_full": "aft_full_fwd",
+    "mod_external_attention": "ea_double_norm_fwd",
+}
+
+# Which providers apply to which case (the others are simply not listed for it).
+APPLIES = {
+    "aft_full": ("python", "compiled", "torch.compile(python)", "ea-pytorch", "sdpa"),
+    "aft_local": ("python", "compiled", "torch.compile(python)", "sdpa"),
+    "aft_simple": ("python", "compiled", "torch.compile(python)", "ea-pytorch", "sdpa"),
+    "aft_conv2d": ("python", "compiled", "torch.compile(python)", "sdpa"),
+    "ea_double_norm": ("python", "compiled", "torch.compile(python)", "ea-pytorch"),
+    "talking_heads_attention": ("python", "compiled", "torch.compile(python)", "timm", "sdpa"),
+    "mod_aft_full": ("python", "compiled", "torch.compile(python)", "aft-pytorch", "sdpa"),
+    "mod_aft_simple": ("python", "compiled", "torch.compile(python)", "aft-pytorch", "sdpa"),
+    "mod_aft_local": ("python", "compiled", "torch.compile(python)", "aft-pytorch", "sdpa"),
+    "mod_ea_aft_full": ("python", "compiled", "torch.compile(python)", "ea-pytorch", "sdpa"),
+    "mod_external_attention": ("python", "compiled", "torch.compile(python)", "ea-pytorch", "sdpa"),
+    "mod_talking_heads": ("python", "compiled", "torch.compile(python)", "timm", "sdpa"),
+}
+
+# aft-pytorch's AFTLocal rebuilds its bias in a Python loop of max_seqlen^2 steps on every call.
+AFT_PYTORCH_LOCAL_MAX_T = int(os.environ.get("BENCH_AFTLOCAL_MAX_T", "512"))
+
+
+class Unavailable(Exception):
+    """The provider does not apply / is not installed / would not fit; the message says which."""
+
+
+@dataclasses.dataclass
+class Runnable:
+    fn: Callable[[], torch.Tensor]
+    grad_targets: list
+
+
+def providers_for(case: Case, wanted=None) -> list[str]:
+    names = APPLIES[case.name]
+    return [p for p in names if wanted is None or p in wanted]
+
+
+# ----------------------------------------------------------------------------------------------- availability
+def compiled_status(op_name: str | None, device: torch.device) -> str | None:
+    """None when torch.ops.attnfree.<op_name> has a kernel for ``device``; otherwise the reason it does not."""
+    if op_name is None:
+        return "no compiled op for this function"
+    try:
+        import attnfree_ext  # noqa: F401  (loads attnfree_ext._C when it is built)
+    except Exception as e:  # pragma: no cover - the library itself failed to import
+        return f"attnfree_ext import failed: {e}"
+    try:
+        importlib.import_module("attnfree_ext._C")
+    except Exception:
+        if not hasattr(torch.ops, "attnfree"):
+            return "attnfree_ext._C not built"
+    try:
+        getattr(torch.ops.attnfree, op_name)
+    except (AttributeError, RuntimeError):
+        return f"attnfree_ext._C has no op {op_name}"
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    try:
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"attnfree::{op_name}", key):
+            return f"op {op_name} has no {key} kernel"
+    except Exception:
+        pass
+    return None
+
+
+def _memory_limit(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory * 0.9)
+    avail = None
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    limit = int(os.environ.get("BENCH_CPU_MEM_LIMIT_GB", "2")) << 30
+    return min(limit, avail // 2) if avail else limit
+
+
+def _guard(nbytes: float, device, what: str):
+    lim = _memory_limit(device)
+    if nbytes > lim:
+        raise Unavailable(f"oom (predicted): {what} needs ~{nbytes / 2**30:.1f} GiB > {lim / 2**30:.1f} GiB")
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def _randn(*shape, device, dtype, scale=1.0, grad=True):
+    t = (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype)
+    return t.requires_grad_(grad)
+
+
+def make_inputs(case: Case, device, dtype):
+    """The functional op's positional tensor inputs and its extra (non-tensor) arguments."""
+    p = case.p
+    r = lambda *s, scale=1.0: _randn(*s, device=device, dtype=dtype, scale=scale)  # noqa: E731
+    if case.name in ("aft_full", "aft_local", "aft_simple"):
+        B, T, D = p["B"], p["T"], p["D"]
+        qkv = [r(B, T, D) for _ in range(3)]
+        if case.name == "aft_simple":
+            return qkv, dict(causal=p["causal"])
+        w = r(T, T, scale=0.1)
+        if case.name == "aft_local":
+            return qkv + [w], dict(window=p["window"], causal=p["causal"])
+        return qkv + [w], dict(causal=p["causal"])
+    if case.name == "aft_conv2d":
+        B, D, H, W, h, s = p["B"], p["D"], p["H"], p["W"], p["heads"], p["s"]
+        return [r(B, D, H, W), r(B, h, H, W), r(B, D, H, W), r(h, s, s, scale=0.1)], {}
+    if case.name == "ea_double_norm":
+        return [r(p["B"], p["N"], p["S"])], {}
+    if case.name == "talking_heads_attention":
+        B, h, N, dh = p["B"], p["h"], p["N"], p["dh"]
+        qkv = [r(B, h, N, dh) for _ in range(3)]
+        return qkv + [r(h, h, scale=h**-0.5), r(h, h, scale=h**-0.5), r(h, scale=0.1), r(h, scale=0.1)], {}
+    raise KeyError(case.name)
+
+
+# ----------------------------------------------------------------------------------------------- public code
+def ea_pytorch_aft_core(q, k, v, w):
+    """External-Attention-pytorch AFT_FULL.forward after its projections: exp(k + w) as a (T, B, T, D) tensor."""
+    bs, n, dim = q.shape
+    k = k.view(1, bs, n, dim)
+    v = v.view(1, bs, n, dim)
+    numerator = torch.sum(torch.exp(k + w.view(n, 1, -1, 1)) * v, dim=2)  # n, bs, dim
+    denominator = torch.sum(torch.exp(k + w.view(n, 1, -1, 1)), dim=2)  # n, bs, dim
+    out = numerator / denominator
+    return torch.sigmoid(q) * out.permute(1, 0, 2)
+
+
+class EAPytorchAFTFull(nn.Module):
+    """External-Attention-pytorch model/attention/AFT.py AFT_FULL, re-created as written there."""
+
+    def __init__(self, d_model, n=49, simple=False):
+        super().__init__()
+        self.fc_q = nn.Linear(d_model, d_model)
+        self.fc_k = nn.Linear(d_model, d_model)
+        self.fc_v = nn.Linear(d_model, d_model)
+        if simple:
+            self.register_buffer("position_biases", torch.zeros((n, n)))
+        else:
+            self.position_biases = nn.Parameter(torch.ones((n, n)))
+        self.d_model, self.n = d_model, n
+
+    def forward(self, x):
+        return ea_pytorch_aft_core(self.fc_q(x), self.fc_k(x), self.fc_v(x), self.position_biases)
+
+
+def ea_pytorch_double_norm(attn):
+    """External-Attention-pytorch ExternalAttention: softmax over tokens (dim 1), then divide by the sum over S."""
+    attn = torch.softmax(attn, dim=1)
+    return attn / torch.sum(attn, dim=2, keepdim=True)
+
+
+class EAPytorchExternalAttention(nn.Module):
+    """External-Attention-pytorch model/attention/ExternalAttention.py, re-created as written there."""
+
+    def __init__(self, d_model, S=64):
+        super().__init__()
+        self.mk = nn.Linear(d_model, S, bias=False)
+        self.mv = nn.Linear(S, d_model, bias=False)
+
+    def forward(self, queries):
+        return self.mv(ea_pytorch_double_norm(self.mk(queries)))
+
+
+def timm_talking_heads_core(q, k, v, pre_w, post_w, pre_b, post_b):
+    """timm CaiT TalkingHeadAttn.forward between qkv and proj: eager (B, h, N, N) logits, mixed twice."""
+    scale = q.shape[-1] ** -0.5
+    attn = (q * scale) @ k.transpose(-2, -1)
+    attn = F.linear(attn.permute(0, 2, 3, 1), pre_w, pre_b).permute(0, 3, 1, 2)
+    attn = attn.softmax(dim=-1)
+    attn = F.linear(attn.permute(0, 2, 3, 1), post_w, post_b).permute(0, 3, 1, 2)
+    return attn @ v
+
+
+class TimmTalkingHeadAttn(nn.Module):
+    """timm/models/cait.py TalkingHeadAttn, re-created as written there (dropout 0)."""
+
+    def __init__(self, dim, num_heads=8, qkv_bias=False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_l = nn.Linear(num_heads, num_heads)
+        self.proj_w = nn.Linear(num_heads, num_heads)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = timm_talking_heads_core(qkv[0], qkv[1], qkv[2], self.proj_l.weight, self.proj_w.weight,
+                                    self.proj_l.bias, self.proj_w.bias)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+def sdpa_tokens(q, k, v, causal=False):
+    """Standard multi-head attention on (B, T, D) tensors, heads = D // 64 (at least 1)."""
+    B, T, D = q.shape
+    h = max(1, D // 64)
+    while D % h:
+        h -= 1
+    split = lambda t: t.reshape(B, T, h, D // h).transpose(1, 2)  # noqa: E731
+    y = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=causal)
+    return y.transpose(1, 2).reshape(B, T, D)
+
+
+class SDPABlock(nn.Module):
+    """Multi-head self-attention (qkv Linear, SDPA, output Linear): the usual layer the AFT/EA modules replace."""
+
+    def __init__(self, dim, inner=None, causal=False):
+        super().__init__()
+        inner = inner or dim
+        self.qkv = nn.Linear(dim, 3 * inner)
+        self.proj = nn.Linear(inner, dim)
+        self.causal = causal
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.proj(sdpa_tokens(q, k, v, self.causal))
+
+
+# ----------------------------------------------------------------------------------------------- building
+def _ours_op(case: Case):
+    import attnfree_ext
+
+    return getattr(attnfree_ext, case.name)
+
+
+def _ours_module(case: Case):
+    from attnfree_ext import compat
+
+    p = case.p
+    if case.name == "mod_aft_full":
+        return compat.AFTFull(p["T"], p["dim"], p["hidden_dim"])
+    if case.name == "mod_aft_simple":
+        return compat.AFTSimple(p["T"], p["dim"], p["hidden_dim"])
+    if case.name == "mod_aft_local":
+        return compat.AFTLocal(p["T"], p["dim"], p["hidden_dim"], s=p["s"])
+    if case.name == "mod_ea_aft_full":
+        return compat.AFT_FULL(p["d_model"], n=p["T"])
+    if case.name == "mod_external_attention":
+        return compat.ExternalAttention(p["d_model"], S=p["S"])
+    if case.name == "mod_talking_heads":
+        return compat.TalkingHeadAttn(p["dim"], num_heads=p["num_heads"])
+    raise KeyError(case.name)
+
+
+def _module_input(case: Case, device, dtype):
+    p = case.p
+    B, T = p["B"], case.x
+    dim = p.get("dim", p.get("d_model"))
+    return _randn(B, T, dim, device=device, dtype=dtype)
+
+
+def _ref_module(case: Case, provider: str):
+    p = case.p
+    if provider == "aft-pytorch":
+        try:
+            import aft_pytorch
+        except ImportError:
+            raise Unavailable("aft-pytorch not installed")
+        if case.name == "mod_aft_full":
+            return aft_pytorch.AFTFull(p["T"], p["dim"], p["hidden_dim"])
+        if case.name == "mod_aft_simple":
+            return aft_pytorch.AFTSimple(p["T"], p["dim"], p["hidden_dim"])
+        if case.name == "mod_aft_local":
+            if p["T"] > AFT_PYTORCH_LOCAL_MAX_T:
+                raise Unavailable(
+                    f"skip: AFTLocal rebuilds its bias in a Python loop of T^2 = {p['T'] ** 2} steps per call "
+                    f"(capped at T <= {AFT_PYTORCH_LOCAL_MAX_T}; BENCH_AFTLOCAL_MAX_T)")
+            return aft_pytorch.AFTLocal(p["T"], p["dim"], p["hidden_dim"], s=p["s"])
+    if provider == "ea-pytorch":
+        if case.name == "mod_ea_aft_full":
+            return EAPytorchAFTFull(p["d_model"], n=p["T"])
+        if case.name == "mod_external_attention":
+            return EAPytorchExternalAttention(p["d_model"], S=p["S"])
+    if provider == "timm" and case.name == "mod_talking_heads":
+        return TimmTalkingHeadAttn(p["dim"], p["num_heads"])
+    if provider == "sdpa":
+        dim = p.get("dim", p.get("d_model"))
+        return SDPABlock(dim, p.get("hidden_dim", dim))
+    raise Unavailable(f"{provider} has no {case.name}")
+
+
+def _predicted_bytes(case: Case, provider: str, es: int) -> float:
+    """Peak working set of the naive public implementations (forward + what autograd keeps for backward)."""
+    p = case.p
+    if provider == "ea-pytorch" and case.name in ("aft_full", "aft_simple", "mod_ea_aft_full"):
+        D = p.get("D", p.get("d_model"))
+        return 4.0 * p["T"] * p["B"] * p["T"] * D * es
+    if provider == "timm" and case.name in ("talking_heads_attention", "mod_talking_heads"):
+        h = p.get("h", p.get("num_heads"))
+        return 6.0 * p["B"] * h * case.x**2 * es
+    if provider == "aft-pytorch":
+        return 3.0 * p["T"] ** 2 * es
+    return 0.0
+
+
+@contextlib.contextmanager
+def _nullctx():
+    yield
+
+
+def build(case: Case, provider: str, device: torch.device, dtype: torch.dtype) -> Runnable:
+    if provider not in APPLIES[case.name]:
+        raise Unavailable(f"{provider} does not implement {case.name}")
+    es = torch.empty((), dtype=dtype).element_size()
+    _guard(_predicted_bytes(case, provider, es), device, provider)
+
+    ours = provider in ("python", "compiled", "torch.compile(python)")
+    if provider == "compiled":
+        reason = compiled_status(COMPILED_OP.get(case.name), device)
+        if reason:
+            raise Unavailable(f"unavailable: {reason}")
+    if ours:
+        import attnfree_ext
+
+        backend = "compiled" if provider == "compiled" else "python"
+        force = lambda: attnfree_ext.force_backend(backend)  # noqa: E731
+    else:
+        force = _nullctx
+
+    p = case.p
+    if case.kind == "op":
+        inputs, kw = make_inputs(case, device, dtype)
+        if ours:
+            f = _ours_op(case)
+            if provider == "torch.compile(python)":
+                f = torch.compile(f)
+        elif provider == "sdpa":
+            if case.name in ("aft_full", "aft_local", "aft_simple"):
+                f = lambda q, k, v, *w, **kw_: sdpa_tokens(q, k, v, kw_.get("causal", False))  # noqa: E731
+            elif case.name == "aft_conv2d":
+                def f(q, k, v, w):
+                    t = lambda x: x.flatten(2).transpose(1, 2)  # noqa: E731
+                    y = sdpa_tokens(t(q), t(k.repeat_interleave(q.shape[1] // k.shape[1], 1)), t(v))
+                    return y.transpose(1, 2).reshape(q.shape)
+            else:  # talking heads: plain multi-head attention, same q, k, v
+                f = lambda q, k, v, *rest: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+        elif provider == "ea-pytorch":
+            if p.get("causal"):
+                raise Unavailable("n/a: External-Attention-pytorch AFT_FULL has no causal mode")
+            if case.name == "aft_full":
+                f = ea_pytorch_aft_core
+            elif case.name == "aft_simple":
+                T = p["T"]
+                zeros = torch.zeros(T, T, device=device, dtype=dtype)
+                f = lambda q, k, v, **kw_: ea_pytorch_aft_core(q, k, v, zeros)  # noqa: E731
+            else:
+                f = ea_pytorch_double_norm
+            kw = {}
+        elif provider == "timm":
+            f = timm_talking_heads_core
+        else:
+            raise Unavailable(f"{provider} has no {case.name}")
+
+        def fn(f=f, inputs=inputs, kw=kw):
+            with force():
+                return f(*inputs, **kw)
+
+        return Runnable(fn, [t for t in inputs if t.requires_grad])
+
+    # modules
+    if ours:
+        mod = _ours_module(case)
+    else:
+        mod = _ref_module(case, provider)
+    mod = mod.to(device=device, dtype=dtype)
+    if provider == "torch.compile(python)":
+        mod = torch.compile(mod)
+    x = _module_input(case, device, dtype)
+
+    def fn(mod=mod, x=x):
+        with force():
+            return mod(x)
+
+    return Runnable(fn, [x] + [q for q in mod.parameters() if q.requires_grad])

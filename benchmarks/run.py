@@ -1,0 +1,221 @@
+"""Benchmark every attnfree_ext op and module against the implementations people use today.
+
+    python -m benchmarks.run                      # best device present: cpu-default on CPU, gpu-paper on CUDA
+    python -m benchmarks.run --preset cpu-ops     # compiled vs python, fp32 B=4 T=2048 D=256 window 64, 2 threads
+    python -m benchmarks.run --ops aft_full,aft_local --providers python,compiled --mode fwd
+    python -m benchmarks.run --quick --out /tmp/bench   # tiny shapes (tests)
+
+Prints a table at the end and writes bench_<device>_<date>.json / .png under --out (default benchmarks/results).
+A provider that is unavailable, fails or runs out of memory is reported in its row; the run goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from . import measure, providers, report, shapes
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                    help="default: float32 (cpu presets), bfloat16 (gpu-paper)")
+    ap.add_argument("--preset", default=None, choices=sorted(shapes.PRESETS),
+                    help="default: cpu-default on CPU, gpu-paper on CUDA")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and short timing (same as --preset quick)")
+    ap.add_argument("--ops", default=None,
+                    help=f"comma-separated subset of: {','.join(shapes.ALL)} (default: all in the preset)")
+    ap.add_argument("--providers", default=None,
+                    help=f"comma-separated subset of: {','.join(providers.PROVIDERS)} (default: all that apply; "
+                         "cpu-default leaves out torch.compile(python), cpu-ops runs python,compiled)")
+    ap.add_argument("--mode", default="both", choices=("fwd", "fwdbwd", "both"))
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads (default: 2 for cpu-ops, else torch's default)")
+    ap.add_argument("--min-run-time", type=float, default=None,
+                    help="seconds of timed runs per measurement on CPU (blocked_autorange); default 0.1, quick 0.02")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    args = ap.parse_args(argv)
+    for name, valid in ((args.ops, shapes.ALL), (args.providers, providers.PROVIDERS)):
+        if name:
+            bad = [x for x in name.split(",") if x not in valid]
+            if bad:
+                ap.error(f"unknown name(s) {bad}; choose from {', '.join(valid)}")
+    return args
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+    return dev
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
+
+
+def run_one(case, prov, modes, dev, dtype, args, timing, results, bar):
+    """Measure one (case, provider) in each mode; every failure becomes a row, never an exception."""
+    es = torch.empty((), dtype=dtype).element_size()
+    base = dict(case=case.name, shape=case.label, params=case.p, x=case.x, provider=prov)
+    try:
+        torch.manual_seed(0)
+        run = providers.build(case, prov, dev, dtype)
+    except providers.Unavailable as e:
+        msg = str(e)
+        status = msg if msg.split(":")[0] in ("unavailable", "skip", "n/a", "oom (predicted)") else f"unavailable: {msg}"
+        for m in modes:
+            results.append(dict(base, mode=m, status=status))
+            bar.update(1)
+        return
+    except Exception as e:  # noqa: BLE001 - a provider's failure is a result, not a crash
+        status = "oom" if measure.is_oom(e) else f"error: {type(e).__name__}: {e}".replace("\n", " ")
+        for m in modes:
+            results.append(dict(base, mode=m, status=status))
+            bar.update(1)
+        return
+    for mode in modes:
+        row = dict(base, mode=mode)
+        try:
+            step = measure.make_step(run, mode)
+            t0 = time.perf_counter()
+            step()  # warm-up (and torch.compile's compile)
+            measure.sync(dev)
+            row["first_call_s"] = time.perf_counter() - t0
+            peak = None if args.no_memory else measure.peak_memory(step, dev)  # before the timed calls
+            if dev.type == "cuda":
+                t = measure.time_cuda(step, timing)
+            else:
+                t = measure.time_cpu(step, timing, torch.get_num_threads())
+            row.update(status="ok", time_s=t)
+            row["peak_bytes"] = peak
+            w = report.work(case, mode, es)
+            if w is not None:
+                kind, amount = w
+                if kind == "bytes":
+                    row.update(rate=amount / t / 1e9, rate_unit="GB/s", floor_fraction=amount / t / timing_floor["bytes"])
+                else:
+                    row.update(rate=amount / t / 1e12, rate_unit="TFLOP/s", floor_fraction=amount / t / timing_floor["flops"])
+                row["work"] = {kind: amount}
+        except Exception as e:  # noqa: BLE001
+            row["status"] = "oom" if measure.is_oom(e) else f"error: {type(e).__name__}: {e}".replace("\n", " ")[:300]
+        finally:
+            step = None
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        results.append(row)
+        bar.update(1)
+
+
+timing_floor = {"bytes": float("nan"), "flops": float("nan")}
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dev = pick_device(args.device)
+    if dev.type == "cpu":
+        measure.release_freed_memory_to_os()
+    preset = "quick" if args.quick else (args.preset or ("gpu-paper" if dev.type == "cuda" else "cpu-default"))
+    dtype = DTYPES[args.dtype or ("bfloat16" if preset == "gpu-paper" else "float32")]
+    threads = args.threads or (2 if preset == "cpu-ops" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    quick = preset == "quick"
+    timing = (10 if quick else 100) if dev.type == "cuda" else (args.min_run_time or (0.02 if quick else 0.1))
+
+    cases = shapes.PRESETS[preset]()
+    if not args.providers and shapes.DEFAULT_PROVIDERS[preset]:
+        args.providers = ",".join(shapes.DEFAULT_PROVIDERS[preset])
+    if args.ops:
+        cases = [c for c in cases if c.name in args.ops.split(",")]
+    wanted = args.providers.split(",") if args.providers else None
+    modes = ["fwd", "fwdbwd"] if args.mode == "both" else [args.mode]
+
+    # the machine's own limits, measured in this run
+    nbytes = (1 << 30) if dev.type == "cuda" else ((16 << 20) if quick else (256 << 20))
+    n = 8192 if dev.type == "cuda" else (256 if quick else 2048)
+    timing_floor["bytes"] = measure.copy_rate(dev, torch.get_num_threads(), nbytes)
+    try:
+        timing_floor["flops"] = measure.gemm_rate(dev, dtype, torch.get_num_threads(), n)
+    except Exception:  # noqa: BLE001 - e.g. a dtype without a matmul kernel on this device
+        timing_floor["flops"] = measure.gemm_rate(dev, torch.float32, torch.get_num_threads(), n)
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    meta = dict(
+        preset=preset, device=str(dev), device_name=device_name(dev), dtype=str(dtype).replace("torch.", ""),
+        threads=torch.get_num_threads(), torch=torch.__version__, python=sys.version.split()[0],
+        date=now.strftime("%Y-%m-%d %H:%M UTC"), argv=sys.argv[1:] if argv is None else list(argv),
+        copy_rate_GBps=timing_floor["bytes"] / 1e9, gemm_rate_TFLOPs=timing_floor["flops"] / 1e12,
+        reference_h100=dict(copy_TBps=3.0, bf16_gemm_TFLOPs=800),
+        compiled_available={op: providers.compiled_status(op, dev) or "yes"
+                            for op in sorted(set(providers.COMPILED_OP.values()))},
+    )
+    print(f"# {meta['device_name']}, {meta['dtype']}, preset {preset}, torch {torch.__version__}", flush=True)
+    print(f"# measured floors: copy {meta['copy_rate_GBps']:.1f} GB/s (read+write), "
+          f"matmul {meta['gemm_rate_TFLOPs']:.3f} TFLOP/s ({meta['dtype']})", flush=True)
+
+    tasks = [(c, p) for c in cases for p in providers.providers_for(c, wanted)]
+    total = len(tasks) * len(modes)
+    if args.no_progress:
+        bar = _NoBar()
+    else:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="benchmark", unit="meas", file=sys.stderr, dynamic_ncols=True)
+    results: list[dict] = []
+    t_start = time.perf_counter()
+    for case, prov in tasks:
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(f"{case.name} {prov}"[:60])
+        run_one(case, prov, modes, dev, dtype, args, timing, results, bar)
+    bar.close()
+    meta["wall_s"] = time.perf_counter() - t_start
+
+    print()
+    print(report.table(results))
+    os.makedirs(args.out, exist_ok=True)
+    dslug = report.slug(torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu-{torch.get_num_threads()}t")
+    jpath, ppath = report.result_paths(args.out, dslug, now.strftime("%Y%m%d-%H%M%S"))
+    report.write_json(jpath, meta, results)
+    wrote_png = report.write_png(ppath, meta, results)
+    print(f"\nwrote {jpath}" + (f"\nwrote {ppath}" if wrote_png else " (no successful rows: no plot)"))
+    print(f"# {len(results)} measurements in {meta['wall_s']:.1f} s")
+    return meta, results, jpath, (ppath if wrote_png else None)
+
+
+if __name__ == "__main__":
+    main()
