@@ -15,6 +15,7 @@ import datetime
 import gc
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -144,6 +145,21 @@ class _NoBar:
         pass
 
 
+def source_commit() -> str | None:
+    """The commit measured: $ATTNFREE_COMMIT when set (a copy without .git, e.g. on a lent GPU machine), else
+    ``git rev-parse HEAD`` of this checkout (suffixed "+dirty" when it has uncommitted changes)."""
+    if os.environ.get("ATTNFREE_COMMIT"):
+        return os.environ["ATTNFREE_COMMIT"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def main(argv=None):
     args = parse_args(argv)
     dev = pick_device(args.device)
@@ -177,14 +193,16 @@ def main(argv=None):
     now = datetime.datetime.now(datetime.timezone.utc)
     meta = dict(
         preset=preset, device=str(dev), device_name=device_name(dev), dtype=str(dtype).replace("torch.", ""),
-        threads=torch.get_num_threads(), torch=torch.__version__, python=sys.version.split()[0],
+        threads=torch.get_num_threads(), torch=torch.__version__, cuda=torch.version.cuda, commit=source_commit(),
+        python=sys.version.split()[0],
         date=now.strftime("%Y-%m-%d %H:%M UTC"), argv=sys.argv[1:] if argv is None else list(argv),
         copy_rate_GBps=timing_floor["bytes"] / 1e9, gemm_rate_TFLOPs=timing_floor["flops"] / 1e12,
         reference_h100=dict(copy_TBps=3.0, bf16_gemm_TFLOPs=800),
         compiled_available={op: providers.compiled_status(op, dev) or "yes"
                             for op in sorted(set(providers.COMPILED_OP.values()))},
     )
-    print(f"# {meta['device_name']}, {meta['dtype']}, preset {preset}, torch {torch.__version__}", flush=True)
+    print(f"# {meta['device_name']}, {meta['dtype']}, preset {preset}, torch {torch.__version__}, "
+          f"CUDA {meta['cuda']}, commit {meta['commit']}", flush=True)
     print(f"# measured floors: copy {meta['copy_rate_GBps']:.1f} GB/s (read+write), "
           f"matmul {meta['gemm_rate_TFLOPs']:.3f} TFLOP/s ({meta['dtype']})", flush=True)
 
