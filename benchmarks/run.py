@@ -174,6 +174,9 @@ def main(argv=None):
     timing = (10 if quick else 100) if dev.type == "cuda" else (args.min_run_time or (0.02 if quick else 0.1))
 
     cases = shapes.PRESETS[preset]()
+    extra = {}  # case -> providers added to the preset's defaults for that case
+    if not args.providers and preset == "cpu-default":
+        extra = {c: ("torch.compile(python)",) for c in shapes.CPU_DEFAULT_COMPILE_CASES}
     if not args.providers and shapes.DEFAULT_PROVIDERS[preset]:
         args.providers = ",".join(shapes.DEFAULT_PROVIDERS[preset])
     if args.ops:
@@ -206,7 +209,8 @@ def main(argv=None):
     print(f"# measured floors: copy {meta['copy_rate_GBps']:.1f} GB/s (read+write), "
           f"matmul {meta['gemm_rate_TFLOPs']:.3f} TFLOP/s ({meta['dtype']})", flush=True)
 
-    tasks = [(c, p) for c in cases for p in providers.providers_for(c, wanted)]
+    tasks = [(c, p) for c in cases
+             for p in providers.providers_for(c, None if wanted is None else wanted + list(extra.get(c, ())))]
     total = len(tasks) * len(modes)
     if args.no_progress:
         bar = _NoBar()

@@ -100,8 +100,9 @@ def preset_quick():
 def preset_cpu_default():
     """Every op and module at small realistic shapes (B=2, D=128, two lengths each for the plots).
 
-    Sized for < 3 min on 2 idle cores with the python path; torch.compile(python) is left out of the CPU defaults
-    (its per-shape compile takes tens of seconds to minutes on CPU) -- add it with --providers.
+    Sized for < 3 min on 2 idle cores. torch.compile(python) compiles every shape anew (about 12 s per shape and
+    mode on 2 cores), so the CPU default runs it on three op cases only (CPU_DEFAULT_COMPILE_CASES); add it
+    everywhere with --providers.
     """
     out = []
     B, D = 2, 128
@@ -178,6 +179,13 @@ def preset_gpu_paper():
     ]
     return out
 
+
+# cases of the CPU default that also run torch.compile(python) (when --providers is not given)
+CPU_DEFAULT_COMPILE_CASES = frozenset({
+    case("aft_local", B=2, T=256, D=128, window=32, causal=True),
+    case("aft_simple", B=2, T=256, D=128, causal=True),
+    case("aft_simple", B=2, T=256, D=128, causal=False),
+})
 
 # providers each preset runs when --providers is not given (None: all that apply)
 DEFAULT_PROVIDERS = {
