@@ -1,8 +1,6 @@
 """Shared helpers for tests/test_compiled_*.py (compiled C++ ops vs the float64 oracles); holds no tests."""
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
@@ -12,14 +10,6 @@ _C = pytest.importorskip("attnfree_ext._C", reason="compiled extension attnfree_
 from attnfree_ext import _backend  # noqa: E402
 
 OPS = torch.ops.attnfree
-
-
-def ref_module(name):
-    """attnfree_ext.ops.<name> when the python path exists (for *_ref comparisons), else None."""
-    try:
-        return importlib.import_module(f"attnfree_ext.ops.{name}")
-    except Exception:
-        return None
 
 
 def rand(*shape, dtype=torch.float64, scale=1.0):

@@ -191,9 +191,8 @@ def test_exact_env_matches_tensor_core_backward(causal, dtype, monkeypatch):
 
 
 def test_forward_matches_python_path_on_gpu():
-    ref = pytest.importorskip("attnfree_ext.ops.aft_full")
-    if not hasattr(ref, "aft_full_fwd_ref"):
-        pytest.skip("python reference path missing")
+    from attnfree_ext.ops import aft_full as ref
+
     for causal in (False, True):
         q, k, v, w = _inputs(2, 100, 12, 3, torch.float32)
         y, lse = _ops().aft_full_fwd(q, k, v, w, causal)

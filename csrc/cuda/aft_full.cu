@@ -64,8 +64,8 @@
 //   (h, t, t')) are used for float64 and with exact = true.
 //   Low-rank: w = u vb^T is materialised in an fp32/fp64 workspace (O(heads T^2), within the aft_full memory
 //   rule), the kernels above write dw into a second workspace, then du = dw @ vb, dvb = dw^T @ u
-//   (`lowrank_gemm_kernel`, SIMT 32x32-tiled). TODO (performance): build w tiles on the fly in the backward too and fuse
-//   du/dvb into the dw kernel so dw never exists as T x T.
+//   (`lowrank_gemm_kernel`, SIMT 32x32-tiled). TODO (issue 5, not yet met): the factorised bias must never exist as
+//   T x T: build w tiles from u, vb on the fly in the backward too and fuse du/dvb into the dw kernel.
 //
 // No (B, T, T, D) tensor is ever built. Any B, T, D, heads (T need not be a multiple of any tile: all loads
 // are predicated). 64-bit indexing throughout.
