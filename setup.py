@@ -2,8 +2,8 @@
 
 Builds the compiled extension ``attnfree_ext._C`` (TORCH_LIBRARY ops ``torch.ops.attnfree.*``):
 
-* CppExtension  (csrc/ops.cpp + csrc/cpu/*.cpp)                               when torch has no CUDA or nvcc is missing,
-* CUDAExtension (the above + csrc/cuda/*.cu + csrc/cuda_glue/*.cpp)          otherwise.
+* CppExtension  (csrc/common/*.cpp + csrc/*/*_cpu.cpp + csrc/*/*_ops.cpp)   when torch has no CUDA or nvcc is missing,
+* CUDAExtension (the above + csrc/*/*.cu + csrc/*/*_cuda.cpp)                otherwise.
 
 Environment switches:
   ATTNFREE_NO_EXT=1        skip the extension (pure-PyTorch package)
@@ -33,6 +33,10 @@ def _rel(paths):
     return sorted(os.path.relpath(p, HERE) for p in paths)
 
 
+def _sources(*patterns):
+    return _rel(p for pat in patterns for p in glob.glob(os.path.join(HERE, "csrc", pat)))
+
+
 def _nvcc_extra():
     """Extra nvcc flags from ATTNFREE_NVCC_FLAGS (space separated), e.g. "--use_fast_math" is NOT advised."""
     return os.environ.get("ATTNFREE_NVCC_FLAGS", "").split()
@@ -57,7 +61,7 @@ def _extensions_and_cmdclass():
     else:
         use_cuda = cuda_possible
 
-    sources = _rel([os.path.join(HERE, "csrc", "ops.cpp")] + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
+    sources = _sources(os.path.join("common", "*.cpp"), os.path.join("*", "*_cpu.cpp"), os.path.join("*", "*_ops.cpp"))
     cxx = ["-O3", "-g0", "-DATTNFREE_WITH_PYTHON"]  # the C++ standard flag comes from torch
     link = []
     if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
@@ -70,8 +74,7 @@ def _extensions_and_cmdclass():
     include_dirs = [os.path.join(HERE, "csrc")]
 
     if use_cuda:
-        sources += _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
-        sources += _rel(glob.glob(os.path.join(HERE, "csrc", "cuda_glue", "*.cpp")))
+        sources += _sources(os.path.join("*", "*.cu"), os.path.join("*", "*_cuda.cpp"))
         cxx.append("-DATTNFREE_WITH_CUDA" if sys.platform != "win32" else "/DATTNFREE_WITH_CUDA")
         ext = ce.CUDAExtension(
             "attnfree_ext._C",

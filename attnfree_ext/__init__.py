@@ -1,12 +1,13 @@
 """attnfree_ext: attention-free layers (AFT, External Attention, Talking-Heads) with stable, memory-lean kernels."""
-from ._backend import backend_info, force_backend
+
+from . import compat, nn
+from .ops.aft_conv import aft_conv2d
 from .ops.aft_full import aft_full
 from .ops.aft_local import aft_local
 from .ops.aft_simple import aft_simple
-from .ops.aft_conv import aft_conv2d
-from .ops.ea import ea_double_norm
+from .ops.common.dispatch import backend_info, force_backend
+from .ops.ea_double_norm import ea_double_norm
 from .ops.talking_heads import talking_heads_attention
-from . import nn, compat
 
 __version__ = "0.1.0"
 

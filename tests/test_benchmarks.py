@@ -1,4 +1,5 @@
 """benchmarks/: the --quick run completes, writes JSON + PNG, prints the table; failures become rows."""
+
 from __future__ import annotations
 
 import glob
@@ -18,8 +19,20 @@ from benchmarks import providers, report, run, shapes  # noqa: E402
 
 def test_quick_run_writes_json_png_and_table(tmp_path):
     # every op and module at tiny shapes; torch.compile is left to the in-process test below (compile time)
-    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(tmp_path), "--no-progress",
-           "--providers", "python,compiled,ea-pytorch,timm,aft-pytorch,sdpa", "--min-run-time", "0.005", "--no-memory"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.run",
+        "--quick",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+        "--providers",
+        "python,compiled,ea-pytorch,timm,aft-pytorch,sdpa",
+        "--min-run-time",
+        "0.005",
+        "--no-memory",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -53,15 +66,28 @@ def test_failing_provider_is_reported_not_raised(tmp_path, monkeypatch, capsys):
             raise RuntimeError("injected failure")
         r = real_build(case, provider, device, dtype)
         if provider == "python":  # fails at call time, not build time
+
             def boom():
                 raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB")
+
             return providers.Runnable(boom, r.grad_targets)
         return r
 
     monkeypatch.setattr(providers, "build", build)
     meta, results, jpath, ppath = run.main(
-        ["--quick", "--ops", "aft_simple", "--providers", "python,compiled,sdpa,torch.compile(python)",
-         "--out", str(tmp_path), "--no-progress", "--mode", "fwd"])
+        [
+            "--quick",
+            "--ops",
+            "aft_simple",
+            "--providers",
+            "python,compiled,sdpa,torch.compile(python)",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+            "--mode",
+            "fwd",
+        ]
+    )
     status = {r["provider"]: r["status"] for r in results}
     assert status["sdpa"].startswith("error: RuntimeError: injected failure")
     assert status["python"] == "oom"
@@ -78,7 +104,7 @@ def test_cli_rejects_unknown_names():
         run.parse_args(["--providers", "nope"])
 
 
-def test_presets_cover_every_op_and_the_issue_table():
+def test_presets_cover_every_op_and_the_cpu_ops_table():
     assert {c.name for c in shapes.preset_cpu_default()} == set(shapes.ALL)
     assert {c.name for c in shapes.preset_gpu_paper()} == set(shapes.ALL)
     ops = shapes.preset_cpu_ops()
@@ -103,7 +129,7 @@ def test_work_counts():
 
 def test_external_recreations_match_the_formula():
     """The re-created public code computes the same AFT / EA as the float64 oracle (so timings compare like work)."""
-    import oracles
+    from common import oracles
 
     q, k, v = (torch.randn(2, 6, 4, dtype=torch.float64) for _ in range(3))
     w = 0.1 * torch.randn(6, 6, dtype=torch.float64)
@@ -111,7 +137,13 @@ def test_external_recreations_match_the_formula():
     lg = torch.randn(2, 6, 5, dtype=torch.float64)
     torch.testing.assert_close(providers.ea_pytorch_double_norm(lg), oracles.ea_double_norm(lg, eps=0.0))
     qh, kh, vh = (torch.randn(2, 3, 5, 4, dtype=torch.float64) for _ in range(3))
-    pw, ow, pb, ob = (torch.randn(3, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64),
-                      torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64))
-    torch.testing.assert_close(providers.timm_talking_heads_core(qh, kh, vh, pw, ow, pb, ob),
-                               oracles.talking_heads_attention(qh, kh, vh, pw, ow, pb, ob))
+    pw, ow, pb, ob = (
+        torch.randn(3, 3, dtype=torch.float64),
+        torch.randn(3, 3, dtype=torch.float64),
+        torch.randn(3, dtype=torch.float64),
+        torch.randn(3, dtype=torch.float64),
+    )
+    torch.testing.assert_close(
+        providers.timm_talking_heads_core(qh, kh, vh, pw, ow, pb, ob),
+        oracles.talking_heads_attention(qh, kh, vh, pw, ow, pb, ob),
+    )

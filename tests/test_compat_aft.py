@@ -1,10 +1,11 @@
 """attnfree_ext.compat.aft_pytorch against the installed aft-pytorch 0.2.2: same state_dict keys and shapes,
 same outputs wherever theirs are finite, finite where theirs are not, gradients into AFTLocal's wbias."""
+
 import pytest
 import torch
 
-import oracles
 from attnfree_ext.compat import aft_pytorch as ours_mod
+from common import oracles
 
 aft_pytorch = pytest.importorskip("aft_pytorch")
 

@@ -1,95 +1,19 @@
 """attnfree_ext.compat: External-Attention-pytorch's ExternalAttention and AFT_FULL, timm's TalkingHeadAttn.
 
-Neither original is installable here (External-Attention-pytorch is not on PyPI; timm has no CPU-only install), so
-the classes below re-implement the originals' constructors and forward passes faithfully from reading their code
-(xmu-xiaoma666/External-Attention-pytorch model/attention/ExternalAttention.py and AFT.py; huggingface/
-pytorch-image-models timm/models/cait.py), naive math included. Parity: same init for one seed, state_dicts
-load with strict=True both ways, same outputs (and gradients) wherever the original's are finite.
+Neither original is installable here, so tests/common/peers.py re-implements them faithfully from their code,
+naive math included. Parity: same init for one seed, state_dicts load with strict=True both ways, same outputs
+(and gradients) wherever the original's are finite.
 """
+
 import inspect
 
 import pytest
 import torch
 from torch import nn
-from torch.nn import init
 
-import oracles
 from attnfree_ext import compat
-
-
-# ----------------------------------------------------------------------------------------- the originals (eager)
-def _orig_init(module):
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            init.normal_(m.weight, std=0.001)
-            if m.bias is not None:
-                init.constant_(m.bias, 0)
-
-
-class OrigExternalAttention(nn.Module):
-    def __init__(self, d_model, S=64):
-        super().__init__()
-        self.mk = nn.Linear(d_model, S, bias=False)
-        self.mv = nn.Linear(S, d_model, bias=False)
-        self.softmax = nn.Softmax(dim=1)
-        _orig_init(self)
-
-    def forward(self, queries):
-        attn = self.softmax(self.mk(queries))  # over the n tokens
-        attn = attn / torch.sum(attn, dim=2, keepdim=True)  # over the S memory units, no eps
-        return self.mv(attn)
-
-
-class OrigAFT_FULL(nn.Module):
-    def __init__(self, d_model, n=49, simple=False):
-        super().__init__()
-        self.fc_q = nn.Linear(d_model, d_model)
-        self.fc_k = nn.Linear(d_model, d_model)
-        self.fc_v = nn.Linear(d_model, d_model)
-        if simple:
-            self.position_biases = torch.zeros((n, n))  # plain attribute: not in the state_dict
-        else:
-            self.position_biases = nn.Parameter(torch.ones((n, n)))
-        self.d_model = d_model
-        self.n = n
-        self.sigmoid = nn.Sigmoid()
-        _orig_init(self)
-
-    def forward(self, input):
-        bs, n, dim = input.shape
-        q = self.fc_q(input)
-        k = self.fc_k(input).view(1, bs, n, dim)
-        v = self.fc_v(input).view(1, bs, n, dim)
-        e = torch.exp(k + self.position_biases.view(n, 1, -1, 1))  # (n, bs, n, dim): w[t, t'] + k[b, t', c]
-        out = torch.sum(e * v, dim=2) / torch.sum(e, dim=2)  # (n, bs, dim)
-        return self.sigmoid(q) * out.permute(1, 0, 2)
-
-
-class OrigTalkingHeadAttn(nn.Module):
-    def __init__(self, dim, num_heads=8, qkv_bias=False, attn_drop=0., proj_drop=0.):
-        super().__init__()
-        self.num_heads = num_heads
-        head_dim = dim // num_heads
-        self.scale = head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_l = nn.Linear(num_heads, num_heads)
-        self.proj_w = nn.Linear(num_heads, num_heads)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
-        attn = q @ k.transpose(-2, -1)
-        attn = self.proj_l(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        attn = attn.softmax(dim=-1)
-        attn = self.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        attn = self.attn_drop(attn)
-        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
-
+from common import oracles
+from common.peers import OrigAFT_FULL, OrigExternalAttention, OrigTalkingHeadAttn
 
 # ----------------------------------------------------------------------------------------- helpers
 CASES = {  # name: (original, ours, constructor args, d_model, n or None)

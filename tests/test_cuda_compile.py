@@ -1,15 +1,17 @@
-"""CUDA kernels without a GPU: nvcc compile checks, glue syntax checks, and a CPU emulation of the kernels.
+"""CUDA kernels without a GPU: nvcc compile checks, binding syntax checks, and a CPU emulation of the kernels.
 
-1. Every csrc/cuda/*.cu compiles with nvcc for sm_80 and sm_90 (skipped only when nvcc is not on PATH).
-2. Every csrc/cuda_glue/*.cpp passes `g++ -fsyntax-only` against torch's headers + the CUDA headers (the CPU
-   wheel ships c10/cuda and ATen/cuda headers but not the generated c10/cuda/impl/cuda_cmake_macros.h, which is
-   stubbed in a temp dir; a glue file needing a CUDA library header absent here, e.g. cusparse.h, is skipped).
+1. Every csrc/<op>/*.cu compiles with nvcc for sm_80 and sm_90 (skipped only when nvcc is not on PATH), and no
+   kernel source or header it includes pulls in a torch header.
+2. Every CUDA binding csrc/<op>/<op>_cuda.cpp passes `g++ -fsyntax-only` against torch's headers + the CUDA
+   headers (the CPU wheel ships c10/cuda and ATen/cuda headers but not the generated
+   c10/cuda/impl/cuda_cmake_macros.h, which is stubbed in a temp dir; a binding needing a CUDA library header
+   absent here, e.g. cusparse.h, is skipped).
 3. CPU emulation: the .cu sources of AFT-simple, AFT-local and the EA double normalisation are rewritten
    mechanically (kernel<<<grid, block, smem, stream>>>(args) -> emu::launch(lambda, grid, block...), CUDA
    qualifiers removed, grid capped at 2 blocks of 64 threads so every grid-stride loop wraps), compiled with g++
    and called through ctypes on CPU tensors. Each block's threads run as std::threads; warp shuffles go through a
    per-warp slot array and std::barrier. This runs the kernels' own index math and numerics against the float64
-   oracles (tests/oracles.py); it cannot find races, coalescing or launch-limit problems (a GPU run does).
+   oracles (tests/common/oracles.py); it cannot find races, coalescing or launch-limit problems (a GPU run does).
 Compile jobs run two at a time in a thread pool (2 cores); the whole file stays well under 3 minutes.
 """
 from __future__ import annotations
@@ -29,11 +31,12 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
-CU_FILES = sorted((CSRC / "cuda").glob("*.cu"))
-GLUE_FILES = sorted((CSRC / "cuda_glue").glob("*.cpp"))
+CU_FILES = sorted(CSRC.glob("*/*.cu"))
+GLUE_FILES = sorted(CSRC.glob("*/*_cuda.cpp"))
 NVCC = shutil.which("nvcc")
 GXX = shutil.which("g++")
-EMU_SOURCES = ("common.cuh", "aft_simple.cu", "aft_local.cu", "ea_double_norm.cu")
+EMU_SOURCES = ("common/cuda_common.cuh", "aft_simple/aft_simple.cu", "aft_local/aft_local.cu",
+               "ea_double_norm/ea_double_norm.cu")
 _TMP = pathlib.Path(tempfile.mkdtemp(prefix="attnfree_cuda_compile_"))
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2)
 _JOBS: dict[str, concurrent.futures.Future] = {}
@@ -143,8 +146,11 @@ template <class T> T __shfl_xor_sync(unsigned, T x, int o) { return emu::shfl(x,
 '''
 
 EMU_CAPI = r'''
-#include "launchers.h"
-using namespace attnfree_cuda;
+#include "aft_local/aft_local.h"
+#include "aft_simple/aft_simple.h"
+#include "ea_double_norm/ea_double_norm.h"
+using namespace attnfree::cuda;
+using attnfree::DType;
 extern "C" {
 int emu_simple_fwd(int dt, const void* q, const void* k, const void* v, void* y, void* lse, long B, long T, long D,
                    int causal, void* ws) { return aft_simple_fwd(DType(dt), q, k, v, y, lse, B, T, D, causal, ws, nullptr); }
@@ -157,18 +163,18 @@ long emu_simple_bwd_ws(int dt, long B, long T, long D, int causal) {
     return (long)aft_simple_bwd_workspace_bytes(DType(dt), B, T, D, causal); }
 int emu_local_fwd(int dt, const void* q, const void* k, const void* v, const void* w, long heads, void* y, void* lse,
                   long B, long T, long D, long window, int causal, void* ws) {
-    return aft_local_fwd(DType(dt), q, k, v, w, heads, y, lse, B, T, D, window, causal, ws, nullptr); }
-long emu_local_fwd_ws(int dt, long B, long T, long D, long window, int causal) {
-    return (long)aft_local_fwd_workspace_bytes(DType(dt), B, T, D, window, causal); }
+    return aft_local_fwd(DType(dt), q, k, v, w, y, lse, B, T, D, heads, window, causal, ws, nullptr); }
+long emu_local_fwd_ws(int dt, long B, long T, long D, long heads, long window, int causal) {
+    return (long)aft_local_fwd_workspace_bytes(DType(dt), B, T, D, heads, window, causal); }
 int emu_local_bwd(int dt, const void* dy, const void* q, const void* k, const void* v, const void* w, long heads,
                   const void* y, const void* lse, void* dq, void* dk, void* dv, void* dw, long B, long T, long D,
                   long window, int causal, void* ws) {
-    return aft_local_bwd(DType(dt), dy, q, k, v, w, heads, y, lse, dq, dk, dv, dw, B, T, D, window, causal, ws,
+    return aft_local_bwd(DType(dt), dy, q, k, v, w, y, lse, dq, dk, dv, dw, B, T, D, heads, window, causal, ws,
                          nullptr); }
-long emu_local_bwd_ws(int dt, long B, long T, long D, long window, int causal) {
-    return (long)aft_local_bwd_workspace_bytes(DType(dt), B, T, D, window, causal); }
+long emu_local_bwd_ws(int dt, long B, long T, long D, long heads, long window, int causal) {
+    return (long)aft_local_bwd_workspace_bytes(DType(dt), B, T, D, heads, window, causal); }
 int emu_ea_fwd(int dt, const void* l, void* out, void* lse, void* rowsum, double eps, long M, long N, long S,
-               void* ws) { return ea_double_norm_fwd(DType(dt), l, out, lse, rowsum, eps, M, N, S, ws, nullptr); }
+               void* ws) { return ea_double_norm_fwd(DType(dt), l, out, lse, rowsum, M, N, S, eps, ws, nullptr); }
 long emu_ea_fwd_ws(int dt, long M, long N, long S) { return (long)ea_double_norm_fwd_workspace_bytes(DType(dt), M, N, S); }
 int emu_ea_bwd(int dt, const void* dout, const void* l, const void* out, const void* lse, const void* rowsum,
                void* dl, long M, long N, long S, void* ws) {
@@ -226,18 +232,20 @@ def _to_emulation(src: str) -> str:
 
 
 def _emu_cmd() -> list[str] | None:
-    if GXX is None or CUDA_INC is None or not all((CSRC / "cuda" / f).exists() for f in EMU_SOURCES):
+    if GXX is None or CUDA_INC is None or not all((CSRC / f).exists() for f in EMU_SOURCES):
         return None
     d = _TMP / "emu"
-    d.mkdir(exist_ok=True)
+    if d.exists():
+        shutil.rmtree(d)
+    shutil.copytree(CSRC, d / "src")  # the torch-free headers keep their include paths
     (d / "emu.h").write_text(EMU_H)
     (d / "capi.cpp").write_text(EMU_CAPI)
-    shutil.copy(CSRC / "cuda" / "launchers.h", d / "launchers.h")
     for f in EMU_SOURCES:
-        (d / f).write_text(_to_emulation((CSRC / "cuda" / f).read_text()))
-    srcs = [str(d / f) for f in EMU_SOURCES if f.endswith(".cu")]
+        (d / "src" / f).write_text(_to_emulation((CSRC / f).read_text()))
+    srcs = [str(d / "src" / f) for f in EMU_SOURCES if f.endswith(".cu")]
     return [GXX, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-x", "c++", *srcs, "-x", "none",
-            str(d / "capi.cpp"), "-I", str(d), "-I", str(CUDA_INC), "-o", str(d / "libemu.so")]
+            str(d / "capi.cpp"), "-I", str(d), "-I", str(d / "src"), "-I", str(CUDA_INC), "-o",
+            str(d / "libemu.so")]
 
 
 @pytest.fixture(scope="module")
@@ -280,14 +288,31 @@ def test_nvcc_compiles_sm80_sm90(cu, jobs):
     assert (_TMP / (cu.stem + ".o")).stat().st_size > 0
 
 
+def _local_includes(f: pathlib.Path, seen: set[pathlib.Path]) -> set[pathlib.Path]:
+    """f and every csrc header it includes, transitively (#include "..." resolved against csrc/ or f's folder)."""
+    if f in seen:
+        return seen
+    seen.add(f)
+    for name in re.findall(r'#\s*include\s*"([^"]+)"', f.read_text()):
+        for cand in (CSRC / name, f.parent / name):
+            if cand.exists():
+                _local_includes(cand.resolve(), seen)
+                break
+    return seen
+
+
 def test_cuda_sources_have_no_torch_headers():
-    for f in [*CU_FILES, *(CSRC / "cuda").glob("*.cuh"), *(CSRC / "cuda").glob("*.h")]:
-        text = f.read_text()
-        bad = re.findall(r'#\s*include\s*[<"]((?:torch|ATen|c10)/[^>"]+)', text)
-        assert not bad, f"{f.name} includes torch headers {bad}"
+    assert CU_FILES, "no CUDA sources found under csrc/*/"
+    files: set[pathlib.Path] = set()
+    for cu in CU_FILES:
+        _local_includes(cu.resolve(), files)
+    assert any(f.suffix == ".cuh" for f in files) and any(f.suffix == ".h" for f in files)
+    for f in sorted(files):
+        bad = re.findall(r'#\s*include\s*[<"]((?:torch|ATen|c10)/[^>"]+)', f.read_text())
+        assert not bad, f"{f.relative_to(CSRC)} includes torch headers {bad}"
 
 
-# ---------------------------------------------------------------- 2. glue
+# ---------------------------------------------------------------- 2. bindings
 @pytest.mark.parametrize("cpp", GLUE_FILES, ids=[p.name for p in GLUE_FILES])
 def test_glue_syntax(cpp, jobs):
     key = "glue:" + cpp.name
@@ -301,7 +326,17 @@ def test_glue_syntax(cpp, jobs):
 
 
 # ---------------------------------------------------------------- 3. CPU emulation of the kernels
-_DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+def _dtype_codes() -> dict[torch.dtype, int]:
+    """The launcher ABI's DType values, read from csrc/common/dtype.h (the one definition)."""
+    body = re.search(r"enum\s+class\s+DType\s*:\s*int\s*\{([^}]*)\}", (CSRC / "common" / "dtype.h").read_text())
+    assert body, "enum class DType not found in csrc/common/dtype.h"
+    codes = {name: int(value) for name, value in re.findall(r"(\w+)\s*=\s*(\d+)", body.group(1))}
+    names = {"Float32": torch.float32, "Float16": torch.float16, "BFloat16": torch.bfloat16, "Float64": torch.float64}
+    assert set(codes) == set(names), codes
+    return {names[n]: v for n, v in codes.items()}
+
+
+_DT = _dtype_codes()
 
 
 class _Emu:
@@ -349,7 +384,7 @@ class _Emu:
         y = torch.full_like(q, float("nan"))
         lse = torch.full(q.shape, float("nan"), dtype=self._acc(q.dtype))
         self.lib.emu_local_fwd_ws.restype = ctypes.c_long
-        ws = self._ws(self.lib.emu_local_fwd_ws(d, B, T, D, L(window), int(causal)))
+        ws = self._ws(self.lib.emu_local_fwd_ws(d, B, T, D, L(heads), L(window), int(causal)))
         rc = self.lib.emu_local_fwd(d, *map(self._p, (q, k, v, w)), L(heads), self._p(y), self._p(lse), B, T, D,
                                     L(window), int(causal), self._p(ws))
         assert rc == 0
@@ -360,9 +395,9 @@ class _Emu:
         B, T, D = (L(s) for s in q.shape)
         heads = 1 if w.dim() == 2 else w.shape[0]
         outs = [torch.full_like(q, float("nan")) for _ in range(3)]
-        dw = torch.zeros_like(w)  # the glue zero-fills dw (entries outside the band are not written)
+        dw = torch.zeros_like(w)  # the binding zero-fills dw (entries outside the band are not written)
         self.lib.emu_local_bwd_ws.restype = ctypes.c_long
-        ws = self._ws(self.lib.emu_local_bwd_ws(d, B, T, D, L(window), int(causal)))
+        ws = self._ws(self.lib.emu_local_bwd_ws(d, B, T, D, L(heads), L(window), int(causal)))
         rc = self.lib.emu_local_bwd(d, *map(self._p, (dy, q, k, v, w)), L(heads), self._p(y), self._p(lse),
                                     *map(self._p, (*outs, dw)), B, T, D, L(window), int(causal), self._p(ws))
         assert rc == 0
@@ -404,8 +439,8 @@ def emu(jobs):
     return _Emu(_TMP / "emu" / "libemu.so")
 
 
-sys.path.insert(0, str(ROOT / "tests"))
-import oracles  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests"))  # tests/common importable as `common`, as in conftest.py
+from common import oracles  # noqa: E402
 
 
 def _lse_oracle(k, wfull, causal):
@@ -490,7 +525,7 @@ def test_emulated_ea_double_norm(emu, dtype, shape, eps):
 @pytest.mark.parametrize("eps", [1e-9, 0.0])
 def test_emulated_ea_adversarial(emu, eps):
     """|logits| up to 1e4 (a row whose every p underflows): finite, matches the python reference path."""
-    from attnfree_ext.ops.ea import ea_double_norm_bwd_ref, ea_double_norm_fwd_ref
+    from attnfree_ext.ops.ea_double_norm.reference import ea_double_norm_bwd_ref, ea_double_norm_fwd_ref
 
     g = torch.Generator().manual_seed(6)
     logits = torch.randn(2, 9, 6, generator=g) * 1e4

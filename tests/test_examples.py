@@ -1,4 +1,5 @@
 """examples/: a few steps of each example, and a two-process gloo DDP run of each under torchrun."""
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,23 @@ def test_digits_runs():
 @pytest.mark.parametrize("script", ["train_lm.py", "train_digits.py"])
 def test_two_process_gloo_ddp(script, tmp_path):
     out = tmp_path / "metrics.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           os.path.join(EX, script), "--quick", "--device", "cpu", "--steps", "3", "--batch-size", "4", "--metrics-out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        os.path.join(EX, script),
+        "--quick",
+        "--device",
+        "cpu",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--metrics-out",
+        str(out),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=180, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

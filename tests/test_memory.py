@@ -1,4 +1,4 @@
-"""Memory: no op may build a (B, T, T, D) tensor, forward or backward (brief, "Numerics rules").
+"""Memory: no op may build a (B, T, T, D) tensor, forward or backward (docs/design.md §1, §2).
 
 Each case runs forward + backward of a public function (python path) in a fresh subprocess at a shape where a
 (B, T, T, D) float32 tensor would need many GB, and reads the process's peak resident memory
@@ -6,6 +6,7 @@ Each case runs forward + backward of a public function (python path) in a fresh 
 call is an upper bound on what the op allocated; it must stay far below the (B, T, T, D) size and within a fixed
 budget of O(T^2 + B*T*D) bytes. (CPU tensors are not visible to tracemalloc; peak RSS is.)
 """
+
 from __future__ import annotations
 
 import json

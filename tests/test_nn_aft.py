@@ -1,12 +1,13 @@
 """attnfree_ext.nn AFT layers: shapes, length handling, causality, factorised bias, AFT-conv, state_dict, gradients,
-and a float64 comparison with tests/oracles.py applied to the layers' own projections."""
+and a float64 comparison with tests/common/oracles.py applied to the layers' own projections."""
+
 import io
 
 import pytest
 import torch
 
-import oracles
 from attnfree_ext.nn import AFTConv2d, AFTFull, AFTLocal, AFTSimple
+from common import oracles
 
 MAX_T = 13
 DIM = 6
@@ -17,8 +18,11 @@ TOKEN_LAYERS = [
     pytest.param(AFTFull, dict(max_seqlen=MAX_T, dim=DIM, hidden_dim=8, heads=2), id="full-h2"),
     pytest.param(AFTFull, dict(max_seqlen=MAX_T, dim=DIM, causal=True), id="full-causal"),
     pytest.param(AFTFull, dict(max_seqlen=MAX_T, dim=DIM, bias_rank=3), id="full-rank3"),
-    pytest.param(AFTFull, dict(max_seqlen=MAX_T, dim=DIM, hidden_dim=9, heads=3, causal=True, bias_rank=2),
-                 id="full-h3-causal-rank2"),
+    pytest.param(
+        AFTFull,
+        dict(max_seqlen=MAX_T, dim=DIM, hidden_dim=9, heads=3, causal=True, bias_rank=2),
+        id="full-h3-causal-rank2",
+    ),
     pytest.param(AFTLocal, dict(max_seqlen=MAX_T, dim=DIM, window=3), id="local"),
     pytest.param(AFTLocal, dict(max_seqlen=MAX_T, dim=DIM, window=1, hidden_dim=4, heads=2), id="local-w1-h2"),
     pytest.param(AFTLocal, dict(max_seqlen=MAX_T, dim=DIM, window=4, causal=True), id="local-causal"),
@@ -116,10 +120,10 @@ def test_causal_ignores_future(cls, kw, t):
     m = _randomise_bias(cls(**kw))
     x = torch.randn(2, MAX_T, DIM)
     x2 = x.clone()
-    x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:]) * 3
+    x2[:, t + 1 :] = torch.randn_like(x2[:, t + 1 :]) * 3
     y, y2 = m(x), m(x2)
     torch.testing.assert_close(y[:, : t + 1], y2[:, : t + 1], rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(y[:, t + 1:], y2[:, t + 1:])
+    assert not torch.allclose(y[:, t + 1 :], y2[:, t + 1 :])
 
 
 @pytest.mark.parametrize("cls,kw", [p for p in TOKEN_LAYERS if not p.values[1].get("causal")][:3])

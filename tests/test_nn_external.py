@@ -1,33 +1,15 @@
 """attnfree_ext.nn: ExternalAttention, MultiHeadExternalAttention, TalkingHeadAttention."""
+
 import io
 
 import pytest
 import torch
 from torch import nn
 
-import oracles
 from attnfree_ext.nn import ExternalAttention, MultiHeadExternalAttention, TalkingHeadAttention
-
-
-def _eanet_forward(m, x):
-    """The official EANet multi-head forward (MenghaoGuo/EANet multi_head_attention_torch.py), eager, float64."""
-    B, N, C = x.shape
-    x = m.trans_dims(x).view(B, N, m.heads, -1).permute(0, 2, 1, 3)
-    attn = m.linear_0(x).softmax(dim=-2)
-    attn = attn / (1e-9 + attn.sum(dim=-1, keepdim=True))
-    x = m.linear_1(attn).permute(0, 2, 1, 3).reshape(B, N, -1)
-    return m.proj(x)
-
-
-def _cait_forward(m, x):
-    """timm's TalkingHeadAttn forward, eager."""
-    B, N, C = x.shape
-    qkv = m.qkv(x).reshape(B, N, 3, m.num_heads, C // m.num_heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0] * m.scale, qkv[1], qkv[2]
-    attn = q @ k.transpose(-2, -1)
-    attn = m.proj_l(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).softmax(dim=-1)
-    attn = m.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-    return m.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+from common import oracles
+from common.peers import eanet_multihead_forward as _eanet_forward
+from common.peers import timm_talking_heads_forward as _cait_forward
 
 
 def _roundtrip(m, make):
@@ -89,12 +71,18 @@ def test_multihead_matches_official_eanet(dims):
     y = m(x)
     yr = _eanet_forward(m, x)
     torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-12)
-    g, = torch.autograd.grad(y.sum(), x)
-    gr, = torch.autograd.grad(yr.sum(), x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    (gr,) = torch.autograd.grad(yr.sum(), x)
     torch.testing.assert_close(g, gr, rtol=1e-9, atol=1e-11)
     assert set(m.state_dict()) == {
-        "trans_dims.weight", "trans_dims.bias", "linear_0.weight", "linear_0.bias",
-        "linear_1.weight", "linear_1.bias", "proj.weight", "proj.bias",
+        "trans_dims.weight",
+        "trans_dims.bias",
+        "linear_0.weight",
+        "linear_0.bias",
+        "linear_1.weight",
+        "linear_1.bias",
+        "proj.weight",
+        "proj.bias",
     }
 
 
@@ -106,14 +94,16 @@ def test_talking_heads_module_matches_eager(qkv_bias, N):
     y = m(x)
     yr = _cait_forward(m, x)
     torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-12)
-    g, = torch.autograd.grad(y.square().sum(), x)
-    gr, = torch.autograd.grad(yr.square().sum(), x)
+    (g,) = torch.autograd.grad(y.square().sum(), x)
+    (gr,) = torch.autograd.grad(yr.square().sum(), x)
     torch.testing.assert_close(g, gr, rtol=1e-9, atol=1e-11)
 
 
 def test_dropout_train_vs_eval():
-    for m in (TalkingHeadAttention(8, 2, attn_drop=0.5, proj_drop=0.1),
-              MultiHeadExternalAttention(8, 2, attn_drop=0.5, proj_drop=0.1)):
+    for m in (
+        TalkingHeadAttention(8, 2, attn_drop=0.5, proj_drop=0.1),
+        MultiHeadExternalAttention(8, 2, attn_drop=0.5, proj_drop=0.1),
+    ):
         x = torch.randn(2, 6, 8)
         m.eval()
         y1, y2 = m(x), m(x)
@@ -174,6 +164,12 @@ def test_bad_inputs(name):
 def test_module_params_same_names_as_timm():
     m = TalkingHeadAttention(8, 2, qkv_bias=False)
     assert list(m.state_dict()) == [
-        "qkv.weight", "proj.weight", "proj.bias", "proj_l.weight", "proj_l.bias", "proj_w.weight", "proj_w.bias",
+        "qkv.weight",
+        "proj.weight",
+        "proj.bias",
+        "proj_l.weight",
+        "proj_l.bias",
+        "proj_w.weight",
+        "proj_w.bias",
     ]
     assert isinstance(m.attn_drop, nn.Dropout) and isinstance(m.proj_drop, nn.Dropout)

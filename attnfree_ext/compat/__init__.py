@@ -4,6 +4,7 @@
 - External-Attention-pytorch: AFT_FULL, ExternalAttention
 - timm (CaiT): TalkingHeadAttn
 """
+
 from .aft_pytorch import AFTFull, AFTLocal, AFTSimple
 from .external_attention import AFT_FULL, ExternalAttention
 from .timm import TalkingHeadAttn

@@ -19,6 +19,7 @@ Differences (all where aft-pytorch departs from the paper or breaks):
   (AFTSimple, which has no bias, accepts any T in both).
 - AFTSimple is non-causal in both: softmax of K over the T axis (dim 1), one context vector for all positions.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from ..nn.aft import _as_dtype_of, _check_tokens
+from ..nn._validate import as_dtype_of, check_tokens
 from ..ops.aft_full import aft_full
 from ..ops.aft_local import aft_local
 from ..ops.aft_simple import aft_simple
@@ -49,7 +50,7 @@ class _AFTPytorchBase(nn.Module):
             nn.init.xavier_uniform_(self.wbias)  # as aft-pytorch
 
     def _qkv(self, x, limit: bool = True):
-        _check_tokens(x, self.dim, self.max_seqlen if limit else None)
+        check_tokens(x, self.dim, self.max_seqlen if limit else None)
         return self.to_q(x), self.to_k(x), self.to_v(x)
 
 
@@ -71,7 +72,7 @@ class AFTFull(_AFTPytorchBase):
     def forward(self, x):
         q, k, v = self._qkv(x)
         T = x.shape[1]
-        return self.project(aft_full(q, k, v, _as_dtype_of(self.wbias[:T, :T], q), False))
+        return self.project(aft_full(q, k, v, as_dtype_of(self.wbias[:T, :T], q), False))
 
 
 class AFTSimple(_AFTPytorchBase):
@@ -117,4 +118,4 @@ class AFTLocal(_AFTPytorchBase):
         if self.s <= 0:  # empty band: w' = 0 everywhere
             return self.project(aft_simple(q, k, v, False))
         window = math.ceil(self.s)  # integer |t - t'| < s  <=>  |t - t'| < ceil(s)
-        return self.project(aft_local(q, k, v, _as_dtype_of(self.wbias[:T, :T], q), window, False))
+        return self.project(aft_local(q, k, v, as_dtype_of(self.wbias[:T, :T], q), window, False))

@@ -5,15 +5,17 @@ Same constructor signatures, parameter names / state_dict keys, creation order a
 N(0, 0.001), biases 0; so one seed gives the same weights), and the same outputs wherever the originals' are
 finite. A state_dict saved from the original loads with ``strict=True`` and vice versa.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 from torch.nn import init
 
+from ..nn._validate import check_tokens
 from ..ops.aft_full import aft_full
 from ..ops.aft_simple import aft_simple
-from ..ops.ea import ea_double_norm
+from ..ops.ea_double_norm import ea_double_norm
 
 __all__ = ["ExternalAttention", "AFT_FULL"]
 
@@ -26,15 +28,6 @@ def _init_like_original(module: nn.Module) -> None:
             init.normal_(m.weight, std=0.001)
             if m.bias is not None:
                 init.constant_(m.bias, 0)
-
-
-def _check_x(x, d_model: int) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 3 or x.shape[-1] != d_model:
-        raise ValueError(f"input must have shape (bs, n, d_model={d_model}), got {tuple(x.shape)}")
-    if x.shape[1] < 1:
-        raise ValueError("input must have at least one token (n >= 1)")
 
 
 class ExternalAttention(nn.Module):
@@ -65,7 +58,7 @@ class ExternalAttention(nn.Module):
         _init_like_original(self)
 
     def forward(self, queries):
-        _check_x(queries, self.d_model)
+        check_tokens(queries, self.d_model, name="input", axes=("bs", "n", "d_model"))
         return self.mv(ea_double_norm(self.mk(queries), 0.0))
 
 
@@ -109,11 +102,13 @@ class AFT_FULL(nn.Module):
         _init_like_original(self)
 
     def forward(self, input):
-        _check_x(input, self.d_model)
+        check_tokens(input, self.d_model, name="input", axes=("bs", "n", "d_model"))
         T = input.shape[1]
         if T > self.n:
-            raise ValueError(f"sequence length {T} exceeds n={self.n} this layer was built for (position_biases is "
-                             f"({self.n}, {self.n})); build it with n >= {T}")
+            raise ValueError(
+                f"sequence length {T} exceeds n={self.n} this layer was built for (position_biases is "
+                f"({self.n}, {self.n})); build it with n >= {T}"
+            )
         q = self.fc_q(input)
         k = self.fc_k(input)
         v = self.fc_v(input)

@@ -4,6 +4,7 @@ Same constructor signature ``(dim, num_heads=8, qkv_bias=False, attn_drop=0., pr
 names and state_dict keys (``qkv``, ``proj``, ``proj_l``, ``proj_w``), same creation order and default init, and
 the same outputs (up to float rounding).
 """
+
 from __future__ import annotations
 
 from ..nn.talking_heads import TalkingHeadAttention

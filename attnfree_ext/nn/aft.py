@@ -13,6 +13,7 @@ dtypes: the layers work in whatever dtype their parameters and the input share (
 bfloat16). Under autocast the projections give float16/bfloat16 Q, K, V; the float32 position bias is then cast to
 that dtype before the op (the ops take the bias in Q's dtype) and the ops do their arithmetic in float32.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,6 +23,7 @@ from ..ops.aft_conv import aft_conv2d
 from ..ops.aft_full import aft_full, aft_full_lowrank
 from ..ops.aft_local import aft_local
 from ..ops.aft_simple import aft_simple
+from ._validate import as_dtype_of, check_image, check_tokens, positive_int
 
 __all__ = ["AFTFull", "AFTLocal", "AFTSimple", "AFTConv2d"]
 
@@ -29,49 +31,19 @@ __all__ = ["AFTFull", "AFTLocal", "AFTSimple", "AFTConv2d"]
 BIAS_INIT_STD = 1e-2
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
-def _as_dtype_of(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The ops want the bias in q's dtype; under autocast q is float16/bfloat16 while the parameter stays float32."""
-    return w if w.dtype == q.dtype else w.to(q.dtype)
-
-
-def _check_tokens(x, dim: int, max_seqlen: int | None = None) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 3 or x.shape[-1] != dim:
-        raise ValueError(f"x must have shape (B, T, dim={dim}), got {tuple(x.shape)}")
-    T = x.shape[1]
-    if T < 1:
-        raise ValueError("x must have at least one token (T >= 1)")
-    if max_seqlen is not None and T > max_seqlen:
-        raise ValueError(
-            f"sequence length T={T} exceeds max_seqlen={max_seqlen} this layer was built for; "
-            f"build it with max_seqlen >= {T}"
-        )
-
-
 class _AFTTokenBase(nn.Module):
     """Shared projections and position bias of AFTFull / AFTLocal."""
 
     def __init__(self, max_seqlen, dim, hidden_dim, heads, causal, bias_rank):
         super().__init__()
-        self.max_seqlen = _positive_int("max_seqlen", max_seqlen)
-        self.dim = _positive_int("dim", dim)
-        self.hidden_dim = _positive_int("hidden_dim", dim if hidden_dim is None else hidden_dim)
-        self.heads = _positive_int("heads", heads)
+        self.max_seqlen = positive_int("max_seqlen", max_seqlen)
+        self.dim = positive_int("dim", dim)
+        self.hidden_dim = positive_int("hidden_dim", dim if hidden_dim is None else hidden_dim)
+        self.heads = positive_int("heads", heads)
         if self.hidden_dim % self.heads != 0:
-            raise ValueError(
-                f"hidden_dim={self.hidden_dim} must be divisible by heads={self.heads}"
-            )
+            raise ValueError(f"hidden_dim={self.hidden_dim} must be divisible by heads={self.heads}")
         self.causal = bool(causal)
-        self.bias_rank = None if bias_rank is None else _positive_int("bias_rank", bias_rank)
+        self.bias_rank = None if bias_rank is None else positive_int("bias_rank", bias_rank)
 
         self.to_q = nn.Linear(self.dim, self.hidden_dim)
         self.to_k = nn.Linear(self.dim, self.hidden_dim)
@@ -108,7 +80,7 @@ class _AFTTokenBase(nn.Module):
         return self.bias_u[..., :T, :] @ self.bias_v[..., :T, :].transpose(-1, -2)
 
     def _qkv(self, x):
-        _check_tokens(x, self.dim, self.max_seqlen)
+        check_tokens(x, self.dim, self.max_seqlen)
         return self.to_q(x), self.to_k(x), self.to_v(x)
 
     def extra_repr(self) -> str:
@@ -151,10 +123,10 @@ class AFTFull(_AFTTokenBase):
         q, k, v = self._qkv(x)
         T = x.shape[1]
         if self.bias_rank is None:
-            y = aft_full(q, k, v, _as_dtype_of(self.w[..., :T, :T], q), self.causal)
+            y = aft_full(q, k, v, as_dtype_of(self.w[..., :T, :T], q), self.causal)
         else:
-            u = _as_dtype_of(self.bias_u[..., :T, :], q)
-            vb = _as_dtype_of(self.bias_v[..., :T, :], q)
+            u = as_dtype_of(self.bias_u[..., :T, :], q)
+            vb = as_dtype_of(self.bias_v[..., :T, :], q)
             y = aft_full_lowrank(q, k, v, u, vb, self.causal)
         return self.project(y)
 
@@ -179,14 +151,14 @@ class AFTLocal(_AFTTokenBase):
     """
 
     def __init__(self, max_seqlen, dim, window, hidden_dim=None, heads=1, causal=False, bias_rank=None):
-        window = _positive_int("window", window)
+        window = positive_int("window", window)
         super().__init__(max_seqlen, dim, hidden_dim, heads, causal, bias_rank)
         self.window = window
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._qkv(x)
         T = x.shape[1]
-        w = _as_dtype_of(self.position_bias(T), q)
+        w = as_dtype_of(self.position_bias(T), q)
         return self.project(aft_local(q, k, v, w, self.window, self.causal))
 
     def extra_repr(self) -> str:
@@ -210,8 +182,8 @@ class AFTSimple(nn.Module):
 
     def __init__(self, dim, hidden_dim=None, causal=False):
         super().__init__()
-        self.dim = _positive_int("dim", dim)
-        self.hidden_dim = _positive_int("hidden_dim", dim if hidden_dim is None else hidden_dim)
+        self.dim = positive_int("dim", dim)
+        self.hidden_dim = positive_int("hidden_dim", dim if hidden_dim is None else hidden_dim)
         self.causal = bool(causal)
         self.to_q = nn.Linear(self.dim, self.hidden_dim)
         self.to_k = nn.Linear(self.dim, self.hidden_dim)
@@ -219,7 +191,7 @@ class AFTSimple(nn.Module):
         self.project = nn.Linear(self.hidden_dim, self.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_tokens(x, self.dim)
+        check_tokens(x, self.dim)
         y = aft_simple(self.to_q(x), self.to_k(x), self.to_v(x), self.causal)
         return self.project(y)
 
@@ -233,7 +205,8 @@ class AFTConv2d(nn.Module):
     x (B, dim, H, W) -> Q = to_q(x), V = to_v(x) (1x1 convs dim -> dim), K = to_k(x) (1x1 conv dim -> heads, one key
     channel per head), then per head i
 
-        Y^i = sigmoid(Q^i) * [conv2d(e^{K^i} V^i, e^{w^i} - 1) + sum e^{K^i} V^i] / [conv2d(e^{K^i}, e^{w^i} - 1) + sum e^{K^i}]
+        Y^i = sigmoid(Q^i) * [conv2d(e^{K^i} V^i, e^{w^i} - 1) + sum e^{K^i} V^i]
+                           / [conv2d(e^{K^i}, e^{w^i} - 1) + sum e^{K^i}]
 
     (:func:`attnfree_ext.ops.aft_conv.aft_conv2d`, stable), and ``project`` (1x1 conv dim -> dim).
     The s x s kernel ``weight`` (heads, s, s) is reparameterised per head as in the paper:
@@ -257,9 +230,9 @@ class AFTConv2d(nn.Module):
 
     def __init__(self, dim, heads, kernel_size):
         super().__init__()
-        self.dim = _positive_int("dim", dim)
-        self.heads = _positive_int("heads", heads)
-        self.kernel_size = _positive_int("kernel_size", kernel_size)
+        self.dim = positive_int("dim", dim)
+        self.heads = positive_int("heads", heads)
+        self.kernel_size = positive_int("kernel_size", kernel_size)
         if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         if self.dim % self.heads != 0:
@@ -282,12 +255,9 @@ class AFTConv2d(nn.Module):
         return self.gamma[:, None, None] * wn + self.beta[:, None, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.dim:
-            raise ValueError(f"x must have shape (B, dim={self.dim}, H, W), got {tuple(x.shape)}")
+        check_image(x, self.dim)
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
-        return self.project(aft_conv2d(q, k, v, _as_dtype_of(self.kernel(), q)))
+        return self.project(aft_conv2d(q, k, v, as_dtype_of(self.kernel(), q)))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.heads}, kernel_size={self.kernel_size}"

@@ -5,42 +5,18 @@ Both map ``x`` of shape (B, N, dim) to (B, N, dim) for any N >= 1 and run the do
 N tokens, L1 over the S memory units) through :func:`attnfree_ext.ea_double_norm` (stable in log space, compiled
 kernel when available).
 """
+
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from ..ops.ea import ea_double_norm
+from ..ops.ea_double_norm import ea_double_norm
+from ._validate import check_tokens, dropout_p, positive_int
 
 __all__ = ["ExternalAttention", "MultiHeadExternalAttention"]
 
 #: eps added to the per-token sum over the memory units (the official EANet code's value)
 EA_EPS = 1e-9
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
-def _dropout_p(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-    return float(value)
-
-
-def _check_tokens(x, dim: int) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 3 or x.shape[-1] != dim:
-        raise ValueError(f"x must have shape (B, N, dim={dim}), got {tuple(x.shape)}")
-    if x.shape[1] < 1:
-        raise ValueError("x must have at least one token (N >= 1)")
 
 
 class ExternalAttention(nn.Module):
@@ -61,13 +37,13 @@ class ExternalAttention(nn.Module):
 
     def __init__(self, dim, S=64):
         super().__init__()
-        self.dim = _positive_int("dim", dim)
-        self.S = _positive_int("S", S)
+        self.dim = positive_int("dim", dim)
+        self.S = positive_int("S", S)
         self.mk = nn.Linear(self.dim, self.S, bias=False)
         self.mv = nn.Linear(self.S, self.dim, bias=False)
 
     def forward(self, x):
-        _check_tokens(x, self.dim)
+        check_tokens(x, self.dim, axes=("B", "N", "dim"))
         return self.mv(ea_double_norm(self.mk(x), EA_EPS))
 
     def extra_repr(self) -> str:
@@ -99,9 +75,9 @@ class MultiHeadExternalAttention(nn.Module):
 
     def __init__(self, dim, num_heads=8, coef=4, attn_drop=0.0, proj_drop=0.0):
         super().__init__()
-        self.dim = _positive_int("dim", dim)
-        self.num_heads = _positive_int("num_heads", num_heads)
-        self.coef = _positive_int("coef", coef)
+        self.dim = positive_int("dim", dim)
+        self.num_heads = positive_int("num_heads", num_heads)
+        self.coef = positive_int("coef", coef)
         if self.dim % self.num_heads != 0:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
         if 256 // self.coef < 1:
@@ -112,9 +88,9 @@ class MultiHeadExternalAttention(nn.Module):
         self.trans_dims = nn.Linear(self.dim, self.dim * self.coef)
         self.linear_0 = nn.Linear(self.head_dim, self.S)
         self.linear_1 = nn.Linear(self.S, self.head_dim)
-        self.attn_drop = nn.Dropout(_dropout_p("attn_drop", attn_drop))
+        self.attn_drop = nn.Dropout(dropout_p("attn_drop", attn_drop))
         self.proj = nn.Linear(self.dim * self.coef, self.dim)
-        self.proj_drop = nn.Dropout(_dropout_p("proj_drop", proj_drop))
+        self.proj_drop = nn.Dropout(dropout_p("proj_drop", proj_drop))
 
     @property
     def k(self) -> nn.Linear:
@@ -127,7 +103,7 @@ class MultiHeadExternalAttention(nn.Module):
         return self.linear_1
 
     def forward(self, x):
-        _check_tokens(x, self.dim)
+        check_tokens(x, self.dim, axes=("B", "N", "dim"))
         B, N, _ = x.shape
         x = self.trans_dims(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
         attn = ea_double_norm(self.linear_0(x), EA_EPS)  # (B, H, N, S)

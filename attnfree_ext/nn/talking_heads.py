@@ -2,13 +2,14 @@
 arXiv 2103.17239), running :func:`attnfree_ext.talking_heads_attention` (no N x N tensor unless attention dropout
 is active).
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from ..ops.talking_heads import talking_heads_attention
-from .external import _check_tokens, _dropout_p, _positive_int
+from ._validate import check_tokens, dropout_p, positive_int
 
 __all__ = ["TalkingHeadAttention"]
 
@@ -32,28 +33,35 @@ class TalkingHeadAttention(nn.Module):
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, attn_drop=0.0, proj_drop=0.0):
         super().__init__()
-        self.dim = _positive_int("dim", dim)
-        self.num_heads = _positive_int("num_heads", num_heads)
+        self.dim = positive_int("dim", dim)
+        self.num_heads = positive_int("num_heads", num_heads)
         if self.dim % self.num_heads != 0:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
         self.head_dim = self.dim // self.num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(self.dim, self.dim * 3, bias=bool(qkv_bias))
-        self.attn_drop = nn.Dropout(_dropout_p("attn_drop", attn_drop))
+        self.attn_drop = nn.Dropout(dropout_p("attn_drop", attn_drop))
         self.proj = nn.Linear(self.dim, self.dim)
         self.proj_l = nn.Linear(self.num_heads, self.num_heads)
         self.proj_w = nn.Linear(self.num_heads, self.num_heads)
-        self.proj_drop = nn.Dropout(_dropout_p("proj_drop", proj_drop))
+        self.proj_drop = nn.Dropout(dropout_p("proj_drop", proj_drop))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_tokens(x, self.dim)
+        check_tokens(x, self.dim, axes=("B", "N", "dim"))
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, h, N, d) each
         p = self.attn_drop.p if self.training else 0.0
         y = talking_heads_attention(
-            q, k, v, self.proj_l.weight, self.proj_w.weight, self.proj_l.bias, self.proj_w.bias,
-            scale=self.scale, dropout_p=p,
+            q,
+            k,
+            v,
+            self.proj_l.weight,
+            self.proj_w.weight,
+            self.proj_l.bias,
+            self.proj_w.bias,
+            scale=self.scale,
+            dropout_p=p,
         )
         y = y.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(y))

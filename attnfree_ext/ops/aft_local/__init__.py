@@ -1,0 +1,57 @@
+"""AFT-local (Zhai et al. 2021, "An Attention Free Transformer", arXiv 2105.14103, eq. 2 and §3.2).
+
+    y[t, c] = sigmoid(q[t, c]) * sum_t' softmax_t'(k[t', c] + w'[t, t']) * v[t', c]
+
+with the local bias ``w'[t, t'] = w[t, t']`` where ``|t - t'| < window`` and ``0`` outside (the paper's choice:
+0, not -inf, so every token stays connected through the 0-bias global term). Causal: keys t' <= t only.
+``reference`` holds the pure-PyTorch path, ``compiled`` the capability record and the registrations of the
+compiled ops (docs/design.md §1, §6).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..common import dispatch
+from ..common.checks import check_bias, check_causal, check_qkv, check_window
+from .compiled import CAPABILITY
+from .reference import AFTLocalFunction
+
+__all__ = ["aft_local", "CAPABILITY"]
+
+
+def aft_local(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, window: int, causal: bool = False
+) -> torch.Tensor:
+    """AFT-local: AFT (eq. 2) with bias ``w`` inside ``|t - t'| < window`` and 0 outside (paper §3.2;
+    docs/design.md §1).
+
+    Args:
+        q, k, v: (B, T, D) tensors of one dtype (float16, bfloat16, float32 or float64) and one device.
+            Non-contiguous inputs are made contiguous once.
+        w: (T, T) or (heads, T, T) position bias, D % heads == 0, same dtype and device as q. Channel c uses
+            head c // (D // heads). Only the band |t - t'| < window is read (entries outside are ignored).
+        window: int >= 1. window >= T gives aft_full with w everywhere; window == 1 keeps only w's diagonal.
+        causal: a bool; if True, row t uses keys t' <= t only.
+
+    Returns:
+        y: (B, T, D) in q's dtype. Differentiable w.r.t. q, k, v and w (dw is 0 outside the band).
+        fp16/bf16 inputs are computed in float32.
+
+    Raises:
+        TypeError: non-tensor / non-floating inputs, mixed dtypes (w must match q), window not an int, causal not
+            a bool.
+        ValueError: wrong shapes (q, k, v not one (B, T, D) shape; w not (T, T) / (heads, T, T) with D % heads
+            == 0), window < 1, tensors on different devices.
+
+    Numerics: exact per-row softmax normalisation, finite for any finite input (|k|, |w| up to 1e4, causal
+    late spikes); memory O(B*T*D + T*window) besides w and dw (never a (B, T, T, D) tensor). See
+    docs/design.md §1-§3.
+    """
+    check_qkv(q, k, v)
+    check_bias(w, q)
+    window = check_window(window)
+    check_causal(causal)
+    if dispatch.select("aft_local", q, k, v, w) == "compiled":
+        return torch.ops.attnfree.aft_local_fwd(q, k, v, w, window, causal)[0]
+    return AFTLocalFunction.apply(q, k, v, w, window, causal)

@@ -1,0 +1,1306 @@
+// AFT-full (Zhai et al. 2021, eq. 2), non-causal and causal, forward and backward, plus the low-rank
+// (factorised) bias w = u @ vb^T computed tile by tile. Plain CUDA C++: no torch headers (see aft_full.h).
+//
+// =====================================================================================================
+// DESIGN
+// =====================================================================================================
+// AFT-full is GEMM-shaped (docs/design.md §2.1):  [num | den] = exp(w) (T x T) @ [exp(k) * v | exp(k)] (T x 2*B*D),
+// with w shared over the batch. For one head h (channels c in [h*dh, (h+1)*dh), dh = D / heads) the GEMM
+// "columns" are the B*dh pairs j = (b, c) — a column block may span several batch entries when dh < BN.
+//
+// Forward, tensor-core kernel `fwd_tc_kernel` (fp16 / bf16 / fp32 inputs):
+//   CTA = 256 threads (8 warps) owns a query tile of BM = 64 rows x a block of BN = 64 columns of one head;
+//   it loops over key tiles of BK = 64 keys (causal: only tiles with k0 <= last query row):
+//     (1) w tile (BM x BK): loaded from w, or for the low-rank op built as U[rows] @ Vb[keys]^T (fp32 SIMT
+//         dot products through shared-memory chunks of 32 ranks) when rank <= 16 or T is too large to
+//         materialise w (else w = u vb^T is materialised once by a tiled GEMM: see lowrank_materialise).
+//         Per-row max r over the VISIBLE keys of the tile (causal mask t' <= t, t' < T), Ew = exp(w - r) in
+//         [0, 1] stored to smem as bf16 for 16-bit inputs (NEVER fp16: its exponent range ends near e^-17) or
+//         fp32 for fp32 inputs.
+//     (2) k, v tile (BK x BN): per-column max m over the tile, Ek = exp(k - m), Ekv = Ek * v -> smem operands.
+//     (3) nvcuda::wmma (sm_80-compatible, so it also runs on sm_90): bf16 m16n16k16, fp32 accumulators,
+//         d = Ew @ Ek, n = Ew @ Ekv. fp32 inputs use 3xTF32 (a = a_big + a_small, three m16n16k8 tf32 MMAs),
+//         which keeps ~fp32 accuracy (plain TF32 would give ~1e-3 relative errors).
+//     (4) accumulators -> smem staging (aliases the operand buffers) -> per-(t, c) tile-wise renormalisation
+//         in registers, in log2 units: the tile's log-magnitude l = r2 + m2 + log2(d) only needs to be a valid
+//         stabiliser, so log2(d) is replaced by d's binary exponent e (integer bit extraction, no MUFU):
+//             Mn = max(M, s2 + e),  S = S*2^(M-Mn) + d*2^(s2-Mn),  A = A*2^(M-Mn) + n*2^(s2-Mn)
+//         (s2 = (r + m)*log2 e; d*2^(s2-Mn) < 2, so S, A stay bounded); the 2^(M-Mn) exp is skipped (warp vote)
+//         when no lane's max grows, so the merge costs ~1-2 MUFU ops per element and tile.
+//     Lost-tile guard: when d < 2^-90 (the tile's sum underflowed, or is tiny) the tile is not merged and an
+//     upper bound of its contribution, U = max(U, s2 + log2 BK) (every term is <= exp(r + m)), is kept. In the
+//     epilogue, where U > log2(total) - 40 (the tile could matter at fp32 precision) or nothing was merged,
+//     that (t, c) is recomputed exactly by a per-element online log-sum-exp loop over all visible keys (rare
+//     path: |w|, |k| ~ 1e4 with misaligned maxima, or the causal "late spike" inside a diagonal tile).
+//     Causal: tiles above the diagonal are skipped; the diagonal tile is masked per element (row max over
+//     t' <= t only), the column max m over the whole tile is still a valid upper bound, and the lost-tile
+//     guard makes the late-spike case exact.
+//   Epilogue: y = sigmoid(q) * A / S, lse = (M + log2 S) * ln 2.
+//   Shared memory: union(Ew + Ek + Ekv operands, 2 x 64 x 68 fp32 staging) + row/column maxima, column offsets
+//     + U bounds (16 KB): bf16: 34.8 + 1.8 + 16 KB; fp32 (3xTF32): 52.2 + 1.8 + 16 KB; low-rank adds
+//     2 x 64 x 33 fp32 = 16.9 KB.
+//   Each thread keeps 16 (t, c) states (M, S, A) = 48 registers (the rarely written bound U lives in smem,
+//   16 KB). Dense forward: __launch_bounds__(256, 2) -> 128 registers (24 B spilled on sm_90), 2 CTAs = 16 warps
+//   per SM; low-rank forward / backward: ~170-230 registers, 1 CTA per SM (see AFT_FULL_*MIN_BLOCKS).
+//   No cp.async / double buffering yet.
+//
+// Forward, exact kernel `fwd_exact_kernel` (fp64 always; any dtype with exact = true): one thread per (b, t, c),
+//   online log-sum-exp over the visible keys in the accumulate type. O(T^2 B D) scalar work.
+//
+// Backward, tensor cores (fp16 / bf16 / fp32; docs/design.md §3), by recomputation from lse. With P = exp(w + k - lse)
+// (<= 1), G = dy * sigmoid(q), H = dy * y:  dq = dy * y * (1 - sigmoid(q))                  (`bwd_dq_kernel`)
+//   `bwd_kv_tc_kernel`: CTA = key tile J (64 keys) x 64 columns of a head; loop over query tiles I (causal: I >= J).
+//     a[t] = max_{t' in J, visible} w;  Ew = exp(w - a);  La = a - lse;  lam[c] = max_{t in I} La;  R = exp(La - lam)
+//     [g1 | g2] = Ew^T [R G | R H]  (two 64x64x64 MMAs, same operand formats as the forward)
+//     dv += g1 * exp(k + lam),  sumPH += g2 * exp(k + lam);  dk = v dv - sumPH.
+//     Scale guard: for visible (t, t') the scale k + lam <= a[t] - w[t, t'] (P <= 1), i.e. bounded by the spread of
+//     w in the row; where (k + lam) * log2 e > 60 (adversarial |w| ~ 1e4, or a causal late spike in the tile), the
+//     underflow bound of g is not trusted and that (t', c) tile term is recomputed exactly (64 exps, rare path).
+//   `bwd_w_tc_kernel`: CTA = query tile I x key tile J of a head; loop over chunks of 64 columns (b, c):
+//     mu[c] = max_{t' in J} k;  Y = exp(k - mu);  Xl = mu - lse;  nu[t] = max_c Xl;  Xt = exp(Xl - nu)
+//     g = (Xt G)(Y v)^T - (Xt H) Y^T  (K = 64 columns, two MMAs into one accumulator);  dw += g * exp(w + nu)
+//     with the same guard (w + nu) * log2 e > 60 -> exact per-element sum over the chunk. Causal: tiles above the
+//     diagonal write zeros; elements t' > t are masked.
+//   The SIMT kernels below (`bwd_dkdv_kernel`: one thread per (b, t', c); `bwd_dw_kernel`: one warp per
+//   (h, t, t')) are used for float64 and with exact = true.
+//   Low-rank: w = u vb^T is materialised in an fp32/fp64 workspace (O(heads T^2), the size of a dense bias), the
+//   kernels above write dw into a second workspace, then du = dw @ vb, dvb = dw^T @ u (`lowrank_gemm_kernel`, SIMT
+//   32x32-tiled). Open requirement, not met yet: the factorised bias should never exist as T x T; the backward
+//   would have to build w tiles from u, vb on the fly (as the forward can) and fuse du/dvb into the dw kernel.
+//
+// No (B, T, T, D) tensor is ever built. Any B, T, D, heads (T need not be a multiple of any tile: all loads
+// are predicated). 64-bit indexing throughout.
+// =====================================================================================================
+
+#include "aft_full/aft_full.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "common/cuda_common.cuh"
+
+namespace attnfree {
+namespace cuda {
+namespace aft_full_detail {
+
+using namespace nvcuda;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Online log-sum-exp over the visible keys of one (b, t, c): z = sum softmax * v, lse. `wget(t')` -> w[t, t'].
+template <typename E, typename A, typename WGet>
+__device__ __forceinline__ void exact_element(const WGet& wget, const E* __restrict__ kcol, const E* __restrict__ vcol,
+                                              int64_t D, int64_t tend, A& z, A& lse) {
+  A M = neg_inf<A>(), S = A(0), Acc = A(0);
+  for (int64_t tp = 0; tp < tend; ++tp) {
+    const A l = static_cast<A>(wget(tp)) + static_cast<A>(to_acc(kcol[tp * D]));
+    const A vv = static_cast<A>(to_acc(vcol[tp * D]));
+    if (l > M) {
+      const A sc = af_exp(M - l);  // M = -inf -> 0
+      S = S * sc + A(1);
+      Acc = Acc * sc + vv;
+      M = l;
+    } else {
+      const A e = af_exp(l - M);
+      S += e;
+      Acc += e * vv;
+    }
+  }
+  z = Acc / S;
+  lse = M + af_log(S);
+}
+
+template <typename WE>
+struct DenseW {
+  const WE* row;  // w[h, t, :]
+  __device__ __forceinline__ acc_of_t<WE> operator()(int64_t tp) const { return to_acc(row[tp]); }
+};
+
+template <typename UE>
+struct LowRankW {
+  const UE* urow;  // u[h, t, :]
+  const UE* vb;    // vb[h, :, :]
+  int64_t rank;
+  __device__ __forceinline__ acc_of_t<UE> operator()(int64_t tp) const {
+    acc_of_t<UE> s = 0;
+    const UE* vr = vb + tp * rank;
+    for (int64_t r = 0; r < rank; ++r) s += to_acc(urow[r]) * to_acc(vr[r]);
+    return s;
+  }
+};
+
+// ------------------------------------------------------------------------------------------ exact forward
+// Element idx of a (B, T, D) tensor: batch b, time t, channel c of head h; base = offset of (b, 0, c).
+struct ElementIdx {
+  int64_t b, t, c, h, base;
+  __device__ __forceinline__ ElementIdx(int64_t idx, int64_t T, int64_t D, int64_t dh) {
+    c = idx % D;
+    t = (idx / D) % T;
+    b = idx / (T * D);
+    h = c / dh;
+    base = b * T * D + c;
+  }
+};
+
+template <typename E, typename WE>
+__global__ void fwd_exact_kernel(const E* __restrict__ q, const E* __restrict__ k, const E* __restrict__ v,
+                                 const WE* __restrict__ w, E* __restrict__ y, acc_of_t<E>* __restrict__ lse, int64_t B,
+                                 int64_t T, int64_t D, int64_t dh, bool causal) {
+  using A = acc_of_t<E>;
+  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (idx >= B * T * D) return;
+  const ElementIdx e(idx, T, D, dh);
+  A z, l;
+  DenseW<WE> wg{w + (e.h * T + e.t) * T};
+  exact_element<E, A>(wg, k + e.base, v + e.base, D, causal ? e.t + 1 : T, z, l);
+  y[idx] = from_acc<E>(af_sigmoid(to_acc(q[idx])) * z);
+  lse[idx] = l;
+}
+
+// ------------------------------------------------------------------------------------------ tensor-core forward
+// Minimum resident CTAs per SM requested from ptxas for the tensor-core kernels. 1: ~170-230 registers, no
+// spills, 8 warps/SM; 2: 128 registers, 16 warps/SM (sm_90: dense forward spills 24 B, low-rank forward ~220 B,
+// backward 124-356 B). Defaults: 2 for the dense forward, 1 elsewhere; override with -D... to compare on the GPU.
+#ifndef AFT_FULL_MIN_BLOCKS
+#define AFT_FULL_MIN_BLOCKS 1
+#endif
+#ifndef AFT_FULL_FWD_MIN_BLOCKS
+#define AFT_FULL_FWD_MIN_BLOCKS 2
+#endif
+constexpr int BM = 64, BN = 64, BK = 64, NT = 256, RCH = 32, LDR = RCH + 1, LDS = BN + 4;
+constexpr float kLog2BK = 6.0f;           // log2(BK)
+constexpr float kLostThresh = 0x1p-90f;   // d below this: tile not merged, bound recorded
+constexpr float kFallbackMargin = 40.0f;  // log2 units
+
+template <bool F32OPS>
+struct TcCfg {
+  using Op = typename std::conditional<F32OPS, float, __nv_bfloat16>::type;
+  static constexpr int LDA = F32OPS ? BK + 4 : BK + 8;  // Ew [BM][LDA]
+  static constexpr int LDB = F32OPS ? BN + 4 : BN + 8;  // Ek, Ekv [BK][LDB]
+  static constexpr size_t kEwBytes = size_t(BM) * LDA * sizeof(Op);
+  static constexpr size_t kEkBytes = size_t(BK) * LDB * sizeof(Op);
+  static constexpr size_t kOpsBytes = kEwBytes + 2 * kEkBytes;
+  static constexpr size_t kStageBytes = 2 * size_t(BM) * LDS * sizeof(float);
+  static constexpr size_t kUnionBytes = ((kOpsBytes > kStageBytes ? kOpsBytes : kStageBytes) + 127) / 128 * 128;
+  static constexpr size_t kR2 = kUnionBytes;                                      // float r2[BM]
+  static constexpr size_t kM2 = kR2 + BM * sizeof(float);                         // float m2[BN]
+  static constexpr size_t kRed = kM2 + BN * sizeof(float);                        // float red[4][BN]
+  static constexpr size_t kCol = kRed + 4 * BN * sizeof(float);                   // int64 colbase[BN]
+  static constexpr size_t kUb = (kCol + BN * sizeof(int64_t) + 127) / 128 * 128;  // float Ub[BM][BN] (lost-tile bounds)
+  static constexpr size_t kBase = kUb + size_t(BM) * BN * sizeof(float);
+  static constexpr size_t kUs = kBase;                                   // float Us[BM][LDR] (low rank)
+  static constexpr size_t kVs = kUs + size_t(BM) * LDR * sizeof(float);  // float Vs[BK][LDR]
+  static constexpr size_t kLowRankBytes = kVs + size_t(BK) * LDR * sizeof(float);
+  static size_t smem_bytes(bool lowrank) { return lowrank ? kLowRankBytes : kBase; }
+};
+
+// ------------------------------------------------------------------------------------------ shared tile loads
+// The tensor-core kernels (forward and both backward kernels) stage their 64 x 64 exponentiated operand tiles the
+// same way: a thread owns a strip of 16 consecutive entries, maxima are combined across the tile in registers or
+// shared memory, and exp(x - max) lands in [0, 1] so that bf16/tf32 operands cannot overflow.
+
+// Offset of GEMM column j = (b, c) of head h in a (B, T, D) tensor (time step 0), -1 past the last column.
+__device__ __forceinline__ int64_t column_offset(int64_t j, int64_t ncols, int64_t dh, int64_t T, int64_t D,
+                                                 int64_t h) {
+  return (j < ncols) ? (j / dh) * T * D + h * dh + (j % dh) : int64_t(-1);
+}
+
+// Query row t sees key tk iff both exist and, when causal, tk <= t.
+__device__ __forceinline__ bool key_visible(int64_t t, int64_t tk, int64_t T, bool causal) {
+  return t < T && tk < T && (!causal || tk <= t);
+}
+
+// Dense bias strip w[t, k0 + 16 part + i], i < 16: the visible entries (0 elsewhere, never read).
+template <typename WE>
+__device__ __forceinline__ void load_w_strip(const WE* __restrict__ wh, int64_t t, int64_t k0, int part, int64_t T,
+                                             bool causal, float (&wv)[16]) {
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const int64_t tk = k0 + part * 16 + i;
+    wv[i] = key_visible(t, tk, T, causal) ? static_cast<float>(to_acc(wh[t * T + tk])) : 0.f;
+  }
+}
+
+// Row max r of a w tile over the visible keys (the 4 threads of a row are lanes 4 r .. 4 r + 3 of one warp) and
+// ew_row[16 part + i] = exp(w - r), 0 for invisible keys. Returns r (-inf when the row sees no key of the tile).
+template <typename Op>
+__device__ __forceinline__ float exp_w_strip(const float (&wv)[16], int64_t t, int64_t k0, int part, int64_t T,
+                                             bool causal, Op* ew_row) {
+  float rmax = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < 16; ++i)
+    if (key_visible(t, k0 + part * 16 + i, T, causal)) rmax = fmaxf(rmax, wv[i]);
+  rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 1));
+  rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 2));
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const bool vis = key_visible(t, k0 + part * 16 + i, T, causal);
+    store_val(&ew_row[part * 16 + i], vis ? exp2f((wv[i] - rmax) * kLog2e) : 0.f);
+  }
+  return rmax;
+}
+
+// Max over the 4 partial maxima red[g * 64 + col], g < 4, of the 64 rows of a tile.
+__device__ __forceinline__ float max_of_4(const float* red, int col) {
+  return fmaxf(fmaxf(red[col], red[64 + col]), fmaxf(red[128 + col], red[192 + col]));
+}
+
+// k, v tile: thread (col, g) owns keys k0 + 16 g + i of the column at offset cb (-1: no column). Column max m over
+// the tile's keys (through red[4][64] and one __syncthreads, so every thread of the CTA must call this), then
+// ek[key][col] = exp(k - m) and ekv[key][col] = ek * v (0 for missing keys). Returns m.
+template <typename E, typename Op>
+__device__ __forceinline__ float exp_kv_strip(const E* __restrict__ k, const E* __restrict__ v, int64_t cb, int64_t k0,
+                                              int g, int col, int64_t T, int64_t D, float* red, Op* ek, Op* ekv,
+                                              int ld) {
+  float kv[16], vv[16];
+  float lmax = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const int64_t tk = k0 + g * 16 + i;
+    const bool ok = cb >= 0 && tk < T;
+    kv[i] = ok ? to_acc(k[cb + tk * D]) : 0.f;
+    vv[i] = ok ? to_acc(v[cb + tk * D]) : 0.f;
+    if (ok) lmax = fmaxf(lmax, kv[i]);
+  }
+  red[g * 64 + col] = lmax;
+  __syncthreads();
+  const float m = max_of_4(red, col);
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const int64_t tk = k0 + g * 16 + i;
+    const float e = (cb >= 0 && tk < T) ? exp2f((kv[i] - m) * kLog2e) : 0.f;
+    store_val(&ek[(g * 16 + i) * ld + col], e);
+    store_val(&ekv[(g * 16 + i) * ld + col], e * vv[i]);
+  }
+  return m;
+}
+
+// A warp's output strip: two 16 x 16 accumulator fragments side by side (rows r0 .. r0 + 16, columns c0 .. c0 + 32).
+template <typename Frag>
+__device__ __forceinline__ void zero_strip(Frag (&a)[2]) {
+#pragma unroll
+  for (int jj = 0; jj < 2; ++jj) wmma::fill_fragment(a[jj], 0.f);
+}
+
+// The strip into an fp32 staging tile of row stride LDS, for the per-element epilogue.
+template <typename Frag>
+__device__ __forceinline__ void store_strip(float* stage, const Frag (&a)[2], int r0, int c0) {
+#pragma unroll
+  for (int jj = 0; jj < 2; ++jj)
+    wmma::store_matrix_sync(stage + r0 * LDS + c0 + jj * 16, a[jj], LDS, wmma::mem_row_major);
+}
+
+// 3xTF32: x = big + small with both parts tf32; big*big + big*small + small*big keeps ~fp32 accuracy.
+template <typename F>
+__device__ __forceinline__ void split_tf32(F& big, F& small) {
+#pragma unroll
+  for (int i = 0; i < big.num_elements; ++i) {
+    const float x = big.x[i];
+    const float hi = wmma::__float_to_tf32(x);
+    big.x[i] = hi;
+    small.x[i] = wmma::__float_to_tf32(x - hi);
+  }
+}
+
+template <bool F32OPS>
+struct TcMma;
+
+template <>
+struct TcMma<false> {  // bf16 operands, fp32 accumulate
+  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  __device__ __forceinline__ static void run(const __nv_bfloat16* Ew, const __nv_bfloat16* Ek, const __nv_bfloat16* Ekv,
+                                             int wr0, int wc0, Acc (&d)[2], Acc (&n)[2]) {
+    using LA = TcCfg<false>;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      wmma::load_matrix_sync(a, Ew + wr0 * LA::LDA + kk, LA::LDA);
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        wmma::load_matrix_sync(b, Ek + kk * LA::LDB + wc0 + jj * 16, LA::LDB);
+        wmma::mma_sync(d[jj], a, b, d[jj]);
+        wmma::load_matrix_sync(b, Ekv + kk * LA::LDB + wc0 + jj * 16, LA::LDB);
+        wmma::mma_sync(n[jj], a, b, n[jj]);
+      }
+    }
+  }
+};
+
+template <>
+struct TcMma<true> {  // 3xTF32: fp32 operands split into tf32 big + small parts
+  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+  using FA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+  using FB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+  __device__ __forceinline__ static void mma3(Acc& c, const FA& ab, const FA& as, const FB& bb, const FB& bs) {
+    wmma::mma_sync(c, as, bb, c);
+    wmma::mma_sync(c, ab, bs, c);
+    wmma::mma_sync(c, ab, bb, c);
+  }
+  __device__ __forceinline__ static void run(const float* Ew, const float* Ek, const float* Ekv, int wr0, int wc0,
+                                             Acc (&d)[2], Acc (&n)[2]) {
+    using LA = TcCfg<true>;
+    FA ab, as;
+    FB bb, bs;
+#pragma unroll 2
+    for (int kk = 0; kk < BK; kk += 8) {
+      wmma::load_matrix_sync(ab, Ew + wr0 * LA::LDA + kk, LA::LDA);
+      split_tf32(ab, as);
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        wmma::load_matrix_sync(bb, Ek + kk * LA::LDB + wc0 + jj * 16, LA::LDB);
+        split_tf32(bb, bs);
+        mma3(d[jj], ab, as, bb, bs);
+        wmma::load_matrix_sync(bb, Ekv + kk * LA::LDB + wc0 + jj * 16, LA::LDB);
+        split_tf32(bb, bs);
+        mma3(n[jj], ab, as, bb, bs);
+      }
+    }
+  }
+};
+
+// Rare path of the tensor-core kernel, kept out of line so the unrolled epilogue stays small.
+template <typename E, typename WE, bool LOWRANK>
+__device__ __noinline__ void fallback_element(const E* __restrict__ k, const E* __restrict__ v,
+                                              const WE* __restrict__ w, const WE* __restrict__ u,
+                                              const WE* __restrict__ vbias, int64_t T, int64_t D, int64_t h, int64_t t,
+                                              int64_t cb, int64_t rank, bool causal, float& z, float& l) {
+  const int64_t tend = causal ? t + 1 : T;
+  if (LOWRANK) {
+    LowRankW<WE> wg{u + (h * T + t) * rank, vbias + h * T * rank, rank};
+    exact_element<E, float>(wg, k + cb, v + cb, D, tend, z, l);
+  } else {
+    DenseW<WE> wg{w + (h * T + t) * T};
+    exact_element<E, float>(wg, k + cb, v + cb, D, tend, z, l);
+  }
+}
+
+// E: q/k/v type; WE: w type (or u/vb type when LOWRANK). F32OPS iff E == float.
+template <typename E, typename WE, bool LOWRANK>
+__global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_FWD_MIN_BLOCKS)
+    fwd_tc_kernel(const E* __restrict__ q, const E* __restrict__ k, const E* __restrict__ v, const WE* __restrict__ w,
+                  const WE* __restrict__ u, const WE* __restrict__ vbias, E* __restrict__ y, float* __restrict__ lse,
+                  int64_t B, int64_t T, int64_t D, int64_t dh, int64_t rank, bool causal) {
+  constexpr bool F32OPS = std::is_same<E, float>::value;
+  using Cfg = TcCfg<F32OPS>;
+  using Op = typename Cfg::Op;
+  using Mma = TcMma<F32OPS>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  Op* Ew = reinterpret_cast<Op*>(smem);
+  Op* Ek = reinterpret_cast<Op*>(smem + Cfg::kEwBytes);
+  Op* Ekv = reinterpret_cast<Op*>(smem + Cfg::kEwBytes + Cfg::kEkBytes);
+  float* stage_d = reinterpret_cast<float*>(smem);
+  float* stage_n = stage_d + BM * LDS;
+  float* r2s = reinterpret_cast<float*>(smem + Cfg::kR2);
+  float* m2s = reinterpret_cast<float*>(smem + Cfg::kM2);
+  float* red = reinterpret_cast<float*>(smem + Cfg::kRed);
+  int64_t* colbase = reinterpret_cast<int64_t*>(smem + Cfg::kCol);
+  float* Ub = reinterpret_cast<float*>(smem + Cfg::kUb);  // element (row, col) is only touched by its owner thread
+  float* Us = reinterpret_cast<float*>(smem + Cfg::kUs);
+  float* Vs = reinterpret_cast<float*>(smem + Cfg::kVs);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int64_t h = blockIdx.z;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * BM;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * BN;
+  const int64_t ncols = B * dh;
+
+  if (tid < BN) colbase[tid] = column_offset(j0 + tid, ncols, dh, T, D, h);
+
+  // per-thread merge state: column wc0 + lane, rows wr0 + i
+  const int wr0 = (warp >> 1) * 16, wc0 = (warp & 1) * 32;
+  float Mst[16], Sst[16], Ast[16];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    Mst[i] = -INFINITY;
+    Sst[i] = 0.f;
+    Ast[i] = 0.f;
+    Ub[(wr0 + i) * BN + wc0 + lane] = -INFINITY;
+  }
+
+  const WE* wh = LOWRANK ? nullptr : w + h * T * T;
+  const int64_t t_last = (t0 + BM < T ? t0 + BM : T) - 1;
+  const int64_t nkt = causal ? (t_last / BK + 1) : (T + BK - 1) / BK;
+
+  // w-tile roles: row wrow, keys wpart*16 .. +16
+  const int wrow = tid >> 2, wpart = tid & 3;
+  // k/v-tile roles: column kcol, keys kg*16 .. +16
+  const int kcol = tid & (BN - 1), kg = tid >> 6;
+
+  __syncthreads();
+
+  for (int64_t kt = 0; kt < nkt; ++kt) {
+    const int64_t k0 = kt * BK;
+    // ---------------- (1) w tile, row max over visible keys, Ew = exp(w - r)
+    float wv[16];
+    const int64_t trow = t0 + wrow;
+    if (LOWRANK) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) wv[i] = 0.f;
+      const WE* uh = u + h * T * rank;
+      const WE* vh = vbias + h * T * rank;
+      for (int64_t r0 = 0; r0 < rank; r0 += RCH) {
+        for (int e = tid; e < BM * RCH; e += NT) {
+          const int rr = e / RCH, cc = e % RCH;
+          const int64_t tq = t0 + rr, tk = k0 + rr, rk = r0 + cc;
+          Us[rr * LDR + cc] = (tq < T && rk < rank) ? to_acc(uh[tq * rank + rk]) : 0.f;
+          Vs[rr * LDR + cc] = (tk < T && rk < rank) ? to_acc(vh[tk * rank + rk]) : 0.f;
+        }
+        __syncthreads();
+#pragma unroll 4
+        for (int cc = 0; cc < RCH; ++cc) {
+          const float uu = Us[wrow * LDR + cc];
+#pragma unroll
+          for (int i = 0; i < 16; ++i) wv[i] = fmaf(uu, Vs[(wpart * 16 + i) * LDR + cc], wv[i]);
+        }
+        __syncthreads();
+      }
+    } else {
+      load_w_strip(wh, trow, k0, wpart, T, causal, wv);
+    }
+    const float rmax = exp_w_strip(wv, trow, k0, wpart, T, causal, Ew + wrow * Cfg::LDA);
+    if (wpart == 0) r2s[wrow] = (rmax == -INFINITY) ? -INFINITY : rmax * kLog2e;
+
+    // ---------------- (2) k, v tile: column max, Ek = exp(k - m), Ekv = Ek * v
+    const int64_t cb = colbase[kcol];
+    const float m = exp_kv_strip(k, v, cb, k0, kg, kcol, T, D, red, Ek, Ekv, Cfg::LDB);
+    if (kg == 0) m2s[kcol] = (cb >= 0) ? m * kLog2e : -INFINITY;
+    __syncthreads();
+
+    // ---------------- (3) tensor-core partial sums d = Ew Ek, n = Ew Ekv
+    typename Mma::Acc dacc[2], nacc[2];
+    zero_strip(dacc);
+    zero_strip(nacc);
+    Mma::run(Ew, Ek, Ekv, wr0, wc0, dacc, nacc);
+    __syncthreads();  // operands are dead: the staging buffers alias them
+    store_strip(stage_d, dacc, wr0, wc0);
+    store_strip(stage_n, nacc, wr0, wc0);
+    __syncwarp();
+
+    // ---------------- (4) tile-wise renormalisation (log2 units)
+    const float mc = m2s[wc0 + lane];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const int row = wr0 + i;
+      const float dd = stage_d[row * LDS + wc0 + lane];
+      const float nn = stage_n[row * LDS + wc0 + lane];
+      const float s2 = r2s[row] + mc;
+      const bool ok = dd >= kLostThresh;
+      const int e = ((__float_as_int(dd) >> 23) & 0xff) - 127;  // floor(log2 d) where ok (d normal)
+      const float Mn = ok ? fmaxf(Mst[i], s2 + static_cast<float>(e)) : Mst[i];
+      // the running max rarely grows after the first tiles: skip the rescale exp when no lane of the warp needs it
+      // (all 32 lanes are converged here; Mn == M gives al = 1, and M = Mn = -inf must not compute -inf - -inf)
+      const bool grow = Mn > Mst[i];
+      float al = 1.f;
+      if (__any_sync(0xffffffffu, grow)) al = grow ? exp2f(Mst[i] - Mn) : 1.f;
+      const float be = ok ? exp2f(s2 - Mn) : 0.f;
+      Sst[i] = fmaf(Sst[i], al, dd * be);
+      Ast[i] = fmaf(Ast[i], al, nn * be);
+      Mst[i] = Mn;
+      if (!ok && s2 > -INFINITY) {  // tile not merged: remember an upper bound of its contribution
+        float* ub = &Ub[row * BN + wc0 + lane];
+        *ub = fmaxf(*ub, s2 + kLog2BK);
+      }
+    }
+    __syncthreads();  // before the next tile overwrites operands / r2s / m2s
+  }
+
+  // ---------------- epilogue
+  const int64_t cb = colbase[wc0 + lane];
+  if (cb < 0) return;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const int64_t t = t0 + wr0 + i;
+    if (t < T) {
+      const float S = Sst[i];
+      const float Mtot = (S > 0.f) ? Mst[i] + log2f(S) : -INFINITY;
+      float z, l;
+      if (S > 0.f && !(Ub[(wr0 + i) * BN + wc0 + lane] > Mtot - kFallbackMargin)) {
+        z = Ast[i] / S;
+        l = Mtot * kLn2;
+      } else {  // rare: a tile that may matter was lost (or nothing was merged): exact per-element recompute
+        fallback_element<E, WE, LOWRANK>(k, v, w, u, vbias, T, D, h, t, cb, rank, causal, z, l);
+      }
+      const int64_t o = cb + t * D;
+      y[o] = from_acc<E>(af_sigmoid(to_acc(q[o])) * z);
+      lse[o] = l;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ backward (SIMT)
+template <typename E>
+__global__ void bwd_dq_kernel(const E* __restrict__ dy, const E* __restrict__ q, const E* __restrict__ y,
+                              E* __restrict__ dq, int64_t n) {
+  using A = acc_of_t<E>;
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  const A s = af_sigmoid(to_acc(q[i]));
+  dq[i] = from_acc<E>(to_acc(dy[i]) * to_acc(y[i]) * (A(1) - s));
+}
+
+// one thread per (b, t', c): dv = sum_t P G, dk = v dv - sum_t P H
+template <typename E, typename WE>
+__global__ void bwd_dkdv_kernel(const E* __restrict__ dy, const E* __restrict__ q, const E* __restrict__ k,
+                                const E* __restrict__ v, const WE* __restrict__ w, const E* __restrict__ y,
+                                const acc_of_t<E>* __restrict__ lse, E* __restrict__ dk, E* __restrict__ dv, int64_t B,
+                                int64_t T, int64_t D, int64_t dh, bool causal) {
+  using A = acc_of_t<E>;
+  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (idx >= B * T * D) return;
+  const ElementIdx e(idx, T, D, dh);  // e.t is the key position t'
+  const int64_t tp = e.t, base = e.base;
+  const A kk = to_acc(k[idx]);
+  const WE* wcol = w + e.h * T * T + tp;
+  A sg = 0, sh = 0;
+  for (int64_t t = causal ? tp : 0; t < T; ++t) {
+    const int64_t o = base + t * D;
+    const A P = af_exp(static_cast<A>(to_acc(wcol[t * T])) + kk - lse[o]);
+    const A d = to_acc(dy[o]);
+    sg += P * d * af_sigmoid(to_acc(q[o]));
+    sh += P * d * static_cast<A>(to_acc(y[o]));
+  }
+  dv[idx] = from_acc<E>(sg);
+  dk[idx] = from_acc<E>(static_cast<A>(to_acc(v[idx])) * sg - sh);
+}
+
+// one warp per (h, t, t'): dw = sum_{b, c in h} P (G v[t'] - H)
+template <typename E, typename WE>
+__global__ void bwd_dw_kernel(const E* __restrict__ dy, const E* __restrict__ q, const E* __restrict__ k,
+                              const E* __restrict__ v, const WE* __restrict__ w, const E* __restrict__ y,
+                              const acc_of_t<E>* __restrict__ lse, WE* __restrict__ dw, int64_t B, int64_t T, int64_t D,
+                              int64_t dh, int64_t heads, bool causal) {
+  using A = acc_of_t<E>;
+  const int64_t gw = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (gw >= heads * T * T) return;
+  const int64_t tp = gw % T;
+  const int64_t t = (gw / T) % T;
+  const int64_t h = gw / (T * T);
+  A acc = 0;
+  if (!causal || tp <= t) {
+    const A wv = to_acc(w[gw]);
+    for (int64_t j = lane; j < B * dh; j += 32) {
+      const int64_t base = (j / dh) * T * D + h * dh + (j % dh);
+      const int64_t o = base + t * D, op = base + tp * D;
+      const A P = af_exp(wv + static_cast<A>(to_acc(k[op])) - lse[o]);
+      const A d = to_acc(dy[o]);
+      const A G = d * af_sigmoid(to_acc(q[o]));
+      const A H = d * static_cast<A>(to_acc(y[o]));
+      acc += P * (G * static_cast<A>(to_acc(v[op])) - H);
+    }
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+  }
+  if (lane == 0) dw[gw] = from_acc<WE>(acc);
+}
+
+// ------------------------------------------------------------------------------------------ backward (tensor cores)
+// Generic warp-level strip product: acc[jj] (16 x 16) += A[r0 .. r0+16, 0 .. K) @ B[0 .. K, c0 + 16 jj ..), jj < 2.
+// LA/LB: wmma::row_major or wmma::col_major (element (i, k) of a col_major A lives at A[k * lda + i]).
+template <bool F32OPS, typename LA, typename LB>
+struct WarpMma {
+  static constexpr int KS = F32OPS ? 8 : 16;
+  using Op = typename TcCfg<F32OPS>::Op;
+  using Prec = typename std::conditional<F32OPS, wmma::precision::tf32, __nv_bfloat16>::type;
+  using Acc = wmma::fragment<wmma::accumulator, 16, 16, KS, float>;
+  using FA = wmma::fragment<wmma::matrix_a, 16, 16, KS, Prec, LA>;
+  using FB = wmma::fragment<wmma::matrix_b, 16, 16, KS, Prec, LB>;
+  __device__ __forceinline__ static void run(const Op* A, int lda, const Op* Bm, int ldb, int r0, int c0, int K,
+                                             Acc (&acc)[2]) {
+    constexpr bool a_row = std::is_same<LA, wmma::row_major>::value;
+    constexpr bool b_row = std::is_same<LB, wmma::row_major>::value;
+    FA a, as;
+    FB b, bs;
+#pragma unroll 2
+    for (int kk = 0; kk < K; kk += KS) {
+      wmma::load_matrix_sync(a, a_row ? A + r0 * lda + kk : A + kk * lda + r0, lda);
+      if constexpr (F32OPS) split_tf32(a, as);
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        const int c = c0 + jj * 16;
+        wmma::load_matrix_sync(b, b_row ? Bm + kk * ldb + c : Bm + c * ldb + kk, ldb);
+        if constexpr (F32OPS) {
+          split_tf32(b, bs);
+          wmma::mma_sync(acc[jj], as, b, acc[jj]);
+          wmma::mma_sync(acc[jj], a, bs, acc[jj]);
+        }
+        wmma::mma_sync(acc[jj], a, b, acc[jj]);
+      }
+    }
+  }
+};
+
+constexpr float kBwdMaxScale2 = 60.0f;  // log2 units: beyond this the factorised scale is not trusted -> exact path
+
+template <bool F32OPS>
+struct BwdCfg {
+  using Op = typename TcCfg<F32OPS>::Op;
+  static constexpr int LD = F32OPS ? 64 + 4 : 64 + 8;  // every operand tile is [64][LD]
+  static constexpr size_t kTile = size_t(64) * LD * sizeof(Op);
+  static constexpr size_t kOps4 = 4 * kTile;
+  static constexpr size_t kStage = 2 * size_t(64) * LDS * sizeof(float);
+  static constexpr size_t kUnion = ((kOps4 > kStage ? kOps4 : kStage) + 127) / 128 * 128;
+  static constexpr size_t kVec0 = kUnion;                        // float [64]
+  static constexpr size_t kVec1 = kVec0 + 64 * sizeof(float);    // float [64]
+  static constexpr size_t kRed = kVec1 + 64 * sizeof(float);     // float [4][64]
+  static constexpr size_t kCol = kRed + 4 * 64 * sizeof(float);  // int64 [64]
+  static constexpr size_t kBytes = (kCol + 64 * sizeof(int64_t) + 127) / 128 * 128;
+};
+
+// Exact (per-element) partial sums for the rare path of the dk/dv kernel: sum over query rows [ta, tb) of P G, P H.
+template <typename E, typename WE>
+__device__ __noinline__ void bwd_kv_exact(const E* __restrict__ dy, const E* __restrict__ q, const E* __restrict__ y,
+                                          const float* __restrict__ lse, const WE* __restrict__ wcol, float kk,
+                                          int64_t cb, int64_t T, int64_t D, int64_t ta, int64_t tb, float& sg,
+                                          float& sh) {
+  for (int64_t t = ta; t < tb; ++t) {
+    const int64_t o = cb + t * D;
+    const float P = expf(static_cast<float>(to_acc(wcol[t * T])) + kk - lse[o]);
+    const float d = to_acc(dy[o]);
+    sg += P * d * af_sigmoid(to_acc(q[o]));
+    sh += P * d * to_acc(y[o]);
+  }
+}
+
+// dk, dv. CTA: key tile J (64 keys) x 64 columns (b, c) of head h; loops over query tiles I.
+// Per I: a[t] = max_{t' in J visible} w, Ew = exp(w - a) (64 x 64, [t][t']); La = a - lse, lam[c] = max_t La,
+// R = exp(La - lam); X1 = R G, X2 = R H ([t][c]); g = Ew^T X (keys x columns); contribution = g * exp(k + lam).
+template <typename E, typename WE>
+__global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
+    bwd_kv_tc_kernel(const E* __restrict__ dy, const E* __restrict__ q, const E* __restrict__ k,
+                     const E* __restrict__ v, const WE* __restrict__ w, const E* __restrict__ y,
+                     const float* __restrict__ lse, E* __restrict__ dk, E* __restrict__ dv, int64_t B, int64_t T,
+                     int64_t D, int64_t dh, bool causal) {
+  constexpr bool F32OPS = std::is_same<E, float>::value;
+  using Cfg = BwdCfg<F32OPS>;
+  using Op = typename Cfg::Op;
+  using Mma = WarpMma<F32OPS, wmma::col_major, wmma::row_major>;
+  constexpr int LD = Cfg::LD;
+  extern __shared__ __align__(128) unsigned char smem[];
+  Op* Ew = reinterpret_cast<Op*>(smem);  // [t][t']
+  Op* X1 = reinterpret_cast<Op*>(smem + Cfg::kTile);
+  Op* X2 = reinterpret_cast<Op*>(smem + 2 * Cfg::kTile);
+  float* st1 = reinterpret_cast<float*>(smem);
+  float* st2 = st1 + 64 * LDS;
+  float* a_s = reinterpret_cast<float*>(smem + Cfg::kVec0);
+  float* lam_s = reinterpret_cast<float*>(smem + Cfg::kVec1);
+  float* red = reinterpret_cast<float*>(smem + Cfg::kRed);
+  int64_t* colbase = reinterpret_cast<int64_t*>(smem + Cfg::kCol);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int64_t h = blockIdx.z;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * 64;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * 64;
+  if (tid < 64) colbase[tid] = column_offset(j0 + tid, B * dh, dh, T, D, h);
+  __syncthreads();
+  const WE* wh = w + h * T * T;
+  // outputs owned: keys k0 + wr0 + i (i < 16), column wc0 + lane
+  const int wr0 = (warp >> 1) * 16, wc0 = (warp & 1) * 32;
+  const int64_t cbo = colbase[wc0 + lane];
+  float kreg[16], sg[16], sh[16];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const int64_t tk = k0 + wr0 + i;
+    kreg[i] = (cbo >= 0 && tk < T) ? to_acc(k[cbo + tk * D]) : 0.f;
+    sg[i] = 0.f;
+    sh[i] = 0.f;
+  }
+  const int wrow = tid >> 2, wpart = tid & 3;  // w-tile roles
+  const int xcol = tid & 63, xg = tid >> 6;    // X roles: column, rows xg*16 .. +16
+  const int64_t xcb = colbase[xcol];
+  const int64_t it0 = causal ? k0 / 64 : 0;  // BM == BK: query tiles before the key tile see none of it
+  const int64_t nit = (T + 63) / 64;
+  for (int64_t it = it0; it < nit; ++it) {
+    const int64_t t0 = it * 64;
+    // (1) w tile, row max over visible keys
+    const int64_t trow = t0 + wrow;
+    float wv[16];
+    load_w_strip(wh, trow, k0, wpart, T, causal, wv);
+    const float amax = exp_w_strip(wv, trow, k0, wpart, T, causal, Ew + wrow * LD);
+    if (wpart == 0) a_s[wrow] = amax;
+    __syncthreads();
+    // (2) La = a - lse, lam = column max, X = exp(La - lam) [G | H]
+    float la[16], gg[16], hh[16];
+    float lmax = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const int r = xg * 16 + i;
+      const int64_t t = t0 + r;
+      const float a = a_s[r];
+      la[i] = -INFINITY;
+      gg[i] = 0.f;
+      hh[i] = 0.f;
+      if (xcb >= 0 && t < T && a > -INFINITY) {
+        const int64_t o = xcb + t * D;
+        const float d = to_acc(dy[o]);
+        la[i] = a - lse[o];
+        gg[i] = d * af_sigmoid(to_acc(q[o]));
+        hh[i] = d * to_acc(y[o]);
+        lmax = fmaxf(lmax, la[i]);
+      }
+    }
+    red[xg * 64 + xcol] = lmax;
+    __syncthreads();
+    const float lam = max_of_4(red, xcol);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const int r = xg * 16 + i;
+      const float R = (la[i] > -INFINITY) ? exp2f((la[i] - lam) * kLog2e) : 0.f;
+      store_val(&X1[r * LD + xcol], R * gg[i]);
+      store_val(&X2[r * LD + xcol], R * hh[i]);
+    }
+    if (xg == 0) lam_s[xcol] = lam;
+    __syncthreads();
+    // (3) g = Ew^T X  (keys x columns)
+    typename Mma::Acc a1[2], a2[2];
+    zero_strip(a1);
+    zero_strip(a2);
+    Mma::run(Ew, LD, X1, LD, wr0, wc0, 64, a1);
+    Mma::run(Ew, LD, X2, LD, wr0, wc0, 64, a2);
+    __syncthreads();
+    store_strip(st1, a1, wr0, wc0);
+    store_strip(st2, a2, wr0, wc0);
+    __syncwarp();
+    // (4) scale by exp(k + lam); exact rare path where that scale is too large to trust the underflow bound
+    const float lamc = lam_s[wc0 + lane];
+    if (cbo >= 0 && lamc > -INFINITY) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const int64_t tk = k0 + wr0 + i;
+        if (tk < T) {
+          const float s2 = (kreg[i] + lamc) * kLog2e;
+          if (s2 <= kBwdMaxScale2) {
+            const float sc = exp2f(s2);
+            sg[i] = fmaf(st1[(wr0 + i) * LDS + wc0 + lane], sc, sg[i]);
+            sh[i] = fmaf(st2[(wr0 + i) * LDS + wc0 + lane], sc, sh[i]);
+          } else {
+            const int64_t tb = (t0 + 64 < T) ? t0 + 64 : T;
+            const int64_t ta = (causal && tk > t0) ? tk : t0;
+            bwd_kv_exact<E, WE>(dy, q, y, lse, wh + tk, kreg[i], cbo, T, D, ta, tb, sg[i], sh[i]);
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+  if (cbo < 0) return;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const int64_t tk = k0 + wr0 + i;
+    if (tk < T) {
+      const int64_t o = cbo + tk * D;
+      dv[o] = from_acc<E>(sg[i]);
+      dk[o] = from_acc<E>(to_acc(v[o]) * sg[i] - sh[i]);
+    }
+  }
+}
+
+// Exact rare path of the dw kernel: sum over the chunk's columns of P (G v - H) for one (t, t').
+template <typename E>
+__device__ __noinline__ float bwd_w_exact(const E* __restrict__ dy, const E* __restrict__ q, const E* __restrict__ k,
+                                          const E* __restrict__ v, const E* __restrict__ y,
+                                          const float* __restrict__ lse, const int64_t* colbase, float wv, int64_t t,
+                                          int64_t tp, int64_t D) {
+  float s = 0.f;
+  for (int c = 0; c < 64; ++c) {
+    const int64_t cb = colbase[c];
+    if (cb < 0) continue;
+    const int64_t o = cb + t * D, op = cb + tp * D;
+    const float P = expf(wv + to_acc(k[op]) - lse[o]);
+    const float d = to_acc(dy[o]);
+    s += P * (d * af_sigmoid(to_acc(q[o])) * to_acc(v[op]) - d * to_acc(y[o]));
+  }
+  return s;
+}
+
+// dw. CTA: query tile I x key tile J of head h; loops over chunks of 64 columns (b, c) of the head.
+// Per chunk: mu[c] = max_{t' in J} k, Y = exp(k - mu); Xl = mu - lse, nu[t] = max_c Xl, Xt = exp(Xl - nu);
+// g = (Xt G) (Y v)^T - (Xt H) Y^T (rows x keys); dw += g * exp(w + nu).
+template <typename E, typename WE>
+__global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
+    bwd_w_tc_kernel(const E* __restrict__ dy, const E* __restrict__ q, const E* __restrict__ k, const E* __restrict__ v,
+                    const WE* __restrict__ w, const E* __restrict__ y, const float* __restrict__ lse,
+                    WE* __restrict__ dw, int64_t B, int64_t T, int64_t D, int64_t dh, bool causal) {
+  constexpr bool F32OPS = std::is_same<E, float>::value;
+  using Cfg = BwdCfg<F32OPS>;
+  using Op = typename Cfg::Op;
+  using Mma = WarpMma<F32OPS, wmma::row_major, wmma::col_major>;
+  constexpr int LD = Cfg::LD;
+  extern __shared__ __align__(128) unsigned char smem[];
+  Op* XG = reinterpret_cast<Op*>(smem);                   // [t][c]
+  Op* XH = reinterpret_cast<Op*>(smem + Cfg::kTile);      // [t][c], holds -Xt H
+  Op* YV = reinterpret_cast<Op*>(smem + 2 * Cfg::kTile);  // [t'][c]
+  Op* YY = reinterpret_cast<Op*>(smem + 3 * Cfg::kTile);  // [t'][c]
+  float* st = reinterpret_cast<float*>(smem);
+  float* mu_s = reinterpret_cast<float*>(smem + Cfg::kVec0);
+  float* nu_s = reinterpret_cast<float*>(smem + Cfg::kVec1);
+  float* red = reinterpret_cast<float*>(smem + Cfg::kRed);
+  int64_t* colbase = reinterpret_cast<int64_t*>(smem + Cfg::kCol);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int64_t h = blockIdx.z;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * 64;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * 64;
+  const WE* wh = w + h * T * T;
+  WE* dwh = dw + h * T * T;
+  // outputs owned: rows t0 + wr0 + i, key k0 + wc0 + lane
+  const int wr0 = (warp >> 1) * 16, wc0 = (warp & 1) * 32;
+  const int64_t tkey = k0 + wc0 + lane;
+  const int64_t t_last = (t0 + 64 < T ? t0 + 64 : T) - 1;
+  if (causal && k0 > t_last) {  // the whole tile is above the diagonal
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const int64_t t = t0 + wr0 + i;
+      if (t < T && tkey < T) dwh[t * T + tkey] = from_acc<WE>(0.f);
+    }
+    return;
+  }
+  float wreg[16], acc[16];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const int64_t t = t0 + wr0 + i;
+    wreg[i] = (t < T && tkey < T) ? static_cast<float>(to_acc(wh[t * T + tkey])) : 0.f;
+    acc[i] = 0.f;
+  }
+  const int ycol = tid & 63, yg = tid >> 6;    // Y roles: column, keys yg*16 .. +16
+  const int xrow = tid >> 2, xpart = tid & 3;  // X roles: row, columns xpart*16 .. +16
+  const int64_t ncols = B * dh;
+  for (int64_t j0 = 0; j0 < ncols; j0 += 64) {
+    if (tid < 64) colbase[tid] = column_offset(j0 + tid, ncols, dh, T, D, h);
+    __syncthreads();
+    // (a) Y = exp(k - mu), Y v over the key tile
+    {
+      const int64_t cb = colbase[ycol];
+      const float mu = exp_kv_strip(k, v, cb, k0, yg, ycol, T, D, red, YY, YV, LD);
+      if (yg == 0) mu_s[ycol] = (cb >= 0) ? mu : -INFINITY;
+      __syncthreads();
+    }
+    // (b) Xl = mu - lse, nu = row max, Xt = exp(Xl - nu): XG = Xt G, XH = -Xt H
+    {
+      const int64_t t = t0 + xrow;
+      float xl[16], gg[16], hh[16];
+      float lmax = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const int c = xpart * 16 + i;
+        const int64_t cb = colbase[c];
+        xl[i] = -INFINITY;
+        gg[i] = 0.f;
+        hh[i] = 0.f;
+        if (cb >= 0 && t < T) {
+          const int64_t o = cb + t * D;
+          const float d = to_acc(dy[o]);
+          xl[i] = mu_s[c] - lse[o];
+          gg[i] = d * af_sigmoid(to_acc(q[o]));
+          hh[i] = d * to_acc(y[o]);
+          lmax = fmaxf(lmax, xl[i]);
+        }
+      }
+      lmax = fmaxf(lmax, __shfl_xor_sync(0xffffffffu, lmax, 1));
+      lmax = fmaxf(lmax, __shfl_xor_sync(0xffffffffu, lmax, 2));
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const int c = xpart * 16 + i;
+        const float X = (xl[i] > -INFINITY) ? exp2f((xl[i] - lmax) * kLog2e) : 0.f;
+        store_val(&XG[xrow * LD + c], X * gg[i]);
+        store_val(&XH[xrow * LD + c], -X * hh[i]);
+      }
+      if (xpart == 0) nu_s[xrow] = lmax;
+    }
+    __syncthreads();
+    // (c) g = XG YV^T + XH YY^T  (rows x keys)
+    typename Mma::Acc g[2];
+    zero_strip(g);
+    Mma::run(XG, LD, YV, LD, wr0, wc0, 64, g);
+    Mma::run(XH, LD, YY, LD, wr0, wc0, 64, g);
+    __syncthreads();
+    store_strip(st, g, wr0, wc0);
+    __syncwarp();
+    // (d) dw += g * exp(w + nu); exact rare path where that scale is too large
+    if (tkey < T) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const int64_t t = t0 + wr0 + i;
+        const float nu = nu_s[wr0 + i];
+        if (t < T && nu > -INFINITY && (!causal || tkey <= t)) {
+          const float z2 = (wreg[i] + nu) * kLog2e;
+          if (z2 <= kBwdMaxScale2) {
+            acc[i] = fmaf(st[(wr0 + i) * LDS + wc0 + lane], exp2f(z2), acc[i]);
+          } else {
+            acc[i] += bwd_w_exact<E>(dy, q, k, v, y, lse, colbase, wreg[i], t, tkey, D);
+          }
+        }
+      }
+    }
+    __syncthreads();  // before the next chunk overwrites colbase / operands / staging
+  }
+  if (tkey >= T) return;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const int64_t t = t0 + wr0 + i;
+    if (t < T) dwh[t * T + tkey] = from_acc<WE>((causal && tkey > t) ? 0.f : acc[i]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------ low-rank helpers
+// Batched SIMT GEMM with 32 x 32 output tiles (2 x 2 per thread of a 16 x 16 block), K tiles of 16:
+//   C[z](i, j) = sum_k A[z](i, k) B[z](k, j),  A(i, k) = A[z*sAz + i*sa0 + k*sa1],  B(k, j) = B[z*sBz + k*sb0 + j*sb1],
+//   C row-major M x N (+ z*M*N). Used for the low-rank helpers: w = u vb^T, du = dw vb, dvb = dw^T u.
+// Element e < 512 of a 32 (index) x 16 (k) tile: consecutive e run along the index when that is the unit-stride
+// dimension in memory (coalesced loads), else along k.
+__device__ __forceinline__ void tile_coords(bool index_unit_stride, int e, int& idx, int& k) {
+  if (index_unit_stride) {
+    idx = e & 31;
+    k = e >> 5;
+  } else {
+    k = e & 15;
+    idx = e >> 4;
+  }
+}
+
+template <typename TA, typename TB, typename TC, typename A>
+__global__ void __launch_bounds__(256)
+    lowrank_gemm_kernel(const TA* __restrict__ Am, const TB* __restrict__ Bm, TC* __restrict__ C, int64_t M, int64_t N,
+                        int64_t K, int64_t sAz, int64_t sa0, int64_t sa1, int64_t sBz, int64_t sb0, int64_t sb1) {
+  __shared__ A As[16][33];  // [k][i]
+  __shared__ A Bs[16][33];  // [k][j]
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+  const int64_t z = blockIdx.z;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * 32, j0 = static_cast<int64_t>(blockIdx.x) * 32;
+  const TA* Az = Am + z * sAz;
+  const TB* Bz = Bm + z * sBz;
+  A acc[2][2] = {{A(0), A(0)}, {A(0), A(0)}};
+  for (int64_t k0 = 0; k0 < K; k0 += 16) {
+    // 512 elements of each tile, 2 per thread; the fast thread index runs along the unit-stride dimension
+    for (int e = threadIdx.x; e < 512; e += 256) {
+      int ii, kk;
+      tile_coords(sa0 == 1, e, ii, kk);
+      const int64_t gi = i0 + ii, gk = k0 + kk;
+      As[kk][ii] = (gi < M && gk < K) ? static_cast<A>(to_acc(Az[gi * sa0 + gk * sa1])) : A(0);
+      int jj, kb;
+      tile_coords(sb1 == 1, e, jj, kb);
+      const int64_t gj = j0 + jj, gkb = k0 + kb;
+      Bs[kb][jj] = (gj < N && gkb < K) ? static_cast<A>(to_acc(Bz[gkb * sb0 + gj * sb1])) : A(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < 16; ++kk) {
+      const A a0 = As[kk][ty], a1 = As[kk][ty + 16];
+      const A b0 = Bs[kk][tx], b1 = Bs[kk][tx + 16];
+      acc[0][0] += a0 * b0;
+      acc[0][1] += a0 * b1;
+      acc[1][0] += a1 * b0;
+      acc[1][1] += a1 * b1;
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      const int64_t i = i0 + ty + 16 * a, j = j0 + tx + 16 * b;
+      if (i < M && j < N) C[z * M * N + i * N + j] = from_acc<TC>(acc[a][b]);
+    }
+}
+
+template <typename TA, typename TB, typename TC, typename A>
+cudaError_t launch_lowrank_gemm(const TA* Am, const TB* Bm, TC* C, int64_t Z, int64_t M, int64_t N, int64_t K,
+                                int64_t sAz, int64_t sa0, int64_t sa1, int64_t sBz, int64_t sb0, int64_t sb1,
+                                cudaStream_t s) {
+  if (Z <= 0 || M <= 0 || N <= 0) return cudaSuccess;
+  const int64_t gy = (M + 31) / 32, gx = (N + 31) / 32;
+  if (gy > 65535 || Z > 65535) return cudaErrorInvalidConfiguration;
+  lowrank_gemm_kernel<TA, TB, TC, A>
+      <<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(Z)), 256, 0, s>>>(
+          Am, Bm, C, M, N, K, sAz, sa0, sa1, sBz, sb0, sb1);
+  return cudaGetLastError();
+}
+
+// ------------------------------------------------------------------------------------------ host side
+inline unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
+
+template <typename E, typename WE, bool LOWRANK>
+cudaError_t launch_tc(const void* q, const void* k, const void* v, const void* w, const void* u, const void* vb,
+                      void* y, void* lse, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t rank, bool causal,
+                      cudaStream_t s) {
+  constexpr bool F32OPS = std::is_same<E, float>::value;
+  const size_t smem = TcCfg<F32OPS>::smem_bytes(LOWRANK);
+  auto kern = fwd_tc_kernel<E, WE, LOWRANK>;
+  cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const int64_t dh = D / heads;
+  dim3 grid(blocks_for(B * dh, BN), blocks_for(T, BM), static_cast<unsigned>(heads));
+  if (grid.y > 65535u || grid.z > 65535u) return cudaErrorInvalidConfiguration;
+  kern<<<grid, NT, smem, s>>>(static_cast<const E*>(q), static_cast<const E*>(k), static_cast<const E*>(v),
+                              static_cast<const WE*>(w), static_cast<const WE*>(u), static_cast<const WE*>(vb),
+                              static_cast<E*>(y), static_cast<float*>(lse), B, T, D, dh, rank, causal);
+  return cudaGetLastError();
+}
+
+template <typename E, typename WE>
+cudaError_t launch_exact(const void* q, const void* k, const void* v, const void* w, void* y, void* lse, int64_t B,
+                         int64_t T, int64_t D, int64_t heads, bool causal, cudaStream_t s) {
+  using A = acc_of_t<E>;
+  const int64_t n = B * T * D;
+  fwd_exact_kernel<E, WE><<<blocks_for(n, 256), 256, 0, s>>>(
+      static_cast<const E*>(q), static_cast<const E*>(k), static_cast<const E*>(v), static_cast<const WE*>(w),
+      static_cast<E*>(y), static_cast<A*>(lse), B, T, D, D / heads, causal);
+  return cudaGetLastError();
+}
+
+// The backward's buffers, typed (layouts: aft_full.h); lse is in the accumulate type.
+template <typename E, typename WE>
+struct BwdBuffers {
+  const E *dy, *q, *k, *v;
+  const WE* w;
+  const E* y;
+  const acc_of_t<E>* lse;
+  E *dq, *dk, *dv;
+  WE* dw;
+};
+
+// dq = dy * y * (1 - sigmoid(q)), elementwise: the first kernel of both backward paths.
+template <typename E, typename WE>
+cudaError_t launch_bwd_dq(const BwdBuffers<E, WE>& p, int64_t n, cudaStream_t s) {
+  bwd_dq_kernel<E><<<blocks_for(n, 256), 256, 0, s>>>(p.dy, p.q, p.y, p.dq, n);
+  return cudaGetLastError();
+}
+
+// The SIMT kernels.
+template <typename E, typename WE>
+cudaError_t launch_bwd(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t D, int64_t heads, bool causal,
+                       cudaStream_t s) {
+  const int64_t n = B * T * D, dh = D / heads;
+  cudaError_t err = launch_bwd_dq(p, n, s);
+  if (err != cudaSuccess) return err;
+  bwd_dkdv_kernel<E, WE>
+      <<<blocks_for(n, 256), 256, 0, s>>>(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dk, p.dv, B, T, D, dh, causal);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const int64_t nthreads = heads * T * T * 32;
+  bwd_dw_kernel<E, WE><<<blocks_for(nthreads, 256), 256, 0, s>>>(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dw, B, T, D,
+                                                                 dh, heads, causal);
+  return cudaGetLastError();
+}
+
+// The tensor-core kernels (no float64).
+template <typename E, typename WE>
+cudaError_t launch_bwd_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t D, int64_t heads, bool causal,
+                          cudaStream_t s) {
+  constexpr bool F32OPS = std::is_same<E, float>::value;
+  const int64_t n = B * T * D, dh = D / heads;
+  const size_t smem = BwdCfg<F32OPS>::kBytes;
+  const unsigned tiles = blocks_for(T, 64);
+  if (tiles > 65535u || heads > 65535) return cudaErrorInvalidConfiguration;
+  cudaError_t err = launch_bwd_dq(p, n, s);
+  if (err != cudaSuccess) return err;
+  auto kv = bwd_kv_tc_kernel<E, WE>;
+  err = cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  kv<<<dim3(blocks_for(B * dh, 64), tiles, static_cast<unsigned>(heads)), NT, smem, s>>>(
+      p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dk, p.dv, B, T, D, dh, causal);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  auto kw = bwd_w_tc_kernel<E, WE>;
+  err = cudaFuncSetAttribute(kw, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  kw<<<dim3(tiles, tiles, static_cast<unsigned>(heads)), NT, smem, s>>>(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dw, B,
+                                                                        T, D, dh, causal);
+  return cudaGetLastError();
+}
+
+// SIMT for float64 or when `exact`, tensor cores otherwise.
+template <typename E, typename WE>
+cudaError_t launch_bwd_any(const void* dy, const void* q, const void* k, const void* v, const void* w, const void* y,
+                           const void* lse, void* dq, void* dk, void* dv, void* dw, int64_t B, int64_t T, int64_t D,
+                           int64_t heads, bool causal, bool exact, cudaStream_t s) {
+  const BwdBuffers<E, WE> p{static_cast<const E*>(dy),
+                            static_cast<const E*>(q),
+                            static_cast<const E*>(k),
+                            static_cast<const E*>(v),
+                            static_cast<const WE*>(w),
+                            static_cast<const E*>(y),
+                            static_cast<const acc_of_t<E>*>(lse),
+                            static_cast<E*>(dq),
+                            static_cast<E*>(dk),
+                            static_cast<E*>(dv),
+                            static_cast<WE*>(dw)};
+  if constexpr (std::is_same<E, double>::value) {
+    return launch_bwd(p, B, T, D, heads, causal, s);
+  } else {
+    if (exact) return launch_bwd(p, B, T, D, heads, causal, s);
+    return launch_bwd_tc(p, B, T, D, heads, causal, s);
+  }
+}
+
+// w[h] = u[h] vb[h]^T  (T x T, accumulate type A)
+template <typename UE, typename A>
+cudaError_t launch_build_w(const void* u, const void* vb, A* ws, int64_t T, int64_t heads, int64_t rank,
+                           cudaStream_t s) {
+  if (rank == 0) return cudaMemsetAsync(ws, 0, static_cast<size_t>(heads * T * T) * sizeof(A), s);
+  return launch_lowrank_gemm<UE, UE, A, A>(static_cast<const UE*>(u), static_cast<const UE*>(vb), ws, heads, T, T, rank,
+                                           T * rank, rank, 1, T * rank, 1, rank, s);
+}
+
+// dtype dispatch: calls f(E{}, WE{}) with value-initialised tag objects.
+template <typename F>
+cudaError_t dispatch(DType dt, DType w_dt, F&& f) {
+  const bool w_same = w_dt == dt, w_acc = w_dt == acc_dtype(dt);
+  switch (dt) {
+    case DType::Float16:
+      if (w_same) return f(__half{}, __half{});
+      if (w_acc) return f(__half{}, float{});
+      break;
+    case DType::BFloat16:
+      if (w_same) return f(__nv_bfloat16{}, __nv_bfloat16{});
+      if (w_acc) return f(__nv_bfloat16{}, float{});
+      break;
+    case DType::Float32:
+      if (w_same) return f(float{}, float{});
+      break;
+    case DType::Float64:
+      if (w_same) return f(double{}, double{});
+      break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace aft_full_detail
+
+using namespace aft_full_detail;
+
+size_t aft_full_fwd_workspace_bytes(DType, int64_t, int64_t, int64_t, int64_t, bool, bool) { return 0; }
+
+cudaError_t aft_full_fwd(DType dt, DType w_dt, const void* q, const void* k, const void* v, const void* w, void* y,
+                         void* lse, int64_t B, int64_t T, int64_t D, int64_t heads, bool causal, bool exact,
+                         void* /*workspace*/, cudaStream_t stream) {
+  if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
+  if (heads <= 0 || D % heads != 0) return cudaErrorInvalidValue;
+  return dispatch(dt, w_dt, [&](auto e, auto we) -> cudaError_t {
+    using E = decltype(e);
+    using WE = decltype(we);
+    if constexpr (std::is_same<E, double>::value) {
+      return launch_exact<E, WE>(q, k, v, w, y, lse, B, T, D, heads, causal, stream);
+    } else {
+      if (exact) return launch_exact<E, WE>(q, k, v, w, y, lse, B, T, D, heads, causal, stream);
+      return launch_tc<E, WE, false>(q, k, v, w, nullptr, nullptr, y, lse, B, T, D, heads, 0, causal, stream);
+    }
+  });
+}
+
+size_t aft_full_bwd_workspace_bytes(DType, int64_t, int64_t, int64_t, int64_t, bool, bool) { return 0; }
+
+cudaError_t aft_full_bwd(DType dt, DType w_dt, const void* dy, const void* q, const void* k, const void* v,
+                         const void* w, const void* y, const void* lse, void* dq, void* dk, void* dv, void* dw,
+                         int64_t B, int64_t T, int64_t D, int64_t heads, bool causal, bool exact, void* /*workspace*/,
+                         cudaStream_t stream) {
+  if (heads <= 0 || (D > 0 && D % heads != 0)) return cudaErrorInvalidValue;
+  if (T <= 0) return cudaSuccess;
+  if (B <= 0 || D <= 0) {  // empty q/k/v: dw is all zeros
+    return cudaMemsetAsync(dw, 0, static_cast<size_t>(heads * T * T) * dtype_size(w_dt), stream);
+  }
+  return dispatch(dt, w_dt, [&](auto e, auto we) -> cudaError_t {
+    using E = decltype(e);
+    using WE = decltype(we);
+    return launch_bwd_any<E, WE>(dy, q, k, v, w, y, lse, dq, dk, dv, dw, B, T, D, heads, causal, exact, stream);
+  });
+}
+
+// Low-rank forward strategy. On the fly (no T x T buffer) the w tile costs 64*64*rank SIMT FMAs per CTA and key
+// tile, i.e. ~rank/32 times the tile's exp/merge work, once per column block; materialising w = u vb^T once with
+// a tiled GEMM costs ~2*rank/(B*D) of the forward. So: materialise (fp32 workspace of heads*T*T) unless rank is
+// small or that buffer would exceed kLowRankMaterialiseMaxBytes; float64 / exact always materialise.
+constexpr int64_t kLowRankOnTheFlyMaxRank = 16;
+constexpr size_t kLowRankMaterialiseMaxBytes = size_t(1) << 30;
+
+static bool lowrank_materialise(DType dt, int64_t T, int64_t heads, int64_t rank, bool exact) {
+  if (dt == DType::Float64 || exact) return true;
+  const size_t bytes = static_cast<size_t>(heads * T * T) * sizeof(float);
+  return rank > kLowRankOnTheFlyMaxRank && bytes <= kLowRankMaterialiseMaxBytes;
+}
+
+size_t aft_full_lowrank_fwd_workspace_bytes(DType dt, int64_t /*B*/, int64_t T, int64_t /*D*/, int64_t heads,
+                                            int64_t rank, bool /*causal*/, bool exact) {
+  if (!lowrank_materialise(dt, T, heads, rank, exact)) return 0;
+  return static_cast<size_t>(heads * T * T) * dtype_size(acc_dtype(dt));
+}
+
+cudaError_t aft_full_lowrank_fwd(DType dt, DType w_dt, const void* q, const void* k, const void* v, const void* u,
+                                 const void* vb, void* y, void* lse, int64_t B, int64_t T, int64_t D, int64_t heads,
+                                 int64_t rank, bool causal, bool exact, void* workspace, cudaStream_t stream) {
+  if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
+  if (heads <= 0 || D % heads != 0 || rank < 0) return cudaErrorInvalidValue;
+  const bool mat = lowrank_materialise(dt, T, heads, rank, exact);
+  return dispatch(dt, w_dt, [&](auto e, auto we) -> cudaError_t {
+    using E = decltype(e);
+    using WE = decltype(we);
+    using A = acc_of_t<E>;
+    if (mat) {  // w = u vb^T in the accumulate type, then the dense kernels
+      if (workspace == nullptr) return cudaErrorInvalidValue;
+      A* ws = static_cast<A*>(workspace);
+      cudaError_t err = launch_build_w<WE, A>(u, vb, ws, T, heads, rank, stream);
+      if (err != cudaSuccess) return err;
+      if (std::is_same<E, double>::value || exact)
+        return launch_exact<E, A>(q, k, v, ws, y, lse, B, T, D, heads, causal, stream);
+      if constexpr (std::is_same<E, double>::value) {
+        return cudaErrorInvalidValue;  // unreachable
+      } else {
+        return launch_tc<E, A, false>(q, k, v, ws, nullptr, nullptr, y, lse, B, T, D, heads, 0, causal, stream);
+      }
+    }
+    if constexpr (std::is_same<E, double>::value) {
+      return cudaErrorInvalidValue;  // unreachable: float64 always materialises
+    } else {
+      return launch_tc<E, WE, true>(q, k, v, nullptr, u, vb, y, lse, B, T, D, heads, rank, causal, stream);
+    }
+  });
+}
+
+size_t aft_full_lowrank_bwd_workspace_bytes(DType dt, int64_t /*B*/, int64_t T, int64_t /*D*/, int64_t heads,
+                                            int64_t /*rank*/, bool /*causal*/, bool /*exact*/) {
+  return 2 * static_cast<size_t>(heads * T * T) * dtype_size(acc_dtype(dt));
+}
+
+cudaError_t aft_full_lowrank_bwd(DType dt, DType w_dt, const void* dy, const void* q, const void* k, const void* v,
+                                 const void* u, const void* vb, const void* y, const void* lse, void* dq, void* dk,
+                                 void* dv, void* du, void* dvb, int64_t B, int64_t T, int64_t D, int64_t heads,
+                                 int64_t rank, bool causal, bool exact, void* workspace, cudaStream_t stream) {
+  if (heads <= 0 || (D > 0 && D % heads != 0) || rank < 0) return cudaErrorInvalidValue;
+  if (T <= 0) return cudaSuccess;
+  if (workspace == nullptr) return cudaErrorInvalidValue;
+  return dispatch(dt, w_dt, [&](auto e, auto we) -> cudaError_t {
+    using E = decltype(e);
+    using WE = decltype(we);
+    using A = acc_of_t<E>;
+    A* wbuf = static_cast<A*>(workspace);
+    A* dwbuf = wbuf + heads * T * T;
+    cudaError_t err;
+    if (B <= 0 || D <= 0) {
+      err = cudaMemsetAsync(dwbuf, 0, static_cast<size_t>(heads * T * T) * sizeof(A), stream);
+    } else {
+      err = launch_build_w<WE, A>(u, vb, wbuf, T, heads, rank, stream);
+      if (err != cudaSuccess) return err;
+      err = launch_bwd_any<E, A>(dy, q, k, v, wbuf, y, lse, dq, dk, dv, dwbuf, B, T, D, heads, causal, exact, stream);
+    }
+    if (err != cudaSuccess) return err;
+    // du[h] = dw[h] vb[h];  dvb[h] = dw[h]^T u[h]
+    err = launch_lowrank_gemm<A, WE, WE, A>(dwbuf, static_cast<const WE*>(vb), static_cast<WE*>(du), heads, T, rank, T,
+                                            T * T, T, 1, T * rank, rank, 1, stream);
+    if (err != cudaSuccess) return err;
+    err = launch_lowrank_gemm<A, WE, WE, A>(dwbuf, static_cast<const WE*>(u), static_cast<WE*>(dvb), heads, T, rank, T,
+                                            T * T, 1, T, T * rank, rank, 1, stream);
+    if (err != cudaSuccess) return err;
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace cuda
+}  // namespace attnfree

@@ -1,0 +1,26 @@
+// CUDA launchers of AFT-local (convention: csrc/common/launch.h).
+//   q, k, v, y, dy, dq, dk, dv : (B, T, D) in `dtype`;  lse : (B, T, D) accumulate type
+//   w, dw                      : (heads, T, T) in `dtype` (heads = 1 for a 2-D w); channel c uses head c / (D / heads)
+// The bias applies inside the band |t - t'| < window; causal: key t' is visible to query t iff t' <= t.
+// dw entries outside the band (and above the diagonal when causal) are not written: the caller zero-fills dw.
+#pragma once
+
+#include "common/launch.h"
+
+namespace attnfree {
+namespace cuda {
+
+size_t aft_local_fwd_workspace_bytes(DType dtype, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t window,
+                                     bool causal);
+cudaError_t aft_local_fwd(DType dtype, const void* q, const void* k, const void* v, const void* w, void* y, void* lse,
+                          int64_t B, int64_t T, int64_t D, int64_t heads, int64_t window, bool causal, void* workspace,
+                          cudaStream_t stream);
+
+size_t aft_local_bwd_workspace_bytes(DType dtype, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t window,
+                                     bool causal);
+cudaError_t aft_local_bwd(DType dtype, const void* dy, const void* q, const void* k, const void* v, const void* w,
+                          const void* y, const void* lse, void* dq, void* dk, void* dv, void* dw, int64_t B, int64_t T,
+                          int64_t D, int64_t heads, int64_t window, bool causal, void* workspace, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace attnfree

@@ -1,0 +1,165 @@
+// AFT-simple on CPU. Causal: the band kernel (common/cpu_band.h, window = 1, no bias). Non-causal (AFT paper
+// eq. 2 with w = 0 and every key visible), the kernel of this file:
+//
+// The weights exp(k[t', c]) do not depend on the query, so per (b, c) the whole layer is one softmax over T:
+//   m = max_t' k,  S = sum_t' exp(k - m),  A = sum_t' exp(k - m) v,  ybar = A / S,  lse = m + log S,
+//   y[t] = sigmoid(q[t]) * ybar                                         (two passes over k, v; one over q)
+// Backward (saves only inputs, y, lse), with P[t'] = exp(k[t'] - lse) <= 1 and G = sum_t dy[t] sigmoid(q[t]):
+//   dq[t] = dy[t] * ybar * sigmoid'(q[t]),  dv[t'] = P[t'] G,  dk[t'] = P[t'] (v[t'] - ybar) G.
+// The band kernel computes the same numbers with prefix and suffix running-max scans; this is the short form
+// for the global case: one exponential per key instead of four.
+// Tasks are (b, chunk of channels); inner loops run over contiguous channels.
+#include "aft_simple/aft_simple_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "common/cpu_band.h"
+
+namespace attnfree {
+namespace cpu {
+namespace {
+
+template <typename acc_t>
+void simple_global_fwd_kernel(const acc_t* __restrict__ q, const acc_t* __restrict__ k, const acc_t* __restrict__ v,
+                              acc_t* __restrict__ y, acc_t* __restrict__ lse, int64_t B, int64_t T, int64_t D) {
+  const int64_t ncc = (D + kChannelChunk - 1) / kChannelChunk;
+  at::parallel_for(0, B * ncc, 1, [&](int64_t begin, int64_t end) {
+    acc_t m[kChannelChunk], S[kChannelChunk], A[kChannelChunk];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / ncc, c0 = (task % ncc) * kChannelChunk;
+      const int64_t nc = std::min(kChannelChunk, D - c0);
+      const int64_t base = b * T * D + c0;
+      for (int64_t c = 0; c < nc; ++c) {
+        m[c] = -std::numeric_limits<acc_t>::infinity();
+        S[c] = 0;
+        A[c] = 0;
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        const acc_t* kr = k + base + t * D;
+        for (int64_t c = 0; c < nc; ++c) m[c] = kr[c] > m[c] ? kr[c] : m[c];
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        const acc_t* kr = k + base + t * D;
+        const acc_t* vr = v + base + t * D;
+        for (int64_t c = 0; c < nc; ++c) {
+          const acc_t e = std::exp(kr[c] - m[c]);  // <= 1, and the max key contributes exactly 1
+          S[c] += e;
+          A[c] += e * vr[c];
+        }
+      }
+      for (int64_t c = 0; c < nc; ++c) {
+        A[c] /= S[c];            // ybar
+        m[c] += std::log(S[c]);  // lse
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        const acc_t* qr = q + base + t * D;
+        acc_t* yr = y + base + t * D;
+        acc_t* lr = lse + base + t * D;
+        for (int64_t c = 0; c < nc; ++c) {
+          yr[c] = sigmoid(qr[c]) * A[c];
+          lr[c] = m[c];
+        }
+      }
+    }
+  });
+}
+
+template <typename acc_t>
+void simple_global_bwd_kernel(const acc_t* __restrict__ dy, const acc_t* __restrict__ q, const acc_t* __restrict__ k,
+                              const acc_t* __restrict__ v, const acc_t* __restrict__ lse, acc_t* __restrict__ dq,
+                              acc_t* __restrict__ dk, acc_t* __restrict__ dv, int64_t B, int64_t T, int64_t D) {
+  const int64_t ncc = (D + kChannelChunk - 1) / kChannelChunk;
+  at::parallel_for(0, B * ncc, 1, [&](int64_t begin, int64_t end) {
+    acc_t G[kChannelChunk], ybar[kChannelChunk];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / ncc, c0 = (task % ncc) * kChannelChunk;
+      const int64_t nc = std::min(kChannelChunk, D - c0);
+      const int64_t base = b * T * D + c0;
+      const acc_t* L = lse + base;  // the same for every t in the global case: row 0 holds it
+      for (int64_t c = 0; c < nc; ++c) {
+        G[c] = 0;
+        ybar[c] = 0;
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        const acc_t* dyr = dy + base + t * D;
+        const acc_t* qr = q + base + t * D;
+        const acc_t* kr = k + base + t * D;
+        const acc_t* vr = v + base + t * D;
+        for (int64_t c = 0; c < nc; ++c) {
+          G[c] += dyr[c] * sigmoid(qr[c]);
+          ybar[c] += std::exp(kr[c] - L[c]) * vr[c];
+        }
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t o = base + t * D;
+        for (int64_t c = 0; c < nc; ++c) {
+          const acc_t s = sigmoid(q[o + c]);
+          const acc_t P = std::exp(k[o + c] - L[c]);
+          dq[o + c] = dy[o + c] * ybar[c] * s * (acc_t(1) - s);
+          dv[o + c] = P * G[c];
+          dk[o + c] = P * (v[o + c] - ybar[c]) * G[c];
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> global_fwd(const at::Tensor& qa, const at::Tensor& ka, const at::Tensor& va) {
+  const int64_t B = qa.size(0), T = qa.size(1), D = qa.size(2);
+  at::Tensor y = at::empty({B, T, D}, qa.options());
+  at::Tensor lse = at::empty({B, T, D}, qa.options());
+  if (y.numel() == 0) return {y, lse};
+  AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "attnfree_simple_global_fwd", [&] {
+    simple_global_fwd_kernel<scalar_t>(qa.data_ptr<scalar_t>(), ka.data_ptr<scalar_t>(), va.data_ptr<scalar_t>(),
+                                       y.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), B, T, D);
+  });
+  return {y, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> global_bwd(const at::Tensor& dya, const at::Tensor& qa,
+                                                          const at::Tensor& ka, const at::Tensor& va,
+                                                          const at::Tensor& lsea) {
+  const int64_t B = qa.size(0), T = qa.size(1), D = qa.size(2);
+  at::Tensor dq = at::empty({B, T, D}, qa.options());
+  at::Tensor dk = at::empty({B, T, D}, qa.options());
+  at::Tensor dv = at::empty({B, T, D}, qa.options());
+  if (dq.numel() == 0) return {dq, dk, dv};
+  AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "attnfree_simple_global_bwd", [&] {
+    simple_global_bwd_kernel<scalar_t>(dya.data_ptr<scalar_t>(), qa.data_ptr<scalar_t>(), ka.data_ptr<scalar_t>(),
+                                       va.data_ptr<scalar_t>(), lsea.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
+                                       dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), B, T, D);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> aft_simple_fwd(const Tensor& q, const Tensor& k, const Tensor& v, bool causal) {
+  check_qkv(q, k, v);
+  if (!causal) {
+    auto r = global_fwd(acc_contiguous(q, q), acc_contiguous(k, q), acc_contiguous(v, q));
+    return {std::get<0>(r).to(q.scalar_type()), std::get<1>(r)};
+  }
+  return band_fwd(q, k, v, nullptr, 1, 1, causal);
+}
+
+std::tuple<Tensor, Tensor, Tensor> aft_simple_bwd(const Tensor& dy, const Tensor& q, const Tensor& k, const Tensor& v,
+                                                  const Tensor& y, const Tensor& lse, bool causal) {
+  check_qkv(q, k, v);
+  check_saved(dy, q, y, lse);
+  if (!causal) {
+    auto r = global_bwd(acc_contiguous(dy, q), acc_contiguous(q, q), acc_contiguous(k, q), acc_contiguous(v, q),
+                        acc_contiguous(lse, q));
+    const auto dt = q.scalar_type();
+    return {std::get<0>(r).to(dt), std::get<1>(r).to(dt), std::get<2>(r).to(dt)};
+  }
+  auto r = band_bwd(dy, q, k, v, nullptr, y, lse, 1, 1, causal);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
+}
+
+}  // namespace cpu
+}  // namespace attnfree

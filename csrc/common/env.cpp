@@ -1,0 +1,19 @@
+#include "common/env.h"
+
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace attnfree {
+
+AftFullKernel aft_full_kernel() {
+  const char* v = std::getenv("ATTNFREE_AFT_FULL_KERNEL");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return AftFullKernel::Auto;
+  if (std::strcmp(v, "tiled") == 0) return AftFullKernel::Tiled;
+  if (std::strcmp(v, "exact") == 0) return AftFullKernel::Exact;
+  TORCH_CHECK_VALUE(false, "ATTNFREE_AFT_FULL_KERNEL must be one of auto, tiled, exact (or unset), got '", v, "'");
+  return AftFullKernel::Auto;
+}
+
+}  // namespace attnfree

@@ -1,0 +1,15 @@
+// Environment switches read by the compiled ops (one place, one spelling of each variable and value).
+#pragma once
+
+namespace attnfree {
+
+// ATTNFREE_AFT_FULL_KERNEL=auto|tiled|exact picks AFT-full's kernel (docs/design.md §6.2):
+//   auto  (or unset/empty): the default choice of each backend,
+//   tiled: CPU the tile-wise GEMM kernel, CUDA the tensor-core kernels (float64 has none: per-element),
+//   exact: the per-element kernels on both (the reference; equal to the tiled ones up to rounding).
+// Read on every call, so a test or a debugging session can switch it between calls. Any other value raises a
+// ValueError naming the variable and the allowed values.
+enum class AftFullKernel { Auto, Tiled, Exact };
+AftFullKernel aft_full_kernel();
+
+}  // namespace attnfree

@@ -1,0 +1,650 @@
+"""AFT-local (attnfree_ext.ops.aft_local) on every path (python, compiled CPU, CUDA) against the float64 oracles.
+
+Error measure of the public-function tests: max-abs error divided by a scale: the oracle's max-abs value; for dk
+also max|v| * max|dv| (the terms that cancel in dk = v dv - sum P H); for dw also B * D/heads * max|dy| * max|v|
+(the size of the summed terms P (G v - H)). float64 tolerance 1e-10, float32 1e-5, both plus 8 * eps * L with L
+the largest |logit| (|k| + |w|): log-domain scans and the stored lse round to ~eps * |value|.
+fp16/bf16: the 2x rule (tests/common/metrics.py; docs/design.md §5).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from attnfree_ext.ops.aft_local import aft_local
+from attnfree_ext.ops.aft_local import reference as aft_local_ref
+from common import aft as contract
+from common import oracles
+from common.inputs import qkvw, rand
+from common.metrics import maxabs, rel_err
+
+OP = "aft_local"
+OPS = torch.ops.attnfree
+COMPILED = pytest.mark.paths("compiled-cpu", "cuda")
+F64, F32 = torch.float64, torch.float32
+BASE_TOL = {F64: 1e-10, F32: 1e-5}
+
+
+def _tol(dtype, k, w):
+    eps = torch.finfo(dtype).eps
+    return BASE_TOL[dtype] + 8 * eps * (k.abs().max().item() + w.abs().max().item())
+
+
+def _oracle(q, k, v, w, window, dy, causal):
+    qd, kd, vd, wd = (x.detach().double().requires_grad_() for x in (q, k, v, w))
+    y = oracles.aft_local(qd, kd, vd, wd, window, causal)
+    return y.detach(), torch.autograd.grad(y, (qd, kd, vd, wd), dy.double())
+
+
+def _oracle_lse(k, w, window, causal):
+    return oracles.aft_lse(k, oracles.bias_per_channel(oracles.local_bias(w.double(), window), k.shape[2]), causal)
+
+
+def _check_all(y, grads, yo, go, v, w, dy, tol):
+    dq, dk, dv, dw = grads
+    oq, ok, ov, ow = go
+    B, T, D = v.shape
+    dh = D // (w.shape[0] if w.dim() == 3 else 1)
+    assert rel_err(y, yo) < tol, ("y", rel_err(y, yo))
+    assert rel_err(dq, oq) < tol, ("dq", rel_err(dq, oq))
+    assert rel_err(dv, ov) < tol, ("dv", rel_err(dv, ov))
+    vmax = v.double().abs().max().item()
+    dk_scale = max(ok.abs().max().item(), vmax * ov.abs().max().item())
+    assert rel_err(dk, ok, dk_scale) < tol, ("dk", rel_err(dk, ok, dk_scale))
+    dw_scale = max(ow.abs().max().item(), B * dh * dy.double().abs().max().item() * vmax)
+    assert rel_err(dw, ow, dw_scale) < tol, ("dw", rel_err(dw, ow, dw_scale))
+
+
+def _run_public(path, q, k, v, w, window, dy, causal):
+    return path.grads(aft_local, (q, k, v, w), dy, window, causal=causal)
+
+
+def _band(T, window, causal=False):
+    idx = torch.arange(T)
+    rel = idx[:, None] - idx[None, :]
+    band = rel.abs() < window
+    return band & (rel >= 0) if causal else band
+
+
+# ================================================================ the public function
+CASES = [  # (B, T, D, heads) ; heads == 0 means a 2-D (T, T) w
+    (2, 13, 6, 0),
+    (2, 13, 6, 3),
+    (1, 37, 4, 2),
+    (1, 1, 1, 0),
+    (3, 7, 5, 5),
+    (1, 2, 1, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [1, 3, 7, 40])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_matches_oracle(path, case, window, causal, dtype):
+    B, T, D, heads = case
+    q, k, v, w = qkvw(B, T, D, heads, dtype)
+    dy = torch.randn(B, T, D, dtype=dtype)
+    y, grads = _run_public(path, q, k, v, w, window, dy, causal)
+    assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
+    assert grads[3].shape == w.shape
+    yo, go = _oracle(q, k, v, w, window, dy, causal)
+    _check_all(y, grads, yo, go, v, w, dy, _tol(dtype, k, w))
+
+
+@pytest.mark.parametrize("dtype", [F64, F32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [1, 4, 11])
+def test_contract_directly(path, window, causal, dtype):
+    """The fwd/bwd contract: (y, lse) and (dq, dk, dv, dw) against the oracle."""
+    B, T, D, heads = 2, 11, 4, 2
+    q, k, v, w = qkvw(B, T, D, heads, dtype)
+    dy = torch.randn(B, T, D, dtype=dtype)
+    y, lse = path.fwd(OP, q, k, v, w, window, causal)
+    ct = F64 if dtype == F64 else F32
+    assert y.dtype == dtype and y.shape == (B, T, D)
+    assert lse.dtype == ct and lse.shape == (B, T, D)
+    dq, dk, dv, dw = path.bwd(OP, dy, q, k, v, w, y, lse, window, causal)
+    assert dq.dtype == dk.dtype == dv.dtype == dw.dtype == dtype and dw.shape == w.shape
+    yo, go = _oracle(q, k, v, w, window, dy, causal)
+    tol = _tol(ct, k, w) if dtype != torch.bfloat16 else 3e-2
+    assert rel_err(lse, _oracle_lse(k, w, window, causal)) < tol
+    _check_all(y, (dq, dk, dv, dw), yo, go, v, w, dy, tol)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_limits(path, causal):
+    """window >= T is aft_full with w everywhere; window == 1 keeps only w's diagonal."""
+    B, T, D = 2, 9, 4
+    q, k, v, w = qkvw(B, T, D, 2, F64)
+    qp, kp, vp, wp = path.put((q, k, v, w))
+    with path.force():
+        full = aft_local(qp, kp, vp, wp, T, causal=causal).cpu()
+        huge = aft_local(qp, kp, vp, wp, 10 * T, causal=causal).cpu()
+        diag = aft_local(qp, kp, vp, wp, 1, causal=causal).cpu()
+    torch.testing.assert_close(full, oracles.aft(q, k, v, w, causal), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(huge, full, rtol=1e-12, atol=1e-12)
+    wdiag = torch.diag_embed(torch.diagonal(w, dim1=-2, dim2=-1))
+    torch.testing.assert_close(diag, oracles.aft(q, k, v, wdiag, causal), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [2, 5])
+def test_reads_only_the_band(path, window, causal):
+    """w outside the band is never used (NaN there changes nothing) and gets a zero gradient."""
+    B, T, D = 2, 10, 3
+    q, k, v, w = qkvw(B, T, D, 0, F64)
+    dy = torch.randn(B, T, D, dtype=F64)
+    band = _band(T, window)
+    w_nan = w.masked_fill(~band, float("nan"))
+    y1, g1 = _run_public(path, q, k, v, w, window, dy, causal)
+    y2, g2 = _run_public(path, q, k, v, w_nan, window, dy, causal)
+    assert torch.isfinite(y2).all() and all(torch.isfinite(g).all() for g in g2)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    visible = _band(T, window, causal)
+    assert (g1[3][~visible] == 0).all()
+
+
+@pytest.mark.paths("python")
+@pytest.mark.parametrize("factor", [1, 2, 64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_chunk_size_does_not_matter(path, factor, causal, monkeypatch):
+    B, T, D = 2, 23, 4
+    q, k, v, w = qkvw(B, T, D, 2, F64)
+    dy = torch.randn(B, T, D, dtype=F64)
+    ref = _run_public(path, q, k, v, w, 4, dy, causal)
+    monkeypatch.setattr(aft_local_ref, "_BLOCK_FACTOR", factor)
+    got = _run_public(path, q, k, v, w, 4, dy, causal)
+    for a, b in zip((ref[0], *ref[1]), (got[0], *got[1])):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads", [0, 2])
+def test_non_contiguous(path, heads, causal):
+    B, T, D = 2, 13, 4
+    q, k, v = (torch.randn(B, D, T, dtype=F64).transpose(1, 2) for _ in range(3))
+    w = torch.randn(T, T, dtype=F64).t() if heads == 0 else torch.randn(T, T, heads, dtype=F64).permute(2, 0, 1)
+    dy = torch.randn(B, D, T, dtype=F64).transpose(1, 2)
+    assert not (q.is_contiguous() or w.is_contiguous())
+    y, grads = _run_public(path, q, k, v, w, 3, dy, causal)
+    yo, go = _oracle(q, k, v, w, 3, dy, causal)
+    _check_all(y, grads, yo, go, v, w, dy, 1e-10)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [1, 3, 13])
+@pytest.mark.parametrize("case", ["k_1e4", "w_1e4", "late_spike", "early_spike"])
+def test_adversarial(path, case, window, causal, dtype):
+    """|k|, |w| ~ 1e4 and causal late/early spikes of 3000: finite and matching the oracle."""
+    B, T, D = 2, 13, 6
+    q, k, v, w = qkvw(B, T, D, 3, F64, k_scale=1e4 if case == "k_1e4" else 1.0, w_scale=1e4 if case == "w_1e4" else 1.0)
+    if case == "late_spike":
+        k[:, -3, :] += 3000
+    elif case == "early_spike":
+        k[:, 1, :] += 3000
+    q, k, v, w = (x.to(dtype) for x in (q, k, v, w))
+    dy = torch.randn(B, T, D, dtype=dtype)
+    y, grads = _run_public(path, q, k, v, w, window, dy, causal)
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
+    yo, go = _oracle(q, k, v, w, window, dy, causal)
+    _check_all(y, grads, yo, go, v, w, dy, _tol(dtype, k, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [1, 4, 37])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_low_precision_2x_rule(path, seed, window, causal, dtype):
+    torch.manual_seed(seed)
+    B, T, D = 2, 37, 4
+    q, k, v, w = qkvw(B, T, D, 2, dtype)
+    dy = torch.randn(B, T, D, dtype=dtype)
+    y, grads = _run_public(path, q, k, v, w, window, dy, causal)
+    assert y.dtype == dtype and grads[3].dtype == dtype
+    qe, ke, ve, we = (x.detach().clone().requires_grad_() for x in (q, k, v, w))
+    ye = contract.eager_lowp(OP, qe, ke, ve, we, window, causal)
+    ge = torch.autograd.grad(ye, (qe, ke, ve, we), dy)
+    yo, go = _oracle(q, k, v, w, window, dy, causal)
+    for name, ours, eager, ref in zip("y q k v w".split(), (y, *grads), (ye, *ge), (yo, *go)):
+        e_ours = (ours.double() - ref).abs().max().item()
+        e_eager = (eager.double() - ref).abs().max().item()
+        assert torch.isfinite(ours).all()
+        assert e_ours <= 2 * e_eager + 1e-4 * ref.abs().max().item(), (name, e_ours, e_eager)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads", [0, 2])
+@pytest.mark.parametrize("window", [1, 2, 5])
+def test_gradcheck(path, window, heads, causal):
+    T = 5
+    q, k, v = (path.leaf(torch.randn(2, T, 2, dtype=F64)) for _ in range(3))
+    w = path.leaf(torch.randn(*(() if heads == 0 else (heads,)), T, T, dtype=F64))
+
+    def f(q, k, v, w):
+        with path.force():
+            return aft_local(q, k, v, w, window, causal=causal)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, w))
+
+
+def test_input_validation():
+    B, T, D = 2, 5, 4
+    q = torch.randn(B, T, D)
+    w = torch.randn(T, T)
+    with pytest.raises(ValueError):
+        aft_local(q, q, q, torch.randn(T, T + 1), 2)
+    with pytest.raises(ValueError):
+        aft_local(q, q, q, torch.randn(3, T, T), 2)  # D % heads != 0
+    with pytest.raises(ValueError):
+        aft_local(q, q, q, w, 0)
+    with pytest.raises(TypeError):
+        aft_local(q, q, q, w, 2.0)
+    with pytest.raises(TypeError):
+        aft_local(q, q, q, w.double(), 2)
+    with pytest.raises(TypeError):
+        aft_local(q, q.half(), q, w, 2)
+    with pytest.raises(ValueError):
+        aft_local(q, q, q[:, :3], w, 2)
+    with pytest.raises(ValueError):
+        aft_local(q, q, q, w.to("meta"), 2)
+
+
+@pytest.mark.parametrize("causal", ["no", 1, None, torch.tensor(False)])
+def test_causal_must_be_a_bool(causal):
+    """Like aft_full and aft_simple: a truthy non-bool (causal="no") raises instead of running causal."""
+    q = torch.randn(2, 5, 4)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        aft_local(q, q, q, torch.randn(5, 5), 2, causal)
+
+
+def test_w_dtype_message_matches_aft_full():
+    q = torch.randn(2, 5, 4)
+    with pytest.raises(TypeError, match=r"w must have the dtype of q \(torch.float32\), got torch.float64"):
+        aft_local(q, q, q, torch.randn(5, 5, dtype=torch.float64), 2)
+
+
+class _MaxNumel(TorchDispatchMode):
+    """Records the largest tensor any aten op produces (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
+@pytest.mark.paths("python")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [1, 8, 64])
+def test_memory_bound(path, window, causal):
+    """No op produces more than O(B*T*D + T*window) elements: the band block is <= ~4*B*T*D, dw is (T, T)."""
+    B, T, D = 2, 64, 4
+    q, k, v = (torch.randn(B, T, D, requires_grad=True) for _ in range(3))
+    w = torch.randn(T, T, requires_grad=True)
+    with _MaxNumel() as mode, path.force():
+        y = aft_local(q, k, v, w, window, causal=causal)
+        y.sum().backward()
+    assert mode.max_numel <= max(4 * B * T * D + B * T * D, T * T), mode.max_numel
+
+
+# ================================================================ the fwd / bwd contract, against the oracle
+CONTRACT_SHAPES = [  # (B, T, D, heads, window); heads 1 -> (T, T) bias
+    (2, 13, 6, 1, 3),
+    (1, 1, 1, 1, 1),
+    (1, 7, 1, 1, 2),
+    (2, 37, 8, 2, 5),
+    (1, 131, 4, 4, 9),  # prime T > 64
+    (2, 9, 4, 1, 20),  # window > T
+]
+
+
+def _w_heads(H):
+    return 0 if H == 1 else H
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", CONTRACT_SHAPES)
+def test_contract_float64_vs_oracle(path, causal, shape):
+    B, T, D, H, window = shape
+    q, k, v, w = qkvw(B, T, D, _w_heads(H), F64)
+    contract.check_all(path, OP, q, k, v, w, window, causal, 1e-10, 1e-10)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(2, 13, 6, 1, 3), (1, 131, 4, 2, 9)])
+def test_contract_float32_vs_oracle(path, causal, shape):
+    B, T, D, H, window = shape
+    q, k, v, w = qkvw(B, T, D, _w_heads(H), F32)
+    contract.check_all(path, OP, q, k, v, w, window, causal, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_contract_low_precision_2x_rule(path, causal, dtype):
+    """error(contract, low dtype) <= 2 * error(eager PyTorch in that dtype) + 1e-3, both vs the float64 oracle."""
+    B, T, D, H, window = 2, 29, 8, 2, 4
+    q, k, v, w = qkvw(B, T, D, H, dtype)
+    dy = rand(B, T, D, dtype=dtype)
+    y, lse = path.fwd(OP, q, k, v, w, window, causal)
+    assert y.dtype == dtype and lse.dtype == torch.float32
+    yr, grads_r = contract.oracle_grads(OP, q, k, v, w, window, causal, dy)
+    ins = [x.detach().clone().requires_grad_() for x in (q, k, v, w)]
+    ye = contract.eager_lowp(OP, *ins, window, causal)
+    ge = torch.autograd.grad(ye, ins, dy)
+    assert maxabs(y, yr) <= 2 * maxabs(ye, yr) + 1e-3
+    grads = path.bwd(OP, dy, q, k, v, w, y, lse, window, causal)
+    for name, g, gr, gre in zip(("dq", "dk", "dv", "dw"), grads, grads_r, ge):
+        assert g.dtype == dtype
+        assert maxabs(g, gr) <= 2 * maxabs(gre, gr) + 1e-3, name
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_contract_adversarial_magnitudes(path, causal, dtype):
+    """|k|, |w| up to 1e4: finite everywhere and close to the oracle."""
+    B, T, D, H, window = 2, 17, 4, 2, 3
+    q, k, v, w = qkvw(B, T, D, H, dtype)
+    k = (torch.rand(B, T, D, dtype=F64) * 2e4 - 1e4).to(dtype)
+    w = (torch.rand(*w.shape, dtype=F64) * 2e4 - 1e4).to(dtype)
+    tol = 1e-9 if dtype == F64 else 2e-3
+    contract.check_all(path, OP, q, k, v, w, window, causal, tol, tol, tol_lse=1e-6 if dtype == F32 else 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
+def test_contract_causal_late_spike(path, dtype):
+    """One late key larger than every earlier key by >> 88: a split max gives 0/0; here all finite + exact."""
+    B, T, D, H, window = 2, 70, 5, 1, 6
+    q, k, v, w = qkvw(B, T, D, _w_heads(H), dtype)
+    k = k.clone()
+    k[:, T - 3, :] = 300.0
+    k[1, T - 10, 2] = -300.0
+    y, lse = path.fwd(OP, q, k, v, w, window, True)
+    dy = rand(B, T, D, dtype=dtype)
+    grads = path.bwd(OP, dy, q, k, v, w, y, lse, window, True)
+    assert torch.isfinite(y).all() and torch.isfinite(lse).all()
+    assert all(torch.isfinite(g).all() for g in grads)
+    yr, grads_r = contract.oracle_grads(OP, q, k, v, w, window, True, dy)
+    tol = 1e-5 if dtype == F32 else 3e-2
+    assert maxabs(y, yr) <= tol
+    for g, gr in zip(grads, grads_r):
+        assert maxabs(g, gr) / max(1.0, gr.abs().max().item()) <= tol
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_contract_non_contiguous(path, causal):
+    B, T, D, H, window = 2, 11, 6, 3, 3
+    q, k, v = (rand(B, D, T).transpose(1, 2) for _ in range(3))
+    w = rand(H, T, T).transpose(1, 2)
+    assert not q.is_contiguous() and not w.is_contiguous()
+    contract.check_all(path, OP, q, k, v, w, window, causal, 1e-10, 1e-10)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck_float64(path, causal):
+    """Through the public function: the compiled op's registered autograd / the python path's Function."""
+    B, T, D, H, window = 2, 6, 4, 2, 2
+    q, k, v, w = (path.leaf(x) for x in qkvw(B, T, D, H, F64))
+
+    def f(a, b, c, d):
+        with path.force():
+            return aft_local(a, b, c, d, window, causal)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, w))
+
+
+def test_contract_window_limits_match_full_and_simple(path):
+    """window >= T is aft_full; window == 1 with a zero diagonal is aft_simple."""
+    B, T, D = 2, 12, 3
+    q, k, v, w = qkvw(B, T, D, 0, F64)
+    for causal in (False, True):
+        yl, ll = path.fwd(OP, q, k, v, w, T + 3, causal)
+        yf, lf = path.fwd("aft_full", q, k, v, w, causal)
+        assert maxabs(yl, yf) < 1e-14 and maxabs(ll, lf) < 1e-12
+        w0 = w - torch.diag(torch.diagonal(w))
+        yl1, _ = path.fwd(OP, q, k, v, w0, 1, causal)
+        ys, _ = path.fwd("aft_simple", q, k, v, causal)
+        assert maxabs(yl1, ys) < 1e-14
+
+
+def test_autograd_through_public_function_float32(path):
+    """aft_local's gradients (the compiled op's register_autograd / the python Function) match the oracle."""
+    B, T, D, H, window = 2, 10, 4, 2, 3
+    q, k, v, w = qkvw(B, T, D, H, F32)
+    dy = rand(B, T, D, dtype=F32)
+    _, g = path.grads(aft_local, (q, k, v, w), dy, window, True)
+    _, gr = contract.oracle_grads(OP, q, k, v, w, window, True, dy)
+    for a, b in zip(g, gr):
+        assert maxabs(a, b) < 1e-5
+
+
+# ================================================================ the fwd / bwd contract, against the python path
+_TOL = {F64: 1e-10, F32: 2e-5}
+LOCAL_CASES = [
+    ((2, 13, 4), 1, 0),
+    ((2, 13, 4), 3, 2),
+    ((3, 37, 6), 5, 3),
+    ((1, 7, 2), 100, 1),
+    ((1, 1, 1), 2, 0),
+    ((2, 130, 33), 16, 0),
+    ((1, 200, 64), 32, 4),
+]
+
+
+def _grads(fn, inputs, dy):
+    xs = [x.detach().double().requires_grad_(True) for x in inputs]
+    return torch.autograd.grad(fn(*xs), xs, dy.double())
+
+
+def _err(a, b):
+    assert torch.isfinite(a).all(), "non-finite output"
+    return ((a.double() - b.double()).abs().max() / max(b.double().abs().max().item(), 1.0)).item()
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape,window,heads", LOCAL_CASES)
+def test_contract_vs_oracle_and_python(path, dtype, causal, shape, window, heads):
+    B, T, D = shape
+    q, k, v, dy = (rand(*shape, dtype=dtype) for _ in range(4))
+    w = rand(T, T, dtype=dtype) if heads == 0 else rand(heads, T, T, dtype=dtype)
+    tol = _TOL[dtype]
+    path.poison()
+    y, lse = path.fwd(OP, q, k, v, w, window, causal)
+    assert _err(y, oracles.aft_local(q, k, v, w, window, causal)) < tol
+    yr, lr = aft_local_ref.aft_local_fwd_ref(q, k, v, w, window, causal)
+    assert _err(y, yr) < tol and _err(lse, lr) < tol
+    path.poison()
+    g = path.bwd(OP, dy, q, k, v, w, y, lse, window, causal)
+    assert g[3].shape == w.shape and g[3].dtype == w.dtype
+    ref = _grads(lambda a, b, c, ww: oracles.aft_local(a, b, c, ww, window, causal), (q, k, v, w), dy)
+    gr = aft_local_ref.aft_local_bwd_ref(dy, q, k, v, w, yr, lr, window, causal)
+    for name, a, b, c in zip(("dq", "dk", "dv", "dw"), g, ref, gr):
+        assert _err(a, b) < tol, name
+        assert _err(a, c) < tol, name + " vs python path"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads", [0, 3])
+def test_gradcheck_float64_heads(path, causal, heads):
+    q, k, v = (path.leaf(rand(2, 11, 3)) for _ in range(3))
+    w = path.leaf(rand(11, 11) if heads == 0 else rand(heads, 11, 11))
+
+    def f(a, b, c, ww):
+        with path.force():
+            return aft_local(a, b, c, ww, 3, causal)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, w))
+
+
+def test_contract_noncontiguous_float32(path):
+    q = rand(2, 5, 13, dtype=F32).transpose(1, 2)  # (2, 13, 5), non-contiguous
+    k = rand(2, 5, 13, dtype=F32).transpose(1, 2)
+    v = rand(13, 2, 5, dtype=F32).transpose(0, 1)
+    w = rand(13, 13, dtype=F32).t()
+    y, lse = path.fwd(OP, q, k, v, w, 3, False)
+    assert _err(y, oracles.aft_local(q, k, v, w, 3, False)) < 2e-5
+    dy = rand(2, 13, 5, dtype=F32)
+    g = path.bwd(OP, dy.transpose(1, 2).contiguous().transpose(1, 2), q, k, v, w, y, lse, 3, False)
+    ref = _grads(lambda a, b, c, ww: oracles.aft_local(a, b, c, ww, 3, False), (q, k, v, w), dy)
+    for a, b in zip(g, ref):
+        assert _err(a, b) < 2e-5
+
+
+def _check_2x(ours, python, ref, what):
+    e_ours = (ours.double() - ref).abs().max().item()
+    e_py = (python.double() - ref).abs().max().item()
+    assert e_ours <= 2 * e_py + 1e-4, (what, e_ours, e_py)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_contract_low_precision_vs_python_path(path, dtype, causal):
+    """2x rule with the python path in the same dtype as the baseline (references: float64 from the
+    low-precision inputs)."""
+    shape, window = (2, 97, 24), 8
+    q, k, v, dy = (rand(*shape, dtype=F32).to(dtype) for _ in range(4))
+    w = rand(2, 97, 97, dtype=F32).to(dtype)
+    y_ref = oracles.aft_local(q, k, v, w, window, causal)
+    y, lse = path.fwd(OP, q, k, v, w, window, causal)
+    yp, lp = aft_local_ref.aft_local_fwd_ref(q, k, v, w, window, causal)
+    _check_2x(y, yp, y_ref, "local y")
+    g_ref = _grads(lambda a, b, c, ww: oracles.aft_local(a, b, c, ww, window, causal), (q, k, v, w), dy)
+    for a, b, r, n in zip(
+        path.bwd(OP, dy, q, k, v, w, y, lse, window, causal),
+        aft_local_ref.aft_local_bwd_ref(dy, q, k, v, w, yp, lp, window, causal),
+        g_ref,
+        ("q", "k", "v", "w"),
+    ):
+        _check_2x(a, b, r, "local d" + n)
+
+
+def _adversarial_k(T):
+    k = rand(2, T, 4, dtype=F32)
+    k[0, :, 0] = torch.linspace(-1e4, 1e4, T)
+    k[0, :, 1] = -1e4
+    k[1, 250, 2] = 3000.0  # late spike, >> 88 above every earlier key
+    k[1, :, 3] = 1e4 * torch.sign(rand(T, dtype=F32))
+    return k
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_contract_adversarial_numerics(path, causal):
+    T = 300
+    q, v, dy = (rand(2, T, 4, dtype=F32) for _ in range(3))
+    k = _adversarial_k(T)
+    w = rand(T, T, dtype=F32, scale=1e4)
+    # the python path's own error is ~eps * |logit| (~1e-3 at |k| + |w| ~ 2e4, see ops/aft_local/reference.py);
+    # the compiled kernels' is ~1e-7
+    tol = 2e-3 if path.name == "python" else 1e-4
+    for window in (1, 7):
+        y, lse = path.fwd(OP, q, k, v, w, window, causal)
+        assert _err(y, oracles.aft_local(q, k, v, w, window, causal)) < tol
+        for a in path.bwd(OP, dy, q, k, v, w, y, lse, window, causal):
+            assert torch.isfinite(a).all()
+
+
+@pytest.mark.paths("cuda")
+@pytest.mark.parametrize("B,T,D", [(1, 16384, 4096), (64, 16384, 64), (4096, 64, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_large_shapes_forward(path, B, T, D, causal):
+    """Grid limits of the CUDA kernels (forward only) against the python path on the same GPU."""
+    q, k, v = (path.put(rand(B, T, D, dtype=torch.bfloat16)) for _ in range(3))
+    w = path.put(rand(T, T, dtype=torch.bfloat16))
+    path.poison()
+    y, lse = OPS.aft_local_fwd(q, k, v, w, 32, causal)
+    yr, lr = aft_local_ref.aft_local_fwd_ref(q, k, v, w, 32, causal)
+    assert _err(y.float(), yr.float()) < 2e-2 and _err(lse, lr) < 1e-4
+
+
+@COMPILED
+@pytest.mark.parametrize("causal", [False, True])
+def test_compiled_matches_python_ref(path, causal):
+    """The compiled contract equals the python path's aft_local_fwd_ref / aft_local_bwd_ref."""
+    B, T, D, H, window = 2, 19, 6, 2, 4
+    q, k, v, w = qkvw(B, T, D, H, F32)
+    dy = rand(B, T, D, dtype=F32)
+    y, lse = path.fwd(OP, q, k, v, w, window, causal)
+    yr, lr = aft_local_ref.aft_local_fwd_ref(q, k, v, w, window, causal)
+    gr = aft_local_ref.aft_local_bwd_ref(dy, q, k, v, w, yr, lr, window, causal)
+    assert y.dtype == yr.dtype and lse.dtype == lr.dtype and lse.shape == lr.shape
+    assert maxabs(y, yr) < 1e-5 and maxabs(lse, lr) < 1e-4
+    g = path.bwd(OP, dy, q, k, v, w, y, lse, window, causal)
+    for a, b in zip(g, gr):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert maxabs(a, b) / max(1.0, b.abs().max().item()) < 1e-5
+
+
+# ================================================================ registration of the compiled ops
+_W = 3
+
+
+@COMPILED
+@pytest.mark.parametrize("which", ["fwd", "bwd"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_opcheck(path, dtype, causal, which):
+    B, T, D, H = 2, 7, 4, 2
+    q, k, v, w = (path.leaf(x) for x in qkvw(B, T, D, H, dtype))
+    if which == "fwd":
+        torch.library.opcheck(OPS.aft_local_fwd.default, (q, k, v, w, _W, causal))
+    else:
+        y, lse = (t.detach() for t in OPS.aft_local_fwd(q, k, v, w, _W, causal))
+        dy = path.put(rand(B, T, D, dtype=dtype))
+        args = (dy, q.detach(), k.detach(), v.detach(), w.detach(), y, lse, _W, causal)
+        torch.library.opcheck(OPS.aft_local_bwd.default, args)
+
+
+@COMPILED
+def test_torch_compile_fullgraph(path):
+    torch._dynamo.reset()
+    q, k, v, w = (path.leaf(x) for x in qkvw(2, 7, 4, 2, F32))
+
+    def fn(q, k, v, w):
+        return OPS.aft_local_fwd(q, k, v, w, _W, False)[0].sum()
+
+    cfn = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = cfn(q, k, v, w)
+    g = torch.autograd.grad(out, (q,))[0]
+    out_e = fn(q, k, v, w)
+    g_e = torch.autograd.grad(out_e, (q,))[0]
+    assert maxabs(out, out_e) < 1e-5 and maxabs(g, g_e) < 1e-5
+
+
+def _bad_cases():
+    q, k, v, w = qkvw(2, 7, 4, 2, F32)
+    return [
+        (lambda p: p.fwd(OP, q, k, v, w, 0, False), ValueError, "window must be >= 1, got 0"),
+        (
+            lambda p: p.bwd(OP, q[:, :3], q, k, v, w, q, q, 2, False),
+            ValueError,
+            "dy must have the shape of q (2, 7, 4), got (2, 3, 4)",
+        ),
+    ]
+
+
+@COMPILED
+@pytest.mark.parametrize("idx", range(2))
+def test_bad_inputs_reach_compiled_checks(path, idx):
+    fn, exc, msg = _bad_cases()[idx]
+    with pytest.raises(exc) as info:
+        fn(path)
+    assert msg in str(info.value)
+
+
+@COMPILED
+def test_compiled_w_dtype_check(path):
+    """The compiled op rejects a w of another dtype (TypeError naming w and q's dtype)."""
+    q, k, v, w = qkvw(2, 7, 4, 2, F32)
+    with pytest.raises(TypeError, match=r"w must have .*dtype.*torch.float32.*got torch.float64"):
+        path.fwd(OP, q, k, v, w.double(), 2, False)

@@ -1,0 +1,563 @@
+"""AFT-simple (attnfree_ext.ops.aft_simple, ops/common/scan.py) on every path (python, compiled CPU, CUDA) against
+the float64 oracles.
+
+Error measure of the public-function tests: max-abs error divided by a scale (the oracle's max-abs value; for dk
+also max|v| * max|dv|, the size of the two terms that cancel in dk = v dv - sum P H). float64 tolerance 1e-10,
+float32 1e-5, both plus 8 * eps * L where L is the largest |logit|: log-domain scans round to ~eps * |value|, and
+lse is stored in the compute dtype, so large logits (|k| ~ 1e4, late spikes of 3000) cost a relative error
+~eps * L. fp16/bf16: the 2x rule (tests/common/metrics.py; docs/design.md §5).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from attnfree_ext.ops.aft_simple import aft_simple
+from attnfree_ext.ops.aft_simple.reference import aft_simple_bwd_ref, aft_simple_fwd_ref
+from attnfree_ext.ops.common import scan
+from common import aft as contract
+from common import oracles
+from common.inputs import qkv, qkvw, rand
+from common.metrics import maxabs, rel_err
+
+OP = "aft_simple"
+OPS = torch.ops.attnfree
+COMPILED = pytest.mark.paths("compiled-cpu", "cuda")
+F64, F32 = torch.float64, torch.float32
+BASE_TOL = {F64: 1e-10, F32: 1e-5}
+SHAPES = [(2, 13, 6), (1, 1, 1), (1, 37, 1), (3, 7, 5), (2, 1, 4), (1, 2, 3)]
+
+
+def _inputs(shape, dtype, k_scale=1.0):
+    return qkv(*shape, dtype=dtype, k_scale=k_scale)
+
+
+def _tol(dtype, logit_max):
+    eps = torch.finfo(dtype).eps
+    return BASE_TOL[dtype] + 8 * eps * float(logit_max)
+
+
+def _oracle(q, k, v, dy, causal):
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    y = oracles.aft_simple(qd, kd, vd, causal)
+    grads = torch.autograd.grad(y, (qd, kd, vd), dy.double())
+    return y.detach(), grads
+
+
+def _oracle_lse(k, causal):
+    kd = k.double()
+    if causal:
+        return torch.logcumsumexp(kd, dim=1)
+    return torch.logsumexp(kd, dim=1, keepdim=True).expand_as(kd)
+
+
+def _check_all(y, grads, yo, go, v, tol):
+    dq, dk, dv = grads
+    oq, ok, ov = go
+    assert rel_err(y, yo) < tol, rel_err(y, yo)
+    assert rel_err(dq, oq) < tol, rel_err(dq, oq)
+    assert rel_err(dv, ov) < tol, rel_err(dv, ov)
+    dk_scale = max(ok.abs().max().item(), v.double().abs().max().item() * ov.abs().max().item())
+    assert rel_err(dk, ok, dk_scale) < tol, rel_err(dk, ok, dk_scale)
+
+
+def _run_public(path, q, k, v, dy, causal):
+    return path.grads(aft_simple, (q, k, v), dy, causal=causal)
+
+
+# ================================================================ scan helpers (python path)
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_logcumsumexp_neg_inf_prefix(dtype):
+    inf = float("inf")
+    x = torch.full((2, 6, 3), -inf, dtype=dtype)
+    x[:, 3, 1] = 2.0
+    x[:, 0, 2] = -1.0
+    out = scan.lcse(x)
+    assert not out.isnan().any()
+    assert torch.isneginf(out[:, :, 0]).all()  # all -inf column stays -inf
+    assert torch.isneginf(out[:, :3, 1]).all() and (out[:, 3:, 1] == 2.0).all()
+    assert (out[:, :, 2] == -1.0).all()
+    assert (torch.exp(out[:, :3, 1]) == 0).all()
+    rev = scan.rlcse(x)
+    assert not rev.isnan().any()
+    assert (rev[:, :4, 1] == 2.0).all() and torch.isneginf(rev[:, 4:, 1]).all()
+    # log(0) inputs from the signed split (v == 0 everywhere): means are exactly 0, not NaN
+    k = torch.randn(2, 6, 3, dtype=dtype)
+    lse, mean = scan.prefix_summary(k, torch.zeros_like(k))
+    assert torch.isfinite(lse).all() and (mean == 0).all()
+    assert (scan.rows_after(k, -lse, torch.zeros_like(k)) == 0).all()
+
+
+@pytest.mark.parametrize("s", [0, 1, 3, 6, 9])
+def test_scan_helpers_match_naive(s):
+    B, T, D = 2, 7, 3
+    k, v, a, g = (torch.randn(B, T, D, dtype=F64) for _ in range(4))
+    lse, mean = scan.prefix_summary(k, v)
+    slse, smean = scan.suffix_summary(k, v)
+    after = scan.rows_after(k, a, g, s)
+    before = scan.rows_before(k, a, g, s)
+    for t in range(T):
+        p = torch.softmax(k[:, : t + 1], dim=1)
+        torch.testing.assert_close(lse[:, t], torch.logsumexp(k[:, : t + 1], dim=1))
+        torch.testing.assert_close(mean[:, t], (p * v[:, : t + 1]).sum(1))
+        ps = torch.softmax(k[:, t:], dim=1)
+        torch.testing.assert_close(slse[:, t], torch.logsumexp(k[:, t:], dim=1))
+        torch.testing.assert_close(smean[:, t], (ps * v[:, t:]).sum(1))
+        ref_after = (torch.exp(k[:, t : t + 1] + a[:, t + s :]) * g[:, t + s :]).sum(1)
+        ref_before = (torch.exp(k[:, t : t + 1] + a[:, : max(t - s + 1, 0)]) * g[:, : max(t - s + 1, 0)]).sum(1)
+        torch.testing.assert_close(after[:, t], ref_after)
+        torch.testing.assert_close(before[:, t], ref_before)
+    x = torch.arange(5.0)[None, :, None]
+    assert scan.shift(x, 2, -1.0).flatten().tolist() == [-1, -1, 0, 1, 2]
+    assert scan.shift(x, -2, -1.0).flatten().tolist() == [2, 3, 4, -1, -1]
+    assert scan.shift(x, 7, -1.0).flatten().tolist() == [-1] * 5
+
+
+# ================================================================ the public function
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_oracle(path, shape, causal, dtype):
+    q, k, v = _inputs(shape, dtype)
+    dy = torch.randn(*shape, dtype=dtype)
+    y, grads = _run_public(path, q, k, v, dy, causal)
+    assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
+    yo, go = _oracle(q, k, v, dy, causal)
+    _check_all(y, grads, yo, go, v, _tol(dtype, k.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [F64, F32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_contract_directly(path, causal, dtype):
+    """The fwd/bwd contract: (y, lse) and (dq, dk, dv) against the oracle."""
+    shape = (2, 11, 4)
+    q, k, v = _inputs(shape, dtype)
+    dy = torch.randn(*shape, dtype=dtype)
+    y, lse = path.fwd(OP, q, k, v, causal)
+    ct = F64 if dtype == F64 else F32
+    assert y.dtype == dtype and y.shape == shape
+    assert lse.dtype == ct and lse.shape == shape and lse.is_contiguous()
+    dq, dk, dv = path.bwd(OP, dy, q, k, v, y, lse, causal)
+    assert dq.dtype == dk.dtype == dv.dtype == dtype
+    yo, go = _oracle(q, k, v, dy, causal)
+    tol = _tol(ct, 10) if dtype != torch.bfloat16 else 2e-2
+    assert rel_err(lse, _oracle_lse(k, causal)) < tol
+    _check_all(y, (dq, dk, dv), yo, go, v, tol)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_non_contiguous(path, causal):
+    B, T, D = 2, 13, 5
+    q, k, v = (torch.randn(B, D, T, dtype=F64).transpose(1, 2) for _ in range(3))
+    dy = torch.randn(B, D, T, dtype=F64).transpose(1, 2)
+    assert not q.is_contiguous()
+    y, grads = _run_public(path, q, k, v, dy, causal)
+    yo, go = _oracle(q, k, v, dy, causal)
+    _check_all(y, grads, yo, go, v, 1e-10)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", ["k_1e4", "late_spike", "early_spike", "spike_every_channel"])
+def test_adversarial(path, case, causal, dtype):
+    """|k| ~ 1e4 and the causal late spike (a key > every earlier key by 3000): finite and matching."""
+    shape = (2, 13, 6)
+    q, k, v = _inputs(shape, F64)
+    if case == "k_1e4":
+        k = k * 1e4
+    elif case == "late_spike":
+        k[:, -3, :] += 3000
+    elif case == "early_spike":
+        k[:, 1, :] += 3000
+    else:
+        k[:, torch.arange(6) % 13 + 4, torch.arange(6)] += 3000.0
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    dy = torch.randn(*shape, dtype=dtype)
+    y, grads = _run_public(path, q, k, v, dy, causal)
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
+    yo, go = _oracle(q, k, v, dy, causal)
+    _check_all(y, grads, yo, go, v, _tol(dtype, k.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_low_precision_2x_rule(path, seed, causal, dtype):
+    torch.manual_seed(seed)
+    shape = (2, 37, 8)
+    q, k, v = _inputs(shape, dtype)
+    dy = torch.randn(*shape, dtype=dtype)
+    y, grads = _run_public(path, q, k, v, dy, causal)
+    assert y.dtype == dtype
+    qe, ke, ve = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    ye = contract.eager_lowp(OP, qe, ke, ve, None, None, causal)
+    ge = torch.autograd.grad(ye, (qe, ke, ve), dy)
+    yo, go = _oracle(q, k, v, dy, causal)
+    floor = 1e-4
+    for ours, eager, ref in zip((y, *grads), (ye, *ge), (yo, *go)):
+        e_ours = (ours.double() - ref).abs().max().item()
+        e_eager = (eager.double() - ref).abs().max().item()
+        assert torch.isfinite(ours).all()
+        assert e_ours <= 2 * e_eager + floor * ref.abs().max().item(), (e_ours, e_eager)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck(path, causal):
+    q, k, v = (path.leaf(torch.randn(2, 5, 3, dtype=F64)) for _ in range(3))
+
+    def f(q, k, v):
+        with path.force():
+            return aft_simple(q, k, v, causal=causal)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_input_validation():
+    q = torch.randn(2, 5, 3)
+    with pytest.raises(ValueError):
+        aft_simple(q, q, q[:, :4])
+    with pytest.raises(ValueError):
+        aft_simple(q[0], q[0], q[0])
+    with pytest.raises(TypeError):
+        aft_simple(q, q.double(), q)
+    with pytest.raises(TypeError):
+        aft_simple(q.long(), q.long(), q.long())
+    with pytest.raises(TypeError):
+        aft_simple(q, q, q.numpy())
+
+
+@pytest.mark.parametrize("causal", ["no", 1, None, torch.tensor(False)])
+def test_causal_must_be_a_bool(causal):
+    """Like aft_full and aft_local: a truthy non-bool (causal="no") raises instead of running causal."""
+    q = torch.randn(2, 5, 3)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        aft_simple(q, q, q, causal)
+
+
+class _MaxNumel(TorchDispatchMode):
+    """Records the largest tensor any aten op produces (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
+@pytest.mark.paths("python")
+@pytest.mark.parametrize("causal", [False, True])
+def test_memory_no_btt_tensor(path, causal):
+    """No op of the python path (forward or backward) produces a tensor larger than B*T*D elements."""
+    B, T, D = 2, 64, 4
+    q, k, v = (torch.randn(B, T, D, requires_grad=True) for _ in range(3))
+    with _MaxNumel() as mode, path.force():
+        y = aft_simple(q, k, v, causal=causal)
+        y.sum().backward()
+    assert mode.max_numel <= B * T * D, mode.max_numel
+
+
+# ================================================================ the fwd / bwd contract, against the oracle
+CONTRACT_SHAPES = [  # (B, T, D, heads, window)
+    (2, 13, 6, 1, 3),
+    (1, 1, 1, 1, 1),
+    (1, 7, 1, 1, 2),
+    (2, 37, 8, 2, 5),
+    (1, 131, 4, 4, 9),  # prime T > 64
+    (2, 9, 4, 1, 20),
+]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", CONTRACT_SHAPES)
+def test_contract_float64_vs_oracle(path, causal, shape):
+    B, T, D, H, window = shape
+    q, k, v, w = qkvw(B, T, D, None if H == 1 else H, F64)
+    contract.check_all(path, OP, q, k, v, w, window, causal, 1e-10, 1e-10)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(2, 13, 6, 1, 3), (1, 131, 4, 2, 9)])
+def test_contract_float32_vs_oracle(path, causal, shape):
+    B, T, D, H, window = shape
+    q, k, v, w = qkvw(B, T, D, None if H == 1 else H, F32)
+    contract.check_all(path, OP, q, k, v, w, window, causal, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_contract_low_precision_2x_rule(path, causal, dtype):
+    """error(contract, low dtype) <= 2 * error(eager PyTorch in that dtype) + 1e-3, both vs the float64 oracle."""
+    B, T, D, H, window = 2, 29, 8, 2, 4
+    q, k, v, w = qkvw(B, T, D, H, dtype)
+    dy = rand(B, T, D, dtype=dtype)
+    y, lse = path.fwd(OP, q, k, v, causal)
+    assert y.dtype == dtype and lse.dtype == torch.float32
+    yr, grads_r = contract.oracle_grads(OP, q, k, v, w, window, causal, dy)
+    ins = [x.detach().clone().requires_grad_() for x in (q, k, v, w)]
+    ye = contract.eager_lowp(OP, *ins, window, causal)
+    ge = torch.autograd.grad(ye, ins[:3], dy)
+    assert maxabs(y, yr) <= 2 * maxabs(ye, yr) + 1e-3
+    grads = path.bwd(OP, dy, q, k, v, y, lse, causal)
+    for name, g, gr, gre in zip(("dq", "dk", "dv"), grads, grads_r, ge):
+        assert g.dtype == dtype
+        assert maxabs(g, gr) <= 2 * maxabs(gre, gr) + 1e-3, name
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_contract_adversarial_magnitudes(path, causal, dtype):
+    """|k| up to 1e4: finite everywhere and close to the oracle."""
+    B, T, D, H, window = 2, 17, 4, 2, 3
+    q, k, v, w = qkvw(B, T, D, H, dtype)
+    k = (torch.rand(B, T, D, dtype=F64) * 2e4 - 1e4).to(dtype)
+    w = (torch.rand(*w.shape, dtype=F64) * 2e4 - 1e4).to(dtype)
+    tol = 1e-9 if dtype == F64 else 2e-3
+    contract.check_all(path, OP, q, k, v, w, window, causal, tol, tol, tol_lse=1e-6 if dtype == F32 else 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
+def test_contract_causal_late_spike(path, dtype):
+    """One late key larger than every earlier key by >> 88: a split max gives 0/0; here all finite + exact."""
+    B, T, D, window = 2, 70, 5, 6
+    q, k, v, w = qkvw(B, T, D, None, dtype)
+    k = k.clone()
+    k[:, T - 3, :] = 300.0
+    k[1, T - 10, 2] = -300.0
+    y, lse = path.fwd(OP, q, k, v, True)
+    dy = rand(B, T, D, dtype=dtype)
+    grads = path.bwd(OP, dy, q, k, v, y, lse, True)
+    assert torch.isfinite(y).all() and torch.isfinite(lse).all()
+    assert all(torch.isfinite(g).all() for g in grads)
+    yr, grads_r = contract.oracle_grads(OP, q, k, v, w, window, True, dy)
+    tol = 1e-5 if dtype == F32 else 3e-2
+    if path.name == "python" and dtype == F32:
+        # the python path's causal prefix scans round log-domain values to ~eps * |logit| (module docstring of
+        # ops/aft_simple/reference.py), as in test_adversarial: tolerance + 8 * eps * L with L = 300
+        tol += 8 * torch.finfo(F32).eps * 300
+    assert maxabs(y, yr) <= tol
+    for g, gr in zip(grads, grads_r):
+        assert maxabs(g, gr) / max(1.0, gr.abs().max().item()) <= tol
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_contract_non_contiguous(path, causal):
+    B, T, D, H, window = 2, 11, 6, 3, 3
+    q, k, v = (rand(B, D, T).transpose(1, 2) for _ in range(3))
+    w = rand(H, T, T).transpose(1, 2)
+    assert not q.is_contiguous() and not w.is_contiguous()
+    contract.check_all(path, OP, q, k, v, w, window, causal, 1e-10, 1e-10)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck_float64(path, causal):
+    """Through the public function: the compiled op's registered autograd / the python path's Function."""
+    q, k, v = (path.leaf(x) for x in qkv(2, 6, 4))
+
+    def f(a, b, c):
+        with path.force():
+            return aft_simple(a, b, c, causal)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+# ================================================================ the fwd / bwd contract, against the python path
+_TOL = {F64: 1e-10, F32: 2e-5}
+SHAPES_VS_PYTHON = [(2, 13, 5), (1, 1, 1), (1, 7, 1), (3, 37, 8), (2, 130, 33)]
+
+
+def _grads(fn, inputs, dy):
+    xs = [x.detach().double().requires_grad_(True) for x in inputs]
+    return torch.autograd.grad(fn(*xs), xs, dy.double())
+
+
+def _err(a, b):
+    assert torch.isfinite(a).all(), "non-finite output"
+    return ((a.double() - b.double()).abs().max() / max(b.double().abs().max().item(), 1.0)).item()
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES_VS_PYTHON)
+def test_contract_vs_oracle_and_python(path, dtype, causal, shape):
+    q, k, v, dy = (rand(*shape, dtype=dtype, scale=3.0 if i == 1 else 1.0) for i in range(4))
+    path.poison()
+    y, lse = path.fwd(OP, q, k, v, causal)
+    assert y.dtype == dtype and lse.dtype == (F64 if dtype == F64 else F32)
+    tol = _TOL[dtype]
+    assert _err(y, oracles.aft_simple(q, k, v, causal)) < tol
+    yr, lr = aft_simple_fwd_ref(q, k, v, causal)
+    assert _err(y, yr) < tol and _err(lse, lr) < tol
+    path.poison()
+    g = path.bwd(OP, dy, q, k, v, y, lse, causal)
+    ref = _grads(lambda a, b, c: oracles.aft_simple(a, b, c, causal), (q, k, v), dy)
+    gr = aft_simple_bwd_ref(dy, q, k, v, yr, lr, causal)
+    for name, a, b, c in zip("qkv", g, ref, gr):
+        assert _err(a, b) < tol, "d" + name
+        assert _err(a, c) < tol, "d" + name + " vs python path"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck_float64_public(path, causal):
+    q, k, v = (path.leaf(rand(2, 9, 3)) for _ in range(3))
+
+    def f(a, b, c):
+        with path.force():
+            return aft_simple(a, b, c, causal)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_contract_low_precision_vs_python_path(path, dtype, causal):
+    """2x rule with the python path in the same dtype as the baseline (references: float64 from the
+    low-precision inputs)."""
+    shape = (2, 97, 24)
+    q, k, v, dy = (rand(*shape, dtype=F32).to(dtype) for _ in range(4))
+
+    def check(ours, python, ref, what):
+        e_ours = (ours.double() - ref).abs().max().item()
+        e_py = (python.double() - ref).abs().max().item()
+        assert e_ours <= 2 * e_py + 1e-4, (what, e_ours, e_py)
+
+    y_ref = oracles.aft_simple(q, k, v, causal)
+    y, lse = path.fwd(OP, q, k, v, causal)
+    yp, lp = aft_simple_fwd_ref(q, k, v, causal)
+    check(y, yp, y_ref, "simple y")
+    g_ref = _grads(lambda a, b, c: oracles.aft_simple(a, b, c, causal), (q, k, v), dy)
+    for a, b, r, n in zip(
+        path.bwd(OP, dy, q, k, v, y, lse, causal), aft_simple_bwd_ref(dy, q, k, v, yp, lp, causal), g_ref, "qkv"
+    ):
+        check(a, b, r, "simple d" + n)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_contract_adversarial_numerics(path, causal):
+    T = 300
+    q, v, dy = (rand(2, T, 4, dtype=F32) for _ in range(3))
+    k = rand(2, T, 4, dtype=F32)
+    k[0, :, 0] = torch.linspace(-1e4, 1e4, T)
+    k[0, :, 1] = -1e4
+    k[1, 250, 2] = 3000.0  # late spike, >> 88 above every earlier key
+    k[1, :, 3] = 1e4 * torch.sign(rand(T, dtype=F32))
+    y, lse = path.fwd(OP, q, k, v, causal)
+    yr, lr = aft_simple_fwd_ref(q, k, v, causal)
+    # the python path's own error is ~eps*|logit| (~2e-4 at |k| = 1e4, see ops/aft_local/reference.py); the
+    # compiled kernels' is ~1e-7
+    tol = 2e-3 if path.name == "python" else 1e-4
+    assert _err(y, oracles.aft_simple(q, k, v, causal)) < tol and _err(y, yr) < 2e-3
+    for a in path.bwd(OP, dy, q, k, v, y, lse, causal):
+        assert torch.isfinite(a).all()
+
+
+@pytest.mark.paths("cuda")
+@pytest.mark.parametrize("B,T,D", [(1, 16384, 4096), (64, 16384, 64), (4096, 64, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_large_shapes_forward(path, B, T, D, causal):
+    """Grid limits of the CUDA kernels (forward only) against the python path on the same GPU."""
+    q, k, v = (path.put(rand(B, T, D, dtype=torch.bfloat16)) for _ in range(3))
+    path.poison()
+    y, lse = OPS.aft_simple_fwd(q, k, v, causal)
+    yr, lr = aft_simple_fwd_ref(q, k, v, causal)
+    assert _err(y.float(), yr.float()) < 2e-2 and _err(lse, lr) < 1e-4
+
+
+@COMPILED
+@pytest.mark.parametrize("causal", [False, True])
+def test_compiled_matches_python_ref(path, causal):
+    """The compiled contract equals the python path's aft_simple_fwd_ref / aft_simple_bwd_ref."""
+    B, T, D = 2, 19, 6
+    q, k, v = qkv(B, T, D, F32)
+    dy = rand(B, T, D, dtype=F32)
+    y, lse = path.fwd(OP, q, k, v, causal)
+    yr, lr = aft_simple_fwd_ref(q, k, v, causal)
+    gr = aft_simple_bwd_ref(dy, q, k, v, yr, lr, causal)
+    assert y.dtype == yr.dtype and lse.dtype == lr.dtype and lse.shape == lr.shape
+    assert maxabs(y, yr) < 1e-5 and maxabs(lse, lr) < 1e-4
+    g = path.bwd(OP, dy, q, k, v, y, lse, causal)
+    for a, b in zip(g, gr):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert maxabs(a, b) / max(1.0, b.abs().max().item()) < 1e-5
+
+
+# ================================================================ registration of the compiled ops
+@COMPILED
+@pytest.mark.parametrize("which", ["fwd", "bwd"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_opcheck(path, dtype, causal, which):
+    B, T, D = 2, 7, 4
+    q, k, v = (path.leaf(x) for x in qkv(B, T, D, dtype))
+    if which == "fwd":
+        torch.library.opcheck(OPS.aft_simple_fwd.default, (q, k, v, causal))
+    else:
+        y, lse = (t.detach() for t in OPS.aft_simple_fwd(q, k, v, causal))
+        dy = path.put(rand(B, T, D, dtype=dtype))
+        torch.library.opcheck(OPS.aft_simple_bwd.default, (dy, q.detach(), k.detach(), v.detach(), y, lse, causal))
+
+
+@COMPILED
+def test_torch_compile_fullgraph(path):
+    torch._dynamo.reset()
+    q, k, v = (path.leaf(x) for x in qkv(2, 7, 4, F32))
+
+    def fn(q, k, v):
+        return OPS.aft_simple_fwd(q, k, v, True)[0].sum()
+
+    cfn = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = cfn(q, k, v)
+    g = torch.autograd.grad(out, (q,))[0]
+    out_e = fn(q, k, v)
+    g_e = torch.autograd.grad(out_e, (q,))[0]
+    assert maxabs(out, out_e) < 1e-5 and maxabs(g, g_e) < 1e-5
+
+
+@COMPILED
+def test_public_function_torch_compile_fullgraph(path):
+    """select() is traceable: the public function's compiled branch works under torch.compile(fullgraph=True)."""
+    torch._dynamo.reset()
+    q, k, v = (path.leaf(x) for x in qkv(2, 7, 4, F32))
+    f = torch.compile(lambda a, b, c: aft_simple(a, b, c, True), fullgraph=True, backend="aot_eager")
+    with path.force():
+        y = f(q, k, v)
+        g = torch.autograd.grad(y.sum(), (k,))[0]
+    y2 = OPS.aft_simple_fwd(q, k, v, True)[0]
+    g2 = torch.autograd.grad(y2.sum(), (k,))[0]
+    assert maxabs(y, y2) < 1e-6 and maxabs(g, g2) < 1e-6
+
+
+def _bad_cases():
+    q, k, v = qkv(2, 7, 4, F32)
+    return [
+        ((q[0], k, v), ValueError, "q must have 3 dimensions, got shape (7, 4)"),
+        ((q, k[:, :5], v), ValueError, "k must have the shape of q (2, 7, 4), got (2, 5, 4)"),
+        (
+            (q, k.double(), v),
+            TypeError,
+            "q, k and v must share one dtype, got torch.float32, torch.float64, torch.float32",
+        ),
+    ]
+
+
+@COMPILED
+@pytest.mark.parametrize("idx", range(3))
+def test_bad_inputs_reach_compiled_checks(path, idx):
+    args, exc, msg = _bad_cases()[idx]
+    with pytest.raises(exc) as info:
+        path.fwd(OP, *args, False)
+    assert msg in str(info.value)
+
+
+@COMPILED
+def test_bad_lse_reaches_compiled_checks(path):
+    q, k, v = qkv(2, 7, 4, F32)
+    with pytest.raises(ValueError) as info:
+        path.bwd(OP, q, q, k, v, q, q[..., :2], False)
+    assert "lse must have the shape of q (2, 7, 4), got (2, 7, 2)" in str(info.value)
