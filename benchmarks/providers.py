@@ -13,9 +13,13 @@ Providers:
   aft-pytorch             aft-pytorch 0.2.2 modules (AFTFull / AFTSimple / AFTLocal)
   ea-pytorch              eager re-creations of External-Attention-pytorch's AFT_FULL (exp(k + w) built as a
                           (T, B, T, D) tensor) and ExternalAttention, as that repository writes them
-  timm                    eager re-creation of timm CaiT TalkingHeadAttn (materialises the (B, h, N, N) logits)
+  timm                    timm's own CaiT TalkingHeadAttn (timm.models.cait; materialises the (B, h, N, N) logits)
+                          when timm imports, else a re-creation of it, labelled "timm (re-created)"
+  fla                     flash-linear-attention's fused_recurrent_rwkv4 (Triton, CUDA only) with zero decay and
+                          zero bonus, times sigmoid(q): that is causal AFT-simple (see fla_rwkv4_as_aft_simple)
   sdpa                    standard multi-head attention, F.scaled_dot_product_attention at the same (B, T, D),
-                          heads = D // 64: what a user would pick instead
+                          heads = D // 64: what a user would pick instead. It computes another function, so its
+                          rows have times but no speed-up or fraction of floor
 """
 from __future__ import annotations
 
@@ -31,7 +35,10 @@ import torch.nn.functional as F
 
 from .shapes import Case
 
-PROVIDERS = ("python", "compiled", "torch.compile(python)", "aft-pytorch", "ea-pytorch", "timm", "sdpa")
+PROVIDERS = ("python", "compiled", "torch.compile(python)", "aft-pytorch", "ea-pytorch", "timm", "fla", "sdpa")
+
+# providers that compute another function than the case (a speed-up or a fraction of floor would mean nothing)
+OTHER_FUNCTION = frozenset({"sdpa"})
 
 # Which compiled op (torch.ops.attnfree.<name>) each case runs on when the compiled path is taken.
 COMPILED_OP = {
@@ -50,7 +57,7 @@ COMPILED_OP = {
 APPLIES = {
     "aft_full": ("python", "compiled", "torch.compile(python)", "ea-pytorch", "sdpa"),
     "aft_local": ("python", "compiled", "torch.compile(python)", "sdpa"),
-    "aft_simple": ("python", "compiled", "torch.compile(python)", "ea-pytorch", "sdpa"),
+    "aft_simple": ("python", "compiled", "torch.compile(python)", "ea-pytorch", "fla", "sdpa"),
     "aft_conv2d": ("python", "compiled", "torch.compile(python)", "sdpa"),
     "ea_double_norm": ("python", "compiled", "torch.compile(python)", "ea-pytorch"),
     "talking_heads_attention": ("python", "compiled", "torch.compile(python)", "timm", "sdpa"),
@@ -74,6 +81,7 @@ class Unavailable(Exception):
 class Runnable:
     fn: Callable[[], torch.Tensor]
     grad_targets: list
+    impl: str | None = None  # what exactly runs, when the provider name alone does not say it (e.g. a re-creation)
 
 
 def providers_for(case: Case, wanted=None) -> list[str]:
@@ -217,8 +225,50 @@ def timm_talking_heads_core(q, k, v, pre_w, post_w, pre_b, post_b):
     return attn @ v
 
 
+def timm_talking_head_attn_class():
+    """(timm.models.cait.TalkingHeadAttn, None) when timm imports, else (None, the reason). timm imports
+    torchvision, which fails to load with a torch it was not built for (e.g. PyPI's torchvision with a CPU torch):
+    any exception means "not usable"."""
+    try:
+        from timm.models.cait import TalkingHeadAttn
+    except Exception as e:  # noqa: BLE001
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        return None, f"timm not importable ({type(e).__name__}: {first})" if first else "timm not installed"
+    return TalkingHeadAttn, None
+
+
+class _Packed(nn.Module):
+    """Stands in for timm's qkv Linear: returns the (B, N, 3 * C) tensor given to the benchmark as input."""
+
+    def __init__(self, packed):
+        super().__init__()
+        self.packed = packed
+
+    def forward(self, x):
+        return self.packed
+
+
+def timm_talking_heads_op(q, k, v, pre_w, post_w, pre_b, post_b, cls):
+    """timm's own TalkingHeadAttn.forward between its qkv and proj Linears, on the benchmark's q, k, v: returns
+    (fn, grad targets). qkv is replaced by the packed q, k, v (timm's layout) and proj by Identity."""
+    B, h, N, dh = q.shape
+    mod = cls(h * dh, num_heads=h).to(device=q.device, dtype=q.dtype)
+    with torch.no_grad():
+        mod.proj_l.weight.copy_(pre_w)
+        mod.proj_l.bias.copy_(pre_b)
+        mod.proj_w.weight.copy_(post_w)
+        mod.proj_w.bias.copy_(post_b)
+    packed = torch.stack([q, k, v]).permute(1, 3, 0, 2, 4).reshape(B, N, 3 * h * dh).detach().requires_grad_(True)
+    mod.qkv = _Packed(packed)
+    mod.proj = nn.Identity()
+    x = torch.empty(B, N, h * dh, device=q.device, dtype=q.dtype)
+    params = [mod.proj_l.weight, mod.proj_l.bias, mod.proj_w.weight, mod.proj_w.bias]
+    return (lambda: mod(x)), [packed] + params
+
+
 class TimmTalkingHeadAttn(nn.Module):
-    """timm/models/cait.py TalkingHeadAttn, re-created as written there (dropout 0)."""
+    """timm/models/cait.py TalkingHeadAttn, re-created as written there (dropout 0): the fallback when timm does not
+    import."""
 
     def __init__(self, dim, num_heads=8, qkv_bias=False):
         super().__init__()
@@ -260,6 +310,22 @@ class SDPABlock(nn.Module):
     def forward(self, x):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         return self.proj(sdpa_tokens(q, k, v, self.causal))
+
+
+def fla_rwkv4_as_aft_simple(rwkv4, q, k, v):
+    """Causal AFT-simple through an RWKV-4 WKV kernel with ``rwkv4(w, u, k, v, state) -> (wkv, state_out)``, as
+    flash-linear-attention's fla.ops.rwkv4.fused_recurrent_rwkv4 defines it: with per-channel log-decay -exp(w) and
+    bonus u, wkv_t = (sum_{i<t} e^{-(t-1-i) exp(w) + k_i} v_i + e^{u + k_t} v_t) / (same without v), the state
+    (B, 3, 1, D) holding (alpha, beta, eps) = (0, 0, -inf) at the start. exp(w) = 0 (w = -1e4: no decay) and u = 0
+    make it sum_{i<=t} e^{k_i} v_i / sum_{i<=t} e^{k_i}; AFT-simple multiplies that by sigmoid(q)."""
+    B, T, D = k.shape
+    w = torch.full((D,), -1e4, device=k.device, dtype=torch.float32)
+    u = torch.zeros(D, device=k.device, dtype=torch.float32)
+    sdt = torch.float32 if k.dtype in (torch.float16, torch.float32) else k.dtype
+    state = torch.zeros(B, 3, 1, D, device=k.device, dtype=sdt)
+    state[:, 2] = -1e38
+    wkv, _ = rwkv4(w, u, k, v, state)
+    return torch.sigmoid(q) * wkv.to(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------- building
@@ -318,7 +384,8 @@ def _ref_module(case: Case, provider: str):
         if case.name == "mod_external_attention":
             return EAPytorchExternalAttention(p["d_model"], S=p["S"])
     if provider == "timm" and case.name == "mod_talking_heads":
-        return TimmTalkingHeadAttn(p["dim"], p["num_heads"])
+        cls, _ = timm_talking_head_attn_class()
+        return (cls or TimmTalkingHeadAttn)(p["dim"], num_heads=p["num_heads"])
     if provider == "sdpa":
         dim = p.get("dim", p.get("d_model"))
         return SDPABlock(dim, p.get("hidden_dim", dim))
@@ -364,6 +431,7 @@ def build(case: Case, provider: str, device: torch.device, dtype: torch.dtype) -
         force = _nullctx
 
     p = case.p
+    impl = None
     if case.kind == "op":
         inputs, kw = make_inputs(case, device, dtype)
         if ours:
@@ -393,7 +461,23 @@ def build(case: Case, provider: str, device: torch.device, dtype: torch.dtype) -
                 f = ea_pytorch_double_norm
             kw = {}
         elif provider == "timm":
-            f = timm_talking_heads_core
+            cls, why = timm_talking_head_attn_class()
+            if cls is None:
+                f, impl = timm_talking_heads_core, f"re-created: {why}"
+            else:
+                fn, targets = timm_talking_heads_op(*inputs, cls)
+                return Runnable(fn, targets, "timm.models.cait.TalkingHeadAttn")
+        elif provider == "fla":
+            if not p["causal"]:
+                raise Unavailable("n/a: fla's fused_recurrent_rwkv4 is causal only")
+            if device.type != "cuda":
+                raise Unavailable("unavailable: fla's fused_recurrent_rwkv4 is a Triton kernel, CUDA only")
+            try:
+                from fla.ops.rwkv4 import fused_recurrent_rwkv4
+            except Exception as e:  # noqa: BLE001
+                raise Unavailable(f"unavailable: flash-linear-attention (fla) not importable ({type(e).__name__})")
+            f = lambda q, k, v, **kw_: fla_rwkv4_as_aft_simple(fused_recurrent_rwkv4, q, k, v)  # noqa: E731
+            kw = {}
         else:
             raise Unavailable(f"{provider} has no {case.name}")
 
@@ -401,13 +485,17 @@ def build(case: Case, provider: str, device: torch.device, dtype: torch.dtype) -
             with force():
                 return f(*inputs, **kw)
 
-        return Runnable(fn, [t for t in inputs if t.requires_grad])
+        return Runnable(fn, [t for t in inputs if t.requires_grad], impl)
 
     # modules
     if ours:
         mod = _ours_module(case)
     else:
         mod = _ref_module(case, provider)
+        if isinstance(mod, TimmTalkingHeadAttn):
+            impl = f"re-created: {timm_talking_head_attn_class()[1]}"
+        elif provider == "timm":
+            impl = "timm.models.cait.TalkingHeadAttn"
     mod = mod.to(device=device, dtype=dtype)
     if provider == "torch.compile(python)":
         mod = torch.compile(mod)
@@ -417,4 +505,4 @@ def build(case: Case, provider: str, device: torch.device, dtype: torch.dtype) -
         with force():
             return mod(x)
 
-    return Runnable(fn, [x] + [q for q in mod.parameters() if q.requires_grad])
+    return Runnable(fn, [x] + [q for q in mod.parameters() if q.requires_grad], impl)

@@ -59,43 +59,94 @@ def work(case: Case, mode: str, es: int):
     return None
 
 
+TABLE_WIDTH = 120
+MODE_TITLES = {"fwd": "forward", "fwdbwd": "forward + backward"}
+MEM_FLOOR_MIB = 0.01  # the plot's lowest memory value (log axis; the CPU estimate is often 0)
+
+
 def fmt_bytes(b):
     if b is None:
         return "n/a"
     return f"{b / 2**20:.1f}"
 
 
-def _rate_str(r):
-    if r.get("rate") is None:
-        return "-"
-    if r["rate_unit"] == "GB/s":
-        return f"{r['rate']:.1f} GB/s"
-    return f"{r['rate']:.3f} TFLOP/s"
+def fmt_ms(t):
+    ms = t * 1e3
+    return f"{ms:.3f}" if ms < 10 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}" if ms < 1000 else f"{ms:.0f}"
 
 
-def table(results: list[dict]) -> str:
-    """Plain-text table: one row per (case, mode, provider); speedup = python time / this time (same run)."""
-    head = ("op / module", "shape", "mode", "provider", "median ms", "peak MiB", "achieved", "of floor", "vs python")
-    rows = []
+def provider_label(r) -> str:
+    """The provider's name, marked when what ran is a re-creation of the public code rather than the code itself."""
+    return r["provider"] + (" (re-created)" if str(r.get("impl", "")).startswith("re-created") else "")
+
+
+def comparable(r) -> bool:
+    """Speed-ups and fractions of floor only for providers that compute the case's own function."""
+    from .providers import OTHER_FUNCTION
+
+    return r["provider"] not in OTHER_FUNCTION
+
+
+def table(results: list[dict], width: int = TABLE_WIDTH) -> str:
+    """Plain-text table, at most ``width`` columns: one section per case (op or module at one shape), one line per
+    provider, one column group per mode. A status (unavailable, skipped, error, oom) is a numbered footnote.
+    "vs python" = the python path's time / this time, same run (> 1 is faster); "of floor" = achieved bytes/s or
+    FLOP/s against the machine's copy / matmul rate. Both only where the provider computes the case's function."""
+    import textwrap
+
+    modes = [m for m in MODE_TITLES if any(r["mode"] == m for r in results)]
     py = {(r["case"], r["shape"], r["mode"]): r["time_s"] for r in results
           if r["provider"] == "python" and r["status"] == "ok"}
+    notes: dict[str, int] = {}
+
+    def note(msg):
+        return f"[{notes.setdefault(msg, len(notes) + 1)}]"
+
+    cells_w = (9, 8, 8, 9)  # median ms, peak MiB, of floor, vs python
+    cols = ("median ms", "peak MiB", "of floor", "vs python")
+    sections: dict[tuple, dict] = {}  # (case, shape) -> provider label -> mode -> row
     for r in results:
-        if r["status"] == "ok":
-            base = py.get((r["case"], r["shape"], r["mode"]))
-            rows.append((
-                r["case"], r["shape"], r["mode"], r["provider"],
-                f"{r['time_s'] * 1e3:.3f}", fmt_bytes(r.get("peak_bytes")), _rate_str(r),
-                "-" if r.get("floor_fraction") is None else f"{100 * r['floor_fraction']:.1f}%",
-                "-" if base is None else f"{base / r['time_s']:.2f}x",
-            ))
-        else:
-            rows.append((r["case"], r["shape"], r["mode"], r["provider"], r["status"][:90], "", "", "", ""))
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)] if rows else [len(h) for h in head]
-    # let the status text of failed rows spill over instead of widening the time column
-    widths[4] = max(len(head[4]), max((len(r[4]) for r in rows if r[5] != ""), default=0))
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    out = [line(head), line(["-" * w for w in widths])]
-    out += [line(r) for r in rows]
+        sections.setdefault((r["case"], r["shape"]), {}).setdefault(provider_label(r), {})[r["mode"]] = r
+    pw = max([len("provider")] + [len(p) + 7 if "(re-created)" in p else len(p) + 2
+                                  for sec in sections.values() for p in sec])
+
+    def cells(r):
+        if r is None:
+            return ["", "", "", ""]
+        if r["status"] != "ok":
+            return [note(f"{provider_label(r)}: {r['status']}"), "", "", ""]
+        base = py.get((r["case"], r["shape"], r["mode"]))
+        ok = comparable(r)
+        ff = r.get("floor_fraction")
+        return [
+            fmt_ms(r["time_s"]),
+            fmt_bytes(r.get("peak_bytes")),
+            f"{100 * ff:.1f}%" if ok and ff is not None and math.isfinite(ff) else "-",
+            f"{base / r['time_s']:.2f}x" if ok and base is not None and r["provider"] != "python" else "-",
+        ]
+
+    group_w = sum(cells_w) + 2 * (len(cells_w) - 1)
+    head1 = " " * pw + "".join("   " + f" {MODE_TITLES[m]} ".center(group_w, "-") for m in modes)
+    head2 = "provider".ljust(pw) + "".join(
+        "   " + "  ".join(c.rjust(w) for c, w in zip(cols, cells_w)) for _ in modes)
+    out = [head1, head2]
+    kinds = {"aft_full": "FLOPs vs matmul", "talking_heads_attention": "FLOPs vs matmul"}
+    for (case, shape), provs in sections.items():
+        kind = kinds.get(case, "bytes vs copy" if case in MEMORY_BOUND else None)
+        out.append((f"{case}  {shape}" + (f"   (floor: {kind})" if kind else ""))[:width])
+        for label, by_mode in provs.items():
+            impl = next((str(r.get("impl")) for r in by_mode.values() if r.get("impl")), "")
+            mark = f" {note(f'{label}: {impl}')}" if impl.startswith("re-created") else ""
+            line = ("  " + label + mark).ljust(pw)
+            for m in modes:
+                c = cells(by_mode.get(m))
+                line += "   " + "  ".join(x.rjust(w) for x, w in zip(c, cells_w))
+            out.append(line.rstrip())
+    if notes:
+        out.append("")
+        for msg, n in notes.items():
+            out += textwrap.wrap(msg, width=width, initial_indent=f"[{n}] ".ljust(5),
+                                 subsequent_indent=" " * 5, break_on_hyphens=False)
     return "\n".join(out)
 
 
@@ -114,46 +165,66 @@ def _group_key(r):
 
 
 def write_png(path: str, meta: dict, results: list[dict]) -> bool:
-    """Time and peak memory vs sequence length, one row per op/module configuration. False when nothing to plot."""
+    """Time and peak memory vs sequence length, one row of two panels per op/module configuration, each panel with
+    its own title and legend (colour = provider, line style = mode). False when nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     ok = [r for r in results if r["status"] == "ok"]
     groups = sorted({_group_key(r) for r in ok})
     if not groups:
         return False
-    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 2.6 * len(groups)), squeeze=False)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 2.9 * len(groups) + 0.6), squeeze=False,
+                             layout="constrained")
     styles = {"fwd": "-", "fwdbwd": "--"}
     from .providers import PROVIDERS
 
     colors = {p: f"C{i}" for i, p in enumerate(PROVIDERS)}
     for row, g in zip(axes, groups):
         rs = [r for r in ok if _group_key(r) == g]
-        lines = sorted({(r["provider"], r["mode"]) for r in rs})
-        for prov, mode in lines:
-            pts = sorted((r["x"], r["time_s"], r.get("peak_bytes")) for r in rs
-                         if r["provider"] == prov and r["mode"] == mode)
-            xs = [p[0] for p in pts]
-            row[0].plot(xs, [p[1] * 1e3 for p in pts], styles.get(mode, "-"), marker="o", ms=3,
-                        color=colors.get(prov), label=f"{prov} {mode}")
-            mem = [(p[0], p[2] / 2**20) for p in pts if p[2] is not None]
-            if mem:
-                row[1].plot([m[0] for m in mem], [max(m[1], 1e-3) for m in mem], styles.get(mode, "-"),
-                            marker="o", ms=3, color=colors.get(prov), label=f"{prov} {mode}")
-        row[0].set_title(g, fontsize=8)
-        row[0].set_ylabel("median ms")
-        row[1].set_ylabel("peak MiB")
-        for ax in row:
-            ax.set_xlabel("tokens (T / N / H*W)")
+        batch = sorted({r["params"].get("B") for r in rs if r["params"].get("B") is not None})
+        labels = sorted({provider_label(r) for r in rs}, key=lambda lab: PROVIDERS.index(lab.split(" (")[0]))
+        xs_all = sorted({r["x"] for r in rs})
+        for lab in labels:
+            for mode in styles:
+                pts = sorted((r["x"], r["time_s"], r.get("peak_bytes")) for r in rs
+                             if provider_label(r) == lab and r["mode"] == mode)
+                if not pts:
+                    continue
+                color = colors.get(lab.split(" (")[0])
+                row[0].plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], styles[mode], marker="o", ms=3,
+                            color=color)
+                mem = [(p[0], p[2] / 2**20) for p in pts if p[2] is not None]
+                if mem:
+                    row[1].plot([m[0] for m in mem], [max(m[1], MEM_FLOOR_MIB) for m in mem], styles[mode],
+                                marker="o", ms=3, color=color)
+        handles = [Line2D([], [], color=colors.get(lab.split(" (")[0]), marker="o", ms=3, label=lab)
+                   for lab in labels]
+        handles += [Line2D([], [], color="0.3", ls=styles[m], label=MODE_TITLES[m])
+                    for m in styles if any(r["mode"] == m for r in rs)]
+        name = g.split(" ", 1)
+        desc = name[0] + (f" ({name[1]})" if len(name) > 1 and name[1] else "") + (f", B={batch[0]}" if batch else "")
+        if not any(r.get("peak_bytes") is not None for r in rs):
+            row[1].text(0.5, 0.5, "peak memory not measured", transform=row[1].transAxes, ha="center", fontsize=8)
+        for ax, what, unit in ((row[0], "median time", "ms per call"),
+                               (row[1], "peak memory", f"MiB per call (< {MEM_FLOOR_MIB} shown at {MEM_FLOOR_MIB})")):
+            ax.set_title(f"{desc}: {what}", fontsize=8.5, loc="left")
+            ax.set_ylabel(unit, fontsize=8)
+            ax.set_xlabel("sequence length (tokens: T, N or H*W)", fontsize=7.5)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            ax.set_xticks(xs_all, [str(x) for x in xs_all])
+            ax.minorticks_off()
             ax.grid(True, alpha=0.3)
             ax.tick_params(labelsize=7)
-        row[0].legend(fontsize=6, ncol=2)
-    fig.suptitle(f"attnfree_ext benchmark - {meta['device_name']} - {meta['dtype']} - {meta['date']}", fontsize=10)
-    fig.tight_layout()
+            ax.legend(handles=handles, fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                      borderaxespad=0.0, frameon=False)
+    commit = (meta.get("commit") or "?")[:12]
+    fig.suptitle(f"attnfree_ext benchmark, preset {meta.get('preset')}: {meta['device_name']}, {meta['dtype']}, "
+                 f"torch {meta.get('torch')}, commit {commit}, {meta['date']}", fontsize=9.5)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return True

@@ -7,12 +7,15 @@
 
 Prints a table at the end and writes bench_<device>_<date>.json / .png under --out (default benchmarks/results).
 A provider that is unavailable, fails or runs out of memory is reported in its row; the run goes on.
+Needs tqdm (progress bar; or --no-progress) and matplotlib (plot; or --no-plot): the [bench] extra,
+pip install -e ".[bench]" or ./dev bench. Both are checked at start-up.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import gc
+import importlib
 import os
 import platform
 import subprocess
@@ -48,6 +51,7 @@ def parse_args(argv=None):
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    ap.add_argument("--no-plot", action="store_true", help="no PNG (table and JSON only)")
     args = ap.parse_args(argv)
     for name, valid in ((args.ops, shapes.ALL), (args.providers, providers.PROVIDERS)):
         if name:
@@ -55,6 +59,41 @@ def parse_args(argv=None):
             if bad:
                 ap.error(f"unknown name(s) {bad}; choose from {', '.join(valid)}")
     return args
+
+
+def check_optional_packages(args) -> None:
+    """Fail at start-up, not after the run, when a package the options need is missing."""
+    need = []
+    if not args.no_progress:
+        need.append(("tqdm", "the progress bar", "--no-progress"))
+    if not args.no_plot:
+        need.append(("matplotlib", "the plot", "--no-plot"))
+    missing = []
+    for mod, what, flag in need:
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            missing.append(f"{mod} (for {what}; or pass {flag})")
+    if missing:
+        raise SystemExit("python -m benchmarks.run: missing " + ", ".join(missing) + ". Install the [bench] extra: "
+                         "pip install --no-build-isolation -e \".[bench]\"  (or run ./dev bench, which sets it all up)")
+
+
+def _load_average():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def busy_warning(dev: torch.device, own: float) -> str | None:
+    """On CPU, other processes on the cores make every timing unreliable (a descheduled OpenMP thread stalls each
+    parallel region): say so. ``own``: this run's share of the load average (its threads, at the end)."""
+    load, cores = _load_average(), os.cpu_count() or 1
+    if dev.type != "cpu" or load is None or load - own <= 0.5 * cores:
+        return None
+    return (f"the machine is busy (1-minute load average {load:.1f} on {cores} cores): other processes compete for "
+            "the cores and the CPU timings below are unreliable; rerun on an idle machine")
 
 
 def pick_device(name: str) -> torch.device:
@@ -87,6 +126,8 @@ def run_one(case, prov, modes, dev, dtype, args, timing, results, bar):
     try:
         torch.manual_seed(0)
         run = providers.build(case, prov, dev, dtype)
+        if run.impl:
+            base["impl"] = run.impl
     except providers.Unavailable as e:
         msg = str(e)
         status = msg if msg.split(":")[0] in ("unavailable", "skip", "n/a", "oom (predicted)") else f"unavailable: {msg}"
@@ -128,6 +169,7 @@ def run_one(case, prov, modes, dev, dtype, args, timing, results, bar):
         finally:
             step = None
             gc.collect()
+            gc.freeze()  # what survived (e.g. torch.compile's caches) is not scanned again
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
         results.append(row)
@@ -162,6 +204,7 @@ def source_commit() -> str | None:
 
 def main(argv=None):
     args = parse_args(argv)
+    check_optional_packages(args)
     dev = pick_device(args.device)
     if dev.type == "cpu":
         measure.release_freed_memory_to_os()
@@ -201,6 +244,7 @@ def main(argv=None):
         date=now.strftime("%Y-%m-%d %H:%M UTC"), argv=sys.argv[1:] if argv is None else list(argv),
         copy_rate_GBps=timing_floor["bytes"] / 1e9, gemm_rate_TFLOPs=timing_floor["flops"] / 1e12,
         reference_h100=dict(copy_TBps=3.0, bf16_gemm_TFLOPs=800),
+        load_average_start=_load_average(), cpu_count=os.cpu_count(),
         compiled_available={op: providers.compiled_status(op, dev) or "yes"
                             for op in sorted(set(providers.COMPILED_OP.values()))},
     )
@@ -208,6 +252,20 @@ def main(argv=None):
           f"CUDA {meta['cuda']}, commit {meta['commit']}", flush=True)
     print(f"# measured floors: copy {meta['copy_rate_GBps']:.1f} GB/s (read+write), "
           f"matmul {meta['gemm_rate_TFLOPs']:.3f} TFLOP/s ({meta['dtype']})", flush=True)
+    busy = busy_warning(dev, own=0.5)
+    if busy:
+        print(f"# WARNING: {busy}", flush=True)
+        meta["busy_warning"] = busy
+
+    # a full gc.collect() scans every object torch and the libraries keep (~0.2 s each, twice per measurement):
+    # import what the providers use, then freeze those objects out of the collector's scans
+    for mod in ("attnfree_ext", "attnfree_ext.compat", "aft_pytorch"):
+        try:
+            importlib.import_module(mod)
+        except Exception:  # noqa: BLE001 - a missing peer is reported in its rows
+            pass
+    gc.collect()
+    gc.freeze()
 
     tasks = [(c, p) for c in cases
              for p in providers.providers_for(c, None if wanted is None else wanted + list(extra.get(c, ())))]
@@ -226,6 +284,11 @@ def main(argv=None):
         run_one(case, prov, modes, dev, dtype, args, timing, results, bar)
     bar.close()
     meta["wall_s"] = time.perf_counter() - t_start
+    meta["load_average_end"] = _load_average()
+    busy_end = busy_warning(dev, own=torch.get_num_threads())
+    if busy_end:
+        print(f"# WARNING (end of run): {busy_end}", flush=True)
+        meta["busy_warning_end"] = busy_end
 
     print()
     print(report.table(results))
@@ -233,8 +296,9 @@ def main(argv=None):
     dslug = report.slug(torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu-{torch.get_num_threads()}t")
     jpath, ppath = report.result_paths(args.out, dslug, now.strftime("%Y%m%d-%H%M%S"))
     report.write_json(jpath, meta, results)
-    wrote_png = report.write_png(ppath, meta, results)
-    print(f"\nwrote {jpath}" + (f"\nwrote {ppath}" if wrote_png else " (no successful rows: no plot)"))
+    wrote_png = False if args.no_plot else report.write_png(ppath, meta, results)
+    print(f"\nwrote {jpath}" + (f"\nwrote {ppath}" if wrote_png else
+                                 " (--no-plot)" if args.no_plot else " (no successful rows: no plot)"))
     print(f"# {len(results)} measurements in {meta['wall_s']:.1f} s")
     return meta, results, jpath, (ppath if wrote_png else None)
 

@@ -98,15 +98,15 @@ def preset_quick():
 
 
 def preset_cpu_default():
-    """Every op and module at small realistic shapes (B=2, D=128, two lengths each for the plots).
+    """Every op and module at small realistic shapes (B=2, D=128), three sequence lengths each for the plots.
 
-    Sized for < 3 min on 2 idle cores. torch.compile(python) compiles every shape anew (about 12 s per shape and
-    mode on 2 cores), so the CPU default runs it on three op cases only (CPU_DEFAULT_COMPILE_CASES); add it
-    everywhere with --providers.
+    Sized for < 3 min on 2 cores. torch.compile(python) compiles every shape anew (seconds per shape and mode on
+    2 cores), so the CPU default runs it on three op cases only (CPU_DEFAULT_COMPILE_CASES); add it everywhere
+    with --providers.
     """
     out = []
     B, D = 2, 128
-    for T in (256, 512):
+    for T in (128, 256, 512):
         out += [
             case("aft_full", B=B, T=T, D=D, causal=False),
             case("aft_full", B=B, T=T, D=D, causal=True),
@@ -118,15 +118,14 @@ def preset_cpu_default():
             case("mod_aft_simple", B=B, T=T, dim=D, hidden_dim=D),
             case("mod_external_attention", B=B, N=T, d_model=D, S=64),
         ]
-    for side in (14, 24):  # ViT-like token grids: N = 196 and 576
+    for side in (8, 14, 24):  # ViT-like token grids: N = 64, 196 and 576
         out.append(case("aft_conv2d", B=B, D=64, H=side, W=side, heads=8, s=7))
         out.append(case("talking_heads_attention", B=B, h=4, N=side * side, dh=32))
-    out += [
-        case("mod_aft_local", B=B, T=256, dim=D, hidden_dim=D, s=32),  # aft-pytorch rebuilds w in a T^2 loop
-        case("mod_ea_aft_full", B=B, T=64, d_model=D),  # its (T, B, T, D) tensor grows as T^2
-        case("mod_ea_aft_full", B=B, T=196, d_model=D),
-        case("mod_talking_heads", B=B, N=196, dim=128, num_heads=4),  # CaiT-XXS-like
-    ]
+        out.append(case("mod_talking_heads", B=B, N=side * side, dim=128, num_heads=4))  # CaiT-XXS-like
+    for T in (64, 128, 256):
+        out.append(case("mod_aft_local", B=B, T=T, dim=D, hidden_dim=D, s=32))  # aft-pytorch: a T^2 Python loop
+    for T in (64, 128, 196):
+        out.append(case("mod_ea_aft_full", B=B, T=T, d_model=D))  # its (T, B, T, D) tensor grows as T^2
     return out
 
 
@@ -190,7 +189,7 @@ CPU_DEFAULT_COMPILE_CASES = frozenset({
 # providers each preset runs when --providers is not given (None: all that apply)
 DEFAULT_PROVIDERS = {
     "quick": None,
-    "cpu-default": ("python", "compiled", "aft-pytorch", "ea-pytorch", "timm", "sdpa"),
+    "cpu-default": ("python", "compiled", "aft-pytorch", "ea-pytorch", "timm", "fla", "sdpa"),
     "cpu-ops": ("python", "compiled"),
     "gpu-paper": None,
 }
