@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from ..common import composite as _composite
 from ..common import dispatch
 from ..common.checks import check_tensor
 from .compiled import CAPABILITY
@@ -54,6 +55,8 @@ def ea_double_norm(logits: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
     eps = float(eps)
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite float >= 0, got {eps}")
+    if _composite.transform_active(logits):  # forward-mode AD / functorch: no kernel formula (§6.1)
+        return _composite.ea_double_norm(logits, eps)
     if dispatch.select("ea_double_norm", logits) == "compiled":
         return torch.ops.attnfree.ea_double_norm_fwd(logits, eps)[0]
     return EADoubleNormFunction.apply(logits, eps)
