@@ -321,3 +321,96 @@ def test_timm_cait_builds_with_our_block():
     assert any(isinstance(m, TalkingHeadAttn) for m in model.modules())
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+# ------------------------------------------------------------------------------------------ torch.compile / export
+def _modules():
+    from attnfree_ext import nn as ann
+
+    tok = torch.randn(2, 6, 8)
+    return {
+        "AFTFull": (lambda: ann.AFTFull(8, 8), tok, True),
+        "AFTLocal": (lambda: ann.AFTLocal(8, 8, 2, causal=True), tok, True),
+        "AFTSimple": (lambda: ann.AFTSimple(8, causal=True), tok, True),
+        "AFTConv2d": (lambda: ann.AFTConv2d(8, 2, 3), torch.randn(2, 8, 3, 3), False),  # compiled = aft_full's
+        "ExternalAttention": (lambda: ann.ExternalAttention(8), tok, True),
+        "MultiHeadExternalAttention": (lambda: ann.MultiHeadExternalAttention(8, 2), tok, True),
+        "TalkingHeadAttention": (lambda: ann.TalkingHeadAttention(8, 2), tok, False),  # python only
+    }
+
+
+@pytest.mark.parametrize("name", list(_modules()))
+def test_module_torch_compile_fullgraph_and_export(name):
+    """fullgraph=True (static and dynamic=True, train and eval) matches eager on both paths; torch.export works."""
+    mk, x, _ = _modules()[name]
+    torch.manual_seed(0)
+    m = mk()
+    backends = ["python", "auto"] if dispatch.compiled_available() else ["python"]
+    for be in backends:
+        with attnfree_ext.force_backend(be):
+            for train, dynamic in ((True, False), (False, True)):  # both modes, both dynamic flags, 2 graphs
+                m.train(train)
+                want = m(x)
+                if True:
+                    torch._dynamo.reset()
+                    got = torch.compile(m, fullgraph=True, dynamic=dynamic, backend="aot_eager")(x)
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+                    got.sum().backward()
+            m.eval()
+            ep = torch.export.export(m, (x,))
+            torch.testing.assert_close(ep.module()(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_aft_conv2d_inductor():
+    """Inductor lowers AFTConv2d (the bias gather used to fail with 'vr must not be None')."""
+    from attnfree_ext import nn as ann
+
+    torch._dynamo.reset()
+    m = ann.AFTConv2d(4, 2, 3)
+    x = torch.randn(1, 4, 3, 3)
+    torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+def test_python_path_aft_full_fullgraph_and_export():
+    q, k, v = (torch.randn(2, 70, 3, requires_grad=True) for _ in range(3))  # T > 64: the tile loop runs
+    w = torch.randn(70, 70, requires_grad=True)
+    with attnfree_ext.force_backend("python"):
+        want = aft_full(q, k, v, w, causal=True)
+        torch._dynamo.reset()
+        got = torch.compile(lambda *a: aft_full(*a, causal=True), fullgraph=True, backend="aot_eager")(q, k, v, w)
+        torch.testing.assert_close(got, want)
+        g1 = torch.autograd.grad(got.sum(), (q, w))
+        g0 = torch.autograd.grad(want.sum(), (q, w))
+        for a, b in zip(g1, g0):
+            torch.testing.assert_close(a, b)
+
+        class M(torch.nn.Module):
+            def forward(self, q, k, v, w):
+                return aft_full(q, k, v, w)
+
+        ep = torch.export.export(M(), (q.detach(), k.detach(), v.detach(), w.detach()))
+        torch.testing.assert_close(ep.module()(q, k, v, w), aft_full(q, k, v, w))
+
+
+@pytest.mark.skipif(not dispatch.compiled_available(), reason="needs attnfree_ext._C")
+def test_backend_env_change_retraces(monkeypatch):
+    """ATTNFREE_BACKEND is read while tracing and guarded: changing it makes torch.compile re-trace onto the new path
+    (docs/design.md §6.2)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda q: aft_simple(q, q, q), fullgraph=True, backend=backend)
+    q = torch.randn(1, 4, 2)
+    monkeypatch.setenv("ATTNFREE_BACKEND", "compiled")
+    f(q)
+    monkeypatch.setenv("ATTNFREE_BACKEND", "python")
+    f(q)
+    monkeypatch.setenv("ATTNFREE_BACKEND", "compiled")
+    f(q)
+    assert len(graphs) == 2
+    assert "attnfree.aft_simple_fwd" in graphs[0] and "attnfree.aft_simple_fwd" not in graphs[1]

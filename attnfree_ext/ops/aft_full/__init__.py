@@ -16,7 +16,7 @@ from ..common import composite as _composite
 from ..common import dispatch
 from ..common.checks import check_bias, check_causal, check_factors, check_qkv
 from .compiled import CAPABILITY, LOWRANK_CAPABILITY
-from .reference import AFTFullFunction
+from .reference import AFTFullFunction, aft_full_fwd_traceable
 
 __all__ = ["aft_full", "aft_full_lowrank", "CAPABILITY", "LOWRANK_CAPABILITY"]
 
@@ -52,6 +52,8 @@ def aft_full(q, k, v, w, causal: bool = False):
         return _composite.aft_full(q, k, v, w, causal)
     if dispatch.select("aft_full", q, k, v, w) == "compiled":
         return torch.ops.attnfree.aft_full_fwd(q, k, v, w, causal)[0]
+    if torch.compiler.is_compiling():  # the data-dependent tile loop as one opaque op (fullgraph, export)
+        return aft_full_fwd_traceable(q, k, v, w, causal)[0].to(q.dtype)
     return AFTFullFunction.apply(q, k, v, w, causal)
 
 

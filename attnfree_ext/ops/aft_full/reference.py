@@ -287,3 +287,57 @@ class AFTFullFunction(torch.autograd.Function):
             return tuple(_composite.vjp(_composite.aft_full, (q, k, v, w, ctx.causal), ctx.needs_input_grad, dy))
         dq, dk, dv, dw = aft_full_bwd_ref(dy, q, k, v, w, y, lse, ctx.causal)
         return dq, dk, dv, dw, None
+
+
+# ---------------------------------------------------------------- the python path as an opaque op, for tracing
+# The tile loop is data-dependent (the exactness guard), so torch.compile(fullgraph=True) / torch.export cannot
+# trace it; under tracing the public function calls this custom op instead (docs/design.md §6.2).
+@torch.library.custom_op("attnfree_py::aft_full_fwd", mutates_args=())
+def aft_full_fwd_traceable(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, lse) of the python path, both in the compute dtype (y unrounded, as ``AFTFullFunction`` saves it)."""
+    y, lse = _forward(q, k, v, w, causal)
+    return y, lse
+
+
+@aft_full_fwd_traceable.register_fake
+def _(q, k, v, w, causal):
+    ct = compute_dtype(q.dtype)
+    return q.new_empty(q.shape, dtype=ct), q.new_empty(q.shape, dtype=ct)
+
+
+@torch.library.custom_op("attnfree_py::aft_full_bwd", mutates_args=())
+def aft_full_bwd_traceable(
+    dy: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    y: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return aft_full_bwd_ref(dy, q, k, v, w, y, lse, causal)
+
+
+@aft_full_bwd_traceable.register_fake
+def _(dy, q, k, v, w, y, lse, causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(w)
+
+
+def _traceable_setup(ctx, inputs, output):
+    q, k, v, w, causal = inputs
+    ctx.save_for_backward(q, k, v, w, *output)
+    ctx.causal = causal
+
+
+def _traceable_backward(ctx, dy, dlse):
+    q, k, v, w, y, lse = ctx.saved_tensors
+    if _composite.double_backward_active():
+        return tuple(_composite.vjp(_composite.aft_full, (q, k, v, w, ctx.causal), ctx.needs_input_grad, dy))
+    dq, dk, dv, dw = aft_full_bwd_traceable(dy.to(y.dtype), q, k, v, w, y, lse, ctx.causal)
+    return dq, dk, dv, dw, None
+
+
+aft_full_fwd_traceable.register_autograd(_traceable_backward, setup_context=_traceable_setup)

@@ -56,7 +56,7 @@ def _check(q, k, v, pre_weight, post_weight, pre_bias, post_bias, scale, dropout
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-        if not math.isfinite(float(scale)) or float(scale) <= 0:
+        if not 0 < scale < math.inf:  # rejects NaN too; traceable with a symbolic scale (dynamic=True)
             raise ValueError(f"scale must be a finite float > 0, got {scale}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
