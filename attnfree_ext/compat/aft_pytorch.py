@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from ..nn._validate import as_dtype_of, check_tokens
+from ..nn._validate import as_dtype_of, check_tokens, finite_real, positive_int
 from ..ops.aft_full import aft_full
 from ..ops.aft_local import aft_local
 from ..ops.aft_simple import aft_simple
@@ -38,9 +38,9 @@ __all__ = ["AFTFull", "AFTSimple", "AFTLocal"]
 class _AFTPytorchBase(nn.Module):
     def __init__(self, max_seqlen, dim, hidden_dim, with_bias: bool):
         super().__init__()
-        self.dim = dim
-        self.hidden_dim = hidden_dim
-        self.max_seqlen = max_seqlen
+        self.dim = positive_int("dim", dim)
+        self.hidden_dim = positive_int("hidden_dim", hidden_dim)
+        self.max_seqlen = positive_int("max_seqlen", max_seqlen)
         self.to_q = nn.Linear(dim, hidden_dim)
         self.to_k = nn.Linear(dim, hidden_dim)
         self.to_v = nn.Linear(dim, hidden_dim)
@@ -63,6 +63,8 @@ class AFTFull(_AFTPytorchBase):
     Differs from aft-pytorch only where its output is not finite (large |K + w|): ours stays finite.
 
     Raises:
+        TypeError / ValueError at construction: ``s`` not a finite real number (e.g. ``"2"``, NaN), sizes not
+            positive ints (each message names the argument).
         ValueError: x not (B, T, dim); T > max_seqlen (names max_seqlen).
     """
 
@@ -105,12 +107,14 @@ class AFTLocal(_AFTPytorchBase):
     gives AFT-simple.
 
     Raises:
+        TypeError / ValueError at construction: ``s`` not a finite real number (e.g. ``"2"``, NaN), sizes not
+            positive ints (each message names the argument).
         ValueError: x not (B, T, dim); T > max_seqlen (names max_seqlen).
     """
 
     def __init__(self, max_seqlen, dim, hidden_dim=64, s=256):
         super().__init__(max_seqlen, dim, hidden_dim, with_bias=True)
-        self.s = s
+        self.s = finite_real("s", s)
 
     def forward(self, x):
         q, k, v = self._qkv(x)

@@ -1,6 +1,7 @@
 """Drop-in replacement for timm's CaiT ``TalkingHeadAttn`` (``timm.models.cait.TalkingHeadAttn``).
 
-Same constructor signature ``(dim, num_heads=8, qkv_bias=False, attn_drop=0., proj_drop=0.)``, same parameter
+Same constructor signature as timm 1.0.31 ``(dim, num_heads=8, qkv_bias=False, attn_drop=0., proj_drop=0.,
+device=None, dtype=None)``, same parameter
 names and state_dict keys (``qkv``, ``proj``, ``proj_l``, ``proj_w``), same creation order and default init, and
 the same outputs (up to float rounding).
 """

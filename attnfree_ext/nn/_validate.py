@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
-__all__ = ["positive_int", "dropout_p", "check_tokens", "check_image", "as_dtype_of"]
+__all__ = ["positive_int", "finite_real", "dropout_p", "check_tokens", "check_image", "as_dtype_of"]
 
 
 def positive_int(name: str, value) -> int:
@@ -13,6 +16,16 @@ def positive_int(name: str, value) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def finite_real(name: str, value) -> float:
+    """A finite real number (TypeError for a non-number, a bool or a string; ValueError for NaN / inf). Returns it
+    as given (an int stays an int)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     return value
 
 

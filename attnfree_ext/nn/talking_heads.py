@@ -31,19 +31,20 @@ class TalkingHeadAttention(nn.Module):
         ValueError: dim % num_heads != 0, non-positive sizes, dropout outside [0, 1]; x not (B, N, dim).
     """
 
-    def __init__(self, dim, num_heads=8, qkv_bias=False, attn_drop=0.0, proj_drop=0.0):
+    def __init__(self, dim, num_heads=8, qkv_bias=False, attn_drop=0.0, proj_drop=0.0, device=None, dtype=None):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}  # timm >= 1.0 passes both (its factory kwargs)
         self.dim = positive_int("dim", dim)
         self.num_heads = positive_int("num_heads", num_heads)
         if self.dim % self.num_heads != 0:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
         self.head_dim = self.dim // self.num_heads
         self.scale = self.head_dim**-0.5
-        self.qkv = nn.Linear(self.dim, self.dim * 3, bias=bool(qkv_bias))
+        self.qkv = nn.Linear(self.dim, self.dim * 3, bias=bool(qkv_bias), **dd)
         self.attn_drop = nn.Dropout(dropout_p("attn_drop", attn_drop))
-        self.proj = nn.Linear(self.dim, self.dim)
-        self.proj_l = nn.Linear(self.num_heads, self.num_heads)
-        self.proj_w = nn.Linear(self.num_heads, self.num_heads)
+        self.proj = nn.Linear(self.dim, self.dim, **dd)
+        self.proj_l = nn.Linear(self.num_heads, self.num_heads, **dd)
+        self.proj_w = nn.Linear(self.num_heads, self.num_heads, **dd)
         self.proj_drop = nn.Dropout(dropout_p("proj_drop", proj_drop))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

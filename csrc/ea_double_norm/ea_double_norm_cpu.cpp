@@ -160,7 +160,8 @@ Tensor ea_double_norm_bwd(const Tensor& dout, const Tensor& logits, const Tensor
   check_tensor("lse", lse);
   check_tensor("rowsum", rowsum);
   const int64_t N = logits.size(-2), S = logits.size(-1);
-  const int64_t M = (N * S == 0) ? 0 : logits.numel() / (N * S);
+  // M = prod(leading dims): the (..., 1, S) statistics of an N = 0 input still have M * S elements
+  const int64_t M = c10::multiply_integers(logits.sizes().begin(), logits.sizes().end() - 2);
   TORCH_CHECK_VALUE(lse.numel() == M * S, "lse must have shape (..., 1, S) matching logits ", py_shape(logits.sizes()),
                     ", got ", py_shape(lse.sizes()));
   TORCH_CHECK_VALUE(rowsum.numel() == M * N, "rowsum must have shape (..., N, 1) matching logits ",

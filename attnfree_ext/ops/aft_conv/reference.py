@@ -34,7 +34,8 @@ def conv_bias(w: torch.Tensor, height: int, width: int) -> torch.Tensor:
     dx = xs[None, :] - xs[:, None]
     inside = (dy.abs() <= r) & (dx.abs() <= r)
     flat = (dy + r).clamp(0, s - 1) * s + (dx + r).clamp(0, s - 1)  # (HW, HW) index into w[i].flatten()
-    wb = w.reshape(heads, s * s)[:, flat]  # (heads, HW, HW); gather backward accumulates into w
+    # (heads, HW, HW); index_select's backward accumulates into w (and Inductor lowers it, unlike w[:, flat])
+    wb = w.reshape(heads, s * s).index_select(1, flat.flatten()).reshape(heads, *flat.shape)
     return wb.masked_fill(~inside[None], 0.0)
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import torch
 
+from ..common import composite as _composite
 from ..common import dispatch
 from ..common.checks import check_bias, check_causal, check_factors, check_qkv
 from .compiled import CAPABILITY, LOWRANK_CAPABILITY
-from .reference import AFTFullFunction
+from .reference import AFTFullFunction, aft_full_fwd_traceable
 
 __all__ = ["aft_full", "aft_full_lowrank", "CAPABILITY", "LOWRANK_CAPABILITY"]
 
@@ -47,8 +48,12 @@ def aft_full(q, k, v, w, causal: bool = False):
     check_qkv(q, k, v)
     check_bias(w, q)
     check_causal(causal)
+    if _composite.transform_active(q, k, v, w):  # forward-mode AD / functorch: no kernel formula (§6.1)
+        return _composite.aft_full(q, k, v, w, causal)
     if dispatch.select("aft_full", q, k, v, w) == "compiled":
         return torch.ops.attnfree.aft_full_fwd(q, k, v, w, causal)[0]
+    if torch.compiler.is_compiling():  # the data-dependent tile loop as one opaque op (fullgraph, export)
+        return aft_full_fwd_traceable(q, k, v, w, causal)[0].to(q.dtype)
     return AFTFullFunction.apply(q, k, v, w, causal)
 
 
@@ -71,6 +76,8 @@ def aft_full_lowrank(q, k, v, u, vb, causal: bool = False):
     check_qkv(q, k, v)
     check_factors(u, vb, q)
     check_causal(causal)
+    if _composite.transform_active(q, k, v, u, vb):
+        return _composite.aft_full(q, k, v, u @ vb.transpose(-1, -2), causal)
     if dispatch.select("aft_full_lowrank", q, k, v, u, vb) == "compiled":
         return torch.ops.attnfree.aft_full_lowrank_fwd(q, k, v, u, vb, causal)[0]
     w = u @ vb.transpose(-1, -2)

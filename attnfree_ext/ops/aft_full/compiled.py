@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common import composite as _composite
 from ..common import dispatch
 from ..common.capabilities import Capability, Input, Switch
 from ..common.fakes import aft_fwd_outputs, like
@@ -69,6 +70,8 @@ if dispatch.has_op("aft_full_fwd"):
 
     def _aft_full_backward(ctx, dy, dlse):
         q, k, v, w, y, lse = ctx.saved_tensors
+        if _composite.double_backward_active():  # create_graph=True: a differentiable gradient (§3)
+            return tuple(_composite.vjp(_composite.aft_full, (q, k, v, w, ctx.causal), ctx.needs_input_grad, dy))
         dq, dk, dv, dw = torch.ops.attnfree.aft_full_bwd(dy, q, k, v, w, y, lse, ctx.causal)
         return dq, dk, dv, dw, None
 
@@ -84,6 +87,9 @@ if dispatch.has_op("aft_full_lowrank_fwd"):
     def _aft_full_lowrank_bwd_fake(dy, q, k, v, u, vb, y, lse, causal):
         return like(q), like(q), like(q), like(u), like(vb)
 
+    def _lowrank_composite(q, k, v, u, vb, causal):
+        return _composite.aft_full(q, k, v, u @ vb.transpose(-1, -2), causal)
+
     def _aft_full_lowrank_setup(ctx, inputs, output):
         q, k, v, u, vb, causal = inputs
         y, lse = output
@@ -92,6 +98,8 @@ if dispatch.has_op("aft_full_lowrank_fwd"):
 
     def _aft_full_lowrank_backward(ctx, dy, dlse):
         q, k, v, u, vb, y, lse = ctx.saved_tensors
+        if _composite.double_backward_active():  # create_graph=True: a differentiable gradient (§3)
+            return tuple(_composite.vjp(_lowrank_composite, (q, k, v, u, vb, ctx.causal), ctx.needs_input_grad, dy))
         dq, dk, dv, du, dvb = torch.ops.attnfree.aft_full_lowrank_bwd(dy, q, k, v, u, vb, y, lse, ctx.causal)
         return dq, dk, dv, du, dvb, None
 

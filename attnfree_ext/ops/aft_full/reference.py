@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common import composite as _composite
 from ..common import tiles as _tiles
 from ..common.checks import check_bias, check_factors, check_qkv
 from ..common.dtypes import compute_dtype
@@ -78,7 +79,7 @@ def _forward(q, k, v, w, causal: bool):
     B, T, D = q.shape
     heads = 1 if w.dim() == 2 else w.shape[0]
     ct = compute_dtype(q.dtype)
-    if T == 0 or B * D == 0:  # as aft_local / aft_simple: nothing to reduce over
+    if T == 0 or B * D == 0 or q.device.type == "meta":  # nothing to reduce over / shapes only
         return torch.zeros(B, T, D, dtype=ct, device=q.device), torch.zeros(B, T, D, dtype=ct, device=q.device)
     kc, vc, wc = k.to(ct), v.to(ct), _heads_view(w).to(ct)
     Dh = D // heads
@@ -212,7 +213,7 @@ def aft_full_bwd_ref(dy, q, k, v, w, y, lse, causal: bool = False):
     check_qkv(q, k, v)
     check_bias(w, q)
     B, T, D = q.shape
-    if T == 0 or B * D == 0:  # as aft_local / aft_simple: nothing to reduce over
+    if T == 0 or B * D == 0 or q.device.type == "meta":  # nothing to reduce over / shapes only
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(w)
     dq, dk, dv, dw = _backward(dy, q, k, v, w, y, lse, causal)
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), dw.to(w.dtype)
@@ -280,8 +281,63 @@ class AFTFullFunction(torch.autograd.Function):
         return y.to(q.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         q, k, v, w, y, lse = ctx.saved_tensors
+        if _composite.double_backward_active():  # create_graph=True: a differentiable gradient (§3)
+            return tuple(_composite.vjp(_composite.aft_full, (q, k, v, w, ctx.causal), ctx.needs_input_grad, dy))
         dq, dk, dv, dw = aft_full_bwd_ref(dy, q, k, v, w, y, lse, ctx.causal)
         return dq, dk, dv, dw, None
+
+
+# ---------------------------------------------------------------- the python path as an opaque op, for tracing
+# The tile loop is data-dependent (the exactness guard), so torch.compile(fullgraph=True) / torch.export cannot
+# trace it; under tracing the public function calls this custom op instead (docs/design.md §6.2).
+@torch.library.custom_op("attnfree_py::aft_full_fwd", mutates_args=())
+def aft_full_fwd_traceable(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, lse) of the python path, both in the compute dtype (y unrounded, as ``AFTFullFunction`` saves it)."""
+    y, lse = _forward(q, k, v, w, causal)
+    return y, lse
+
+
+@aft_full_fwd_traceable.register_fake
+def _(q, k, v, w, causal):
+    ct = compute_dtype(q.dtype)
+    return q.new_empty(q.shape, dtype=ct), q.new_empty(q.shape, dtype=ct)
+
+
+@torch.library.custom_op("attnfree_py::aft_full_bwd", mutates_args=())
+def aft_full_bwd_traceable(
+    dy: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    y: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return aft_full_bwd_ref(dy, q, k, v, w, y, lse, causal)
+
+
+@aft_full_bwd_traceable.register_fake
+def _(dy, q, k, v, w, y, lse, causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(w)
+
+
+def _traceable_setup(ctx, inputs, output):
+    q, k, v, w, causal = inputs
+    ctx.save_for_backward(q, k, v, w, *output)
+    ctx.causal = causal
+
+
+def _traceable_backward(ctx, dy, dlse):
+    q, k, v, w, y, lse = ctx.saved_tensors
+    if _composite.double_backward_active():
+        return tuple(_composite.vjp(_composite.aft_full, (q, k, v, w, ctx.causal), ctx.needs_input_grad, dy))
+    dq, dk, dv, dw = aft_full_bwd_traceable(dy.to(y.dtype), q, k, v, w, y, lse, ctx.causal)
+    return dq, dk, dv, dw, None
+
+
+aft_full_fwd_traceable.register_autograd(_traceable_backward, setup_context=_traceable_setup)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common import composite as _composite
 from ..common import dispatch
 from ..common.checks import check_bias, check_causal, check_qkv, check_window
 from .compiled import CAPABILITY
@@ -50,8 +51,11 @@ def aft_local(
     """
     check_qkv(q, k, v)
     check_bias(w, q)
-    window = check_window(window)
+    # any positive int (sys.maxsize, 2**64): the band only ever covers T keys, and the compiled op takes an int64
+    window = min(check_window(window), max(q.shape[1], 1))
     check_causal(causal)
+    if _composite.transform_active(q, k, v, w):  # forward-mode AD / functorch: no kernel formula (§6.1)
+        return _composite.aft_local(q, k, v, w, window, causal)
     if dispatch.select("aft_local", q, k, v, w) == "compiled":
         return torch.ops.attnfree.aft_local_fwd(q, k, v, w, window, causal)[0]
     return AFTLocalFunction.apply(q, k, v, w, window, causal)

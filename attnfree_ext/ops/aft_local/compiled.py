@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common import composite as _composite
 from ..common import dispatch
 from ..common.capabilities import Capability, Input
 from ..common.fakes import aft_fwd_outputs, like
@@ -48,6 +49,10 @@ if dispatch.has_op("aft_local_fwd"):
 
     def _aft_local_backward(ctx, dy, dlse):
         q, k, v, w, y, lse = ctx.saved_tensors
+        if _composite.double_backward_active():  # create_graph=True: a differentiable gradient (§3)
+            return tuple(
+                _composite.vjp(_composite.aft_local, (q, k, v, w, ctx.window, ctx.causal), ctx.needs_input_grad, dy)
+            )
         dq, dk, dv, dw = torch.ops.attnfree.aft_local_bwd(dy, q, k, v, w, y, lse, ctx.window, ctx.causal)
         return dq, dk, dv, dw, None, None
 

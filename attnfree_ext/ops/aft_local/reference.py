@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from ..common import composite as _composite
 from ..common.dtypes import compute_dtype
 from ..common.scan import merge, prefix_summary, rows_after, rows_before, shift, suffix_summary
 
@@ -211,8 +212,11 @@ class AFTLocalFunction(torch.autograd.Function):
         return y.to(q.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         q, k, v, w, y, lse = ctx.saved_tensors
+        if _composite.double_backward_active():  # create_graph=True: a differentiable gradient (§3)
+            return tuple(
+                _composite.vjp(_composite.aft_local, (q, k, v, w, ctx.window, ctx.causal), ctx.needs_input_grad, dy)
+            )
         dq, dk, dv, dw = aft_local_bwd_ref(dy, q, k, v, w, y, lse, ctx.window, ctx.causal)
         return dq, dk, dv, dw, None, None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common import composite as _composite
 from ..common import dispatch
 from ..common.checks import check_causal, check_qkv
 from .compiled import CAPABILITY
@@ -40,6 +41,8 @@ def aft_simple(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
     """
     check_qkv(q, k, v)
     check_causal(causal)
+    if _composite.transform_active(q, k, v):  # forward-mode AD / functorch: no kernel formula (§6.1)
+        return _composite.aft_simple(q, k, v, causal)
     if dispatch.select("aft_simple", q, k, v) == "compiled":
         return torch.ops.attnfree.aft_simple_fwd(q, k, v, causal)[0]
     return AFTSimpleFunction.apply(q, k, v, causal)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common import composite as _composite
 from ..common import dispatch
 from ..common.capabilities import Capability, Input
 from ..common.fakes import aft_fwd_outputs, like
@@ -42,6 +43,8 @@ if dispatch.has_op("aft_simple_fwd"):
 
     def _aft_simple_backward(ctx, dy, dlse):
         q, k, v, y, lse = ctx.saved_tensors
+        if _composite.double_backward_active():  # create_graph=True: a differentiable gradient (§3)
+            return tuple(_composite.vjp(_composite.aft_simple, (q, k, v, ctx.causal), ctx.needs_input_grad, dy))
         dq, dk, dv = torch.ops.attnfree.aft_simple_bwd(dy, q, k, v, y, lse, ctx.causal)
         return dq, dk, dv, None
 

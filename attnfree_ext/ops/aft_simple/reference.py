@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common import composite as _composite
 from ..common.dtypes import compute_dtype
 from ..common.scan import prefix_summary, rows_after
 
@@ -94,8 +95,9 @@ class AFTSimpleFunction(torch.autograd.Function):
         return y.to(q.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         q, k, v, y, lse = ctx.saved_tensors
+        if _composite.double_backward_active():  # create_graph=True: a differentiable gradient (§3)
+            return tuple(_composite.vjp(_composite.aft_simple, (q, k, v, ctx.causal), ctx.needs_input_grad, dy))
         dq, dk, dv = aft_simple_bwd_ref(dy, q, k, v, y, lse, ctx.causal)
         return dq, dk, dv, None

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from ..common import composite as _composite
 from ..common import dispatch
 from ..common.checks import check_tensor
 from .compiled import CAPABILITY
@@ -52,8 +53,10 @@ def ea_double_norm(logits: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
     eps = float(eps)
-    if not math.isfinite(eps) or eps < 0:
+    if not 0 <= eps < math.inf:  # comparisons (not math.isfinite): traceable with a symbolic eps (dynamic=True)
         raise ValueError(f"eps must be a finite float >= 0, got {eps}")
+    if _composite.transform_active(logits):  # forward-mode AD / functorch: no kernel formula (§6.1)
+        return _composite.ea_double_norm(logits, eps)
     if dispatch.select("ea_double_norm", logits) == "compiled":
         return torch.ops.attnfree.ea_double_norm_fwd(logits, eps)[0]
     return EADoubleNormFunction.apply(logits, eps)

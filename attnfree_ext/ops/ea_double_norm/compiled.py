@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common import composite as _composite
 from ..common import dispatch
 from ..common.capabilities import Capability, Input
 from ..common.dtypes import compute_dtype
@@ -46,9 +47,12 @@ if dispatch.has_op("ea_double_norm_fwd"):
         logits, eps = inputs
         out, lse, rowsum = output
         ctx.save_for_backward(logits, out, lse, rowsum)
+        ctx.eps = eps
 
     def _ea_double_norm_backward(ctx, dout, dlse, drowsum):
         logits, out, lse, rowsum = ctx.saved_tensors
+        if _composite.double_backward_active():  # create_graph=True: a differentiable gradient (§3)
+            return tuple(_composite.vjp(_composite.ea_double_norm, (logits, ctx.eps), ctx.needs_input_grad, dout))
         return torch.ops.attnfree.ea_double_norm_bwd(dout, logits, out, lse, rowsum), None
 
     torch.library.register_autograd(

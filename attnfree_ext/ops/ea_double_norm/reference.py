@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from ..common import composite as _composite
 from ..common.dtypes import compute_dtype
 
 __all__ = ["ea_double_norm_fwd_ref", "ea_double_norm_bwd_ref", "EADoubleNormFunction"]
@@ -82,10 +83,12 @@ class EADoubleNormFunction(torch.autograd.Function):
         out, lse, rowsum = _forward(logits, eps)
         # out stays in the compute dtype (docs/design.md §3): the backward uses it in place of p / rowsum
         ctx.save_for_backward(logits, out, lse, rowsum)
+        ctx.eps = eps
         return out.to(logits.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         logits, out, lse, rowsum = ctx.saved_tensors
+        if _composite.double_backward_active():  # create_graph=True: a differentiable gradient (§3)
+            return tuple(_composite.vjp(_composite.ea_double_norm, (logits, ctx.eps), ctx.needs_input_grad, dout))
         return ea_double_norm_bwd_ref(dout, logits, out, lse, rowsum), None

@@ -5,6 +5,7 @@ it on torch's ``scaled_dot_product_attention`` (docs/design.md §4, §6).
 
 from __future__ import annotations
 
+import math
 import numbers
 
 from ..common import dispatch
@@ -50,9 +51,13 @@ def _check(q, k, v, pre_weight, post_weight, pre_bias, post_bias, scale, dropout
     check_same_device(
         q=q, k=k, v=v, pre_weight=pre_weight, post_weight=post_weight, pre_bias=pre_bias, post_bias=post_bias
     )
+    if d < 1:
+        raise ValueError(f"q and k must have a head dim d >= 1, got shape {tuple(q.shape)}")
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        if not 0 < scale < math.inf:  # rejects NaN too; traceable with a symbolic scale (dynamic=True)
+            raise ValueError(f"scale must be a finite float > 0, got {scale}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= float(dropout_p) <= 1.0:
@@ -94,6 +99,7 @@ def talking_heads_attention(q, k, v, pre_weight, post_weight, pre_bias=None, pos
             different devices, dropout_p outside [0, 1].
     """
     _check(q, k, v, pre_weight, post_weight, pre_bias, post_bias, scale, dropout_p)
+    dispatch.select("talking_heads_attention", q, k, v)  # python only: raises where 'compiled' is forced (§6.2)
     dropout_p = float(dropout_p)
     if dropout_p > 0:
         return talking_heads_attention_eager(q, k, v, pre_weight, post_weight, pre_bias, post_bias, scale, dropout_p)

@@ -59,6 +59,8 @@ def _attention_without_nxm(q, k, v):
     """``softmax(q k^T) v`` (scale 1) through a fused SDPA kernel (flash / memory-efficient / cuDNN: no N x M
     tensor, forward or backward). SDPA would otherwise fall back silently to its math kernel, which builds the
     N x M scores; where no fused kernel takes these inputs we chunk the queries instead."""
+    if torch.compiler.is_compiling():  # the compiler picks the SDPA kernel (and traces no try / warnings)
+        return F.scaled_dot_product_attention(q, k, v, scale=1.0)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # SDPA's "kernel X not used because ..." notes
@@ -116,6 +118,11 @@ def talking_heads_attention_ref(q, k, v, pre_weight, post_weight, pre_bias=None,
     kf = kf.expand(B, h, M, width)  # expanded, not copied
     vf = vf.expand(B, h, M, width)
     o = _attention_without_nxm(qm, kf, vf)[..., : h * dv]  # (B, h_j, N, h_i * dv)
+    # docs/design.md §7 rule 2: the fused CPU kernels skip a NaN logit in their running max; a NaN (or inf) in q,
+    # pre_weight or scale reaches every head of its query row, one in k every output of its batch entry, as in the
+    # eager form (0 * x is 0 for finite x, NaN otherwise)
+    poison = (qm * 0).sum(dim=(1, 3))[:, None, :, None] + (kf[:, :1] * 0).sum(dim=(2, 3))[:, :, None, None]
+    o = o + poison
     out = torch.einsum("ij,bjnid->bind", post_weight.to(ct), o.reshape(B, h, N, h, dv))
     if post_bias is not None:
         out = out + post_bias.to(ct)[None, :, None, None] * v.to(ct).sum(dim=2, keepdim=True)

@@ -1,0 +1,416 @@
+"""Adversarial-user issue: autograd transforms, non-finite inputs, empty / meta tensors, argument checks, dispatch.
+
+One test per row of the issue, each over the paths (python, compiled CPU, CUDA where present) via the ``path``
+fixture; float64 oracles from tests/common/oracles.py.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import attnfree_ext
+from attnfree_ext.ops.aft_conv import aft_conv2d
+from attnfree_ext.ops.aft_full import aft_full
+from attnfree_ext.ops.aft_local import aft_local
+from attnfree_ext.ops.aft_simple import aft_simple
+from attnfree_ext.ops.common import dispatch
+from attnfree_ext.ops.ea_double_norm import ea_double_norm
+from attnfree_ext.ops.talking_heads import talking_heads_attention
+from common import oracles
+
+F64 = torch.float64
+
+# (name, public fn over (q, k, v, w), oracle, capability name)
+AFT_CASES = [
+    ("aft_full", lambda q, k, v, w: aft_full(q, k, v, w), lambda q, k, v, w: oracles.aft(q, k, v, w), "aft_full"),
+    (
+        "aft_full_causal",
+        lambda q, k, v, w: aft_full(q, k, v, w, causal=True),
+        lambda q, k, v, w: oracles.aft(q, k, v, w, causal=True),
+        "aft_full",
+    ),
+    (
+        "aft_local",
+        lambda q, k, v, w: aft_local(q, k, v, w, 2),
+        lambda q, k, v, w: oracles.aft_local(q, k, v, w, 2),
+        "aft_local",
+    ),
+    (
+        "aft_local_causal",
+        lambda q, k, v, w: aft_local(q, k, v, w, 2, causal=True),
+        lambda q, k, v, w: oracles.aft_local(q, k, v, w, 2, causal=True),
+        "aft_local",
+    ),
+    (
+        "aft_simple",
+        lambda q, k, v, w: aft_simple(q, k, v) + 0 * w.sum(),
+        lambda q, k, v, w: oracles.aft_simple(q, k, v) + 0 * w.sum(),
+        "aft_simple",
+    ),
+    (
+        "aft_simple_causal",
+        lambda q, k, v, w: aft_simple(q, k, v, causal=True) + 0 * w.sum(),
+        lambda q, k, v, w: oracles.aft_simple(q, k, v, causal=True) + 0 * w.sum(),
+        "aft_simple",
+    ),
+]
+AFT_IDS = [c[0] for c in AFT_CASES]
+
+
+def _qkvw(path, B=2, T=5, D=4, dtype=F64):
+    q, k, v = (torch.randn(B, T, D, dtype=dtype) for _ in range(3))
+    w = torch.randn(T, T, dtype=dtype)
+    return [path.leaf(x) for x in (q, k, v, w)]
+
+
+def _skip_unless(path, op):
+    if (
+        path.compiled
+        and op not in [o for o in dispatch.ops()]
+        or (path.compiled and path.device not in dispatch.kernel_devices(op))
+    ):
+        pytest.skip(f"no compiled {path.device} kernel for {op}")
+
+
+# ------------------------------------------------------------------------------------------ double backward
+@pytest.mark.paths(op="aft_full")
+@pytest.mark.parametrize("case", AFT_CASES, ids=AFT_IDS)
+def test_double_backward_gradgradcheck(path, case):
+    """gradgradcheck passes (second-order terms kept) through the public functions on every path."""
+    _, fn, _, op = case
+    _skip_unless(path, op)
+    inputs = _qkvw(path, T=4, D=2)
+    with path.force():
+        assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.paths(op="aft_full")
+@pytest.mark.parametrize("case", AFT_CASES, ids=AFT_IDS)
+def test_gradient_penalty_on_dk_matches_oracle(path, case):
+    """A gradient penalty ||dL/dk||^2 differentiated w.r.t. w (create_graph=True) equals the float64 oracle's."""
+    _, fn, oracle, op = case
+    _skip_unless(path, op)
+    q, k, v, w = _qkvw(path)
+    with path.force():
+        y = fn(q, k, v, w)
+    (dk,) = torch.autograd.grad((y * y).sum(), k, create_graph=True)
+    got = torch.autograd.grad((dk**2).sum(), (w, q))
+    q2, k2, v2, w2 = (x.detach().cpu().clone().requires_grad_(True) for x in (q, k, v, w))
+    yo = oracle(q2, k2, v2, w2)
+    (dko,) = torch.autograd.grad((yo * yo).sum(), k2, create_graph=True)
+    want = torch.autograd.grad((dko**2).sum(), (w2, q2))
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g.cpu(), e, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.paths(op="ea_double_norm")
+def test_ea_double_backward_gradgradcheck(path):
+    x = path.leaf(torch.randn(2, 5, 3, dtype=F64))
+    with path.force():
+        assert torch.autograd.gradgradcheck(lambda t: ea_double_norm(t, 1e-9), (x,), eps=1e-6, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ forward-mode AD
+@pytest.mark.paths(op="aft_full")
+@pytest.mark.parametrize("case", AFT_CASES, ids=AFT_IDS)
+def test_forward_mode_ad_dual_and_func_jvp(path, case):
+    """Dual tensors and torch.func.jvp give the oracle's tangent (not 0, not an error) on every path."""
+    _, fn, oracle, op = case
+    _skip_unless(path, op)
+    prim = [x.detach() for x in _qkvw(path)]
+    tang = [torch.randn_like(x) for x in prim]
+    _, want = torch.func.jvp(lambda *a: oracle(*a), tuple(p.cpu() for p in prim), tuple(t.cpu() for t in tang))
+    with path.force():
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(p, t) for p, t in zip(prim, tang)]
+            got = fwAD.unpack_dual(fn(*duals)).tangent
+        _, got2 = torch.func.jvp(fn, tuple(prim), tuple(tang))
+    torch.testing.assert_close(got.cpu(), want)
+    torch.testing.assert_close(got2.cpu(), want)
+
+
+@pytest.mark.paths(op="ea_double_norm")
+def test_ea_forward_mode_ad(path):
+    x = path.put(torch.randn(2, 5, 3, dtype=F64))
+    t = torch.randn_like(x)
+    _, want = torch.func.jvp(lambda a: oracles.ea_double_norm(a, 1e-9), (x.cpu(),), (t.cpu(),))
+    with path.force():
+        _, got = torch.func.jvp(lambda a: ea_double_norm(a, 1e-9), (x,), (t,))
+    torch.testing.assert_close(got.cpu(), want)
+
+
+# ------------------------------------------------------------------------------------------ talking heads
+def _th_inputs(B=1, h=2, N=4, d=3):
+    q, k, v = (torch.randn(B, h, N, d) for _ in range(3))
+    return q, k, v, torch.randn(h, h), torch.randn(h, h)
+
+
+@pytest.mark.parametrize("scale", [float("inf"), float("nan"), 0.0, -1.0])
+def test_talking_heads_scale_must_be_finite_positive(scale):
+    with pytest.raises(ValueError, match="scale"):
+        talking_heads_attention(*_th_inputs(), scale=scale)
+
+
+@pytest.mark.parametrize("where", ["q", "pre_weight", "k"])
+def test_talking_heads_nan_propagates(where):
+    """A NaN in q (row 0 of head 0) or pre_weight reaches every head of the rows it influences, as the oracle."""
+    q, k, v, pre, post = _th_inputs()
+    if where == "q":
+        q[0, 0, 0, 0] = float("nan")
+    elif where == "k":
+        k[0, 1, 2, 0] = float("nan")
+    else:
+        pre[0, 1] = float("nan")
+    got = talking_heads_attention(q, k, v, pre, post)
+    want = oracles.talking_heads_attention(q, k, v, pre, post)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.isnan(got).any()
+    torch.testing.assert_close(got.double(), want, equal_nan=True, rtol=1e-4, atol=1e-5)
+
+
+def test_talking_heads_head_dim_zero_is_a_value_error():
+    with pytest.raises(ValueError, match="head dim"):
+        talking_heads_attention(*_th_inputs(d=0))
+
+
+# ------------------------------------------------------------------------------------------ empty and meta
+@pytest.mark.paths(op="aft_full")
+@pytest.mark.parametrize("shape", [(0, 5, 4), (2, 5, 0), (2, 0, 4)], ids=["B0", "D0", "T0"])
+@pytest.mark.parametrize("case", AFT_CASES, ids=AFT_IDS)
+def test_empty_forward_backward(path, case, shape):
+    _, fn, _, op = case
+    _skip_unless(path, op)
+    B, T, D = shape
+    q, k, v = (path.leaf(torch.randn(B, T, D, dtype=torch.float32)) for _ in range(3))
+    w = path.leaf(torch.randn(T, T))
+    with path.force():
+        y = fn(q, k, v, w)
+    assert y.shape == (B, T, D)
+    y.sum().backward()
+    for t in (q, k, v, w):
+        assert t.grad is not None and t.grad.shape == t.shape and not t.grad.abs().sum()
+
+
+@pytest.mark.paths(op="ea_double_norm")
+@pytest.mark.parametrize("shape", [(0, 4, 3), (2, 0, 3), (2, 4, 0)], ids=["B0", "N0", "S0"])
+def test_ea_empty_forward_backward(path, shape):
+    x = path.leaf(torch.randn(shape))
+    with path.force():
+        y = ea_double_norm(x)
+    y.sum().backward()
+    assert y.shape == shape and x.grad.shape == shape
+
+
+def test_aft_conv2d_empty_and_meta():
+    for B, D in ((0, 4), (2, 0)):
+        q = torch.randn(B, D, 3, 3, requires_grad=True)
+        k = torch.randn(B, 2 if D else 1, 3, 3, requires_grad=True)
+        w = torch.randn(k.shape[1], 3, 3, requires_grad=True)
+        y = aft_conv2d(q, k, q, w)
+        y.sum().backward()
+        assert y.shape == q.shape
+    m = torch.randn(2, 4, 3, 3, device="meta")
+    km = torch.randn(2, 2, 3, 3, device="meta")
+    assert aft_conv2d(m, km, m, torch.randn(2, 3, 3, device="meta")).shape == (2, 4, 3, 3)
+
+
+@pytest.mark.parametrize("case", AFT_CASES, ids=AFT_IDS)
+def test_meta_tensors_forward_backward(case):
+    _, fn, _, _ = case
+    q, k, v = (torch.randn(2, 5, 4, device="meta", requires_grad=True) for _ in range(3))
+    w = torch.randn(5, 5, device="meta", requires_grad=True)
+    y = fn(q, k, v, w)
+    assert y.shape == (2, 5, 4) and y.device.type == "meta"
+    y.sum().backward()
+    assert q.grad.shape == q.shape and w.grad.shape == w.shape
+    x = torch.randn(2, 5, 3, device="meta", requires_grad=True)
+    ea_double_norm(x).sum().backward()
+    assert x.grad.shape == x.shape
+
+
+# ------------------------------------------------------------------------------------------ argument checks
+@pytest.mark.parametrize(
+    "fn", [lambda q: aft_local(q, q, q, torch.zeros(5, 5), 2, "no"), lambda q: aft_simple(q, q, q, "no")]
+)
+def test_causal_must_be_bool(fn):
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        fn(torch.randn(1, 5, 2))
+
+
+@pytest.mark.paths(op="aft_local")
+@pytest.mark.parametrize("window", [sys.maxsize, 2**63, 2**64 + 3])
+@pytest.mark.parametrize("causal", [False, True])
+def test_huge_window_is_aft_full(path, window, causal):
+    q, k, v, w = (x.detach() for x in _qkvw(path))
+    with path.force():
+        got = aft_local(q, k, v, w, window, causal)
+    torch.testing.assert_close(got.cpu(), oracles.aft(q.cpu(), k.cpu(), v.cpu(), w.cpu(), causal))
+
+
+@pytest.mark.paths("compiled-cpu", "cuda", op="aft_local")
+def test_huge_window_at_the_binding(path):
+    """The compiled op itself clamps an int64 window to T (no t + window overflow)."""
+    q, k, v, w = (x.detach() for x in _qkvw(path))
+    y, _ = torch.ops.attnfree.aft_local_fwd(q, k, v, w, sys.maxsize, False)
+    torch.testing.assert_close(y.cpu(), oracles.aft(q.cpu(), k.cpu(), v.cpu(), w.cpu()))
+
+
+@pytest.mark.parametrize("s,exc", [("2", TypeError), (float("nan"), ValueError), (float("inf"), ValueError)])
+def test_compat_aft_local_s_validated_at_construction(s, exc):
+    from attnfree_ext.compat import AFTLocal
+
+    with pytest.raises(exc, match=r"\bs\b"):
+        AFTLocal(8, 4, 4, s=s)
+
+
+@pytest.mark.parametrize("arg", ["max_seqlen", "dim", "hidden_dim"])
+def test_compat_aft_sizes_validated_at_construction(arg):
+    from attnfree_ext.compat import AFTFull
+
+    kw = {"max_seqlen": 8, "dim": 4, "hidden_dim": 4}
+    kw[arg] = 0
+    with pytest.raises(ValueError, match=arg):
+        AFTFull(**kw)
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+def test_backend_info_refuses_unknown_op():
+    with pytest.raises(ValueError, match="unknown op"):
+        attnfree_ext.backend_info("aft_fulll", torch.zeros(1, 2, 3))
+
+
+def test_forcing_compiled_raises_where_it_cannot_run():
+    """talking_heads_attention has no compiled kernel: forcing raises. aft_conv2d's compiled path is aft_full's
+    kernel: forcing it raises where that kernel cannot run (here: meta tensors, no kernel)."""
+    with attnfree_ext.force_backend("compiled"):
+        with pytest.raises(RuntimeError, match="talking_heads_attention"):
+            talking_heads_attention(*_th_inputs())
+        q = torch.randn(1, 4, 2, 2, device="meta")
+        k = torch.randn(1, 2, 2, 2, device="meta")
+        with pytest.raises(RuntimeError, match="forced for aft_full"):
+            aft_conv2d(q, k, q, torch.randn(2, 3, 3, device="meta"))
+
+
+# ------------------------------------------------------------------------------------------ timm
+def test_compat_talking_head_attn_takes_timm_kwargs():
+    from attnfree_ext.compat import TalkingHeadAttn
+
+    m = TalkingHeadAttn(8, num_heads=2, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, device="cpu", dtype=F64)
+    assert m.qkv.weight.dtype == F64 and m.proj_l.weight.dtype == F64
+    assert m(torch.randn(1, 3, 8, dtype=F64)).shape == (1, 3, 8)
+
+
+def test_timm_cait_builds_with_our_block():
+    cait = pytest.importorskip("timm.models.cait")
+    from attnfree_ext.compat import TalkingHeadAttn
+
+    model = cait.Cait(
+        img_size=32,
+        patch_size=16,
+        embed_dim=16,
+        depth=1,
+        num_heads=2,
+        depth_token_only=1,
+        num_classes=3,
+        attn_block=TalkingHeadAttn,
+    ).eval()
+    assert any(isinstance(m, TalkingHeadAttn) for m in model.modules())
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+# ------------------------------------------------------------------------------------------ torch.compile / export
+def _modules():
+    from attnfree_ext import nn as ann
+
+    tok = torch.randn(2, 6, 8)
+    return {
+        "AFTFull": (lambda: ann.AFTFull(8, 8), tok, True),
+        "AFTLocal": (lambda: ann.AFTLocal(8, 8, 2, causal=True), tok, True),
+        "AFTSimple": (lambda: ann.AFTSimple(8, causal=True), tok, True),
+        "AFTConv2d": (lambda: ann.AFTConv2d(8, 2, 3), torch.randn(2, 8, 3, 3), False),  # compiled = aft_full's
+        "ExternalAttention": (lambda: ann.ExternalAttention(8), tok, True),
+        "MultiHeadExternalAttention": (lambda: ann.MultiHeadExternalAttention(8, 2), tok, True),
+        "TalkingHeadAttention": (lambda: ann.TalkingHeadAttention(8, 2), tok, False),  # python only
+    }
+
+
+@pytest.mark.parametrize("name", list(_modules()))
+def test_module_torch_compile_fullgraph_and_export(name):
+    """fullgraph=True (static and dynamic=True, train and eval) matches eager on both paths; torch.export works."""
+    mk, x, _ = _modules()[name]
+    torch.manual_seed(0)
+    m = mk()
+    backends = ["python", "auto"] if dispatch.compiled_available() else ["python"]
+    for be in backends:
+        with attnfree_ext.force_backend(be):
+            for train, dynamic in ((True, False), (False, True)):  # both modes, both dynamic flags, 2 graphs
+                m.train(train)
+                want = m(x)
+                if True:
+                    torch._dynamo.reset()
+                    got = torch.compile(m, fullgraph=True, dynamic=dynamic, backend="aot_eager")(x)
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+                    got.sum().backward()
+            m.eval()
+            ep = torch.export.export(m, (x,))
+            torch.testing.assert_close(ep.module()(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_aft_conv2d_inductor():
+    """Inductor lowers AFTConv2d (the bias gather used to fail with 'vr must not be None')."""
+    from attnfree_ext import nn as ann
+
+    torch._dynamo.reset()
+    m = ann.AFTConv2d(4, 2, 3)
+    x = torch.randn(1, 4, 3, 3)
+    torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+def test_python_path_aft_full_fullgraph_and_export():
+    q, k, v = (torch.randn(2, 70, 3, requires_grad=True) for _ in range(3))  # T > 64: the tile loop runs
+    w = torch.randn(70, 70, requires_grad=True)
+    with attnfree_ext.force_backend("python"):
+        want = aft_full(q, k, v, w, causal=True)
+        torch._dynamo.reset()
+        got = torch.compile(lambda *a: aft_full(*a, causal=True), fullgraph=True, backend="aot_eager")(q, k, v, w)
+        torch.testing.assert_close(got, want)
+        g1 = torch.autograd.grad(got.sum(), (q, w))
+        g0 = torch.autograd.grad(want.sum(), (q, w))
+        for a, b in zip(g1, g0):
+            torch.testing.assert_close(a, b)
+
+        class M(torch.nn.Module):
+            def forward(self, q, k, v, w):
+                return aft_full(q, k, v, w)
+
+        ep = torch.export.export(M(), (q.detach(), k.detach(), v.detach(), w.detach()))
+        torch.testing.assert_close(ep.module()(q, k, v, w), aft_full(q, k, v, w))
+
+
+@pytest.mark.skipif(not dispatch.compiled_available(), reason="needs attnfree_ext._C")
+def test_backend_env_change_retraces(monkeypatch):
+    """ATTNFREE_BACKEND is read while tracing and guarded: changing it makes torch.compile re-trace onto the new path
+    (docs/design.md §6.2)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda q: aft_simple(q, q, q), fullgraph=True, backend=backend)
+    q = torch.randn(1, 4, 2)
+    monkeypatch.setenv("ATTNFREE_BACKEND", "compiled")
+    f(q)
+    monkeypatch.setenv("ATTNFREE_BACKEND", "python")
+    f(q)
+    monkeypatch.setenv("ATTNFREE_BACKEND", "compiled")
+    f(q)
+    assert len(graphs) == 2
+    assert "attnfree.aft_simple_fwd" in graphs[0] and "attnfree.aft_simple_fwd" not in graphs[1]
