@@ -1,6 +1,7 @@
 """attnfree_ext: attention-free layers (AFT, External Attention, Talking-Heads) with stable, memory-lean kernels."""
 
 from . import compat, nn
+from ._config import show_config
 from .ops.aft_conv import aft_conv2d
 from .ops.aft_full import aft_full
 from .ops.aft_local import aft_local
@@ -20,6 +21,7 @@ __all__ = [
     "talking_heads_attention",
     "force_backend",
     "backend_info",
+    "show_config",
     "nn",
     "compat",
 ]

@@ -13,6 +13,7 @@ setup.py writes two files next to this module whenever it builds (or fails to bu
 
 Nothing here imports torch at module level or raises; every function returns None when there is nothing to say.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,9 +76,11 @@ def torch_mismatch(info: dict | None = None) -> str | None:
             problems.append(f"CUDA {bc} but the installed torch uses CUDA {nc}")
     if not problems:
         return None
-    return ("attnfree_ext._C was built against " + "; and ".join(problems) + ": the compiled path is disabled. "
-            "Install the attnfree_ext wheel built for this torch, or rebuild: "
-            "pip install --no-build-isolation --force-reinstall --no-deps .")
+    return (
+        "attnfree_ext._C was built against " + "; and ".join(problems) + ": the compiled path is disabled. "
+        "Install the attnfree_ext wheel built for this torch, or rebuild: "
+        "pip install --no-build-isolation --force-reinstall --no-deps ."
+    )
 
 
 def missing_reason(exc: BaseException | None = None) -> str:

@@ -225,3 +225,41 @@ def test_a_bug_in_registration_code_raises():
         """
     )
     assert r.returncode != 0 and "registration bug" in r.stderr, r.stderr[-3000:]
+
+
+def test_show_config_names_why_the_extension_is_missing(tmp_path):
+    """A failed build recorded by setup.py (attnfree_ext/_build_error.txt) reaches backend_info and show_config."""
+    err = tmp_path / "_build_error.txt"
+    err.write_text("attnfree_ext._C was not built: csrc/common/module.cpp:1: error: no compiler today\\nmore\\n")
+    r = _python(
+        f"""
+        import sys, io
+        sys.modules["attnfree_ext._C"] = None
+        import importlib.util
+        # the package reads the build record while it is imported: put a redirected copy of that module first
+        spec = importlib.util.spec_from_file_location("attnfree_ext._build_info", "attnfree_ext/_build_info.py")
+        bi = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bi)
+        bi.ERROR_FILE = {str(err)!r}
+        sys.modules["attnfree_ext._build_info"] = bi
+        import torch, attnfree_ext
+        q = torch.randn(2, 5, 3)
+        why = attnfree_ext.backend_info("aft_simple", q, q, q)["reasons"]["compiled"][0]
+        assert "no compiler today" in why, why
+        text = attnfree_ext.show_config(file=io.StringIO())
+        assert "attnfree_ext._C: NOT loaded" in text and "no compiler today" in text, text
+        assert "aft_simple" in text and "talking_heads_attention" in text, text
+        print("ok")
+        """
+    )
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_show_config_when_loaded():
+    import io
+
+    text = attnfree_ext.show_config(file=io.StringIO())
+    loaded = dispatch.compiled_available()
+    assert ("attnfree_ext._C: loaded" in text) == loaded
+    for op in dispatch.ops():
+        assert op in text

@@ -46,7 +46,15 @@ _LOAD_ERROR: str | None = None
 try:  # the compiled extension is optional
     _C = importlib.import_module("attnfree_ext._C")  # loads the TORCH_LIBRARY registrations
 except (ImportError, OSError) as exc:  # not built, or an ABI mismatch with the installed torch
+    from ... import _build_info
+
     _LOAD_ERROR = f"{exc.__class__.__name__}: {exc}"
+    # the build failure recorded by setup.py, or a torch mismatch, says why; the bare import error does not
+    _mismatch, _failed = _build_info.torch_mismatch(), _build_info.build_error_summary()
+    if _mismatch:
+        _LOAD_ERROR += f"; {_mismatch}"
+    elif _failed:
+        _LOAD_ERROR += f"; {_failed} (details: {_build_info.ERROR_FILE})"
 
 _REGISTRY: dict[str, Capability] = {}
 # op name -> device types whose forward kernel is registered; computed once per op at registration (so that
