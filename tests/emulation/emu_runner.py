@@ -179,6 +179,8 @@ def _run(cmd: list[str], what: str) -> None:
     r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if r.returncode != 0:
         raise EmuError(f"{what} failed ({r.returncode}):\n$ {' '.join(cmd)}\n{r.stdout}{r.stderr}")
+    if (r.stdout or r.stderr) and os.environ.get("ATTNFREE_EMU_VERBOSE", "0") not in ("", "0"):
+        sys.stderr.write(f"{what}:\n{r.stdout}{r.stderr}")
 
 
 def _mirror_path(mirror: str, p: str) -> str:

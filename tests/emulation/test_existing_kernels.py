@@ -135,3 +135,73 @@ def test_aft_full_fwd_exact(emu, aft_full_lib, dtype):
     y_ref, lse_ref = formula(q, k, v, w, True, heads)
     check(r.outputs["y"], y_ref, dtype=dtype)
     assert [l["kernel"] for l in r.launches] == ["fwd_exact_kernel<E, WE>"]
+
+
+# ----------------------------------------------------------------------------------------------- more of the files
+def _grads(q, k, v, w, dy, causal, heads):
+    leaves = [x.detach().double().requires_grad_(True) for x in (q, k, v, w)]
+    y, _ = formula(*leaves, causal, heads)
+    return torch.autograd.grad(y, leaves, dy.double())
+
+
+@pytest.mark.parametrize("dtype,exact", [(torch.float32, 0), (torch.bfloat16, 0), (torch.float64, 1)])
+def test_aft_full_bwd(emu, aft_full_lib, dtype, exact):
+    B, T, D, heads, causal = 2, 70, 12, 2, True
+    q, k, v, w = _inputs(B, T, D, heads, dtype)
+    dy = torch.randn(B, T, D, dtype=torch.float64).to(dtype)
+    y, lse = formula(q, k, v, w, causal, heads)
+    r = aft_full_lib.call("emu_aft_full_bwd", AFT_DTYPE[dtype], AFT_DTYPE[dtype], emu.In("dy", dy), emu.In("q", q),
+                          emu.In("k", k), emu.In("v", v), emu.In("w", w), emu.In("y", y.to(dtype)),
+                          emu.In("lse", lse.to(ACC[dtype])), emu.Out("dq", torch.empty(B, T, D, dtype=dtype)),
+                          emu.Out("dk", torch.empty(B, T, D, dtype=dtype)), emu.Out("dv", torch.empty(B, T, D, dtype=dtype)),
+                          emu.Out("dw", torch.empty(heads, T, T, dtype=dtype)), B, T, D, heads, int(causal), exact).check()
+    refs = _grads(q, k, v, w, dy, causal, heads)
+    for name, ref in zip(("dq", "dk", "dv", "dw"), refs):
+        got = r.outputs[name].double()
+        if dtype == torch.float64:
+            torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9, msg=name)
+        elif dtype == torch.float32:
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4, msg=name)
+        else:  # bf16 operands in the tensor-core products: a loose absolute bound relative to the gradient scale
+            assert (got - ref).abs().max() <= 3e-2 * ref.abs().max() + 1e-2, name
+    if not exact:
+        assert {l["kernel"] for l in r.launches} == {"bwd_dq_kernel<E>", "kv", "kw"}
+        assert r.counters["mma_ops"] > 0
+
+
+@pytest.fixture(scope="module")
+def aft_local_lib(emu):
+    return _build(emu, "aft_local")
+
+
+@pytest.fixture(scope="module")
+def ea_lib(emu):
+    return _build(emu, "ea_double_norm")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_aft_local_fwd(emu, aft_local_lib, causal):
+    B, T, D, heads, window, dtype = 2, 40, 12, 2, 5, torch.float32
+    q, k, v, w = _inputs(B, T, D, heads, dtype)
+    ws = aft_local_lib.raw("emu_aft_local_fwd_ws", DTYPE[dtype], B, T, D, window, int(causal))
+    r = aft_local_lib.call("emu_aft_local_fwd", DTYPE[dtype], emu.In("q", q), emu.In("k", k), emu.In("v", v),
+                           emu.In("w", w), heads, emu.Out("y", torch.empty(B, T, D)), emu.Out("lse", torch.empty(B, T, D)),
+                           B, T, D, window, int(causal), emu.Scratch("workspace", ws)).check()
+    idx = torch.arange(T)
+    band = (idx[:, None] - idx[None, :]).abs() < window
+    y_ref, lse_ref = formula(q, k, v, torch.where(band, w, torch.zeros_like(w)), causal, heads)
+    check(r.outputs["y"], y_ref, dtype=dtype)
+    torch.testing.assert_close(r.outputs["lse"].double(), lse_ref, rtol=5e-5, atol=5e-5)
+
+
+def test_ea_double_norm_fwd(emu, ea_lib):
+    M, N, S, eps, dtype = 3, 40, 20, 1e-9, torch.float32
+    logits = torch.randn(M, N, S)
+    ws = ea_lib.raw("emu_ea_double_norm_fwd_ws", DTYPE[dtype], M, N, S)
+    r = ea_lib.call("emu_ea_double_norm_fwd", DTYPE[dtype], emu.In("logits", logits), emu.Out("out", torch.empty(M, N, S)),
+                    emu.Out("lse", torch.empty(M, S)), emu.Out("rowsum", torch.empty(M, N)), eps, M, N, S,
+                    emu.Scratch("workspace", ws)).check()
+    p = torch.softmax(logits.double(), dim=1)
+    ref = p / (p.sum(2, keepdim=True) + eps)
+    torch.testing.assert_close(r.outputs["out"].double(), ref, rtol=5e-5, atol=5e-5)
+    torch.testing.assert_close(r.outputs["lse"].double(), torch.logsumexp(logits.double(), 1), rtol=5e-5, atol=5e-5)

@@ -212,6 +212,57 @@ def test_bad_launch_configuration(emu, basic):
     assert r.rc == 9 and "block" in r.fault and r.counters["launches"] == 0
 
 
+def test_raw_segfault_reported(emu, basic):
+    r = basic.call("emu_raw_null", None, emu.Out("y", torch.empty(32)))
+    assert r.rc == 700 and "segmentation fault" in r.fault and "raw_null_kernel" in r.fault
+    basic.call("emu_partial_write", emu.Out("y", torch.zeros(10)), 10).check()  # the library still works
+
+
+def test_stack_overflow_reported(emu, basic):
+    r = basic.call("emu_stack_overflow", emu.Out("y", torch.empty(32)), 100000)
+    assert r.rc == 700 and "stack overflow" in r.fault and "ATTNFREE_EMU_STACK_KB" in r.fault
+    r = basic.call("emu_stack_overflow", emu.Out("y", torch.empty(32)), 10).check()
+
+
+def test_device_assert_and_trap(emu, basic):
+    r = basic.call("emu_assert", emu.Out("y", torch.empty(32)))
+    assert r.rc == 710 and "assert" in r.fault and "threadIdx.x < 16" in r.fault
+    r = basic.call("emu_trap", emu.Out("y", torch.empty(32)))
+    assert r.rc == 710 and "__trap" in r.fault and "threadIdx (7,0,0)" in r.fault
+
+
+def test_overlapping_warp_masks_reported(emu, basic):
+    r = basic.call("emu_overlapping_masks", emu.Out("y", torch.empty(32)))
+    assert r.rc == 719 and "overlaps" in r.fault
+
+
+def test_grid_cap(emu, basic):
+    n = 5000
+    x = torch.randn(n)
+    basic.set_grid_cap(3)
+    try:
+        r = basic.call("emu_grid_stride", emu.In("x", x), emu.Out("y", torch.empty(n)), n).check()
+    finally:
+        basic.set_grid_cap(0)
+    assert torch.equal(r.outputs["y"], 2 * x)
+    assert r.launches[0]["grid"] == ((n + 63) // 64, 1, 1) and r.launches[0]["grid_run"] == (3, 1, 1)
+    assert r.counters["blocks"] == 3
+
+
+def test_syncthreads_count_and_or(emu, basic):
+    x = torch.randn(96)
+    r = basic.call("emu_sync_count", emu.In("x", x), emu.Out("out", torch.empty(3, dtype=torch.int32))).check()
+    pos = int((x > 0).sum())
+    assert r.outputs["out"].tolist() == [pos, int(pos == 96), int(pos > 0)]
+    assert r.counters["barriers"] == 3
+
+
+def test_spin_lock_makes_progress(emu, basic):
+    r = basic.call("emu_spin_lock", emu.InOut("lock", torch.zeros(1, dtype=torch.int32)),
+                   emu.InOut("counter", torch.zeros(1, dtype=torch.int32)), 3).check()
+    assert r.outputs["counter"].item() == 3 * 64 and r.outputs["lock"].item() == 0
+
+
 # ------------------------------------------------------------------------------------------------ counters
 def test_counters_exact(emu, basic):
     n, threads = 1000, 128

@@ -22,7 +22,7 @@ __global__ void block_sum_kernel(gptr<const float> x, gptr<float> out, int64_t n
   s[threadIdx.x] = acc;
   if (BARRIERS) __syncthreads();
   for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) s[threadIdx.x] += s[threadIdx.x + stride];
+    if (int(threadIdx.x) < stride) s[threadIdx.x] += s[threadIdx.x + stride];
     if (BARRIERS) __syncthreads();
   }
   if (threadIdx.x == 0) out[blockIdx.x] = s[0];
@@ -166,6 +166,57 @@ __global__ void counters_kernel(gptr<const float> x, gptr<float> y, int n) {
   if (i < n) y[i] = v;
 }
 
+__global__ void raw_null_kernel(const float* p, float* y) { y[threadIdx.x] = p[threadIdx.x]; }
+__device__ __noinline__ float deep(volatile float* chain, int depth) {
+  volatile float buf[512];
+  buf[depth & 511] = static_cast<float>(depth);
+  if (depth == 0) return buf[0];
+  return deep(chain, depth - 1) + buf[depth & 511];
+}
+__global__ void stack_overflow_kernel(gptr<float> y, int depth) { y[threadIdx.x] = deep(nullptr, depth); }
+__global__ void assert_kernel(gptr<float> y) {
+  assert(threadIdx.x < 16);
+  y[threadIdx.x] = 1.f;
+}
+__global__ void trap_kernel(gptr<float> y) {
+  if (threadIdx.x == 7) __trap();
+  y[threadIdx.x] = 1.f;
+}
+__global__ void overlapping_masks_kernel(gptr<float> y) {
+  const int lane = threadIdx.x & 31;
+  float v = 1.f;
+  if (lane < 16) v = __shfl_sync(0xffffffffu, v, 0);
+  else __syncwarp(0xffff0000u);
+  y[threadIdx.x] = v;
+}
+__global__ void grid_stride_kernel(gptr<const float> x, gptr<float> y, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    y[i] = 2.f * x[i];
+}
+__global__ void sync_count_kernel(gptr<const float> x, gptr<int> out) {
+  const int p = x[threadIdx.x] > 0.f;
+  const int c = __syncthreads_count(p);
+  const int a = __syncthreads_and(p);
+  const int o = __syncthreads_or(p);
+  if (threadIdx.x == 0) {
+    out[0] = c;
+    out[1] = a;
+    out[2] = o;
+  }
+}
+// a spin lock among the threads of a block: needs the scheduler to switch threads at atomics
+__global__ void spin_lock_kernel(gptr<int> lock, gptr<int> counter) {
+  bool done = false;
+  while (!done) {
+    if (atomicCAS(&lock[0], 0, 1) == 0) {
+      const int c = counter[0];
+      counter[0] = c + 1;
+      atomicExch(&lock[0], 0);
+      done = true;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------- gptr API
 template <class T> __device__ __forceinline__ float load_as_float(gptr<const T> p) { return static_cast<float>(p[0]); }
 __device__ __forceinline__ void store_to(gptr<float> p, float v) { *p = v; }
@@ -284,6 +335,38 @@ int emu_two_launches_after_fault(const float* x, float* y, int64_t n) {
 int emu_gptr_api(const float* x, const void* h, const float* xy, float* out, int64_t n) {
   gptr_api_kernel<<<1, 64>>>(x, static_cast<const __half*>(h), reinterpret_cast<const float2*>(xy), out,
                              static_cast<int>(n));
+  return cudaGetLastError();
+}
+int emu_raw_null(const float* p, float* y) {
+  raw_null_kernel<<<1, 32>>>(p, y);
+  return cudaGetLastError();
+}
+int emu_stack_overflow(float* y, int64_t depth) {
+  stack_overflow_kernel<<<1, 32>>>(y, static_cast<int>(depth));
+  return cudaGetLastError();
+}
+int emu_assert(float* y) {
+  assert_kernel<<<1, 32>>>(y);
+  return cudaGetLastError();
+}
+int emu_trap(float* y) {
+  trap_kernel<<<1, 32>>>(y);
+  return cudaGetLastError();
+}
+int emu_overlapping_masks(float* y) {
+  overlapping_masks_kernel<<<1, 32>>>(y);
+  return cudaGetLastError();
+}
+int emu_grid_stride(const float* x, float* y, int64_t n) {
+  grid_stride_kernel<<<static_cast<unsigned>((n + 63) / 64), 64>>>(x, y, n);
+  return cudaGetLastError();
+}
+int emu_sync_count(const float* x, int* out) {
+  sync_count_kernel<<<1, 96>>>(x, out);
+  return cudaGetLastError();
+}
+int emu_spin_lock(int* lock, int* counter, int64_t blocks) {
+  spin_lock_kernel<<<static_cast<unsigned>(blocks), 64>>>(lock, counter);
   return cudaGetLastError();
 }
 int emu_bad_config(float* y) {

@@ -315,6 +315,15 @@ gptr<U> gptr_cast(T* p) {
   return gptr_cast<U>(gptr<T>(p));
 }
 
+// Register [p, p + n) as a named global buffer and return a checked pointer to it - for C++ code that drives kernels
+// without the Python runner (the runner registers every tensor it passes). Registrations last until
+// attnfree_emu_reset(). Raw pointers into the buffer convert to checked gptr<T> from then on.
+template <class T>
+gptr<T> bind(T* p, size_t n_elems, const char* name, bool writable = !std::is_const<T>::value) {
+  attnfree_emu_register(p, static_cast<uint64_t>(n_elems) * sizeof(T), name, writable ? 1 : 0);
+  return gptr<T>(p);
+}
+
 // Uniform access for device helpers written for both raw and checked pointers.
 template <class T> inline T* raw_pointer(T* p) { return p; }
 template <class T> inline T* raw_pointer(const gptr<T>& p) { return p.raw(); }

@@ -16,7 +16,7 @@
 //  * precision::tf32 operands: wmma::__float_to_tf32 is cvt.rna.tf32.f32 (round to nearest, ties away from zero,
 //    to 10 mantissa bits; sm_80+ SASS: add 0x1000 to the bits of a finite value, then clear the low 13 bits).
 //    Operands loaded into a tf32 fragment without conversion are TRUNCATED: the tensor core reads only the top
-//    19 bits (PyTorch docs/notes/numerical_accuracy.rst: "only the first 10 bits of the input mantissa are read";
+//    19 bits (PyTorch documentation, "Numerical accuracy", TF32: "only the first 10 bits of the input mantissa are read";
 //    CUTLASS's FastF32 relies on this with round_toward_zero for the big part). Products of tf32 values are exact
 //    in fp32.
 //  * double (8x8x4): fused multiply-add in k order.   * __half accumulators: fp32 accumulate, rounded once.
