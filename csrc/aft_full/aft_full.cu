@@ -96,7 +96,7 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 // Online log-sum-exp over the visible keys of one (b, t, c): z = sum softmax * v, lse. `wget(t')` -> w[t, t'].
 template <typename E, typename A, typename WGet>
-__device__ __forceinline__ void exact_element(const WGet& wget, const E* __restrict__ kcol, const E* __restrict__ vcol,
+__device__ __forceinline__ void exact_element(const WGet& wget, gptr<const E> __restrict__ kcol, gptr<const E> __restrict__ vcol,
                                               int64_t D, int64_t tend, A& z, A& lse) {
   A M = neg_inf<A>(), S = A(0), Acc = A(0);
   for (int64_t tp = 0; tp < tend; ++tp) {
@@ -119,18 +119,18 @@ __device__ __forceinline__ void exact_element(const WGet& wget, const E* __restr
 
 template <typename WE>
 struct DenseW {
-  const WE* row;  // w[h, t, :]
+  gptr<const WE> row;  // w[h, t, :]
   __device__ __forceinline__ acc_of_t<WE> operator()(int64_t tp) const { return to_acc(row[tp]); }
 };
 
 template <typename UE>
 struct LowRankW {
-  const UE* urow;  // u[h, t, :]
-  const UE* vb;    // vb[h, :, :]
+  gptr<const UE> urow;  // u[h, t, :]
+  gptr<const UE> vb;    // vb[h, :, :]
   int64_t rank;
   __device__ __forceinline__ acc_of_t<UE> operator()(int64_t tp) const {
     acc_of_t<UE> s = 0;
-    const UE* vr = vb + tp * rank;
+    gptr<const UE> vr = vb + tp * rank;
     for (int64_t r = 0; r < rank; ++r) s += to_acc(urow[r]) * to_acc(vr[r]);
     return s;
   }
@@ -150,8 +150,8 @@ struct ElementIdx {
 };
 
 template <typename E, typename WE>
-__global__ void fwd_exact_kernel(const E* __restrict__ q, const E* __restrict__ k, const E* __restrict__ v,
-                                 const WE* __restrict__ w, E* __restrict__ y, acc_of_t<E>* __restrict__ lse, int64_t B,
+__global__ void fwd_exact_kernel(gptr<const E> __restrict__ q, gptr<const E> __restrict__ k, gptr<const E> __restrict__ v,
+                                 gptr<const WE> __restrict__ w, gptr<E> __restrict__ y, gptr<acc_of_t<E>> __restrict__ lse, int64_t B,
                                  int64_t T, int64_t D, int64_t dh, bool causal) {
   using A = acc_of_t<E>;
   const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -219,7 +219,7 @@ __device__ __forceinline__ bool key_visible(int64_t t, int64_t tk, int64_t T, bo
 
 // Dense bias strip w[t, k0 + 16 part + i], i < 16: the visible entries (0 elsewhere, never read).
 template <typename WE>
-__device__ __forceinline__ void load_w_strip(const WE* __restrict__ wh, int64_t t, int64_t k0, int part, int64_t T,
+__device__ __forceinline__ void load_w_strip(gptr<const WE> __restrict__ wh, int64_t t, int64_t k0, int part, int64_t T,
                                              bool causal, float (&wv)[16]) {
 #pragma unroll
   for (int i = 0; i < 16; ++i) {
@@ -256,7 +256,7 @@ __device__ __forceinline__ float max_of_4(const float* red, int col) {
 // the tile's keys (through red[4][64] and one __syncthreads, so every thread of the CTA must call this), then
 // ek[key][col] = exp(k - m) and ekv[key][col] = ek * v (0 for missing keys). Returns m.
 template <typename E, typename Op>
-__device__ __forceinline__ float exp_kv_strip(const E* __restrict__ k, const E* __restrict__ v, int64_t cb, int64_t k0,
+__device__ __forceinline__ float exp_kv_strip(gptr<const E> __restrict__ k, gptr<const E> __restrict__ v, int64_t cb, int64_t k0,
                                               int g, int col, int64_t T, int64_t D, float* red, Op* ek, Op* ekv,
                                               int ld) {
   float kv[16], vv[16];
@@ -368,9 +368,9 @@ struct TcMma<true> {  // 3xTF32: fp32 operands split into tf32 big + small parts
 
 // Rare path of the tensor-core kernel, kept out of line so the unrolled epilogue stays small.
 template <typename E, typename WE, bool LOWRANK>
-__device__ __noinline__ void fallback_element(const E* __restrict__ k, const E* __restrict__ v,
-                                              const WE* __restrict__ w, const WE* __restrict__ u,
-                                              const WE* __restrict__ vbias, int64_t T, int64_t D, int64_t h, int64_t t,
+__device__ __noinline__ void fallback_element(gptr<const E> __restrict__ k, gptr<const E> __restrict__ v,
+                                              gptr<const WE> __restrict__ w, gptr<const WE> __restrict__ u,
+                                              gptr<const WE> __restrict__ vbias, int64_t T, int64_t D, int64_t h, int64_t t,
                                               int64_t cb, int64_t rank, bool causal, float& z, float& l) {
   const int64_t tend = causal ? t + 1 : T;
   if (LOWRANK) {
@@ -382,17 +382,25 @@ __device__ __noinline__ void fallback_element(const E* __restrict__ k, const E* 
   }
 }
 
-// E: q/k/v type; WE: w type (or u/vb type when LOWRANK). F32OPS iff E == float.
+// Tensor-core operand precision per input type: bf16 operands only for bf16 inputs; fp16 inputs take the (3x)TF32
+// path like fp32 (a bf16 operand has 8 mantissa bits, fewer than fp16's 11: the low-precision 2x rule fails; fp16
+// operands are never used for exponentials, docs/design.md §2.5).
+template <typename E>
+__host__ __device__ constexpr bool uses_tf32_operands() {
+  return !std::is_same<E, __nv_bfloat16>::value;
+}
+
+// E: q/k/v type; WE: w type (or u/vb type when LOWRANK). F32OPS unless E == bf16 (uses_tf32_operands).
 template <typename E, typename WE, bool LOWRANK>
 __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_FWD_MIN_BLOCKS)
-    fwd_tc_kernel(const E* __restrict__ q, const E* __restrict__ k, const E* __restrict__ v, const WE* __restrict__ w,
-                  const WE* __restrict__ u, const WE* __restrict__ vbias, E* __restrict__ y, float* __restrict__ lse,
+    fwd_tc_kernel(gptr<const E> __restrict__ q, gptr<const E> __restrict__ k, gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w,
+                  gptr<const WE> __restrict__ u, gptr<const WE> __restrict__ vbias, gptr<E> __restrict__ y, gptr<float> __restrict__ lse,
                   int64_t B, int64_t T, int64_t D, int64_t dh, int64_t rank, bool causal) {
-  constexpr bool F32OPS = std::is_same<E, float>::value;
+  constexpr bool F32OPS = uses_tf32_operands<E>();
   using Cfg = TcCfg<F32OPS>;
   using Op = typename Cfg::Op;
   using Mma = TcMma<F32OPS>;
-  extern __shared__ __align__(128) unsigned char smem[];
+  ATTNFREE_DYNAMIC_SHARED(unsigned char, smem, 128);
   Op* Ew = reinterpret_cast<Op*>(smem);
   Op* Ek = reinterpret_cast<Op*>(smem + Cfg::kEwBytes);
   Op* Ekv = reinterpret_cast<Op*>(smem + Cfg::kEwBytes + Cfg::kEkBytes);
@@ -425,7 +433,7 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
     Ub[(wr0 + i) * BN + wc0 + lane] = -INFINITY;
   }
 
-  const WE* wh = LOWRANK ? nullptr : w + h * T * T;
+  gptr<const WE> wh = LOWRANK ? nullptr : w + h * T * T;
   const int64_t t_last = (t0 + BM < T ? t0 + BM : T) - 1;
   const int64_t nkt = causal ? (t_last / BK + 1) : (T + BK - 1) / BK;
 
@@ -444,8 +452,8 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
     if (LOWRANK) {
 #pragma unroll
       for (int i = 0; i < 16; ++i) wv[i] = 0.f;
-      const WE* uh = u + h * T * rank;
-      const WE* vh = vbias + h * T * rank;
+      gptr<const WE> uh = u + h * T * rank;
+      gptr<const WE> vh = vbias + h * T * rank;
       for (int64_t r0 = 0; r0 < rank; r0 += RCH) {
         for (int e = tid; e < BM * RCH; e += NT) {
           const int rr = e / RCH, cc = e % RCH;
@@ -537,8 +545,8 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
 
 // ------------------------------------------------------------------------------------------ backward (SIMT)
 template <typename E>
-__global__ void bwd_dq_kernel(const E* __restrict__ dy, const E* __restrict__ q, const E* __restrict__ y,
-                              E* __restrict__ dq, int64_t n) {
+__global__ void bwd_dq_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ y,
+                              gptr<E> __restrict__ dq, int64_t n) {
   using A = acc_of_t<E>;
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
@@ -548,9 +556,9 @@ __global__ void bwd_dq_kernel(const E* __restrict__ dy, const E* __restrict__ q,
 
 // one thread per (b, t', c): dv = sum_t P G, dk = v dv - sum_t P H
 template <typename E, typename WE>
-__global__ void bwd_dkdv_kernel(const E* __restrict__ dy, const E* __restrict__ q, const E* __restrict__ k,
-                                const E* __restrict__ v, const WE* __restrict__ w, const E* __restrict__ y,
-                                const acc_of_t<E>* __restrict__ lse, E* __restrict__ dk, E* __restrict__ dv, int64_t B,
+__global__ void bwd_dkdv_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
+                                gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const E> __restrict__ y,
+                                gptr<const acc_of_t<E>> __restrict__ lse, gptr<E> __restrict__ dk, gptr<E> __restrict__ dv, int64_t B,
                                 int64_t T, int64_t D, int64_t dh, bool causal) {
   using A = acc_of_t<E>;
   const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -558,7 +566,7 @@ __global__ void bwd_dkdv_kernel(const E* __restrict__ dy, const E* __restrict__ 
   const ElementIdx e(idx, T, D, dh);  // e.t is the key position t'
   const int64_t tp = e.t, base = e.base;
   const A kk = to_acc(k[idx]);
-  const WE* wcol = w + e.h * T * T + tp;
+  gptr<const WE> wcol = w + e.h * T * T + tp;
   A sg = 0, sh = 0;
   for (int64_t t = causal ? tp : 0; t < T; ++t) {
     const int64_t o = base + t * D;
@@ -573,9 +581,9 @@ __global__ void bwd_dkdv_kernel(const E* __restrict__ dy, const E* __restrict__ 
 
 // one warp per (h, t, t'): dw = sum_{b, c in h} P (G v[t'] - H)
 template <typename E, typename WE>
-__global__ void bwd_dw_kernel(const E* __restrict__ dy, const E* __restrict__ q, const E* __restrict__ k,
-                              const E* __restrict__ v, const WE* __restrict__ w, const E* __restrict__ y,
-                              const acc_of_t<E>* __restrict__ lse, WE* __restrict__ dw, int64_t B, int64_t T, int64_t D,
+__global__ void bwd_dw_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
+                              gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const E> __restrict__ y,
+                              gptr<const acc_of_t<E>> __restrict__ lse, gptr<WE> __restrict__ dw, int64_t B, int64_t T, int64_t D,
                               int64_t dh, int64_t heads, bool causal) {
   using A = acc_of_t<E>;
   const int64_t gw = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
@@ -657,8 +665,8 @@ struct BwdCfg {
 
 // Exact (per-element) partial sums for the rare path of the dk/dv kernel: sum over query rows [ta, tb) of P G, P H.
 template <typename E, typename WE>
-__device__ __noinline__ void bwd_kv_exact(const E* __restrict__ dy, const E* __restrict__ q, const E* __restrict__ y,
-                                          const float* __restrict__ lse, const WE* __restrict__ wcol, float kk,
+__device__ __noinline__ void bwd_kv_exact(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ y,
+                                          gptr<const float> __restrict__ lse, gptr<const WE> __restrict__ wcol, float kk,
                                           int64_t cb, int64_t T, int64_t D, int64_t ta, int64_t tb, float& sg,
                                           float& sh) {
   for (int64_t t = ta; t < tb; ++t) {
@@ -675,16 +683,16 @@ __device__ __noinline__ void bwd_kv_exact(const E* __restrict__ dy, const E* __r
 // R = exp(La - lam); X1 = R G, X2 = R H ([t][c]); g = Ew^T X (keys x columns); contribution = g * exp(k + lam).
 template <typename E, typename WE>
 __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
-    bwd_kv_tc_kernel(const E* __restrict__ dy, const E* __restrict__ q, const E* __restrict__ k,
-                     const E* __restrict__ v, const WE* __restrict__ w, const E* __restrict__ y,
-                     const float* __restrict__ lse, E* __restrict__ dk, E* __restrict__ dv, int64_t B, int64_t T,
+    bwd_kv_tc_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
+                     gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const E> __restrict__ y,
+                     gptr<const float> __restrict__ lse, gptr<E> __restrict__ dk, gptr<E> __restrict__ dv, int64_t B, int64_t T,
                      int64_t D, int64_t dh, bool causal) {
-  constexpr bool F32OPS = std::is_same<E, float>::value;
+  constexpr bool F32OPS = uses_tf32_operands<E>();
   using Cfg = BwdCfg<F32OPS>;
   using Op = typename Cfg::Op;
   using Mma = WarpMma<F32OPS, wmma::col_major, wmma::row_major>;
   constexpr int LD = Cfg::LD;
-  extern __shared__ __align__(128) unsigned char smem[];
+  ATTNFREE_DYNAMIC_SHARED(unsigned char, smem, 128);
   Op* Ew = reinterpret_cast<Op*>(smem);  // [t][t']
   Op* X1 = reinterpret_cast<Op*>(smem + Cfg::kTile);
   Op* X2 = reinterpret_cast<Op*>(smem + 2 * Cfg::kTile);
@@ -701,7 +709,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * 64;
   if (tid < 64) colbase[tid] = column_offset(j0 + tid, B * dh, dh, T, D, h);
   __syncthreads();
-  const WE* wh = w + h * T * T;
+  gptr<const WE> wh = w + h * T * T;
   // outputs owned: keys k0 + wr0 + i (i < 16), column wc0 + lane
   const int wr0 = (warp >> 1) * 16, wc0 = (warp & 1) * 32;
   const int64_t cbo = colbase[wc0 + lane];
@@ -805,9 +813,9 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
 
 // Exact rare path of the dw kernel: sum over the chunk's columns of P (G v - H) for one (t, t').
 template <typename E>
-__device__ __noinline__ float bwd_w_exact(const E* __restrict__ dy, const E* __restrict__ q, const E* __restrict__ k,
-                                          const E* __restrict__ v, const E* __restrict__ y,
-                                          const float* __restrict__ lse, const int64_t* colbase, float wv, int64_t t,
+__device__ __noinline__ float bwd_w_exact(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
+                                          gptr<const E> __restrict__ v, gptr<const E> __restrict__ y,
+                                          gptr<const float> __restrict__ lse, const int64_t* colbase, float wv, int64_t t,
                                           int64_t tp, int64_t D) {
   float s = 0.f;
   for (int c = 0; c < 64; ++c) {
@@ -826,15 +834,15 @@ __device__ __noinline__ float bwd_w_exact(const E* __restrict__ dy, const E* __r
 // g = (Xt G) (Y v)^T - (Xt H) Y^T (rows x keys); dw += g * exp(w + nu).
 template <typename E, typename WE>
 __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
-    bwd_w_tc_kernel(const E* __restrict__ dy, const E* __restrict__ q, const E* __restrict__ k, const E* __restrict__ v,
-                    const WE* __restrict__ w, const E* __restrict__ y, const float* __restrict__ lse,
-                    WE* __restrict__ dw, int64_t B, int64_t T, int64_t D, int64_t dh, bool causal) {
-  constexpr bool F32OPS = std::is_same<E, float>::value;
+    bwd_w_tc_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k, gptr<const E> __restrict__ v,
+                    gptr<const WE> __restrict__ w, gptr<const E> __restrict__ y, gptr<const float> __restrict__ lse,
+                    gptr<WE> __restrict__ dw, int64_t B, int64_t T, int64_t D, int64_t dh, bool causal) {
+  constexpr bool F32OPS = uses_tf32_operands<E>();
   using Cfg = BwdCfg<F32OPS>;
   using Op = typename Cfg::Op;
   using Mma = WarpMma<F32OPS, wmma::row_major, wmma::col_major>;
   constexpr int LD = Cfg::LD;
-  extern __shared__ __align__(128) unsigned char smem[];
+  ATTNFREE_DYNAMIC_SHARED(unsigned char, smem, 128);
   Op* XG = reinterpret_cast<Op*>(smem);                   // [t][c]
   Op* XH = reinterpret_cast<Op*>(smem + Cfg::kTile);      // [t][c], holds -Xt H
   Op* YV = reinterpret_cast<Op*>(smem + 2 * Cfg::kTile);  // [t'][c]
@@ -849,8 +857,8 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
   const int64_t h = blockIdx.z;
   const int64_t t0 = static_cast<int64_t>(blockIdx.y) * 64;
   const int64_t k0 = static_cast<int64_t>(blockIdx.x) * 64;
-  const WE* wh = w + h * T * T;
-  WE* dwh = dw + h * T * T;
+  gptr<const WE> wh = w + h * T * T;
+  gptr<WE> dwh = dw + h * T * T;
   // outputs owned: rows t0 + wr0 + i, key k0 + wc0 + lane
   const int wr0 = (warp >> 1) * 16, wc0 = (warp & 1) * 32;
   const int64_t tkey = k0 + wc0 + lane;
@@ -968,15 +976,15 @@ __device__ __forceinline__ void tile_coords(bool index_unit_stride, int e, int& 
 
 template <typename TA, typename TB, typename TC, typename A>
 __global__ void __launch_bounds__(256)
-    lowrank_gemm_kernel(const TA* __restrict__ Am, const TB* __restrict__ Bm, TC* __restrict__ C, int64_t M, int64_t N,
+    lowrank_gemm_kernel(gptr<const TA> __restrict__ Am, gptr<const TB> __restrict__ Bm, gptr<TC> __restrict__ C, int64_t M, int64_t N,
                         int64_t K, int64_t sAz, int64_t sa0, int64_t sa1, int64_t sBz, int64_t sb0, int64_t sb1) {
-  __shared__ A As[16][33];  // [k][i]
-  __shared__ A Bs[16][33];  // [k][j]
+  ATTNFREE_STATIC_SHARED(A, As, [16][33]);  // [k][i]
+  ATTNFREE_STATIC_SHARED(A, Bs, [16][33]);  // [k][j]
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
   const int64_t z = blockIdx.z;
   const int64_t i0 = static_cast<int64_t>(blockIdx.y) * 32, j0 = static_cast<int64_t>(blockIdx.x) * 32;
-  const TA* Az = Am + z * sAz;
-  const TB* Bz = Bm + z * sBz;
+  gptr<const TA> Az = Am + z * sAz;
+  gptr<const TB> Bz = Bm + z * sBz;
   A acc[2][2] = {{A(0), A(0)}, {A(0), A(0)}};
   for (int64_t k0 = 0; k0 < K; k0 += 16) {
     // 512 elements of each tile, 2 per thread; the fast thread index runs along the unit-stride dimension
@@ -1018,8 +1026,7 @@ cudaError_t launch_lowrank_gemm(const TA* Am, const TB* Bm, TC* C, int64_t Z, in
   if (Z <= 0 || M <= 0 || N <= 0) return cudaSuccess;
   const int64_t gy = (M + 31) / 32, gx = (N + 31) / 32;
   if (gy > 65535 || Z > 65535) return cudaErrorInvalidConfiguration;
-  lowrank_gemm_kernel<TA, TB, TC, A>
-      <<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(Z)), 256, 0, s>>>(
+  ATTNFREE_LAUNCH((lowrank_gemm_kernel<TA, TB, TC, A>), dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(Z)), 256, 0, s)(
           Am, Bm, C, M, N, K, sAz, sa0, sa1, sBz, sb0, sb1);
   return cudaGetLastError();
 }
@@ -1031,7 +1038,7 @@ template <typename E, typename WE, bool LOWRANK>
 cudaError_t launch_tc(const void* q, const void* k, const void* v, const void* w, const void* u, const void* vb,
                       void* y, void* lse, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t rank, bool causal,
                       cudaStream_t s) {
-  constexpr bool F32OPS = std::is_same<E, float>::value;
+  constexpr bool F32OPS = uses_tf32_operands<E>();
   const size_t smem = TcCfg<F32OPS>::smem_bytes(LOWRANK);
   auto kern = fwd_tc_kernel<E, WE, LOWRANK>;
   cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -1039,7 +1046,7 @@ cudaError_t launch_tc(const void* q, const void* k, const void* v, const void* w
   const int64_t dh = D / heads;
   dim3 grid(blocks_for(B * dh, BN), blocks_for(T, BM), static_cast<unsigned>(heads));
   if (grid.y > 65535u || grid.z > 65535u) return cudaErrorInvalidConfiguration;
-  kern<<<grid, NT, smem, s>>>(static_cast<const E*>(q), static_cast<const E*>(k), static_cast<const E*>(v),
+  ATTNFREE_LAUNCH(kern, grid, NT, smem, s)(static_cast<const E*>(q), static_cast<const E*>(k), static_cast<const E*>(v),
                               static_cast<const WE*>(w), static_cast<const WE*>(u), static_cast<const WE*>(vb),
                               static_cast<E*>(y), static_cast<float*>(lse), B, T, D, dh, rank, causal);
   return cudaGetLastError();
@@ -1050,7 +1057,7 @@ cudaError_t launch_exact(const void* q, const void* k, const void* v, const void
                          int64_t T, int64_t D, int64_t heads, bool causal, cudaStream_t s) {
   using A = acc_of_t<E>;
   const int64_t n = B * T * D;
-  fwd_exact_kernel<E, WE><<<blocks_for(n, 256), 256, 0, s>>>(
+  ATTNFREE_LAUNCH((fwd_exact_kernel<E, WE>), blocks_for(n, 256), 256, 0, s)(
       static_cast<const E*>(q), static_cast<const E*>(k), static_cast<const E*>(v), static_cast<const WE*>(w),
       static_cast<E*>(y), static_cast<A*>(lse), B, T, D, D / heads, causal);
   return cudaGetLastError();
@@ -1059,18 +1066,18 @@ cudaError_t launch_exact(const void* q, const void* k, const void* v, const void
 // The backward's buffers, typed (layouts: aft_full.h); lse is in the accumulate type.
 template <typename E, typename WE>
 struct BwdBuffers {
-  const E *dy, *q, *k, *v;
-  const WE* w;
-  const E* y;
-  const acc_of_t<E>* lse;
-  E *dq, *dk, *dv;
-  WE* dw;
+  gptr<const E> dy, q, k, v;
+  gptr<const WE> w;
+  gptr<const E> y;
+  gptr<const acc_of_t<E>> lse;
+  gptr<E> dq, dk, dv;
+  gptr<WE> dw;
 };
 
 // dq = dy * y * (1 - sigmoid(q)), elementwise: the first kernel of both backward paths.
 template <typename E, typename WE>
 cudaError_t launch_bwd_dq(const BwdBuffers<E, WE>& p, int64_t n, cudaStream_t s) {
-  bwd_dq_kernel<E><<<blocks_for(n, 256), 256, 0, s>>>(p.dy, p.q, p.y, p.dq, n);
+  ATTNFREE_LAUNCH((bwd_dq_kernel<E>), blocks_for(n, 256), 256, 0, s)(p.dy, p.q, p.y, p.dq, n);
   return cudaGetLastError();
 }
 
@@ -1081,12 +1088,11 @@ cudaError_t launch_bwd(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t
   const int64_t n = B * T * D, dh = D / heads;
   cudaError_t err = launch_bwd_dq(p, n, s);
   if (err != cudaSuccess) return err;
-  bwd_dkdv_kernel<E, WE>
-      <<<blocks_for(n, 256), 256, 0, s>>>(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dk, p.dv, B, T, D, dh, causal);
+  ATTNFREE_LAUNCH((bwd_dkdv_kernel<E, WE>), blocks_for(n, 256), 256, 0, s)(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dk, p.dv, B, T, D, dh, causal);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int64_t nthreads = heads * T * T * 32;
-  bwd_dw_kernel<E, WE><<<blocks_for(nthreads, 256), 256, 0, s>>>(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dw, B, T, D,
+  ATTNFREE_LAUNCH((bwd_dw_kernel<E, WE>), blocks_for(nthreads, 256), 256, 0, s)(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dw, B, T, D,
                                                                  dh, heads, causal);
   return cudaGetLastError();
 }
@@ -1095,7 +1101,7 @@ cudaError_t launch_bwd(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t
 template <typename E, typename WE>
 cudaError_t launch_bwd_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t D, int64_t heads, bool causal,
                           cudaStream_t s) {
-  constexpr bool F32OPS = std::is_same<E, float>::value;
+  constexpr bool F32OPS = uses_tf32_operands<E>();
   const int64_t n = B * T * D, dh = D / heads;
   const size_t smem = BwdCfg<F32OPS>::kBytes;
   const unsigned tiles = blocks_for(T, 64);
@@ -1105,14 +1111,14 @@ cudaError_t launch_bwd_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int6
   auto kv = bwd_kv_tc_kernel<E, WE>;
   err = cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  kv<<<dim3(blocks_for(B * dh, 64), tiles, static_cast<unsigned>(heads)), NT, smem, s>>>(
+  ATTNFREE_LAUNCH(kv, dim3(blocks_for(B * dh, 64), tiles, static_cast<unsigned>(heads)), NT, smem, s)(
       p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dk, p.dv, B, T, D, dh, causal);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   auto kw = bwd_w_tc_kernel<E, WE>;
   err = cudaFuncSetAttribute(kw, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  kw<<<dim3(tiles, tiles, static_cast<unsigned>(heads)), NT, smem, s>>>(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dw, B,
+  ATTNFREE_LAUNCH(kw, dim3(tiles, tiles, static_cast<unsigned>(heads)), NT, smem, s)(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dw, B,
                                                                         T, D, dh, causal);
   return cudaGetLastError();
 }

@@ -28,7 +28,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import hashlib
-import math
 import os
 import re
 import shutil
@@ -206,8 +205,12 @@ _build_lock = threading.Lock()
 
 
 def build(name: str, sources: Sequence[str], include_dirs: Sequence[str] = (), defines: Optional[dict] = None,
-          extra_flags: Sequence[str] = (), opt: str = DEFAULT_OPT) -> "Library":
-    """Compile `sources` (paths relative to the repository root or absolute) into an emulation library."""
+          extra_flags: Sequence[str] = (), opt: str = DEFAULT_OPT, rewrite: bool = True) -> "Library":
+    """Compile `sources` (paths relative to the repository root or absolute) into an emulation library.
+
+    rewrite=False compiles the files as they are (no cu2cpp pass): for sources written with ATTNFREE_LAUNCH /
+    ATTNFREE_DYNAMIC_SHARED / ATTNFREE_STATIC_SHARED (the project's kernels, csrc/<op>/*.cu); a `<<<` or
+    `__shared__` left in them is then a compile error."""
     ok, why = available()
     if not ok:
         raise EmuUnavailable(why)
@@ -218,7 +221,7 @@ def build(name: str, sources: Sequence[str], include_dirs: Sequence[str] = (), d
     flags = compile_flags(opt, defines, extra_flags)
     h = hashlib.sha256()
     h.update(_compiler_id().encode())
-    h.update(repr((flags, srcs, incs, link_flags())).encode())
+    h.update(repr((flags, srcs, incs, link_flags(), rewrite)).encode())
     _hash_files(h, _harness_files())
     _hash_files(h, files)
     key = h.hexdigest()[:16]
@@ -229,7 +232,8 @@ def build(name: str, sources: Sequence[str], include_dirs: Sequence[str] = (), d
         so = os.path.join(out_dir, f"lib{name}.so")
         if not os.path.exists(so):
             mirror = os.path.join(out_dir, "src")
-            for p in files:  # mirror every source-like file of the roots, rewritten where needed
+            os.makedirs(out_dir, exist_ok=True)
+            for p in files if rewrite else ():  # mirror every source-like file of the roots, rewritten where needed
                 dst = _mirror_path(mirror, p)
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
                 with open(p, encoding="utf-8", errors="surrogateescape") as f:
@@ -239,13 +243,13 @@ def build(name: str, sources: Sequence[str], include_dirs: Sequence[str] = (), d
                     f.write(new)
             inc_flags = []
             for d in incs:
-                inc_flags += ["-I" + _mirror_path(mirror, d)]
+                inc_flags += ["-I" + (_mirror_path(mirror, d) if rewrite else d)]
             objs = []
             cmds = []
             for s in srcs:
                 o = os.path.join(out_dir, os.path.basename(s) + ".o")
                 objs.append(o)
-                cmds.append([CXX] + flags + inc_flags + ["-c", _mirror_path(mirror, s), "-o", o])
+                cmds.append([CXX] + flags + inc_flags + ["-c", _mirror_path(mirror, s) if rewrite else s, "-o", o])
             runtime = _runtime_object(opt)
             with ThreadPoolExecutor(max_workers=min(jobs(), len(cmds))) as ex:
                 list(ex.map(lambda c: _run(c, f"compiling {c[-3]}"), cmds))

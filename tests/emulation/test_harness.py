@@ -3,7 +3,6 @@
 fault reports, poisoning and cost counters."""
 from __future__ import annotations
 
-import ctypes
 import math
 
 import pytest
