@@ -101,6 +101,7 @@ __device__ __forceinline__ void exact_element(const WGet& wget, gptr<const E> __
   A M = neg_inf<A>(), S = A(0), Acc = A(0);
   for (int64_t tp = 0; tp < tend; ++tp) {
     const A l = static_cast<A>(wget(tp)) + static_cast<A>(to_acc(kcol[tp * D]));
+    if (l == neg_inf<A>()) continue;  // a masked key (-inf in k or w): excluded, never (-inf) - (-inf)
     const A vv = static_cast<A>(to_acc(vcol[tp * D]));
     if (l > M) {
       const A sc = af_exp(M - l);  // M = -inf -> 0
@@ -113,7 +114,7 @@ __device__ __forceinline__ void exact_element(const WGet& wget, gptr<const E> __
       Acc += e * vv;
     }
   }
-  z = Acc / S;
+  z = S == A(0) ? A(0) : Acc / S;  // no finite logit: z = 0, lse = -inf (docs/design.md §7 rule 4)
   lse = M + af_log(S);
 }
 
@@ -241,7 +242,7 @@ __device__ __forceinline__ float exp_w_strip(const float (&wv)[16], int64_t t, i
   rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 2));
 #pragma unroll
   for (int i = 0; i < 16; ++i) {
-    const bool vis = key_visible(t, k0 + part * 16 + i, T, causal);
+    const bool vis = key_visible(t, k0 + part * 16 + i, T, causal) && wv[i] != -INFINITY;  // -inf: masked key
     store_val(&ew_row[part * 16 + i], vis ? exp2f((wv[i] - rmax) * kLog2e) : 0.f);
   }
   return rmax;
@@ -275,7 +276,7 @@ __device__ __forceinline__ float exp_kv_strip(gptr<const E> __restrict__ k, gptr
 #pragma unroll
   for (int i = 0; i < 16; ++i) {
     const int64_t tk = k0 + g * 16 + i;
-    const float e = (cb >= 0 && tk < T) ? exp2f((kv[i] - m) * kLog2e) : 0.f;
+    const float e = (cb >= 0 && tk < T && kv[i] != -INFINITY) ? exp2f((kv[i] - m) * kLog2e) : 0.f;  // -inf: masked
     store_val(&ek[(g * 16 + i) * ld + col], e);
     store_val(&ekv[(g * 16 + i) * ld + col], e * vv[i]);
   }
@@ -570,7 +571,7 @@ __global__ void bwd_dkdv_kernel(gptr<const E> __restrict__ dy, gptr<const E> __r
   A sg = 0, sh = 0;
   for (int64_t t = causal ? tp : 0; t < T; ++t) {
     const int64_t o = base + t * D;
-    const A P = af_exp(static_cast<A>(to_acc(wcol[t * T])) + kk - lse[o]);
+    const A P = p_of(static_cast<A>(to_acc(wcol[t * T])) + kk, lse[o]);
     const A d = to_acc(dy[o]);
     sg += P * d * af_sigmoid(to_acc(q[o]));
     sh += P * d * static_cast<A>(to_acc(y[o]));
@@ -598,7 +599,7 @@ __global__ void bwd_dw_kernel(gptr<const E> __restrict__ dy, gptr<const E> __res
     for (int64_t j = lane; j < B * dh; j += 32) {
       const int64_t base = (j / dh) * T * D + h * dh + (j % dh);
       const int64_t o = base + t * D, op = base + tp * D;
-      const A P = af_exp(wv + static_cast<A>(to_acc(k[op])) - lse[o]);
+      const A P = p_of(wv + static_cast<A>(to_acc(k[op])), lse[o]);
       const A d = to_acc(dy[o]);
       const A G = d * af_sigmoid(to_acc(q[o]));
       const A H = d * static_cast<A>(to_acc(y[o]));
@@ -671,7 +672,7 @@ __device__ __noinline__ void bwd_kv_exact(gptr<const E> __restrict__ dy, gptr<co
                                           float& sh) {
   for (int64_t t = ta; t < tb; ++t) {
     const int64_t o = cb + t * D;
-    const float P = expf(static_cast<float>(to_acc(wcol[t * T])) + kk - lse[o]);
+    const float P = p_of(static_cast<float>(to_acc(wcol[t * T])) + kk, lse[o]);
     const float d = to_acc(dy[o]);
     sg += P * d * af_sigmoid(to_acc(q[o]));
     sh += P * d * to_acc(y[o]);
@@ -746,8 +747,9 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
       la[i] = -INFINITY;
       gg[i] = 0.f;
       hh[i] = 0.f;
-      if (xcb >= 0 && t < T && a > -INFINITY) {
-        const int64_t o = xcb + t * D;
+      const int64_t o = xcb + t * D;
+      // rows with no visible finite w in the tile, or no finite logit at all (lse = -inf), contribute 0
+      if (xcb >= 0 && t < T && a > -INFINITY && lse[o] != -INFINITY) {
         const float d = to_acc(dy[o]);
         la[i] = a - lse[o];
         gg[i] = d * af_sigmoid(to_acc(q[o]));
@@ -822,7 +824,7 @@ __device__ __noinline__ float bwd_w_exact(gptr<const E> __restrict__ dy, gptr<co
     const int64_t cb = colbase[c];
     if (cb < 0) continue;
     const int64_t o = cb + t * D, op = cb + tp * D;
-    const float P = expf(wv + to_acc(k[op]) - lse[o]);
+    const float P = p_of(wv + static_cast<float>(to_acc(k[op])), lse[o]);
     const float d = to_acc(dy[o]);
     s += P * (d * af_sigmoid(to_acc(q[o])) * to_acc(v[op]) - d * to_acc(y[o]));
   }
@@ -903,8 +905,9 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
         xl[i] = -INFINITY;
         gg[i] = 0.f;
         hh[i] = 0.f;
-        if (cb >= 0 && t < T) {
-          const int64_t o = cb + t * D;
+        const int64_t o = cb + t * D;
+        // columns whose keys in the tile are all masked (mu = -inf) and rows with lse = -inf contribute 0
+        if (cb >= 0 && t < T && mu_s[c] > -INFINITY && lse[o] != -INFINITY) {
           const float d = to_acc(dy[o]);
           xl[i] = mu_s[c] - lse[o];
           gg[i] = d * af_sigmoid(to_acc(q[o]));

@@ -78,7 +78,7 @@ __global__ void local_band_fwd_kernel(gptr<const scalar_t> __restrict__ q, gptr<
       const int64_t j = (b * T + (t + W)) * D + c;
       st.merge(slse[j], Acc(1), smean[j]);
     }
-    store_val(y + i, af_sigmoid(load_acc(q + i)) * (st.b / st.a));
+    store_val(y + i, af_sigmoid(load_acc(q + i)) * st.mean());
     lse[i] = st.m + af_log(st.a);
   }
 }
@@ -104,7 +104,7 @@ struct GHSrc {
   int64_t T, D;
   __device__ __forceinline__ ScanTerm<Acc> operator()(int64_t b, int64_t t, int64_t c) const {
     const int64_t j = (b * T + t) * D + c;
-    return {-lse[j], G[j], H[j]};
+    return {bwd_x(lse[j]), G[j], H[j]};
   }
 };
 
@@ -127,7 +127,7 @@ __global__ void local_band_bwd_kv_kernel(gptr<const scalar_t> __restrict__ k, gp
     Acc sg = Acc(0), sh = Acc(0);
     for (int64_t t = lo; t <= hi; ++t) {
       const int64_t j = base + t * D;
-      const Acc p = af_exp(load_acc(wcol + t * T) + kk - lse[j]);
+      const Acc p = p_of(load_acc(wcol + t * T) + kk, lse[j]);
       sg += p * G[j];
       sh += p * H[j];
     }
@@ -181,7 +181,7 @@ __global__ void local_band_bwd_w_kernel(gptr<const scalar_t> __restrict__ k, gpt
         const int64_t c = h * dh + cc;
         const int64_t it = (b * T + t) * D + c;
         const int64_t ik = (b * T + tp) * D + c;
-        const Acc p = af_exp(wv + load_acc(k + ik) - lse[it]);
+        const Acc p = p_of(wv + load_acc(k + ik), lse[it]);
         acc += p * (G[it] * load_acc(v + ik) - H[it]);
         cc += r32;
         b += q32;

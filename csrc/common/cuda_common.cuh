@@ -105,8 +105,14 @@ struct LseState {
     b = Acc(0);
   }
   __device__ __forceinline__ bool empty() const { return m == neg_inf<Acc>(); }
-  // add one item with finite log-weight x and values (va, vb); m may be -inf: exp(-inf) = 0, never NaN
-  __device__ __forceinline__ void add(Acc x, Acc va, Acc vb) { rescale_add(x, va, vb); }
+  // add one item with log-weight x and values (va, vb); x = -inf is a masked item (skipped: never forms
+  // (-inf) - (-inf)); a NaN x propagates into a and b
+  __device__ __forceinline__ void add(Acc x, Acc va, Acc vb) {
+    if (x == neg_inf<Acc>()) return;
+    rescale_add(x, va, vb);
+  }
+  // b / a, or 0 for an empty state (a row with no finite logit: docs/design.md §7 rule 4)
+  __device__ __forceinline__ Acc mean() const { return a == Acc(0) ? Acc(0) : b / a; }
   // merge another state (m2, a2, b2), either side possibly empty
   __device__ __forceinline__ void merge(Acc m2, Acc a2, Acc b2) {
     if (m2 == neg_inf<Acc>()) return;
@@ -132,6 +138,17 @@ struct LseState {
     }
   }
 };
+
+// exp(logit - lse): the softmax weight of one logit in a row with log-sum-exp lse. A row with no finite logit
+// (lse = -inf) has weight 0 for every key (never (-inf) - (-inf)); NaN propagates.
+// (float and double overloads, not a template: arguments may be global-memory references under the harness)
+__device__ __forceinline__ float p_of(float logit, float lse) { return lse == -INFINITY ? 0.f : af_exp(logit - lse); }
+__device__ __forceinline__ double p_of(double logit, double lse) {
+  return lse == -(double)INFINITY ? 0.0 : af_exp(logit - lse);
+}
+// The log-weight -lse of a backward scan item: a row with lse = -inf contributes nothing (-inf: skipped).
+__device__ __forceinline__ float bwd_x(float lse) { return lse == -INFINITY ? -INFINITY : -lse; }
+__device__ __forceinline__ double bwd_x(double lse) { return lse == -(double)INFINITY ? -(double)INFINITY : -lse; }
 
 // ------------------------------------------------------------------ launch helpers
 constexpr int kThreads = 256;
@@ -342,18 +359,19 @@ struct BwdSrc {
   __device__ __forceinline__ ScanTerm<Acc> operator()(int64_t b, int64_t t, int64_t c) const {
     const int64_t j = (b * T + t) * D + c;
     const Acc g = load_acc(dy + j);
-    return {-lse[j], g * af_sigmoid(load_acc(q + j)), g * load_acc(y + j)};
+    return {bwd_x(lse[j]), g * af_sigmoid(load_acc(q + j)), g * load_acc(y + j)};
   }
 };
-// Store an inclusive state at t as (lse, mean) = (m + log a, b / a): a >= 1 for a non-empty forward state.
+// Store an inclusive state at t as (lse, mean) = (m + log a, b / a): a >= 1 for a non-empty forward state;
+// an empty one (every key masked) stores (-inf, 0).
 template <typename Acc>
 struct SummarySink {
   gptr<Acc> lse_out, mean_out;
   int64_t T, D;
   __device__ __forceinline__ void operator()(int64_t b, int64_t t, int64_t c, const LseState<Acc>& s) const {
     const int64_t j = (b * T + t) * D + c;
-    lse_out[j] = s.m + af_log(s.a);
-    mean_out[j] = s.b / s.a;
+    lse_out[j] = s.m + af_log(s.a);  // -inf for an empty state
+    mean_out[j] = s.mean();
   }
 };
 // Store the raw state (m, a, b) at t (backward summaries: a, b may be any sign).

@@ -25,6 +25,13 @@ struct EaSrc {
   }
 };
 
+// log p = l - lse; -inf for a masked logit and for every entry of a column whose logits are all -inf
+// (lse = -inf: p = 0 there, out = 0; docs/design.md §7 rule 4). NaN propagates.
+__device__ __forceinline__ float logp_of(float l, float lse) { return lse == -INFINITY ? -INFINITY : l - lse; }
+__device__ __forceinline__ double logp_of(double l, double lse) {
+  return lse == -(double)INFINITY ? -(double)INFINITY : l - lse;
+}
+
 template <typename Acc>
 __global__ void ea_lse_kernel(gptr<const Acc> __restrict__ wm, gptr<const Acc> __restrict__ wa, gptr<Acc> __restrict__ lse, int64_t M,
                               int64_t nch, int64_t S) {
@@ -66,21 +73,27 @@ __global__ void ea_row_fwd_kernel(gptr<const scalar_t> __restrict__ l, gptr<cons
     gptr<const Acc> lm = lse + m * S;
     Acc mx = neg_inf<Acc>();
     for (int64_t s = lane; s < S; s += 32) {
-      const Acc z = load_acc(lr + s) - lm[s];
+      const Acc z = logp_of(load_acc(lr + s), lm[s]);
       mx = z > mx ? z : mx;
     }
-    mx = warp_allmax(mx);  // finite: S >= 1
+    mx = warp_allmax(mx);  // -inf only when p = 0 for every unit (or NaN z's only: they propagate below)
     Acc sum = Acc(0);
-    for (int64_t s = lane; s < S; s += 32) sum += af_exp(load_acc(lr + s) - lm[s] - mx);
-    sum = warp_allsum(sum);  // >= 1
-    const Acc log_s = mx + af_log(sum);
+    for (int64_t s = lane; s < S; s += 32) {
+      const Acc z = logp_of(load_acc(lr + s), lm[s]);
+      sum += z == neg_inf<Acc>() ? Acc(0) : af_exp(z - mx);
+    }
+    sum = warp_allsum(sum);  // >= 1, or 0 for a token with p = 0 for every unit
+    const Acc log_s = sum == Acc(0) ? neg_inf<Acc>() : mx + af_log(sum);
     Acc log_r = log_s;
     if (eps > Acc(0)) {  // logaddexp(log_s, log eps)
       const Acc le = af_log(eps);
       const Acc hi = log_s > le ? log_s : le, lo = log_s > le ? le : log_s;
       log_r = hi + af_log(Acc(1) + af_exp(lo - hi));
     }
-    for (int64_t s = lane; s < S; s += 32) store_val(out + row * S + s, af_exp(load_acc(lr + s) - lm[s] - log_r));
+    for (int64_t s = lane; s < S; s += 32) {  // out = 0 where p = 0 (masked logit, all -inf column, dead token)
+      const Acc z = logp_of(load_acc(lr + s), lm[s]);
+      store_val(out + row * S + s, z == neg_inf<Acc>() ? Acc(0) : af_exp(z - log_r));
+    }
     if (lane == 0) rowsum[row] = af_exp(log_s) + eps;
   }
 }
@@ -89,7 +102,7 @@ __global__ void ea_row_fwd_kernel(gptr<const scalar_t> __restrict__ l, gptr<cons
 template <typename scalar_t, typename Acc>
 __device__ __forceinline__ Acc ea_a(gptr<const scalar_t> out, gptr<const scalar_t> l, Acc lse, Acc rowsum, int64_t j) {
   if (sizeof(scalar_t) == sizeof(Acc)) return load_acc(out + j);
-  if (rowsum > Acc(1e-30)) return af_exp(load_acc(l + j) - lse) / rowsum;
+  if (rowsum > Acc(1e-30)) return p_of(load_acc(l + j), lse) / rowsum;
   return load_acc(out + j);
 }
 
@@ -157,7 +170,7 @@ __global__ void ea_bwd_out_kernel(gptr<const scalar_t> __restrict__ dout, gptr<c
     const int64_t row = i / S;
     const int64_t m = row / N;
     const Acc ls = lse[m * S + s];
-    const Acc p = af_exp(load_acc(l + i) - ls);
+    const Acc p = p_of(load_acc(l + i), ls);
     const Acc u = ea_a<scalar_t, Acc>(out, l, ls, rowsum[row], i) * (load_acc(dout + i) - rowdot[row]);
     store_val(dl + i, u - p * colsum[m * S + s]);
   }
