@@ -155,14 +155,14 @@ __global__ void fwd_exact_kernel(gptr<const E> __restrict__ q, gptr<const E> __r
                                  gptr<const WE> __restrict__ w, gptr<E> __restrict__ y, gptr<acc_of_t<E>> __restrict__ lse, int64_t B,
                                  int64_t T, int64_t D, int64_t dh, bool causal) {
   using A = acc_of_t<E>;
-  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (idx >= B * T * D) return;
+  AF_GRID_STRIDE(idx, B * T * D) {  // 64-bit grid-stride: any B * T * D fits the (capped) grid
   const ElementIdx e(idx, T, D, dh);
   A z, l;
   DenseW<WE> wg{w + (e.h * T + e.t) * T};
   exact_element<E, A>(wg, k + e.base, v + e.base, D, causal ? e.t + 1 : T, z, l);
   y[idx] = from_acc<E>(af_sigmoid(to_acc(q[idx])) * z);
   lse[idx] = l;
+  }
 }
 
 // ------------------------------------------------------------------------------------------ tensor-core forward
@@ -549,10 +549,10 @@ template <typename E>
 __global__ void bwd_dq_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ y,
                               gptr<E> __restrict__ dq, int64_t n) {
   using A = acc_of_t<E>;
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= n) return;
-  const A s = af_sigmoid(to_acc(q[i]));
-  dq[i] = from_acc<E>(to_acc(dy[i]) * to_acc(y[i]) * (A(1) - s));
+  AF_GRID_STRIDE(i, n) {
+    const A s = af_sigmoid(to_acc(q[i]));
+    dq[i] = from_acc<E>(to_acc(dy[i]) * to_acc(y[i]) * (A(1) - s));
+  }
 }
 
 // one thread per (b, t', c): dv = sum_t P G, dk = v dv - sum_t P H
@@ -562,8 +562,7 @@ __global__ void bwd_dkdv_kernel(gptr<const E> __restrict__ dy, gptr<const E> __r
                                 gptr<const acc_of_t<E>> __restrict__ lse, gptr<E> __restrict__ dk, gptr<E> __restrict__ dv, int64_t B,
                                 int64_t T, int64_t D, int64_t dh, bool causal) {
   using A = acc_of_t<E>;
-  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (idx >= B * T * D) return;
+  AF_GRID_STRIDE(idx, B * T * D) {
   const ElementIdx e(idx, T, D, dh);  // e.t is the key position t'
   const int64_t tp = e.t, base = e.base;
   const A kk = to_acc(k[idx]);
@@ -578,6 +577,7 @@ __global__ void bwd_dkdv_kernel(gptr<const E> __restrict__ dy, gptr<const E> __r
   }
   dv[idx] = from_acc<E>(sg);
   dk[idx] = from_acc<E>(static_cast<A>(to_acc(v[idx])) * sg - sh);
+  }
 }
 
 // one warp per (h, t, t'): dw = sum_{b, c in h} P (G v[t'] - H)
@@ -587,9 +587,8 @@ __global__ void bwd_dw_kernel(gptr<const E> __restrict__ dy, gptr<const E> __res
                               gptr<const acc_of_t<E>> __restrict__ lse, gptr<WE> __restrict__ dw, int64_t B, int64_t T, int64_t D,
                               int64_t dh, int64_t heads, bool causal) {
   using A = acc_of_t<E>;
-  const int64_t gw = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
-  if (gw >= heads * T * T) return;
+  AF_WARP_STRIDE(gw, heads * T * T) {  // every lane of a warp takes the same gw: the shuffles stay converged
   const int64_t tp = gw % T;
   const int64_t t = (gw / T) % T;
   const int64_t h = gw / (T * T);
@@ -609,6 +608,7 @@ __global__ void bwd_dw_kernel(gptr<const E> __restrict__ dy, gptr<const E> __res
     for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
   }
   if (lane == 0) dw[gw] = from_acc<WE>(acc);
+  }
 }
 
 // ------------------------------------------------------------------------------------------ backward (tensor cores)
@@ -1060,7 +1060,7 @@ cudaError_t launch_exact(const void* q, const void* k, const void* v, const void
                          int64_t T, int64_t D, int64_t heads, bool causal, cudaStream_t s) {
   using A = acc_of_t<E>;
   const int64_t n = B * T * D;
-  ATTNFREE_LAUNCH((fwd_exact_kernel<E, WE>), blocks_for(n, 256), 256, 0, s)(
+  ATTNFREE_LAUNCH((fwd_exact_kernel<E, WE>), grid_for(n, 256), 256, 0, s)(
       static_cast<const E*>(q), static_cast<const E*>(k), static_cast<const E*>(v), static_cast<const WE*>(w),
       static_cast<E*>(y), static_cast<A*>(lse), B, T, D, D / heads, causal);
   return cudaGetLastError();
@@ -1080,7 +1080,7 @@ struct BwdBuffers {
 // dq = dy * y * (1 - sigmoid(q)), elementwise: the first kernel of both backward paths.
 template <typename E, typename WE>
 cudaError_t launch_bwd_dq(const BwdBuffers<E, WE>& p, int64_t n, cudaStream_t s) {
-  ATTNFREE_LAUNCH((bwd_dq_kernel<E>), blocks_for(n, 256), 256, 0, s)(p.dy, p.q, p.y, p.dq, n);
+  ATTNFREE_LAUNCH((bwd_dq_kernel<E>), grid_for(n, 256), 256, 0, s)(p.dy, p.q, p.y, p.dq, n);
   return cudaGetLastError();
 }
 
@@ -1091,11 +1091,11 @@ cudaError_t launch_bwd(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t
   const int64_t n = B * T * D, dh = D / heads;
   cudaError_t err = launch_bwd_dq(p, n, s);
   if (err != cudaSuccess) return err;
-  ATTNFREE_LAUNCH((bwd_dkdv_kernel<E, WE>), blocks_for(n, 256), 256, 0, s)(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dk, p.dv, B, T, D, dh, causal);
+  ATTNFREE_LAUNCH((bwd_dkdv_kernel<E, WE>), grid_for(n, 256), 256, 0, s)(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dk, p.dv, B, T, D, dh, causal);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int64_t nthreads = heads * T * T * 32;
-  ATTNFREE_LAUNCH((bwd_dw_kernel<E, WE>), blocks_for(nthreads, 256), 256, 0, s)(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dw, B, T, D,
+  ATTNFREE_LAUNCH((bwd_dw_kernel<E, WE>), grid_for(nthreads, 256), 256, 0, s)(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dw, B, T, D,
                                                                  dh, heads, causal);
   return cudaGetLastError();
 }
