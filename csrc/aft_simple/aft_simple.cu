@@ -19,9 +19,9 @@ namespace {
 
 template <typename scalar_t, typename Acc>
 struct FwdOutSink {
-  const scalar_t* q;
-  scalar_t* y;
-  Acc* lse;
+  gptr<const scalar_t> q;
+  gptr<scalar_t> y;
+  gptr<Acc> lse;
   int64_t T, D;
   __device__ __forceinline__ void operator()(int64_t b, int64_t t, int64_t c, const LseState<Acc>& s) const {
     const int64_t j = (b * T + t) * D + c;
@@ -33,8 +33,8 @@ struct FwdOutSink {
 
 template <typename scalar_t, typename Acc>
 struct BwdOutSink {
-  const scalar_t *dy, *q, *k, *v, *y;
-  scalar_t *dq, *dk, *dv;
+  gptr<const scalar_t> dy, q, k, v, y;
+  gptr<scalar_t> dq, dk, dv;
   int64_t T, D;
   __device__ __forceinline__ void operator()(int64_t b, int64_t t, int64_t c, const LseState<Acc>& s) const {
     const int64_t j = (b * T + t) * D + c;
