@@ -91,6 +91,15 @@ namespace aft_full_detail {
 
 using namespace nvcuda;
 
+// bf16 and tf32 wmma exist from sm_80 on. The tensor-core helpers and kernel bodies are compiled for the host pass
+// (and the emulation harness) and for device passes with __CUDA_ARCH__ >= 800; below that the kernels are declared
+// with a trapping body and the launchers fall back to the per-element kernels (aft_full_tc_supported()).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define AFT_FULL_TC_ARCH 1
+#else
+#define AFT_FULL_TC_ARCH 0
+#endif
+
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -298,6 +307,7 @@ __device__ __forceinline__ void store_strip(float* stage, const Frag (&a)[2], in
     wmma::store_matrix_sync(stage + r0 * LDS + c0 + jj * 16, a[jj], LDS, wmma::mem_row_major);
 }
 
+#if AFT_FULL_TC_ARCH  // bf16 / tf32 wmma: sm_80+
 // 3xTF32: x = big + small with both parts tf32; big*big + big*small + small*big keeps ~fp32 accuracy.
 template <typename F>
 __device__ __forceinline__ void split_tf32(F& big, F& small) {
@@ -366,6 +376,7 @@ struct TcMma<true> {  // 3xTF32: fp32 operands split into tf32 big + small parts
     }
   }
 };
+#endif  // AFT_FULL_TC_ARCH
 
 // Rare path of the tensor-core kernel, kept out of line so the unrolled epilogue stays small.
 template <typename E, typename WE, bool LOWRANK>
@@ -397,6 +408,7 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
     fwd_tc_kernel(gptr<const E> __restrict__ q, gptr<const E> __restrict__ k, gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w,
                   gptr<const WE> __restrict__ u, gptr<const WE> __restrict__ vbias, gptr<E> __restrict__ y, gptr<float> __restrict__ lse,
                   int64_t B, int64_t T, int64_t D, int64_t dh, int64_t rank, bool causal) {
+#if AFT_FULL_TC_ARCH
   constexpr bool F32OPS = uses_tf32_operands<E>();
   using Cfg = TcCfg<F32OPS>;
   using Op = typename Cfg::Op;
@@ -542,6 +554,9 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
       lse[o] = l;
     }
   }
+#else
+  __trap();  // sm < 80: the launchers never select this kernel there (aft_full_tc_supported)
+#endif
 }
 
 // ------------------------------------------------------------------------------------------ backward (SIMT)
@@ -614,6 +629,7 @@ __global__ void bwd_dw_kernel(gptr<const E> __restrict__ dy, gptr<const E> __res
 // ------------------------------------------------------------------------------------------ backward (tensor cores)
 // Generic warp-level strip product: acc[jj] (16 x 16) += A[r0 .. r0+16, 0 .. K) @ B[0 .. K, c0 + 16 jj ..), jj < 2.
 // LA/LB: wmma::row_major or wmma::col_major (element (i, k) of a col_major A lives at A[k * lda + i]).
+#if AFT_FULL_TC_ARCH
 template <bool F32OPS, typename LA, typename LB>
 struct WarpMma {
   static constexpr int KS = F32OPS ? 8 : 16;
@@ -646,6 +662,7 @@ struct WarpMma {
     }
   }
 };
+#endif  // AFT_FULL_TC_ARCH
 
 constexpr float kBwdMaxScale2 = 60.0f;  // log2 units: beyond this the factorised scale is not trusted -> exact path
 
@@ -688,6 +705,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
                      gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const E> __restrict__ y,
                      gptr<const float> __restrict__ lse, gptr<E> __restrict__ dk, gptr<E> __restrict__ dv, int64_t B, int64_t T,
                      int64_t D, int64_t dh, bool causal) {
+#if AFT_FULL_TC_ARCH
   constexpr bool F32OPS = uses_tf32_operands<E>();
   using Cfg = BwdCfg<F32OPS>;
   using Op = typename Cfg::Op;
@@ -811,6 +829,9 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
       dk[o] = from_acc<E>(to_acc(v[o]) * sg[i] - sh[i]);
     }
   }
+#else
+  __trap();  // sm < 80: the launchers never select this kernel there (aft_full_tc_supported)
+#endif
 }
 
 // Exact rare path of the dw kernel: sum over the chunk's columns of P (G v - H) for one (t, t').
@@ -839,6 +860,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
     bwd_w_tc_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k, gptr<const E> __restrict__ v,
                     gptr<const WE> __restrict__ w, gptr<const E> __restrict__ y, gptr<const float> __restrict__ lse,
                     gptr<WE> __restrict__ dw, int64_t B, int64_t T, int64_t D, int64_t dh, bool causal) {
+#if AFT_FULL_TC_ARCH
   constexpr bool F32OPS = uses_tf32_operands<E>();
   using Cfg = BwdCfg<F32OPS>;
   using Op = typename Cfg::Op;
@@ -959,6 +981,9 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
     const int64_t t = t0 + wr0 + i;
     if (t < T) dwh[t * T + tkey] = from_acc<WE>((causal && tkey > t) ? 0.f : acc[i]);
   }
+#else
+  __trap();  // sm < 80: the launchers never select this kernel there (aft_full_tc_supported)
+#endif
 }
 
 // ------------------------------------------------------------------------------------------ low-rank helpers
@@ -1036,6 +1061,15 @@ cudaError_t launch_lowrank_gemm(const TA* Am, const TB* Bm, TC* C, int64_t Z, in
 
 // ------------------------------------------------------------------------------------------ host side
 inline unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
+
+// The tensor-core kernels need sm_80+ (bf16 / tf32 wmma; their bodies trap below, see AFT_FULL_TC_ARCH): older
+// devices take the per-element (exact) kernels, as if `exact` were set. A failed query is left to the launch.
+inline bool aft_full_tc_supported() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return true;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return true;
+  return major >= 8;
+}
 
 template <typename E, typename WE, bool LOWRANK>
 cudaError_t launch_tc(const void* q, const void* k, const void* v, const void* w, const void* u, const void* vb,
@@ -1193,6 +1227,7 @@ cudaError_t aft_full_fwd(DType dt, DType w_dt, const void* q, const void* k, con
                          void* /*workspace*/, cudaStream_t stream) {
   if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
   if (heads <= 0 || D % heads != 0) return cudaErrorInvalidValue;
+  exact = exact || !aft_full_tc_supported();
   return dispatch(dt, w_dt, [&](auto e, auto we) -> cudaError_t {
     using E = decltype(e);
     using WE = decltype(we);
@@ -1216,6 +1251,7 @@ cudaError_t aft_full_bwd(DType dt, DType w_dt, const void* dy, const void* q, co
   if (B <= 0 || D <= 0) {  // empty q/k/v: dw is all zeros
     return cudaMemsetAsync(dw, 0, static_cast<size_t>(heads * T * T) * dtype_size(w_dt), stream);
   }
+  exact = exact || !aft_full_tc_supported();
   return dispatch(dt, w_dt, [&](auto e, auto we) -> cudaError_t {
     using E = decltype(e);
     using WE = decltype(we);
@@ -1231,7 +1267,7 @@ constexpr int64_t kLowRankOnTheFlyMaxRank = 16;
 constexpr size_t kLowRankMaterialiseMaxBytes = size_t(1) << 30;
 
 static bool lowrank_materialise(DType dt, int64_t T, int64_t heads, int64_t rank, bool exact) {
-  if (dt == DType::Float64 || exact) return true;
+  if (dt == DType::Float64 || exact || !aft_full_tc_supported()) return true;  // (workspace size and launch agree)
   const size_t bytes = static_cast<size_t>(heads * T * T) * sizeof(float);
   return rank > kLowRankOnTheFlyMaxRank && bytes <= kLowRankMaterialiseMaxBytes;
 }
@@ -1248,6 +1284,7 @@ cudaError_t aft_full_lowrank_fwd(DType dt, DType w_dt, const void* q, const void
   if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
   if (heads <= 0 || D % heads != 0 || rank < 0) return cudaErrorInvalidValue;
   const bool mat = lowrank_materialise(dt, T, heads, rank, exact);
+  exact = exact || !aft_full_tc_supported();
   return dispatch(dt, w_dt, [&](auto e, auto we) -> cudaError_t {
     using E = decltype(e);
     using WE = decltype(we);
@@ -1285,6 +1322,7 @@ cudaError_t aft_full_lowrank_bwd(DType dt, DType w_dt, const void* dy, const voi
   if (heads <= 0 || (D > 0 && D % heads != 0) || rank < 0) return cudaErrorInvalidValue;
   if (T <= 0) return cudaSuccess;
   if (workspace == nullptr) return cudaErrorInvalidValue;
+  exact = exact || !aft_full_tc_supported();
   return dispatch(dt, w_dt, [&](auto e, auto we) -> cudaError_t {
     using E = decltype(e);
     using WE = decltype(we);
