@@ -12,9 +12,10 @@ from common.paths import path_params  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",
-        "paths(*names, op=None): run a test taking `path` on these paths only (python, compiled-cpu, cuda), for "
-        "the availability of op (default: the test module's OP)",
+        "paths(*names, op=None): run a test taking `path` on these paths only (python, compiled-cpu, cuda, "
+        "emulation), for the availability of op (default: the test module's OP)",
     )
+    config.addinivalue_line("markers", "emulation: CUDA kernels run on the CPU by the emulation harness")
 
 
 def pytest_generate_tests(metafunc):

@@ -91,16 +91,26 @@ namespace aft_full_detail {
 
 using namespace nvcuda;
 
+// bf16 and tf32 wmma exist from sm_80 on. The tensor-core helpers and kernel bodies are compiled for the host pass
+// (and the emulation harness) and for device passes with __CUDA_ARCH__ >= 800; below that the kernels are declared
+// with a trapping body and the launchers fall back to the per-element kernels (aft_full_tc_supported()).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define AFT_FULL_TC_ARCH 1
+#else
+#define AFT_FULL_TC_ARCH 0
+#endif
+
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // Online log-sum-exp over the visible keys of one (b, t, c): z = sum softmax * v, lse. `wget(t')` -> w[t, t'].
 template <typename E, typename A, typename WGet>
-__device__ __forceinline__ void exact_element(const WGet& wget, const E* __restrict__ kcol, const E* __restrict__ vcol,
+__device__ __forceinline__ void exact_element(const WGet& wget, gptr<const E> __restrict__ kcol, gptr<const E> __restrict__ vcol,
                                               int64_t D, int64_t tend, A& z, A& lse) {
   A M = neg_inf<A>(), S = A(0), Acc = A(0);
   for (int64_t tp = 0; tp < tend; ++tp) {
     const A l = static_cast<A>(wget(tp)) + static_cast<A>(to_acc(kcol[tp * D]));
+    if (l == neg_inf<A>()) continue;  // a masked key (-inf in k or w): excluded, never (-inf) - (-inf)
     const A vv = static_cast<A>(to_acc(vcol[tp * D]));
     if (l > M) {
       const A sc = af_exp(M - l);  // M = -inf -> 0
@@ -113,24 +123,24 @@ __device__ __forceinline__ void exact_element(const WGet& wget, const E* __restr
       Acc += e * vv;
     }
   }
-  z = Acc / S;
+  z = S == A(0) ? A(0) : Acc / S;  // no finite logit: z = 0, lse = -inf (docs/design.md §7 rule 4)
   lse = M + af_log(S);
 }
 
 template <typename WE>
 struct DenseW {
-  const WE* row;  // w[h, t, :]
+  gptr<const WE> row;  // w[h, t, :]
   __device__ __forceinline__ acc_of_t<WE> operator()(int64_t tp) const { return to_acc(row[tp]); }
 };
 
 template <typename UE>
 struct LowRankW {
-  const UE* urow;  // u[h, t, :]
-  const UE* vb;    // vb[h, :, :]
+  gptr<const UE> urow;  // u[h, t, :]
+  gptr<const UE> vb;    // vb[h, :, :]
   int64_t rank;
   __device__ __forceinline__ acc_of_t<UE> operator()(int64_t tp) const {
     acc_of_t<UE> s = 0;
-    const UE* vr = vb + tp * rank;
+    gptr<const UE> vr = vb + tp * rank;
     for (int64_t r = 0; r < rank; ++r) s += to_acc(urow[r]) * to_acc(vr[r]);
     return s;
   }
@@ -150,18 +160,18 @@ struct ElementIdx {
 };
 
 template <typename E, typename WE>
-__global__ void fwd_exact_kernel(const E* __restrict__ q, const E* __restrict__ k, const E* __restrict__ v,
-                                 const WE* __restrict__ w, E* __restrict__ y, acc_of_t<E>* __restrict__ lse, int64_t B,
+__global__ void fwd_exact_kernel(gptr<const E> __restrict__ q, gptr<const E> __restrict__ k, gptr<const E> __restrict__ v,
+                                 gptr<const WE> __restrict__ w, gptr<E> __restrict__ y, gptr<acc_of_t<E>> __restrict__ lse, int64_t B,
                                  int64_t T, int64_t D, int64_t dh, bool causal) {
   using A = acc_of_t<E>;
-  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (idx >= B * T * D) return;
+  AF_GRID_STRIDE(idx, B * T * D) {  // 64-bit grid-stride: any B * T * D fits the (capped) grid
   const ElementIdx e(idx, T, D, dh);
   A z, l;
   DenseW<WE> wg{w + (e.h * T + e.t) * T};
   exact_element<E, A>(wg, k + e.base, v + e.base, D, causal ? e.t + 1 : T, z, l);
   y[idx] = from_acc<E>(af_sigmoid(to_acc(q[idx])) * z);
   lse[idx] = l;
+  }
 }
 
 // ------------------------------------------------------------------------------------------ tensor-core forward
@@ -219,7 +229,7 @@ __device__ __forceinline__ bool key_visible(int64_t t, int64_t tk, int64_t T, bo
 
 // Dense bias strip w[t, k0 + 16 part + i], i < 16: the visible entries (0 elsewhere, never read).
 template <typename WE>
-__device__ __forceinline__ void load_w_strip(const WE* __restrict__ wh, int64_t t, int64_t k0, int part, int64_t T,
+__device__ __forceinline__ void load_w_strip(gptr<const WE> __restrict__ wh, int64_t t, int64_t k0, int part, int64_t T,
                                              bool causal, float (&wv)[16]) {
 #pragma unroll
   for (int i = 0; i < 16; ++i) {
@@ -241,7 +251,7 @@ __device__ __forceinline__ float exp_w_strip(const float (&wv)[16], int64_t t, i
   rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 2));
 #pragma unroll
   for (int i = 0; i < 16; ++i) {
-    const bool vis = key_visible(t, k0 + part * 16 + i, T, causal);
+    const bool vis = key_visible(t, k0 + part * 16 + i, T, causal) && wv[i] != -INFINITY;  // -inf: masked key
     store_val(&ew_row[part * 16 + i], vis ? exp2f((wv[i] - rmax) * kLog2e) : 0.f);
   }
   return rmax;
@@ -256,7 +266,7 @@ __device__ __forceinline__ float max_of_4(const float* red, int col) {
 // the tile's keys (through red[4][64] and one __syncthreads, so every thread of the CTA must call this), then
 // ek[key][col] = exp(k - m) and ekv[key][col] = ek * v (0 for missing keys). Returns m.
 template <typename E, typename Op>
-__device__ __forceinline__ float exp_kv_strip(const E* __restrict__ k, const E* __restrict__ v, int64_t cb, int64_t k0,
+__device__ __forceinline__ float exp_kv_strip(gptr<const E> __restrict__ k, gptr<const E> __restrict__ v, int64_t cb, int64_t k0,
                                               int g, int col, int64_t T, int64_t D, float* red, Op* ek, Op* ekv,
                                               int ld) {
   float kv[16], vv[16];
@@ -275,7 +285,7 @@ __device__ __forceinline__ float exp_kv_strip(const E* __restrict__ k, const E* 
 #pragma unroll
   for (int i = 0; i < 16; ++i) {
     const int64_t tk = k0 + g * 16 + i;
-    const float e = (cb >= 0 && tk < T) ? exp2f((kv[i] - m) * kLog2e) : 0.f;
+    const float e = (cb >= 0 && tk < T && kv[i] != -INFINITY) ? exp2f((kv[i] - m) * kLog2e) : 0.f;  // -inf: masked
     store_val(&ek[(g * 16 + i) * ld + col], e);
     store_val(&ekv[(g * 16 + i) * ld + col], e * vv[i]);
   }
@@ -297,6 +307,7 @@ __device__ __forceinline__ void store_strip(float* stage, const Frag (&a)[2], in
     wmma::store_matrix_sync(stage + r0 * LDS + c0 + jj * 16, a[jj], LDS, wmma::mem_row_major);
 }
 
+#if AFT_FULL_TC_ARCH  // bf16 / tf32 wmma: sm_80+
 // 3xTF32: x = big + small with both parts tf32; big*big + big*small + small*big keeps ~fp32 accuracy.
 template <typename F>
 __device__ __forceinline__ void split_tf32(F& big, F& small) {
@@ -365,12 +376,13 @@ struct TcMma<true> {  // 3xTF32: fp32 operands split into tf32 big + small parts
     }
   }
 };
+#endif  // AFT_FULL_TC_ARCH
 
 // Rare path of the tensor-core kernel, kept out of line so the unrolled epilogue stays small.
 template <typename E, typename WE, bool LOWRANK>
-__device__ __noinline__ void fallback_element(const E* __restrict__ k, const E* __restrict__ v,
-                                              const WE* __restrict__ w, const WE* __restrict__ u,
-                                              const WE* __restrict__ vbias, int64_t T, int64_t D, int64_t h, int64_t t,
+__device__ __noinline__ void fallback_element(gptr<const E> __restrict__ k, gptr<const E> __restrict__ v,
+                                              gptr<const WE> __restrict__ w, gptr<const WE> __restrict__ u,
+                                              gptr<const WE> __restrict__ vbias, int64_t T, int64_t D, int64_t h, int64_t t,
                                               int64_t cb, int64_t rank, bool causal, float& z, float& l) {
   const int64_t tend = causal ? t + 1 : T;
   if (LOWRANK) {
@@ -382,17 +394,26 @@ __device__ __noinline__ void fallback_element(const E* __restrict__ k, const E* 
   }
 }
 
-// E: q/k/v type; WE: w type (or u/vb type when LOWRANK). F32OPS iff E == float.
+// Tensor-core operand precision per input type: bf16 operands only for bf16 inputs; fp16 inputs take the (3x)TF32
+// path like fp32 (a bf16 operand has 8 mantissa bits, fewer than fp16's 11: the low-precision 2x rule fails; fp16
+// operands are never used for exponentials, docs/design.md §2.5).
+template <typename E>
+__host__ __device__ constexpr bool uses_tf32_operands() {
+  return !std::is_same<E, __nv_bfloat16>::value;
+}
+
+// E: q/k/v type; WE: w type (or u/vb type when LOWRANK). F32OPS unless E == bf16 (uses_tf32_operands).
 template <typename E, typename WE, bool LOWRANK>
 __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_FWD_MIN_BLOCKS)
-    fwd_tc_kernel(const E* __restrict__ q, const E* __restrict__ k, const E* __restrict__ v, const WE* __restrict__ w,
-                  const WE* __restrict__ u, const WE* __restrict__ vbias, E* __restrict__ y, float* __restrict__ lse,
+    fwd_tc_kernel(gptr<const E> __restrict__ q, gptr<const E> __restrict__ k, gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w,
+                  gptr<const WE> __restrict__ u, gptr<const WE> __restrict__ vbias, gptr<E> __restrict__ y, gptr<float> __restrict__ lse,
                   int64_t B, int64_t T, int64_t D, int64_t dh, int64_t rank, bool causal) {
-  constexpr bool F32OPS = std::is_same<E, float>::value;
+#if AFT_FULL_TC_ARCH
+  constexpr bool F32OPS = uses_tf32_operands<E>();
   using Cfg = TcCfg<F32OPS>;
   using Op = typename Cfg::Op;
   using Mma = TcMma<F32OPS>;
-  extern __shared__ __align__(128) unsigned char smem[];
+  ATTNFREE_DYNAMIC_SHARED(unsigned char, smem, 128);
   Op* Ew = reinterpret_cast<Op*>(smem);
   Op* Ek = reinterpret_cast<Op*>(smem + Cfg::kEwBytes);
   Op* Ekv = reinterpret_cast<Op*>(smem + Cfg::kEwBytes + Cfg::kEkBytes);
@@ -425,7 +446,7 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
     Ub[(wr0 + i) * BN + wc0 + lane] = -INFINITY;
   }
 
-  const WE* wh = LOWRANK ? nullptr : w + h * T * T;
+  gptr<const WE> wh = LOWRANK ? nullptr : w + h * T * T;
   const int64_t t_last = (t0 + BM < T ? t0 + BM : T) - 1;
   const int64_t nkt = causal ? (t_last / BK + 1) : (T + BK - 1) / BK;
 
@@ -444,8 +465,8 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
     if (LOWRANK) {
 #pragma unroll
       for (int i = 0; i < 16; ++i) wv[i] = 0.f;
-      const WE* uh = u + h * T * rank;
-      const WE* vh = vbias + h * T * rank;
+      gptr<const WE> uh = u + h * T * rank;
+      gptr<const WE> vh = vbias + h * T * rank;
       for (int64_t r0 = 0; r0 < rank; r0 += RCH) {
         for (int e = tid; e < BM * RCH; e += NT) {
           const int rr = e / RCH, cc = e % RCH;
@@ -533,54 +554,56 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
       lse[o] = l;
     }
   }
+#else
+  __trap();  // sm < 80: the launchers never select this kernel there (aft_full_tc_supported)
+#endif
 }
 
 // ------------------------------------------------------------------------------------------ backward (SIMT)
 template <typename E>
-__global__ void bwd_dq_kernel(const E* __restrict__ dy, const E* __restrict__ q, const E* __restrict__ y,
-                              E* __restrict__ dq, int64_t n) {
+__global__ void bwd_dq_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ y,
+                              gptr<E> __restrict__ dq, int64_t n) {
   using A = acc_of_t<E>;
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= n) return;
-  const A s = af_sigmoid(to_acc(q[i]));
-  dq[i] = from_acc<E>(to_acc(dy[i]) * to_acc(y[i]) * (A(1) - s));
+  AF_GRID_STRIDE(i, n) {
+    const A s = af_sigmoid(to_acc(q[i]));
+    dq[i] = from_acc<E>(to_acc(dy[i]) * to_acc(y[i]) * (A(1) - s));
+  }
 }
 
 // one thread per (b, t', c): dv = sum_t P G, dk = v dv - sum_t P H
 template <typename E, typename WE>
-__global__ void bwd_dkdv_kernel(const E* __restrict__ dy, const E* __restrict__ q, const E* __restrict__ k,
-                                const E* __restrict__ v, const WE* __restrict__ w, const E* __restrict__ y,
-                                const acc_of_t<E>* __restrict__ lse, E* __restrict__ dk, E* __restrict__ dv, int64_t B,
+__global__ void bwd_dkdv_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
+                                gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const E> __restrict__ y,
+                                gptr<const acc_of_t<E>> __restrict__ lse, gptr<E> __restrict__ dk, gptr<E> __restrict__ dv, int64_t B,
                                 int64_t T, int64_t D, int64_t dh, bool causal) {
   using A = acc_of_t<E>;
-  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (idx >= B * T * D) return;
+  AF_GRID_STRIDE(idx, B * T * D) {
   const ElementIdx e(idx, T, D, dh);  // e.t is the key position t'
   const int64_t tp = e.t, base = e.base;
   const A kk = to_acc(k[idx]);
-  const WE* wcol = w + e.h * T * T + tp;
+  gptr<const WE> wcol = w + e.h * T * T + tp;
   A sg = 0, sh = 0;
   for (int64_t t = causal ? tp : 0; t < T; ++t) {
     const int64_t o = base + t * D;
-    const A P = af_exp(static_cast<A>(to_acc(wcol[t * T])) + kk - lse[o]);
+    const A P = p_of(static_cast<A>(to_acc(wcol[t * T])) + kk, lse[o]);
     const A d = to_acc(dy[o]);
     sg += P * d * af_sigmoid(to_acc(q[o]));
     sh += P * d * static_cast<A>(to_acc(y[o]));
   }
   dv[idx] = from_acc<E>(sg);
   dk[idx] = from_acc<E>(static_cast<A>(to_acc(v[idx])) * sg - sh);
+  }
 }
 
 // one warp per (h, t, t'): dw = sum_{b, c in h} P (G v[t'] - H)
 template <typename E, typename WE>
-__global__ void bwd_dw_kernel(const E* __restrict__ dy, const E* __restrict__ q, const E* __restrict__ k,
-                              const E* __restrict__ v, const WE* __restrict__ w, const E* __restrict__ y,
-                              const acc_of_t<E>* __restrict__ lse, WE* __restrict__ dw, int64_t B, int64_t T, int64_t D,
+__global__ void bwd_dw_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
+                              gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const E> __restrict__ y,
+                              gptr<const acc_of_t<E>> __restrict__ lse, gptr<WE> __restrict__ dw, int64_t B, int64_t T, int64_t D,
                               int64_t dh, int64_t heads, bool causal) {
   using A = acc_of_t<E>;
-  const int64_t gw = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
-  if (gw >= heads * T * T) return;
+  AF_WARP_STRIDE(gw, heads * T * T) {  // every lane of a warp takes the same gw: the shuffles stay converged
   const int64_t tp = gw % T;
   const int64_t t = (gw / T) % T;
   const int64_t h = gw / (T * T);
@@ -590,7 +613,7 @@ __global__ void bwd_dw_kernel(const E* __restrict__ dy, const E* __restrict__ q,
     for (int64_t j = lane; j < B * dh; j += 32) {
       const int64_t base = (j / dh) * T * D + h * dh + (j % dh);
       const int64_t o = base + t * D, op = base + tp * D;
-      const A P = af_exp(wv + static_cast<A>(to_acc(k[op])) - lse[o]);
+      const A P = p_of(wv + static_cast<A>(to_acc(k[op])), lse[o]);
       const A d = to_acc(dy[o]);
       const A G = d * af_sigmoid(to_acc(q[o]));
       const A H = d * static_cast<A>(to_acc(y[o]));
@@ -600,11 +623,13 @@ __global__ void bwd_dw_kernel(const E* __restrict__ dy, const E* __restrict__ q,
     for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
   }
   if (lane == 0) dw[gw] = from_acc<WE>(acc);
+  }
 }
 
 // ------------------------------------------------------------------------------------------ backward (tensor cores)
 // Generic warp-level strip product: acc[jj] (16 x 16) += A[r0 .. r0+16, 0 .. K) @ B[0 .. K, c0 + 16 jj ..), jj < 2.
 // LA/LB: wmma::row_major or wmma::col_major (element (i, k) of a col_major A lives at A[k * lda + i]).
+#if AFT_FULL_TC_ARCH
 template <bool F32OPS, typename LA, typename LB>
 struct WarpMma {
   static constexpr int KS = F32OPS ? 8 : 16;
@@ -637,6 +662,7 @@ struct WarpMma {
     }
   }
 };
+#endif  // AFT_FULL_TC_ARCH
 
 constexpr float kBwdMaxScale2 = 60.0f;  // log2 units: beyond this the factorised scale is not trusted -> exact path
 
@@ -657,13 +683,13 @@ struct BwdCfg {
 
 // Exact (per-element) partial sums for the rare path of the dk/dv kernel: sum over query rows [ta, tb) of P G, P H.
 template <typename E, typename WE>
-__device__ __noinline__ void bwd_kv_exact(const E* __restrict__ dy, const E* __restrict__ q, const E* __restrict__ y,
-                                          const float* __restrict__ lse, const WE* __restrict__ wcol, float kk,
+__device__ __noinline__ void bwd_kv_exact(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ y,
+                                          gptr<const float> __restrict__ lse, gptr<const WE> __restrict__ wcol, float kk,
                                           int64_t cb, int64_t T, int64_t D, int64_t ta, int64_t tb, float& sg,
                                           float& sh) {
   for (int64_t t = ta; t < tb; ++t) {
     const int64_t o = cb + t * D;
-    const float P = expf(static_cast<float>(to_acc(wcol[t * T])) + kk - lse[o]);
+    const float P = p_of(static_cast<float>(to_acc(wcol[t * T])) + kk, lse[o]);
     const float d = to_acc(dy[o]);
     sg += P * d * af_sigmoid(to_acc(q[o]));
     sh += P * d * to_acc(y[o]);
@@ -675,16 +701,17 @@ __device__ __noinline__ void bwd_kv_exact(const E* __restrict__ dy, const E* __r
 // R = exp(La - lam); X1 = R G, X2 = R H ([t][c]); g = Ew^T X (keys x columns); contribution = g * exp(k + lam).
 template <typename E, typename WE>
 __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
-    bwd_kv_tc_kernel(const E* __restrict__ dy, const E* __restrict__ q, const E* __restrict__ k,
-                     const E* __restrict__ v, const WE* __restrict__ w, const E* __restrict__ y,
-                     const float* __restrict__ lse, E* __restrict__ dk, E* __restrict__ dv, int64_t B, int64_t T,
+    bwd_kv_tc_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
+                     gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const E> __restrict__ y,
+                     gptr<const float> __restrict__ lse, gptr<E> __restrict__ dk, gptr<E> __restrict__ dv, int64_t B, int64_t T,
                      int64_t D, int64_t dh, bool causal) {
-  constexpr bool F32OPS = std::is_same<E, float>::value;
+#if AFT_FULL_TC_ARCH
+  constexpr bool F32OPS = uses_tf32_operands<E>();
   using Cfg = BwdCfg<F32OPS>;
   using Op = typename Cfg::Op;
   using Mma = WarpMma<F32OPS, wmma::col_major, wmma::row_major>;
   constexpr int LD = Cfg::LD;
-  extern __shared__ __align__(128) unsigned char smem[];
+  ATTNFREE_DYNAMIC_SHARED(unsigned char, smem, 128);
   Op* Ew = reinterpret_cast<Op*>(smem);  // [t][t']
   Op* X1 = reinterpret_cast<Op*>(smem + Cfg::kTile);
   Op* X2 = reinterpret_cast<Op*>(smem + 2 * Cfg::kTile);
@@ -701,7 +728,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * 64;
   if (tid < 64) colbase[tid] = column_offset(j0 + tid, B * dh, dh, T, D, h);
   __syncthreads();
-  const WE* wh = w + h * T * T;
+  gptr<const WE> wh = w + h * T * T;
   // outputs owned: keys k0 + wr0 + i (i < 16), column wc0 + lane
   const int wr0 = (warp >> 1) * 16, wc0 = (warp & 1) * 32;
   const int64_t cbo = colbase[wc0 + lane];
@@ -738,8 +765,9 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
       la[i] = -INFINITY;
       gg[i] = 0.f;
       hh[i] = 0.f;
-      if (xcb >= 0 && t < T && a > -INFINITY) {
-        const int64_t o = xcb + t * D;
+      const int64_t o = xcb + t * D;
+      // rows with no visible finite w in the tile, or no finite logit at all (lse = -inf), contribute 0
+      if (xcb >= 0 && t < T && a > -INFINITY && lse[o] != -INFINITY) {
         const float d = to_acc(dy[o]);
         la[i] = a - lse[o];
         gg[i] = d * af_sigmoid(to_acc(q[o]));
@@ -801,20 +829,23 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
       dk[o] = from_acc<E>(to_acc(v[o]) * sg[i] - sh[i]);
     }
   }
+#else
+  __trap();  // sm < 80: the launchers never select this kernel there (aft_full_tc_supported)
+#endif
 }
 
 // Exact rare path of the dw kernel: sum over the chunk's columns of P (G v - H) for one (t, t').
 template <typename E>
-__device__ __noinline__ float bwd_w_exact(const E* __restrict__ dy, const E* __restrict__ q, const E* __restrict__ k,
-                                          const E* __restrict__ v, const E* __restrict__ y,
-                                          const float* __restrict__ lse, const int64_t* colbase, float wv, int64_t t,
+__device__ __noinline__ float bwd_w_exact(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
+                                          gptr<const E> __restrict__ v, gptr<const E> __restrict__ y,
+                                          gptr<const float> __restrict__ lse, const int64_t* colbase, float wv, int64_t t,
                                           int64_t tp, int64_t D) {
   float s = 0.f;
   for (int c = 0; c < 64; ++c) {
     const int64_t cb = colbase[c];
     if (cb < 0) continue;
     const int64_t o = cb + t * D, op = cb + tp * D;
-    const float P = expf(wv + to_acc(k[op]) - lse[o]);
+    const float P = p_of(wv + static_cast<float>(to_acc(k[op])), lse[o]);
     const float d = to_acc(dy[o]);
     s += P * (d * af_sigmoid(to_acc(q[o])) * to_acc(v[op]) - d * to_acc(y[o]));
   }
@@ -826,15 +857,16 @@ __device__ __noinline__ float bwd_w_exact(const E* __restrict__ dy, const E* __r
 // g = (Xt G) (Y v)^T - (Xt H) Y^T (rows x keys); dw += g * exp(w + nu).
 template <typename E, typename WE>
 __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
-    bwd_w_tc_kernel(const E* __restrict__ dy, const E* __restrict__ q, const E* __restrict__ k, const E* __restrict__ v,
-                    const WE* __restrict__ w, const E* __restrict__ y, const float* __restrict__ lse,
-                    WE* __restrict__ dw, int64_t B, int64_t T, int64_t D, int64_t dh, bool causal) {
-  constexpr bool F32OPS = std::is_same<E, float>::value;
+    bwd_w_tc_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k, gptr<const E> __restrict__ v,
+                    gptr<const WE> __restrict__ w, gptr<const E> __restrict__ y, gptr<const float> __restrict__ lse,
+                    gptr<WE> __restrict__ dw, int64_t B, int64_t T, int64_t D, int64_t dh, bool causal) {
+#if AFT_FULL_TC_ARCH
+  constexpr bool F32OPS = uses_tf32_operands<E>();
   using Cfg = BwdCfg<F32OPS>;
   using Op = typename Cfg::Op;
   using Mma = WarpMma<F32OPS, wmma::row_major, wmma::col_major>;
   constexpr int LD = Cfg::LD;
-  extern __shared__ __align__(128) unsigned char smem[];
+  ATTNFREE_DYNAMIC_SHARED(unsigned char, smem, 128);
   Op* XG = reinterpret_cast<Op*>(smem);                   // [t][c]
   Op* XH = reinterpret_cast<Op*>(smem + Cfg::kTile);      // [t][c], holds -Xt H
   Op* YV = reinterpret_cast<Op*>(smem + 2 * Cfg::kTile);  // [t'][c]
@@ -849,8 +881,8 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
   const int64_t h = blockIdx.z;
   const int64_t t0 = static_cast<int64_t>(blockIdx.y) * 64;
   const int64_t k0 = static_cast<int64_t>(blockIdx.x) * 64;
-  const WE* wh = w + h * T * T;
-  WE* dwh = dw + h * T * T;
+  gptr<const WE> wh = w + h * T * T;
+  gptr<WE> dwh = dw + h * T * T;
   // outputs owned: rows t0 + wr0 + i, key k0 + wc0 + lane
   const int wr0 = (warp >> 1) * 16, wc0 = (warp & 1) * 32;
   const int64_t tkey = k0 + wc0 + lane;
@@ -895,8 +927,9 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
         xl[i] = -INFINITY;
         gg[i] = 0.f;
         hh[i] = 0.f;
-        if (cb >= 0 && t < T) {
-          const int64_t o = cb + t * D;
+        const int64_t o = cb + t * D;
+        // columns whose keys in the tile are all masked (mu = -inf) and rows with lse = -inf contribute 0
+        if (cb >= 0 && t < T && mu_s[c] > -INFINITY && lse[o] != -INFINITY) {
           const float d = to_acc(dy[o]);
           xl[i] = mu_s[c] - lse[o];
           gg[i] = d * af_sigmoid(to_acc(q[o]));
@@ -948,6 +981,9 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
     const int64_t t = t0 + wr0 + i;
     if (t < T) dwh[t * T + tkey] = from_acc<WE>((causal && tkey > t) ? 0.f : acc[i]);
   }
+#else
+  __trap();  // sm < 80: the launchers never select this kernel there (aft_full_tc_supported)
+#endif
 }
 
 // ------------------------------------------------------------------------------------------ low-rank helpers
@@ -968,15 +1004,15 @@ __device__ __forceinline__ void tile_coords(bool index_unit_stride, int e, int& 
 
 template <typename TA, typename TB, typename TC, typename A>
 __global__ void __launch_bounds__(256)
-    lowrank_gemm_kernel(const TA* __restrict__ Am, const TB* __restrict__ Bm, TC* __restrict__ C, int64_t M, int64_t N,
+    lowrank_gemm_kernel(gptr<const TA> __restrict__ Am, gptr<const TB> __restrict__ Bm, gptr<TC> __restrict__ C, int64_t M, int64_t N,
                         int64_t K, int64_t sAz, int64_t sa0, int64_t sa1, int64_t sBz, int64_t sb0, int64_t sb1) {
-  __shared__ A As[16][33];  // [k][i]
-  __shared__ A Bs[16][33];  // [k][j]
+  ATTNFREE_STATIC_SHARED(A, As, [16][33]);  // [k][i]
+  ATTNFREE_STATIC_SHARED(A, Bs, [16][33]);  // [k][j]
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
   const int64_t z = blockIdx.z;
   const int64_t i0 = static_cast<int64_t>(blockIdx.y) * 32, j0 = static_cast<int64_t>(blockIdx.x) * 32;
-  const TA* Az = Am + z * sAz;
-  const TB* Bz = Bm + z * sBz;
+  gptr<const TA> Az = Am + z * sAz;
+  gptr<const TB> Bz = Bm + z * sBz;
   A acc[2][2] = {{A(0), A(0)}, {A(0), A(0)}};
   for (int64_t k0 = 0; k0 < K; k0 += 16) {
     // 512 elements of each tile, 2 per thread; the fast thread index runs along the unit-stride dimension
@@ -1018,8 +1054,7 @@ cudaError_t launch_lowrank_gemm(const TA* Am, const TB* Bm, TC* C, int64_t Z, in
   if (Z <= 0 || M <= 0 || N <= 0) return cudaSuccess;
   const int64_t gy = (M + 31) / 32, gx = (N + 31) / 32;
   if (gy > 65535 || Z > 65535) return cudaErrorInvalidConfiguration;
-  lowrank_gemm_kernel<TA, TB, TC, A>
-      <<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(Z)), 256, 0, s>>>(
+  ATTNFREE_LAUNCH((lowrank_gemm_kernel<TA, TB, TC, A>), dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(Z)), 256, 0, s)(
           Am, Bm, C, M, N, K, sAz, sa0, sa1, sBz, sb0, sb1);
   return cudaGetLastError();
 }
@@ -1027,11 +1062,20 @@ cudaError_t launch_lowrank_gemm(const TA* Am, const TB* Bm, TC* C, int64_t Z, in
 // ------------------------------------------------------------------------------------------ host side
 inline unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
 
+// The tensor-core kernels need sm_80+ (bf16 / tf32 wmma; their bodies trap below, see AFT_FULL_TC_ARCH): older
+// devices take the per-element (exact) kernels, as if `exact` were set. A failed query is left to the launch.
+inline bool aft_full_tc_supported() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return true;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return true;
+  return major >= 8;
+}
+
 template <typename E, typename WE, bool LOWRANK>
 cudaError_t launch_tc(const void* q, const void* k, const void* v, const void* w, const void* u, const void* vb,
                       void* y, void* lse, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t rank, bool causal,
                       cudaStream_t s) {
-  constexpr bool F32OPS = std::is_same<E, float>::value;
+  constexpr bool F32OPS = uses_tf32_operands<E>();
   const size_t smem = TcCfg<F32OPS>::smem_bytes(LOWRANK);
   auto kern = fwd_tc_kernel<E, WE, LOWRANK>;
   cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -1039,7 +1083,7 @@ cudaError_t launch_tc(const void* q, const void* k, const void* v, const void* w
   const int64_t dh = D / heads;
   dim3 grid(blocks_for(B * dh, BN), blocks_for(T, BM), static_cast<unsigned>(heads));
   if (grid.y > 65535u || grid.z > 65535u) return cudaErrorInvalidConfiguration;
-  kern<<<grid, NT, smem, s>>>(static_cast<const E*>(q), static_cast<const E*>(k), static_cast<const E*>(v),
+  ATTNFREE_LAUNCH(kern, grid, NT, smem, s)(static_cast<const E*>(q), static_cast<const E*>(k), static_cast<const E*>(v),
                               static_cast<const WE*>(w), static_cast<const WE*>(u), static_cast<const WE*>(vb),
                               static_cast<E*>(y), static_cast<float*>(lse), B, T, D, dh, rank, causal);
   return cudaGetLastError();
@@ -1050,7 +1094,7 @@ cudaError_t launch_exact(const void* q, const void* k, const void* v, const void
                          int64_t T, int64_t D, int64_t heads, bool causal, cudaStream_t s) {
   using A = acc_of_t<E>;
   const int64_t n = B * T * D;
-  fwd_exact_kernel<E, WE><<<blocks_for(n, 256), 256, 0, s>>>(
+  ATTNFREE_LAUNCH((fwd_exact_kernel<E, WE>), grid_for(n, 256), 256, 0, s)(
       static_cast<const E*>(q), static_cast<const E*>(k), static_cast<const E*>(v), static_cast<const WE*>(w),
       static_cast<E*>(y), static_cast<A*>(lse), B, T, D, D / heads, causal);
   return cudaGetLastError();
@@ -1059,18 +1103,18 @@ cudaError_t launch_exact(const void* q, const void* k, const void* v, const void
 // The backward's buffers, typed (layouts: aft_full.h); lse is in the accumulate type.
 template <typename E, typename WE>
 struct BwdBuffers {
-  const E *dy, *q, *k, *v;
-  const WE* w;
-  const E* y;
-  const acc_of_t<E>* lse;
-  E *dq, *dk, *dv;
-  WE* dw;
+  gptr<const E> dy, q, k, v;
+  gptr<const WE> w;
+  gptr<const E> y;
+  gptr<const acc_of_t<E>> lse;
+  gptr<E> dq, dk, dv;
+  gptr<WE> dw;
 };
 
 // dq = dy * y * (1 - sigmoid(q)), elementwise: the first kernel of both backward paths.
 template <typename E, typename WE>
 cudaError_t launch_bwd_dq(const BwdBuffers<E, WE>& p, int64_t n, cudaStream_t s) {
-  bwd_dq_kernel<E><<<blocks_for(n, 256), 256, 0, s>>>(p.dy, p.q, p.y, p.dq, n);
+  ATTNFREE_LAUNCH((bwd_dq_kernel<E>), grid_for(n, 256), 256, 0, s)(p.dy, p.q, p.y, p.dq, n);
   return cudaGetLastError();
 }
 
@@ -1081,12 +1125,11 @@ cudaError_t launch_bwd(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t
   const int64_t n = B * T * D, dh = D / heads;
   cudaError_t err = launch_bwd_dq(p, n, s);
   if (err != cudaSuccess) return err;
-  bwd_dkdv_kernel<E, WE>
-      <<<blocks_for(n, 256), 256, 0, s>>>(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dk, p.dv, B, T, D, dh, causal);
+  ATTNFREE_LAUNCH((bwd_dkdv_kernel<E, WE>), grid_for(n, 256), 256, 0, s)(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dk, p.dv, B, T, D, dh, causal);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int64_t nthreads = heads * T * T * 32;
-  bwd_dw_kernel<E, WE><<<blocks_for(nthreads, 256), 256, 0, s>>>(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dw, B, T, D,
+  ATTNFREE_LAUNCH((bwd_dw_kernel<E, WE>), grid_for(nthreads, 256), 256, 0, s)(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dw, B, T, D,
                                                                  dh, heads, causal);
   return cudaGetLastError();
 }
@@ -1095,7 +1138,7 @@ cudaError_t launch_bwd(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t
 template <typename E, typename WE>
 cudaError_t launch_bwd_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t D, int64_t heads, bool causal,
                           cudaStream_t s) {
-  constexpr bool F32OPS = std::is_same<E, float>::value;
+  constexpr bool F32OPS = uses_tf32_operands<E>();
   const int64_t n = B * T * D, dh = D / heads;
   const size_t smem = BwdCfg<F32OPS>::kBytes;
   const unsigned tiles = blocks_for(T, 64);
@@ -1105,14 +1148,14 @@ cudaError_t launch_bwd_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int6
   auto kv = bwd_kv_tc_kernel<E, WE>;
   err = cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  kv<<<dim3(blocks_for(B * dh, 64), tiles, static_cast<unsigned>(heads)), NT, smem, s>>>(
+  ATTNFREE_LAUNCH(kv, dim3(blocks_for(B * dh, 64), tiles, static_cast<unsigned>(heads)), NT, smem, s)(
       p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dk, p.dv, B, T, D, dh, causal);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   auto kw = bwd_w_tc_kernel<E, WE>;
   err = cudaFuncSetAttribute(kw, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  kw<<<dim3(tiles, tiles, static_cast<unsigned>(heads)), NT, smem, s>>>(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dw, B,
+  ATTNFREE_LAUNCH(kw, dim3(tiles, tiles, static_cast<unsigned>(heads)), NT, smem, s)(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dw, B,
                                                                         T, D, dh, causal);
   return cudaGetLastError();
 }
@@ -1184,6 +1227,7 @@ cudaError_t aft_full_fwd(DType dt, DType w_dt, const void* q, const void* k, con
                          void* /*workspace*/, cudaStream_t stream) {
   if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
   if (heads <= 0 || D % heads != 0) return cudaErrorInvalidValue;
+  exact = exact || !aft_full_tc_supported();
   return dispatch(dt, w_dt, [&](auto e, auto we) -> cudaError_t {
     using E = decltype(e);
     using WE = decltype(we);
@@ -1207,6 +1251,7 @@ cudaError_t aft_full_bwd(DType dt, DType w_dt, const void* dy, const void* q, co
   if (B <= 0 || D <= 0) {  // empty q/k/v: dw is all zeros
     return cudaMemsetAsync(dw, 0, static_cast<size_t>(heads * T * T) * dtype_size(w_dt), stream);
   }
+  exact = exact || !aft_full_tc_supported();
   return dispatch(dt, w_dt, [&](auto e, auto we) -> cudaError_t {
     using E = decltype(e);
     using WE = decltype(we);
@@ -1222,7 +1267,7 @@ constexpr int64_t kLowRankOnTheFlyMaxRank = 16;
 constexpr size_t kLowRankMaterialiseMaxBytes = size_t(1) << 30;
 
 static bool lowrank_materialise(DType dt, int64_t T, int64_t heads, int64_t rank, bool exact) {
-  if (dt == DType::Float64 || exact) return true;
+  if (dt == DType::Float64 || exact || !aft_full_tc_supported()) return true;  // (workspace size and launch agree)
   const size_t bytes = static_cast<size_t>(heads * T * T) * sizeof(float);
   return rank > kLowRankOnTheFlyMaxRank && bytes <= kLowRankMaterialiseMaxBytes;
 }
@@ -1239,6 +1284,7 @@ cudaError_t aft_full_lowrank_fwd(DType dt, DType w_dt, const void* q, const void
   if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
   if (heads <= 0 || D % heads != 0 || rank < 0) return cudaErrorInvalidValue;
   const bool mat = lowrank_materialise(dt, T, heads, rank, exact);
+  exact = exact || !aft_full_tc_supported();
   return dispatch(dt, w_dt, [&](auto e, auto we) -> cudaError_t {
     using E = decltype(e);
     using WE = decltype(we);
@@ -1276,6 +1322,7 @@ cudaError_t aft_full_lowrank_bwd(DType dt, DType w_dt, const void* dy, const voi
   if (heads <= 0 || (D > 0 && D % heads != 0) || rank < 0) return cudaErrorInvalidValue;
   if (T <= 0) return cudaSuccess;
   if (workspace == nullptr) return cudaErrorInvalidValue;
+  exact = exact || !aft_full_tc_supported();
   return dispatch(dt, w_dt, [&](auto e, auto we) -> cudaError_t {
     using E = decltype(e);
     using WE = decltype(we);

@@ -52,17 +52,17 @@ struct BandTiles {
         c < D && t < T)
 
 template <typename scalar_t, typename Acc>
-__global__ void local_band_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                                      const scalar_t* __restrict__ v, const scalar_t* __restrict__ w,
-                                      const Acc* __restrict__ plse, const Acc* __restrict__ pmean,
-                                      const Acc* __restrict__ slse, const Acc* __restrict__ smean,
-                                      scalar_t* __restrict__ y, Acc* __restrict__ lse, BandTiles tiles) {
+__global__ void local_band_fwd_kernel(gptr<const scalar_t> __restrict__ q, gptr<const scalar_t> __restrict__ k,
+                                      gptr<const scalar_t> __restrict__ v, gptr<const scalar_t> __restrict__ w,
+                                      gptr<const Acc> __restrict__ plse, gptr<const Acc> __restrict__ pmean,
+                                      gptr<const Acc> __restrict__ slse, gptr<const Acc> __restrict__ smean,
+                                      gptr<scalar_t> __restrict__ y, gptr<Acc> __restrict__ lse, BandTiles tiles) {
   const int64_t T = tiles.T, D = tiles.D, dh = tiles.dh, W = tiles.W;
   const bool causal = tiles.causal;
   TILE_LOOP(b, t, c, i) {
-    const scalar_t* wrow = w + ((c / dh) * T + t) * T;
-    const scalar_t* kc = k + b * T * D + c;
-    const scalar_t* vc = v + b * T * D + c;
+    gptr<const scalar_t> wrow = w + ((c / dh) * T + t) * T;
+    gptr<const scalar_t> kc = k + b * T * D + c;
+    gptr<const scalar_t> vc = v + b * T * D + c;
     const int64_t lo = (t - W + 1 > 0) ? t - W + 1 : 0;
     const int64_t hi = causal ? t : ((t + W - 1 < T - 1) ? t + W - 1 : T - 1);
     LseState<Acc> st;
@@ -78,16 +78,16 @@ __global__ void local_band_fwd_kernel(const scalar_t* __restrict__ q, const scal
       const int64_t j = (b * T + (t + W)) * D + c;
       st.merge(slse[j], Acc(1), smean[j]);
     }
-    store_val(y + i, af_sigmoid(load_acc(q + i)) * (st.b / st.a));
+    store_val(y + i, af_sigmoid(load_acc(q + i)) * st.mean());
     lse[i] = st.m + af_log(st.a);
   }
 }
 
 // G = dy*sig(q), H = dy*y (acc type) and dq = dy*y*(1-sig(q)).
 template <typename scalar_t, typename Acc>
-__global__ void local_prep_bwd_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ q,
-                                      const scalar_t* __restrict__ y, Acc* __restrict__ G, Acc* __restrict__ H,
-                                      scalar_t* __restrict__ dq, int64_t n) {
+__global__ void local_prep_bwd_kernel(gptr<const scalar_t> __restrict__ dy, gptr<const scalar_t> __restrict__ q,
+                                      gptr<const scalar_t> __restrict__ y, gptr<Acc> __restrict__ G, gptr<Acc> __restrict__ H,
+                                      gptr<scalar_t> __restrict__ dq, int64_t n) {
   AF_GRID_STRIDE(i, n) {
     const Acc g = load_acc(dy + i);
     const Acc sq = af_sigmoid(load_acc(q + i));
@@ -104,22 +104,22 @@ struct GHSrc {
   int64_t T, D;
   __device__ __forceinline__ ScanTerm<Acc> operator()(int64_t b, int64_t t, int64_t c) const {
     const int64_t j = (b * T + t) * D + c;
-    return {-lse[j], G[j], H[j]};
+    return {bwd_x(lse[j]), G[j], H[j]};
   }
 };
 
 template <typename scalar_t, typename Acc>
-__global__ void local_band_bwd_kv_kernel(const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
-                                         const scalar_t* __restrict__ w, const Acc* __restrict__ lse,
-                                         const Acc* __restrict__ G, const Acc* __restrict__ H,
-                                         const Acc* __restrict__ sm, const Acc* __restrict__ sa,
-                                         const Acc* __restrict__ sb, const Acc* __restrict__ pm,
-                                         const Acc* __restrict__ pa, const Acc* __restrict__ pb,
-                                         scalar_t* __restrict__ dk, scalar_t* __restrict__ dv, BandTiles tiles) {
+__global__ void local_band_bwd_kv_kernel(gptr<const scalar_t> __restrict__ k, gptr<const scalar_t> __restrict__ v,
+                                         gptr<const scalar_t> __restrict__ w, gptr<const Acc> __restrict__ lse,
+                                         gptr<const Acc> __restrict__ G, gptr<const Acc> __restrict__ H,
+                                         gptr<const Acc> __restrict__ sm, gptr<const Acc> __restrict__ sa,
+                                         gptr<const Acc> __restrict__ sb, gptr<const Acc> __restrict__ pm,
+                                         gptr<const Acc> __restrict__ pa, gptr<const Acc> __restrict__ pb,
+                                         gptr<scalar_t> __restrict__ dk, gptr<scalar_t> __restrict__ dv, BandTiles tiles) {
   const int64_t T = tiles.T, D = tiles.D, dh = tiles.dh, W = tiles.W;
   const bool causal = tiles.causal;
   TILE_LOOP(b, tp, c, i) {                             // tp: key position t'
-    const scalar_t* wcol = w + (c / dh) * T * T + tp;  // w[h, t, t'] = wcol[t * T]
+    gptr<const scalar_t> wcol = w + (c / dh) * T * T + tp;  // w[h, t, t'] = wcol[t * T]
     const int64_t base = b * T * D + c;
     const Acc kk = load_acc(k + i);
     const int64_t lo = causal ? tp : ((tp - W + 1 > 0) ? tp - W + 1 : 0);
@@ -127,7 +127,7 @@ __global__ void local_band_bwd_kv_kernel(const scalar_t* __restrict__ k, const s
     Acc sg = Acc(0), sh = Acc(0);
     for (int64_t t = lo; t <= hi; ++t) {
       const int64_t j = base + t * D;
-      const Acc p = af_exp(load_acc(wcol + t * T) + kk - lse[j]);
+      const Acc p = p_of(load_acc(wcol + t * T) + kk, lse[j]);
       sg += p * G[j];
       sh += p * H[j];
     }
@@ -156,9 +156,9 @@ __device__ __forceinline__ Acc warp_sum(Acc x) {
 }
 
 template <typename scalar_t, typename Acc>
-__global__ void local_band_bwd_w_kernel(const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
-                                        const scalar_t* __restrict__ w, const Acc* __restrict__ lse,
-                                        const Acc* __restrict__ G, const Acc* __restrict__ H, scalar_t* __restrict__ dw,
+__global__ void local_band_bwd_w_kernel(gptr<const scalar_t> __restrict__ k, gptr<const scalar_t> __restrict__ v,
+                                        gptr<const scalar_t> __restrict__ w, gptr<const Acc> __restrict__ lse,
+                                        gptr<const Acc> __restrict__ G, gptr<const Acc> __restrict__ H, gptr<scalar_t> __restrict__ dw,
                                         int64_t B, int64_t T, int64_t D, int64_t heads, int64_t W, bool causal) {
   const int64_t dh = D / heads;
   const int lane = threadIdx.x & 31;
@@ -181,7 +181,7 @@ __global__ void local_band_bwd_w_kernel(const scalar_t* __restrict__ k, const sc
         const int64_t c = h * dh + cc;
         const int64_t it = (b * T + t) * D + c;
         const int64_t ik = (b * T + tp) * D + c;
-        const Acc p = af_exp(wv + load_acc(k + ik) - lse[it]);
+        const Acc p = p_of(wv + load_acc(k + ik), lse[it]);
         acc += p * (G[it] * load_acc(v + ik) - H[it]);
         cc += r32;
         b += q32;
@@ -237,7 +237,7 @@ cudaError_t aft_local_fwd(DType dtype, const void* q, const void* k, const void*
         run_chunked_scan<acc_t, true, false>(src, SummarySink<acc_t>{slse, smean, T, D}, st, B, T, D, stream);
     }
     const BandTiles tiles(B, T, D, heads, W, causal);
-    local_band_fwd_kernel<scalar_t, acc_t><<<grid_for(tiles.ntiles * kThreads), kThreads, 0, stream>>>(
+    ATTNFREE_LAUNCH((local_band_fwd_kernel<scalar_t, acc_t>), grid_for(tiles.ntiles * kThreads), kThreads, 0, stream)(
         static_cast<const scalar_t*>(q), kp, vp, static_cast<const scalar_t*>(w), plse, pmean, slse, smean,
         static_cast<scalar_t*>(y), static_cast<acc_t*>(lse), tiles);
     return cudaGetLastError();
@@ -272,8 +272,7 @@ cudaError_t aft_local_bwd(DType dtype, const void* dy, const void* q, const void
     WsCursor ws(workspace);
     acc_t* G = ws.take<acc_t>(n);
     acc_t* H = ws.take<acc_t>(n);
-    local_prep_bwd_kernel<scalar_t, acc_t>
-        <<<grid_for(n), kThreads, 0, stream>>>(static_cast<const scalar_t*>(dy), static_cast<const scalar_t*>(q),
+    ATTNFREE_LAUNCH((local_prep_bwd_kernel<scalar_t, acc_t>), grid_for(n), kThreads, 0, stream)(static_cast<const scalar_t*>(dy), static_cast<const scalar_t*>(q),
                                                static_cast<const scalar_t*>(y), G, H, static_cast<scalar_t*>(dq), n);
     acc_t *sm = nullptr, *sa = nullptr, *sb = nullptr, *pm = nullptr, *pa = nullptr, *pb = nullptr;
     if (W < T) {
@@ -292,9 +291,9 @@ cudaError_t aft_local_bwd(DType dtype, const void* dy, const void* q, const void
       if (!causal) run_chunked_scan<acc_t, false, false>(src, RawSink<acc_t>{pm, pa, pb, T, D}, st, B, T, D, stream);
     }
     const BandTiles tiles(B, T, D, heads, W, causal);
-    local_band_bwd_kv_kernel<scalar_t, acc_t><<<grid_for(tiles.ntiles * kThreads), kThreads, 0, stream>>>(
+    ATTNFREE_LAUNCH((local_band_bwd_kv_kernel<scalar_t, acc_t>), grid_for(tiles.ntiles * kThreads), kThreads, 0, stream)(
         kp, vp, wp, lp, G, H, sm, sa, sb, pm, pa, pb, static_cast<scalar_t*>(dk), static_cast<scalar_t*>(dv), tiles);
-    local_band_bwd_w_kernel<scalar_t, acc_t><<<grid_for(heads * T * kThreads), kThreads, 0, stream>>>(
+    ATTNFREE_LAUNCH((local_band_bwd_w_kernel<scalar_t, acc_t>), grid_for(heads * T * kThreads), kThreads, 0, stream)(
         kp, vp, wp, lp, G, H, static_cast<scalar_t*>(dw), B, T, D, heads, W, causal);
     return cudaGetLastError();
   });

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "aft_local/aft_local.h"
@@ -21,14 +22,15 @@ std::tuple<at::Tensor, at::Tensor> aft_local_fwd_cuda(const at::Tensor& q, const
   const c10::cuda::CUDAGuard guard(q.device());
   const Qkv in = contiguous_qkv(q, k, v);
   const at::Tensor wc = w.contiguous();
+  const int64_t W = std::min(window, in.T);  // window >= T is the full band (no overflow of window-based sizes)
   at::Tensor y = empty_like_contiguous(in.q);
   at::Tensor lse = at::empty(in.q.sizes(), in.q.options().dtype(in.acc_type));
   run_launcher("aft_local_fwd",
-               attnfree::cuda::aft_local_fwd_workspace_bytes(in.dtype, in.B, in.T, in.D, heads, window, causal), in.q,
+               attnfree::cuda::aft_local_fwd_workspace_bytes(in.dtype, in.B, in.T, in.D, heads, W, causal), in.q,
                [&](void* ws, cudaStream_t stream) {
                  return attnfree::cuda::aft_local_fwd(in.dtype, in.q.data_ptr(), in.k.data_ptr(), in.v.data_ptr(),
                                                       wc.data_ptr(), y.data_ptr(), lse.data_ptr(), in.B, in.T, in.D,
-                                                      heads, window, causal, ws, stream);
+                                                      heads, W, causal, ws, stream);
                });
   return {y, lse};
 }
@@ -43,16 +45,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aft_local_bwd_cuda(co
   const c10::cuda::CUDAGuard guard(q.device());
   const Qkv in = contiguous_qkv(q, k, v);
   const at::Tensor wc = w.contiguous();
+  const int64_t W = std::min(window, in.T);  // window >= T is the full band (no overflow of window-based sizes)
   const SavedOutputs sv = saved_outputs(dy, y, lse, q);
   at::Tensor dq = empty_like_contiguous(in.q), dk = empty_like_contiguous(in.q), dv = empty_like_contiguous(in.q);
   at::Tensor dw = at::zeros({heads, in.T, in.T}, in.q.options());  // entries outside the band stay 0
   run_launcher("aft_local_bwd",
-               attnfree::cuda::aft_local_bwd_workspace_bytes(in.dtype, in.B, in.T, in.D, heads, window, causal), in.q,
+               attnfree::cuda::aft_local_bwd_workspace_bytes(in.dtype, in.B, in.T, in.D, heads, W, causal), in.q,
                [&](void* ws, cudaStream_t stream) {
                  return attnfree::cuda::aft_local_bwd(
                      in.dtype, sv.dy.data_ptr(), in.q.data_ptr(), in.k.data_ptr(), in.v.data_ptr(), wc.data_ptr(),
                      sv.y.data_ptr(), sv.lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dw.data_ptr(),
-                     in.B, in.T, in.D, heads, window, causal, ws, stream);
+                     in.B, in.T, in.D, heads, W, causal, ws, stream);
                });
   return {dq, dk, dv, dw.view(w.sizes())};
 }

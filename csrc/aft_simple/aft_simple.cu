@@ -19,13 +19,13 @@ namespace {
 
 template <typename scalar_t, typename Acc>
 struct FwdOutSink {
-  const scalar_t* q;
-  scalar_t* y;
-  Acc* lse;
+  gptr<const scalar_t> q;
+  gptr<scalar_t> y;
+  gptr<Acc> lse;
   int64_t T, D;
   __device__ __forceinline__ void operator()(int64_t b, int64_t t, int64_t c, const LseState<Acc>& s) const {
     const int64_t j = (b * T + t) * D + c;
-    const Acc mean = s.b / s.a;  // a >= 1: the max item contributes exp(0)
+    const Acc mean = s.mean();  // a >= 1: the max item contributes exp(0); 0 for a fully masked row
     store_val(y + j, af_sigmoid(load_acc(q + j)) * mean);
     lse[j] = s.m + af_log(s.a);
   }
@@ -33,8 +33,8 @@ struct FwdOutSink {
 
 template <typename scalar_t, typename Acc>
 struct BwdOutSink {
-  const scalar_t *dy, *q, *k, *v, *y;
-  scalar_t *dq, *dk, *dv;
+  gptr<const scalar_t> dy, q, k, v, y;
+  gptr<scalar_t> dq, dk, dv;
   int64_t T, D;
   __device__ __forceinline__ void operator()(int64_t b, int64_t t, int64_t c, const LseState<Acc>& s) const {
     const int64_t j = (b * T + t) * D + c;

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include "common/emulation/device_compat.cuh"
 #include "common/launch.h"
 
 namespace attnfree {
@@ -53,6 +54,16 @@ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
+// Global-memory element access (gptr: T* under nvcc, checked and counted under the emulation harness).
+template <typename T>
+__device__ __forceinline__ acc_of_t<T> load_acc(gptr<const T> p) {
+  return to_acc(static_cast<T>(*p));
+}
+template <typename T>
+__device__ __forceinline__ void store_val(gptr<T> p, acc_of_t<T> x) {
+  *p = from_acc<T>(x);
+}
+#if defined(ATTNFREE_EMULATION)  // shared/local memory (raw pointers; under nvcc gptr<T> is T*, the same overloads)
 template <typename T>
 __device__ __forceinline__ acc_of_t<T> load_acc(const T* p) {
   return to_acc(*p);
@@ -61,6 +72,7 @@ template <typename T>
 __device__ __forceinline__ void store_val(T* p, acc_of_t<T> x) {
   *p = from_acc<T>(x);
 }
+#endif
 
 // Accurate (not fast-math) exp/log: the fp32 path must match a float64 oracle to ~1e-5.
 __device__ __forceinline__ float af_exp(float x) { return expf(x); }
@@ -93,8 +105,14 @@ struct LseState {
     b = Acc(0);
   }
   __device__ __forceinline__ bool empty() const { return m == neg_inf<Acc>(); }
-  // add one item with finite log-weight x and values (va, vb); m may be -inf: exp(-inf) = 0, never NaN
-  __device__ __forceinline__ void add(Acc x, Acc va, Acc vb) { rescale_add(x, va, vb); }
+  // add one item with log-weight x and values (va, vb); x = -inf is a masked item (skipped: never forms
+  // (-inf) - (-inf)); a NaN x propagates into a and b
+  __device__ __forceinline__ void add(Acc x, Acc va, Acc vb) {
+    if (x == neg_inf<Acc>()) return;
+    rescale_add(x, va, vb);
+  }
+  // b / a, or 0 for an empty state (a row with no finite logit: docs/design.md §7 rule 4)
+  __device__ __forceinline__ Acc mean() const { return a == Acc(0) ? Acc(0) : b / a; }
   // merge another state (m2, a2, b2), either side possibly empty
   __device__ __forceinline__ void merge(Acc m2, Acc a2, Acc b2) {
     if (m2 == neg_inf<Acc>()) return;
@@ -120,6 +138,17 @@ struct LseState {
     }
   }
 };
+
+// exp(logit - lse): the softmax weight of one logit in a row with log-sum-exp lse. A row with no finite logit
+// (lse = -inf) has weight 0 for every key (never (-inf) - (-inf)); NaN propagates.
+// (float and double overloads, not a template: arguments may be global-memory references under the harness)
+__device__ __forceinline__ float p_of(float logit, float lse) { return lse == -INFINITY ? 0.f : af_exp(logit - lse); }
+__device__ __forceinline__ double p_of(double logit, double lse) {
+  return lse == -(double)INFINITY ? 0.0 : af_exp(logit - lse);
+}
+// The log-weight -lse of a backward scan item: a row with lse = -inf contributes nothing (-inf: skipped).
+__device__ __forceinline__ float bwd_x(float lse) { return lse == -INFINITY ? -INFINITY : -lse; }
+__device__ __forceinline__ double bwd_x(double lse) { return lse == -(double)INFINITY ? -(double)INFINITY : -lse; }
 
 // ------------------------------------------------------------------ launch helpers
 constexpr int kThreads = 256;
@@ -156,9 +185,9 @@ inline size_t acc_size(DType dt) { return dtype_size(acc_dtype(dt)); }
 // The chunk states (max, a, b) of a chunked scan (below): three arrays of n accumulate-type values.
 template <typename Acc>
 struct ScanState {
-  Acc* m;
-  Acc* a;
-  Acc* b;
+  gptr<Acc> m;
+  gptr<Acc> a;
+  gptr<Acc> b;
 };
 template <typename Acc>
 inline ScanState<Acc> take_scan_state(WsCursor& ws, int64_t n) {
@@ -225,7 +254,7 @@ struct ChunkItem {
 };
 
 template <typename Acc, class Src>
-__global__ void chunk_state_kernel(Src src, Acc* __restrict__ wm, Acc* __restrict__ wa, Acc* __restrict__ wb, int64_t B,
+__global__ void chunk_state_kernel(Src src, gptr<Acc> __restrict__ wm, gptr<Acc> __restrict__ wa, gptr<Acc> __restrict__ wb, int64_t B,
                                    int64_t T, int64_t D, int64_t L, int64_t nch) {
   const int64_t n = B * nch * D;
   AF_GRID_STRIDE(i, n) {
@@ -243,7 +272,7 @@ __global__ void chunk_state_kernel(Src src, Acc* __restrict__ wm, Acc* __restric
 }
 
 template <typename Acc, bool REV, bool TOTAL>
-__global__ void chunk_scan_kernel(Acc* __restrict__ wm, Acc* __restrict__ wa, Acc* __restrict__ wb, int64_t B,
+__global__ void chunk_scan_kernel(gptr<Acc> __restrict__ wm, gptr<Acc> __restrict__ wa, gptr<Acc> __restrict__ wb, int64_t B,
                                   int64_t nch, int64_t D) {
   const int64_t n = B * D;
   AF_GRID_STRIDE(i, n) {
@@ -277,8 +306,8 @@ __global__ void chunk_scan_kernel(Acc* __restrict__ wm, Acc* __restrict__ wa, Ac
 }
 
 template <typename Acc, class Src, class Sink, bool REV, bool TOTAL>
-__global__ void chunk_apply_kernel(Src src, Sink sink, const Acc* __restrict__ wm, const Acc* __restrict__ wa,
-                                   const Acc* __restrict__ wb, int64_t B, int64_t T, int64_t D, int64_t L,
+__global__ void chunk_apply_kernel(Src src, Sink sink, gptr<const Acc> __restrict__ wm, gptr<const Acc> __restrict__ wa,
+                                   gptr<const Acc> __restrict__ wb, int64_t B, int64_t T, int64_t D, int64_t L,
                                    int64_t nch) {
   const int64_t n = B * nch * D;
   AF_GRID_STRIDE(i, n) {
@@ -305,17 +334,16 @@ inline void run_chunked_scan(const Src& src, const Sink& sink, const ScanState<A
   const int64_t L = scan_chunk_len(B, T, D);
   const int64_t nch = (T + L - 1) / L;
   const int64_t n = B * nch * D;
-  chunk_state_kernel<Acc, Src><<<grid_for(n), kThreads, 0, stream>>>(src, st.m, st.a, st.b, B, T, D, L, nch);
-  chunk_scan_kernel<Acc, REV, TOTAL><<<grid_for(B * D), kThreads, 0, stream>>>(st.m, st.a, st.b, B, nch, D);
-  chunk_apply_kernel<Acc, Src, Sink, REV, TOTAL>
-      <<<grid_for(n), kThreads, 0, stream>>>(src, sink, st.m, st.a, st.b, B, T, D, L, nch);
+  ATTNFREE_LAUNCH((chunk_state_kernel<Acc, Src>), grid_for(n), kThreads, 0, stream)(src, st.m, st.a, st.b, B, T, D, L, nch);
+  ATTNFREE_LAUNCH((chunk_scan_kernel<Acc, REV, TOTAL>), grid_for(B * D), kThreads, 0, stream)(st.m, st.a, st.b, B, nch, D);
+  ATTNFREE_LAUNCH((chunk_apply_kernel<Acc, Src, Sink, REV, TOTAL>), grid_for(n), kThreads, 0, stream)(src, sink, st.m, st.a, st.b, B, T, D, L, nch);
 }
 
 // ------------------------------------------------------------------ common item sources / sinks
 // Forward items: x = k[t], a = 1, b = v[t]   ->   a = sum exp(k - m), b = sum exp(k - m) v.
 template <typename scalar_t, typename Acc>
 struct FwdSrc {
-  const scalar_t *k, *v;
+  gptr<const scalar_t> k, v;
   int64_t T, D;
   __device__ __forceinline__ ScanTerm<Acc> operator()(int64_t b, int64_t t, int64_t c) const {
     const int64_t j = (b * T + t) * D + c;
@@ -325,30 +353,31 @@ struct FwdSrc {
 // Backward items: x = -lse[t], a = G = dy*sig(q), b = H = dy*y.
 template <typename scalar_t, typename Acc>
 struct BwdSrc {
-  const scalar_t *dy, *q, *y;
-  const Acc* lse;
+  gptr<const scalar_t> dy, q, y;
+  gptr<const Acc> lse;
   int64_t T, D;
   __device__ __forceinline__ ScanTerm<Acc> operator()(int64_t b, int64_t t, int64_t c) const {
     const int64_t j = (b * T + t) * D + c;
     const Acc g = load_acc(dy + j);
-    return {-lse[j], g * af_sigmoid(load_acc(q + j)), g * load_acc(y + j)};
+    return {bwd_x(lse[j]), g * af_sigmoid(load_acc(q + j)), g * load_acc(y + j)};
   }
 };
-// Store an inclusive state at t as (lse, mean) = (m + log a, b / a): a >= 1 for a non-empty forward state.
+// Store an inclusive state at t as (lse, mean) = (m + log a, b / a): a >= 1 for a non-empty forward state;
+// an empty one (every key masked) stores (-inf, 0).
 template <typename Acc>
 struct SummarySink {
-  Acc *lse_out, *mean_out;
+  gptr<Acc> lse_out, mean_out;
   int64_t T, D;
   __device__ __forceinline__ void operator()(int64_t b, int64_t t, int64_t c, const LseState<Acc>& s) const {
     const int64_t j = (b * T + t) * D + c;
-    lse_out[j] = s.m + af_log(s.a);
-    mean_out[j] = s.b / s.a;
+    lse_out[j] = s.m + af_log(s.a);  // -inf for an empty state
+    mean_out[j] = s.mean();
   }
 };
 // Store the raw state (m, a, b) at t (backward summaries: a, b may be any sign).
 template <typename Acc>
 struct RawSink {
-  Acc *m_out, *a_out, *b_out;
+  gptr<Acc> m_out, a_out, b_out;
   int64_t T, D;
   __device__ __forceinline__ void operator()(int64_t b, int64_t t, int64_t c, const LseState<Acc>& s) const {
     const int64_t j = (b * T + t) * D + c;

@@ -25,8 +25,15 @@ struct EaSrc {
   }
 };
 
+// log p = l - lse; -inf for a masked logit and for every entry of a column whose logits are all -inf
+// (lse = -inf: p = 0 there, out = 0; docs/design.md §7 rule 4). NaN propagates.
+__device__ __forceinline__ float logp_of(float l, float lse) { return lse == -INFINITY ? -INFINITY : l - lse; }
+__device__ __forceinline__ double logp_of(double l, double lse) {
+  return lse == -(double)INFINITY ? -(double)INFINITY : l - lse;
+}
+
 template <typename Acc>
-__global__ void ea_lse_kernel(const Acc* __restrict__ wm, const Acc* __restrict__ wa, Acc* __restrict__ lse, int64_t M,
+__global__ void ea_lse_kernel(gptr<const Acc> __restrict__ wm, gptr<const Acc> __restrict__ wa, gptr<Acc> __restrict__ lse, int64_t M,
                               int64_t nch, int64_t S) {
   AF_GRID_STRIDE(i, M * S) {
     const int64_t s = i % S, m = i / S;
@@ -56,49 +63,55 @@ __device__ __forceinline__ Acc warp_allmax(Acc x) {
 //   z_s = l - lse_s <= 0 ; log_s = logsumexp_s z ; log_r = logaddexp(log_s, log eps) ; out = exp(z - log_r)
 //   rowsum = exp(log_s) + eps.
 template <typename scalar_t, typename Acc>
-__global__ void ea_row_fwd_kernel(const scalar_t* __restrict__ l, const Acc* __restrict__ lse,
-                                  scalar_t* __restrict__ out, Acc* __restrict__ rowsum, Acc eps, int64_t M, int64_t N,
+__global__ void ea_row_fwd_kernel(gptr<const scalar_t> __restrict__ l, gptr<const Acc> __restrict__ lse,
+                                  gptr<scalar_t> __restrict__ out, gptr<Acc> __restrict__ rowsum, Acc eps, int64_t M, int64_t N,
                                   int64_t S) {
   const int lane = threadIdx.x & 31;
   AF_WARP_STRIDE(row, M * N) {
     const int64_t m = row / N;
-    const scalar_t* lr = l + row * S;
-    const Acc* lm = lse + m * S;
+    gptr<const scalar_t> lr = l + row * S;
+    gptr<const Acc> lm = lse + m * S;
     Acc mx = neg_inf<Acc>();
     for (int64_t s = lane; s < S; s += 32) {
-      const Acc z = load_acc(lr + s) - lm[s];
+      const Acc z = logp_of(load_acc(lr + s), lm[s]);
       mx = z > mx ? z : mx;
     }
-    mx = warp_allmax(mx);  // finite: S >= 1
+    mx = warp_allmax(mx);  // -inf only when p = 0 for every unit (or NaN z's only: they propagate below)
     Acc sum = Acc(0);
-    for (int64_t s = lane; s < S; s += 32) sum += af_exp(load_acc(lr + s) - lm[s] - mx);
-    sum = warp_allsum(sum);  // >= 1
-    const Acc log_s = mx + af_log(sum);
+    for (int64_t s = lane; s < S; s += 32) {
+      const Acc z = logp_of(load_acc(lr + s), lm[s]);
+      sum += z == neg_inf<Acc>() ? Acc(0) : af_exp(z - mx);
+    }
+    sum = warp_allsum(sum);  // >= 1, or 0 for a token with p = 0 for every unit
+    const Acc log_s = sum == Acc(0) ? neg_inf<Acc>() : mx + af_log(sum);
     Acc log_r = log_s;
     if (eps > Acc(0)) {  // logaddexp(log_s, log eps)
       const Acc le = af_log(eps);
       const Acc hi = log_s > le ? log_s : le, lo = log_s > le ? le : log_s;
       log_r = hi + af_log(Acc(1) + af_exp(lo - hi));
     }
-    for (int64_t s = lane; s < S; s += 32) store_val(out + row * S + s, af_exp(load_acc(lr + s) - lm[s] - log_r));
+    for (int64_t s = lane; s < S; s += 32) {  // out = 0 where p = 0 (masked logit, all -inf column, dead token)
+      const Acc z = logp_of(load_acc(lr + s), lm[s]);
+      store_val(out + row * S + s, z == neg_inf<Acc>() ? Acc(0) : af_exp(z - log_r));
+    }
     if (lane == 0) rowsum[row] = af_exp(log_s) + eps;
   }
 }
 
 // a = out for fp32/fp64; for fp16/bf16 rebuilt in fp32 as p / rowsum (stored out where rowsum < 1e-30).
 template <typename scalar_t, typename Acc>
-__device__ __forceinline__ Acc ea_a(const scalar_t* out, const scalar_t* l, Acc lse, Acc rowsum, int64_t j) {
+__device__ __forceinline__ Acc ea_a(gptr<const scalar_t> out, gptr<const scalar_t> l, Acc lse, Acc rowsum, int64_t j) {
   if (sizeof(scalar_t) == sizeof(Acc)) return load_acc(out + j);
-  if (rowsum > Acc(1e-30)) return af_exp(load_acc(l + j) - lse) / rowsum;
+  if (rowsum > Acc(1e-30)) return p_of(load_acc(l + j), lse) / rowsum;
   return load_acc(out + j);
 }
 
 // Backward without dividing by rowsum (u = p*dp):
 //   rowdot = sum_S dout*a ;  u = a*(dout - rowdot) ;  dl = u - p * sum_N u.
 template <typename scalar_t, typename Acc>
-__global__ void ea_rowdot_kernel(const scalar_t* __restrict__ dout, const scalar_t* __restrict__ out,
-                                 const scalar_t* __restrict__ l, const Acc* __restrict__ lse,
-                                 const Acc* __restrict__ rowsum, Acc* __restrict__ rowdot, int64_t M, int64_t N,
+__global__ void ea_rowdot_kernel(gptr<const scalar_t> __restrict__ dout, gptr<const scalar_t> __restrict__ out,
+                                 gptr<const scalar_t> __restrict__ l, gptr<const Acc> __restrict__ lse,
+                                 gptr<const Acc> __restrict__ rowsum, gptr<Acc> __restrict__ rowdot, int64_t M, int64_t N,
                                  int64_t S) {
   const int lane = threadIdx.x & 31;
   AF_WARP_STRIDE(row, M * N) {
@@ -116,10 +129,10 @@ __global__ void ea_rowdot_kernel(const scalar_t* __restrict__ dout, const scalar
 
 // partial[m, ch, s] = sum_{n in chunk} u
 template <typename scalar_t, typename Acc>
-__global__ void ea_colsum_partial_kernel(const scalar_t* __restrict__ dout, const scalar_t* __restrict__ out,
-                                         const scalar_t* __restrict__ l, const Acc* __restrict__ lse,
-                                         const Acc* __restrict__ rowsum, const Acc* __restrict__ rowdot,
-                                         Acc* __restrict__ partial, int64_t M, int64_t N, int64_t S, int64_t L,
+__global__ void ea_colsum_partial_kernel(gptr<const scalar_t> __restrict__ dout, gptr<const scalar_t> __restrict__ out,
+                                         gptr<const scalar_t> __restrict__ l, gptr<const Acc> __restrict__ lse,
+                                         gptr<const Acc> __restrict__ rowsum, gptr<const Acc> __restrict__ rowdot,
+                                         gptr<Acc> __restrict__ partial, int64_t M, int64_t N, int64_t S, int64_t L,
                                          int64_t nch) {
   AF_GRID_STRIDE(i, M * nch * S) {
     const ChunkItem it(i, N, S, L, nch);  // column (m, s), rows [t0, t1) of the chunk
@@ -136,7 +149,7 @@ __global__ void ea_colsum_partial_kernel(const scalar_t* __restrict__ dout, cons
 }
 
 template <typename Acc>
-__global__ void ea_colsum_combine_kernel(const Acc* __restrict__ partial, Acc* __restrict__ colsum, int64_t M,
+__global__ void ea_colsum_combine_kernel(gptr<const Acc> __restrict__ partial, gptr<Acc> __restrict__ colsum, int64_t M,
                                          int64_t nch, int64_t S) {
   AF_GRID_STRIDE(i, M * S) {
     const int64_t s = i % S, m = i / S;
@@ -147,17 +160,17 @@ __global__ void ea_colsum_combine_kernel(const Acc* __restrict__ partial, Acc* _
 }
 
 template <typename scalar_t, typename Acc>
-__global__ void ea_bwd_out_kernel(const scalar_t* __restrict__ dout, const scalar_t* __restrict__ out,
-                                  const scalar_t* __restrict__ l, const Acc* __restrict__ lse,
-                                  const Acc* __restrict__ rowsum, const Acc* __restrict__ rowdot,
-                                  const Acc* __restrict__ colsum, scalar_t* __restrict__ dl, int64_t M, int64_t N,
+__global__ void ea_bwd_out_kernel(gptr<const scalar_t> __restrict__ dout, gptr<const scalar_t> __restrict__ out,
+                                  gptr<const scalar_t> __restrict__ l, gptr<const Acc> __restrict__ lse,
+                                  gptr<const Acc> __restrict__ rowsum, gptr<const Acc> __restrict__ rowdot,
+                                  gptr<const Acc> __restrict__ colsum, gptr<scalar_t> __restrict__ dl, int64_t M, int64_t N,
                                   int64_t S) {
   AF_GRID_STRIDE(i, M * N * S) {
     const int64_t s = i % S;
     const int64_t row = i / S;
     const int64_t m = row / N;
     const Acc ls = lse[m * S + s];
-    const Acc p = af_exp(load_acc(l + i) - ls);
+    const Acc p = p_of(load_acc(l + i), ls);
     const Acc u = ea_a<scalar_t, Acc>(out, l, ls, rowsum[row], i) * (load_acc(dout + i) - rowdot[row]);
     store_val(dl + i, u - p * colsum[m * S + s]);
   }
@@ -183,11 +196,10 @@ cudaError_t ea_double_norm_fwd(DType dtype, const void* logits, void* out, void*
     const ScanState<acc_t> st = take_scan_state<acc_t>(ws, nc);
     const scalar_t* lp = static_cast<const scalar_t*>(logits);
     EaSrc<scalar_t, acc_t> src{lp, N, S};
-    chunk_state_kernel<acc_t><<<grid_for(nc), kThreads, 0, stream>>>(src, st.m, st.a, st.b, M, N, S, L, nch);
-    chunk_scan_kernel<acc_t, false, true><<<grid_for(M * S), kThreads, 0, stream>>>(st.m, st.a, st.b, M, nch, S);
-    ea_lse_kernel<acc_t><<<grid_for(M * S), kThreads, 0, stream>>>(st.m, st.a, static_cast<acc_t*>(lse), M, nch, S);
-    ea_row_fwd_kernel<scalar_t, acc_t>
-        <<<row_grid(M * N), kThreads, 0, stream>>>(lp, static_cast<const acc_t*>(lse), static_cast<scalar_t*>(out),
+    ATTNFREE_LAUNCH((chunk_state_kernel<acc_t>), grid_for(nc), kThreads, 0, stream)(src, st.m, st.a, st.b, M, N, S, L, nch);
+    ATTNFREE_LAUNCH((chunk_scan_kernel<acc_t, false, true>), grid_for(M * S), kThreads, 0, stream)(st.m, st.a, st.b, M, nch, S);
+    ATTNFREE_LAUNCH((ea_lse_kernel<acc_t>), grid_for(M * S), kThreads, 0, stream)(st.m, st.a, static_cast<acc_t*>(lse), M, nch, S);
+    ATTNFREE_LAUNCH((ea_row_fwd_kernel<scalar_t, acc_t>), row_grid(M * N), kThreads, 0, stream)(lp, static_cast<const acc_t*>(lse), static_cast<scalar_t*>(out),
                                                    static_cast<acc_t*>(rowsum), static_cast<acc_t>(eps), M, N, S);
     return cudaGetLastError();
   });
@@ -215,11 +227,10 @@ cudaError_t ea_double_norm_bwd(DType dtype, const void* dout, const void* logits
     const acc_t* lsep = static_cast<const acc_t*>(lse);
     const acc_t* rsp = static_cast<const acc_t*>(rowsum);
     const scalar_t* op = static_cast<const scalar_t*>(out);
-    ea_rowdot_kernel<scalar_t, acc_t><<<row_grid(M * N), kThreads, 0, stream>>>(dp, op, lp, lsep, rsp, rowdot, M, N, S);
-    ea_colsum_partial_kernel<scalar_t, acc_t>
-        <<<grid_for(M * nch * S), kThreads, 0, stream>>>(dp, op, lp, lsep, rsp, rowdot, partial, M, N, S, L, nch);
-    ea_colsum_combine_kernel<acc_t><<<grid_for(M * S), kThreads, 0, stream>>>(partial, colsum, M, nch, S);
-    ea_bwd_out_kernel<scalar_t, acc_t><<<grid_for(M * N * S), kThreads, 0, stream>>>(
+    ATTNFREE_LAUNCH((ea_rowdot_kernel<scalar_t, acc_t>), row_grid(M * N), kThreads, 0, stream)(dp, op, lp, lsep, rsp, rowdot, M, N, S);
+    ATTNFREE_LAUNCH((ea_colsum_partial_kernel<scalar_t, acc_t>), grid_for(M * nch * S), kThreads, 0, stream)(dp, op, lp, lsep, rsp, rowdot, partial, M, N, S, L, nch);
+    ATTNFREE_LAUNCH((ea_colsum_combine_kernel<acc_t>), grid_for(M * S), kThreads, 0, stream)(partial, colsum, M, nch, S);
+    ATTNFREE_LAUNCH((ea_bwd_out_kernel<scalar_t, acc_t>), grid_for(M * N * S), kThreads, 0, stream)(
         dp, op, lp, lsep, rsp, rowdot, colsum, static_cast<scalar_t*>(dlogits), M, N, S);
     return cudaGetLastError();
   });

@@ -138,3 +138,45 @@ def ea_double_norm_eager(x, eps):
     """The External-Attention / EANet double normalisation in x's own dtype."""
     p = x.softmax(dim=-2)
     return p / (p.sum(dim=-1, keepdim=True) + eps)
+
+
+# ----------------------------------------------------------------------------------------- masked (-inf) oracles
+def _masked_softmax_weights(logits, dim):
+    """exp(logits - max) with -inf logits excluded (weight 0, zero gradient) and a slice with no finite logit
+    all 0 (never (-inf) - (-inf)); NaN logits propagate. Returns (weights, their sum over ``dim``)."""
+    keep = logits != float("-inf")
+    m = torch.where(keep, logits, float("-inf")).amax(dim=dim, keepdim=True).detach()
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    e = torch.where(keep, torch.exp(torch.where(keep, logits, torch.zeros_like(logits)) - m), torch.zeros_like(logits))
+    return e, e.sum(dim=dim, keepdim=True)
+
+
+def _safe_div(a, s):
+    ok = s > 0
+    return torch.where(ok, a / torch.where(ok, s, torch.ones_like(s)), torch.zeros_like(a))
+
+
+def aft_masked(q, k, v, wfull=None, causal=False):
+    """AFT eq. 2 (float64) under docs/design.md §7 rules 3-4: a -inf logit (k or w) is an excluded key, a row
+    with no finite logit gives y = 0; gradients through masked entries are 0. ``wfull``: per-channel bias
+    (T, T, D) (``bias_per_channel`` / ``local_bias``) or None for w = 0. Returns (y, lse)."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, T, D = q.shape
+    if wfull is None:
+        wfull = torch.zeros(T, T, D, dtype=torch.float64, device=q.device)
+    logits = wfull.double()[None] + k[:, None]  # (B, T, T', D)
+    if causal:
+        logits = logits.masked_fill(causal_mask(T, q.device)[None, :, :, None], float("-inf"))
+    e, s = _masked_softmax_weights(logits, 2)
+    z = _safe_div((e * v[:, None]).sum(dim=2, keepdim=True), s).squeeze(2)
+    return torch.sigmoid(q) * z, torch.logsumexp(logits.detach(), dim=2)
+
+
+def ea_double_norm_masked(logits, eps=1e-9):
+    """EA double normalisation (float64) under §7 rules 3-4: a -inf logit has p = 0, a column (memory unit) whose
+    logits are all -inf has p = 0 (out = 0 there) and lse = -inf, a token with p = 0 for every unit gets out = 0.
+    Returns (out, lse)."""
+    x = logits.double()
+    e, s = _masked_softmax_weights(x, -2)
+    p = _safe_div(e, s)
+    return _safe_div(p, p.sum(dim=-1, keepdim=True) + eps), torch.logsumexp(x.detach(), dim=-2, keepdim=True)

@@ -2,7 +2,13 @@
 
 * ``python``: the pure-PyTorch reference path, on the CPU (``force_backend("python")``);
 * ``compiled-cpu``: the compiled CPU kernels of attnfree_ext._C (when it is built);
-* ``cuda``: the compiled CUDA kernels (when a GPU is there and _C was built with them).
+* ``cuda``: the compiled CUDA kernels (when a GPU is there and _C was built with them);
+* ``emulation``: the same CUDA kernels (csrc/<op>/*.cu, their launchers) compiled with g++ and run on the CPU by
+  the emulation harness (csrc/common/emulation, tests/emulation/emu_ops.py): fault finding on (bounds-checked
+  global memory, NaN-poisoned outputs and shared memory, shuffled thread order). Marked ``emulation``
+  (``python -m pytest -m emulation`` runs only these); it needs g++ and the CUDA toolkit headers, not a GPU.
+  ``path.fwd`` / ``path.bwd`` call the launchers directly; ``path.force()`` routes ``torch.ops.attnfree.*`` to
+  them (a TorchDispatchMode) under ``force_backend("compiled")``. The bindings' input checks are not emulated.
 
 A test takes a ``path`` argument; tests/conftest.py parametrises it over the three, skipping the ones the op has
 no kernel for. The op is the test module's ``OP`` (or ``@pytest.mark.paths(op=...)``); ``@pytest.mark.paths(
@@ -16,11 +22,15 @@ runs the public functions on the path.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import os
+import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnfree_ext
 from attnfree_ext.ops.common import dispatch
@@ -48,6 +58,7 @@ class Path:
     name: str
     backend: str  # "python" | "compiled"
     device: str  # "cpu" | "cuda"
+    emulated: bool = False  # the CUDA kernels under the CPU emulation harness (device "cpu")
 
     @property
     def compiled(self) -> bool:
@@ -58,6 +69,8 @@ class Path:
 
     def force(self):
         """Context manager: run the public functions on this path."""
+        if self.emulated:
+            return _emulation_context()
         return attnfree_ext.force_backend(self.backend)
 
     def put(self, x):
@@ -87,6 +100,8 @@ class Path:
         return _tree(torch.Tensor.cpu, self._call(op, "bwd", args))
 
     def _call(self, op, which, args):
+        if self.emulated:
+            return _emu_ops().OPS[f"{op}_{which}"](*args)
         if self.compiled:
             return getattr(torch.ops.attnfree, f"{op}_{which}")(*self.put(args))
         return getattr(importlib.import_module(_REFS[op]), f"{op}_{which}_ref")(*args)
@@ -98,7 +113,9 @@ class Path:
         with self.force():
             y = fn(*leaves, *args, **kwargs)
         present = [t for t in leaves if isinstance(t, torch.Tensor)]
-        g = torch.autograd.grad(y, present, self.put(dy.to(y.dtype)))
+        # emulation: the backward op must run under the dispatch mode too (else the CPU kernel would answer)
+        with self.force() if self.emulated else contextlib.nullcontext():
+            g = torch.autograd.grad(y, present, self.put(dy.to(y.dtype)))
         return y.detach().cpu(), [t.cpu() for t in g]
 
     def poison(self) -> None:
@@ -116,10 +133,70 @@ class Path:
             del xs
 
 
-PATHS = (Path("python", "python", "cpu"), Path("compiled-cpu", "compiled", "cpu"), Path("cuda", "compiled", "cuda"))
+PATHS = (
+    Path("python", "python", "cpu"),
+    Path("compiled-cpu", "compiled", "cpu"),
+    Path("cuda", "compiled", "cuda"),
+    Path("emulation", "compiled", "cpu", emulated=True),
+)
+
+_EMU_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "emulation")
+
+
+def _emu_ops():
+    if _EMU_DIR not in sys.path:
+        sys.path.insert(0, _EMU_DIR)
+    return importlib.import_module("emu_ops")
+
+
+def _emu_unavailable() -> str | None:
+    if _EMU_DIR not in sys.path:
+        sys.path.insert(0, _EMU_DIR)
+    ok, why = importlib.import_module("emu_runner").available()
+    return None if ok else f"emulation harness unavailable: {why}"
+
+
+class _EmulationMode(TorchDispatchMode):
+    """torch.ops.attnfree.<op>_fwd / _bwd -> the emulated CUDA launchers (below autograd: the ops' registered
+    autograd formulas still run, and call the emulated backward)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if name.startswith("attnfree::"):
+            fn = _emu_ops().OPS.get(name.split("::", 1)[1])
+            if fn is not None:
+                return fn(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _emulation_context():
+    if not dispatch.compiled_available():
+        pytest.skip(f"the public functions on the emulation path need attnfree_ext._C ({dispatch.load_error()})")
+    saved, saved_caps = dict(dispatch._KERNELS), dict(dispatch._REGISTRY)
+    try:  # the compiled path is selectable for CPU tensors for every op with CUDA kernels
+        for name in dispatch.ops():
+            cap = dispatch.capability(name)
+            if "cuda" in cap.devices:
+                dispatch._KERNELS[name] = frozenset(saved[name] | {"cpu"})
+                if "cpu" not in cap.devices:
+                    dispatch._REGISTRY[name] = dataclasses.replace(cap, devices=(*cap.devices, "cpu"))
+        with attnfree_ext.force_backend("compiled"), _EmulationMode():
+            yield
+    finally:
+        dispatch._KERNELS.clear()
+        dispatch._KERNELS.update(saved)
+        dispatch._REGISTRY.clear()
+        dispatch._REGISTRY.update(saved_caps)
 
 
 def _skip_reason(path: Path, op: str | None) -> str | None:
+    if path.emulated:
+        cap = dispatch.capability(op) if op is not None else None
+        if cap is not None and "cuda" not in cap.devices:
+            return f"no CUDA kernel for {op}"
+        return _emu_unavailable()
     if path.device == "cuda" and not torch.cuda.is_available():
         return "no CUDA GPU"
     if not path.compiled:
@@ -144,6 +221,8 @@ def path_params(op: str | None, names=None):
             continue
         reason = _skip_reason(p, op)
         marks = [pytest.mark.skip(reason=reason)] if reason else []
+        if p.emulated:
+            marks.append(pytest.mark.emulation)
         out.append(pytest.param(p, id=p.name, marks=marks))
     return out
 
