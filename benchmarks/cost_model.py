@@ -25,9 +25,9 @@ flops_floor = 4*B*T^2*D AFT-full forward, 8*B*T^2*D backward (half of each when 
     predicted_fraction = t_floor / t_count        (bound = the resource that gives t_count)
 The operand format of each launch is read off the harness: mma_flops / mma_ops = 8192 (16x16x16: fp16/bf16
 operands), 4096 (16x16x8: tf32), 512 (8x8x4: fp64). The floor uses the best format of the dtype: bf16 and fp16
-at the 16-bit rate (fp16 AFT-full kernels with tf32 operands therefore show <= 1/2), fp32 at the tf32 rate. fp32 through 3xTF32 issues three tf32 mma_sync per product and
-the harness counts all three (mma_flops is 3x the product's FLOPs), at the tf32 rate; its floor is at the tf32 rate
-too, so 3xTF32 shows as <= 1/3.
+at the 16-bit rate (fp16 AFT-full kernels with tf32 operands therefore show <= 1/2), fp32 at the tf32 rate.
+fp32 through 3xTF32 issues three tf32 mma_sync per product and the harness counts all three (mma_flops is 3x the
+product's FLOPs), at the tf32 rate; its floor is at the tf32 rate too, so 3xTF32 shows as <= 1/3.
 
 H200 rates (used as peaks):
     COPY  4.3e12 B/s    device-to-device copy, bytes read + written, measured in this workplace (design.md §5.2)
@@ -43,6 +43,7 @@ pessimistic for kernels that re-read, e.g. AFT-local's band) or instruction issu
 
     python -m benchmarks.cost_model [--ops aft_simple,aft_full] [--dtypes bf16,fp32] [--json PATH] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,10 +69,20 @@ OPS = ("aft_simple", "aft_local", "aft_full", "aft_full_lowrank", "ea_double_nor
 WINDOW, RANK = 64, 128
 PAPER = {"aft": dict(B=8, T=4096, D=1024), "ea": dict(B=64, T=4096, D=64)}
 # scaled-down sizes: (B, T1, D); the second size is (B, 2*T1, D)
-SMALL = {"aft_simple": (2, 128, 1024), "aft_local": (2, 256, 1024), "aft_full": (1, 128, 128),
-         "aft_full_lowrank": (1, 128, 128), "ea_double_norm": (32, 128, 64)}
-QUICK = {"aft_simple": (1, 32, 64), "aft_local": (1, 32, 64), "aft_full": (1, 64, 64),
-         "aft_full_lowrank": (1, 64, 64), "ea_double_norm": (2, 32, 16)}
+SMALL = {
+    "aft_simple": (2, 128, 1024),
+    "aft_local": (2, 256, 1024),
+    "aft_full": (1, 128, 128),
+    "aft_full_lowrank": (1, 128, 128),
+    "ea_double_norm": (32, 128, 64),
+}
+QUICK = {
+    "aft_simple": (1, 32, 64),
+    "aft_local": (1, 32, 64),
+    "aft_full": (1, 64, 64),
+    "aft_full_lowrank": (1, 64, 64),
+    "ea_double_norm": (2, 32, 16),
+}
 COUNTS = ("bytes_read", "bytes_written", "sfu_total", "barriers", "launches")
 
 
@@ -208,8 +219,9 @@ def model_case(op, direction, dtname, causal, sizes, paper):
     bfl = bfl_r + bfl_w
     # a kernel touching global memory through raw pointers is not counted (emulation README): counted bytes
     # below the floor's reads or writes mean part of the traffic is missing and the bound is too optimistic
-    undercount = [k for k, c, f in (("read", ext["bytes_read"], bfl_r), ("written", ext["bytes_written"], bfl_w))
-                  if c < f]
+    undercount = [
+        k for k, c, f in (("read", ext["bytes_read"], bfl_r), ("written", ext["bytes_written"], bfl_w)) if c < f
+    ]
     b_eff = max(ext["bytes_read"], bfl_r) + max(ext["bytes_written"], bfl_w)
     t_mem = b_eff / COPY
     t_sfu = ext["sfu_total"] / SFU
@@ -222,23 +234,43 @@ def model_case(op, direction, dtname, causal, sizes, paper):
     t_count = times[bound]
     nout = Bp * Tp * Dp
     return {
-        "op": op, "direction": direction, "dtype": dtname, "causal": causal,
-        "bytes_counted": int(round(bc)), "bytes_floor": int(bfl), "special_ops": int(round(ext["sfu_total"])),
-        "mma_flops": int(round(mma_total)), "flops_floor": int(ffl),
+        "op": op,
+        "direction": direction,
+        "dtype": dtname,
+        "causal": causal,
+        "bytes_counted": int(round(bc)),
+        "bytes_floor": int(bfl),
+        "special_ops": int(round(ext["sfu_total"])),
+        "mma_flops": int(round(mma_total)),
+        "flops_floor": int(ffl),
         "predicted_fraction": (t_floor / t_count) if t_count > 0 else None,
-        "bound": bound, "undercount": undercount,
-        "bytes_read": int(round(ext["bytes_read"])), "bytes_written": int(round(ext["bytes_written"])),
-        "bytes_floor_read": int(bfl_r), "bytes_for_bound": int(round(b_eff)), "bytes_floor_written": int(bfl_w), "floor_bound": "mma" if ffl / MMA[fmt] > bfl / COPY else "memory",
+        "bound": bound,
+        "undercount": undercount,
+        "bytes_read": int(round(ext["bytes_read"])),
+        "bytes_written": int(round(ext["bytes_written"])),
+        "bytes_floor_read": int(bfl_r),
+        "bytes_for_bound": int(round(b_eff)),
+        "bytes_floor_written": int(bfl_w),
+        "floor_bound": "mma" if ffl / MMA[fmt] > bfl / COPY else "memory",
         "mma_flops_by_format": {f: int(round(ext[f"mma_flops_{f}"])) for f in MMA if ext[f"mma_flops_{f}"]},
         "floor_format": fmt if ffl else None,
-        "t_floor_us": t_floor * 1e6, "t_memory_us": t_mem * 1e6, "t_sfu_us": t_sfu * 1e6, "t_mma_us": t_mma * 1e6,
-        "bytes_per_elem": bc / nout, "bytes_floor_per_elem": bfl / nout, "special_per_elem": ext["sfu_total"] / nout,
-        "mma_flops_per_elem": mma_total / nout, "barriers": int(round(ext["barriers"])),
+        "t_floor_us": t_floor * 1e6,
+        "t_memory_us": t_mem * 1e6,
+        "t_sfu_us": t_sfu * 1e6,
+        "t_mma_us": t_mma * 1e6,
+        "bytes_per_elem": bc / nout,
+        "bytes_floor_per_elem": bfl / nout,
+        "special_per_elem": ext["sfu_total"] / nout,
+        "mma_flops_per_elem": mma_total / nout,
+        "barriers": int(round(ext["barriers"])),
         "launches": int(ext["launches"]),
         "shape": {"B": Bp, "T": Tp, "D": Dp} if op != "ea_double_norm" else {"B": Bp, "N": Tp, "S": Dp},
         "measured_at": [dict(zip(("B", "T", "D"), p)) for p in pts],
-        "scale_check": {k: (round(v, 4) if v else v) for k, v in scale.items() if k in
-                        ("bytes_read", "bytes_written", "sfu_total", "mma_flops_bf16", "mma_flops_tf32")},
+        "scale_check": {
+            k: (round(v, 4) if v else v)
+            for k, v in scale.items()
+            if k in ("bytes_read", "bytes_written", "sfu_total", "mma_flops_bf16", "mma_flops_tf32")
+        },
         "raw_counts": runs,
     }
 
@@ -247,7 +279,7 @@ def cases(ops, dtypes):
     for op in ops:
         for direction in ("fwd", "bwd"):
             for dt in dtypes:
-                for causal in ((None,) if op == "ea_double_norm" else (False, True)):
+                for causal in (None,) if op == "ea_double_norm" else (False, True):
                     yield op, direction, dt, causal
 
 
@@ -259,25 +291,31 @@ def _fmt_si(x, unit=""):
 
 
 def table(recs, sha, wall):
-    head = (f"{'op':<17}{'dir':<4}{'dtype':<5}{'c':<2}{'GB cnt':>7}{'GB fl':>6}{'B/el':>7}{'Bfl/el':>7}{'sfu/el':>7}"
-            f"{'TF mma':>7}{'TF fl':>6}{'t_fl us':>8}{'t_mem':>7}{'t_sfu':>7}{'t_mma':>7}{'bound':>7}{'frac':>7}")
-    lines = [f"attnfree_ext counted upper bounds (python -m benchmarks.cost_model), commit {sha}",
-             f"AFT B=8 T=4096 D=1024 (aft_local s={WINDOW}, aft_full_lowrank r={RANK}, 1 head); EA B=64 N=4096 S=64",
-             head, "-" * len(head)]
+    head = (
+        f"{'op':<17}{'dir':<4}{'dtype':<5}{'c':>2} {'GB cnt':>6}{'GB fl':>6}{'B/el':>7}{'Bfl/el':>7}{'sfu/el':>7}"
+        f"{'TF mma':>7}{'TF fl':>6}{'t_fl us':>8}{'t_mem':>7}{'t_sfu':>7}{'t_mma':>7}{'bound':>7}{'frac':>7}"
+    )
+    lines = [
+        f"attnfree_ext counted upper bounds (python -m benchmarks.cost_model), commit {sha}",
+        f"AFT B=8 T=4096 D=1024 (aft_local s={WINDOW}, aft_full_lowrank r={RANK}, 1 head); EA B=64 N=4096 S=64",
+        head,
+        "-" * len(head),
+    ]
     for r in recs:
         c = "-" if r["causal"] is None else ("T" if r["causal"] else "F")
         frac = r["predicted_fraction"]
         lines.append(
-            f"{r['op']:<17}{r['direction']:<4}{r['dtype']:<5}{c:<2}{r['bytes_counted'] / 1e9:>7.2f}"
+            f"{r['op']:<17}{r['direction']:<4}{r['dtype']:<5}{c:>2} {r['bytes_counted'] / 1e9:>6.2f}"
             f"{r['bytes_floor'] / 1e9:>6.2f}{r['bytes_per_elem']:>7.1f}{r['bytes_floor_per_elem']:>7.1f}"
             f"{r['special_per_elem']:>7.2f}{r['mma_flops'] / 1e12:>7.2f}{r['flops_floor'] / 1e12:>6.2f}"
             f"{r['t_floor_us']:>8.1f}{r['t_memory_us']:>7.0f}{r['t_sfu_us']:>7.0f}{r['t_mma_us']:>7.0f}"
-            f"{r['bound']:>7}{(f'{frac:.3f}' if frac is not None else '-'):>6}{'*' if r['undercount'] else ' '}")
+            f"{r['bound']:>7}{(f'{frac:.3f}' if frac is not None else '-'):>6}{'*' if r['undercount'] else ' '}"
+        )
     lines += [
         "-" * len(head),
         "c: causal. GB cnt / GB fl: bytes counted (read + written, every gptr access) / bytes_floor; B/el, Bfl/el,",
         "sfu/el: the same and special-function ops per output element (B*T*D); TF mma: counted MMA TFLOP (3xTF32",
-        "counted as its 3 MMAs); TF fl: flops_floor. t_fl = max(bytes_floor/COPY, flops_floor/MMA); t_mem = bytes/COPY,",
+        "counted as 3 MMAs); TF fl: flops_floor. t_fl = max(bytes_floor/COPY, flops_floor/MMA); t_mem = bytes/COPY,",
         "t_sfu = sfu/SFU, t_mma = sum mma/MMA[operand format] (us); frac = t_fl / max(t_mem, t_sfu, t_mma).",
         "* counted bytes read or written below the floor's: the kernel moves data through raw pointers, which the",
         "  harness does not count; t_mem then uses the floor's bytes for the missing side (JSON: undercount).",
@@ -324,8 +362,16 @@ def main(argv=None):
             f.write(txt + "\n")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"commit": sha, "wall_s": wall, "rates": {"copy_Bps": COPY, "mma_flops": MMA, "sfu_ops": SFU},
-                       "records": recs}, f, indent=1)
+            json.dump(
+                {
+                    "commit": sha,
+                    "wall_s": wall,
+                    "rates": {"copy_Bps": COPY, "mma_flops": MMA, "sfu_ops": SFU},
+                    "records": recs,
+                },
+                f,
+                indent=1,
+            )
     return recs
 
 

@@ -1,4 +1,5 @@
 """benchmarks/cost_model.py: one tiny op through the cost model (CUDA launcher under the emulation harness)."""
+
 import os
 import sys
 
@@ -10,8 +11,18 @@ import emu_runner  # noqa: E402
 
 pytestmark = pytest.mark.emulation
 
-FIELDS = ("op", "direction", "dtype", "causal", "bytes_counted", "bytes_floor", "special_ops", "mma_flops",
-          "flops_floor", "predicted_fraction")
+FIELDS = (
+    "op",
+    "direction",
+    "dtype",
+    "causal",
+    "bytes_counted",
+    "bytes_floor",
+    "special_ops",
+    "mma_flops",
+    "flops_floor",
+    "predicted_fraction",
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,5 +59,6 @@ def test_cost_model_cli_json(tmp_path):
     recs = cm.main(["--ops", "aft_simple", "--dtypes", "bf16", "--quick", "--json", str(p)])
     d = json.loads(p.read_text())
     assert d["commit"] and len(d["records"]) == len(recs) == 4  # fwd/bwd x causal F/T
-    assert {(r["direction"], r["causal"]) for r in d["records"]} == {(a, c) for a in ("fwd", "bwd")
-                                                                    for c in (False, True)}
+    assert {(r["direction"], r["causal"]) for r in d["records"]} == {
+        (a, c) for a in ("fwd", "bwd") for c in (False, True)
+    }
