@@ -1,0 +1,64 @@
+"""benchmarks/cost_model.py: one tiny op through the cost model (CUDA launcher under the emulation harness)."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "emulation"))
+
+import emu_runner  # noqa: E402
+
+pytestmark = pytest.mark.emulation
+
+FIELDS = (
+    "op",
+    "direction",
+    "dtype",
+    "causal",
+    "bytes_counted",
+    "bytes_floor",
+    "special_ops",
+    "mma_flops",
+    "flops_floor",
+    "predicted_fraction",
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _harness():
+    ok, why = emu_runner.available()
+    if not ok:
+        pytest.skip(f"emulation harness unavailable: {why}")
+
+
+@pytest.mark.parametrize("op,direction,causal", [("ea_double_norm", "fwd", None), ("aft_full", "fwd", True)])
+def test_cost_model_record(op, direction, causal, tmp_path):
+    from benchmarks import cost_model as cm
+
+    paper = cm.PAPER["ea" if op == "ea_double_norm" else "aft"]
+    r = cm.model_case(op, direction, "fp32", causal, cm.QUICK[op], paper)
+    for f in FIELDS:
+        assert f in r, f
+    assert r["bytes_floor"] > 0
+    assert r["bytes_counted"] >= 0.5 * r["bytes_floor"]  # below: most traffic would be uncounted
+    assert 0 < r["predicted_fraction"] <= 1 + 1e-9
+    if op == "aft_full":
+        assert r["flops_floor"] == 2 * paper["B"] * paper["T"] ** 2 * paper["D"]  # causal: half of 4*B*T^2*D
+        assert r["mma_flops"] >= r["flops_floor"]
+    else:
+        assert r["flops_floor"] == 0 and r["mma_flops"] == 0
+
+
+def test_cost_model_cli_json(tmp_path):
+    import json
+
+    from benchmarks import cost_model as cm
+
+    p = tmp_path / "cm.json"
+    recs = cm.main(["--ops", "aft_simple", "--dtypes", "bf16", "--quick", "--json", str(p)])
+    d = json.loads(p.read_text())
+    assert d["commit"] and len(d["records"]) == len(recs) == 4  # fwd/bwd x causal F/T
+    assert {(r["direction"], r["causal"]) for r in d["records"]} == {
+        (a, c) for a in ("fwd", "bwd") for c in (False, True)
+    }
