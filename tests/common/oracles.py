@@ -156,7 +156,7 @@ def _safe_div(a, s):
     return torch.where(ok, a / torch.where(ok, s, torch.ones_like(s)), torch.zeros_like(a))
 
 
-def aft_masked(q, k, v, wfull=None, causal=False):
+def aft_masked_per_channel(q, k, v, wfull=None, causal=False):
     """AFT eq. 2 (float64) under docs/design.md §7 rules 3-4: a -inf logit (k or w) is an excluded key, a row
     with no finite logit gives y = 0; gradients through masked entries are 0. ``wfull``: per-channel bias
     (T, T, D) (``bias_per_channel`` / ``local_bias``) or None for w = 0. Returns (y, lse)."""
@@ -180,3 +180,29 @@ def ea_double_norm_masked(logits, eps=1e-9):
     e, s = _masked_softmax_weights(x, -2)
     p = _safe_div(e, s)
     return _safe_div(p, p.sum(dim=-1, keepdim=True) + eps), torch.logsumexp(x.detach(), dim=-2, keepdim=True)
+# ----------------------------------------------------------------------------------------- masked oracles (§7)
+def aft_masked(q, k, v, w, causal=False, window=None, return_lse=False):
+    """AFT eq. 2 in float64 with the masking rules of docs/design.md §7: a -inf logit (k or w) excludes that key,
+    a row with no finite logit gives y = 0 and lse = -inf. ``w`` None means w = 0 (AFT-simple); ``window`` makes it
+    AFT-local (w inside the band, 0 outside whatever w holds there). Differentiable by autograd: masked keys and
+    all-masked rows get zero gradients."""
+    q, k, v = (x.double() for x in (q, k, v))
+    B, T, D = q.shape
+    if w is None:
+        w = torch.zeros(T, T, dtype=torch.float64, device=q.device)
+    w = w.double()
+    if window is not None:
+        w = local_bias(w, window)
+    logits = _bias_per_channel(w, D)[None] + k[:, None, :, :]  # (B, T, T', D)
+    if causal:
+        logits = logits.masked_fill(causal_mask(T, q.device)[None, :, :, None], float("-inf"))
+    m = logits.detach().amax(dim=2, keepdim=True)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)  # all-masked row: shift 0, e = 0
+    e = torch.exp(logits - m)
+    den = e.sum(dim=2)
+    num = torch.where(e == 0, torch.zeros_like(e), e * v[:, None, :, :]).sum(dim=2)
+    z = num / torch.where(den == 0, torch.ones_like(den), den)
+    y = torch.sigmoid(q) * z
+    if return_lse:
+        return y, (m.squeeze(2) + torch.log(den)).detach()
+    return y

@@ -130,9 +130,6 @@ def test_window_limits(path, causal):
     torch.testing.assert_close(diag, oracles.aft(q, k, v, wdiag, causal), rtol=1e-12, atol=1e-12)
 
 
-# compiled-cpu left out for now: csrc/common/cpu_band.cpp computes t + window / t - window + 1 unclamped (NaNs at
-# window = 2**63 - 1); the CPU op needs the same clamp (aft_local_cpu.cpp) and a rebuild.
-@pytest.mark.paths("emulation", "cuda")
 @pytest.mark.parametrize("causal", [False, True])
 def test_window_int64_max_equals_T(path, causal):
     """window = 2**63 - 1 is clamped to T (binding, launchers, workspace sizes): no overflow of T + window, the

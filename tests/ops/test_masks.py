@@ -65,7 +65,7 @@ def test_mask_aft_simple(path, causal, dtype):
     y, lse = path.fwd("aft_simple", q, k, v, causal)
     dq, dk, dv = path.bwd("aft_simple", dy, q, k, v, y, lse, causal)
     qd, kd, vd = _g(q), _g(k), _g(v)
-    yo, lo = oracles.aft_masked(qd, kd, vd, None, causal)
+    yo, lo = oracles.aft_masked_per_channel(qd, kd, vd, None, causal)
     go = torch.autograd.grad(yo, (qd, kd, vd), dy.double())
     tol = TOL[dtype]
     _check(y, yo, tol, "y")
@@ -91,7 +91,7 @@ def test_mask_aft_local(path, causal, dtype, window):
     y, lse = path.fwd("aft_local", q, k, v, w, window, causal)
     dq, dk, dv, dw = path.bwd("aft_local", dy, q, k, v, w, y, lse, window, causal)
     qd, kd, vd, wd = _g(q), _g(k), _g(v), _g(w)
-    yo, lo = oracles.aft_masked(qd, kd, vd, oracles.bias_per_channel(oracles.local_bias(wd, window), D), causal)
+    yo, lo = oracles.aft_masked_per_channel(qd, kd, vd, oracles.bias_per_channel(oracles.local_bias(wd, window), D), causal)
     go = torch.autograd.grad(yo, (qd, kd, vd, wd), dy.double())
     tol = TOL[dtype]
     _check(y, yo, tol, "y")
@@ -123,7 +123,7 @@ def test_mask_aft_full(path, causal, dtype, kernel, T, monkeypatch):
     y, lse = path.fwd("aft_full", q, k, v, w, causal)
     dq, dk, dv, dw = path.bwd("aft_full", dy, q, k, v, w, y, lse, causal)
     qd, kd, vd, wd = _g(q), _g(k), _g(v), _g(w)
-    yo, lo = oracles.aft_masked(qd, kd, vd, oracles.bias_per_channel(wd, D), causal)
+    yo, lo = oracles.aft_masked_per_channel(qd, kd, vd, oracles.bias_per_channel(wd, D), causal)
     go = torch.autograd.grad(yo, (qd, kd, vd, wd), dy.double())
     tol = TOL[dtype]
     _check(y, yo, tol, "y")

@@ -13,6 +13,7 @@ from ..common import composite as _composite
 from ..common import tiles as _tiles
 from ..common.checks import check_bias, check_factors, check_qkv
 from ..common.dtypes import compute_dtype
+from ..common.scan import safe_max
 from ..common.tiles import TAU, exact_rows_bwd, exact_rows_fwd, merge_, merge_scaled_, sgnexp
 
 __all__ = [
@@ -54,16 +55,20 @@ def _fwd_head(wh, k, v, causal):
         if r0 >= T:
             continue
         wt = wh[r0:, j0:j1]  # (nr, tk)
-        r = wt.amax(dim=1)  # (nr,)
+        r_raw = wt.amax(dim=1)  # (nr,); -inf where the row's bias is masked over the whole tile
+        r = safe_max(r_raw)
         Ew = torch.exp(wt - r[:, None])  # in [0, 1]
         kJ, vJ = k[:, j0:j1], v[:, j0:j1]
-        m = kJ.amax(dim=1)  # (B, Dh)
+        m_raw = kJ.amax(dim=1)  # (B, Dh); -inf where the channel's keys are masked over the whole tile
+        m = safe_max(m_raw)
         X = torch.exp(kJ - m[:, None])  # in [0, 1]
         nd = torch.matmul(Ew, torch.cat([X * vJ, X], dim=-1))  # (B, nr, 2 Dh): one GEMM
         n, d = nd[..., :Dh], nd[..., Dh:]
-        base = r[None, :, None] + m[:, None, :]  # tile value = d * e^base, mean n / d
+        # tile value = d * e^base, mean n / d; base = -inf: no visible key in this tile (d = 0, exactly)
+        base = r_raw[None, :, None] + m_raw[:, None, :]
         # exactness guard: a row where some (b, c) denominator underflowed is recomputed exactly for this tile
-        lost = d.amin(dim=2).amin(dim=0) < tiny  # (nr,)
+        # (d = 0 with base = -inf is an exact empty tile, not an underflow)
+        lost = ((d < tiny) & (base > float("-inf"))).any(dim=2).any(dim=0)  # (nr,)
         if bool(lost.any()):
             idx = lost.nonzero().flatten()
             l_ex, mean_ex = exact_rows_fwd(wh, k, v, idx + r0, j0, j1, causal)
@@ -71,7 +76,8 @@ def _fwd_head(wh, k, v, causal):
             d[:, idx] = 1.0
             n[:, idx] = mean_ex
         merge_scaled_(M[:, r0:], S[:, r0:], A[:, r0:], base, n, d)
-    return A / S, M + torch.log(S)
+    # S = 0 only where no key is visible (every logit -inf, docs/design.md §7): Z = 0, lse = -inf there
+    return A / torch.where(S == 0, torch.ones_like(S), S), M + torch.log(S)
 
 
 def _forward(q, k, v, w, causal: bool):
@@ -151,13 +157,17 @@ def _bwd_head(wh, k, v, G, H, lse, causal):
         kJ, vJ = k[:, j0:j1], v[:, j0:j1]
         nr = T - r0
         wt = wh[r0:, j0:j1]  # (nr, tk)
-        a = wt.amax(dim=1)  # (nr,)
+        a_raw = wt.amax(dim=1)  # (nr,); -inf: the row's bias is masked over the whole tile
+        a = safe_max(a_raw)
         Ew = torch.exp(wt - a[:, None])  # in [0, 1]
-        mu = kJ.amax(dim=1)  # (B, Dh)
-        La = a[None, :, None] - lse[:, r0:]  # (B, nr, Dh)
+        mu_raw = kJ.amax(dim=1)  # (B, Dh); -inf: the channel's keys are masked over the whole tile
+        mu = safe_max(mu_raw)
+        # La = -inf where P is 0 for the whole tile row: masked bias row, or lse = -inf (no visible key at all)
+        lse_t = lse[:, r0:]
+        La = torch.where(lse_t == float("-inf"), lse_t, a_raw[None, :, None] - lse_t)  # (B, nr, Dh)
         # log-gap of the factorisation: P[t, s, c] <= exp(Q[b, t, c]) with Q = a + mu - lse; lost products are
         # at most e^-87 * e^Q, so rows with max Q > qmax go to the exact block instead.
-        Q = La + mu[:, None, :]
+        Q = La + mu_raw[:, None, :]
         nu = Q.amax(dim=2).amax(dim=0)  # (nr,)
         bad = nu > qlim
         any_bad = bool(bad.any())
@@ -165,10 +175,9 @@ def _bwd_head(wh, k, v, G, H, lse, causal):
             La.masked_fill_(bad[None, :, None], float("-inf"))
             Q.masked_fill_(bad[None, :, None], float("-inf"))
             nu = nu.masked_fill(bad, 0.0)
+        nu = safe_max(nu)  # -inf: no row of the tile sees a key of it
         # dv / sum P H part: P = Ew * R * exp(k + lam), R = exp(La - lam) <= 1
-        lam = La.amax(dim=1)  # (B, Dh)
-        if any_bad:
-            lam = lam.masked_fill(torch.isinf(lam), 0.0)
+        lam = safe_max(La.amax(dim=1))  # (B, Dh)
         R = La.sub_(lam[:, None]).exp_()
         RGH = (GH[:, r0:] * R[:, :, None, :]).reshape(B, nr, 2 * Dh)
         gv = torch.matmul(Ew.t(), RGH)  # (B, tk, 2 Dh)

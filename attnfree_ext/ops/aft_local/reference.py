@@ -26,7 +26,7 @@ import torch
 
 from ..common import composite as _composite
 from ..common.dtypes import compute_dtype
-from ..common.scan import merge, prefix_summary, rows_after, rows_before, shift, suffix_summary
+from ..common.scan import merge, neg_lse, prefix_summary, rows_after, rows_before, safe_max, shift, suffix_summary
 
 __all__ = ["aft_local_fwd_ref", "aft_local_bwd_ref", "AFTLocalFunction"]
 
@@ -109,11 +109,12 @@ def _aft_local_fwd(q, k, v, w, window: int, causal: bool):
     band_mean = torch.empty_like(band_lse)
     for t0, t1, ks, ke in _chunks(T, W, causal):
         x = _block_logits(w3, kT, t0, t1, ks, ke, W, causal, ct)  # (B, H, Dh, C, L)
-        m = x.amax(dim=-1, keepdim=True)  # finite: the diagonal key is always in the band
+        # -inf where every band logit is masked (-inf in k or w, docs/design.md §7): safe max, s = 0, lse = -inf
+        m = safe_max(x.amax(dim=-1, keepdim=True))
         e = x.sub_(m).exp_()  # in [0, 1], max 1 per row
-        s = e.sum(dim=-1)  # in [1, L]
+        s = e.sum(dim=-1)  # in [1, L], or 0 (no band key)
         band_lse[..., t0:t1] = m[..., 0] + torch.log(s)
-        band_mean[..., t0:t1] = torch.matmul(e, vT[..., ks:ke, None])[..., 0] / s
+        band_mean[..., t0:t1] = torch.matmul(e, vT[..., ks:ke, None])[..., 0] / torch.where(s == 0, 1.0, s)
         del x, e
     parts = [(_from_channels_first(band_lse), _from_channels_first(band_mean))]
     if T > W:
@@ -176,7 +177,8 @@ def aft_local_bwd_ref(dy, q, k, v, w, y, lse, window: int, causal: bool):
     phT = torch.zeros_like(dvT)  # sum_t P H
     for t0, t1, ks, ke in _chunks(T, W, causal):
         x = _block_logits(w3, kT, t0, t1, ks, ke, W, causal, ct)
-        p = x.sub_(lseT[..., t0:t1, None]).exp_()  # (B, H, Dh, C, L); 0 outside the band
+        # (B, H, Dh, C, L); 0 outside the band, at masked keys and on rows with lse = -inf
+        p = x.sub_(safe_max(lseT[..., t0:t1, None])).exp_()
         gc, hc = gT[..., t0:t1], hT[..., t0:t1]
         dvT[..., ks:ke] += torch.matmul(gc[..., None, :], p)[..., 0, :]
         phT[..., ks:ke] += torch.matmul(hc[..., None, :], p)[..., 0, :]
@@ -186,7 +188,7 @@ def aft_local_bwd_ref(dy, q, k, v, w, y, lse, window: int, causal: bool):
         del x, p, tmp
     dv, ph = _from_channels_first(dvT), _from_channels_first(phT)
     if T > W:
-        a = -lse
+        a = neg_lse(lse)  # rows with lse = -inf see no key: weight 0
         # prefix keys: row t sees t' iff t >= t' + W
         dv = dv + rows_after(kc, a, g, W)
         ph = ph + rows_after(kc, a, h, W)

@@ -15,7 +15,7 @@ import torch
 
 from ..common import composite as _composite
 from ..common.dtypes import compute_dtype
-from ..common.scan import prefix_summary, rows_after
+from ..common.scan import neg_lse, prefix_summary, rows_after, safe_max
 
 __all__ = ["aft_simple_fwd_ref", "aft_simple_bwd_ref", "AFTSimpleFunction"]
 
@@ -31,8 +31,8 @@ def _aft_simple_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     if causal:
         lse, z = prefix_summary(kc, vc)
     else:
-        lse1 = torch.logsumexp(kc, dim=1, keepdim=True)  # (B, 1, D)
-        z = torch.einsum("btd,btd->bd", torch.exp(kc - lse1), vc)[:, None, :]
+        lse1 = torch.logsumexp(kc, dim=1, keepdim=True)  # (B, 1, D); -inf where every key is masked (§7)
+        z = torch.einsum("btd,btd->bd", torch.exp(kc - safe_max(lse1)), vc)[:, None, :]  # 0 there
         lse = lse1.expand(B, T, D).contiguous()
     y = torch.sigmoid(qc) * z
     return y, lse
@@ -72,11 +72,11 @@ def aft_simple_bwd_ref(dy, q, k, v, y, lse, causal: bool):
     h = dyc * yc
     dq = h * (1 - s)
     if causal:
-        a = -lse
+        a = neg_lse(lse)  # rows with lse = -inf see no key: weight 0
         dv = rows_after(kc, a, g)
         dk = vc * dv - rows_after(kc, a, h)
     else:
-        p = torch.exp(kc - lse[:, :1])  # every row shares one normaliser
+        p = torch.exp(kc - safe_max(lse[:, :1]))  # every row shares one normaliser; 0 where lse = -inf
         dv = p * g.sum(dim=1, keepdim=True)
         dk = vc * dv - p * h.sum(dim=1, keepdim=True)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -19,6 +19,10 @@ Backward sums over *rows* of the form ``out[t'] = sum_{t in rows(t')} exp(k[t'] 
 ``a = -lse``, so every exponent ``k[t'] - lse[t] <= 0`` when key t' is visible from row t) use the same trick:
 ``out = exp(k + rlcse(a + log g+)) - exp(k + rlcse(a + log g-))``, whose exponents are ``<= log sum |g|``.
 
+Masks (docs/design.md §7 rules 3-4): a -inf logit is an absent key; a summary with no key has lse = -inf and
+mean 0. Max shifts go through :func:`safe_max` (0 where the max is -inf) so that no (-inf) - (-inf) is formed, and
+backward row weights through :func:`neg_lse` (rows with lse = -inf see no key and contribute 0). NaN propagates.
+
 Memory: a constant number of (B, T, D) temporaries.
 """
 
@@ -27,6 +31,17 @@ from __future__ import annotations
 import torch
 
 _NEG_INF = float("-inf")
+
+
+def safe_max(m: torch.Tensor) -> torch.Tensor:
+    """A max used as a shift, with -inf (no finite logit) replaced by 0: exp(-inf - 0) = 0, never exp(NaN).
+    NaN stays NaN."""
+    return torch.where(m == _NEG_INF, torch.zeros_like(m), m)
+
+
+def neg_lse(lse: torch.Tensor) -> torch.Tensor:
+    """-lse as a backward row weight, -inf where lse = -inf (a row with no visible key contributes nothing)."""
+    return torch.where(lse == _NEG_INF, lse, -lse)
 
 
 def signed_logs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,8 +73,9 @@ def shift(x: torch.Tensor, s: int, fill: float, dim: int = 1) -> torch.Tensor:
 
 
 def _mean_from_logs(lp: torch.Tensor, ln: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    # exp(-inf - finite) = 0; lse is finite wherever lp/ln are used (at least one key is present).
-    return torch.exp(lp - lse) - torch.exp(ln - lse)
+    # exp(-inf - finite) = 0; an empty summary (lse = -inf, hence lp = ln = -inf) has mean 0.
+    ls = safe_max(lse)
+    return torch.exp(lp - ls) - torch.exp(ln - ls)
 
 
 def prefix_summary(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,17 +117,19 @@ def rows_before(k: torch.Tensor, a: torch.Tensor, g: torch.Tensor, s: int = 0) -
 def merge(parts) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge softmax summaries [(lse_i, mean_i), ...] of disjoint key sets into one (lse, mean).
 
-    Max-shifted; parts with lse = -inf (no keys) contribute nothing. At least one part must be finite
-    everywhere (the caller's first part).
+    Max-shifted (safe max); parts with lse = -inf (no keys) contribute nothing; where every part is empty the result
+    is (lse, mean) = (-inf, 0).
     """
     m = parts[0][0]
     for l_i, _ in parts[1:]:
         m = torch.maximum(m, l_i)
+    m = safe_max(m)
     s = torch.zeros_like(m)
     for l_i, _ in parts:
         s = s + torch.exp(l_i - m)
     lse = m + torch.log(s)
+    ls = safe_max(lse)
     mean = torch.zeros_like(m)
     for l_i, mu in parts:
-        mean = mean + torch.exp(l_i - lse) * mu
+        mean = mean + torch.exp(l_i - ls) * mu
     return lse, mean

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from .scan import safe_max
+
 #: key-tile width (tau in docs/design.md §2)
 TAU = 64
 #: max number of elements of one exact (B, rows, tau, Dh) block
@@ -66,11 +68,13 @@ def merge_(M: torch.Tensor, S: torch.Tensor, A: torch.Tensor, l: torch.Tensor, m
     """Online-softmax merge of one tile into the running state, in place (docs/design.md §2).
 
     State per (b, t, c): M running max of log-magnitudes, S = sum_j e^{l_j - M}, A = sum_j mean_j e^{l_j - M}.
-    ``l`` must be finite (every caller guarantees it); M may be -inf (empty state): exp(-inf - finite) = 0.
+    ``M`` and ``l`` may be -inf (empty state / a tile with no visible key, docs/design.md §7); the shift is the safe
+    max (0 where both are -inf), so exp(-inf - shift) = 0 and no (-inf) - (-inf) is formed.
     """
     Mn = torch.maximum(M, l)
-    a = torch.exp(M - Mn)
-    b = torch.exp(l - Mn)
+    Ms = safe_max(Mn)
+    a = torch.exp(M - Ms)
+    b = torch.exp(l - Ms)
     S.mul_(a).add_(b)
     A.mul_(a).add_(mean * b)
     M.copy_(Mn)
@@ -82,10 +86,12 @@ def merge_scaled_(M, S, A, base, n, d) -> None:
     Same result as ``merge_(M, S, A, base + log d, n / d)`` with fewer passes: l = base + log d,
     M' = max(M, l); S = S e^{M - M'} + d e^{base - M'}; A = A e^{M - M'} + n e^{base - M'}. Since l <= M',
     base - M' <= -log d <= -log(tiny), so e^{base - M'} stays finite (<= 1e28 fp32 / 1e290 fp64).
+    An empty tile (base = -inf, or d = 0 with no visible key) adds nothing; the shift is the safe max.
     """
     Mn = torch.maximum(M, base + torch.log(d))
-    e = torch.exp(base - Mn)
-    a = torch.exp(M - Mn)
+    Ms = safe_max(Mn)
+    e = torch.exp(base - Ms)
+    a = torch.exp(M - Ms)
     S.mul_(a).addcmul_(d, e)
     A.mul_(a).addcmul_(n, e)
     M.copy_(Mn)
@@ -131,8 +137,8 @@ def exact_rows_fwd(wh, k, v, rows, j0, j1, causal):
 
     ``rows``: a ``range`` of absolute query rows (sliced, no gather) or a 1-D index tensor.
 
-    Returns (l, mean), each (B, len(rows), Dh). Every row must see at least one key of the tile (true for
-    non-causal tiles and for causal tiles with j0 <= row), so ``l`` is finite.
+    Returns (l, mean), each (B, len(rows), Dh). Where a row sees no key of the tile (every logit -inf: masked by
+    -inf in k or w, docs/design.md §7) l = -inf and mean = 0.
     """
     kJ = k[:, j0:j1]
     vJ = v[:, j0:j1]
@@ -140,8 +146,8 @@ def exact_rows_fwd(wh, k, v, rows, j0, j1, causal):
     ls, means = [], []
     for a, b in _row_chunks(_n_rows(rows), B * tk * Dh):
         logits = _block_logits(wh, kJ, _rows_index(rows, a, b), j0, j1, causal)
-        l = torch.logsumexp(logits, dim=2)  # (B, n, Dh)
-        p = torch.exp(logits - l[:, :, None, :])
+        l = torch.logsumexp(logits, dim=2)  # (B, n, Dh); -inf where every logit is -inf
+        p = torch.exp(logits - safe_max(l)[:, :, None, :])  # 0 for such rows
         ls.append(l)
         means.append((p * vJ[:, None]).sum(dim=2))
     return torch.cat(ls, dim=1), torch.cat(means, dim=1)
@@ -150,7 +156,7 @@ def exact_rows_fwd(wh, k, v, rows, j0, j1, causal):
 def exact_rows_bwd(wh, k, v, G, H, lse, rows, j0, j1, causal):
     """Exact backward contributions of query ``rows`` against key tile [j0, j1).
 
-    With P = exp(w + k - lse) (<= 1; masked keys give 0): returns
+    With P = exp(w + k - lse) (<= 1; masked keys and rows with lse = -inf give 0): returns
     pg = sum_t P G  (B, tk, Dh),  ph = sum_t P H  (B, tk, Dh),  dwr = sum_{b,c} P (G v - H)  (len(rows), tk).
     ``G``, ``H``, ``lse`` are full-length (B, T, Dh) tensors indexed by ``rows`` (a ``range`` or an index tensor).
     """
@@ -163,7 +169,7 @@ def exact_rows_bwd(wh, k, v, G, H, lse, rows, j0, j1, causal):
     for a, b in _row_chunks(_n_rows(rows), B * tk * Dh):
         ri = _rows_index(rows, a, b)
         logits = _block_logits(wh, kJ, ri, j0, j1, causal)
-        P = torch.exp(logits - lse[:, ri][:, :, None, :])  # (B, n, tk, Dh)
+        P = torch.exp(logits - safe_max(lse[:, ri])[:, :, None, :])  # (B, n, tk, Dh)
         Gi, Hi = G[:, ri], H[:, ri]
         PG4 = P * Gi[:, :, None, :]
         PH4 = P * Hi[:, :, None, :]
