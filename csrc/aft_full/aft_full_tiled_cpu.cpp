@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "aft_full/aft_full_cpu.h"
+#include "aft_full/aft_full_tiled_vec.h"
 
 namespace attnfree {
 namespace cpu {
@@ -331,7 +332,10 @@ std::tuple<at::Tensor, at::Tensor> aft_full_tiled_fwd(const at::Tensor& qa, cons
     at::Tensor wt = wa[h].contiguous();
     at::Tensor Zh = at::empty({T, N}, qa.options());
     at::Tensor Lh = at::empty({T, N}, qa.options());
-    AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "attnfree_aft_full_tiled", [&] {
+    const bool vec = qa.scalar_type() == at::kFloat &&
+                     aft_full_head_fwd_avx2(wt.data_ptr<float>(), Kt.data_ptr<float>(), Vt.data_ptr<float>(),
+                                            Zh.data_ptr<float>(), Lh.data_ptr<float>(), T, N, causal, qa.options());
+    if (!vec) AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "attnfree_aft_full_tiled", [&] {
       head_fwd<scalar_t>(wt.data_ptr<scalar_t>(), Kt.data_ptr<scalar_t>(), Vt.data_ptr<scalar_t>(),
                          Zh.data_ptr<scalar_t>(), Lh.data_ptr<scalar_t>(), T, N, causal, qa.options());
     });

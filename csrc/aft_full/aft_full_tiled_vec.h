@@ -1,0 +1,16 @@
+// AVX2/FMA float32 AFT-full tile kernels (aft_full_tiled_vec_cpu.cpp), per head on the (T, N = B * Dh) column
+// layout of aft_full_tiled_cpu.cpp. Each returns false (and does nothing) when the CPU lacks AVX2/FMA.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace attnfree {
+namespace cpu {
+
+bool aft_full_head_fwd_avx2(const float* w, const float* K, const float* V, float* Z, float* L, int64_t T, int64_t N,
+                            bool causal, const at::TensorOptions& opts);
+
+}  // namespace cpu
+}  // namespace attnfree
