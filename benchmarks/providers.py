@@ -16,6 +16,8 @@ Providers:
   timm                    eager re-creation of timm CaiT TalkingHeadAttn (materialises the (B, h, N, N) logits)
   sdpa                    standard multi-head attention, F.scaled_dot_product_attention at the same (B, T, D),
                           heads = D // 64: what a user would pick instead
+  plain, plain+compile    the plain PyTorch formulations of benchmarks/plain.py (split max + GEMMs, cumsum,
+                          softmax), eager and torch.compile'd
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ import torch.nn.functional as F
 
 from .shapes import Case
 
-PROVIDERS = ("python", "compiled", "torch.compile(python)", "aft-pytorch", "ea-pytorch", "timm", "sdpa")
+PROVIDERS = ("python", "compiled", "torch.compile(python)", "aft-pytorch", "ea-pytorch", "timm", "sdpa", "plain",
+             "plain+compile")
 
 # Which compiled op (torch.ops.attnfree.<name>) each case runs on when the compiled path is taken.
 COMPILED_OP = {
@@ -48,11 +51,11 @@ COMPILED_OP = {
 
 # Which providers apply to which case (the others are simply not listed for it).
 APPLIES = {
-    "aft_full": ("python", "compiled", "torch.compile(python)", "ea-pytorch", "sdpa"),
-    "aft_local": ("python", "compiled", "torch.compile(python)", "sdpa"),
-    "aft_simple": ("python", "compiled", "torch.compile(python)", "ea-pytorch", "sdpa"),
+    "aft_full": ("python", "compiled", "torch.compile(python)", "ea-pytorch", "sdpa", "plain", "plain+compile"),
+    "aft_local": ("python", "compiled", "torch.compile(python)", "sdpa", "plain", "plain+compile"),
+    "aft_simple": ("python", "compiled", "torch.compile(python)", "ea-pytorch", "sdpa", "plain", "plain+compile"),
     "aft_conv2d": ("python", "compiled", "torch.compile(python)", "sdpa"),
-    "ea_double_norm": ("python", "compiled", "torch.compile(python)", "ea-pytorch"),
+    "ea_double_norm": ("python", "compiled", "torch.compile(python)", "ea-pytorch", "plain", "plain+compile"),
     "talking_heads_attention": ("python", "compiled", "torch.compile(python)", "timm", "sdpa"),
     "mod_aft_full": ("python", "compiled", "torch.compile(python)", "aft-pytorch", "sdpa"),
     "mod_aft_simple": ("python", "compiled", "torch.compile(python)", "aft-pytorch", "sdpa"),
@@ -394,6 +397,10 @@ def build(case: Case, provider: str, device: torch.device, dtype: torch.dtype) -
             kw = {}
         elif provider == "timm":
             f = timm_talking_heads_core
+        elif provider in ("plain", "plain+compile"):
+            from .plain import plain_fn
+
+            f = plain_fn(case.name, compiled=provider == "plain+compile")
         else:
             raise Unavailable(f"{provider} has no {case.name}")
 
