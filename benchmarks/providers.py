@@ -20,6 +20,8 @@ Providers:
   sdpa                    standard multi-head attention, F.scaled_dot_product_attention at the same (B, T, D),
                           heads = D // 64: what a user would pick instead. It computes another function, so its
                           rows have times but no speed-up or fraction of floor
+  plain, plain+compile    the plain PyTorch formulations of benchmarks/plain.py (split max + GEMMs, cumsum,
+                          softmax), eager and torch.compile'd
 """
 from __future__ import annotations
 
@@ -35,7 +37,18 @@ import torch.nn.functional as F
 
 from .shapes import Case
 
-PROVIDERS = ("python", "compiled", "torch.compile(python)", "aft-pytorch", "ea-pytorch", "timm", "fla", "sdpa")
+PROVIDERS = (
+    "python",
+    "compiled",
+    "torch.compile(python)",
+    "aft-pytorch",
+    "ea-pytorch",
+    "timm",
+    "fla",
+    "sdpa",
+    "plain",
+    "plain+compile",
+)
 
 # providers that compute another function than the case (a speed-up or a fraction of floor would mean nothing)
 OTHER_FUNCTION = frozenset({"sdpa"})
@@ -55,11 +68,11 @@ COMPILED_OP = {
 
 # Which providers apply to which case (the others are simply not listed for it).
 APPLIES = {
-    "aft_full": ("python", "compiled", "torch.compile(python)", "ea-pytorch", "sdpa"),
-    "aft_local": ("python", "compiled", "torch.compile(python)", "sdpa"),
-    "aft_simple": ("python", "compiled", "torch.compile(python)", "ea-pytorch", "fla", "sdpa"),
+    "aft_full": ("python", "compiled", "torch.compile(python)", "ea-pytorch", "sdpa", "plain", "plain+compile"),
+    "aft_local": ("python", "compiled", "torch.compile(python)", "sdpa", "plain", "plain+compile"),
+    "aft_simple": ("python", "compiled", "torch.compile(python)", "ea-pytorch", "fla", "sdpa", "plain", "plain+compile"),
     "aft_conv2d": ("python", "compiled", "torch.compile(python)", "sdpa"),
-    "ea_double_norm": ("python", "compiled", "torch.compile(python)", "ea-pytorch"),
+    "ea_double_norm": ("python", "compiled", "torch.compile(python)", "ea-pytorch", "plain", "plain+compile"),
     "talking_heads_attention": ("python", "compiled", "torch.compile(python)", "timm", "sdpa"),
     "mod_aft_full": ("python", "compiled", "torch.compile(python)", "aft-pytorch", "sdpa"),
     "mod_aft_simple": ("python", "compiled", "torch.compile(python)", "aft-pytorch", "sdpa"),
@@ -478,6 +491,10 @@ def build(case: Case, provider: str, device: torch.device, dtype: torch.dtype) -
                 raise Unavailable(f"unavailable: flash-linear-attention (fla) not importable ({type(e).__name__})")
             f = lambda q, k, v, **kw_: fla_rwkv4_as_aft_simple(fused_recurrent_rwkv4, q, k, v)  # noqa: E731
             kw = {}
+        elif provider in ("plain", "plain+compile"):
+            from .plain import plain_fn
+
+            f = plain_fn(case.name, compiled=provider == "plain+compile")
         else:
             raise Unavailable(f"{provider} has no {case.name}")
 

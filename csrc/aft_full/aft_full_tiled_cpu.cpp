@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "aft_full/aft_full_cpu.h"
+#include "aft_full/aft_full_tiled_vec.h"
 
 namespace attnfree {
 namespace cpu {
@@ -331,7 +332,10 @@ std::tuple<at::Tensor, at::Tensor> aft_full_tiled_fwd(const at::Tensor& qa, cons
     at::Tensor wt = wa[h].contiguous();
     at::Tensor Zh = at::empty({T, N}, qa.options());
     at::Tensor Lh = at::empty({T, N}, qa.options());
-    AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "attnfree_aft_full_tiled", [&] {
+    const bool vec = qa.scalar_type() == at::kFloat &&
+                     aft_full_head_fwd_avx2(wt.data_ptr<float>(), Kt.data_ptr<float>(), Vt.data_ptr<float>(),
+                                            Zh.data_ptr<float>(), Lh.data_ptr<float>(), T, N, causal, qa.options());
+    if (!vec) AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "attnfree_aft_full_tiled", [&] {
       head_fwd<scalar_t>(wt.data_ptr<scalar_t>(), Kt.data_ptr<scalar_t>(), Vt.data_ptr<scalar_t>(),
                          Zh.data_ptr<scalar_t>(), Lh.data_ptr<scalar_t>(), T, N, causal, qa.options());
     });
@@ -364,7 +368,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aft_full_tiled_bwd(
     at::Tensor dVt = at::empty({T, N}, qa.options());
     at::Tensor sPHt = at::empty({T, N}, qa.options());
     at::Tensor dWh = dw[h];
-    AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "attnfree_aft_full_tiled_bwd", [&] {
+    const bool vec = qa.scalar_type() == at::kFloat &&
+                     aft_full_head_bwd_avx2(wt.data_ptr<float>(), Kt.data_ptr<float>(), Vt.data_ptr<float>(),
+                                            Gt.data_ptr<float>(), Ht.data_ptr<float>(), Lt.data_ptr<float>(),
+                                            dVt.data_ptr<float>(), sPHt.data_ptr<float>(), dWh.data_ptr<float>(), T,
+                                            N, causal, qa.options());
+    if (!vec) AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "attnfree_aft_full_tiled_bwd", [&] {
       head_bwd<scalar_t>(wt.data_ptr<scalar_t>(), Kt.data_ptr<scalar_t>(), Vt.data_ptr<scalar_t>(),
                          Gt.data_ptr<scalar_t>(), Ht.data_ptr<scalar_t>(), Lt.data_ptr<scalar_t>(),
                          dVt.data_ptr<scalar_t>(), sPHt.data_ptr<scalar_t>(), dWh.data_ptr<scalar_t>(), T, N, causal,

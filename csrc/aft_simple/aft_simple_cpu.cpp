@@ -17,6 +17,7 @@
 #include <cmath>
 #include <limits>
 
+#include "aft_simple/aft_simple_global_vec.h"
 #include "common/cpu_band.h"
 
 namespace attnfree {
@@ -113,6 +114,10 @@ std::tuple<at::Tensor, at::Tensor> global_fwd(const at::Tensor& qa, const at::Te
   at::Tensor y = at::empty({B, T, D}, qa.options());
   at::Tensor lse = at::empty({B, T, D}, qa.options());
   if (y.numel() == 0) return {y, lse};
+  if (qa.scalar_type() == at::kFloat &&
+      simple_global_fwd_avx2(qa.data_ptr<float>(), ka.data_ptr<float>(), va.data_ptr<float>(), y.data_ptr<float>(),
+                             lse.data_ptr<float>(), B, T, D))
+    return {y, lse};
   AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "attnfree_simple_global_fwd", [&] {
     simple_global_fwd_kernel<scalar_t>(qa.data_ptr<scalar_t>(), ka.data_ptr<scalar_t>(), va.data_ptr<scalar_t>(),
                                        y.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), B, T, D);
@@ -128,6 +133,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_bwd(const at::Tensor& dya,
   at::Tensor dk = at::empty({B, T, D}, qa.options());
   at::Tensor dv = at::empty({B, T, D}, qa.options());
   if (dq.numel() == 0) return {dq, dk, dv};
+  if (qa.scalar_type() == at::kFloat &&
+      simple_global_bwd_avx2(dya.data_ptr<float>(), qa.data_ptr<float>(), ka.data_ptr<float>(), va.data_ptr<float>(),
+                             lsea.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(),
+                             B, T, D))
+    return {dq, dk, dv};
   AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "attnfree_simple_global_bwd", [&] {
     simple_global_bwd_kernel<scalar_t>(dya.data_ptr<scalar_t>(), qa.data_ptr<scalar_t>(), ka.data_ptr<scalar_t>(),
                                        va.data_ptr<scalar_t>(), lsea.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),

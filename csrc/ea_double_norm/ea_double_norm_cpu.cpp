@@ -5,6 +5,7 @@
 //   dp = (dout - sum_S(dout * out)) / rowsum;  dlogits = p * (dp - sum_N(p * dp)).
 // Parallel over the leading (batch) dims; inner loops run over S (contiguous).
 #include "ea_double_norm/ea_double_norm_cpu.h"
+#include "ea_double_norm/ea_double_norm_vec.h"
 
 #include <ATen/Parallel.h>
 
@@ -140,8 +141,11 @@ std::tuple<Tensor, Tensor, Tensor> ea_double_norm_fwd(const Tensor& logits, doub
   rs_shape[rs_shape.size() - 1] = 1;
   Tensor lse = at::empty(lse_shape, la.options());
   Tensor rowsum = at::empty(rs_shape, la.options());
+  const bool vec = out.numel() > 0 && acc == at::kFloat &&
+                   ea_fwd_avx2(la.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(),
+                               rowsum.data_ptr<float>(), M, N, S, static_cast<float>(eps));
   if (out.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES(acc, "attnfree_ea_fwd", [&] {
+    if (!vec) AT_DISPATCH_FLOATING_TYPES(acc, "attnfree_ea_fwd", [&] {
       ea_fwd_kernel<scalar_t>(la.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
                               rowsum.data_ptr<scalar_t>(), M, N, S, static_cast<scalar_t>(eps));
     });

@@ -848,3 +848,46 @@ def test_public_function_with_empty_batch(path):
     q, k, v, w = qkvw(0, 70, 4, 2, torch.float32)
     with path.force():
         assert aft_full(q, k, v, w).shape == (0, 70, 4)
+
+
+# ================================================================ wide key tiles (CPU float32 AVX2 forward)
+@COMPILED
+@pytest.mark.usefixtures("tiled_kernel")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", ["normal", "k_1e4", "w_1e4", "late_spike"])
+def test_tiled_wide_key_tiles(path, causal, case):
+    """T = 1100: three 512-key tiles, a partial last one and causal diagonals inside a key tile."""
+    B, T, D = 1, 1100, 3
+    q, k, v, w = qkvw(B, T, D, None, torch.float64)
+    if case == "k_1e4":
+        k = k * 1e4
+    elif case == "w_1e4":
+        w = w * 1e4
+    elif case == "late_spike":
+        k[:, T - 5, :] += 120
+    q, k, v, w = (x.to(torch.float32) for x in (q, k, v, w))
+    # float32 tolerance of the suite: 1e-5 + 8 eps L with L the largest |logit| (lse rounds to ~eps L; the late
+    # spike's dk = v dv - sum P H cancels two terms of size ~|dv|)
+    tol = 1e-5 + 8 * torch.finfo(torch.float32).eps * float(k.abs().max() + w.abs().max())
+    tol = tol if case in ("normal", "late_spike") else 2e-3
+    contract.check_all(path, OP, q, k, v, w, T, causal, tol, tol, tol_lse=1e-6 if case != "normal" else None)
+
+
+@pytest.mark.paths("compiled-cpu")
+@pytest.mark.usefixtures("tiled_kernel")
+@pytest.mark.parametrize("causal", [False, True])
+def test_tiled_bit_identical_across_threads(path, causal):
+    q, k, v, w = (x.to(torch.float32) for x in qkvw(2, 700, 12, 2, torch.float64))
+    dy = torch.randn(2, 700, 12)
+    n0 = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            y, lse = path.fwd(OP, q, k, v, w, causal)
+            outs.append((y, lse, *path.bwd(OP, dy, q, k, v, w, y, lse, causal)))
+    finally:
+        torch.set_num_threads(n0)
+    for o in outs[1:]:
+        for a, b in zip(outs[0], o):
+            assert torch.equal(a, b)

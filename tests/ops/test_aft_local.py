@@ -666,3 +666,66 @@ def test_compiled_w_dtype_check(path):
     q, k, v, w = qkvw(2, 7, 4, 2, F32)
     with pytest.raises(TypeError, match=r"w must have .*dtype.*torch.float32.*got torch.float64"):
         path.fwd(OP, q, k, v, w.double(), 2, False)
+
+
+# ================================================================ banded tiles (CPU float32, window >= 16, T > 64)
+TILED = [(2, 150, 12, 0, 16), (1, 200, 10, 2, 40), (2, 130, 8, 0, 64), (1, 97, 9, 0, 200)]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", ["normal", "k_1e4", "w_1e4", "late_spike"])
+@pytest.mark.parametrize("shape", TILED, ids=lambda c: "x".join(map(str, c)))
+def test_tiled_sizes_vs_oracle(path, shape, case, causal):
+    """Shapes that take the CPU banded-tile kernel (several key tiles, band edges inside tiles), incl. adversarial."""
+    B, T, D, heads, window = shape
+    q, k, v, w = qkvw(B, T, D, heads, F64, k_scale=1e4 if case == "k_1e4" else 1.0, w_scale=1e4 if case == "w_1e4" else 1.0)
+    if case == "late_spike":
+        k[:, T - 5, :] += 120
+    q, k, v, w = (x.to(F32) for x in (q, k, v, w))
+    dy = torch.randn(B, T, D, dtype=F32)
+    y, grads = _run_public(path, q, k, v, w, window, dy, causal)
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
+    yo, go = _oracle(q, k, v, w, window, dy, causal)
+    _check_all(y, grads, yo, go, v, w, dy, _tol(F32, k, w))
+
+
+@pytest.mark.paths("compiled-cpu")
+@pytest.mark.parametrize("causal", [False, True])
+def test_tiled_bit_identical_across_threads(path, causal):
+    B, T, D, window = 2, 200, 20, 24
+    q, k, v, w = (x.to(F32) for x in qkvw(B, T, D, 2, F64))
+    dy = torch.randn(B, T, D, dtype=F32)
+    n0 = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            y, grads = _run_public(path, q, k, v, w, window, dy, causal)
+            outs.append((y, *grads))
+    finally:
+        torch.set_num_threads(n0)
+    for o in outs[1:]:
+        for a, b in zip(outs[0], o):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_tiled_nonfinite_contract(path, causal):
+    """docs/design.md §7 on the tiled shapes: NaN in v reaches exactly the rows that see it; -inf k masks a key."""
+    B, T, D, window = 1, 150, 8, 20
+    q, k, v, w = (x.to(F32) for x in qkvw(B, T, D, 0, F64))
+    with torch.no_grad():
+        yref = aft_local(q, k, v, w, window, causal)
+        v2 = v.clone()
+        v2[0, 100, 3] = float("nan")
+        y = aft_local(q, k, v2, w, window, causal)
+    bad = torch.isnan(y)
+    assert bad[0, :, 3].sum() == (T - 100 if causal else T) and bad.sum() == bad[0, :, 3].sum()
+    # -inf in k = the key is absent
+    k2 = k.clone()
+    k2[0, 70, :] = float("-inf")
+    keep = [i for i in range(T) if i != 70]
+    with torch.no_grad():
+        y2 = aft_local(q, k2, v, w, window, causal)
+    assert torch.isfinite(y2).all()
+    assert yref.shape == y2.shape

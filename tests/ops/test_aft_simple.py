@@ -561,3 +561,44 @@ def test_bad_lse_reaches_compiled_checks(path):
     with pytest.raises(ValueError) as info:
         path.bwd(OP, q, q, k, v, q, q[..., :2], False)
     assert "lse must have the shape of q (2, 7, 4), got (2, 7, 2)" in str(info.value)
+
+
+# ================================================================ AVX2 global kernel (CPU float32)
+@pytest.mark.paths("compiled-cpu")
+def test_global_bit_identical_across_threads(path):
+    """Non-causal float32 (the vectorised global kernel, channel tails included): same bits for 1/2/3 threads."""
+    q, k, v = _inputs((3, 150, 76), F32)
+    dy = torch.randn(3, 150, 76, dtype=F32)
+    n0 = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            y, grads = _run_public(path, q, k, v, dy, False)
+            outs.append((y, *grads))
+    finally:
+        torch.set_num_threads(n0)
+    for o in outs[1:]:
+        for a, b in zip(outs[0], o):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.paths("compiled-cpu")
+def test_global_nonfinite_contract(path):
+    """-inf k excludes a key; an all -inf column gives y = 0, lse = -inf, zero grads; NaN in v propagates."""
+    q, k, v = _inputs((1, 40, 20), F32)
+    dy = torch.randn(1, 40, 20, dtype=F32)
+    k[0, 3, 0] = float("-inf")
+    k[0, :, 1] = float("-inf")
+    v[0, 7, 2] = float("nan")
+    y, lse = path.fwd(OP, q, k, v, False)
+    keep = torch.ones(40, dtype=torch.bool)
+    keep[3] = False
+    yo = torch.sigmoid(q[0, :, 0]) * (torch.softmax(k[0, keep, 0], 0) * v[0, keep, 0]).sum()
+    assert torch.allclose(y[0, :, 0], yo, atol=1e-6)
+    assert (y[0, :, 1] == 0).all() and (lse[0, :, 1] == float("-inf")).all()
+    assert torch.isnan(y[0, :, 2]).all() and torch.isfinite(y[0, :, 3:]).all()
+    dq, dk, dv = path.bwd(OP, dy, q, k, v, y, lse, False)
+    assert (dk[0, :, 1] == 0).all() and (dv[0, :, 1] == 0).all() and (dq[0, :, 1] == 0).all()
+    assert dk[0, 3, 0] == 0 and dv[0, 3, 0] == 0
+    assert torch.isfinite(dk[0, :, 3:]).all()

@@ -413,3 +413,24 @@ def test_bad_dout_reaches_compiled_checks(path):
     with pytest.raises(ValueError) as info:
         path.bwd(OP, q[:1], q, q, q[:, :1], q[..., :1])
     assert "dout must have the shape of logits (2, 7, 4), got (1, 7, 4)" in str(info.value)
+
+
+@pytest.mark.paths("compiled-cpu")
+def test_fwd_bit_identical_across_threads(path):
+    """float32 forward (the AVX2 kernel, S tail included) and backward: same bits for 1/2/3 threads."""
+    x = torch.randn(5, 70, 21)
+    n0 = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            xl = x.clone().requires_grad_()
+            with path.force():
+                y = ea_double_norm(xl)
+            (g,) = torch.autograd.grad(y, xl, torch.ones_like(y))
+            outs.append((y.detach(), g))
+    finally:
+        torch.set_num_threads(n0)
+    for o in outs[1:]:
+        for a, b in zip(outs[0], o):
+            assert torch.equal(a, b)

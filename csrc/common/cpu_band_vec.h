@@ -1,0 +1,18 @@
+// AVX2/FMA float32 band kernels (cpu_band_vec.cpp): the same computation as cpu_band.cpp's scalar kernels.
+// Each returns false (and does nothing) when the CPU lacks AVX2/FMA; the caller then runs the scalar kernel.
+// Pointers are contiguous (B, T, D) float32 arrays, w / dw (H, T, T) or null; dw must be zero-filled.
+#pragma once
+
+#include <cstdint>
+
+namespace attnfree {
+namespace cpu {
+
+bool band_fwd_avx2(const float* q, const float* k, const float* v, const float* w, float* y, float* lse, int64_t B,
+                   int64_t T, int64_t D, int64_t H, int64_t window, bool causal);
+bool band_bwd_avx2(const float* G, const float* Hm, const float* k, const float* v, const float* w,
+                   const float* lse, float* dk, float* dv, float* dw, int64_t B, int64_t T, int64_t D, int64_t H,
+                   int64_t window, bool causal);
+
+}  // namespace cpu
+}  // namespace attnfree
