@@ -18,6 +18,7 @@ error and last lines. pip shows a build's output only when it fails (or with -v)
 to attnfree_ext/_build_error.txt, where the package reports it at run time. Every build of the extension writes
 attnfree_ext/_build_info.json (torch and CUDA versions, commit) so that a wheel loaded with another torch can say so.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -126,8 +127,14 @@ def _failure_excerpt(log: str, exc: BaseException) -> tuple[str, list[str]]:
         if len(ln) > 300:  # a command line
             ln = ln[:160] + " ..."
         lines.append(ln)
-    err = next((i for i, ln in enumerate(lines) if re.search(r"(\berror\b|\bError\b|not found|No such file)", ln)
-                and not ln.startswith(("[", "FAILED"))), None)
+    err = next(
+        (
+            i
+            for i, ln in enumerate(lines)
+            if re.search(r"(\berror\b|\bError\b|not found|No such file)", ln) and not ln.startswith(("[", "FAILED"))
+        ),
+        None,
+    )
     keep = set(range(err, min(err + 12, len(lines)))) if err is not None else set()
     keep = sorted(keep | set(range(max(0, len(lines) - 15), len(lines))))
     shown = []
@@ -151,8 +158,13 @@ def _git_commit():
         return os.environ["ATTNFREE_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
-                               capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
@@ -183,8 +195,10 @@ def _extensions_and_cmdclass():
         msg = f"torch not importable at build time ({exc.__class__.__name__}: {exc})"
         try:  # editable / in-tree installs read it from the source package
             with open(os.path.join(HERE, "attnfree_ext", BUILD_ERROR_FILE), "w") as f:
-                f.write(f"attnfree_ext._C was not built: {msg}\n"
-                        "Install torch first, then: pip install --no-build-isolation -e .\n")
+                f.write(
+                    f"attnfree_ext._C was not built: {msg}\n"
+                    "Install torch first, then: pip install --no-build-isolation -e .\n"
+                )
         except OSError:
             pass
         _warn(msg, f"    (also written to attnfree_ext/{BUILD_ERROR_FILE})\n")

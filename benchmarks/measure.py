@@ -9,6 +9,7 @@ peak resident set over the call: VmHWM is reset through /proc/self/clear_refs ("
 :func:`release_freed_memory_to_os` sets glibc's mmap threshold to 128 KiB at start-up (mallopt), and the memory call
 runs before the timed calls.
 """
+
 from __future__ import annotations
 
 import gc
@@ -25,9 +26,11 @@ def sync(device: torch.device):
 def make_step(run, mode: str):
     """fwd: run.fn(); fwdbwd: forward then torch.autograd.grad of every grad target (no .grad accumulation)."""
     if mode == "fwd":
+
         def step():
             with torch.no_grad():
                 return run.fn()
+
         return step
 
     targets = run.grad_targets

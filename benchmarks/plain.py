@@ -7,6 +7,7 @@ the op's positional inputs and keywords (``make_inputs`` of providers.py) and re
 ``python -m benchmarks.plain`` prints the compiled-op / plain ratios of the CPU issue table (fp32, B=4, T=2048,
 D=256, window 64, 2 threads; min of repeats, candidates interleaved in one process).
 """
+
 from __future__ import annotations
 
 import torch

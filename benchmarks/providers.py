@@ -23,6 +23,7 @@ Providers:
   plain, plain+compile    the plain PyTorch formulations of benchmarks/plain.py (split max + GEMMs, cumsum,
                           softmax), eager and torch.compile'd
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,7 +71,16 @@ COMPILED_OP = {
 APPLIES = {
     "aft_full": ("python", "compiled", "torch.compile(python)", "ea-pytorch", "sdpa", "plain", "plain+compile"),
     "aft_local": ("python", "compiled", "torch.compile(python)", "sdpa", "plain", "plain+compile"),
-    "aft_simple": ("python", "compiled", "torch.compile(python)", "ea-pytorch", "fla", "sdpa", "plain", "plain+compile"),
+    "aft_simple": (
+        "python",
+        "compiled",
+        "torch.compile(python)",
+        "ea-pytorch",
+        "fla",
+        "sdpa",
+        "plain",
+        "plain+compile",
+    ),
     "aft_conv2d": ("python", "compiled", "torch.compile(python)", "sdpa"),
     "ea_double_norm": ("python", "compiled", "torch.compile(python)", "ea-pytorch", "plain", "plain+compile"),
     "talking_heads_attention": ("python", "compiled", "torch.compile(python)", "timm", "sdpa"),
@@ -294,8 +304,9 @@ class TimmTalkingHeadAttn(nn.Module):
     def forward(self, x):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = timm_talking_heads_core(qkv[0], qkv[1], qkv[2], self.proj_l.weight, self.proj_w.weight,
-                                    self.proj_l.bias, self.proj_w.bias)
+        x = timm_talking_heads_core(
+            qkv[0], qkv[1], qkv[2], self.proj_l.weight, self.proj_w.weight, self.proj_l.bias, self.proj_w.bias
+        )
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -380,7 +391,7 @@ def _ref_module(case: Case, provider: str):
         try:
             import aft_pytorch
         except ImportError:
-            raise Unavailable("aft-pytorch not installed")
+            raise Unavailable("aft-pytorch not installed") from None
         if case.name == "mod_aft_full":
             return aft_pytorch.AFTFull(p["T"], p["dim"], p["hidden_dim"])
         if case.name == "mod_aft_simple":
@@ -389,7 +400,8 @@ def _ref_module(case: Case, provider: str):
             if p["T"] > AFT_PYTORCH_LOCAL_MAX_T:
                 raise Unavailable(
                     f"skip: AFTLocal rebuilds its bias in a Python loop of T^2 = {p['T'] ** 2} steps per call "
-                    f"(capped at T <= {AFT_PYTORCH_LOCAL_MAX_T}; BENCH_AFTLOCAL_MAX_T)")
+                    f"(capped at T <= {AFT_PYTORCH_LOCAL_MAX_T}; BENCH_AFTLOCAL_MAX_T)"
+                )
             return aft_pytorch.AFTLocal(p["T"], p["dim"], p["hidden_dim"], s=p["s"])
     if provider == "ea-pytorch":
         if case.name == "mod_ea_aft_full":
@@ -455,6 +467,7 @@ def build(case: Case, provider: str, device: torch.device, dtype: torch.dtype) -
             if case.name in ("aft_full", "aft_local", "aft_simple"):
                 f = lambda q, k, v, *w, **kw_: sdpa_tokens(q, k, v, kw_.get("causal", False))  # noqa: E731
             elif case.name == "aft_conv2d":
+
                 def f(q, k, v, w):
                     t = lambda x: x.flatten(2).transpose(1, 2)  # noqa: E731
                     y = sdpa_tokens(t(q), t(k.repeat_interleave(q.shape[1] // k.shape[1], 1)), t(v))
@@ -488,7 +501,8 @@ def build(case: Case, provider: str, device: torch.device, dtype: torch.dtype) -
             try:
                 from fla.ops.rwkv4 import fused_recurrent_rwkv4
             except Exception as e:  # noqa: BLE001
-                raise Unavailable(f"unavailable: flash-linear-attention (fla) not importable ({type(e).__name__})")
+                why = f"unavailable: flash-linear-attention (fla) not importable ({type(e).__name__})"
+                raise Unavailable(why) from e
             f = lambda q, k, v, **kw_: fla_rwkv4_as_aft_simple(fused_recurrent_rwkv4, q, k, v)  # noqa: E731
             kw = {}
         elif provider in ("plain", "plain+compile"):

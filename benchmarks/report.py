@@ -10,6 +10,7 @@ the *effective* rate of the same job and rates compare like times):
 Fraction of floor = achieved rate / the machine's rate measured in the same run (copy rate of a large clone for
 bytes, square matmul in the benchmark dtype for FLOPs). Modules report time and memory only.
 """
+
 from __future__ import annotations
 
 import json
@@ -95,8 +96,11 @@ def table(results: list[dict], width: int = TABLE_WIDTH) -> str:
     import textwrap
 
     modes = [m for m in MODE_TITLES if any(r["mode"] == m for r in results)]
-    py = {(r["case"], r["shape"], r["mode"]): r["time_s"] for r in results
-          if r["provider"] == "python" and r["status"] == "ok"}
+    py = {
+        (r["case"], r["shape"], r["mode"]): r["time_s"]
+        for r in results
+        if r["provider"] == "python" and r["status"] == "ok"
+    }
     notes: dict[str, int] = {}
 
     def note(msg):
@@ -107,8 +111,10 @@ def table(results: list[dict], width: int = TABLE_WIDTH) -> str:
     sections: dict[tuple, dict] = {}  # (case, shape) -> provider label -> mode -> row
     for r in results:
         sections.setdefault((r["case"], r["shape"]), {}).setdefault(provider_label(r), {})[r["mode"]] = r
-    pw = max([len("provider")] + [len(p) + 7 if "(re-created)" in p else len(p) + 2
-                                  for sec in sections.values() for p in sec])
+    pw = max(
+        [len("provider")]
+        + [len(p) + 7 if "(re-created)" in p else len(p) + 2 for sec in sections.values() for p in sec]
+    )
 
     def cells(r):
         if r is None:
@@ -127,8 +133,7 @@ def table(results: list[dict], width: int = TABLE_WIDTH) -> str:
 
     group_w = sum(cells_w) + 2 * (len(cells_w) - 1)
     head1 = " " * pw + "".join("   " + f" {MODE_TITLES[m]} ".center(group_w, "-") for m in modes)
-    head2 = "provider".ljust(pw) + "".join(
-        "   " + "  ".join(c.rjust(w) for c, w in zip(cols, cells_w)) for _ in modes)
+    head2 = "provider".ljust(pw) + "".join("   " + "  ".join(c.rjust(w) for c, w in zip(cols, cells_w)) for _ in modes)
     out = [head1, head2]
     kinds = {"aft_full": "FLOPs vs matmul", "talking_heads_attention": "FLOPs vs matmul"}
     for (case, shape), provs in sections.items():
@@ -145,8 +150,9 @@ def table(results: list[dict], width: int = TABLE_WIDTH) -> str:
     if notes:
         out.append("")
         for msg, n in notes.items():
-            out += textwrap.wrap(msg, width=width, initial_indent=f"[{n}] ".ljust(5),
-                                 subsequent_indent=" " * 5, break_on_hyphens=False)
+            out += textwrap.wrap(
+                msg, width=width, initial_indent=f"[{n}] ".ljust(5), subsequent_indent=" " * 5, break_on_hyphens=False
+            )
     return "\n".join(out)
 
 
@@ -177,8 +183,7 @@ def write_png(path: str, meta: dict, results: list[dict]) -> bool:
     groups = sorted({_group_key(r) for r in ok})
     if not groups:
         return False
-    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 2.9 * len(groups) + 0.6), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 2.9 * len(groups) + 0.6), squeeze=False, layout="constrained")
     styles = {"fwd": "-", "fwdbwd": "--"}
     from .providers import PROVIDERS
 
@@ -190,27 +195,39 @@ def write_png(path: str, meta: dict, results: list[dict]) -> bool:
         xs_all = sorted({r["x"] for r in rs})
         for lab in labels:
             for mode in styles:
-                pts = sorted((r["x"], r["time_s"], r.get("peak_bytes")) for r in rs
-                             if provider_label(r) == lab and r["mode"] == mode)
+                pts = sorted(
+                    (r["x"], r["time_s"], r.get("peak_bytes"))
+                    for r in rs
+                    if provider_label(r) == lab and r["mode"] == mode
+                )
                 if not pts:
                     continue
                 color = colors.get(lab.split(" (")[0])
-                row[0].plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], styles[mode], marker="o", ms=3,
-                            color=color)
+                row[0].plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], styles[mode], marker="o", ms=3, color=color)
                 mem = [(p[0], p[2] / 2**20) for p in pts if p[2] is not None]
                 if mem:
-                    row[1].plot([m[0] for m in mem], [max(m[1], MEM_FLOOR_MIB) for m in mem], styles[mode],
-                                marker="o", ms=3, color=color)
-        handles = [Line2D([], [], color=colors.get(lab.split(" (")[0]), marker="o", ms=3, label=lab)
-                   for lab in labels]
-        handles += [Line2D([], [], color="0.3", ls=styles[m], label=MODE_TITLES[m])
-                    for m in styles if any(r["mode"] == m for r in rs)]
+                    row[1].plot(
+                        [m[0] for m in mem],
+                        [max(m[1], MEM_FLOOR_MIB) for m in mem],
+                        styles[mode],
+                        marker="o",
+                        ms=3,
+                        color=color,
+                    )
+        handles = [Line2D([], [], color=colors.get(lab.split(" (")[0]), marker="o", ms=3, label=lab) for lab in labels]
+        handles += [
+            Line2D([], [], color="0.3", ls=styles[m], label=MODE_TITLES[m])
+            for m in styles
+            if any(r["mode"] == m for r in rs)
+        ]
         name = g.split(" ", 1)
         desc = name[0] + (f" ({name[1]})" if len(name) > 1 and name[1] else "") + (f", B={batch[0]}" if batch else "")
         if not any(r.get("peak_bytes") is not None for r in rs):
             row[1].text(0.5, 0.5, "peak memory not measured", transform=row[1].transAxes, ha="center", fontsize=8)
-        for ax, what, unit in ((row[0], "median time", "ms per call"),
-                               (row[1], "peak memory", f"MiB per call (< {MEM_FLOOR_MIB} shown at {MEM_FLOOR_MIB})")):
+        for ax, what, unit in (
+            (row[0], "median time", "ms per call"),
+            (row[1], "peak memory", f"MiB per call (< {MEM_FLOOR_MIB} shown at {MEM_FLOOR_MIB})"),
+        ):
             ax.set_title(f"{desc}: {what}", fontsize=8.5, loc="left")
             ax.set_ylabel(unit, fontsize=8)
             ax.set_xlabel("sequence length (tokens: T, N or H*W)", fontsize=7.5)
@@ -220,11 +237,20 @@ def write_png(path: str, meta: dict, results: list[dict]) -> bool:
             ax.minorticks_off()
             ax.grid(True, alpha=0.3)
             ax.tick_params(labelsize=7)
-            ax.legend(handles=handles, fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                      borderaxespad=0.0, frameon=False)
+            ax.legend(
+                handles=handles,
+                fontsize=6.5,
+                loc="upper left",
+                bbox_to_anchor=(1.01, 1.0),
+                borderaxespad=0.0,
+                frameon=False,
+            )
     commit = (meta.get("commit") or "?")[:12]
-    fig.suptitle(f"attnfree_ext benchmark, preset {meta.get('preset')}: {meta['device_name']}, {meta['dtype']}, "
-                 f"torch {meta.get('torch')}, commit {commit}, {meta['date']}", fontsize=9.5)
+    fig.suptitle(
+        f"attnfree_ext benchmark, preset {meta.get('preset')}: {meta['device_name']}, {meta['dtype']}, "
+        f"torch {meta.get('torch')}, commit {commit}, {meta['date']}",
+        fontsize=9.5,
+    )
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return True

@@ -10,6 +10,7 @@ A provider that is unavailable, fails or runs out of memory is reported in its r
 Needs tqdm (progress bar; or --no-progress) and matplotlib (plot; or --no-plot): the [bench] extra,
 pip install -e ".[bench]" or ./dev bench. Both are checked at start-up.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,24 +31,36 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
-    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                    help="default: float32 (cpu presets), bfloat16 (gpu-paper)")
-    ap.add_argument("--preset", default=None, choices=sorted(shapes.PRESETS),
-                    help="default: cpu-default on CPU, gpu-paper on CUDA")
+    ap.add_argument(
+        "--dtype", default=None, choices=sorted(DTYPES), help="default: float32 (cpu presets), bfloat16 (gpu-paper)"
+    )
+    ap.add_argument(
+        "--preset", default=None, choices=sorted(shapes.PRESETS), help="default: cpu-default on CPU, gpu-paper on CUDA"
+    )
     ap.add_argument("--quick", action="store_true", help="tiny shapes and short timing (same as --preset quick)")
-    ap.add_argument("--ops", default=None,
-                    help=f"comma-separated subset of: {','.join(shapes.ALL)} (default: all in the preset)")
-    ap.add_argument("--providers", default=None,
-                    help=f"comma-separated subset of: {','.join(providers.PROVIDERS)} (default: all that apply; "
-                         "cpu-default leaves out torch.compile(python), cpu-ops runs python,compiled)")
+    ap.add_argument(
+        "--ops", default=None, help=f"comma-separated subset of: {','.join(shapes.ALL)} (default: all in the preset)"
+    )
+    ap.add_argument(
+        "--providers",
+        default=None,
+        help=f"comma-separated subset of: {','.join(providers.PROVIDERS)} (default: all that apply; "
+        "cpu-default leaves out torch.compile(python), cpu-ops runs python,compiled)",
+    )
     ap.add_argument("--mode", default="both", choices=("fwd", "fwdbwd", "both"))
-    ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads (default: 2 for cpu-ops, else torch's default)")
-    ap.add_argument("--min-run-time", type=float, default=None,
-                    help="seconds of timed runs per measurement on CPU (blocked_autorange); default 0.1, quick 0.02")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: 2 for cpu-ops, else torch's default)"
+    )
+    ap.add_argument(
+        "--min-run-time",
+        type=float,
+        default=None,
+        help="seconds of timed runs per measurement on CPU (blocked_autorange); default 0.1, quick 0.02",
+    )
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -75,8 +88,10 @@ def check_optional_packages(args) -> None:
         except ImportError:
             missing.append(f"{mod} (for {what}; or pass {flag})")
     if missing:
-        raise SystemExit("python -m benchmarks.run: missing " + ", ".join(missing) + ". Install the [bench] extra: "
-                         "pip install --no-build-isolation -e \".[bench]\"  (or run ./dev bench, which sets it all up)")
+        raise SystemExit(
+            "python -m benchmarks.run: missing " + ", ".join(missing) + ". Install the [bench] extra: "
+            'pip install --no-build-isolation -e ".[bench]"  (or run ./dev bench, which sets it all up)'
+        )
 
 
 def _load_average():
@@ -92,8 +107,10 @@ def busy_warning(dev: torch.device, own: float) -> str | None:
     load, cores = _load_average(), os.cpu_count() or 1
     if dev.type != "cpu" or load is None or load - own <= 0.5 * cores:
         return None
-    return (f"the machine is busy (1-minute load average {load:.1f} on {cores} cores): other processes compete for "
-            "the cores and the CPU timings below are unreliable; rerun on an idle machine")
+    return (
+        f"the machine is busy (1-minute load average {load:.1f} on {cores} cores): other processes compete for "
+        "the cores and the CPU timings below are unreliable; rerun on an idle machine"
+    )
 
 
 def pick_device(name: str) -> torch.device:
@@ -130,7 +147,9 @@ def run_one(case, prov, modes, dev, dtype, args, timing, results, bar):
             base["impl"] = run.impl
     except providers.Unavailable as e:
         msg = str(e)
-        status = msg if msg.split(":")[0] in ("unavailable", "skip", "n/a", "oom (predicted)") else f"unavailable: {msg}"
+        status = (
+            msg if msg.split(":")[0] in ("unavailable", "skip", "n/a", "oom (predicted)") else f"unavailable: {msg}"
+        )
         for m in modes:
             results.append(dict(base, mode=m, status=status))
             bar.update(1)
@@ -160,9 +179,13 @@ def run_one(case, prov, modes, dev, dtype, args, timing, results, bar):
             if w is not None:
                 kind, amount = w
                 if kind == "bytes":
-                    row.update(rate=amount / t / 1e9, rate_unit="GB/s", floor_fraction=amount / t / timing_floor["bytes"])
+                    row.update(
+                        rate=amount / t / 1e9, rate_unit="GB/s", floor_fraction=amount / t / timing_floor["bytes"]
+                    )
                 else:
-                    row.update(rate=amount / t / 1e12, rate_unit="TFLOP/s", floor_fraction=amount / t / timing_floor["flops"])
+                    row.update(
+                        rate=amount / t / 1e12, rate_unit="TFLOP/s", floor_fraction=amount / t / timing_floor["flops"]
+                    )
                 row["work"] = {kind: amount}
         except Exception as e:  # noqa: BLE001
             row["status"] = "oom" if measure.is_oom(e) else f"error: {type(e).__name__}: {e}".replace("\n", " ")[:300]
@@ -195,8 +218,13 @@ def source_commit() -> str | None:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
@@ -238,20 +266,36 @@ def main(argv=None):
 
     now = datetime.datetime.now(datetime.timezone.utc)
     meta = dict(
-        preset=preset, device=str(dev), device_name=device_name(dev), dtype=str(dtype).replace("torch.", ""),
-        threads=torch.get_num_threads(), torch=torch.__version__, cuda=torch.version.cuda, commit=source_commit(),
+        preset=preset,
+        device=str(dev),
+        device_name=device_name(dev),
+        dtype=str(dtype).replace("torch.", ""),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        commit=source_commit(),
         python=sys.version.split()[0],
-        date=now.strftime("%Y-%m-%d %H:%M UTC"), argv=sys.argv[1:] if argv is None else list(argv),
-        copy_rate_GBps=timing_floor["bytes"] / 1e9, gemm_rate_TFLOPs=timing_floor["flops"] / 1e12,
+        date=now.strftime("%Y-%m-%d %H:%M UTC"),
+        argv=sys.argv[1:] if argv is None else list(argv),
+        copy_rate_GBps=timing_floor["bytes"] / 1e9,
+        gemm_rate_TFLOPs=timing_floor["flops"] / 1e12,
         reference_h100=dict(copy_TBps=3.0, bf16_gemm_TFLOPs=800),
-        load_average_start=_load_average(), cpu_count=os.cpu_count(),
-        compiled_available={op: providers.compiled_status(op, dev) or "yes"
-                            for op in sorted(set(providers.COMPILED_OP.values()))},
+        load_average_start=_load_average(),
+        cpu_count=os.cpu_count(),
+        compiled_available={
+            op: providers.compiled_status(op, dev) or "yes" for op in sorted(set(providers.COMPILED_OP.values()))
+        },
     )
-    print(f"# {meta['device_name']}, {meta['dtype']}, preset {preset}, torch {torch.__version__}, "
-          f"CUDA {meta['cuda']}, commit {meta['commit']}", flush=True)
-    print(f"# measured floors: copy {meta['copy_rate_GBps']:.1f} GB/s (read+write), "
-          f"matmul {meta['gemm_rate_TFLOPs']:.3f} TFLOP/s ({meta['dtype']})", flush=True)
+    print(
+        f"# {meta['device_name']}, {meta['dtype']}, preset {preset}, torch {torch.__version__}, "
+        f"CUDA {meta['cuda']}, commit {meta['commit']}",
+        flush=True,
+    )
+    print(
+        f"# measured floors: copy {meta['copy_rate_GBps']:.1f} GB/s (read+write), "
+        f"matmul {meta['gemm_rate_TFLOPs']:.3f} TFLOP/s ({meta['dtype']})",
+        flush=True,
+    )
     busy = busy_warning(dev, own=0.5)
     if busy:
         print(f"# WARNING: {busy}", flush=True)
@@ -267,8 +311,11 @@ def main(argv=None):
     gc.collect()
     gc.freeze()
 
-    tasks = [(c, p) for c in cases
-             for p in providers.providers_for(c, None if wanted is None else wanted + list(extra.get(c, ())))]
+    tasks = [
+        (c, p)
+        for c in cases
+        for p in providers.providers_for(c, None if wanted is None else wanted + list(extra.get(c, ())))
+    ]
     total = len(tasks) * len(modes)
     if args.no_progress:
         bar = _NoBar()
@@ -297,8 +344,10 @@ def main(argv=None):
     jpath, ppath = report.result_paths(args.out, dslug, now.strftime("%Y%m%d-%H%M%S"))
     report.write_json(jpath, meta, results)
     wrote_png = False if args.no_plot else report.write_png(ppath, meta, results)
-    print(f"\nwrote {jpath}" + (f"\nwrote {ppath}" if wrote_png else
-                                 " (--no-plot)" if args.no_plot else " (no successful rows: no plot)"))
+    print(
+        f"\nwrote {jpath}"
+        + (f"\nwrote {ppath}" if wrote_png else " (--no-plot)" if args.no_plot else " (no successful rows: no plot)")
+    )
     print(f"# {len(results)} measurements in {meta['wall_s']:.1f} s")
     return meta, results, jpath, (ppath if wrote_png else None)
 

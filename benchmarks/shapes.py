@@ -14,6 +14,7 @@ Module cases (``kind == "module"``), constructor arguments of the public code th
   mod_external_attention                          External-Attention-pytorch ExternalAttention(d_model, S)
   mod_talking_heads                               timm CaiT TalkingHeadAttn(dim, num_heads)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -180,11 +181,13 @@ def preset_gpu_paper():
 
 
 # cases of the CPU default that also run torch.compile(python) (when --providers is not given)
-CPU_DEFAULT_COMPILE_CASES = frozenset({
-    case("aft_local", B=2, T=256, D=128, window=32, causal=True),
-    case("aft_simple", B=2, T=256, D=128, causal=True),
-    case("aft_simple", B=2, T=256, D=128, causal=False),
-})
+CPU_DEFAULT_COMPILE_CASES = frozenset(
+    {
+        case("aft_local", B=2, T=256, D=128, window=32, causal=True),
+        case("aft_simple", B=2, T=256, D=128, causal=True),
+        case("aft_simple", B=2, T=256, D=128, causal=False),
+    }
+)
 
 # providers each preset runs when --providers is not given (None: all that apply)
 DEFAULT_PROVIDERS = {

@@ -1,4 +1,5 @@
 """Process-group helpers shared by the examples: DistributedDataParallel only when launched by torchrun."""
+
 from __future__ import annotations
 
 import os

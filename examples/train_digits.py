@@ -1,12 +1,14 @@
 """AFT-conv image classifier on scikit-learn's 8x8 handwritten digits (sklearn.datasets.load_digits).
 
-Model: 1x1-conv stem to ``--dim`` channels, ``--layers`` pre-norm residual blocks of GroupNorm + attnfree_ext.nn.AFTConv2d
+Model: 1x1-conv stem to ``--dim`` channels, ``--layers`` pre-norm residual blocks of GroupNorm +
+attnfree_ext.nn.AFTConv2d
 (``--heads`` heads, ``--kernel-size`` s x s relative position kernel, paper §3.2) + GroupNorm + a 1x1-conv MLP, global
 average pooling and a linear classifier. A fixed stratified split (``--test-size``, seed 0) gives the test set.
 
     python examples/train_digits.py                    # CPU, a few minutes
     torchrun --nproc_per_node=2 --standalone examples/train_digits.py --quick   # DDP (gloo on CPU, nccl on GPU)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,8 +91,9 @@ class AFTConvNet(nn.Module):
 @torch.no_grad()
 def accuracy(model, x, y, device, batch=512):
     model.eval()
-    correct = sum((model(xb.to(device)).argmax(-1).cpu() == yb).sum().item()
-                  for xb, yb in zip(x.split(batch), y.split(batch)))
+    correct = sum(
+        (model(xb.to(device)).argmax(-1).cpu() == yb).sum().item() for xb, yb in zip(x.split(batch), y.split(batch))
+    )
     model.train()
     return correct / len(y)
 
@@ -104,8 +107,10 @@ def main(argv=None):
     log(f"data: load_digits, {len(ytr)} train / {len(yte)} test images of 8x8, 10 classes")
 
     model = AFTConvNet(args.dim, args.heads, args.kernel_size, args.layers).to(device)
-    log(f"model: {args.layers} AFTConv2d blocks, dim {args.dim}, {args.heads} heads, kernel {args.kernel_size}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e3:.1f} k params, device {device}, world size {world}")
+    log(
+        f"model: {args.layers} AFTConv2d blocks, dim {args.dim}, {args.heads} heads, kernel {args.kernel_size}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e3:.1f} k params, device {device}, world size {world}"
+    )
     ddp_model = _dist.wrap(model, device, world)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
@@ -113,11 +118,15 @@ def main(argv=None):
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
     ds = TensorDataset(xtr, ytr)
-    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True) \
-        if world > 1 else None
+    sampler = (
+        DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+        if world > 1
+        else None
+    )
     g = torch.Generator().manual_seed(args.seed)
-    loader = DataLoader(ds, batch_size=args.batch_size, sampler=sampler, shuffle=sampler is None, drop_last=True,
-                        generator=g)
+    loader = DataLoader(
+        ds, batch_size=args.batch_size, sampler=sampler, shuffle=sampler is None, drop_last=True, generator=g
+    )
     history, step, epoch, t0, seen = [], 0, 0, time.perf_counter(), 0
     while step < args.steps:
         if sampler is not None:
@@ -139,20 +148,32 @@ def main(argv=None):
                 raise SystemExit(f"non-finite loss {lv} at step {step}")
             history.append(lv)
             if step % args.log_every == 0 or step == 1 or step == args.steps:
-                log(f"step {step:4d}  train loss {lv:.4f}  {seen / (time.perf_counter() - t0):,.0f} images/s",
-                    flush=True)
+                log(
+                    f"step {step:4d}  train loss {lv:.4f}  {seen / (time.perf_counter() - t0):,.0f} images/s",
+                    flush=True,
+                )
             if step >= args.steps:
                 break
         epoch += 1
     elapsed = time.perf_counter() - t0
     acc = accuracy(model, xte, yte, device)
     train_acc = accuracy(model, xtr, ytr, device)
-    tail = history[-min(20, len(history)):]
-    metrics = dict(steps=args.steps, world_size=world, device=str(device), train_loss=sum(tail) / len(tail),
-                   train_accuracy=train_acc, test_accuracy=acc, images_per_s=seen / elapsed, elapsed_s=elapsed,
-                   history=history)
-    log(f"final: train loss {metrics['train_loss']:.4f}, train accuracy {train_acc:.4f}, test accuracy {acc:.4f} "
-        f"({len(yte)} images); {metrics['images_per_s']:,.0f} images/s over {elapsed:.1f} s")
+    tail = history[-min(20, len(history)) :]
+    metrics = dict(
+        steps=args.steps,
+        world_size=world,
+        device=str(device),
+        train_loss=sum(tail) / len(tail),
+        train_accuracy=train_acc,
+        test_accuracy=acc,
+        images_per_s=seen / elapsed,
+        elapsed_s=elapsed,
+        history=history,
+    )
+    log(
+        f"final: train loss {metrics['train_loss']:.4f}, train accuracy {train_acc:.4f}, test accuracy {acc:.4f} "
+        f"({len(yte)} images); {metrics['images_per_s']:,.0f} images/s over {elapsed:.1f} s"
+    )
     if rank == 0 and args.metrics_out:
         with open(args.metrics_out, "w") as f:
             json.dump(metrics, f, indent=1)

@@ -15,6 +15,7 @@ the training bytes (what a model with no context would reach) for comparison.
     python examples/train_lm.py --device cuda        # same code, CUDA kernels
     torchrun --nproc_per_node=2 --standalone examples/train_lm.py --quick     # DDP (gloo on CPU, nccl on GPU)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,7 @@ def parse_args(argv=None):
     ap.add_argument("--eval-batches", type=int, default=16)
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                    help="bfloat16: autocast on CUDA")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="bfloat16: autocast on CUDA")
     ap.add_argument("--keep-denormals", action="store_true", help="do not flush subnormal floats to zero on CPU")
     ap.add_argument("--metrics-out", default=None, help="write the final metrics and loss history as JSON")
     ap.add_argument("--quick", action="store_true", help="tiny model and data, 30 steps (tests, smoke runs)")
@@ -78,7 +78,9 @@ def stdlib_files(max_files=None):
 
 
 def load_split(val_every: int, max_files=None):
-    """(train bytes, val bytes, n_train_files, n_val_files); file i (sorted) goes to validation when i % val_every == 0."""
+    """(train bytes, val bytes, n_train_files, n_val_files).
+
+    File i (sorted) goes to validation when i % val_every == 0."""
     train, val = [], []
     for i, path in enumerate(stdlib_files(max_files)):
         with open(path, "rb") as f:
@@ -168,21 +170,30 @@ def main(argv=None):
     shard = len(train) // world
     my_train = train[rank * shard : (rank + 1) * shard] if world > 1 else train
     h_uni = unigram_entropy_bits(train)
-    log(f"data: {n_tr} train files ({len(train) / 1e6:.2f} MB), {n_va} held-out files ({len(val) / 1e6:.2f} MB) "
-        f"from {sysconfig.get_paths()['stdlib']}")
+    log(
+        f"data: {n_tr} train files ({len(train) / 1e6:.2f} MB), {n_va} held-out files ({len(val) / 1e6:.2f} MB) "
+        f"from {sysconfig.get_paths()['stdlib']}"
+    )
     log(f"unigram entropy of the training bytes: {h_uni:.3f} bits/char ({h_uni * math.log(2):.3f} nats)")
 
     model = AFTLanguageModel(args.dim, args.layers, args.seq_len, args.mixer, args.window).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {args.layers} blocks ({args.mixer}), dim {args.dim}, seq {args.seq_len}, {n_params / 1e6:.2f} M "
-        f"params, device {device}, world size {world}")
+    log(
+        f"model: {args.layers} blocks ({args.mixer}), dim {args.dim}, seq {args.seq_len}, {n_params / 1e6:.2f} M "
+        f"params, device {device}, world size {world}"
+    )
     ddp_model = _dist.wrap(model, device, world)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
     warm = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
+    )
     use_amp = args.dtype == "bfloat16" and device.type == "cuda"
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else (lambda: torch.autocast("cpu", enabled=False))
+    amp = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+        if use_amp
+        else (lambda: torch.autocast("cpu", enabled=False))
+    )
 
     gen = torch.Generator().manual_seed(args.seed + 1000 * rank)
     history, t0, tokens = [], time.perf_counter(), 0
@@ -204,22 +215,34 @@ def main(argv=None):
         history.append(lv)
         if rank == 0 and (step % args.log_every == 0 or step == 1 or step == args.steps):
             el = time.perf_counter() - t0
-            log(f"step {step:5d}  train loss {lv:.4f} nats ({lv / math.log(2):.3f} bits/char)  "
-                f"lr {sched.get_last_lr()[0]:.2e}  {tokens / el:,.0f} tokens/s", flush=True)
+            log(
+                f"step {step:5d}  train loss {lv:.4f} nats ({lv / math.log(2):.3f} bits/char)  "
+                f"lr {sched.get_last_lr()[0]:.2e}  {tokens / el:,.0f} tokens/s",
+                flush=True,
+            )
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     val_loss = evaluate(model, val, args, device, rank, world, amp)
-    tail = history[-min(len(history), 20):]
+    tail = history[-min(len(history), 20) :]
     metrics = dict(
-        steps=args.steps, world_size=world, device=str(device),
-        train_loss_nats=sum(tail) / len(tail), val_loss_nats=val_loss, val_bpc=val_loss / math.log(2),
-        unigram_entropy_bits=h_uni, tokens_per_s=tokens / elapsed, elapsed_s=elapsed, params=n_params,
+        steps=args.steps,
+        world_size=world,
+        device=str(device),
+        train_loss_nats=sum(tail) / len(tail),
+        val_loss_nats=val_loss,
+        val_bpc=val_loss / math.log(2),
+        unigram_entropy_bits=h_uni,
+        tokens_per_s=tokens / elapsed,
+        elapsed_s=elapsed,
+        params=n_params,
         history=history,
     )
-    log(f"final: train loss {metrics['train_loss_nats']:.4f} nats ({metrics['train_loss_nats'] / math.log(2):.3f} "
+    log(
+        f"final: train loss {metrics['train_loss_nats']:.4f} nats ({metrics['train_loss_nats'] / math.log(2):.3f} "
         f"bits/char, mean of last {len(tail)} steps), held-out {metrics['val_bpc']:.3f} bits/char vs unigram "
-        f"entropy {h_uni:.3f}; {metrics['tokens_per_s']:,.0f} tokens/s over {elapsed:.1f} s")
+        f"entropy {h_uni:.3f}; {metrics['tokens_per_s']:,.0f} tokens/s over {elapsed:.1f} s"
+    )
     if rank == 0 and args.metrics_out:
         with open(args.metrics_out, "w") as f:
             json.dump(metrics, f, indent=1)

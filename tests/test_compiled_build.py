@@ -1,5 +1,6 @@
 """setup.py degrades to a pure-PyTorch install (one warning line) when the extension cannot be compiled,
 and honours ATTNFREE_NO_EXT=1. Runs setup.py on a copy of the sources with a compiler that always fails."""
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,14 @@ def _copy_tree(tmp_path):
 
 def _run(dst, **env):
     e = dict(os.environ, **env)
-    return subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=dst, env=e,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"],
+        cwd=dst,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_failed_compile_still_succeeds_with_one_warning(tmp_path):

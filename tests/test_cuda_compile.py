@@ -1,7 +1,7 @@
 """CUDA kernels without a GPU: nvcc compile checks, binding syntax checks, and a CPU emulation of the kernels.
 
-1. Every csrc/<op>/*.cu compiles with nvcc for sm_80 and sm_90, and for sm_75 (skipped only when nvcc is not on PATH), and no
-   kernel source or header it includes pulls in a torch header.
+1. Every csrc/<op>/*.cu compiles with nvcc for sm_80 and sm_90, and for sm_75 (skipped only when nvcc is not on
+   PATH), and no kernel source or header it includes pulls in a torch header.
 2. Every CUDA binding csrc/<op>/<op>_cuda.cpp passes `g++ -fsyntax-only` against torch's headers + the CUDA
    headers (the CPU wheel ships c10/cuda and ATen/cuda headers but not the generated
    c10/cuda/impl/cuda_cmake_macros.h, which is stubbed in a temp dir; a binding needing a CUDA library header
@@ -10,6 +10,7 @@
    path of tests/common/paths.py): no source rewriting here.
 Compile jobs run two at a time in a thread pool (2 cores); the whole file stays well under 3 minutes.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -160,6 +161,11 @@ def test_glue_syntax(cpp, jobs):
         pytest.skip("torch CUDA headers, CUDA include dir or g++ not available")
     res = jobs[key].result()
     missing = re.search(r"fatal error: ([\w/.]+): No such file", res.stderr)
-    if res.returncode != 0 and missing and not (CSRC / missing.group(1)).exists() and "attnfree" not in missing.group(1):
+    if (
+        res.returncode != 0
+        and missing
+        and not (CSRC / missing.group(1)).exists()
+        and "attnfree" not in missing.group(1)
+    ):
         pytest.skip(f"system header {missing.group(1)} is not installed here")
     assert res.returncode == 0, f"g++ -fsyntax-only failed on {cpp.name}:\n{res.stderr[-6000:]}"

@@ -1,6 +1,7 @@
 """Packaging: a failed build of attnfree_ext._C is never silent (the compiler's lines on stderr and in
 attnfree_ext/_build_error.txt), ATTNFREE_REQUIRE_EXT=1 turns it into a failed build, and attnfree_ext._build_info
 tells a torch mismatch. setup.py runs on a copy of the sources in which every C++ file stops at an #error (fast)."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,14 @@ def _broken_copy(tmp_path):
 def _build(dst, **env):
     e = {k: v for k, v in os.environ.items() if k != "ATTNFREE_REQUIRE_EXT"}
     e.update(ATTNFREE_BUILD_CUDA="0", MAX_JOBS="1", **env)
-    return subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=dst, env=e,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"],
+        cwd=dst,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_failed_build_reports_the_compiler_error(tmp_path):

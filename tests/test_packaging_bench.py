@@ -1,6 +1,7 @@
 """The benchmark's packaging side: optional packages checked at start-up, a table that fits 120 columns with its
 statuses as footnotes, the CPU default preset's lengths, and the wiring of the real peers (timm's TalkingHeadAttn,
 fla's RWKV-4 kernel as causal AFT-simple) checked against references here."""
+
 from __future__ import annotations
 
 import os
@@ -33,10 +34,23 @@ def test_table_fits_120_columns_with_footnotes():
         rows += [
             _row("talking_heads_attention", "B=2 N=576 dh=32 h=4", "python", mode, t=2e-3, floor_fraction=0.01),
             _row("talking_heads_attention", "B=2 N=576 dh=32 h=4", "compiled", mode, status=long),
-            _row("talking_heads_attention", "B=2 N=576 dh=32 h=4", "torch.compile(python)", mode, t=1e-3,
-                 floor_fraction=0.02),
-            _row("talking_heads_attention", "B=2 N=576 dh=32 h=4", "timm", mode, t=4e-3, floor_fraction=0.005,
-                 impl="re-created: timm not installed"),
+            _row(
+                "talking_heads_attention",
+                "B=2 N=576 dh=32 h=4",
+                "torch.compile(python)",
+                mode,
+                t=1e-3,
+                floor_fraction=0.02,
+            ),
+            _row(
+                "talking_heads_attention",
+                "B=2 N=576 dh=32 h=4",
+                "timm",
+                mode,
+                t=4e-3,
+                floor_fraction=0.005,
+                impl="re-created: timm not installed",
+            ),
             _row("talking_heads_attention", "B=2 N=576 dh=32 h=4", "sdpa", mode, t=5e-4, floor_fraction=0.04),
             _row("aft_simple", "B=2 D=128 T=512 causal=T", "fla", mode, status=long),
         ]
@@ -94,8 +108,9 @@ def test_fla_is_skipped_with_a_reason_on_cpu():
     with pytest.raises(providers.Unavailable, match="CUDA only"):
         providers.build(c, "fla", torch.device("cpu"), torch.float32)
     with pytest.raises(providers.Unavailable, match="causal only"):
-        providers.build(shapes.case("aft_simple", B=1, T=8, D=4, causal=False), "fla", torch.device("cpu"),
-                        torch.float32)
+        providers.build(
+            shapes.case("aft_simple", B=1, T=8, D=4, causal=False), "fla", torch.device("cpu"), torch.float32
+        )
 
 
 def test_timm_op_wiring_matches_timms_formula():

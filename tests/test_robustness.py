@@ -611,7 +611,10 @@ if HAVE_HYPOTHESIS:
         for name, a, e in zip("qkvw", got, want):
             assert a.dtype == dt and torch.isfinite(a).all(), name
             torch.testing.assert_close(
-                a.cpu().double(), e, rtol=4 * tol, atol=4 * tol * (1 + e.abs().max().item()),
+                a.cpu().double(),
+                e,
+                rtol=4 * tol,
+                atol=4 * tol * (1 + e.abs().max().item()),
                 msg=lambda m, n=name: f"d{n}: {m}",
             )
 

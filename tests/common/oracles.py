@@ -180,6 +180,8 @@ def ea_double_norm_masked(logits, eps=1e-9):
     e, s = _masked_softmax_weights(x, -2)
     p = _safe_div(e, s)
     return _safe_div(p, p.sum(dim=-1, keepdim=True) + eps), torch.logsumexp(x.detach(), dim=-2, keepdim=True)
+
+
 # ----------------------------------------------------------------------------------------- masked oracles (§7)
 def aft_masked(q, k, v, w, causal=False, window=None, return_lse=False):
     """AFT eq. 2 in float64 with the masking rules of docs/design.md §7: a -inf logit (k or w) excludes that key,

@@ -1,4 +1,5 @@
 """pytest support for the CPU emulation harness (csrc/common/emulation): marker, import path, fixtures."""
+
 import os
 import sys
 

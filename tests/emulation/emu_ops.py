@@ -8,6 +8,7 @@ ATTNFREE_DYNAMIC_SHARED / ATTNFREE_STATIC_SHARED and attnfree::gptr, csrc/common
 tests/emulation/shims/ops_shim.cpp. Every call checks the harness result (faults, stray writes, modified inputs) and
 raises EmuError on any; ``last_result()`` is the last call's Result (counters, per-launch records).
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,13 @@ import threading
 import emu_runner as emu
 import torch
 
-SOURCES = ["csrc/aft_simple/aft_simple.cu", "csrc/aft_local/aft_local.cu", "csrc/aft_full/aft_full.cu",
-           "csrc/ea_double_norm/ea_double_norm.cu", "tests/emulation/shims/ops_shim.cpp"]
+SOURCES = [
+    "csrc/aft_simple/aft_simple.cu",
+    "csrc/aft_local/aft_local.cu",
+    "csrc/aft_full/aft_full.cu",
+    "csrc/ea_double_norm/ea_double_norm.cu",
+    "tests/emulation/shims/ops_shim.cpp",
+]
 
 # attnfree::DType (csrc/common/dtype.h)
 DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -64,9 +70,20 @@ def aft_simple_fwd(q, k, v, causal):
     B, T, D = q.shape
     dt = DTYPE[q.dtype]
     ws = library().raw("emu_aft_simple_fwd_ws", dt, B, T, D, bool(causal))
-    r = _call("emu_aft_simple_fwd", dt, emu.In("q", q), emu.In("k", k), emu.In("v", v),
-              emu.Out("y", torch.empty_like(q)), emu.Out("lse", torch.empty(q.shape, dtype=_acc(q.dtype))),
-              B, T, D, bool(causal), emu.Scratch("workspace", ws))
+    r = _call(
+        "emu_aft_simple_fwd",
+        dt,
+        emu.In("q", q),
+        emu.In("k", k),
+        emu.In("v", v),
+        emu.Out("y", torch.empty_like(q)),
+        emu.Out("lse", torch.empty(q.shape, dtype=_acc(q.dtype))),
+        B,
+        T,
+        D,
+        bool(causal),
+        emu.Scratch("workspace", ws),
+    )
     return r.outputs["y"], r.outputs["lse"]
 
 
@@ -76,9 +93,22 @@ def aft_simple_bwd(dy, q, k, v, y, lse, causal):
     dt = DTYPE[q.dtype]
     ws = library().raw("emu_aft_simple_bwd_ws", dt, B, T, D, bool(causal))
     outs = [emu.Out(n, torch.empty_like(q)) for n in ("dq", "dk", "dv")]
-    r = _call("emu_aft_simple_bwd", dt, emu.In("dy", _c(dy.to(q.dtype))), emu.In("q", q), emu.In("k", k),
-              emu.In("v", v), emu.In("y", _c(y.to(q.dtype))), emu.In("lse", _c(lse.to(_acc(q.dtype)))), *outs,
-              B, T, D, bool(causal), emu.Scratch("workspace", ws))
+    r = _call(
+        "emu_aft_simple_bwd",
+        dt,
+        emu.In("dy", _c(dy.to(q.dtype))),
+        emu.In("q", q),
+        emu.In("k", k),
+        emu.In("v", v),
+        emu.In("y", _c(y.to(q.dtype))),
+        emu.In("lse", _c(lse.to(_acc(q.dtype)))),
+        *outs,
+        B,
+        T,
+        D,
+        bool(causal),
+        emu.Scratch("workspace", ws),
+    )
     return tuple(r.outputs[n] for n in ("dq", "dk", "dv"))
 
 
@@ -94,9 +124,23 @@ def aft_local_fwd(q, k, v, w, window, causal):
     wc, heads = _local_w(w, q)
     dt = DTYPE[q.dtype]
     ws = library().raw("emu_aft_local_fwd_ws", dt, B, T, D, heads, int(window), bool(causal))
-    r = _call("emu_aft_local_fwd", dt, emu.In("q", q), emu.In("k", k), emu.In("v", v), emu.In("w", wc),
-              emu.Out("y", torch.empty_like(q)), emu.Out("lse", torch.empty(q.shape, dtype=_acc(q.dtype))),
-              B, T, D, heads, int(window), bool(causal), emu.Scratch("workspace", ws))
+    r = _call(
+        "emu_aft_local_fwd",
+        dt,
+        emu.In("q", q),
+        emu.In("k", k),
+        emu.In("v", v),
+        emu.In("w", wc),
+        emu.Out("y", torch.empty_like(q)),
+        emu.Out("lse", torch.empty(q.shape, dtype=_acc(q.dtype))),
+        B,
+        T,
+        D,
+        heads,
+        int(window),
+        bool(causal),
+        emu.Scratch("workspace", ws),
+    )
     return r.outputs["y"], r.outputs["lse"]
 
 
@@ -109,10 +153,25 @@ def aft_local_bwd(dy, q, k, v, w, y, lse, window, causal):
     outs = [emu.Out(n, torch.empty_like(q)) for n in ("dq", "dk", "dv")]
     # dw: the launcher writes the band only (aft_local.h); the binding zero-fills it
     outs.append(emu.InOut("dw", torch.zeros_like(wc)))
-    r = _call("emu_aft_local_bwd", dt, emu.In("dy", _c(dy.to(q.dtype))), emu.In("q", q), emu.In("k", k),
-              emu.In("v", v), emu.In("w", wc), emu.In("y", _c(y.to(q.dtype))),
-              emu.In("lse", _c(lse.to(_acc(q.dtype)))), *outs, B, T, D, heads, int(window), bool(causal),
-              emu.Scratch("workspace", ws))
+    r = _call(
+        "emu_aft_local_bwd",
+        dt,
+        emu.In("dy", _c(dy.to(q.dtype))),
+        emu.In("q", q),
+        emu.In("k", k),
+        emu.In("v", v),
+        emu.In("w", wc),
+        emu.In("y", _c(y.to(q.dtype))),
+        emu.In("lse", _c(lse.to(_acc(q.dtype)))),
+        *outs,
+        B,
+        T,
+        D,
+        heads,
+        int(window),
+        bool(causal),
+        emu.Scratch("workspace", ws),
+    )
     return (r.outputs["dq"], r.outputs["dk"], r.outputs["dv"], r.outputs["dw"].view(w.shape).to(w.dtype))
 
 
@@ -128,10 +187,24 @@ def aft_full_fwd(q, k, v, w, causal):
     heads = 1 if wc.dim() == 2 else wc.shape[0]
     dt, ex = DTYPE[q.dtype], _exact()
     ws = library().raw("emu_aft_full_fwd_ws", dt, B, T, D, heads, bool(causal), ex)
-    r = _call("emu_aft_full_fwd", dt, DTYPE[wc.dtype], emu.In("q", q), emu.In("k", k), emu.In("v", v),
-              emu.In("w", wc), emu.Out("y", torch.empty_like(q)),
-              emu.Out("lse", torch.empty(q.shape, dtype=_acc(q.dtype))), B, T, D, heads, bool(causal), ex,
-              emu.Scratch("workspace", ws))
+    r = _call(
+        "emu_aft_full_fwd",
+        dt,
+        DTYPE[wc.dtype],
+        emu.In("q", q),
+        emu.In("k", k),
+        emu.In("v", v),
+        emu.In("w", wc),
+        emu.Out("y", torch.empty_like(q)),
+        emu.Out("lse", torch.empty(q.shape, dtype=_acc(q.dtype))),
+        B,
+        T,
+        D,
+        heads,
+        bool(causal),
+        ex,
+        emu.Scratch("workspace", ws),
+    )
     return r.outputs["y"], r.outputs["lse"]
 
 
@@ -143,10 +216,26 @@ def aft_full_bwd(dy, q, k, v, w, y, lse, causal):
     dt, ex = DTYPE[q.dtype], _exact()
     ws = library().raw("emu_aft_full_bwd_ws", dt, B, T, D, heads, bool(causal), ex)
     outs = [emu.Out(n, torch.empty_like(q)) for n in ("dq", "dk", "dv")] + [emu.Out("dw", torch.empty_like(wc))]
-    r = _call("emu_aft_full_bwd", dt, DTYPE[wc.dtype], emu.In("dy", _c(dy.to(q.dtype))), emu.In("q", q),
-              emu.In("k", k), emu.In("v", v), emu.In("w", wc), emu.In("y", _c(y.to(q.dtype))),
-              emu.In("lse", _c(lse.to(_acc(q.dtype)))), *outs, B, T, D, heads, bool(causal), ex,
-              emu.Scratch("workspace", ws))
+    r = _call(
+        "emu_aft_full_bwd",
+        dt,
+        DTYPE[wc.dtype],
+        emu.In("dy", _c(dy.to(q.dtype))),
+        emu.In("q", q),
+        emu.In("k", k),
+        emu.In("v", v),
+        emu.In("w", wc),
+        emu.In("y", _c(y.to(q.dtype))),
+        emu.In("lse", _c(lse.to(_acc(q.dtype)))),
+        *outs,
+        B,
+        T,
+        D,
+        heads,
+        bool(causal),
+        ex,
+        emu.Scratch("workspace", ws),
+    )
     return r.outputs["dq"], r.outputs["dk"], r.outputs["dv"], r.outputs["dw"].to(w.dtype)
 
 
@@ -158,10 +247,26 @@ def aft_full_lowrank_fwd(q, k, v, u, vb, causal):
     rank = uc.shape[-1]
     dt, ex = DTYPE[q.dtype], _exact()
     ws = library().raw("emu_aft_full_lowrank_fwd_ws", dt, B, T, D, heads, rank, bool(causal), ex)
-    r = _call("emu_aft_full_lowrank_fwd", dt, DTYPE[uc.dtype], emu.In("q", q), emu.In("k", k), emu.In("v", v),
-              emu.In("u", uc), emu.In("vb", vbc), emu.Out("y", torch.empty_like(q)),
-              emu.Out("lse", torch.empty(q.shape, dtype=_acc(q.dtype))), B, T, D, heads, rank, bool(causal), ex,
-              emu.Scratch("workspace", ws))
+    r = _call(
+        "emu_aft_full_lowrank_fwd",
+        dt,
+        DTYPE[uc.dtype],
+        emu.In("q", q),
+        emu.In("k", k),
+        emu.In("v", v),
+        emu.In("u", uc),
+        emu.In("vb", vbc),
+        emu.Out("y", torch.empty_like(q)),
+        emu.Out("lse", torch.empty(q.shape, dtype=_acc(q.dtype))),
+        B,
+        T,
+        D,
+        heads,
+        rank,
+        bool(causal),
+        ex,
+        emu.Scratch("workspace", ws),
+    )
     return r.outputs["y"], r.outputs["lse"]
 
 
@@ -175,12 +280,35 @@ def aft_full_lowrank_bwd(dy, q, k, v, u, vb, y, lse, causal):
     ws = library().raw("emu_aft_full_lowrank_bwd_ws", dt, B, T, D, heads, rank, bool(causal), ex)
     outs = [emu.Out(n, torch.empty_like(q)) for n in ("dq", "dk", "dv")]
     outs += [emu.Out("du", torch.empty_like(uc)), emu.Out("dvb", torch.empty_like(vbc))]
-    r = _call("emu_aft_full_lowrank_bwd", dt, DTYPE[uc.dtype], emu.In("dy", _c(dy.to(q.dtype))), emu.In("q", q),
-              emu.In("k", k), emu.In("v", v), emu.In("u", uc), emu.In("vb", vbc), emu.In("y", _c(y.to(q.dtype))),
-              emu.In("lse", _c(lse.to(_acc(q.dtype)))), *outs, B, T, D, heads, rank, bool(causal), ex,
-              emu.Scratch("workspace", ws))
-    return (r.outputs["dq"], r.outputs["dk"], r.outputs["dv"], r.outputs["du"].to(u.dtype),
-            r.outputs["dvb"].to(vb.dtype))
+    r = _call(
+        "emu_aft_full_lowrank_bwd",
+        dt,
+        DTYPE[uc.dtype],
+        emu.In("dy", _c(dy.to(q.dtype))),
+        emu.In("q", q),
+        emu.In("k", k),
+        emu.In("v", v),
+        emu.In("u", uc),
+        emu.In("vb", vbc),
+        emu.In("y", _c(y.to(q.dtype))),
+        emu.In("lse", _c(lse.to(_acc(q.dtype)))),
+        *outs,
+        B,
+        T,
+        D,
+        heads,
+        rank,
+        bool(causal),
+        ex,
+        emu.Scratch("workspace", ws),
+    )
+    return (
+        r.outputs["dq"],
+        r.outputs["dk"],
+        r.outputs["dv"],
+        r.outputs["du"].to(u.dtype),
+        r.outputs["dvb"].to(vb.dtype),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ ea_double_norm
@@ -200,9 +328,19 @@ def ea_double_norm_fwd(logits, eps):
         return torch.empty_like(lc), torch.zeros(lse_shape, dtype=acc), torch.zeros(rs_shape, dtype=acc)
     dt = DTYPE[lc.dtype]
     ws = library().raw("emu_ea_double_norm_fwd_ws", dt, M, N, S)
-    r = _call("emu_ea_double_norm_fwd", dt, emu.In("logits", lc), emu.Out("out", torch.empty_like(lc)),
-              emu.Out("lse", torch.empty(lse_shape, dtype=acc)), emu.Out("rowsum", torch.empty(rs_shape, dtype=acc)),
-              M, N, S, float(eps), emu.Scratch("workspace", ws))
+    r = _call(
+        "emu_ea_double_norm_fwd",
+        dt,
+        emu.In("logits", lc),
+        emu.Out("out", torch.empty_like(lc)),
+        emu.Out("lse", torch.empty(lse_shape, dtype=acc)),
+        emu.Out("rowsum", torch.empty(rs_shape, dtype=acc)),
+        M,
+        N,
+        S,
+        float(eps),
+        emu.Scratch("workspace", ws),
+    )
     return r.outputs["out"], r.outputs["lse"], r.outputs["rowsum"]
 
 
@@ -214,9 +352,20 @@ def ea_double_norm_bwd(dout, logits, out, lse, rowsum):
         return torch.empty_like(lc)
     dt = DTYPE[lc.dtype]
     ws = library().raw("emu_ea_double_norm_bwd_ws", dt, M, N, S)
-    r = _call("emu_ea_double_norm_bwd", dt, emu.In("dout", _c(dout.to(lc.dtype))), emu.In("logits", lc),
-              emu.In("out", _c(out.to(lc.dtype))), emu.In("lse", _c(lse.to(acc))), emu.In("rowsum", _c(rowsum.to(acc))),
-              emu.Out("dlogits", torch.empty_like(lc)), M, N, S, emu.Scratch("workspace", ws))
+    r = _call(
+        "emu_ea_double_norm_bwd",
+        dt,
+        emu.In("dout", _c(dout.to(lc.dtype))),
+        emu.In("logits", lc),
+        emu.In("out", _c(out.to(lc.dtype))),
+        emu.In("lse", _c(lse.to(acc))),
+        emu.In("rowsum", _c(rowsum.to(acc))),
+        emu.Out("dlogits", torch.empty_like(lc)),
+        M,
+        N,
+        S,
+        emu.Scratch("workspace", ws),
+    )
     return r.outputs["dlogits"]
 
 
@@ -233,8 +382,10 @@ def _validated(name, fn):
         if VALIDATE:
             try:
                 from attnfree_ext.ops.common import dispatch
+
                 has_cpu = dispatch.compiled_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-                    f"attnfree::{name}", "CPU")
+                    f"attnfree::{name}", "CPU"
+                )
             except RuntimeError:
                 has_cpu = False
             if has_cpu:

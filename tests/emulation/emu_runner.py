@@ -23,6 +23,7 @@ bool (int), None (null pointer), or ctypes values. After the call: the fault mes
 buffer, index), rc, counters (cumulative over the call) and one record per launch; guard zones are checked
 (raw-pointer writes out of bounds) and inputs compared with their originals.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -129,9 +130,24 @@ def compile_flags(opt: str = DEFAULT_OPT, defines: Optional[dict] = None, extra:
     cuda_inc = cuda_include_dir()
     if cuda_inc is None:
         raise EmuUnavailable(available()[1])
-    flags = ["-std=c++17", opt, "-g0", "-fPIC", "-x", "c++", "-DATTNFREE_EMULATION",
-             "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function", "-Wno-unused-variable",
-             "-I" + EMU_INCLUDE, "-isystem", cuda_inc, "-include", "attnfree_emu/cuda_emulation.h"]
+    flags = [
+        "-std=c++17",
+        opt,
+        "-g0",
+        "-fPIC",
+        "-x",
+        "c++",
+        "-DATTNFREE_EMULATION",
+        "-Wall",
+        "-Wno-unknown-pragmas",
+        "-Wno-unused-function",
+        "-Wno-unused-variable",
+        "-I" + EMU_INCLUDE,
+        "-isystem",
+        cuda_inc,
+        "-include",
+        "attnfree_emu/cuda_emulation.h",
+    ]
     flags += ["-fno-builtin-" + f for f in wrapped_functions() if not f.startswith("__")]
     for k, v in sorted((defines or {}).items()):
         flags.append(f"-D{k}" if v is None else f"-D{k}={v}")
@@ -204,8 +220,15 @@ _lib_cache: dict[str, "Library"] = {}
 _build_lock = threading.Lock()
 
 
-def build(name: str, sources: Sequence[str], include_dirs: Sequence[str] = (), defines: Optional[dict] = None,
-          extra_flags: Sequence[str] = (), opt: str = DEFAULT_OPT, rewrite: bool = True) -> "Library":
+def build(
+    name: str,
+    sources: Sequence[str],
+    include_dirs: Sequence[str] = (),
+    defines: Optional[dict] = None,
+    extra_flags: Sequence[str] = (),
+    opt: str = DEFAULT_OPT,
+    rewrite: bool = True,
+) -> "Library":
     """Compile `sources` (paths relative to the repository root or absolute) into an emulation library.
 
     rewrite=False compiles the files as they are (no cu2cpp pass): for sources written with ATTNFREE_LAUNCH /
@@ -263,27 +286,63 @@ def build(name: str, sources: Sequence[str], include_dirs: Sequence[str] = (), d
 
 # ----------------------------------------------------------------------------------------------- C API mirror
 class Counters(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_uint64) for n in (
-        "launches", "blocks", "threads", "bytes_read", "bytes_written", "sfu_exp", "sfu_log", "sfu_rcp",
-        "sfu_rsqrt", "sfu_sqrt", "sfu_trig", "sfu_total", "mma_ops", "mma_flops", "barriers", "warp_collectives",
-        "atomics", "memset_bytes", "memcpy_bytes")]
+    _fields_ = [
+        (n, ctypes.c_uint64)
+        for n in (
+            "launches",
+            "blocks",
+            "threads",
+            "bytes_read",
+            "bytes_written",
+            "sfu_exp",
+            "sfu_log",
+            "sfu_rcp",
+            "sfu_rsqrt",
+            "sfu_sqrt",
+            "sfu_trig",
+            "sfu_total",
+            "mma_ops",
+            "mma_flops",
+            "barriers",
+            "warp_collectives",
+            "atomics",
+            "memset_bytes",
+            "memcpy_bytes",
+        )
+    ]
 
     def as_dict(self) -> dict:
         return {n: int(getattr(self, n)) for n, _ in self._fields_}
 
 
 class LaunchRecord(ctypes.Structure):
-    _fields_ = [("kernel", ctypes.c_char * 256), ("file", ctypes.c_char * 256), ("caller", ctypes.c_char * 512),
-                ("line", ctypes.c_int32),
-                ("grid", ctypes.c_uint32 * 3), ("block", ctypes.c_uint32 * 3), ("grid_run", ctypes.c_uint32 * 3),
-                ("smem_dynamic", ctypes.c_uint64), ("error", ctypes.c_int32), ("reserved", ctypes.c_int32),
-                ("counters", Counters)]
+    _fields_ = [
+        ("kernel", ctypes.c_char * 256),
+        ("file", ctypes.c_char * 256),
+        ("caller", ctypes.c_char * 512),
+        ("line", ctypes.c_int32),
+        ("grid", ctypes.c_uint32 * 3),
+        ("block", ctypes.c_uint32 * 3),
+        ("grid_run", ctypes.c_uint32 * 3),
+        ("smem_dynamic", ctypes.c_uint64),
+        ("error", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
+        ("counters", Counters),
+    ]
 
     def as_dict(self) -> dict:
-        return {"kernel": self.kernel.decode(), "file": self.file.decode(), "caller": self.caller.decode(),
-                "line": int(self.line),
-                "grid": tuple(self.grid), "block": tuple(self.block), "grid_run": tuple(self.grid_run),
-                "smem": int(self.smem_dynamic), "error": int(self.error), "counters": self.counters.as_dict()}
+        return {
+            "kernel": self.kernel.decode(),
+            "file": self.file.decode(),
+            "caller": self.caller.decode(),
+            "line": int(self.line),
+            "grid": tuple(self.grid),
+            "block": tuple(self.block),
+            "grid_run": tuple(self.grid_run),
+            "smem": int(self.smem_dynamic),
+            "error": int(self.error),
+            "counters": self.counters.as_dict(),
+        }
 
 
 ABI_VERSION = 1
@@ -293,6 +352,7 @@ ABI_VERSION = 1
 @dataclasses.dataclass
 class In:
     """A read-only input tensor (CPU); a write through gptr faults, a raw write is detected after the call."""
+
     name: str
     tensor: torch.Tensor
 
@@ -301,6 +361,7 @@ class In:
 class Out:
     """An output tensor (CPU), poisoned with NaN (0xFF bytes for integers) before the call; the result is
     returned in Result.outputs[name] (the tensor passed in is not modified)."""
+
     name: str
     tensor: torch.Tensor
 
@@ -308,6 +369,7 @@ class Out:
 @dataclasses.dataclass
 class InOut:
     """A tensor read and written by the call (its content is kept); result in Result.outputs[name]."""
+
     name: str
     tensor: torch.Tensor
 
@@ -315,6 +377,7 @@ class InOut:
 @dataclasses.dataclass
 class Scratch:
     """A workspace of nbytes bytes (0xFF-poisoned); result bytes in Result.outputs[name] (uint8)."""
+
     name: str
     nbytes: int
 
@@ -358,15 +421,15 @@ class _Buf:
         self.guard = guard
         self.flat = torch.empty(guard + max(nbytes, 1) + guard, dtype=torch.uint8)
         self.flat[:guard] = _GUARD_BYTE
-        self.flat[guard + nbytes:] = _GUARD_BYTE
-        self.body = self.flat[guard:guard + nbytes]
+        self.flat[guard + nbytes :] = _GUARD_BYTE
+        self.body = self.flat[guard : guard + nbytes]
 
     def ptr(self) -> int:
         return self.flat.data_ptr() + self.guard
 
     def guards_intact(self) -> bool:
         g = self.guard
-        return bool((self.flat[:g] == _GUARD_BYTE).all()) and bool((self.flat[g + self.nbytes:] == _GUARD_BYTE).all())
+        return bool((self.flat[:g] == _GUARD_BYTE).all()) and bool((self.flat[g + self.nbytes :] == _GUARD_BYTE).all())
 
 
 def _view(buf: _Buf, like: torch.Tensor) -> torch.Tensor:
@@ -448,8 +511,9 @@ class Library:
             return ctypes.c_void_p(None)
         return a
 
-    def call(self, fn: str, *args: Any, seed: Optional[int] = None, guard_bytes: int = 4096,
-             check_inputs: bool = True) -> Result:
+    def call(
+        self, fn: str, *args: Any, seed: Optional[int] = None, guard_bytes: int = 4096, check_inputs: bool = True
+    ) -> Result:
         f = getattr(self._lib, fn)
         sig = self._sigs.get(fn)
         if sig:
@@ -482,8 +546,9 @@ class Library:
                         _poison(v)
                     elif nbytes:
                         v.copy_(t)
-                    L.attnfree_emu_register(ctypes.c_void_p(b.ptr()), nbytes, a.name.encode(),
-                                            0 if isinstance(a, In) else 1)
+                    L.attnfree_emu_register(
+                        ctypes.c_void_p(b.ptr()), nbytes, a.name.encode(), 0 if isinstance(a, In) else 1
+                    )
                     bufs.append((type(a).__name__, a.name, b, t if isinstance(a, In) else None, v))
                     cargs.append(ctypes.c_void_p(b.ptr()))
                 elif isinstance(a, Scratch):
@@ -510,15 +575,24 @@ class Library:
         outputs = {}
         for kind, name, b, orig, v in bufs:
             if not b.guards_intact():
-                problems.append(f"write out of bounds of buffer '{name}' (its guard bytes were modified: a "
-                                f"raw-pointer store past the buffer)")
+                problems.append(
+                    f"write out of bounds of buffer '{name}' (its guard bytes were modified: a "
+                    f"raw-pointer store past the buffer)"
+                )
             if kind == "In" and check_inputs and orig is not None and orig.numel():
                 if not torch.equal(v.reshape(-1).view(torch.uint8), orig.reshape(-1).view(torch.uint8)):
                     problems.append(f"input buffer '{name}' was modified by the call")
             if kind != "In":
                 outputs[name] = v.clone()
-        return Result(rc=rc, fault=msg or None, fault_code=code, problems=problems, counters=c.as_dict(),
-                      launches=launches, outputs=outputs)
+        return Result(
+            rc=rc,
+            fault=msg or None,
+            fault_code=code,
+            problems=problems,
+            counters=c.as_dict(),
+            launches=launches,
+            outputs=outputs,
+        )
 
 
 # ----------------------------------------------------------------------------------------------- numerics helpers
@@ -542,6 +616,22 @@ def fp32_gemm_tolerance(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tenso
     return k * 2.0**-24 * (a.abs().double() @ b.abs().double()) + 1e-30
 
 
-__all__ = ["build", "available", "Library", "Result", "In", "Out", "InOut", "Scratch", "EmuError",
-           "EmuUnavailable", "compile_flags", "link_flags", "cuda_include_dir", "round_tf32", "truncate_tf32",
-           "fp32_gemm_tolerance", "wrapped_functions"]
+__all__ = [
+    "build",
+    "available",
+    "Library",
+    "Result",
+    "In",
+    "Out",
+    "InOut",
+    "Scratch",
+    "EmuError",
+    "EmuUnavailable",
+    "compile_flags",
+    "link_flags",
+    "cuda_include_dir",
+    "round_tf32",
+    "truncate_tf32",
+    "fp32_gemm_tolerance",
+    "wrapped_functions",
+]

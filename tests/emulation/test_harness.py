@@ -1,6 +1,7 @@
 """Self-tests of the CPU emulation harness (csrc/common/emulation) with kernels written for the purpose
 (tests/emulation/kernels/*.cu): scheduling and barriers, warp collectives, atomics, shared memory, wmma numerics,
 fault reports, poisoning and cost counters."""
+
 from __future__ import annotations
 
 import math
@@ -96,17 +97,24 @@ def test_half_warp_disjoint_masks(emu, basic):
     x = torch.randn(64)
     r = basic.call("emu_half_warp", emu.In("x", x), emu.Out("y", torch.empty(64))).check()
     xs = x.view(4, 16)
-    exp = torch.stack([xs[0].sum().expand(16), xs[1].max().expand(16), xs[2].sum().expand(16),
-                       xs[3].max().expand(16)]).reshape(64)
+    exp = torch.stack(
+        [xs[0].sum().expand(16), xs[1].max().expand(16), xs[2].sum().expand(16), xs[3].max().expand(16)]
+    ).reshape(64)
     torch.testing.assert_close(r.outputs["y"], exp, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ atomics, smem
 def test_atomics(emu, basic):
     vals = torch.randint(0, 1000, (500,), dtype=torch.int32)
-    r = basic.call("emu_atomics", emu.In("vals", vals), 500, emu.InOut("hist", torch.zeros(8, dtype=torch.int32)),
-                   emu.InOut("fsum", torch.zeros(1)), emu.InOut("imax", torch.full((1,), -1, dtype=torch.int32)),
-                   emu.InOut("cas", torch.zeros(1, dtype=torch.int32))).check()
+    r = basic.call(
+        "emu_atomics",
+        emu.In("vals", vals),
+        500,
+        emu.InOut("hist", torch.zeros(8, dtype=torch.int32)),
+        emu.InOut("fsum", torch.zeros(1)),
+        emu.InOut("imax", torch.full((1,), -1, dtype=torch.int32)),
+        emu.InOut("cas", torch.zeros(1, dtype=torch.int32)),
+    ).check()
     assert torch.equal(r.outputs["hist"], torch.bincount(vals & 7, minlength=8).int())
     assert r.outputs["fsum"].item() == float(vals.sum().item())  # integers < 2^24: exact in any order
     assert r.outputs["imax"].item() == vals.max().item()
@@ -186,8 +194,9 @@ def test_gptr_api(emu, basic):
     x = torch.randn(n)
     h = torch.randn(n).half()
     xy = torch.randn(n, 2)
-    r = basic.call("emu_gptr_api", emu.In("x", x), emu.In("h", h), emu.In("xy", xy), emu.Out("out", torch.empty(4 * n)),
-                   n).check()
+    r = basic.call(
+        "emu_gptr_api", emu.In("x", x), emu.In("h", h), emu.In("xy", xy), emu.Out("out", torch.empty(4 * n)), n
+    ).check()
     o = r.outputs["out"].view(n, 4)
     torch.testing.assert_close(o[:, 0], 2 * x + h.float())
     torch.testing.assert_close(o[:, 1], xy[:, 0] * xy[:, 1] + xy[0, 0])
@@ -257,8 +266,12 @@ def test_syncthreads_count_and_or(emu, basic):
 
 
 def test_spin_lock_makes_progress(emu, basic):
-    r = basic.call("emu_spin_lock", emu.InOut("lock", torch.zeros(1, dtype=torch.int32)),
-                   emu.InOut("counter", torch.zeros(1, dtype=torch.int32)), 3).check()
+    r = basic.call(
+        "emu_spin_lock",
+        emu.InOut("lock", torch.zeros(1, dtype=torch.int32)),
+        emu.InOut("counter", torch.zeros(1, dtype=torch.int32)),
+        3,
+    ).check()
     assert r.outputs["counter"].item() == 3 * 64 and r.outputs["lock"].item() == 0
 
 
@@ -311,8 +324,9 @@ def test_wmma_gemm_exact_operand_rounding(emu, wmma, kind, name, b_col):
     elif kind == 3:
         ra, rb = emu.truncate_tf32(a).double(), emu.truncate_tf32(b).double()
     bmem = b.t().contiguous() if b_col else b
-    r = wmma.call("emu_wmma_gemm", kind, b_col, emu.In("A", a), emu.In("B", bmem), emu.Out("C", torch.empty(M, N)),
-                  M, N, K).check()
+    r = wmma.call(
+        "emu_wmma_gemm", kind, b_col, emu.In("A", a), emu.In("B", bmem), emu.Out("C", torch.empty(M, N)), M, N, K
+    ).check()
     c = r.outputs["C"].double()
     ref = ra @ rb
     tol = emu.fp32_gemm_tolerance(ra, rb, K)
@@ -348,8 +362,9 @@ def test_wmma_bf16_through_shared_memory(emu, wmma):
     M, N, K = 48, 32, 96  # 4 warps per block, 6 tiles: the second block has idle warps that exit after the barrier
     a = torch.randn(M, K).bfloat16()
     b = torch.randn(K, N).bfloat16()
-    r = wmma.call("emu_wmma_gemm_smem_bf16", emu.In("A", a), emu.In("B", b), emu.Out("C", torch.empty(M, N)), M, N,
-                  K).check()
+    r = wmma.call(
+        "emu_wmma_gemm_smem_bf16", emu.In("A", a), emu.In("B", b), emu.Out("C", torch.empty(M, N)), M, N, K
+    ).check()
     ref = a.double() @ b.double()
     assert ((r.outputs["C"].double() - ref).abs() <= emu.fp32_gemm_tolerance(a.double(), b.double(), K)).all()
 
@@ -357,8 +372,15 @@ def test_wmma_bf16_through_shared_memory(emu, wmma):
 def test_wmma_f64(emu, wmma):
     M, N, K = 16, 24, 12
     a, b = torch.randn(M, K, dtype=torch.float64), torch.randn(K, N, dtype=torch.float64)
-    r = wmma.call("emu_wmma_gemm_f64", emu.In("A", a), emu.In("B", b), emu.Out("C", torch.empty(M, N, dtype=torch.float64)),
-                  M, N, K).check()
+    r = wmma.call(
+        "emu_wmma_gemm_f64",
+        emu.In("A", a),
+        emu.In("B", b),
+        emu.Out("C", torch.empty(M, N, dtype=torch.float64)),
+        M,
+        N,
+        K,
+    ).check()
     torch.testing.assert_close(r.outputs["C"], a @ b, rtol=1e-13, atol=1e-13)
     assert r.counters["mma_flops"] == 2 * M * N * K
 
@@ -367,12 +389,15 @@ def test_wmma_store_needs_syncwarp(emu, wmma):
     a = torch.randn(16, 16).half()
     b = torch.randn(16, 16).half()
     ref = (a.double() @ b.double()).reshape(-1)
-    r = wmma.call("emu_wmma_store_then_read", emu.In("A", a), emu.In("B", b), emu.Out("out", torch.empty(256)), 1).check()
+    r = wmma.call(
+        "emu_wmma_store_then_read", emu.In("A", a), emu.In("B", b), emu.Out("out", torch.empty(256)), 1
+    ).check()
     assert ((r.outputs["out"].double() - ref).abs() < 1e-3).all()
     bad = 0
     for seed in range(3):
-        r = wmma.call("emu_wmma_store_then_read", emu.In("A", a), emu.In("B", b), emu.Out("out", torch.empty(256)), 0,
-                      seed=seed).check()
+        r = wmma.call(
+            "emu_wmma_store_then_read", emu.In("A", a), emu.In("B", b), emu.Out("out", torch.empty(256)), 0, seed=seed
+        ).check()
         bad += bool(r.outputs["out"].isnan().any())
     assert bad >= 1  # without __syncwarp, lanes read elements other lanes have not stored yet
 

@@ -3,6 +3,7 @@ harness: no `<<<>>>` launch and no raw `__shared__` declaration (ATTNFREE_LAUNCH
 ATTNFREE_STATIC_SHARED instead), so no source rewrite (tools/cu2cpp.py) is applied to them; the library of every
 op's launchers builds with rewrite=False and runs one call. The numerics of every kernel are tested by the
 op tests on the `emulation` path (tests/ops, tests/common/paths.py)."""
+
 from __future__ import annotations
 
 import pathlib

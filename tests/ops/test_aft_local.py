@@ -678,7 +678,9 @@ TILED = [(2, 150, 12, 0, 16), (1, 200, 10, 2, 40), (2, 130, 8, 0, 64), (1, 97, 9
 def test_tiled_sizes_vs_oracle(path, shape, case, causal):
     """Shapes that take the CPU banded-tile kernel (several key tiles, band edges inside tiles), incl. adversarial."""
     B, T, D, heads, window = shape
-    q, k, v, w = qkvw(B, T, D, heads, F64, k_scale=1e4 if case == "k_1e4" else 1.0, w_scale=1e4 if case == "w_1e4" else 1.0)
+    q, k, v, w = qkvw(
+        B, T, D, heads, F64, k_scale=1e4 if case == "k_1e4" else 1.0, w_scale=1e4 if case == "w_1e4" else 1.0
+    )
     if case == "late_spike":
         k[:, T - 5, :] += 120
     q, k, v, w = (x.to(F32) for x in (q, k, v, w))
@@ -724,7 +726,6 @@ def test_tiled_nonfinite_contract(path, causal):
     # -inf in k = the key is absent
     k2 = k.clone()
     k2[0, 70, :] = float("-inf")
-    keep = [i for i in range(T) if i != 70]
     with torch.no_grad():
         y2 = aft_local(q, k2, v, w, window, causal)
     assert torch.isfinite(y2).all()

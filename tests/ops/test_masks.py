@@ -91,7 +91,9 @@ def test_mask_aft_local(path, causal, dtype, window):
     y, lse = path.fwd("aft_local", q, k, v, w, window, causal)
     dq, dk, dv, dw = path.bwd("aft_local", dy, q, k, v, w, y, lse, window, causal)
     qd, kd, vd, wd = _g(q), _g(k), _g(v), _g(w)
-    yo, lo = oracles.aft_masked_per_channel(qd, kd, vd, oracles.bias_per_channel(oracles.local_bias(wd, window), D), causal)
+    yo, lo = oracles.aft_masked_per_channel(
+        qd, kd, vd, oracles.bias_per_channel(oracles.local_bias(wd, window), D), causal
+    )
     go = torch.autograd.grad(yo, (qd, kd, vd, wd), dy.double())
     tol = TOL[dtype]
     _check(y, yo, tol, "y")
