@@ -105,8 +105,8 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 // Online log-sum-exp over the visible keys of one (b, t, c): z = sum softmax * v, lse. `wget(t')` -> w[t, t'].
 template <typename E, typename A, typename WGet>
-__device__ __forceinline__ void exact_element(const WGet& wget, gptr<const E> __restrict__ kcol, gptr<const E> __restrict__ vcol,
-                                              int64_t D, int64_t tend, A& z, A& lse) {
+__device__ __forceinline__ void exact_element(const WGet& wget, gptr<const E> __restrict__ kcol,
+                                              gptr<const E> __restrict__ vcol, int64_t D, int64_t tend, A& z, A& lse) {
   A M = neg_inf<A>(), S = A(0), Acc = A(0);
   for (int64_t tp = 0; tp < tend; ++tp) {
     const A l = static_cast<A>(wget(tp)) + static_cast<A>(to_acc(kcol[tp * D]));
@@ -160,17 +160,18 @@ struct ElementIdx {
 };
 
 template <typename E, typename WE>
-__global__ void fwd_exact_kernel(gptr<const E> __restrict__ q, gptr<const E> __restrict__ k, gptr<const E> __restrict__ v,
-                                 gptr<const WE> __restrict__ w, gptr<E> __restrict__ y, gptr<acc_of_t<E>> __restrict__ lse, int64_t B,
-                                 int64_t T, int64_t D, int64_t dh, bool causal) {
+__global__ void fwd_exact_kernel(gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
+                                 gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<E> __restrict__ y,
+                                 gptr<acc_of_t<E>> __restrict__ lse, int64_t B, int64_t T, int64_t D, int64_t dh,
+                                 bool causal) {
   using A = acc_of_t<E>;
   AF_GRID_STRIDE(idx, B * T * D) {  // 64-bit grid-stride: any B * T * D fits the (capped) grid
-  const ElementIdx e(idx, T, D, dh);
-  A z, l;
-  DenseW<WE> wg{w + (e.h * T + e.t) * T};
-  exact_element<E, A>(wg, k + e.base, v + e.base, D, causal ? e.t + 1 : T, z, l);
-  y[idx] = from_acc<E>(af_sigmoid(to_acc(q[idx])) * z);
-  lse[idx] = l;
+    const ElementIdx e(idx, T, D, dh);
+    A z, l;
+    DenseW<WE> wg{w + (e.h * T + e.t) * T};
+    exact_element<E, A>(wg, k + e.base, v + e.base, D, causal ? e.t + 1 : T, z, l);
+    y[idx] = from_acc<E>(af_sigmoid(to_acc(q[idx])) * z);
+    lse[idx] = l;
   }
 }
 
@@ -266,9 +267,9 @@ __device__ __forceinline__ float max_of_4(const float* red, int col) {
 // the tile's keys (through red[4][64] and one __syncthreads, so every thread of the CTA must call this), then
 // ek[key][col] = exp(k - m) and ekv[key][col] = ek * v (0 for missing keys). Returns m.
 template <typename E, typename Op>
-__device__ __forceinline__ float exp_kv_strip(gptr<const E> __restrict__ k, gptr<const E> __restrict__ v, int64_t cb, int64_t k0,
-                                              int g, int col, int64_t T, int64_t D, float* red, Op* ek, Op* ekv,
-                                              int ld) {
+__device__ __forceinline__ float exp_kv_strip(gptr<const E> __restrict__ k, gptr<const E> __restrict__ v, int64_t cb,
+                                              int64_t k0, int g, int col, int64_t T, int64_t D, float* red, Op* ek,
+                                              Op* ekv, int ld) {
   float kv[16], vv[16];
   float lmax = -INFINITY;
 #pragma unroll
@@ -382,8 +383,8 @@ struct TcMma<true> {  // 3xTF32: fp32 operands split into tf32 big + small parts
 template <typename E, typename WE, bool LOWRANK>
 __device__ __noinline__ void fallback_element(gptr<const E> __restrict__ k, gptr<const E> __restrict__ v,
                                               gptr<const WE> __restrict__ w, gptr<const WE> __restrict__ u,
-                                              gptr<const WE> __restrict__ vbias, int64_t T, int64_t D, int64_t h, int64_t t,
-                                              int64_t cb, int64_t rank, bool causal, float& z, float& l) {
+                                              gptr<const WE> __restrict__ vbias, int64_t T, int64_t D, int64_t h,
+                                              int64_t t, int64_t cb, int64_t rank, bool causal, float& z, float& l) {
   const int64_t tend = causal ? t + 1 : T;
   if (LOWRANK) {
     LowRankW<WE> wg{u + (h * T + t) * rank, vbias + h * T * rank, rank};
@@ -405,9 +406,10 @@ __host__ __device__ constexpr bool uses_tf32_operands() {
 // E: q/k/v type; WE: w type (or u/vb type when LOWRANK). F32OPS unless E == bf16 (uses_tf32_operands).
 template <typename E, typename WE, bool LOWRANK>
 __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_FWD_MIN_BLOCKS)
-    fwd_tc_kernel(gptr<const E> __restrict__ q, gptr<const E> __restrict__ k, gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w,
-                  gptr<const WE> __restrict__ u, gptr<const WE> __restrict__ vbias, gptr<E> __restrict__ y, gptr<float> __restrict__ lse,
-                  int64_t B, int64_t T, int64_t D, int64_t dh, int64_t rank, bool causal) {
+    fwd_tc_kernel(gptr<const E> __restrict__ q, gptr<const E> __restrict__ k, gptr<const E> __restrict__ v,
+                  gptr<const WE> __restrict__ w, gptr<const WE> __restrict__ u, gptr<const WE> __restrict__ vbias,
+                  gptr<E> __restrict__ y, gptr<float> __restrict__ lse, int64_t B, int64_t T, int64_t D, int64_t dh,
+                  int64_t rank, bool causal) {
 #if AFT_FULL_TC_ARCH
   constexpr bool F32OPS = uses_tf32_operands<E>();
   using Cfg = TcCfg<F32OPS>;
@@ -572,26 +574,27 @@ __global__ void bwd_dq_kernel(gptr<const E> __restrict__ dy, gptr<const E> __res
 
 // one thread per (b, t', c): dv = sum_t P G, dk = v dv - sum_t P H
 template <typename E, typename WE>
-__global__ void bwd_dkdv_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
-                                gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const E> __restrict__ y,
-                                gptr<const acc_of_t<E>> __restrict__ lse, gptr<E> __restrict__ dk, gptr<E> __restrict__ dv, int64_t B,
-                                int64_t T, int64_t D, int64_t dh, bool causal) {
+__global__ void bwd_dkdv_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q,
+                                gptr<const E> __restrict__ k, gptr<const E> __restrict__ v,
+                                gptr<const WE> __restrict__ w, gptr<const E> __restrict__ y,
+                                gptr<const acc_of_t<E>> __restrict__ lse, gptr<E> __restrict__ dk,
+                                gptr<E> __restrict__ dv, int64_t B, int64_t T, int64_t D, int64_t dh, bool causal) {
   using A = acc_of_t<E>;
   AF_GRID_STRIDE(idx, B * T * D) {
-  const ElementIdx e(idx, T, D, dh);  // e.t is the key position t'
-  const int64_t tp = e.t, base = e.base;
-  const A kk = to_acc(k[idx]);
-  gptr<const WE> wcol = w + e.h * T * T + tp;
-  A sg = 0, sh = 0;
-  for (int64_t t = causal ? tp : 0; t < T; ++t) {
-    const int64_t o = base + t * D;
-    const A P = p_of(static_cast<A>(to_acc(wcol[t * T])) + kk, lse[o]);
-    const A d = to_acc(dy[o]);
-    sg += P * d * af_sigmoid(to_acc(q[o]));
-    sh += P * d * static_cast<A>(to_acc(y[o]));
-  }
-  dv[idx] = from_acc<E>(sg);
-  dk[idx] = from_acc<E>(static_cast<A>(to_acc(v[idx])) * sg - sh);
+    const ElementIdx e(idx, T, D, dh);  // e.t is the key position t'
+    const int64_t tp = e.t, base = e.base;
+    const A kk = to_acc(k[idx]);
+    gptr<const WE> wcol = w + e.h * T * T + tp;
+    A sg = 0, sh = 0;
+    for (int64_t t = causal ? tp : 0; t < T; ++t) {
+      const int64_t o = base + t * D;
+      const A P = p_of(static_cast<A>(to_acc(wcol[t * T])) + kk, lse[o]);
+      const A d = to_acc(dy[o]);
+      sg += P * d * af_sigmoid(to_acc(q[o]));
+      sh += P * d * static_cast<A>(to_acc(y[o]));
+    }
+    dv[idx] = from_acc<E>(sg);
+    dk[idx] = from_acc<E>(static_cast<A>(to_acc(v[idx])) * sg - sh);
   }
 }
 
@@ -599,30 +602,30 @@ __global__ void bwd_dkdv_kernel(gptr<const E> __restrict__ dy, gptr<const E> __r
 template <typename E, typename WE>
 __global__ void bwd_dw_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
                               gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const E> __restrict__ y,
-                              gptr<const acc_of_t<E>> __restrict__ lse, gptr<WE> __restrict__ dw, int64_t B, int64_t T, int64_t D,
-                              int64_t dh, int64_t heads, bool causal) {
+                              gptr<const acc_of_t<E>> __restrict__ lse, gptr<WE> __restrict__ dw, int64_t B, int64_t T,
+                              int64_t D, int64_t dh, int64_t heads, bool causal) {
   using A = acc_of_t<E>;
   const int lane = threadIdx.x & 31;
   AF_WARP_STRIDE(gw, heads * T * T) {  // every lane of a warp takes the same gw: the shuffles stay converged
-  const int64_t tp = gw % T;
-  const int64_t t = (gw / T) % T;
-  const int64_t h = gw / (T * T);
-  A acc = 0;
-  if (!causal || tp <= t) {
-    const A wv = to_acc(w[gw]);
-    for (int64_t j = lane; j < B * dh; j += 32) {
-      const int64_t base = (j / dh) * T * D + h * dh + (j % dh);
-      const int64_t o = base + t * D, op = base + tp * D;
-      const A P = p_of(wv + static_cast<A>(to_acc(k[op])), lse[o]);
-      const A d = to_acc(dy[o]);
-      const A G = d * af_sigmoid(to_acc(q[o]));
-      const A H = d * static_cast<A>(to_acc(y[o]));
-      acc += P * (G * static_cast<A>(to_acc(v[op])) - H);
-    }
+    const int64_t tp = gw % T;
+    const int64_t t = (gw / T) % T;
+    const int64_t h = gw / (T * T);
+    A acc = 0;
+    if (!causal || tp <= t) {
+      const A wv = to_acc(w[gw]);
+      for (int64_t j = lane; j < B * dh; j += 32) {
+        const int64_t base = (j / dh) * T * D + h * dh + (j % dh);
+        const int64_t o = base + t * D, op = base + tp * D;
+        const A P = p_of(wv + static_cast<A>(to_acc(k[op])), lse[o]);
+        const A d = to_acc(dy[o]);
+        const A G = d * af_sigmoid(to_acc(q[o]));
+        const A H = d * static_cast<A>(to_acc(y[o]));
+        acc += P * (G * static_cast<A>(to_acc(v[op])) - H);
+      }
 #pragma unroll
-    for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
-  }
-  if (lane == 0) dw[gw] = from_acc<WE>(acc);
+      for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+    }
+    if (lane == 0) dw[gw] = from_acc<WE>(acc);
   }
 }
 
@@ -683,10 +686,10 @@ struct BwdCfg {
 
 // Exact (per-element) partial sums for the rare path of the dk/dv kernel: sum over query rows [ta, tb) of P G, P H.
 template <typename E, typename WE>
-__device__ __noinline__ void bwd_kv_exact(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ y,
-                                          gptr<const float> __restrict__ lse, gptr<const WE> __restrict__ wcol, float kk,
-                                          int64_t cb, int64_t T, int64_t D, int64_t ta, int64_t tb, float& sg,
-                                          float& sh) {
+__device__ __noinline__ void bwd_kv_exact(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q,
+                                          gptr<const E> __restrict__ y, gptr<const float> __restrict__ lse,
+                                          gptr<const WE> __restrict__ wcol, float kk, int64_t cb, int64_t T, int64_t D,
+                                          int64_t ta, int64_t tb, float& sg, float& sh) {
   for (int64_t t = ta; t < tb; ++t) {
     const int64_t o = cb + t * D;
     const float P = p_of(static_cast<float>(to_acc(wcol[t * T])) + kk, lse[o]);
@@ -703,8 +706,8 @@ template <typename E, typename WE>
 __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
     bwd_kv_tc_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
                      gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const E> __restrict__ y,
-                     gptr<const float> __restrict__ lse, gptr<E> __restrict__ dk, gptr<E> __restrict__ dv, int64_t B, int64_t T,
-                     int64_t D, int64_t dh, bool causal) {
+                     gptr<const float> __restrict__ lse, gptr<E> __restrict__ dk, gptr<E> __restrict__ dv, int64_t B,
+                     int64_t T, int64_t D, int64_t dh, bool causal) {
 #if AFT_FULL_TC_ARCH
   constexpr bool F32OPS = uses_tf32_operands<E>();
   using Cfg = BwdCfg<F32OPS>;
@@ -836,10 +839,10 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
 
 // Exact rare path of the dw kernel: sum over the chunk's columns of P (G v - H) for one (t, t').
 template <typename E>
-__device__ __noinline__ float bwd_w_exact(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
-                                          gptr<const E> __restrict__ v, gptr<const E> __restrict__ y,
-                                          gptr<const float> __restrict__ lse, const int64_t* colbase, float wv, int64_t t,
-                                          int64_t tp, int64_t D) {
+__device__ __noinline__ float bwd_w_exact(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q,
+                                          gptr<const E> __restrict__ k, gptr<const E> __restrict__ v,
+                                          gptr<const E> __restrict__ y, gptr<const float> __restrict__ lse,
+                                          const int64_t* colbase, float wv, int64_t t, int64_t tp, int64_t D) {
   float s = 0.f;
   for (int c = 0; c < 64; ++c) {
     const int64_t cb = colbase[c];
@@ -857,9 +860,10 @@ __device__ __noinline__ float bwd_w_exact(gptr<const E> __restrict__ dy, gptr<co
 // g = (Xt G) (Y v)^T - (Xt H) Y^T (rows x keys); dw += g * exp(w + nu).
 template <typename E, typename WE>
 __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
-    bwd_w_tc_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k, gptr<const E> __restrict__ v,
-                    gptr<const WE> __restrict__ w, gptr<const E> __restrict__ y, gptr<const float> __restrict__ lse,
-                    gptr<WE> __restrict__ dw, int64_t B, int64_t T, int64_t D, int64_t dh, bool causal) {
+    bwd_w_tc_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
+                    gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const E> __restrict__ y,
+                    gptr<const float> __restrict__ lse, gptr<WE> __restrict__ dw, int64_t B, int64_t T, int64_t D,
+                    int64_t dh, bool causal) {
 #if AFT_FULL_TC_ARCH
   constexpr bool F32OPS = uses_tf32_operands<E>();
   using Cfg = BwdCfg<F32OPS>;
@@ -1004,8 +1008,9 @@ __device__ __forceinline__ void tile_coords(bool index_unit_stride, int e, int& 
 
 template <typename TA, typename TB, typename TC, typename A>
 __global__ void __launch_bounds__(256)
-    lowrank_gemm_kernel(gptr<const TA> __restrict__ Am, gptr<const TB> __restrict__ Bm, gptr<TC> __restrict__ C, int64_t M, int64_t N,
-                        int64_t K, int64_t sAz, int64_t sa0, int64_t sa1, int64_t sBz, int64_t sb0, int64_t sb1) {
+    lowrank_gemm_kernel(gptr<const TA> __restrict__ Am, gptr<const TB> __restrict__ Bm, gptr<TC> __restrict__ C,
+                        int64_t M, int64_t N, int64_t K, int64_t sAz, int64_t sa0, int64_t sa1, int64_t sBz,
+                        int64_t sb0, int64_t sb1) {
   ATTNFREE_STATIC_SHARED(A, As, [16][33]);  // [k][i]
   ATTNFREE_STATIC_SHARED(A, Bs, [16][33]);  // [k][j]
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
@@ -1054,8 +1059,9 @@ cudaError_t launch_lowrank_gemm(const TA* Am, const TB* Bm, TC* C, int64_t Z, in
   if (Z <= 0 || M <= 0 || N <= 0) return cudaSuccess;
   const int64_t gy = (M + 31) / 32, gx = (N + 31) / 32;
   if (gy > 65535 || Z > 65535) return cudaErrorInvalidConfiguration;
-  ATTNFREE_LAUNCH((lowrank_gemm_kernel<TA, TB, TC, A>), dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(Z)), 256, 0, s)(
-          Am, Bm, C, M, N, K, sAz, sa0, sa1, sBz, sb0, sb1);
+  ATTNFREE_LAUNCH((lowrank_gemm_kernel<TA, TB, TC, A>),
+                  dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(Z)), 256, 0,
+                  s)(Am, Bm, C, M, N, K, sAz, sa0, sa1, sBz, sb0, sb1);
   return cudaGetLastError();
 }
 
@@ -1084,8 +1090,9 @@ cudaError_t launch_tc(const void* q, const void* k, const void* v, const void* w
   dim3 grid(blocks_for(B * dh, BN), blocks_for(T, BM), static_cast<unsigned>(heads));
   if (grid.y > 65535u || grid.z > 65535u) return cudaErrorInvalidConfiguration;
   ATTNFREE_LAUNCH(kern, grid, NT, smem, s)(static_cast<const E*>(q), static_cast<const E*>(k), static_cast<const E*>(v),
-                              static_cast<const WE*>(w), static_cast<const WE*>(u), static_cast<const WE*>(vb),
-                              static_cast<E*>(y), static_cast<float*>(lse), B, T, D, dh, rank, causal);
+                                           static_cast<const WE*>(w), static_cast<const WE*>(u),
+                                           static_cast<const WE*>(vb), static_cast<E*>(y), static_cast<float*>(lse), B,
+                                           T, D, dh, rank, causal);
   return cudaGetLastError();
 }
 
@@ -1125,12 +1132,13 @@ cudaError_t launch_bwd(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t
   const int64_t n = B * T * D, dh = D / heads;
   cudaError_t err = launch_bwd_dq(p, n, s);
   if (err != cudaSuccess) return err;
-  ATTNFREE_LAUNCH((bwd_dkdv_kernel<E, WE>), grid_for(n, 256), 256, 0, s)(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dk, p.dv, B, T, D, dh, causal);
+  ATTNFREE_LAUNCH((bwd_dkdv_kernel<E, WE>), grid_for(n, 256), 256, 0, s)(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dk,
+                                                                         p.dv, B, T, D, dh, causal);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int64_t nthreads = heads * T * T * 32;
-  ATTNFREE_LAUNCH((bwd_dw_kernel<E, WE>), grid_for(nthreads, 256), 256, 0, s)(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dw, B, T, D,
-                                                                 dh, heads, causal);
+  ATTNFREE_LAUNCH((bwd_dw_kernel<E, WE>), grid_for(nthreads, 256), 256, 0, s)(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse,
+                                                                              p.dw, B, T, D, dh, heads, causal);
   return cudaGetLastError();
 }
 
@@ -1155,8 +1163,8 @@ cudaError_t launch_bwd_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int6
   auto kw = bwd_w_tc_kernel<E, WE>;
   err = cudaFuncSetAttribute(kw, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  ATTNFREE_LAUNCH(kw, dim3(tiles, tiles, static_cast<unsigned>(heads)), NT, smem, s)(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dw, B,
-                                                                        T, D, dh, causal);
+  ATTNFREE_LAUNCH(kw, dim3(tiles, tiles, static_cast<unsigned>(heads)), NT, smem, s)(p.dy, p.q, p.k, p.v, p.w, p.y,
+                                                                                     p.lse, p.dw, B, T, D, dh, causal);
   return cudaGetLastError();
 }
 

@@ -335,10 +335,11 @@ std::tuple<at::Tensor, at::Tensor> aft_full_tiled_fwd(const at::Tensor& qa, cons
     const bool vec = qa.scalar_type() == at::kFloat &&
                      aft_full_head_fwd_avx2(wt.data_ptr<float>(), Kt.data_ptr<float>(), Vt.data_ptr<float>(),
                                             Zh.data_ptr<float>(), Lh.data_ptr<float>(), T, N, causal, qa.options());
-    if (!vec) AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "attnfree_aft_full_tiled", [&] {
-      head_fwd<scalar_t>(wt.data_ptr<scalar_t>(), Kt.data_ptr<scalar_t>(), Vt.data_ptr<scalar_t>(),
-                         Zh.data_ptr<scalar_t>(), Lh.data_ptr<scalar_t>(), T, N, causal, qa.options());
-    });
+    if (!vec)
+      AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "attnfree_aft_full_tiled", [&] {
+        head_fwd<scalar_t>(wt.data_ptr<scalar_t>(), Kt.data_ptr<scalar_t>(), Vt.data_ptr<scalar_t>(),
+                           Zh.data_ptr<scalar_t>(), Lh.data_ptr<scalar_t>(), T, N, causal, qa.options());
+      });
     Z.narrow(2, h * Dh, Dh).copy_(Zh.view({T, B, Dh}).permute({1, 0, 2}));
     lse.narrow(2, h * Dh, Dh).copy_(Lh.view({T, B, Dh}).permute({1, 0, 2}));
   }
@@ -368,17 +369,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aft_full_tiled_bwd(
     at::Tensor dVt = at::empty({T, N}, qa.options());
     at::Tensor sPHt = at::empty({T, N}, qa.options());
     at::Tensor dWh = dw[h];
-    const bool vec = qa.scalar_type() == at::kFloat &&
-                     aft_full_head_bwd_avx2(wt.data_ptr<float>(), Kt.data_ptr<float>(), Vt.data_ptr<float>(),
-                                            Gt.data_ptr<float>(), Ht.data_ptr<float>(), Lt.data_ptr<float>(),
-                                            dVt.data_ptr<float>(), sPHt.data_ptr<float>(), dWh.data_ptr<float>(), T,
-                                            N, causal, qa.options());
-    if (!vec) AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "attnfree_aft_full_tiled_bwd", [&] {
-      head_bwd<scalar_t>(wt.data_ptr<scalar_t>(), Kt.data_ptr<scalar_t>(), Vt.data_ptr<scalar_t>(),
-                         Gt.data_ptr<scalar_t>(), Ht.data_ptr<scalar_t>(), Lt.data_ptr<scalar_t>(),
-                         dVt.data_ptr<scalar_t>(), sPHt.data_ptr<scalar_t>(), dWh.data_ptr<scalar_t>(), T, N, causal,
-                         qa.options());
-    });
+    const bool vec =
+        qa.scalar_type() == at::kFloat &&
+        aft_full_head_bwd_avx2(wt.data_ptr<float>(), Kt.data_ptr<float>(), Vt.data_ptr<float>(), Gt.data_ptr<float>(),
+                               Ht.data_ptr<float>(), Lt.data_ptr<float>(), dVt.data_ptr<float>(),
+                               sPHt.data_ptr<float>(), dWh.data_ptr<float>(), T, N, causal, qa.options());
+    if (!vec)
+      AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "attnfree_aft_full_tiled_bwd", [&] {
+        head_bwd<scalar_t>(wt.data_ptr<scalar_t>(), Kt.data_ptr<scalar_t>(), Vt.data_ptr<scalar_t>(),
+                           Gt.data_ptr<scalar_t>(), Ht.data_ptr<scalar_t>(), Lt.data_ptr<scalar_t>(),
+                           dVt.data_ptr<scalar_t>(), sPHt.data_ptr<scalar_t>(), dWh.data_ptr<scalar_t>(), T, N, causal,
+                           qa.options());
+      });
     at::Tensor dKt = Vt * dVt - sPHt;
     dv.narrow(2, h * Dh, Dh).copy_(dVt.view({T, B, Dh}).permute({1, 0, 2}));
     dk.narrow(2, h * Dh, Dh).copy_(dKt.view({T, B, Dh}).permute({1, 0, 2}));

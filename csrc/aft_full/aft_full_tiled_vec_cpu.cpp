@@ -254,8 +254,8 @@ void head_bwd(const float* w, const float* K, const float* V, const float* G, co
           float* e = Ewp + ii * nj;
           __m256 mx = vninf;
           for (int64_t jj = 0; jj < cnt; jj += 8)
-            mx = vmax_keep(mx, _mm256_blendv_ps(vninf, loadn(row + jj, cnt - jj),
-                                                _mm256_castsi256_ps(tail_mask(cnt - jj))));
+            mx = vmax_keep(
+                mx, _mm256_blendv_ps(vninf, loadn(row + jj, cnt - jj), _mm256_castsi256_ps(tail_mask(cnt - jj))));
           const float ar = hmax(mx);
           a[ii] = ar;
           const __m256 off = _mm256_set1_ps(ar == ninf ? 0.f : ar);
@@ -274,8 +274,8 @@ void head_bwd(const float* w, const float* K, const float* V, const float* G, co
             const int64_t n = N - j;
             const __m256 Lv = loadn(Lr + j, n);
             __m256 x = _mm256_sub_ps(av, Lv);
-            x = _mm256_blendv_ps(x, vninf, _mm256_or_ps(_mm256_cmp_ps(av, vninf, _CMP_EQ_OQ),
-                                                        _mm256_cmp_ps(Lv, vninf, _CMP_EQ_OQ)));
+            x = _mm256_blendv_ps(
+                x, vninf, _mm256_or_ps(_mm256_cmp_ps(av, vninf, _CMP_EQ_OQ), _mm256_cmp_ps(Lv, vninf, _CMP_EQ_OQ)));
             storen(lr + j, x, n);
             storen(lam.data() + j, vmax_keep(loadn(lam.data() + j, n), x), n);
             nmax = vmax_keep(nmax, _mm256_blendv_ps(vninf, _mm256_add_ps(x, loadn(mu.data() + j, n)),
@@ -385,8 +385,8 @@ bool aft_full_head_bwd_avx2(const float* w, const float* K, const float* V, cons
 }
 
 #else
-bool aft_full_head_bwd_avx2(const float*, const float*, const float*, const float*, const float*, const float*,
-                            float*, float*, float*, int64_t, int64_t, bool, const at::TensorOptions&) {
+bool aft_full_head_bwd_avx2(const float*, const float*, const float*, const float*, const float*, const float*, float*,
+                            float*, float*, int64_t, int64_t, bool, const at::TensorOptions&) {
   return false;
 }
 bool aft_full_head_fwd_avx2(const float*, const float*, const float*, float*, float*, int64_t, int64_t, bool,

@@ -86,8 +86,8 @@ __global__ void local_band_fwd_kernel(gptr<const scalar_t> __restrict__ q, gptr<
 // G = dy*sig(q), H = dy*y (acc type) and dq = dy*y*(1-sig(q)).
 template <typename scalar_t, typename Acc>
 __global__ void local_prep_bwd_kernel(gptr<const scalar_t> __restrict__ dy, gptr<const scalar_t> __restrict__ q,
-                                      gptr<const scalar_t> __restrict__ y, gptr<Acc> __restrict__ G, gptr<Acc> __restrict__ H,
-                                      gptr<scalar_t> __restrict__ dq, int64_t n) {
+                                      gptr<const scalar_t> __restrict__ y, gptr<Acc> __restrict__ G,
+                                      gptr<Acc> __restrict__ H, gptr<scalar_t> __restrict__ dq, int64_t n) {
   AF_GRID_STRIDE(i, n) {
     const Acc g = load_acc(dy + i);
     const Acc sq = af_sigmoid(load_acc(q + i));
@@ -115,10 +115,11 @@ __global__ void local_band_bwd_kv_kernel(gptr<const scalar_t> __restrict__ k, gp
                                          gptr<const Acc> __restrict__ sm, gptr<const Acc> __restrict__ sa,
                                          gptr<const Acc> __restrict__ sb, gptr<const Acc> __restrict__ pm,
                                          gptr<const Acc> __restrict__ pa, gptr<const Acc> __restrict__ pb,
-                                         gptr<scalar_t> __restrict__ dk, gptr<scalar_t> __restrict__ dv, BandTiles tiles) {
+                                         gptr<scalar_t> __restrict__ dk, gptr<scalar_t> __restrict__ dv,
+                                         BandTiles tiles) {
   const int64_t T = tiles.T, D = tiles.D, dh = tiles.dh, W = tiles.W;
   const bool causal = tiles.causal;
-  TILE_LOOP(b, tp, c, i) {                             // tp: key position t'
+  TILE_LOOP(b, tp, c, i) {                                  // tp: key position t'
     gptr<const scalar_t> wcol = w + (c / dh) * T * T + tp;  // w[h, t, t'] = wcol[t * T]
     const int64_t base = b * T * D + c;
     const Acc kk = load_acc(k + i);
@@ -158,8 +159,9 @@ __device__ __forceinline__ Acc warp_sum(Acc x) {
 template <typename scalar_t, typename Acc>
 __global__ void local_band_bwd_w_kernel(gptr<const scalar_t> __restrict__ k, gptr<const scalar_t> __restrict__ v,
                                         gptr<const scalar_t> __restrict__ w, gptr<const Acc> __restrict__ lse,
-                                        gptr<const Acc> __restrict__ G, gptr<const Acc> __restrict__ H, gptr<scalar_t> __restrict__ dw,
-                                        int64_t B, int64_t T, int64_t D, int64_t heads, int64_t W, bool causal) {
+                                        gptr<const Acc> __restrict__ G, gptr<const Acc> __restrict__ H,
+                                        gptr<scalar_t> __restrict__ dw, int64_t B, int64_t T, int64_t D, int64_t heads,
+                                        int64_t W, bool causal) {
   const int64_t dh = D / heads;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -272,8 +274,9 @@ cudaError_t aft_local_bwd(DType dtype, const void* dy, const void* q, const void
     WsCursor ws(workspace);
     acc_t* G = ws.take<acc_t>(n);
     acc_t* H = ws.take<acc_t>(n);
-    ATTNFREE_LAUNCH((local_prep_bwd_kernel<scalar_t, acc_t>), grid_for(n), kThreads, 0, stream)(static_cast<const scalar_t*>(dy), static_cast<const scalar_t*>(q),
-                                               static_cast<const scalar_t*>(y), G, H, static_cast<scalar_t*>(dq), n);
+    ATTNFREE_LAUNCH((local_prep_bwd_kernel<scalar_t, acc_t>), grid_for(n), kThreads, 0, stream)(
+        static_cast<const scalar_t*>(dy), static_cast<const scalar_t*>(q), static_cast<const scalar_t*>(y), G, H,
+        static_cast<scalar_t*>(dq), n);
     acc_t *sm = nullptr, *sa = nullptr, *sb = nullptr, *pm = nullptr, *pa = nullptr, *pb = nullptr;
     if (W < T) {
       const int64_t nc = B * scan_num_chunks(B, T, D) * D;
@@ -291,8 +294,9 @@ cudaError_t aft_local_bwd(DType dtype, const void* dy, const void* q, const void
       if (!causal) run_chunked_scan<acc_t, false, false>(src, RawSink<acc_t>{pm, pa, pb, T, D}, st, B, T, D, stream);
     }
     const BandTiles tiles(B, T, D, heads, W, causal);
-    ATTNFREE_LAUNCH((local_band_bwd_kv_kernel<scalar_t, acc_t>), grid_for(tiles.ntiles * kThreads), kThreads, 0, stream)(
-        kp, vp, wp, lp, G, H, sm, sa, sb, pm, pa, pb, static_cast<scalar_t*>(dk), static_cast<scalar_t*>(dv), tiles);
+    ATTNFREE_LAUNCH((local_band_bwd_kv_kernel<scalar_t, acc_t>), grid_for(tiles.ntiles * kThreads), kThreads, 0,
+                    stream)(kp, vp, wp, lp, G, H, sm, sa, sb, pm, pa, pb, static_cast<scalar_t*>(dk),
+                            static_cast<scalar_t*>(dv), tiles);
     ATTNFREE_LAUNCH((local_band_bwd_w_kernel<scalar_t, acc_t>), grid_for(heads * T * kThreads), kThreads, 0, stream)(
         kp, vp, wp, lp, G, H, static_cast<scalar_t*>(dw), B, T, D, heads, W, causal);
     return cudaGetLastError();

@@ -52,10 +52,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aft_local_bwd_cuda(co
   run_launcher("aft_local_bwd",
                attnfree::cuda::aft_local_bwd_workspace_bytes(in.dtype, in.B, in.T, in.D, heads, W, causal), in.q,
                [&](void* ws, cudaStream_t stream) {
-                 return attnfree::cuda::aft_local_bwd(
-                     in.dtype, sv.dy.data_ptr(), in.q.data_ptr(), in.k.data_ptr(), in.v.data_ptr(), wc.data_ptr(),
-                     sv.y.data_ptr(), sv.lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dw.data_ptr(),
-                     in.B, in.T, in.D, heads, W, causal, ws, stream);
+                 return attnfree::cuda::aft_local_bwd(in.dtype, sv.dy.data_ptr(), in.q.data_ptr(), in.k.data_ptr(),
+                                                      in.v.data_ptr(), wc.data_ptr(), sv.y.data_ptr(),
+                                                      sv.lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+                                                      dw.data_ptr(), in.B, in.T, in.D, heads, W, causal, ws, stream);
                });
   return {dq, dk, dv, dw.view(w.sizes())};
 }

@@ -46,8 +46,8 @@ constexpr float kTiny = 1e-30f;
 
 // exact band-union part for query t, channel c: (mx, s, a) over keys [u0, u1) with logits k + w'
 // (skipping -inf, NaN propagating); mx = -inf when nothing is visible.
-void exact_union(const float* kcol, const float* vcol, int64_t D, const float* wrow, int64_t t, int64_t u0,
-                 int64_t u1, int64_t window, bool causal, float& mx, float& s, float& a) {
+void exact_union(const float* kcol, const float* vcol, int64_t D, const float* wrow, int64_t t, int64_t u0, int64_t u1,
+                 int64_t window, bool causal, float& mx, float& s, float& a) {
   const float ninf = -std::numeric_limits<float>::infinity();
   mx = ninf;
   bool nan = false;
@@ -128,7 +128,7 @@ __attribute__((target("avx2,fma"))) void fwd(const float* __restrict__ q, const 
   const float nan = std::numeric_limits<float>::quiet_NaN();
   std::vector<float> XE(B * T * D), XV(B * T * D);
   std::vector<float> tm(B * nt * D), tS(B * nt * D), tA(B * nt * D);  // per key tile: max, sums
-  std::vector<unsigned char> bad(B * nt, 0);                           // tile holds a NaN in k or v
+  std::vector<unsigned char> bad(B * nt, 0);                          // tile holds a NaN in k or v
 
   // pass 0: per (b, key tile) the offsets, XE = exp(k - m), XV = XE * v, the tile sums and the NaN flag
   at::parallel_for(0, B * nt, 1, [&](int64_t p0, int64_t p1) {
@@ -278,7 +278,8 @@ __attribute__((target("avx2,fma"))) void fwd(const float* __restrict__ q, const 
               const int64_t o = (b * T + t) * D + hc + c;
               __m256 o_ = _mm256_add_ps(_mm256_set1_ps(r[ii + rr]), mu);
               __m256 nn = n[rr], dd = d[rr];
-              const int lost = any_bad ? 0xff : _mm256_movemask_ps(_mm256_cmp_ps(dd, _mm256_set1_ps(kTiny), _CMP_NGE_UQ));
+              const int lost =
+                  any_bad ? 0xff : _mm256_movemask_ps(_mm256_cmp_ps(dd, _mm256_set1_ps(kTiny), _CMP_NGE_UQ));
               if (lost) {  // exact band part for the lost lanes
                 alignas(32) float ob[8], nb[8], db[8];
                 _mm256_store_ps(ob, any_bad ? _mm256_setzero_ps() : o_);
@@ -324,8 +325,8 @@ bool aft_local_tiled_fwd_avx2(const float* q, const float* k, const float* v, co
 }
 
 #else
-bool aft_local_tiled_fwd_avx2(const float*, const float*, const float*, const float*, float*, float*, int64_t,
-                              int64_t, int64_t, int64_t, int64_t, bool) {
+bool aft_local_tiled_fwd_avx2(const float*, const float*, const float*, const float*, float*, float*, int64_t, int64_t,
+                              int64_t, int64_t, int64_t, bool) {
   return false;
 }
 #endif

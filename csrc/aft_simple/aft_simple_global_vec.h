@@ -8,8 +8,8 @@
 namespace attnfree {
 namespace cpu {
 
-bool simple_global_fwd_avx2(const float* q, const float* k, const float* v, float* y, float* lse, int64_t B,
-                            int64_t T, int64_t D);
+bool simple_global_fwd_avx2(const float* q, const float* k, const float* v, float* y, float* lse, int64_t B, int64_t T,
+                            int64_t D);
 bool simple_global_bwd_avx2(const float* dy, const float* q, const float* k, const float* v, const float* lse,
                             float* dq, float* dk, float* dv, int64_t B, int64_t T, int64_t D);
 

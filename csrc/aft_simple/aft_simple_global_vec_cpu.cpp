@@ -76,8 +76,8 @@ void fwd_kernel(const float* __restrict__ q, const float* __restrict__ k, const 
         }
       }
       for (int64_t j = 0; j < nv; ++j) {
-        A[j] = div_or_zero(A[j], S[j]);              // ybar
-        m[j] = _mm256_add_ps(m[j], vlog(S[j]));      // lse (-inf when S = 0)
+        A[j] = div_or_zero(A[j], S[j]);          // ybar
+        m[j] = _mm256_add_ps(m[j], vlog(S[j]));  // lse (-inf when S = 0)
       }
       for (int64_t t = 0; t < T; ++t) {
         const int64_t o = base + t * D;
@@ -124,7 +124,8 @@ void bwd_kernel(const float* __restrict__ dy, const float* __restrict__ q, const
           const __m256 s = vsigmoid(loadn(q + oj, n));
           const __m256 P = vexp(_mm256_sub_ps(loadn(k + oj, n), L[j]));
           const __m256 PG = _mm256_mul_ps(P, G[j]);
-          storen(dq + oj, _mm256_mul_ps(_mm256_mul_ps(loadn(dy + oj, n), yb[j]), _mm256_mul_ps(s, _mm256_sub_ps(one, s))), n);
+          storen(dq + oj,
+                 _mm256_mul_ps(_mm256_mul_ps(loadn(dy + oj, n), yb[j]), _mm256_mul_ps(s, _mm256_sub_ps(one, s))), n);
           storen(dv + oj, PG, n);
           storen(dk + oj, _mm256_mul_ps(_mm256_sub_ps(loadn(v + oj, n), yb[j]), PG), n);
         }
@@ -137,8 +138,8 @@ void bwd_kernel(const float* __restrict__ dy, const float* __restrict__ q, const
 
 #pragma GCC pop_options
 
-bool simple_global_fwd_avx2(const float* q, const float* k, const float* v, float* y, float* lse, int64_t B,
-                            int64_t T, int64_t D) {
+bool simple_global_fwd_avx2(const float* q, const float* k, const float* v, float* y, float* lse, int64_t B, int64_t T,
+                            int64_t D) {
   if (!cpu_has_avx2_fma()) return false;
   fwd_kernel(q, k, v, y, lse, B, T, D);
   return true;

@@ -377,11 +377,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> band_bwd(const Tensor& dy, const Tens
   }
   Tensor dk = at::empty({B, T, D}, ka.options());
   Tensor dv = at::empty({B, T, D}, ka.options());
-  const bool vec = dk.numel() > 0 && acc == at::kFloat &&
-                   band_bwd_avx2(Gt.data_ptr<float>(), Ht.data_ptr<float>(), ka.data_ptr<float>(),
-                                 va.data_ptr<float>(), w ? wa.data_ptr<float>() : nullptr, la.data_ptr<float>(),
-                                 dk.data_ptr<float>(), dv.data_ptr<float>(), w ? dw.data_ptr<float>() : nullptr, B, T,
-                                 D, heads, window, causal);
+  const bool vec =
+      dk.numel() > 0 && acc == at::kFloat &&
+      band_bwd_avx2(Gt.data_ptr<float>(), Ht.data_ptr<float>(), ka.data_ptr<float>(), va.data_ptr<float>(),
+                    w ? wa.data_ptr<float>() : nullptr, la.data_ptr<float>(), dk.data_ptr<float>(),
+                    dv.data_ptr<float>(), w ? dw.data_ptr<float>() : nullptr, B, T, D, heads, window, causal);
   if (dk.numel() > 0 && !vec) {
     AT_DISPATCH_FLOATING_TYPES(acc, "attnfree_band_bwd", [&] {
       band_bwd_kernel<scalar_t>(Gt.data_ptr<scalar_t>(), Ht.data_ptr<scalar_t>(), ka.data_ptr<scalar_t>(),

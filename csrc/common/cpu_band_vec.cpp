@@ -312,9 +312,9 @@ bool band_fwd_avx2(const float* q, const float* k, const float* v, const float* 
   return true;
 }
 
-bool band_bwd_avx2(const float* G, const float* Hm, const float* k, const float* v, const float* w,
-                   const float* lse, float* dk, float* dv, float* dw, int64_t B, int64_t T, int64_t D, int64_t H,
-                   int64_t window, bool causal) {
+bool band_bwd_avx2(const float* G, const float* Hm, const float* k, const float* v, const float* w, const float* lse,
+                   float* dk, float* dv, float* dw, int64_t B, int64_t T, int64_t D, int64_t H, int64_t window,
+                   bool causal) {
   if (!cpu_has_avx2_fma()) return false;
   bwd_kernel(G, Hm, k, v, w, lse, dk, dv, dw, B, T, D, H, window, causal);
   return true;

@@ -10,9 +10,9 @@ namespace cpu {
 
 bool band_fwd_avx2(const float* q, const float* k, const float* v, const float* w, float* y, float* lse, int64_t B,
                    int64_t T, int64_t D, int64_t H, int64_t window, bool causal);
-bool band_bwd_avx2(const float* G, const float* Hm, const float* k, const float* v, const float* w,
-                   const float* lse, float* dk, float* dv, float* dw, int64_t B, int64_t T, int64_t D, int64_t H,
-                   int64_t window, bool causal);
+bool band_bwd_avx2(const float* G, const float* Hm, const float* k, const float* v, const float* w, const float* lse,
+                   float* dk, float* dv, float* dw, int64_t B, int64_t T, int64_t D, int64_t H, int64_t window,
+                   bool causal);
 
 }  // namespace cpu
 }  // namespace attnfree

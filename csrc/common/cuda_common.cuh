@@ -254,8 +254,8 @@ struct ChunkItem {
 };
 
 template <typename Acc, class Src>
-__global__ void chunk_state_kernel(Src src, gptr<Acc> __restrict__ wm, gptr<Acc> __restrict__ wa, gptr<Acc> __restrict__ wb, int64_t B,
-                                   int64_t T, int64_t D, int64_t L, int64_t nch) {
+__global__ void chunk_state_kernel(Src src, gptr<Acc> __restrict__ wm, gptr<Acc> __restrict__ wa,
+                                   gptr<Acc> __restrict__ wb, int64_t B, int64_t T, int64_t D, int64_t L, int64_t nch) {
   const int64_t n = B * nch * D;
   AF_GRID_STRIDE(i, n) {
     const ChunkItem it(i, T, D, L, nch);
@@ -272,8 +272,8 @@ __global__ void chunk_state_kernel(Src src, gptr<Acc> __restrict__ wm, gptr<Acc>
 }
 
 template <typename Acc, bool REV, bool TOTAL>
-__global__ void chunk_scan_kernel(gptr<Acc> __restrict__ wm, gptr<Acc> __restrict__ wa, gptr<Acc> __restrict__ wb, int64_t B,
-                                  int64_t nch, int64_t D) {
+__global__ void chunk_scan_kernel(gptr<Acc> __restrict__ wm, gptr<Acc> __restrict__ wa, gptr<Acc> __restrict__ wb,
+                                  int64_t B, int64_t nch, int64_t D) {
   const int64_t n = B * D;
   AF_GRID_STRIDE(i, n) {
     const int64_t c = i % D;
@@ -334,9 +334,12 @@ inline void run_chunked_scan(const Src& src, const Sink& sink, const ScanState<A
   const int64_t L = scan_chunk_len(B, T, D);
   const int64_t nch = (T + L - 1) / L;
   const int64_t n = B * nch * D;
-  ATTNFREE_LAUNCH((chunk_state_kernel<Acc, Src>), grid_for(n), kThreads, 0, stream)(src, st.m, st.a, st.b, B, T, D, L, nch);
-  ATTNFREE_LAUNCH((chunk_scan_kernel<Acc, REV, TOTAL>), grid_for(B * D), kThreads, 0, stream)(st.m, st.a, st.b, B, nch, D);
-  ATTNFREE_LAUNCH((chunk_apply_kernel<Acc, Src, Sink, REV, TOTAL>), grid_for(n), kThreads, 0, stream)(src, sink, st.m, st.a, st.b, B, T, D, L, nch);
+  ATTNFREE_LAUNCH((chunk_state_kernel<Acc, Src>), grid_for(n), kThreads, 0, stream)(src, st.m, st.a, st.b, B, T, D, L,
+                                                                                    nch);
+  ATTNFREE_LAUNCH((chunk_scan_kernel<Acc, REV, TOTAL>), grid_for(B * D), kThreads, 0, stream)(st.m, st.a, st.b, B, nch,
+                                                                                              D);
+  ATTNFREE_LAUNCH((chunk_apply_kernel<Acc, Src, Sink, REV, TOTAL>), grid_for(n), kThreads, 0, stream)(
+      src, sink, st.m, st.a, st.b, B, T, D, L, nch);
 }
 
 // ------------------------------------------------------------------ common item sources / sinks

@@ -33,8 +33,8 @@ __device__ __forceinline__ double logp_of(double l, double lse) {
 }
 
 template <typename Acc>
-__global__ void ea_lse_kernel(gptr<const Acc> __restrict__ wm, gptr<const Acc> __restrict__ wa, gptr<Acc> __restrict__ lse, int64_t M,
-                              int64_t nch, int64_t S) {
+__global__ void ea_lse_kernel(gptr<const Acc> __restrict__ wm, gptr<const Acc> __restrict__ wa,
+                              gptr<Acc> __restrict__ lse, int64_t M, int64_t nch, int64_t S) {
   AF_GRID_STRIDE(i, M * S) {
     const int64_t s = i % S, m = i / S;
     const int64_t j = (m * nch) * S + s;  // chunk 0 holds the total after the TOTAL scan
@@ -64,8 +64,8 @@ __device__ __forceinline__ Acc warp_allmax(Acc x) {
 //   rowsum = exp(log_s) + eps.
 template <typename scalar_t, typename Acc>
 __global__ void ea_row_fwd_kernel(gptr<const scalar_t> __restrict__ l, gptr<const Acc> __restrict__ lse,
-                                  gptr<scalar_t> __restrict__ out, gptr<Acc> __restrict__ rowsum, Acc eps, int64_t M, int64_t N,
-                                  int64_t S) {
+                                  gptr<scalar_t> __restrict__ out, gptr<Acc> __restrict__ rowsum, Acc eps, int64_t M,
+                                  int64_t N, int64_t S) {
   const int lane = threadIdx.x & 31;
   AF_WARP_STRIDE(row, M * N) {
     const int64_t m = row / N;
@@ -111,8 +111,8 @@ __device__ __forceinline__ Acc ea_a(gptr<const scalar_t> out, gptr<const scalar_
 template <typename scalar_t, typename Acc>
 __global__ void ea_rowdot_kernel(gptr<const scalar_t> __restrict__ dout, gptr<const scalar_t> __restrict__ out,
                                  gptr<const scalar_t> __restrict__ l, gptr<const Acc> __restrict__ lse,
-                                 gptr<const Acc> __restrict__ rowsum, gptr<Acc> __restrict__ rowdot, int64_t M, int64_t N,
-                                 int64_t S) {
+                                 gptr<const Acc> __restrict__ rowsum, gptr<Acc> __restrict__ rowdot, int64_t M,
+                                 int64_t N, int64_t S) {
   const int lane = threadIdx.x & 31;
   AF_WARP_STRIDE(row, M * N) {
     const int64_t m = row / N;
@@ -163,8 +163,8 @@ template <typename scalar_t, typename Acc>
 __global__ void ea_bwd_out_kernel(gptr<const scalar_t> __restrict__ dout, gptr<const scalar_t> __restrict__ out,
                                   gptr<const scalar_t> __restrict__ l, gptr<const Acc> __restrict__ lse,
                                   gptr<const Acc> __restrict__ rowsum, gptr<const Acc> __restrict__ rowdot,
-                                  gptr<const Acc> __restrict__ colsum, gptr<scalar_t> __restrict__ dl, int64_t M, int64_t N,
-                                  int64_t S) {
+                                  gptr<const Acc> __restrict__ colsum, gptr<scalar_t> __restrict__ dl, int64_t M,
+                                  int64_t N, int64_t S) {
   AF_GRID_STRIDE(i, M * N * S) {
     const int64_t s = i % S;
     const int64_t row = i / S;
@@ -196,11 +196,15 @@ cudaError_t ea_double_norm_fwd(DType dtype, const void* logits, void* out, void*
     const ScanState<acc_t> st = take_scan_state<acc_t>(ws, nc);
     const scalar_t* lp = static_cast<const scalar_t*>(logits);
     EaSrc<scalar_t, acc_t> src{lp, N, S};
-    ATTNFREE_LAUNCH((chunk_state_kernel<acc_t>), grid_for(nc), kThreads, 0, stream)(src, st.m, st.a, st.b, M, N, S, L, nch);
-    ATTNFREE_LAUNCH((chunk_scan_kernel<acc_t, false, true>), grid_for(M * S), kThreads, 0, stream)(st.m, st.a, st.b, M, nch, S);
-    ATTNFREE_LAUNCH((ea_lse_kernel<acc_t>), grid_for(M * S), kThreads, 0, stream)(st.m, st.a, static_cast<acc_t*>(lse), M, nch, S);
-    ATTNFREE_LAUNCH((ea_row_fwd_kernel<scalar_t, acc_t>), row_grid(M * N), kThreads, 0, stream)(lp, static_cast<const acc_t*>(lse), static_cast<scalar_t*>(out),
-                                                   static_cast<acc_t*>(rowsum), static_cast<acc_t>(eps), M, N, S);
+    ATTNFREE_LAUNCH((chunk_state_kernel<acc_t>), grid_for(nc), kThreads, 0, stream)(src, st.m, st.a, st.b, M, N, S, L,
+                                                                                    nch);
+    ATTNFREE_LAUNCH((chunk_scan_kernel<acc_t, false, true>), grid_for(M * S), kThreads, 0, stream)(st.m, st.a, st.b, M,
+                                                                                                   nch, S);
+    ATTNFREE_LAUNCH((ea_lse_kernel<acc_t>), grid_for(M * S), kThreads, 0, stream)(st.m, st.a, static_cast<acc_t*>(lse),
+                                                                                  M, nch, S);
+    ATTNFREE_LAUNCH((ea_row_fwd_kernel<scalar_t, acc_t>), row_grid(M * N), kThreads, 0, stream)(
+        lp, static_cast<const acc_t*>(lse), static_cast<scalar_t*>(out), static_cast<acc_t*>(rowsum),
+        static_cast<acc_t>(eps), M, N, S);
     return cudaGetLastError();
   });
 }
@@ -227,9 +231,12 @@ cudaError_t ea_double_norm_bwd(DType dtype, const void* dout, const void* logits
     const acc_t* lsep = static_cast<const acc_t*>(lse);
     const acc_t* rsp = static_cast<const acc_t*>(rowsum);
     const scalar_t* op = static_cast<const scalar_t*>(out);
-    ATTNFREE_LAUNCH((ea_rowdot_kernel<scalar_t, acc_t>), row_grid(M * N), kThreads, 0, stream)(dp, op, lp, lsep, rsp, rowdot, M, N, S);
-    ATTNFREE_LAUNCH((ea_colsum_partial_kernel<scalar_t, acc_t>), grid_for(M * nch * S), kThreads, 0, stream)(dp, op, lp, lsep, rsp, rowdot, partial, M, N, S, L, nch);
-    ATTNFREE_LAUNCH((ea_colsum_combine_kernel<acc_t>), grid_for(M * S), kThreads, 0, stream)(partial, colsum, M, nch, S);
+    ATTNFREE_LAUNCH((ea_rowdot_kernel<scalar_t, acc_t>), row_grid(M * N), kThreads, 0, stream)(dp, op, lp, lsep, rsp,
+                                                                                               rowdot, M, N, S);
+    ATTNFREE_LAUNCH((ea_colsum_partial_kernel<scalar_t, acc_t>), grid_for(M * nch * S), kThreads, 0, stream)(
+        dp, op, lp, lsep, rsp, rowdot, partial, M, N, S, L, nch);
+    ATTNFREE_LAUNCH((ea_colsum_combine_kernel<acc_t>), grid_for(M * S), kThreads, 0, stream)(partial, colsum, M, nch,
+                                                                                             S);
     ATTNFREE_LAUNCH((ea_bwd_out_kernel<scalar_t, acc_t>), grid_for(M * N * S), kThreads, 0, stream)(
         dp, op, lp, lsep, rsp, rowdot, colsum, static_cast<scalar_t*>(dlogits), M, N, S);
     return cudaGetLastError();

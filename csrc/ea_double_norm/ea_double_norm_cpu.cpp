@@ -145,10 +145,11 @@ std::tuple<Tensor, Tensor, Tensor> ea_double_norm_fwd(const Tensor& logits, doub
                    ea_fwd_avx2(la.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(),
                                rowsum.data_ptr<float>(), M, N, S, static_cast<float>(eps));
   if (out.numel() > 0) {
-    if (!vec) AT_DISPATCH_FLOATING_TYPES(acc, "attnfree_ea_fwd", [&] {
-      ea_fwd_kernel<scalar_t>(la.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
-                              rowsum.data_ptr<scalar_t>(), M, N, S, static_cast<scalar_t>(eps));
-    });
+    if (!vec)
+      AT_DISPATCH_FLOATING_TYPES(acc, "attnfree_ea_fwd", [&] {
+        ea_fwd_kernel<scalar_t>(la.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+                                rowsum.data_ptr<scalar_t>(), M, N, S, static_cast<scalar_t>(eps));
+      });
   } else {  // empty input: zeros, like the Python reference path
     lse.zero_();
     rowsum.zero_();
