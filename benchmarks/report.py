@@ -6,7 +6,7 @@ the *effective* rate of the same job and rates compare like times):
     written once; fwd+bwd adds dy read and the input gradients written once. For aft_local only the band of w
     that is used counts (T * min(T, 2*window - 1), causal T * window).
   compute-bound (aft_full: 4*B*T^2*D forward, half when causal; talking heads: 4*B*h*N^2*dh + 4*B*h^2*N^2):
-    FLOPs, fwd+bwd = 3x forward (backward = 2x forward, NOTES 3).
+    FLOPs, fwd+bwd = 3x forward (backward = 2x forward, docs/design.md §3).
 Fraction of floor = achieved rate / the machine's rate measured in the same run (copy rate of a large clone for
 bytes, square matmul in the benchmark dtype for FLOPs). Modules report time and memory only.
 """
