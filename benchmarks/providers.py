@@ -36,6 +36,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .peers import OrigAFT_FULL as EAPytorchAFTFull
+from .peers import OrigExternalAttention as EAPytorchExternalAttention
+from .peers import OrigTalkingHeadAttn as TimmTalkingHeadAttn
+from .peers import ea_pytorch_aft_core, ea_pytorch_double_norm, timm_talking_heads_core
 from .shapes import Case
 
 PROVIDERS = (
@@ -191,63 +195,6 @@ def make_inputs(case: Case, device, dtype):
 
 
 # ----------------------------------------------------------------------------------------------- public code
-def ea_pytorch_aft_core(q, k, v, w):
-    """External-Attention-pytorch AFT_FULL.forward after its projections: exp(k + w) as a (T, B, T, D) tensor."""
-    bs, n, dim = q.shape
-    k = k.view(1, bs, n, dim)
-    v = v.view(1, bs, n, dim)
-    numerator = torch.sum(torch.exp(k + w.view(n, 1, -1, 1)) * v, dim=2)  # n, bs, dim
-    denominator = torch.sum(torch.exp(k + w.view(n, 1, -1, 1)), dim=2)  # n, bs, dim
-    out = numerator / denominator
-    return torch.sigmoid(q) * out.permute(1, 0, 2)
-
-
-class EAPytorchAFTFull(nn.Module):
-    """External-Attention-pytorch model/attention/AFT.py AFT_FULL, re-created as written there."""
-
-    def __init__(self, d_model, n=49, simple=False):
-        super().__init__()
-        self.fc_q = nn.Linear(d_model, d_model)
-        self.fc_k = nn.Linear(d_model, d_model)
-        self.fc_v = nn.Linear(d_model, d_model)
-        if simple:
-            self.register_buffer("position_biases", torch.zeros((n, n)))
-        else:
-            self.position_biases = nn.Parameter(torch.ones((n, n)))
-        self.d_model, self.n = d_model, n
-
-    def forward(self, x):
-        return ea_pytorch_aft_core(self.fc_q(x), self.fc_k(x), self.fc_v(x), self.position_biases)
-
-
-def ea_pytorch_double_norm(attn):
-    """External-Attention-pytorch ExternalAttention: softmax over tokens (dim 1), then divide by the sum over S."""
-    attn = torch.softmax(attn, dim=1)
-    return attn / torch.sum(attn, dim=2, keepdim=True)
-
-
-class EAPytorchExternalAttention(nn.Module):
-    """External-Attention-pytorch model/attention/ExternalAttention.py, re-created as written there."""
-
-    def __init__(self, d_model, S=64):
-        super().__init__()
-        self.mk = nn.Linear(d_model, S, bias=False)
-        self.mv = nn.Linear(S, d_model, bias=False)
-
-    def forward(self, queries):
-        return self.mv(ea_pytorch_double_norm(self.mk(queries)))
-
-
-def timm_talking_heads_core(q, k, v, pre_w, post_w, pre_b, post_b):
-    """timm CaiT TalkingHeadAttn.forward between qkv and proj: eager (B, h, N, N) logits, mixed twice."""
-    scale = q.shape[-1] ** -0.5
-    attn = (q * scale) @ k.transpose(-2, -1)
-    attn = F.linear(attn.permute(0, 2, 3, 1), pre_w, pre_b).permute(0, 3, 1, 2)
-    attn = attn.softmax(dim=-1)
-    attn = F.linear(attn.permute(0, 2, 3, 1), post_w, post_b).permute(0, 3, 1, 2)
-    return attn @ v
-
-
 def timm_talking_head_attn_class():
     """(timm.models.cait.TalkingHeadAttn, None) when timm imports, else (None, the reason). timm imports
     torchvision, which fails to load with a torch it was not built for (e.g. PyPI's torchvision with a CPU torch):
@@ -287,27 +234,6 @@ def timm_talking_heads_op(q, k, v, pre_w, post_w, pre_b, post_b, cls):
     x = torch.empty(B, N, h * dh, device=q.device, dtype=q.dtype)
     params = [mod.proj_l.weight, mod.proj_l.bias, mod.proj_w.weight, mod.proj_w.bias]
     return (lambda: mod(x)), [packed] + params
-
-
-class TimmTalkingHeadAttn(nn.Module):
-    """timm/models/cait.py TalkingHeadAttn, re-created as written there (dropout 0): the fallback when timm does not
-    import."""
-
-    def __init__(self, dim, num_heads=8, qkv_bias=False):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_l = nn.Linear(num_heads, num_heads)
-        self.proj_w = nn.Linear(num_heads, num_heads)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = timm_talking_heads_core(
-            qkv[0], qkv[1], qkv[2], self.proj_l.weight, self.proj_w.weight, self.proj_l.bias, self.proj_w.bias
-        )
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
 def sdpa_tokens(q, k, v, causal=False):

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from attnfree_ext import compat
+from benchmarks.peers import OrigAFT_FULL, OrigExternalAttention, OrigTalkingHeadAttn
 from common import oracles
-from common.peers import OrigAFT_FULL, OrigExternalAttention, OrigTalkingHeadAttn
 
 # ----------------------------------------------------------------------------------------- helpers
 CASES = {  # name: (original, ours, constructor args, d_model, n or None)

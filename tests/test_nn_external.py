@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from attnfree_ext.nn import ExternalAttention, MultiHeadExternalAttention, TalkingHeadAttention
+from benchmarks.peers import eanet_multihead_forward as _eanet_forward
+from benchmarks.peers import timm_talking_heads_forward as _cait_forward
 from common import oracles
-from common.peers import eanet_multihead_forward as _eanet_forward
-from common.peers import timm_talking_heads_forward as _cait_forward
 
 
 def _roundtrip(m, make):

@@ -14,9 +14,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from attnfree_ext.ops.talking_heads import reference as th_ref
 from attnfree_ext.ops.talking_heads import talking_heads_attention, talking_heads_attention_eager
+from benchmarks.peers import timm_talking_heads_core as _eager_same_dtype
 from common import oracles
 from common.metrics import maxabs as _maxabs
-from common.peers import timm_talking_heads_core as _eager_same_dtype
 
 OP = "talking_heads_attention"
 

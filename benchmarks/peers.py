@@ -1,4 +1,5 @@
-"""Re-creations of the public implementations the compat layers replace, written once for every test.
+"""Re-creations of the public implementations the compat layers replace and the benchmark compares against,
+written once for the tests and benchmarks/providers.py.
 
 Neither External-Attention-pytorch (not on PyPI) nor timm (no CPU-only install) is installable here, so these
 re-implement the originals' constructors and forward passes faithfully from reading their code, naive math
@@ -6,7 +7,7 @@ included: xmu-xiaoma666/External-Attention-pytorch model/attention/ExternalAtten
 huggingface/pytorch-image-models timm/models/cait.py (``TalkingHeadAttn``); MenghaoGuo/EANet
 multi_head_attention_torch.py. (aft-pytorch 0.2.2 is installed and used as is.)
 
-benchmarks/providers.py carries its own copies of the External-Attention-pytorch and timm re-creations.
+The benchmark uses timm's own TalkingHeadAttn when timm imports and this re-creation otherwise.
 """
 
 from __future__ import annotations
