@@ -14,14 +14,17 @@ import torch
 
 from ..common import composite as _composite
 from ..common import dispatch
-from ..common.checks import check_bias, check_causal, check_factors, check_qkv
+from ..common.checks import check_bias, check_causal, check_factors, check_like, check_qkv, check_tensor
+from ..common.features import python_only_reasons, require_python
+from ..common.rect import aft_rows, check_chunk, check_chunk_bias, chunk_mask
+from ..common.varlen import check_varlen_bias, packing
 from .compiled import CAPABILITY, LOWRANK_CAPABILITY
 from .reference import AFTFullFunction, aft_full_fwd_traceable
 
 __all__ = ["aft_full", "aft_full_lowrank", "CAPABILITY", "LOWRANK_CAPABILITY"]
 
 
-def aft_full(q, k, v, w, causal: bool = False):
+def aft_full(q, k, v, w, causal: bool = False, *, cu_seqlens=None):
     """AFT-full (Zhai et al. 2021, arXiv 2105.14103, eq. 2; docs/design.md §1).
 
         y[b, t, c] = sigmoid(q[b, t, c]) * sum_t' softmax_t'(k[b, t', c] + w[t, t']) v[b, t', c]
@@ -31,27 +34,85 @@ def aft_full(q, k, v, w, causal: bool = False):
         w: pairwise position bias, (T, T) or (heads, T, T) with D % heads == 0 (channel c uses head
             c // (D // heads)); same dtype and device as q.
         causal: a bool; if True, query t only sees keys t' <= t (autoregressive AFT, paper §4.1).
+        cu_seqlens: None, or int32/int64 (N + 1,) offsets of N packed sequences (flash-attention's varlen
+            convention): q, k, v are (1, total_T, D), sequence i is rows cu_seqlens[i]:cu_seqlens[i + 1] and sees
+            no other one; w covers the longest sequence, (L, L) or (heads, L, L) with L >= T_max, and every
+            sequence uses w[..., :len, :len] (positions restart at 0; docs/design.md §9.3).
+
+    Decoding chunk (causal only; docs/design.md §9.2): q may have fewer rows than k and v, q (B, L, D) and k, v
+    (B, S, D) with S > L, the keys so far (a cache) followed by the chunk's own. Query i sits at position
+    S - L + i and sees keys j <= S - L + i; w is then the bias rows of the chunk's positions, (L, S) or
+    (heads, L, S) (w[..., S - L + i, :S] of the full bias). Runs on the pure-PyTorch path, per element.
 
     Returns:
-        y: (B, T, D) in q's dtype. Differentiable w.r.t. q, k, v and w.
+        y: (B, T, D) in q's dtype (a chunk: (B, L, D)). Differentiable w.r.t. q, k, v and w.
 
     Raises:
         TypeError: a non-tensor or non-floating input, mixed dtypes of q/k/v, w's dtype differing from q's, or a
             causal that is not a bool.
-        ValueError: wrong ranks/shapes, D % heads != 0, or inputs on different devices.
+        ValueError: wrong ranks/shapes, D % heads != 0, or inputs on different devices; a chunk (S > L) with
+            causal=False; a bad cu_seqlens (not (N + 1,), not from 0, decreasing, not ending at total_T) or packed
+            inputs whose batch is not 1. TypeError for a cu_seqlens that is not int32/int64.
+        RuntimeError: backend "compiled" forced for a chunk or packed call (Python path only).
 
     Numerics: math in float32 (float64 for float64 inputs), a numerically stable tile-wise algorithm
     (docs/design.md §2) that stays finite and accurate for |k|, |w| up to 1e4 and for a causal "late spike" key;
     memory O(T^2 + B*T*D), never a (B, T, T, D) tensor. Dispatches to the compiled extension when it can run the
     inputs (docs/design.md §6; ``ATTNFREE_AFT_FULL_KERNEL=auto|tiled|exact`` picks its algorithm).
     """
+    if _is_chunk(q, k):
+        check_chunk(q, k, v)
+        check_chunk_bias("w", w, q, k)
+        check_causal(causal)
+        if not causal:
+            raise ValueError(
+                f"q with fewer rows than k (a decoding chunk: {q.shape[1]} < {k.shape[1]}) needs causal=True"
+            )
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens cannot be combined with a decoding chunk (q with fewer rows than k)")
+        require_python("aft_full", python_only_reasons("aft_full", chunk=True))
+        w3 = w if w.dim() == 3 else w[None]
+        visible, _ = chunk_mask(q.shape[1], k.shape[1], None, q.device)
+        return aft_rows(q, k, v, w3.masked_fill(~visible, float("-inf"))).to(q.dtype)
     check_qkv(q, k, v)
-    check_bias(w, q)
     check_causal(causal)
+    if cu_seqlens is not None:
+        pk = packing(cu_seqlens, q)
+        qp, kp, vp = pk.pad(q, 0.0), pk.pad(k, float("-inf")), pk.pad(v, 0.0)  # padding keys masked (§7)
+        wp = _varlen_bias(w, q, pk.t_max)
+        check_bias(wp, qp)
+        require_python("aft_full", python_only_reasons("aft_full", cu_seqlens=cu_seqlens))
+        return pk.unpad(_python(qp, kp, vp, wp, causal))
+    check_bias(w, q)
     if _composite.transform_active(q, k, v, w):  # forward-mode AD / functorch: no kernel formula (§6.1)
         return _composite.aft_full(q, k, v, w, causal)
     if dispatch.select("aft_full", q, k, v, w) == "compiled":
         return torch.ops.attnfree.aft_full_fwd(q, k, v, w, causal)[0]
+    return _python(q, k, v, w, causal)
+
+
+def _is_chunk(q, k) -> bool:
+    """q with fewer rows than k: a decoding chunk (shapes otherwise checked by check_chunk)."""
+    return (
+        isinstance(q, torch.Tensor)
+        and isinstance(k, torch.Tensor)
+        and q.dim() == 3
+        and k.dim() == 3
+        and q.shape[1] < k.shape[1]
+    )
+
+
+def _varlen_bias(w, q, t_max):
+    """w checked as a tensor of q's dtype and device, sliced to the longest packed sequence."""
+    check_tensor("w", w)
+    check_like("w", w, "q", q)
+    return check_varlen_bias("w", w, t_max)
+
+
+def _python(q, k, v, w, causal):
+    """The pure-PyTorch path (the composite under forward-mode AD)."""
+    if _composite.transform_active(q, k, v, w):
+        return _composite.aft_full(q, k, v, w, causal)
     if torch.compiler.is_compiling():  # the data-dependent tile loop as one opaque op (fullgraph, export)
         return aft_full_fwd_traceable(q, k, v, w, causal)[0].to(q.dtype)
     return AFTFullFunction.apply(q, k, v, w, causal)

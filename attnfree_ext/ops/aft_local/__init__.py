@@ -14,7 +14,11 @@ import torch
 
 from ..common import composite as _composite
 from ..common import dispatch
-from ..common.checks import check_bias, check_causal, check_qkv, check_window
+from ..common.checks import check_bias, check_causal, check_like, check_qkv, check_tensor, check_window
+from ..common.features import python_only_reasons, require_python
+from ..common.rect import aft_rows, check_chunk, check_chunk_bias, chunk_mask
+from ..common.state import check_state
+from ..common.varlen import check_varlen_bias, packing
 from .compiled import CAPABILITY
 from .reference import AFTLocalFunction
 
@@ -22,7 +26,15 @@ __all__ = ["aft_local", "CAPABILITY"]
 
 
 def aft_local(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, window: int, causal: bool = False
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    window: int,
+    causal: bool = False,
+    *,
+    initial_state: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """AFT-local: AFT (eq. 2) with bias ``w`` inside ``|t - t'| < window`` and 0 outside (paper §3.2;
     docs/design.md §1).
@@ -34,26 +46,76 @@ def aft_local(
             head c // (D // heads). Only the band |t - t'| < window is read (entries outside are ignored).
         window: int >= 1. window >= T gives aft_full with w everywhere; window == 1 keeps only w's diagonal.
         causal: a bool; if True, row t uses keys t' <= t only.
+        initial_state: causal only; None or a prefix state (B, 3, D) of keys that come before k and are out of
+            every row's band (bias 0): the format of aft_simple's state (docs/design.md §9.1), float32 for
+            fp16/bf16/fp32 inputs, float64 for float64. Differentiable.
+        cu_seqlens: None, or int32/int64 (N + 1,) offsets of N packed sequences (flash-attention's varlen
+            convention): q, k, v are (1, total_T, D), sequence i is rows cu_seqlens[i]:cu_seqlens[i + 1] and sees
+            no other one; w covers the longest sequence, (L, L) or (heads, L, L) with L >= T_max, and every
+            sequence uses w[..., :len, :len] (positions restart at 0; docs/design.md §9.3).
+
+    Decoding chunk (causal only; docs/design.md §9.2): q may have fewer rows than k and v, q (B, L, D) and k, v
+    (B, S, D) with S > L, the preceding keys followed by the chunk's own. Query i sits at position S - L + i, sees
+    keys j <= S - L + i with bias w inside the band (S - L + i - j < window) and 0 outside, plus the keys of
+    initial_state with bias 0; w is then the bias rows of the chunk's positions, (L, S) or (heads, L, S). The
+    chunk form (also taken whenever initial_state is given) runs on the pure-PyTorch path, per element.
 
     Returns:
-        y: (B, T, D) in q's dtype. Differentiable w.r.t. q, k, v and w (dw is 0 outside the band).
+        y: (B, T, D) in q's dtype (a chunk: (B, L, D)). Differentiable w.r.t. q, k, v and w (dw is 0 outside the
+        band).
         fp16/bf16 inputs are computed in float32.
 
     Raises:
         TypeError: non-tensor / non-floating inputs, mixed dtypes (w must match q), window not an int, causal not
             a bool.
         ValueError: wrong shapes (q, k, v not one (B, T, D) shape; w not (T, T) / (heads, T, T) with D % heads
-            == 0), window < 1, tensors on different devices.
+            == 0), window < 1, tensors on different devices; a chunk or initial_state with causal=False; an
+            initial_state not (B, 3, D) (TypeError: not the state dtype); a bad cu_seqlens (not (N + 1,), not from
+            0, decreasing, not ending at total_T; TypeError: not int32/int64), packed inputs whose batch is not 1,
+            cu_seqlens with initial_state or a chunk.
+        RuntimeError: backend "compiled" forced for a chunk, initial_state or packed call (Python path only).
 
     Numerics: exact per-row softmax normalisation, finite for any finite input (|k|, |w| up to 1e4, causal
     late spikes); memory O(B*T*D + T*window) besides w and dw (never a (B, T, T, D) tensor). See
     docs/design.md §1-§3.
     """
+    chunk = (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 3 and k.dim() == 3) and q.shape[
+        1
+    ] < k.shape[1]
+    if chunk or initial_state is not None:
+        check_chunk(q, k, v)
+        check_chunk_bias("w", w, q, k)
+        window = min(check_window(window), max(k.shape[1], 1))
+        check_causal(causal)
+        if not causal:
+            name = "initial_state" if initial_state is not None else "q with fewer rows than k (a decoding chunk)"
+            raise ValueError(f"{name} needs causal=True")
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens cannot be combined with initial_state or a decoding chunk")
+        if initial_state is not None:
+            check_state("initial_state", initial_state, q)
+        require_python("aft_local", python_only_reasons("aft_local", chunk=chunk, initial_state=initial_state))
+        w3 = w if w.dim() == 3 else w[None]
+        visible, band = chunk_mask(q.shape[1], k.shape[1], window, q.device)
+        bias = torch.where(band, w3, torch.zeros_like(w3)).masked_fill(~visible, float("-inf"))
+        return aft_rows(q, k, v, bias, prefix=initial_state).to(q.dtype)
     check_qkv(q, k, v)
+    check_causal(causal)
+    if cu_seqlens is not None:
+        pk = packing(cu_seqlens, q)
+        check_tensor("w", w)
+        check_like("w", w, "q", q)
+        qp, kp, vp = pk.pad(q, 0.0), pk.pad(k, float("-inf")), pk.pad(v, 0.0)  # padding keys masked (§7)
+        wp = check_varlen_bias("w", w, pk.t_max)
+        check_bias(wp, qp)
+        window = min(check_window(window), max(pk.t_max, 1))
+        require_python("aft_local", python_only_reasons("aft_local", cu_seqlens=cu_seqlens))
+        if _composite.transform_active(qp, kp, vp, wp):
+            return pk.unpad(_composite.aft_local(qp, kp, vp, wp, window, causal))
+        return pk.unpad(AFTLocalFunction.apply(qp, kp, vp, wp, window, causal))
     check_bias(w, q)
     # any positive int (sys.maxsize, 2**64): the band only ever covers T keys, and the compiled op takes an int64
     window = min(check_window(window), max(q.shape[1], 1))
-    check_causal(causal)
     if _composite.transform_active(q, k, v, w):  # forward-mode AD / functorch: no kernel formula (§6.1)
         return _composite.aft_local(q, k, v, w, window, causal)
     if dispatch.select("aft_local", q, k, v, w) == "compiled":

@@ -14,35 +14,111 @@ import torch
 from ..common import composite as _composite
 from ..common import dispatch
 from ..common.checks import check_causal, check_qkv
+from ..common.dtypes import compute_dtype
+from ..common.features import python_only_reasons, require_python
+from ..common.state import check_state, merge_keys, state_as_key
+from ..common.varlen import packing
 from .compiled import CAPABILITY
 from .reference import AFTSimpleFunction
 
 __all__ = ["aft_simple", "CAPABILITY"]
 
 
-def aft_simple(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+def aft_simple(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    *,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+):
     """AFT-simple: ``y = sigmoid(q) * sum_t' softmax_t'(k) * v`` per channel (AFT eq. 2 with w = 0;
     docs/design.md §1).
 
     Args:
         q, k, v: (B, T, D) tensors of one dtype (float16, bfloat16, float32 or float64) and one device.
-            Non-contiguous inputs are made contiguous once.
+            Non-contiguous inputs are made contiguous once. With ``cu_seqlens``: (1, total_T, D), packed.
         causal: a bool; if True, row t uses keys t' <= t only (the RWKV-4 WKV recurrence without decay).
+        initial_state: causal only; None or the state of the keys before this call, (B, 3, D) (with
+            ``cu_seqlens``: (N, 3, D), one per sequence), float32 for fp16/bf16/fp32 inputs, float64 for float64:
+            rows (m, num, den) = (running max of k, sum exp(k - m) v, sum exp(k - m)); (-inf, 0, 0) equals None
+            (docs/design.md §9.1). Differentiable (all three rows).
+        output_final_state: causal only; if True also return the state after the last key (same format).
+        cu_seqlens: None, or int32/int64 (N + 1,) offsets of N packed sequences (flash-attention's varlen
+            convention): sequence i is rows cu_seqlens[i]:cu_seqlens[i + 1] of q, k, v (1, total_T, D) and sees
+            no other sequence (docs/design.md §9.3).
 
     Returns:
-        y: (B, T, D) in q's dtype. Differentiable w.r.t. q, k and v. fp16/bf16 inputs are computed in float32.
+        y: (B, T, D) in q's dtype, or (y, final_state) when ``output_final_state``. Differentiable w.r.t. q, k, v
+        (and initial_state). fp16/bf16 inputs are computed in float32.
 
     Raises:
-        TypeError: a non-tensor or non-floating input, mixed dtypes, or a causal that is not a bool.
-        ValueError: inputs that are not 3-D, differ in shape, or live on different devices.
+        TypeError: a non-tensor or non-floating input, mixed dtypes, a causal / output_final_state that is not a
+            bool, an initial_state of the wrong dtype, a cu_seqlens that is not int32/int64.
+        ValueError: inputs that are not 3-D, differ in shape, or live on different devices; initial_state or
+            output_final_state with causal=False; an initial_state not (B, 3, D); a cu_seqlens that does not start at
+            0, decreases or does not end at total_T, or packed inputs whose batch is not 1.
+        RuntimeError: backend "compiled" forced for a call using initial_state / output_final_state /
+            cu_seqlens (the Python path runs them; ``attnfree_ext.ops.common.features.backend_info`` says so).
 
     Numerics: exact softmax normalisation in log space (no split max), finite for any finite input; memory
-    O(B*T*D) forward and backward (never a (B, T, T, D) tensor). See docs/design.md §1-§3.
+    O(B*T*D) forward and backward (never a (B, T, T, D) tensor). See docs/design.md §1-§3, §9.
     """
     check_qkv(q, k, v)
     check_causal(causal)
+    if not isinstance(output_final_state, bool):
+        raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
+    if not causal and initial_state is not None:
+        raise ValueError(
+            "initial_state needs causal=True (a state carries a causal prefix; non-causal rows see all keys)"
+        )
+    if not causal and output_final_state:
+        raise ValueError("output_final_state needs causal=True (a state carries a causal prefix)")
+    why = python_only_reasons(
+        "aft_simple", initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
+    )
+    if cu_seqlens is not None:
+        pk = packing(cu_seqlens, q)
+        if initial_state is not None:
+            check_state("initial_state", initial_state, q.new_empty(pk.n, 0, q.shape[2]))
+        require_python("aft_simple", why)
+        neg_inf = float("-inf")  # padding keys are masked (docs/design.md §7)
+        out = _python(pk.pad(q, 0.0), pk.pad(k, neg_inf), pk.pad(v, 0.0), causal, initial_state, output_final_state)
+        if output_final_state:
+            return pk.unpad(out[0]), out[1]
+        return pk.unpad(out)
+    if initial_state is not None:
+        check_state("initial_state", initial_state, q)
+    if why:
+        require_python("aft_simple", why)
+        return _python(q, k, v, causal, initial_state, output_final_state)
     if _composite.transform_active(q, k, v):  # forward-mode AD / functorch: no kernel formula (§6.1)
         return _composite.aft_simple(q, k, v, causal)
     if dispatch.select("aft_simple", q, k, v) == "compiled":
         return torch.ops.attnfree.aft_simple_fwd(q, k, v, causal)[0]
     return AFTSimpleFunction.apply(q, k, v, causal)
+
+
+def _core(q, k, v, causal):
+    if _composite.transform_active(q, k, v):
+        return _composite.aft_simple(q, k, v, causal)
+    return AFTSimpleFunction.apply(q, k, v, causal)
+
+
+def _python(q, k, v, causal, initial_state, output_final_state):
+    """The Python path with a state: the state enters as one pseudo-key before the first row (docs/design.md §9.1),
+    in the compute dtype so that low-precision inputs do not round it."""
+    if initial_state is None:
+        y = _core(q, k, v, causal)
+    else:
+        ct = compute_dtype(q.dtype)
+        k0, v0 = state_as_key(initial_state)
+        qc = torch.cat([torch.zeros_like(k0), q.to(ct)], dim=1)
+        kc = torch.cat([k0, k.to(ct)], dim=1)
+        vc = torch.cat([v0, v.to(ct)], dim=1)
+        y = _core(qc, kc, vc, True)[:, 1:].to(q.dtype)
+    if output_final_state:
+        return y, merge_keys(initial_state, k, v)
+    return y

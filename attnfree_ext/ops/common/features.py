@@ -1,0 +1,62 @@
+"""Arguments the compiled kernels do not take yet, as data: recurrent state, packed sequences, decoding chunks
+(docs/design.md §9). A call that uses one runs on the pure-PyTorch path; ``backend_info`` says so.
+
+``backend_info(op, *tensors, **arguments)`` is :func:`attnfree_ext.backend_info` plus keyword arguments naming the
+extra arguments of the call (``initial_state``, ``output_final_state``, ``cu_seqlens``, ``chunk``); with none
+given it is exactly the plain one.
+"""
+
+from __future__ import annotations
+
+from . import dispatch
+
+__all__ = ["PYTHON_ONLY_ARGUMENTS", "python_only_reasons", "require_python", "backend_info"]
+
+_STATE = "the recurrent state runs on the pure-PyTorch path (its compiled kernels are not wired yet)"
+_VARLEN = "packed sequences run as one padded batch on the pure-PyTorch path"
+_CHUNK = "a decoding chunk (k, v with more rows than q) runs on the pure-PyTorch path"
+
+#: op -> argument -> why a call using it runs on the pure-PyTorch path
+PYTHON_ONLY_ARGUMENTS = {
+    "aft_simple": {"initial_state": _STATE, "output_final_state": _STATE, "cu_seqlens": _VARLEN},
+    "aft_local": {"initial_state": _STATE, "chunk": _CHUNK, "cu_seqlens": _VARLEN},
+    "aft_full": {"chunk": _CHUNK, "cu_seqlens": _VARLEN},
+}
+
+
+def python_only_reasons(op: str, **arguments) -> list[str]:
+    """One reason per argument of ``op`` that is used (not None / not False) and has no compiled kernel."""
+    table = PYTHON_ONLY_ARGUMENTS.get(op, {})
+    unknown = set(arguments) - set(table)
+    if unknown:
+        raise ValueError(f"{op} has no argument(s) {sorted(unknown)} here; known: {sorted(table)}")
+    used = [name for name in table if arguments.get(name) is not None and arguments.get(name) is not False]
+    return [f"{name} given: {table[name]}" for name in used]
+
+
+def require_python(op: str, why: list[str]) -> None:
+    """Raise RuntimeError when the compiled path is forced for a call that only the Python path can run."""
+    if why and dispatch._requested() == "compiled":
+        raise RuntimeError(
+            f"attnfree_ext: backend 'compiled' was forced for {op} but it cannot run these inputs:\n  - "
+            + "\n  - ".join(why)
+        )
+
+
+def backend_info(op: str, *tensors, **arguments) -> dict:
+    """:func:`attnfree_ext.backend_info` for a call that also passes ``arguments`` (e.g. ``initial_state=s``,
+    ``output_final_state=True``, ``cu_seqlens=cu``, ``chunk=True``): same keys; ``selected`` is "python" (None
+    when "compiled" is forced) when one of them has no compiled kernel, with the reason listed."""
+    info = dispatch.backend_info(op, *tensors)
+    why = python_only_reasons(op, **arguments)
+    if not why:
+        return info
+    info["reasons"]["compiled"] = why + [r for r in info["reasons"]["compiled"] if r not in why]
+    if info["requested"] == "compiled":
+        info["selected"] = None
+        info["summary"] = f"{op}: compiled forced but unsupported ({'; '.join(info['reasons']['compiled'])})"
+    else:
+        info["selected"] = "python"
+        info["reasons"]["python"] = []
+        info["summary"] = f"{op}: python; compiled skipped ({'; '.join(info['reasons']['compiled'])})"
+    return info
