@@ -23,7 +23,11 @@ from ..ops.aft_conv import aft_conv2d
 from ..ops.aft_full import aft_full, aft_full_lowrank
 from ..ops.aft_local import aft_local
 from ..ops.aft_simple import aft_simple
+from ..ops.common.dtypes import compute_dtype
+from ..ops.common.state import check_state
+from . import _decode
 from ._validate import as_dtype_of, check_image, check_tokens, positive_int
+from .state import AFTFullState, AFTLocalState
 
 __all__ = ["AFTFull", "AFTLocal", "AFTSimple", "AFTConv2d"]
 
@@ -119,16 +123,38 @@ class AFTFull(_AFTTokenBase):
     def __init__(self, max_seqlen, dim, hidden_dim=None, heads=1, causal=False, bias_rank=None):
         super().__init__(max_seqlen, dim, hidden_dim, heads, causal, bias_rank)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._qkv(x)
-        T = x.shape[1]
-        if self.bias_rank is None:
-            y = aft_full(q, k, v, as_dtype_of(self.w[..., :T, :T], q), self.causal)
+    def forward(self, x: torch.Tensor, state: AFTFullState | None = None, return_state: bool = False):
+        """y = project(AFT(x)); with ``state`` / ``return_state`` (causal layers only) the chunk continues the
+        sequence ``state`` ended and ``(y, new_state)`` is returned (:class:`AFTFullState`: the keys and values so
+        far, docs/design.md §9.2). Output equals the full-sequence forward for any split into chunks."""
+        if state is None and not return_state:
+            q, k, v = self._qkv(x)
+            return self.project(self._full(q, k, v, x.shape[1]))
+        t0 = _start(self, x, state, return_state)
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        t1 = t0 + x.shape[1]
+        if state is None:
+            y = self._full(q, k, v, t1)
+            ct = compute_dtype(q.dtype)
+            new = AFTFullState(k.to(ct), v.to(ct))
         else:
-            u = as_dtype_of(self.bias_u[..., :T, :], q)
-            vb = as_dtype_of(self.bias_v[..., :T, :], q)
-            y = aft_full_lowrank(q, k, v, u, vb, self.causal)
-        return self.project(y)
+            _decode.check_full_state(state, q)
+            y, new = _decode.full_step(q, k, v, self._bias_rows(t0, t1), state)
+        y = self.project(y)
+        return (y, new) if return_state else y
+
+    def _full(self, q, k, v, T):
+        if self.bias_rank is None:
+            return aft_full(q, k, v, as_dtype_of(self.w[..., :T, :T], q), self.causal)
+        u = as_dtype_of(self.bias_u[..., :T, :], q)
+        vb = as_dtype_of(self.bias_v[..., :T, :], q)
+        return aft_full_lowrank(q, k, v, u, vb, self.causal)
+
+    def _bias_rows(self, t0, t1):
+        """The bias rows of positions t0..t1-1 over keys 0..t1-1: (heads?, t1 - t0, t1)."""
+        if self.bias_rank is None:
+            return self.w[..., t0:t1, :t1]
+        return self.bias_u[..., t0:t1, :] @ self.bias_v[..., :t1, :].transpose(-1, -2)
 
 
 class AFTLocal(_AFTTokenBase):
@@ -155,11 +181,29 @@ class AFTLocal(_AFTTokenBase):
         super().__init__(max_seqlen, dim, hidden_dim, heads, causal, bias_rank)
         self.window = window
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._qkv(x)
-        T = x.shape[1]
-        w = as_dtype_of(self.position_bias(T), q)
-        return self.project(aft_local(q, k, v, w, self.window, self.causal))
+    def forward(self, x: torch.Tensor, state: AFTLocalState | None = None, return_state: bool = False):
+        """y = project(AFT-local(x)); with ``state`` / ``return_state`` (causal layers only) the chunk continues the
+        sequence ``state`` ended and ``(y, new_state)`` is returned (:class:`AFTLocalState`: a prefix summary of the
+        keys older than the window plus the last window - 1 keys and values, docs/design.md §9.2). Output equals
+        the full-sequence forward for any split into chunks."""
+        if state is None and not return_state:
+            q, k, v = self._qkv(x)
+            T = x.shape[1]
+            w = as_dtype_of(self.position_bias(T), q)
+            return self.project(aft_local(q, k, v, w, self.window, self.causal))
+        t0 = _start(self, x, state, return_state)
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        t1 = t0 + x.shape[1]
+        if state is None:
+            y = aft_local(q, k, v, as_dtype_of(self.position_bias(t1), q), self.window, True)
+            ct = compute_dtype(q.dtype)
+            new = _decode.local_state(None, k.to(ct), v.to(ct), self.window, t1)
+        else:
+            _decode.check_local_state(state, q, self.window)
+            ks = t0 - state.k.shape[1]  # position of the oldest cached key
+            y, new = _decode.local_step(q, k, v, self.position_bias(t1)[..., t0:t1, ks:t1], self.window, state)
+        y = self.project(y)
+        return (y, new) if return_state else y
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", window={self.window}"
@@ -190,13 +234,58 @@ class AFTSimple(nn.Module):
         self.to_v = nn.Linear(self.dim, self.hidden_dim)
         self.project = nn.Linear(self.hidden_dim, self.dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, return_state: bool = False):
+        """y = project(AFT-simple(x)); with ``state`` / ``return_state`` (causal layers only) the chunk continues
+        the sequence ``state`` ended and ``(y, new_state)`` is returned: the (B, 3, hidden_dim) state of
+        :func:`attnfree_ext.aft_simple` (docs/design.md §9.1). Output equals the full-sequence forward for any
+        split into chunks."""
+        if state is None and not return_state:
+            check_tokens(x, self.dim)
+            y = aft_simple(self.to_q(x), self.to_k(x), self.to_v(x), self.causal)
+            return self.project(y)
+        _check_decoding(self, return_state)
         check_tokens(x, self.dim)
-        y = aft_simple(self.to_q(x), self.to_k(x), self.to_v(x), self.causal)
-        return self.project(y)
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        if state is not None:
+            check_state("state", state, q)
+        out = aft_simple(q, k, v, True, initial_state=state, output_final_state=return_state)
+        if return_state:
+            return self.project(out[0]), out[1]
+        return self.project(out)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, hidden_dim={self.hidden_dim}, causal={self.causal}"
+
+
+def _check_decoding(layer, return_state) -> None:
+    if not isinstance(return_state, bool):
+        raise TypeError(f"return_state must be a bool, got {type(return_state).__name__}")
+    if not layer.causal:
+        raise ValueError(
+            f"{type(layer).__name__}: state / return_state need a causal layer (built with causal=True); a "
+            "non-causal layer's rows see the whole sequence, so there is no state to carry"
+        )
+
+
+def _start(layer, x, state, return_state) -> int:
+    """Checks of a decoding call of AFTFull / AFTLocal; returns the position of the chunk's first token."""
+    _check_decoding(layer, return_state)
+    check_tokens(x, layer.dim)
+    if state is None:
+        t0 = 0
+    elif isinstance(state, AFTLocalState):
+        t0 = state.offset
+    elif isinstance(state, AFTFullState):
+        t0 = state.k.shape[1] if isinstance(state.k, torch.Tensor) and state.k.dim() == 3 else 0
+    else:
+        want = "AFTLocalState" if isinstance(layer, AFTLocal) else "AFTFullState"
+        raise TypeError(f"state must be an {want} (from forward(..., return_state=True)), got {type(state).__name__}")
+    if isinstance(t0, int) and t0 + x.shape[1] > layer.max_seqlen:
+        raise ValueError(
+            f"positions {t0}..{t0 + x.shape[1] - 1} exceed max_seqlen={layer.max_seqlen} this layer was built for "
+            f"(the state has seen {t0} tokens)"
+        )
+    return t0
 
 
 class AFTConv2d(nn.Module):
