@@ -271,15 +271,17 @@ def _start(layer, x, state, return_state) -> int:
     """Checks of a decoding call of AFTFull / AFTLocal; returns the position of the chunk's first token."""
     _check_decoding(layer, return_state)
     check_tokens(x, layer.dim)
+    want = AFTLocalState if isinstance(layer, AFTLocal) else AFTFullState
     if state is None:
         t0 = 0
+    elif not isinstance(state, want):
+        raise TypeError(
+            f"state must be an {want.__name__} (from forward(..., return_state=True)), got {type(state).__name__}"
+        )
     elif isinstance(state, AFTLocalState):
         t0 = state.offset
-    elif isinstance(state, AFTFullState):
-        t0 = state.k.shape[1] if isinstance(state.k, torch.Tensor) and state.k.dim() == 3 else 0
     else:
-        want = "AFTLocalState" if isinstance(layer, AFTLocal) else "AFTFullState"
-        raise TypeError(f"state must be an {want} (from forward(..., return_state=True)), got {type(state).__name__}")
+        t0 = state.k.shape[1] if isinstance(state.k, torch.Tensor) and state.k.dim() == 3 else 0
     if isinstance(t0, int) and t0 + x.shape[1] > layer.max_seqlen:
         raise ValueError(
             f"positions {t0}..{t0 + x.shape[1] - 1} exceed max_seqlen={layer.max_seqlen} this layer was built for "

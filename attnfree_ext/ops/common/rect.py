@@ -97,11 +97,13 @@ def aft_rows(q, k, v, bias, prefix=None):
     S = kc.shape[1]
     if L == 0 or B * D == 0:
         return qc.new_zeros(B, L, D)
+    if L * B * S * D <= BLOCK_ELEMS:  # one block (decoding); an inequality, so torch.compile does not re-trace
+        return _block(bc, kc, vc, qc)
     rows = max(1, BLOCK_ELEMS // max(1, B * S * D))
     track = torch.is_grad_enabled() and any(t.requires_grad for t in (qc, kc, vc, bc))
     out = []
     for r0 in range(0, L, rows):
         r1 = min(L, r0 + rows)
         args = (bc[:, r0:r1], kc, vc, qc[:, r0:r1])
-        out.append(checkpoint(_block, *args, use_reentrant=False) if track and L > rows else _block(*args))
+        out.append(checkpoint(_block, *args, use_reentrant=False) if track else _block(*args))
     return out[0] if len(out) == 1 else torch.cat(out, dim=1)

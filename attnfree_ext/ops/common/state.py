@@ -87,13 +87,15 @@ def merge_keys(state: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> 
     ct = compute_dtype(k.dtype)
     kc, vc = k.to(ct), v.to(ct)
     B, L, D = kc.shape
+    if L == 0:  # no key: the state unchanged (no zero-size reductions, which torch.compile handles badly)
+        return empty_state(B, D, k.dtype, kc.device) if state is None else state
     if state is None:
         m0 = torch.full((B, D), _NEG_INF, dtype=ct, device=kc.device)
         num0 = torch.zeros((B, D), dtype=ct, device=kc.device)
         den0 = torch.zeros_like(num0)
     else:
         m0, num0, den0 = state[:, 0], state[:, 1], state[:, 2]
-    m = torch.maximum(m0, kc.amax(dim=1)) if L > 0 else m0
+    m = torch.maximum(m0, kc.amax(dim=1))
     s = _safe(m)
     e0 = torch.exp(_safe(m0) - s)
     e0 = torch.where(m0 == _NEG_INF, torch.zeros_like(e0), e0)
