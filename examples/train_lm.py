@@ -11,6 +11,11 @@ blocks of LayerNorm + causal AFT token mixing + LayerNorm + MLP, alternating cau
 Reports train loss (nats/byte), held-out bits per character (= bits per byte), tokens/s, and the unigram entropy of
 the training bytes (what a model with no context would reach) for comparison.
 
+Then it samples text token by token (seeded sampling at ``--temperature``; 0 = greedy) twice: carrying the layers'
+decoding state (``forward(x, state, return_state=True)``: one new token per step, docs/design.md §9.2) and
+re-running the whole prefix at every step, checks that both give the same tokens, and reports decoding tokens/s of
+each.
+
     python examples/train_lm.py                      # CPU: a few minutes
     python examples/train_lm.py --device cuda        # same code, CUDA kernels
     torchrun --nproc_per_node=2 --standalone examples/train_lm.py --quick     # DDP (gloo on CPU, nccl on GPU)
@@ -58,6 +63,9 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="bfloat16: autocast on CUDA")
     ap.add_argument("--keep-denormals", action="store_true", help="do not flush subnormal floats to zero on CPU")
     ap.add_argument("--metrics-out", default=None, help="write the final metrics and loss history as JSON")
+    ap.add_argument("--prompt", default="import ", help="text the generated sample starts from")
+    ap.add_argument("--gen-tokens", type=int, default=None, help="bytes to generate (default: up to --seq-len)")
+    ap.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
     ap.add_argument("--quick", action="store_true", help="tiny model and data, 30 steps (tests, smoke runs)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -112,9 +120,14 @@ class Block(nn.Module):
             self.mix = attnfree_ext.nn.AFTSimple(dim, causal=True)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x):
-        x = x + self.mix(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+    def forward(self, x, state=None, return_state=False):
+        if return_state:
+            h, state = self.mix(self.ln1(x), state, True)
+        else:
+            h = self.mix(self.ln1(x))
+        x = x + h
+        x = x + self.mlp(self.ln2(x))
+        return (x, state) if return_state else x
 
 
 class AFTLanguageModel(nn.Module):
@@ -130,11 +143,74 @@ class AFTLanguageModel(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.pos, std=0.02)
 
-    def forward(self, idx):
-        x = self.embed(idx) + self.pos[: idx.shape[1]]
-        for b in self.blocks:
-            x = b(x)
-        return self.head(self.ln(x))
+    def forward(self, idx, state=None, return_state=False):
+        """logits (B, T, vocab); with ``return_state`` also the decoding state (position, per-block layer states), which
+        a later call takes as ``state`` to continue the sequence (positions included)."""
+        t0, states = (0, [None] * len(self.blocks)) if state is None else state
+        x = self.embed(idx) + self.pos[t0 : t0 + idx.shape[1]]
+        if not return_state:
+            for b in self.blocks:
+                x = b(x)
+            return self.head(self.ln(x))
+        new = []
+        for b, s in zip(self.blocks, states):
+            x, s = b(x, s, True)
+            new.append(s)
+        return self.head(self.ln(x)), (t0 + idx.shape[1], new)
+
+
+# ----------------------------------------------------------------------------------------------------- sample
+def _pick(logits, temperature, gen):
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    p = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(p.cpu(), 1, generator=gen)[:, 0].to(logits.device)
+
+
+@torch.no_grad()
+def generate(model, prompt, n_new, temperature=0.8, seed=0, use_state=True):
+    """``n_new`` tokens after ``prompt`` (1, P), one per step: with the decoding state (each step runs the new token
+    only) or re-running the whole prefix each step. Same seed -> same random draws. Returns (tokens (n_new,), s)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    t = time.perf_counter()
+    if use_state:
+        logits, state = model(prompt, None, True)
+        for i in range(n_new):
+            nxt = _pick(logits[:, -1], temperature, gen)
+            out.append(nxt)
+            if i + 1 < n_new:
+                logits, state = model(nxt[:, None], state, True)
+    else:
+        seq = prompt
+        for _ in range(n_new):
+            nxt = _pick(model(seq)[:, -1], temperature, gen)
+            out.append(nxt)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+    if prompt.device.type == "cuda":
+        torch.cuda.synchronize()
+    return torch.cat(out), time.perf_counter() - t
+
+
+def sample_and_time(model, args, device):
+    """Generate with the state and by re-running the prefix; both must give the same tokens."""
+    model.eval()
+    prompt = torch.tensor([list(args.prompt.encode())], dtype=torch.long, device=device)
+    room = args.seq_len - prompt.shape[1]
+    if room < 1:
+        raise SystemExit(f"--prompt is {prompt.shape[1]} bytes; it must be shorter than --seq-len={args.seq_len}")
+    n = room if args.gen_tokens is None else min(args.gen_tokens, room)
+    with_state, t_state = generate(model, prompt, n, args.temperature, args.seed, use_state=True)
+    rerun, t_rerun = generate(model, prompt, n, args.temperature, args.seed, use_state=False)
+    model.train()
+    text = args.prompt + bytes(with_state.tolist()).decode("utf-8", errors="replace")
+    return dict(
+        sample=text,
+        gen_tokens=n,
+        gen_same_tokens=bool(torch.equal(with_state, rerun)),
+        decode_tokens_per_s_state=n / t_state,
+        decode_tokens_per_s_rerun=n / t_rerun,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- train
@@ -243,6 +319,16 @@ def main(argv=None):
         f"bits/char, mean of last {len(tail)} steps), held-out {metrics['val_bpc']:.3f} bits/char vs unigram "
         f"entropy {h_uni:.3f}; {metrics['tokens_per_s']:,.0f} tokens/s over {elapsed:.1f} s"
     )
+    if rank == 0:
+        gen = sample_and_time(model, args, device)
+        metrics.update(gen)
+        log(f"sample (temperature {args.temperature}): {gen['sample']!r}")
+        log(
+            f"decoding {gen['gen_tokens']} tokens: {gen['decode_tokens_per_s_state']:,.0f} tokens/s with the state vs "
+            f"{gen['decode_tokens_per_s_rerun']:,.0f} tokens/s re-running the prefix "
+            f"({gen['decode_tokens_per_s_state'] / gen['decode_tokens_per_s_rerun']:.1f}x); same tokens: "
+            f"{gen['gen_same_tokens']}"
+        )
     if rank == 0 and args.metrics_out:
         with open(args.metrics_out, "w") as f:
             json.dump(metrics, f, indent=1)

@@ -15,7 +15,7 @@ EX = os.path.join(ROOT, "examples")
 sys.path.insert(0, EX)
 
 
-def test_lm_loss_finite_and_decreasing():
+def test_lm_loss_finite_and_decreasing(capsys):
     import train_lm
 
     m = train_lm.main(["--quick", "--device", "cpu", "--steps", "30"])
@@ -24,6 +24,36 @@ def test_lm_loss_finite_and_decreasing():
     assert sum(h[-10:]) / 10 < sum(h[:5]) / 5 - 0.5  # from ~ln(256) = 5.5 nats down
     assert math.isfinite(m["val_bpc"]) and m["tokens_per_s"] > 0
     assert m["unigram_entropy_bits"] > 3.0
+    # seeded sampling: decoding with the layers' state gives the tokens of re-running the prefix each step
+    assert m["gen_same_tokens"] and m["gen_tokens"] == 32 - len("import ")
+    assert m["sample"].startswith("import ") and m["decode_tokens_per_s_state"] > 0
+    out = capsys.readouterr().out
+    assert "tokens/s with the state vs" in out and "re-running the prefix" in out and "same tokens: True" in out
+
+
+def test_lm_greedy_generation_with_state_equals_rerun():
+    import train_lm
+
+    m = train_lm.main(["--quick", "--device", "cpu", "--steps", "2", "--temperature", "0", "--prompt", "def f("])
+    assert m["gen_same_tokens"] and m["gen_tokens"] == 32 - len("def f(")
+    assert m["decode_tokens_per_s_state"] > 0 and m["decode_tokens_per_s_rerun"] > 0
+    assert m["sample"].startswith("def f(")
+
+
+def test_lm_generate_matches_full_forward_logits():
+    import torch
+    import train_lm
+
+    torch.manual_seed(0)
+    model = train_lm.AFTLanguageModel(16, 2, 12, "alternate", 3).double().eval()
+    idx = torch.randint(0, 256, (2, 12))
+    full = model(idx)
+    logits, state = model(idx[:, :5], None, True)
+    steps = [logits]
+    for t in range(5, 12):
+        logits, state = model(idx[:, t : t + 1], state, True)
+        steps.append(logits)
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-10
 
 
 def test_lm_split_is_deterministic_and_disjoint():
