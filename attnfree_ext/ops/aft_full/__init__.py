@@ -16,7 +16,7 @@ from ..common import composite as _composite
 from ..common import dispatch
 from ..common.checks import check_bias, check_causal, check_factors, check_like, check_qkv, check_tensor
 from ..common.features import python_only_reasons, require_python
-from ..common.rect import aft_rows, check_chunk, check_chunk_bias, chunk_mask
+from ..common.rect import aft_rows, check_chunk, check_chunk_bias, chunk_mask, is_chunk
 from ..common.varlen import check_varlen_bias, packing
 from .compiled import CAPABILITY, LOWRANK_CAPABILITY
 from .reference import AFTFullFunction, aft_full_fwd_traceable
@@ -60,7 +60,7 @@ def aft_full(q, k, v, w, causal: bool = False, *, cu_seqlens=None):
     memory O(T^2 + B*T*D), never a (B, T, T, D) tensor. Dispatches to the compiled extension when it can run the
     inputs (docs/design.md §6; ``ATTNFREE_AFT_FULL_KERNEL=auto|tiled|exact`` picks its algorithm).
     """
-    if _is_chunk(q, k):
+    if is_chunk(q, k):
         check_chunk(q, k, v)
         check_chunk_bias("w", w, q, k)
         check_causal(causal)
@@ -75,6 +75,8 @@ def aft_full(q, k, v, w, causal: bool = False, *, cu_seqlens=None):
         visible, _ = chunk_mask(q.shape[1], k.shape[1], None, q.device)
         return aft_rows(q, k, v, w3.masked_fill(~visible, float("-inf"))).to(q.dtype)
     check_qkv(q, k, v)
+    if cu_seqlens is None:
+        check_bias(w, q)
     check_causal(causal)
     if cu_seqlens is not None:
         pk = packing(cu_seqlens, q)
@@ -83,23 +85,11 @@ def aft_full(q, k, v, w, causal: bool = False, *, cu_seqlens=None):
         check_bias(wp, qp)
         require_python("aft_full", python_only_reasons("aft_full", cu_seqlens=cu_seqlens))
         return pk.unpad(_python(qp, kp, vp, wp, causal))
-    check_bias(w, q)
     if _composite.transform_active(q, k, v, w):  # forward-mode AD / functorch: no kernel formula (§6.1)
         return _composite.aft_full(q, k, v, w, causal)
     if dispatch.select("aft_full", q, k, v, w) == "compiled":
         return torch.ops.attnfree.aft_full_fwd(q, k, v, w, causal)[0]
     return _python(q, k, v, w, causal)
-
-
-def _is_chunk(q, k) -> bool:
-    """q with fewer rows than k: a decoding chunk (shapes otherwise checked by check_chunk)."""
-    return (
-        isinstance(q, torch.Tensor)
-        and isinstance(k, torch.Tensor)
-        and q.dim() == 3
-        and k.dim() == 3
-        and q.shape[1] < k.shape[1]
-    )
 
 
 def _varlen_bias(w, q, t_max):

@@ -16,7 +16,7 @@ from ..common import composite as _composite
 from ..common import dispatch
 from ..common.checks import check_bias, check_causal, check_like, check_qkv, check_tensor, check_window
 from ..common.features import python_only_reasons, require_python
-from ..common.rect import aft_rows, check_chunk, check_chunk_bias, chunk_mask
+from ..common.rect import aft_rows, check_chunk, check_chunk_bias, chunk_mask, is_chunk
 from ..common.state import check_state
 from ..common.varlen import check_varlen_bias, packing
 from .compiled import CAPABILITY
@@ -79,9 +79,7 @@ def aft_local(
     late spikes); memory O(B*T*D + T*window) besides w and dw (never a (B, T, T, D) tensor). See
     docs/design.md §1-§3.
     """
-    chunk = (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 3 and k.dim() == 3) and q.shape[
-        1
-    ] < k.shape[1]
+    chunk = is_chunk(q, k)
     if chunk or initial_state is not None:
         check_chunk(q, k, v)
         check_chunk_bias("w", w, q, k)
@@ -100,6 +98,10 @@ def aft_local(
         bias = torch.where(band, w3, torch.zeros_like(w3)).masked_fill(~visible, float("-inf"))
         return aft_rows(q, k, v, bias, prefix=initial_state).to(q.dtype)
     check_qkv(q, k, v)
+    if cu_seqlens is None:
+        check_bias(w, q)
+        # any positive int (sys.maxsize, 2**64): the band only ever covers T keys, and the compiled op takes an int64
+        window = min(check_window(window), max(q.shape[1], 1))
     check_causal(causal)
     if cu_seqlens is not None:
         pk = packing(cu_seqlens, q)
@@ -113,9 +115,6 @@ def aft_local(
         if _composite.transform_active(qp, kp, vp, wp):
             return pk.unpad(_composite.aft_local(qp, kp, vp, wp, window, causal))
         return pk.unpad(AFTLocalFunction.apply(qp, kp, vp, wp, window, causal))
-    check_bias(w, q)
-    # any positive int (sys.maxsize, 2**64): the band only ever covers T keys, and the compiled op takes an int64
-    window = min(check_window(window), max(q.shape[1], 1))
     if _composite.transform_active(q, k, v, w):  # forward-mode AD / functorch: no kernel formula (§6.1)
         return _composite.aft_local(q, k, v, w, window, causal)
     if dispatch.select("aft_local", q, k, v, w) == "compiled":

@@ -20,11 +20,22 @@ from .checks import check_same_device, check_tensor
 from .dtypes import compute_dtype
 from .state import state_as_key
 
-__all__ = ["BLOCK_ELEMS", "check_chunk", "check_chunk_bias", "chunk_mask", "aft_rows"]
+__all__ = ["BLOCK_ELEMS", "is_chunk", "check_chunk", "check_chunk_bias", "chunk_mask", "aft_rows"]
 
 #: logits per row block (B * rows * S * D elements)
 BLOCK_ELEMS = 1 << 22
 _NEG_INF = float("-inf")
+
+
+def is_chunk(q, k) -> bool:
+    """q with fewer rows than k: a decoding chunk (the shapes are then checked by :func:`check_chunk`)."""
+    return (
+        isinstance(q, torch.Tensor)
+        and isinstance(k, torch.Tensor)
+        and q.dim() == 3
+        and k.dim() == 3
+        and q.shape[1] < k.shape[1]
+    )
 
 
 def check_chunk(q, k, v) -> None:
