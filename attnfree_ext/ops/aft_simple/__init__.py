@@ -110,6 +110,13 @@ def _core(q, k, v, causal):
 def _python(q, k, v, causal, initial_state, output_final_state):
     """The Python path with a state: the state enters as one pseudo-key before the first row (docs/design.md §9.1),
     in the compute dtype so that low-precision inputs do not round it."""
+    if causal and q.shape[1] == 1 and (initial_state is not None or output_final_state):
+        # one token (generation): its row is the merged state itself, y = sigmoid(q) * num / den
+        ct = compute_dtype(q.dtype)
+        state = merge_keys(initial_state, k, v)
+        den = state[:, 2:3]
+        y = torch.sigmoid(q.to(ct)) * state[:, 1:2] / torch.where(den == 0, torch.ones_like(den), den)
+        return (y.to(q.dtype), state) if output_final_state else y.to(q.dtype)
     if initial_state is None:
         y = _core(q, k, v, causal)
     else:
