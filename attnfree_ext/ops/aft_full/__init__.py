@@ -72,6 +72,8 @@ def aft_full(q, k, v, w, causal: bool = False, *, cu_seqlens=None):
             raise ValueError("cu_seqlens cannot be combined with a decoding chunk (q with fewer rows than k)")
         require_python("aft_full", python_only_reasons("aft_full", chunk=True))
         w3 = w if w.dim() == 3 else w[None]
+        if q.shape[1] == 1:  # one token sees every key: no mask
+            return aft_rows(q, k, v, w3).to(q.dtype)
         visible, _ = chunk_mask(q.shape[1], k.shape[1], None, q.device)
         return aft_rows(q, k, v, w3.masked_fill(~visible, float("-inf"))).to(q.dtype)
     check_qkv(q, k, v)

@@ -94,8 +94,11 @@ def aft_local(
             check_state("initial_state", initial_state, q)
         require_python("aft_local", python_only_reasons("aft_local", chunk=chunk, initial_state=initial_state))
         w3 = w if w.dim() == 3 else w[None]
-        visible, band = chunk_mask(q.shape[1], k.shape[1], window, q.device)
-        bias = torch.where(band, w3, torch.zeros_like(w3)).masked_fill(~visible, float("-inf"))
+        if q.shape[1] == 1 and k.shape[1] <= window:  # one token whose keys all lie in its band: no mask
+            bias = w3
+        else:
+            visible, band = chunk_mask(q.shape[1], k.shape[1], window, q.device)
+            bias = torch.where(band, w3, torch.zeros_like(w3)).masked_fill(~visible, float("-inf"))
         return aft_rows(q, k, v, bias, prefix=initial_state).to(q.dtype)
     check_qkv(q, k, v)
     if cu_seqlens is None:
