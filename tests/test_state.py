@@ -77,6 +77,21 @@ def test_aft_simple_state_bf16_2x_rule():
     assert maxabs(y, ref) <= 2 * maxabs(eager, ref) + 1e-3
 
 
+def test_aft_simple_state_masked_keys():
+    """-inf keys are masks (docs/design.md §7): a chunk of masked keys leaves the state empty and rows that see no
+    key give 0."""
+    q, k, v = qkv(2, 9, 3)
+    k[:, :3] = NEG_INF  # the whole first chunk masked
+    k[1, 5, 0] = NEG_INF
+    ref = oracles.aft_masked(q, k, v, None, True)
+    for bounds in ([(0, 3), (3, 9)], [(t, t + 1) for t in range(9)]):
+        y, s = _chunked_simple(q, k, v, bounds)
+        assert torch.isfinite(y).all() and maxabs(y[:, :3], torch.zeros_like(y[:, :3])) == 0.0
+        assert maxabs(y, ref) <= 1e-12
+    _, s3 = aft_simple(q[:, :3], k[:, :3], v[:, :3], True, output_final_state=True)
+    assert torch.equal(s3, empty_state(2, 3, torch.float64, "cpu"))
+
+
 def test_aft_simple_empty_state_equals_none():
     q, k, v = qkv(2, 6, 5, torch.float32)
     y0 = aft_simple(q, k, v, True)
@@ -266,7 +281,9 @@ def test_layers_bf16_2x_rule():
         ref = m(x64)
         mb = m.to(torch.bfloat16)
         xb = x64.to(torch.bfloat16)
-        y, _ = _chunked(mb, xb, [(0, 6), (6, 7), (7, 15)])
+        y, state = _chunked(mb, xb, [(0, 6), (6, 7), (7, 15)])
+        tensors = state if isinstance(state, tuple) else (state,)
+        assert all(t.dtype == torch.float32 for t in tensors if torch.is_tensor(t)), type(m).__name__
         # against the full-sequence bf16 forward, which meets the 2x rule in the op tests
         assert maxabs(y, ref) <= 2 * maxabs(mb(xb), ref) + 2e-2, type(m).__name__
         m.to(torch.float64)
