@@ -176,11 +176,15 @@ Tensor ea_double_norm_bwd(const Tensor& dout, const Tensor& logits, const Tensor
   Tensor oa = out.to(acc).contiguous(), lsea = lse.to(acc).contiguous();
   Tensor rsa = rowsum.to(acc).contiguous();
   Tensor dl = at::empty(la.sizes(), la.options());
-  if (dl.numel() > 0) {
+  const bool rebuild_out = out.scalar_type() != acc;
+  const bool vec = dl.numel() > 0 && acc == at::kFloat &&
+                   ea_bwd_avx2(da.data_ptr<float>(), la.data_ptr<float>(), oa.data_ptr<float>(), lsea.data_ptr<float>(),
+                               rsa.data_ptr<float>(), dl.data_ptr<float>(), M, N, S, rebuild_out);
+  if (dl.numel() > 0 && !vec) {
     AT_DISPATCH_FLOATING_TYPES(acc, "attnfree_ea_bwd", [&] {
       ea_bwd_kernel<scalar_t>(da.data_ptr<scalar_t>(), la.data_ptr<scalar_t>(), oa.data_ptr<scalar_t>(),
                               lsea.data_ptr<scalar_t>(), rsa.data_ptr<scalar_t>(), dl.data_ptr<scalar_t>(), M, N, S,
-                              out.scalar_type() != acc);
+                              rebuild_out);
     });
   }
   return dl.to(logits.scalar_type());
