@@ -237,11 +237,12 @@ __device__ __forceinline__ Acc group_sum(Acc x, int tpr) {
   for (int o = tpr >> 1; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
 }
+// NaN-propagating: a NaN log p (from a NaN column) makes the row's max NaN, so the whole row is NaN.
 template <typename Acc>
 __device__ __forceinline__ Acc group_max(Acc x, int tpr) {
   for (int o = tpr >> 1; o > 0; o >>= 1) {
     const Acc y = __shfl_xor_sync(0xffffffffu, x, o);
-    x = y > x ? y : x;
+    x = (y > x || y != y) ? y : x;
   }
   return x;
 }
@@ -367,7 +368,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           const Acc ls = sh_lse[cg * V + i];
-          z[i] = (ls == ninf || z[i] == ninf) ? ninf : z[i] - ls;
+          z[i] = ls == ninf ? ninf : z[i] - ls;  // -inf for a masked logit; NaN where lse is NaN
           o[i] = z[i] == ninf ? Acc(0) : af_exp(z[i]);
           tot += o[i];
         }
@@ -381,7 +382,7 @@ __global__ void __launch_bounds__(kThreads)
       if (__any_sync(0xffffffffu, small)) {     // every lane joins the shuffles of the log-space branch
         Acc zm = ninf;
 #pragma unroll
-        for (int i = 0; i < V; ++i) zm = z[i] > zm ? z[i] : zm;
+        for (int i = 0; i < V; ++i) zm = (z[i] > zm || z[i] != z[i]) ? z[i] : zm;
         zm = group_max(zm, tpr);
         Acc t2 = Acc(0);
 #pragma unroll

@@ -79,7 +79,7 @@ void ea_fwd_kernel(const acc_t* __restrict__ l, acc_t* __restrict__ out, acc_t* 
         for (int64_t s = 0; s < S; ++s) {
           const acc_t z = r[s] - lsafe[s];
           o[s] = z;
-          zmax = z > zmax ? z : zmax;
+          zmax = (z > zmax || z != z) ? z : zmax;  // a NaN (from a NaN column) is kept: the row is NaN
         }
         if (zmax == ninf) {  // p = 0 for every unit (masked token or all -inf columns): out = 0, also for eps = 0
           rs[n] = eps;

@@ -124,7 +124,7 @@ void fwd_kernel(const float* __restrict__ l, float* __restrict__ out, float* __r
         for (int64_t s = 0; s < S; ++s) {
           const float z = r[s] - lsafe[s];
           o[s] = z;
-          zmax = z > zmax ? z : zmax;
+          zmax = (z > zmax || z != z) ? z : zmax;  // a NaN (from a NaN column) is kept: the row is NaN
         }
         if (zmax == ninf) {  // p = 0 for every unit (masked token or all -inf columns): out = 0, also for eps = 0
           rs[n] = eps;
