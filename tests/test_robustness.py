@@ -123,6 +123,39 @@ def test_ea_double_backward_gradgradcheck(path):
         assert torch.autograd.gradgradcheck(lambda t: ea_double_norm(t, 1e-9), (x,), eps=1e-6, atol=1e-5)
 
 
+@pytest.mark.paths("python", "compiled-cpu", "emulation")
+@pytest.mark.paths(op="ea_double_norm")
+@pytest.mark.parametrize("dtype", [F64, torch.float32])  # compiled-cpu: the scalar kernels, the AVX2 kernels
+@pytest.mark.parametrize("eps", [1e-9, 0.0])
+def test_ea_neg_inf_is_a_mask(path, dtype, eps):
+    """docs/design.md §7 rules 3-4 through the public function and its autograd: a -inf logit excludes that token
+    from that unit's softmax, an all -inf unit gives out = 0 in its column, a token masked from every unit gets
+    out = 0 (also with eps = 0); gradients are finite, 0 at every -inf logit, and match the masked oracle."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 20, 11, generator=g, dtype=F64)
+    x[0, :, 4] = NEG_INF  # an all -inf memory unit
+    x[1, 7, :] = NEG_INF  # a token masked from every unit
+    x[1, :, 9] = NEG_INF  # with an all -inf unit too
+    x[2, ::3, 1] = NEG_INF
+    x[2, 5, 0] = NEG_INF
+    x = x.to(dtype)
+    dout = torch.randn(x.shape, generator=g, dtype=F64).to(dtype)
+    xl = path.leaf(x)
+    with path.force():
+        y = ea_double_norm(xl, eps)
+    (gx,) = torch.autograd.grad(y, xl, path.put(dout))
+    y, gx = y.detach().cpu(), gx.cpu()
+    xo = x.double().requires_grad_()
+    yo, _ = oracles.ea_double_norm_masked(xo, eps)
+    (go,) = torch.autograd.grad(yo, xo, dout.double())
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == F64 else dict(rtol=2e-5, atol=2e-6)
+    assert torch.isfinite(y).all() and torch.isfinite(gx).all()
+    torch.testing.assert_close(y.double(), yo.detach(), **tol)
+    torch.testing.assert_close(gx.double(), go, **tol)
+    assert not y[0, :, 4].any() and not y[1, 7, :].any() and not y[1, :, 9].any()
+    assert not gx[torch.isneginf(x)].any()
+
+
 # ------------------------------------------------------------------------------------------ forward-mode AD
 @pytest.mark.paths(op="aft_full")
 @pytest.mark.parametrize("case", AFT_CASES, ids=AFT_IDS)

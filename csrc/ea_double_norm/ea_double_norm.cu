@@ -5,12 +5,26 @@
 //   evaluated as u = a * (dout - sum_S(dout*a)) (= p*dp), dl = u - p * sum_N u: no division by rowsum, so eps = 0
 //   with an underflowed rowsum cannot give inf*0 (the formulation of the Python reference path, docs/design.md §3).
 //
-// Forward:  column log-sum-exp over N with the chunked state kernels of common.cuh (threads along S, chunks of N
-//           for occupancy) -> lse; then one warp per row (m, n): rowsum by warp shuffle, out written.
-// Forward rows work in log space (eps = 0 safe). Backward: warp per row -> rowdot; chunked column sums of u over
-//   N (threads along S, chunk partials combined in a second kernel, deterministic); elementwise dlogits.
+// Vectorised kernels (S a multiple of the 16-byte vector width V and at most 32 vectors, pointers 16-byte aligned;
+// the paper's S = 64 in every dtype), at the memory floor's structure:
+//   forward  1. column (max, sum exp) per (m, row block) in one read of the logits with 16-byte loads;
+//            2. a tiny combine -> lse;  3. per row: p = exp(l - lse), the row L1, out and rowsum (second and last
+//            read of the logits). One exp per logit in each of 1 and 3.
+//   backward 1. row-blocked: a, rowdot, u = a * (dout - rowdot), column sums of u per row block;  2. combine;
+//            3. element-wise dl = u - p * colsum (u recomputed from rowdot). fp32/fp64: p = out * rowsum, the
+//            logits are not read; fp16/bf16: a = p / rowsum from the logits, out is not read.
+// General kernels (other S / alignments): column log-sum-exp over N with the chunked state kernels of common.cuh
+//   (threads along S, chunks of N for occupancy) -> lse; then one warp per row (m, n): rowsum by warp shuffle, out
+//   written, in log space (eps = 0 safe). Backward: warp per row -> rowdot; chunked column sums of u over N (chunk
+//   partials combined in a second kernel, deterministic); elementwise dlogits.
+// Masks (docs/design.md §7 rules 3-4): a -inf logit has p = 0; an all -inf column has lse = -inf and p = 0; a
+// token with p = 0 for every unit has out = 0 (also eps = 0) and dlogits = 0. NaN propagates.
 #include "common/cuda_common.cuh"
 #include "ea_double_norm/ea_double_norm.h"
+
+#include <cstdint>
+#include <cstring>
+#include <initializer_list>
 
 namespace attnfree {
 namespace cuda {
@@ -178,23 +192,408 @@ __global__ void ea_bwd_out_kernel(gptr<const scalar_t> __restrict__ dout, gptr<c
 
 inline unsigned int row_grid(int64_t rows) { return grid_for(rows * 32); }
 
+// ------------------------------------------------------------------ the vectorised kernels
+// Used when a row of S values is at most 32 vectors of 16 bytes (S <= 256 for fp16/bf16, 128 for fp32, 64 for fp64)
+// and S and the pointers allow 16-byte access; the kernels above serve the other shapes.
+// Layout: a block of kThreads threads works on one leading index m and a block of rows; within it a row is read by
+// TPR = pow2ceil(S / V) consecutive threads, each holding V contiguous values (one 16-byte load), so each thread
+// keeps its V columns across the rows it visits. Per-block column statistics are combined in shared memory in a
+// fixed order (deterministic) and written once per block; per-row sums use shuffles inside the TPR-lane group.
+constexpr int kColIters = 16;  // rows per thread of the column-statistics kernel
+constexpr int kRowIters = 8;   // rows per thread of the row kernels
+
+template <typename T, int V>
+__device__ __forceinline__ void load_vec(gptr<const T> p, acc_of_t<T> (&x)[V]) {
+  if constexpr (V * sizeof(T) == 16) {
+    const uint4 raw = *gptr_cast<const uint4>(p);
+    T t[V];
+    memcpy(t, &raw, 16);
+#pragma unroll
+    for (int i = 0; i < V; ++i) x[i] = to_acc(t[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) x[i] = load_acc(p + i);
+  }
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_vec(gptr<T> p, const acc_of_t<T> (&x)[V]) {
+  if constexpr (V * sizeof(T) == 16) {
+    T t[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) t[i] = from_acc<T>(x[i]);
+    uint4 raw;
+    memcpy(&raw, t, 16);
+    *gptr_cast<uint4>(p) = raw;
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) store_val(p + i, x[i]);
+  }
+}
+
+// Sum / max over the TPR-lane group of a row (xor offsets below TPR stay inside the group; all 32 lanes call).
+template <typename Acc>
+__device__ __forceinline__ Acc group_sum(Acc x, int tpr) {
+  for (int o = tpr >> 1; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+// NaN-propagating: a NaN log p (from a NaN column) makes the row's max NaN, so the whole row is NaN.
+template <typename Acc>
+__device__ __forceinline__ Acc group_max(Acc x, int tpr) {
+  for (int o = tpr >> 1; o > 0; o >>= 1) {
+    const Acc y = __shfl_xor_sync(0xffffffffu, x, o);
+    x = (y > x || y != y) ? y : x;
+  }
+  return x;
+}
+
+// Geometry of the vectorised kernels: tpr threads per row, rows_per_pass = kThreads / tpr rows at a time.
+struct VecGeom {
+  int nvec, tpr, rows_per_pass;
+  int64_t rows_per_block, nblk;
+};
+inline VecGeom vec_geom(int64_t N, int64_t S, int V, int iters) {
+  VecGeom g;
+  g.nvec = static_cast<int>(S / V);
+  g.tpr = 1;
+  while (g.tpr < g.nvec) g.tpr <<= 1;
+  g.rows_per_pass = kThreads / g.tpr;
+  g.rows_per_block = int64_t(g.rows_per_pass) * iters;
+  g.nblk = (N + g.rows_per_block - 1) / g.rows_per_block;
+  return g;
+}
+
+// Pass 1 of the forward: per (m, row block), the column max and sum exp(l - max) over the block's rows, one read of
+// the logits. Each thread keeps a running (max, sum) for its V columns (the sum is rescaled only when the max
+// rises); the row lanes are merged in shared memory. Writes pm, ps (M, nblk, S).
+template <typename scalar_t, typename Acc, int V>
+__global__ void __launch_bounds__(kThreads)
+    ea_colstat_vec_kernel(gptr<const scalar_t> __restrict__ l, gptr<Acc> __restrict__ pm, gptr<Acc> __restrict__ ps,
+                          int64_t M, int64_t N, int64_t S, int nvec, int tpr, int64_t rows_per_block, int64_t nblk) {
+  ATTNFREE_STATIC_SHARED(Acc, sh_m, [kThreads * V]);
+  ATTNFREE_STATIC_SHARED(Acc, sh_s, [kThreads * V]);
+  const int t = threadIdx.x, cg = t % tpr, rl = t / tpr, rpp = kThreads / tpr;
+  for (int64_t item = blockIdx.x; item < M * nblk; item += gridDim.x) {
+    const int64_t m = item / nblk, blk = item % nblk;
+    const int64_t n0 = blk * rows_per_block, n1 = n0 + rows_per_block < N ? n0 + rows_per_block : N;
+    Acc mx[V], sm[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      mx[i] = neg_inf<Acc>();
+      sm[i] = Acc(0);
+    }
+    if (cg < nvec) {
+      for (int64_t n = n0 + rl; n < n1; n += rpp) {
+        Acc x[V];
+        load_vec<scalar_t, V>(l + (m * N + n) * S + int64_t(cg) * V, x);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          if (x[i] > mx[i]) {  // NaN never raises the max; it reaches the sum below
+            if (mx[i] != neg_inf<Acc>()) sm[i] *= af_exp(mx[i] - x[i]);  // (else 0, or NaN: kept)
+            mx[i] = x[i];
+          }
+          if (x[i] != neg_inf<Acc>()) sm[i] += af_exp(x[i] - mx[i]);  // a -inf logit adds 0 (docs §7 rule 3)
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      sh_m[t * V + i] = mx[i];
+      sh_s[t * V + i] = sm[i];
+    }
+    __syncthreads();
+    for (int c = t; c < nvec * V; c += kThreads) {  // column c = cg * V + i: merge the row lanes in order
+      const int g = c / V, i = c % V;
+      Acc m2 = neg_inf<Acc>();
+      for (int r = 0; r < rpp; ++r) {
+        const Acc y = sh_m[(r * tpr + g) * V + i];
+        m2 = y > m2 ? y : m2;
+      }
+      Acc s2 = Acc(0);
+      for (int r = 0; r < rpp; ++r) {
+        const Acc y = sh_m[(r * tpr + g) * V + i], z = sh_s[(r * tpr + g) * V + i];
+        if (y != neg_inf<Acc>())
+          s2 += y == m2 ? z : z * af_exp(y - m2);
+        else
+          s2 += z;  // 0, or NaN from a NaN logit of an otherwise all -inf lane
+      }
+      pm[(m * nblk + blk) * S + c] = m2;
+      ps[(m * nblk + blk) * S + c] = s2;
+    }
+    __syncthreads();
+  }
+}
+
+// lse[m, s] = logsumexp over the row blocks' (max, sum); -inf for a column of all -inf logits (docs §7 rule 4).
+template <typename Acc>
+__global__ void ea_lse_combine_kernel(gptr<const Acc> __restrict__ pm, gptr<const Acc> __restrict__ ps,
+                                      gptr<Acc> __restrict__ lse, int64_t M, int64_t nblk, int64_t S) {
+  AF_GRID_STRIDE(i, M * S) {
+    const int64_t s = i % S, m = i / S;
+    Acc m2 = neg_inf<Acc>();
+    for (int64_t b = 0; b < nblk; ++b) {
+      const Acc y = pm[(m * nblk + b) * S + s];
+      m2 = y > m2 ? y : m2;
+    }
+    Acc s2 = Acc(0);
+    for (int64_t b = 0; b < nblk; ++b) {
+      const Acc y = pm[(m * nblk + b) * S + s], z = ps[(m * nblk + b) * S + s];
+      s2 += y == neg_inf<Acc>() ? z : (y == m2 ? z : z * af_exp(y - m2));
+    }
+    lse[i] = m2 == neg_inf<Acc>() ? m2 + s2 : m2 + af_log(s2);  // -inf (NaN stays NaN)
+  }
+}
+
+// Pass 2 of the forward: per row, p = exp(l - lse) (0 where lse = -inf or l = -inf), out = p / (sum_S p + eps),
+// rowsum = sum_S p + eps; the rare row whose sum_S p < 1e-30 is redone in log space (eps = 0 cannot give 0/0), and
+// a token with p = 0 for every unit gets out = 0, rowsum = eps. Second and last read of the logits.
+template <typename scalar_t, typename Acc, int V>
+__global__ void __launch_bounds__(kThreads)
+    ea_rows_fwd_vec_kernel(gptr<const scalar_t> __restrict__ l, gptr<const Acc> __restrict__ lse,
+                           gptr<scalar_t> __restrict__ out, gptr<Acc> __restrict__ rowsum, Acc eps, int64_t M,
+                           int64_t N, int64_t S, int nvec, int tpr, int64_t rows_per_block, int64_t nblk) {
+  ATTNFREE_STATIC_SHARED(Acc, sh_lse, [kThreads * V]);
+  const int t = threadIdx.x, cg = t % tpr, rl = t / tpr, rpp = kThreads / tpr;
+  const Acc ninf = neg_inf<Acc>();
+  for (int64_t item = blockIdx.x; item < M * nblk; item += gridDim.x) {
+    const int64_t m = item / nblk, blk = item % nblk;
+    for (int64_t c = t; c < S; c += kThreads) sh_lse[c] = lse[m * S + c];
+    __syncthreads();
+    for (int64_t n = blk * rows_per_block + rl; n < (blk + 1) * rows_per_block; n += rpp) {  // warp-uniform trip
+      const bool valid = n < N && cg < nvec;
+      Acc z[V], o[V];  // log p, then p, then out
+      Acc tot = Acc(0);
+      if (valid) {
+        load_vec<scalar_t, V>(l + (m * N + n) * S + int64_t(cg) * V, z);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const Acc ls = sh_lse[cg * V + i];
+          z[i] = ls == ninf ? ninf : z[i] - ls;  // -inf for a masked logit; NaN where lse is NaN
+          o[i] = z[i] == ninf ? Acc(0) : af_exp(z[i]);
+          tot += o[i];
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) z[i] = ninf, o[i] = Acc(0);
+      }
+      tot = group_sum(tot, tpr);
+      Acc rs = Acc(0);
+      const bool small = !(tot >= Acc(1e-30));  // also NaN: the log-space branch propagates it as well
+      if (__any_sync(0xffffffffu, small)) {     // every lane joins the shuffles of the log-space branch
+        Acc zm = ninf;
+#pragma unroll
+        for (int i = 0; i < V; ++i) zm = (z[i] > zm || z[i] != z[i]) ? z[i] : zm;
+        zm = group_max(zm, tpr);
+        Acc t2 = Acc(0);
+#pragma unroll
+        for (int i = 0; i < V; ++i) t2 += (z[i] == ninf || zm == ninf) ? Acc(0) : af_exp(z[i] - zm);
+        t2 = group_sum(t2, tpr);
+        if (small) {
+          const Acc log_s = zm == ninf ? ninf : zm + af_log(t2);  // -inf: p = 0 for every unit
+          Acc log_r = log_s;
+          if (eps > Acc(0)) {  // logaddexp(log_s, log eps)
+            const Acc le = af_log(eps);
+            const Acc hi = log_s > le ? log_s : le, lo = log_s > le ? le : log_s;
+            log_r = hi + af_log(Acc(1) + af_exp(lo - hi));
+          }
+#pragma unroll
+          for (int i = 0; i < V; ++i) o[i] = (z[i] == ninf || log_r == ninf) ? Acc(0) : af_exp(z[i] - log_r);
+          rs = (log_s == ninf ? Acc(0) : af_exp(log_s)) + eps;
+        }
+      }
+      if (!small) {
+        rs = tot + eps;
+        const Acc inv = Acc(1) / rs;
+#pragma unroll
+        for (int i = 0; i < V; ++i) o[i] *= inv;
+      }
+      if (valid) store_vec<scalar_t, V>(out + (m * N + n) * S + int64_t(cg) * V, o);
+      if (valid && cg == 0) rowsum[m * N + n] = rs;
+    }
+    __syncthreads();
+  }
+}
+
+// a (= out; for fp16/bf16 logits p / rowsum rebuilt in fp32, the stored out where rowsum < 1e-30) and p of V
+// columns. fp32/fp64: p = out * rowsum (no read of the logits; 0 where out = 0). Reads l or out, not both, except
+// for the rare fp16/bf16 row with rowsum < 1e-30.
+template <typename scalar_t, typename Acc, int V>
+__device__ __forceinline__ void ea_a_p(gptr<const scalar_t> out, gptr<const scalar_t> l, const Acc* lse, Acc rs,
+                                       int64_t j, Acc (&a)[V], Acc (&p)[V]) {
+  if constexpr (sizeof(scalar_t) == sizeof(Acc)) {
+    load_vec<scalar_t, V>(out + j, a);
+#pragma unroll
+    for (int i = 0; i < V; ++i) p[i] = a[i] * rs;
+  } else {
+    load_vec<scalar_t, V>(l + j, p);
+#pragma unroll
+    for (int i = 0; i < V; ++i) p[i] = p_of(p[i], lse[i]);
+    if (rs > Acc(1e-30)) {
+      const Acc inv = Acc(1) / rs;
+#pragma unroll
+      for (int i = 0; i < V; ++i) a[i] = p[i] * inv;
+    } else {
+      load_vec<scalar_t, V>(out + j, a);
+    }
+  }
+}
+
+// Backward pass 1, row-blocked: per row rowdot = sum_S dout * a (stored), u = a * (dout - rowdot), and per
+// (m, row block) the column sums of u (row lanes merged in shared memory in a fixed order) -> partial (M, nblk, S).
+template <typename scalar_t, typename Acc, int V>
+__global__ void __launch_bounds__(kThreads)
+    ea_bwd_rows_vec_kernel(gptr<const scalar_t> __restrict__ dout, gptr<const scalar_t> __restrict__ out,
+                           gptr<const scalar_t> __restrict__ l, gptr<const Acc> __restrict__ lse,
+                           gptr<const Acc> __restrict__ rowsum, gptr<Acc> __restrict__ rowdot,
+                           gptr<Acc> __restrict__ partial, int64_t M, int64_t N, int64_t S, int nvec, int tpr,
+                           int64_t rows_per_block, int64_t nblk) {
+  ATTNFREE_STATIC_SHARED(Acc, sh_lse, [kThreads * V]);
+  ATTNFREE_STATIC_SHARED(Acc, sh_u, [kThreads * V]);
+  const int t = threadIdx.x, cg = t % tpr, rl = t / tpr, rpp = kThreads / tpr;
+  const int lead = (t & 31) & ~(tpr - 1);  // lane of the group's column-0 thread
+  for (int64_t item = blockIdx.x; item < M * nblk; item += gridDim.x) {
+    const int64_t m = item / nblk, blk = item % nblk;
+    for (int64_t c = t; c < S; c += kThreads) sh_lse[c] = lse[m * S + c];
+    __syncthreads();
+    Acc col[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) col[i] = Acc(0);
+    for (int64_t n = blk * rows_per_block + rl; n < (blk + 1) * rows_per_block; n += rpp) {  // warp-uniform trip
+      const bool valid = n < N && cg < nvec;
+      const int64_t row = m * N + n;
+      Acc rs = (n < N && cg == 0) ? rowsum[row] : Acc(0);
+      rs = __shfl_sync(0xffffffffu, rs, lead);
+      Acc a[V], p[V], d[V];
+      Acc dot = Acc(0);
+      if (valid) {
+        const int64_t j = row * S + int64_t(cg) * V;
+        ea_a_p<scalar_t, Acc, V>(out, l, sh_lse + cg * V, rs, j, a, p);
+        load_vec<scalar_t, V>(dout + j, d);
+#pragma unroll
+        for (int i = 0; i < V; ++i) dot += d[i] * a[i];
+      }
+      dot = group_sum(dot, tpr);
+      if (valid) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) col[i] += a[i] * (d[i] - dot);
+        if (cg == 0) rowdot[row] = dot;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < V; ++i) sh_u[t * V + i] = col[i];
+    __syncthreads();
+    for (int c = t; c < nvec * V; c += kThreads) {
+      const int g = c / V, i = c % V;
+      Acc acc = Acc(0);
+      for (int r = 0; r < rpp; ++r) acc += sh_u[(r * tpr + g) * V + i];
+      partial[(m * nblk + blk) * S + c] = acc;
+    }
+    __syncthreads();
+  }
+}
+
+// Backward pass 2, element-wise over the same row blocks: dl = a * (dout - rowdot) - p * colsum.
+template <typename scalar_t, typename Acc, int V>
+__global__ void __launch_bounds__(kThreads)
+    ea_bwd_out_vec_kernel(gptr<const scalar_t> __restrict__ dout, gptr<const scalar_t> __restrict__ out,
+                          gptr<const scalar_t> __restrict__ l, gptr<const Acc> __restrict__ lse,
+                          gptr<const Acc> __restrict__ rowsum, gptr<const Acc> __restrict__ rowdot,
+                          gptr<const Acc> __restrict__ colsum, gptr<scalar_t> __restrict__ dl, int64_t M, int64_t N,
+                          int64_t S, int nvec, int tpr, int64_t rows_per_block, int64_t nblk) {
+  ATTNFREE_STATIC_SHARED(Acc, sh_lse, [kThreads * V]);
+  ATTNFREE_STATIC_SHARED(Acc, sh_col, [kThreads * V]);
+  const int t = threadIdx.x, cg = t % tpr, rl = t / tpr, rpp = kThreads / tpr;
+  const int lead = (t & 31) & ~(tpr - 1);
+  for (int64_t item = blockIdx.x; item < M * nblk; item += gridDim.x) {
+    const int64_t m = item / nblk, blk = item % nblk;
+    for (int64_t c = t; c < S; c += kThreads) {
+      sh_lse[c] = lse[m * S + c];
+      sh_col[c] = colsum[m * S + c];
+    }
+    __syncthreads();
+    for (int64_t n = blk * rows_per_block + rl; n < (blk + 1) * rows_per_block; n += rpp) {
+      const bool valid = n < N && cg < nvec;
+      const int64_t row = m * N + n;
+      Acc rs = Acc(0), dot = Acc(0);
+      if (n < N && cg == 0) {
+        rs = rowsum[row];
+        dot = rowdot[row];
+      }
+      rs = __shfl_sync(0xffffffffu, rs, lead);
+      dot = __shfl_sync(0xffffffffu, dot, lead);
+      if (valid) {
+        const int64_t j = row * S + int64_t(cg) * V;
+        Acc a[V], p[V], d[V];
+        ea_a_p<scalar_t, Acc, V>(out, l, sh_lse + cg * V, rs, j, a, p);
+        load_vec<scalar_t, V>(dout + j, d);
+#pragma unroll
+        for (int i = 0; i < V; ++i) d[i] = a[i] * (d[i] - dot) - p[i] * sh_col[cg * V + i];
+        store_vec<scalar_t, V>(dl + j, d);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <typename Acc>
+__global__ void ea_colsum_vec_combine_kernel(gptr<const Acc> __restrict__ partial, gptr<Acc> __restrict__ colsum,
+                                             int64_t M, int64_t nblk, int64_t S) {
+  AF_GRID_STRIDE(i, M * S) {
+    const int64_t s = i % S, m = i / S;
+    Acc acc = Acc(0);
+    for (int64_t b = 0; b < nblk; ++b) acc += partial[(m * nblk + b) * S + s];
+    colsum[i] = acc;
+  }
+}
+
+// Vector width (elements per 16 bytes) when the vectorised kernels apply to this shape and these pointers, else 0.
+template <typename scalar_t>
+inline int vec_width(int64_t S, std::initializer_list<const void*> ptrs) {
+  constexpr int V = 16 / sizeof(scalar_t);
+  if (S % V != 0 || S / V > 32) return 0;
+  for (const void* q : ptrs)
+    if (reinterpret_cast<uintptr_t>(q) % 16 != 0) return 0;
+  return V;
+}
+
+inline unsigned int vec_grid(int64_t items) { return static_cast<unsigned int>(items < (1 << 22) ? items : 1 << 22); }
+
 }  // namespace
 
+// Workspace: the larger of the vectorised kernels' block statistics and the general kernels' scan states.
 size_t ea_double_norm_fwd_workspace_bytes(DType dtype, int64_t M, int64_t N, int64_t S) {
   const int64_t nc = M * scan_num_chunks(M, N, S) * S;
-  return scan_state_bytes(dtype, nc);
+  const int64_t nb = (N + kColIters - 1) / kColIters;  // at least kColIters rows per block: an upper bound
+  const size_t vec = 2 * align_up(acc_size(dtype) * size_t(M * nb * S));
+  const size_t gen = scan_state_bytes(dtype, nc);
+  return vec > gen ? vec : gen;
 }
 
 cudaError_t ea_double_norm_fwd(DType dtype, const void* logits, void* out, void* lse, void* rowsum, int64_t M,
                                int64_t N, int64_t S, double eps, void* workspace, cudaStream_t stream) {
   if (M <= 0 || N <= 0 || S <= 0) return cudaSuccess;
   return AF_DISPATCH(dtype, [&] {
+    const scalar_t* lp = static_cast<const scalar_t*>(logits);
+    if (vec_width<scalar_t>(S, {logits, out}) > 0) {
+      constexpr int V = 16 / sizeof(scalar_t);
+      const VecGeom gc = vec_geom(N, S, V, kColIters), gr = vec_geom(N, S, V, kRowIters);
+      WsCursor ws(workspace);
+      acc_t* pm = ws.take<acc_t>(M * gc.nblk * S);
+      acc_t* ps = ws.take<acc_t>(M * gc.nblk * S);
+      ATTNFREE_LAUNCH((ea_colstat_vec_kernel<scalar_t, acc_t, V>), vec_grid(M * gc.nblk), kThreads, 0, stream)(
+          lp, pm, ps, M, N, S, gc.nvec, gc.tpr, gc.rows_per_block, gc.nblk);
+      ATTNFREE_LAUNCH((ea_lse_combine_kernel<acc_t>), grid_for(M * S), kThreads, 0, stream)(
+          pm, ps, static_cast<acc_t*>(lse), M, gc.nblk, S);
+      ATTNFREE_LAUNCH((ea_rows_fwd_vec_kernel<scalar_t, acc_t, V>), vec_grid(M * gr.nblk), kThreads, 0, stream)(
+          lp, static_cast<const acc_t*>(lse), static_cast<scalar_t*>(out), static_cast<acc_t*>(rowsum),
+          static_cast<acc_t>(eps), M, N, S, gr.nvec, gr.tpr, gr.rows_per_block, gr.nblk);
+      return cudaGetLastError();
+    }
     const int64_t L = scan_chunk_len(M, N, S);
     const int64_t nch = (N + L - 1) / L;
     const int64_t nc = M * nch * S;
     WsCursor ws(workspace);
     const ScanState<acc_t> st = take_scan_state<acc_t>(ws, nc);
-    const scalar_t* lp = static_cast<const scalar_t*>(logits);
     EaSrc<scalar_t, acc_t> src{lp, N, S};
     ATTNFREE_LAUNCH((chunk_state_kernel<acc_t>), grid_for(nc), kThreads, 0, stream)(src, st.m, st.a, st.b, M, N, S, L,
                                                                                     nch);
@@ -211,8 +610,10 @@ cudaError_t ea_double_norm_fwd(DType dtype, const void* logits, void* out, void*
 
 size_t ea_double_norm_bwd_workspace_bytes(DType dtype, int64_t M, int64_t N, int64_t S) {
   const int64_t nc = M * scan_num_chunks(M, N, S) * S;
+  const int64_t nb = (N + kRowIters - 1) / kRowIters;  // the vectorised kernels' partials (upper bound)
   const size_t a = acc_size(dtype);
-  return align_up(a * size_t(M * N)) + align_up(a * size_t(nc)) + align_up(a * size_t(M * S));
+  return align_up(a * size_t(M * N)) + align_up(a * size_t(nc > M * nb * S ? nc : M * nb * S)) +
+         align_up(a * size_t(M * S));
 }
 
 cudaError_t ea_double_norm_bwd(DType dtype, const void* dout, const void* logits, const void* out, const void* lse,
@@ -224,13 +625,26 @@ cudaError_t ea_double_norm_bwd(DType dtype, const void* dout, const void* logits
     const int64_t nch = (N + L - 1) / L;
     WsCursor ws(workspace);
     acc_t* rowdot = ws.take<acc_t>(M * N);
-    acc_t* partial = ws.take<acc_t>(M * nch * S);
+    const int64_t nbv = (N + kRowIters - 1) / kRowIters;
+    acc_t* partial = ws.take<acc_t>(M * (nch * S > nbv * S ? nch : nbv) * S);
     acc_t* colsum = ws.take<acc_t>(M * S);
     const scalar_t* dp = static_cast<const scalar_t*>(dout);
     const scalar_t* lp = static_cast<const scalar_t*>(logits);
     const acc_t* lsep = static_cast<const acc_t*>(lse);
     const acc_t* rsp = static_cast<const acc_t*>(rowsum);
     const scalar_t* op = static_cast<const scalar_t*>(out);
+    if (vec_width<scalar_t>(S, {dout, logits, out, dlogits}) > 0) {
+      constexpr int V = 16 / sizeof(scalar_t);
+      const VecGeom g = vec_geom(N, S, V, kRowIters);
+      ATTNFREE_LAUNCH((ea_bwd_rows_vec_kernel<scalar_t, acc_t, V>), vec_grid(M * g.nblk), kThreads, 0, stream)(
+          dp, op, lp, lsep, rsp, rowdot, partial, M, N, S, g.nvec, g.tpr, g.rows_per_block, g.nblk);
+      ATTNFREE_LAUNCH((ea_colsum_vec_combine_kernel<acc_t>), grid_for(M * S), kThreads, 0, stream)(partial, colsum, M,
+                                                                                                   g.nblk, S);
+      ATTNFREE_LAUNCH((ea_bwd_out_vec_kernel<scalar_t, acc_t, V>), vec_grid(M * g.nblk), kThreads, 0, stream)(
+          dp, op, lp, lsep, rsp, rowdot, colsum, static_cast<scalar_t*>(dlogits), M, N, S, g.nvec, g.tpr,
+          g.rows_per_block, g.nblk);
+      return cudaGetLastError();
+    }
     ATTNFREE_LAUNCH((ea_rowdot_kernel<scalar_t, acc_t>), row_grid(M * N), kThreads, 0, stream)(dp, op, lp, lsep, rsp,
                                                                                                rowdot, M, N, S);
     ATTNFREE_LAUNCH((ea_colsum_partial_kernel<scalar_t, acc_t>), grid_for(M * nch * S), kThreads, 0, stream)(

@@ -3,7 +3,9 @@
 //   lse (..., 1, S) = logsumexp over N, rowsum (..., N, 1); both float32 (float64 for float64 input).
 // Backward (saves logits, out, lse, rowsum): p = exp(logits - lse),
 //   dp = (dout - sum_S(dout * out)) / rowsum;  dlogits = p * (dp - sum_N(p * dp)).
-// Parallel over the leading (batch) dims; inner loops run over S (contiguous).
+// Parallel over the leading (batch) dims; inner loops run over S (contiguous). Masks (docs/design.md §7 rules 3-4):
+// safe offsets, so a -inf logit gives p = 0, an all -inf column lse = -inf and p = 0, and a token with p = 0 for
+// every unit out = 0 (also with eps = 0) and dlogits = 0. The float32 kernels are in ea_double_norm_vec_cpu.cpp.
 #include "ea_double_norm/ea_double_norm_cpu.h"
 #include "ea_double_norm/ea_double_norm_vec.h"
 
@@ -18,6 +20,13 @@ namespace attnfree {
 namespace cpu {
 namespace {
 
+// x where x != -inf, else 0: an offset for exp(l - off) that never forms (-inf) - (-inf) (docs/design.md §7
+// rules 3-4: a -inf logit gives p = 0, a column of all -inf logits gives lse = -inf and p = 0).
+template <typename acc_t>
+acc_t safe_off(acc_t x) {
+  return x == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : x;
+}
+
 template <typename acc_t>
 void ea_fwd_kernel(const acc_t* __restrict__ l, acc_t* __restrict__ out, acc_t* __restrict__ lse,
                    acc_t* __restrict__ rowsum, int64_t M, int64_t N, int64_t S, acc_t eps) {
@@ -27,7 +36,7 @@ void ea_fwd_kernel(const acc_t* __restrict__ l, acc_t* __restrict__ out, acc_t* 
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const acc_t log_eps = eps > 0 ? std::log(eps) : ninf;
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> mx(S), sum(S);
+    std::vector<acc_t> mx(S), sum(S), lsafe(S);
     for (int64_t m = begin; m < end; ++m) {
       const acc_t* lm = l + m * N * S;
       acc_t* om = out + m * N * S;
@@ -41,17 +50,21 @@ void ea_fwd_kernel(const acc_t* __restrict__ l, acc_t* __restrict__ out, acc_t* 
         const acc_t* r = lm + n * S;
         for (int64_t s = 0; s < S; ++s) mx[s] = r[s] > mx[s] ? r[s] : mx[s];
       }
+      for (int64_t s = 0; s < S; ++s) mx[s] = safe_off(mx[s]);
       for (int64_t n = 0; n < N; ++n) {
         const acc_t* r = lm + n * S;
-        for (int64_t s = 0; s < S; ++s) sum[s] += std::exp(r[s] - mx[s]);
+        for (int64_t s = 0; s < S; ++s) sum[s] += std::exp(r[s] - mx[s]);  // mx is a safe offset here
       }
-      for (int64_t s = 0; s < S; ++s) lsem[s] = mx[s] + std::log(sum[s]);
+      for (int64_t s = 0; s < S; ++s) {  // a column of all -inf logits: sum = 0, lse = -inf
+        lsem[s] = mx[s] + std::log(sum[s]);
+        lsafe[s] = safe_off(lsem[s]);
+      }
       for (int64_t n = 0; n < N; ++n) {
         const acc_t* r = lm + n * S;
         acc_t* o = om + n * S;
         acc_t tot = 0;
         for (int64_t s = 0; s < S; ++s) {
-          const acc_t p = std::exp(r[s] - lsem[s]);
+          const acc_t p = std::exp(r[s] - lsafe[s]);
           o[s] = p;
           tot += p;
         }
@@ -64,9 +77,14 @@ void ea_fwd_kernel(const acc_t* __restrict__ l, acc_t* __restrict__ out, acc_t* 
         // every p of this row (nearly) underflowed: log space, so eps = 0 cannot give 0/0
         acc_t zmax = ninf;
         for (int64_t s = 0; s < S; ++s) {
-          const acc_t z = r[s] - lsem[s];
+          const acc_t z = r[s] - lsafe[s];
           o[s] = z;
-          zmax = z > zmax ? z : zmax;
+          zmax = (z > zmax || z != z) ? z : zmax;  // a NaN (from a NaN column) is kept: the row is NaN
+        }
+        if (zmax == ninf) {  // p = 0 for every unit (masked token or all -inf columns): out = 0, also for eps = 0
+          rs[n] = eps;
+          for (int64_t s = 0; s < S; ++s) o[s] = 0;
+          continue;
         }
         acc_t t2 = 0;
         for (int64_t s = 0; s < S; ++s) t2 += std::exp(o[s] - zmax);
@@ -91,12 +109,15 @@ void ea_bwd_kernel(const acc_t* __restrict__ dout, const acc_t* __restrict__ l, 
   // For fp16/bf16 inputs a = out is rebuilt in float32 as p / rowsum (stored out where rowsum < 1e-30).
   const acc_t tiny = acc_t(1e-30);
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> col(S), a(S);
+    std::vector<acc_t> col(S), a(S), lsafe(S);
     for (int64_t m = begin; m < end; ++m) {
       const int64_t off = m * N * S;
       const acc_t* lsem = lse + m * S;
       const acc_t* rs = rowsum + m * N;
-      for (int64_t s = 0; s < S; ++s) col[s] = 0;
+      for (int64_t s = 0; s < S; ++s) {
+        col[s] = 0;
+        lsafe[s] = safe_off(lsem[s]);
+      }
       for (int64_t n = 0; n < N; ++n) {
         const acc_t* dr = dout + off + n * S;
         const acc_t* orow = out + off + n * S;
@@ -104,7 +125,7 @@ void ea_bwd_kernel(const acc_t* __restrict__ dout, const acc_t* __restrict__ l, 
         acc_t* u = dl + off + n * S;
         if (rebuild_out && rs[n] > tiny) {
           const acc_t inv = acc_t(1) / rs[n];
-          for (int64_t s = 0; s < S; ++s) a[s] = std::exp(lr[s] - lsem[s]) * inv;
+          for (int64_t s = 0; s < S; ++s) a[s] = std::exp(lr[s] - lsafe[s]) * inv;
         } else {
           for (int64_t s = 0; s < S; ++s) a[s] = orow[s];
         }
@@ -119,7 +140,7 @@ void ea_bwd_kernel(const acc_t* __restrict__ dout, const acc_t* __restrict__ l, 
       for (int64_t n = 0; n < N; ++n) {
         const acc_t* lr = l + off + n * S;
         acc_t* u = dl + off + n * S;
-        for (int64_t s = 0; s < S; ++s) u[s] -= std::exp(lr[s] - lsem[s]) * col[s];
+        for (int64_t s = 0; s < S; ++s) u[s] -= std::exp(lr[s] - lsafe[s]) * col[s];
       }
     }
   });
@@ -176,11 +197,15 @@ Tensor ea_double_norm_bwd(const Tensor& dout, const Tensor& logits, const Tensor
   Tensor oa = out.to(acc).contiguous(), lsea = lse.to(acc).contiguous();
   Tensor rsa = rowsum.to(acc).contiguous();
   Tensor dl = at::empty(la.sizes(), la.options());
-  if (dl.numel() > 0) {
+  const bool rebuild_out = out.scalar_type() != acc;
+  const bool vec = dl.numel() > 0 && acc == at::kFloat &&
+                   ea_bwd_avx2(da.data_ptr<float>(), la.data_ptr<float>(), oa.data_ptr<float>(), lsea.data_ptr<float>(),
+                               rsa.data_ptr<float>(), dl.data_ptr<float>(), M, N, S, rebuild_out);
+  if (dl.numel() > 0 && !vec) {
     AT_DISPATCH_FLOATING_TYPES(acc, "attnfree_ea_bwd", [&] {
       ea_bwd_kernel<scalar_t>(da.data_ptr<scalar_t>(), la.data_ptr<scalar_t>(), oa.data_ptr<scalar_t>(),
                               lsea.data_ptr<scalar_t>(), rsa.data_ptr<scalar_t>(), dl.data_ptr<scalar_t>(), M, N, S,
-                              out.scalar_type() != acc);
+                              rebuild_out);
     });
   }
   return dl.to(logits.scalar_type());

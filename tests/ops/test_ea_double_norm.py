@@ -434,3 +434,50 @@ def test_fwd_bit_identical_across_threads(path):
     for o in outs[1:]:
         for a, b in zip(outs[0], o):
             assert torch.equal(a, b)
+
+
+@pytest.mark.paths("emulation", "compiled-cpu")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_many_row_blocks_with_masks(path, dtype):
+    """N = 700 spans several row blocks of the CUDA kernels (their column statistics and column sums of u are merged
+    across blocks) and several AVX2 row blocks; S = 64 is the vectorised case. With -inf masks (docs/design.md §7),
+    against the masked float64 oracle (out, lse) and its autograd gradient."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 700, 64, generator=g, dtype=torch.float64) * 3
+    x[0, :, 5] = -math.inf
+    x[1, 600, :] = -math.inf
+    x[2, 100:650, 7] = -math.inf
+    x = x.to(dtype)
+    dout = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
+    out, lse, rowsum = path.fwd(OP, x, 0.0)
+    dl = path.bwd(OP, dout, x, out, lse, rowsum)
+    xd = x.double().requires_grad_()
+    oo, lo = oracles.ea_double_norm_masked(xd, 0.0)
+    (go,) = torch.autograd.grad(oo, xd, dout.double())
+    # fp16/bf16: out rounded to the dtype; dl also carries dout's and the logits' rounding through rowdot
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for got, ref in ((out, oo), (dl, go)):
+        assert torch.isfinite(got).all()
+        assert maxabs(got, ref.detach()) <= tol * ref.detach().abs().max()
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lo))
+    assert maxabs(lse.nan_to_num(neginf=0.0), lo.nan_to_num(neginf=0.0)) <= max(tol, 1e-6) * 10
+    assert not out[1, 600].any() and not out[0, :, 5].any() and not dl[torch.isneginf(x)].any()
+
+
+@pytest.mark.paths("python", "compiled-cpu", "emulation")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("S", [64, 13])  # the vectorised kernels and the general / S-tail ones
+def test_nan_logit_poisons_its_matrix_only(path, dtype, S):
+    """docs/design.md §7 rule 2 for EA: a NaN logit in memory unit s makes that column's softmax NaN and hence every
+    row sum of its matrix, also the row of a token masked from every unit; the other matrices are unchanged."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 40, S, generator=g, dtype=torch.float64).to(dtype)
+    x[0, 3, :] = -math.inf  # a token masked from every unit, in the poisoned matrix
+    x[1, 5, :] = -math.inf
+    ref, _, ref_rs = path.fwd(OP, x, 0.0)
+    x[0, 17, 2] = math.nan
+    out, lse, rowsum = path.fwd(OP, x, 0.0)
+    assert torch.isnan(lse[0, 0, 2]) and not torch.isnan(lse[0, 0, 3:]).any()
+    assert torch.isnan(rowsum[0]).all()
+    assert torch.isnan(out[0][torch.isfinite(x[0]) | torch.isnan(x[0])]).all()
+    assert torch.equal(out[1], ref[1]) and torch.equal(rowsum[1], ref_rs[1])

@@ -5,7 +5,9 @@
 run. Everything is computed in log space:
 ``out = exp(l - lse_N(l) - log(sum_S p + eps))`` with ``log(sum_S p) = logsumexp_S(l - lse_N)``, so a row whose
 every p underflows (a token ~100 below the column maxima) still gets its exact value instead of 0/0 (eps = 0) or a
-silent 0 (eps > 0 in float32 where p/eps underflows).
+silent 0 (eps > 0 in float32 where p/eps underflows). Masks (docs/design.md §7 rules 3-4): a -inf logit has p = 0,
+a column of all -inf logits has lse = -inf and p = 0, a token with p = 0 for every unit has out = 0 (also with
+eps = 0) and zero gradient.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from ..common.dtypes import compute_dtype
 __all__ = ["ea_double_norm_fwd_ref", "ea_double_norm_bwd_ref", "EADoubleNormFunction"]
 
 
+def _safe(x: torch.Tensor) -> torch.Tensor:
+    """x with -inf as 0: a shift that never forms (-inf) - (-inf) (docs/design.md §7 rules 3-4)."""
+    return x.masked_fill(x == -math.inf, 0.0)
+
+
 @torch.no_grad()
 def _forward(logits: torch.Tensor, eps: float):
     """(out in the compute dtype, lse, rowsum): the forward of ``ea_double_norm_fwd_ref`` before out is rounded."""
@@ -32,11 +39,11 @@ def _forward(logits: torch.Tensor, eps: float):
             torch.zeros(*shp[:-2], 1, shp[-1], dtype=ct, device=l.device),
             torch.zeros(*shp[:-1], 1, dtype=ct, device=l.device),
         )
-    lse = torch.logsumexp(l, dim=-2, keepdim=True)  # (..., 1, S)
-    z = l - lse  # log p <= 0
-    log_s = torch.logsumexp(z, dim=-1, keepdim=True)  # log sum_S p, (..., N, 1)
+    lse = torch.logsumexp(l, dim=-2, keepdim=True)  # (..., 1, S); -inf for a column of all -inf logits
+    z = l - _safe(lse)  # log p <= 0; -inf for a masked logit and in an all -inf column (p = 0, docs §7)
+    log_s = torch.logsumexp(z, dim=-1, keepdim=True)  # log sum_S p, (..., N, 1); -inf: p = 0 for every unit
     log_r = log_s if eps == 0 else torch.logaddexp(log_s, torch.full_like(log_s, math.log(eps)))
-    out = torch.exp(z - log_r)
+    out = torch.exp(z - _safe(log_r))  # a token with p = 0 everywhere: exp(-inf) = 0, also for eps = 0
     rowsum = torch.exp(log_s) + eps
     return out, lse, rowsum
 
@@ -67,7 +74,7 @@ def ea_double_norm_bwd_ref(dout, logits, out, lse, rowsum):
     ct = compute_dtype(logits.dtype)
     l = logits.to(ct)
     lse = lse.to(ct)
-    p = torch.exp(l - lse)
+    p = torch.exp(l - _safe(lse))
     a = out.to(ct)
     do = dout.to(ct)
     u = a * (do - (do * a).sum(dim=-1, keepdim=True))
