@@ -9,6 +9,9 @@
 // The band kernel computes the same numbers with prefix and suffix running-max scans; this is the short form
 // for the global case: one exponential per key instead of four.
 // Tasks are (b, chunk of channels); inner loops run over contiguous channels.
+// Non-finite contract (docs/design.md §7): the max and the lse enter the exponentials through a safe offset (0
+// where every key of the column is -inf), so -inf keys add exactly 0 and a column with no finite key gives y = 0,
+// lse = -inf and zero gradients.
 #include "aft_simple/aft_simple_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -43,6 +46,8 @@ void simple_global_fwd_kernel(const acc_t* __restrict__ q, const acc_t* __restri
         const acc_t* kr = k + base + t * D;
         for (int64_t c = 0; c < nc; ++c) m[c] = kr[c] > m[c] ? kr[c] : m[c];
       }
+      // safe offset: 0 where every key is -inf (masked), so no (-inf) - (-inf) is formed (docs/design.md §7)
+      for (int64_t c = 0; c < nc; ++c) m[c] = m[c] == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : m[c];
       for (int64_t t = 0; t < T; ++t) {
         const acc_t* kr = k + base + t * D;
         const acc_t* vr = v + base + t * D;
@@ -53,8 +58,8 @@ void simple_global_fwd_kernel(const acc_t* __restrict__ q, const acc_t* __restri
         }
       }
       for (int64_t c = 0; c < nc; ++c) {
-        A[c] /= S[c];            // ybar
-        m[c] += std::log(S[c]);  // lse
+        A[c] = S[c] == acc_t(0) ? acc_t(0) : A[c] / S[c];  // ybar; 0 for a column with no finite key
+        m[c] += std::log(S[c]);                           // lse; -inf for that column
       }
       for (int64_t t = 0; t < T; ++t) {
         const acc_t* qr = q + base + t * D;
@@ -80,8 +85,12 @@ void simple_global_bwd_kernel(const acc_t* __restrict__ dy, const acc_t* __restr
       const int64_t b = task / ncc, c0 = (task % ncc) * kChannelChunk;
       const int64_t nc = std::min(kChannelChunk, D - c0);
       const int64_t base = b * T * D + c0;
-      const acc_t* L = lse + base;  // the same for every t in the global case: row 0 holds it
+      // the same for every t in the global case: row 0 holds it; a column with no finite key (lse = -inf) has
+      // only -inf keys, so the offset 0 gives P = exp(-inf) = 0 there
+      acc_t L[kChannelChunk];
       for (int64_t c = 0; c < nc; ++c) {
+        const acc_t l = lse[base + c];
+        L[c] = l == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : l;
         G[c] = 0;
         ybar[c] = 0;
       }

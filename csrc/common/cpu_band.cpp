@@ -19,6 +19,9 @@
 //   exp(k[t']) * sum_{t >= t'+window} exp(-lse[t]) G[t] (+ the mirror sum over t <= t'-window, non-causal)
 //   kept as (ref = min lse, scaled sums) so exp(k[t'] - ref) <= 1 and nothing overflows.
 //   dw[h, t, t'] = sum_{b, c in h} P (G v[t'] - H) is a second pass parallel over rows (h, t).
+// Non-finite contract (docs/design.md §7): every running max and every lse enters an exponential through a safe
+// offset (0 where the max is -inf; +inf for a query row whose lse is -inf), so a -inf key adds exactly 0, a row
+// with no finite logit gives y = 0, lse = -inf and zero gradients, and nothing forms (-inf) - (-inf).
 // Low-precision inputs are converted once to float32 (all math in float32), float64 stays float64.
 // Non-contiguous inputs are made contiguous once.
 #include "common/cpu_band.h"
@@ -50,12 +53,27 @@ struct BandTask {
   }
 };
 
-// Adds key (k, v) to a running-max state (max m, numerator a, denominator d): the RWKV-style recurrence.
+// x where x != -inf, else 0: the offset of exp(a - off) when every a may be -inf (a masked key, an empty
+// state), so that no (-inf) - (-inf) is formed (docs/design.md §7 rules 3-4).
+template <typename acc_t>
+inline acc_t safe_off(acc_t x) {
+  return x == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : x;
+}
+
+// exp(x - lse) for a query row: 0 where lse = -inf (a row with no finite logit contributes nothing).
+template <typename acc_t>
+inline acc_t safe_lse(acc_t l) {
+  return l == -std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::infinity() : l;
+}
+
+// Adds key (k, v) to a running-max state (max m, numerator a, denominator d): the RWKV-style recurrence. A -inf
+// key adds exactly 0; a NaN key is ignored by the max (std::max keeps m) and propagates through e.
 template <typename acc_t>
 inline void add_key(acc_t& m, acc_t& a, acc_t& d, acc_t k, acc_t v) {
   const acc_t m2 = std::max(m, k);
-  const acc_t sc = std::exp(m - m2);
-  const acc_t e = std::exp(k - m2);
+  const acc_t off = safe_off(m2);
+  const acc_t sc = std::exp(m - off);
+  const acc_t e = std::exp(k - off);
   d = d * sc + e;
   a = a * sc + e * v;
   m = m2;
@@ -146,6 +164,7 @@ void band_fwd_kernel(const acc_t* __restrict__ q, const acc_t* __restrict__ k, c
           acc_t M = mx[c];
           if (hasP) M = std::max(M, pm[c]);
           if (hasS) M = std::max(M, m_s[c]);
+          M = safe_off(M);
           mx[c] = M;
           acc_t s_ = 0, a_ = 0;
           if (hasP) {
@@ -175,20 +194,22 @@ void band_fwd_kernel(const acc_t* __restrict__ q, const acc_t* __restrict__ k, c
         acc_t* yr = yb + t * D;
         acc_t* lr = lb + t * D;
         for (int64_t c = 0; c < nc; ++c) {
-          lr[c] = mx[c] + std::log(S[c]);
-          yr[c] = sigmoid(qr[c]) * (A[c] / S[c]);
+          lr[c] = mx[c] + std::log(S[c]);  // -inf where no logit is finite (S = 0, offset 0)
+          yr[c] = S[c] == acc_t(0) ? acc_t(0) : sigmoid(qr[c]) * (A[c] / S[c]);
         }
       }
     }
   });
 }
 
-// Scaled sum over queries of exp(-lse[t]) * X[t]: value = exp(-ref) * s.
+// Scaled sum over queries of exp(-lse[t]) * X[t]: value = exp(-ref) * s. l is the query's lse through safe_lse
+// (+inf for a row with no finite logit: it adds exactly 0). ref = +inf is the empty sum; the offset is 0 there.
 template <typename acc_t>
 inline void add_query(acc_t& ref, acc_t& sG, acc_t& sH, acc_t l, acc_t g, acc_t hh) {
   const acc_t r2 = std::min(ref, l);
-  const acc_t sc = std::exp(r2 - ref);  // ref = +inf (empty) -> 0
-  const acc_t e = std::exp(r2 - l);
+  const acc_t off = r2 == std::numeric_limits<acc_t>::infinity() ? acc_t(0) : r2;
+  const acc_t sc = std::exp(off - ref);  // ref = +inf (empty) -> 0
+  const acc_t e = std::exp(off - l);
   sG = sG * sc + e * g;
   sH = sH * sc + e * hh;
   ref = r2;
@@ -234,7 +255,7 @@ void band_bwd_kernel(const acc_t* __restrict__ G, const acc_t* __restrict__ Hm, 
           const acc_t* lr = lb + tq * D;
           const acc_t* gr = Gb + tq * D;
           const acc_t* hr = Hb + tq * D;
-          for (int64_t c = 0; c < nc; ++c) add_query(ref[c], sG[c], sH[c], lr[c], gr[c], hr[c]);
+          for (int64_t c = 0; c < nc; ++c) add_query(ref[c], sG[c], sH[c], safe_lse(lr[c]), gr[c], hr[c]);
         }
         const acc_t* kr = kb + tp * D;
         if (has) {
@@ -257,7 +278,7 @@ void band_bwd_kernel(const acc_t* __restrict__ G, const acc_t* __restrict__ Hm, 
           const acc_t* gr = Gb + t * D;
           const acc_t* hr = Hb + t * D;
           for (int64_t c = 0; c < nc; ++c) {
-            const acc_t P = std::exp(wv + kr[c] - lr[c]);
+            const acc_t P = std::exp(wv + kr[c] - safe_lse(lr[c]));
             accv[c] += P * gr[c];
             acch[c] += P * hr[c];
           }
@@ -280,7 +301,7 @@ void band_bwd_kernel(const acc_t* __restrict__ G, const acc_t* __restrict__ Hm, 
           const acc_t* lr = lb + tq * D;
           const acc_t* gr = Gb + tq * D;
           const acc_t* hr = Hb + tq * D;
-          for (int64_t c = 0; c < nc; ++c) add_query(ref[c], sG[c], sH[c], lr[c], gr[c], hr[c]);
+          for (int64_t c = 0; c < nc; ++c) add_query(ref[c], sG[c], sH[c], safe_lse(lr[c]), gr[c], hr[c]);
           const acc_t* kr = kb + tp * D;
           acc_t* dvr = dvb + tp * D;
           acc_t* sp = sph.data() + tp * CH;
@@ -323,7 +344,7 @@ void band_bwd_kernel(const acc_t* __restrict__ G, const acc_t* __restrict__ Hm, 
           const acc_t* kr = k + ko;
           const acc_t* vr = v + ko;
           for (int64_t c = 0; c < Dh; ++c) {
-            const acc_t P = std::exp(wv + kr[c] - lr[c]);
+            const acc_t P = std::exp(wv + kr[c] - safe_lse(lr[c]));
             acc += P * (gr[c] * vr[c] - hr[c]);
           }
         }
