@@ -21,6 +21,7 @@
 #include <limits>
 
 #include "aft_simple/aft_simple_global_vec.h"
+#include "aft_simple/aft_simple_state.h"
 #include "common/cpu_band.h"
 
 namespace attnfree {
@@ -178,6 +179,66 @@ std::tuple<Tensor, Tensor, Tensor> aft_simple_bwd(const Tensor& dy, const Tensor
   }
   auto r = band_bwd(dy, q, k, v, nullptr, y, lse, 1, 1, causal);
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> aft_simple_state_fwd(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
+                                                        const c10::optional<Tensor>& initial_state) {
+  check_qkv(q, k, v);
+  const Tensor* s0 = state::opt_ptr(initial_state);
+  state::check_initial_state(s0, q, causal);
+  if (!causal) {
+    const Tensor ka = acc_contiguous(k, q), va = acc_contiguous(v, q);
+    auto r = global_fwd(acc_contiguous(q, q), ka, va);
+    return {std::get<0>(r).to(q.scalar_type()), std::get<1>(r), state::global_final_state(ka, va)};
+  }
+  Tensor sF;
+  auto r = band_fwd(q, k, v, nullptr, 1, 1, true, s0, &sF);
+  return {std::get<0>(r), std::get<1>(r), sF};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> aft_simple_state_bwd(const Tensor& dy,
+                                                                const c10::optional<Tensor>& dfinal_state,
+                                                                const Tensor& q, const Tensor& k, const Tensor& v,
+                                                                const c10::optional<Tensor>& initial_state,
+                                                                const Tensor& y, const Tensor& lse,
+                                                                const Tensor& final_state, bool causal) {
+  check_qkv(q, k, v);
+  check_saved(dy, q, y, lse);
+  const Tensor* s0 = state::opt_ptr(initial_state);
+  state::check_initial_state(s0, q, causal);
+  state::check_final_state("final_state", final_state, q);
+  const Tensor* gFp = state::opt_ptr(dfinal_state);
+  if (gFp) state::check_final_state("dfinal_state", *gFp, q);
+  const auto acc = acc_dtype(q.scalar_type());
+  const int64_t B = q.size(0), T = q.size(1), D = q.size(2);
+  const Tensor sF = final_state.to(acc).contiguous();
+  Tensor gF;
+  if (gFp) gF = gFp->to(acc).contiguous();
+  const auto dt = q.scalar_type();
+  Tensor dq, dk, dv;
+  Tensor g0 = at::zeros({B, 3, D}, q.options().dtype(acc));
+  if (!causal) {
+    std::tie(dq, dk, dv) = aft_simple_bwd(dy, q, k, v, y, lse, false);
+    if (gFp && T > 0) {
+      const Tensor ka = acc_contiguous(k, q), va = acc_contiguous(v, q);
+      auto [dk2, dv2] = state::global_final_state_grad(ka, va, sF, gF);
+      dk = (dk.to(acc) + dk2).to(dt);
+      dv = (dv.to(acc) + dv2).to(dt);
+    }
+  } else {
+    const Tensor ps = gFp ? state::pseudo_row(sF, gF) : Tensor();
+    Tensor ks;
+    auto r = band_bwd(dy, q, k, v, nullptr, y, lse, 1, 1, true, gFp ? &ps : nullptr, s0, s0 ? &ks : nullptr);
+    dq = std::get<0>(r);
+    dk = std::get<1>(r);
+    dv = std::get<2>(r);
+    if (s0) g0 = T > 0 ? state::initial_state_grad(ks, s0->to(acc)) : (gFp ? gF.clone() : g0);
+  }
+  if (gFp && T > 0) {
+    const Tensor s0a = s0 ? s0->to(acc) : Tensor();
+    dk = state::route_max_residual(dk, acc_contiguous(k, q), sF, gF, s0 ? &s0a : nullptr, &g0);
+  }
+  return {dq, dk, dv, g0};
 }
 
 }  // namespace cpu
