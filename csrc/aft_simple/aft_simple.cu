@@ -10,6 +10,8 @@
 //
 // Both directions use the chunked log-sum-exp scan of common/cuda_common.cuh (3 kernels: chunk states, scan over
 // chunks, re-walk). Global mode is the same machinery with the chunk states reduced to one total per (b, c).
+#include <cstring>
+
 #include "aft_simple/aft_simple.h"
 #include "common/cuda_common.cuh"
 
@@ -47,6 +49,289 @@ struct BwdOutSink {
     store_val(dq + j, g * load_acc(y + j) * (Acc(1) - sq));
   }
 };
+
+// ------------------------------------------------------------------ forward at the memory floor
+// One CTA per (b, group of NC * VEC channels) walks the whole sequence in tiles of NG * L steps: thread
+// (g, cv) holds steps [t0 + g*L, t0 + g*L + L) of VEC channels in registers (16-byte loads of k, v and q, one
+// each). Per thread and channel the chunk's max Mc is taken first, then e = exp(k - Mc) once per element (kept in
+// registers) gives the chunk state (Mc, sum e, sum e v). The NG chunk states of a tile are scanned in shared memory
+// by one thread per channel, which also carries the prefix from tile to tile (and starts it at the initial state).
+// Causal: each chunk is re-walked from its exclusive prefix P under M = max(m_P, Mc): a_t = a_P e^{m_P - M} +
+// e^{Mc - M} sum_{t' <= t} e (one exp per chunk), lse = M + log a_t, y = sigmoid(q) b_t / a_t. Non-causal: the
+// total of the whole column first (threads merge their chunks; one reduction), then y and lse in a second sweep.
+//
+// Exactness guard (docs/design.md §2.4): a row's largest term is e^{max(m_P, running max) - M}; where it falls
+// below e^-GAP (a late spike inside the chunk), the chunk is re-walked per element with the running-max
+// recurrence instead (k, v re-read: rare, adversarial inputs only).
+// Global traffic: q, k, v read once, y and lse written once; no workspace. SFU: exp(k), sigmoid, log per element.
+constexpr int kFwdL = 8;    // steps per thread
+constexpr int kFwdNC = 4;   // channel vectors per CTA
+constexpr int kFwdNG = 64;  // time groups per CTA (NG * NC = 256 threads)
+
+template <typename Acc>
+__device__ __forceinline__ Acc guard_gap();
+template <>
+__device__ __forceinline__ float guard_gap<float>() {
+  return 40.f;
+}
+template <>
+__device__ __forceinline__ double guard_gap<double>() {
+  return 600.0;
+}
+
+// VEC elements of S from one 16-byte load / into one 16-byte store.
+template <typename S, int VEC>
+struct Pack {
+  S x[VEC];
+};
+template <typename S, int VEC>
+__device__ __forceinline__ Pack<S, VEC> load16(gptr<const S> p) {
+  const uint4 raw = *gptr_cast<const uint4>(p);
+  Pack<S, VEC> r;
+  memcpy(&r, &raw, 16);
+  return r;
+}
+template <typename S, int VEC>
+__device__ __forceinline__ void store16(gptr<S> p, const Pack<S, VEC>& v) {
+  uint4 raw;
+  memcpy(&raw, &v, 16);
+  *gptr_cast<uint4>(p) = raw;
+}
+
+template <typename Acc>
+__device__ __forceinline__ Acc safe_shift(Acc m) {
+  return m == neg_inf<Acc>() ? Acc(0) : m;
+}
+
+template <typename scalar_t, typename Acc, bool CAUSAL>
+__global__ void __launch_bounds__(kFwdNG* kFwdNC)
+    simple_fwd_tiles_kernel(gptr<const scalar_t> q, gptr<const scalar_t> k, gptr<const scalar_t> v, gptr<scalar_t> y,
+                            gptr<Acc> lse, gptr<const Acc> s_in, gptr<Acc> s_out, int64_t B, int64_t T, int64_t D) {
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  constexpr int L = kFwdL, NC = kFwdNC, NG = kFwdNG, NCH = NC * VEC;
+  ATTNFREE_STATIC_SHARED(Acc, sm_m, [NG][NCH]);
+  ATTNFREE_STATIC_SHARED(Acc, sm_a, [NG][NCH]);
+  ATTNFREE_STATIC_SHARED(Acc, sm_b, [NG][NCH]);
+  const int tid = threadIdx.x, cv = tid % NC, g = tid / NC;
+  const int64_t ncb = (D + NCH - 1) / NCH;
+  const int64_t b = blockIdx.x / ncb;
+  const int64_t c = (blockIdx.x % ncb) * NCH + cv * VEC;  // first channel of this thread (D % VEC == 0)
+  const bool live = c < D;
+  const Acc ninf = neg_inf<Acc>();
+  // carry of the scan thread tid < NCH (channel tid of the CTA): the prefix before the current tile
+  LseState<Acc> carry;
+  carry.init();
+  const int64_t cs = (blockIdx.x % ncb) * NCH + tid;
+  if (tid < NCH && cs < D && s_in)
+    carry.merge(s_in[(b * 3) * D + cs], s_in[(b * 3 + 2) * D + cs], s_in[(b * 3 + 1) * D + cs]);
+  const int64_t tile = int64_t(NG) * L;
+  // non-causal: per-thread running totals of its chunks
+  Acc tm[VEC], ta[VEC], tb[VEC];
+  for (int i = 0; i < VEC; ++i) {
+    tm[i] = ninf;
+    ta[i] = Acc(0);
+    tb[i] = Acc(0);
+  }
+  for (int64_t tb0 = 0; tb0 < T; tb0 += tile) {
+    const int64_t t0 = tb0 + int64_t(g) * L;
+    int n = 0;
+    if (live && t0 < T) n = (T - t0 < L) ? int(T - t0) : L;
+    Acc e[L][VEC], vv[L][VEC];
+    Acc Mc[VEC], k0[VEC], rf[VEC], S[VEC], A[VEC];  // k0: the chunk's first key, rf: its first non-masked key
+    for (int i = 0; i < VEC; ++i) {
+      Mc[i] = ninf;
+      k0[i] = ninf;
+      rf[i] = ninf;
+      S[i] = Acc(0);
+      A[i] = Acc(0);
+    }
+    for (int s = 0; s < L; ++s) {
+      if (s < n) {
+        const int64_t j = (b * T + t0 + s) * D + c;
+        const Pack<scalar_t, VEC> kp = load16<scalar_t, VEC>(k + j);
+        const Pack<scalar_t, VEC> vp = load16<scalar_t, VEC>(v + j);
+        for (int i = 0; i < VEC; ++i) {
+          const Acc kk = to_acc(kp.x[i]);
+          e[s][i] = kk;
+          vv[s][i] = to_acc(vp.x[i]);
+          Mc[i] = kk > Mc[i] ? kk : Mc[i];  // NaN ignored here, propagated through its exp below
+          if (s == 0) k0[i] = kk;
+          if (rf[i] == ninf) rf[i] = kk;
+        }
+      }
+    }
+    for (int i = 0; i < VEC; ++i) {
+      const Acc off = safe_shift(Mc[i]);
+      for (int s = 0; s < L; ++s) {
+        if (s < n) {
+          e[s][i] = af_exp(e[s][i] - off);
+          S[i] += e[s][i];
+          A[i] += e[s][i] * vv[s][i];
+        }
+      }
+    }
+    if (!CAUSAL) {
+      for (int i = 0; i < VEC; ++i) {
+        LseState<Acc> st;
+        st.m = tm[i];
+        st.a = ta[i];
+        st.b = tb[i];
+        st.merge(Mc[i], S[i], A[i]);
+        tm[i] = st.m;
+        ta[i] = st.a;
+        tb[i] = st.b;
+      }
+      continue;
+    }
+    for (int i = 0; i < VEC; ++i) {
+      sm_m[g][cv * VEC + i] = Mc[i];
+      sm_a[g][cv * VEC + i] = S[i];
+      sm_b[g][cv * VEC + i] = A[i];
+    }
+    __syncthreads();
+    if (tid < NCH) {  // exclusive scan over the NG chunks of channel tid, from the carry
+      for (int gi = 0; gi < NG; ++gi) {
+        const Acc m2 = sm_m[gi][tid], a2 = sm_a[gi][tid], b2 = sm_b[gi][tid];
+        sm_m[gi][tid] = carry.m;
+        sm_a[gi][tid] = carry.a;
+        sm_b[gi][tid] = carry.b;
+        carry.merge(m2, a2, b2);
+      }
+    }
+    __syncthreads();
+    Acc ap[VEC], bp[VEC], fc[VEC], MM[VEC];
+    bool exact = false;
+    for (int i = 0; i < VEC; ++i) {
+      const Acc mp = sm_m[g][cv * VEC + i];
+      Acc fp;
+      if (mp > Mc[i]) {
+        fp = Acc(1);
+        fc[i] = af_exp(Mc[i] - mp);
+      } else if (Mc[i] == ninf) {
+        fp = Acc(0);
+        fc[i] = Acc(0);
+      } else {
+        fc[i] = Acc(1);
+        fp = mp == ninf ? Acc(0) : af_exp(mp - Mc[i]);
+      }
+      MM[i] = mp > Mc[i] ? mp : Mc[i];
+      ap[i] = sm_a[g][cv * VEC + i] * fp;
+      bp[i] = sm_b[g][cv * VEC + i] * fp;
+      // the smallest row max among the chunk's rows that see a key: the first row's with a prefix, else the first
+      // non-masked key's (row maxima only grow along the chunk)
+      const Acc lo = mp != ninf ? (mp > k0[i] ? mp : k0[i]) : rf[i];
+      if (lo != ninf && MM[i] - lo > guard_gap<Acc>()) exact = true;
+    }
+    if (!exact) {
+      Acc sa[VEC], sb[VEC];
+      for (int i = 0; i < VEC; ++i) {
+        sa[i] = Acc(0);
+        sb[i] = Acc(0);
+      }
+      for (int s = 0; s < L; ++s) {
+        if (s < n) {
+          const int64_t j = (b * T + t0 + s) * D + c;
+          const Pack<scalar_t, VEC> qp = load16<scalar_t, VEC>(q + j);
+          Pack<scalar_t, VEC> yp;
+          Acc lo[VEC];
+          for (int i = 0; i < VEC; ++i) {
+            sa[i] += e[s][i];
+            sb[i] += e[s][i] * vv[s][i];
+            const Acc den = ap[i] + fc[i] * sa[i];
+            const Acc num = bp[i] + fc[i] * sb[i];
+            lo[i] = MM[i] + af_log(den);  // -inf for a row with no finite logit (den = 0)
+            yp.x[i] = from_acc<scalar_t>(den == Acc(0) ? Acc(0) : af_sigmoid(to_acc(qp.x[i])) * (num / den));
+          }
+          store16<scalar_t, VEC>(y + j, yp);
+          for (int h = 0; h < VEC * int(sizeof(Acc)) / 16; ++h)
+            store16<Acc, 16 / sizeof(Acc)>(
+                lse + j + h * (16 / sizeof(Acc)),
+                *reinterpret_cast<const Pack<Acc, 16 / sizeof(Acc)>*>(lo + h * (16 / sizeof(Acc))));
+        }
+      }
+    } else {  // the guard: this chunk per element, running max from the prefix (exact for any spike)
+      for (int i = 0; i < VEC; ++i) {
+        LseState<Acc> st;
+        st.m = sm_m[g][cv * VEC + i];
+        st.a = sm_a[g][cv * VEC + i];
+        st.b = sm_b[g][cv * VEC + i];
+        for (int s = 0; s < n; ++s) {
+          const int64_t j = (b * T + t0 + s) * D + c + i;
+          st.add(load_acc(k + j), Acc(1), load_acc(v + j));
+          const Acc mean = st.mean();
+          store_val(y + j, af_sigmoid(load_acc(q + j)) * mean);
+          lse[j] = st.m + af_log(st.a);
+        }
+      }
+    }
+    __syncthreads();  // the shared arrays are rewritten by the next tile
+  }
+  if (!CAUSAL) {  // the column totals: reduce the NG threads of each channel, then one sweep writing y and lse
+    for (int i = 0; i < VEC; ++i) {
+      sm_m[g][cv * VEC + i] = tm[i];
+      sm_a[g][cv * VEC + i] = ta[i];
+      sm_b[g][cv * VEC + i] = tb[i];
+    }
+    __syncthreads();
+    if (tid < NCH) {
+      for (int gi = 0; gi < NG; ++gi) carry.merge(sm_m[gi][tid], sm_a[gi][tid], sm_b[gi][tid]);
+      sm_m[0][tid] = carry.m + af_log(carry.a);  // lse; -inf for a column with no finite key
+      sm_a[0][tid] = carry.mean();               // ybar; 0 there
+    }
+    __syncthreads();
+    Acc lz[VEC], yb[VEC];
+    for (int i = 0; i < VEC; ++i) {
+      lz[i] = sm_m[0][cv * VEC + i];
+      yb[i] = sm_a[0][cv * VEC + i];
+    }
+    for (int64_t t = g; live && t < T; t += NG) {
+      const int64_t j = (b * T + t) * D + c;
+      const Pack<scalar_t, VEC> qp = load16<scalar_t, VEC>(q + j);
+      Pack<scalar_t, VEC> yp;
+      for (int i = 0; i < VEC; ++i) yp.x[i] = from_acc<scalar_t>(af_sigmoid(to_acc(qp.x[i])) * yb[i]);
+      store16<scalar_t, VEC>(y + j, yp);
+      for (int h = 0; h < VEC * int(sizeof(Acc)) / 16; ++h)
+        store16<Acc, 16 / sizeof(Acc)>(
+            lse + j + h * (16 / sizeof(Acc)),
+            *reinterpret_cast<const Pack<Acc, 16 / sizeof(Acc)>*>(lz + h * (16 / sizeof(Acc))));
+    }
+  }
+  if (tid < NCH && cs < D && s_out) {  // the final state (m, num, den)
+    s_out[(b * 3) * D + cs] = carry.m;
+    s_out[(b * 3 + 1) * D + cs] = carry.b;
+    s_out[(b * 3 + 2) * D + cs] = carry.a;
+  }
+}
+
+// True when the tiled forward can run: 16-byte vectors of channels (D % VEC == 0, aligned buffers).
+inline bool tiles_ok(DType dt, const void* const* ptrs, int n, int64_t D) {
+  const int64_t vec = 16 / static_cast<int64_t>(dtype_size(dt));
+  if (D % vec != 0) return false;
+  for (int i = 0; i < n; ++i)
+    if (ptrs[i] && (reinterpret_cast<uintptr_t>(ptrs[i]) % 16) != 0) return false;
+  return true;
+}
+
+template <typename scalar_t, typename Acc>
+inline void launch_fwd_tiles(const void* q, const void* k, const void* v, void* y, void* lse, const void* s_in,
+                             void* s_out, int64_t B, int64_t T, int64_t D, bool causal, cudaStream_t stream) {
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  const int64_t ncb = (D + kFwdNC * VEC - 1) / (kFwdNC * VEC);
+  const unsigned grid = static_cast<unsigned>(B * ncb);
+  const auto* qq = static_cast<const scalar_t*>(q);
+  const auto* kk = static_cast<const scalar_t*>(k);
+  const auto* vv = static_cast<const scalar_t*>(v);
+  auto* yy = static_cast<scalar_t*>(y);
+  auto* ll = static_cast<Acc*>(lse);
+  const auto* si = static_cast<const Acc*>(s_in);
+  auto* so = static_cast<Acc*>(s_out);
+  if (causal)
+    ATTNFREE_LAUNCH((simple_fwd_tiles_kernel<scalar_t, Acc, true>), grid, kFwdNG * kFwdNC, 0, stream)(
+        qq, kk, vv, yy, ll, si, so, B, T, D);
+  else
+    ATTNFREE_LAUNCH((simple_fwd_tiles_kernel<scalar_t, Acc, false>), grid, kFwdNG * kFwdNC, 0, stream)(
+        qq, kk, vv, yy, ll, si, so, B, T, D);
+}
 
 // The scan over chunk states with a boundary (the recurrent state, docs/design.md §2.7), per (b, c); replaces
 // chunk_scan_kernel of common/cuda_common.cuh for the state launchers.
@@ -122,7 +407,13 @@ size_t aft_simple_bwd_workspace_bytes(DType dtype, int64_t B, int64_t T, int64_t
 cudaError_t aft_simple_fwd(DType dtype, const void* q, const void* k, const void* v, void* y, void* lse, int64_t B,
                            int64_t T, int64_t D, bool causal, void* workspace, cudaStream_t stream) {
   if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
+  const void* ptrs[5] = {q, k, v, y, lse};
+  const bool tiles = tiles_ok(dtype, ptrs, 5, D);
   return AF_DISPATCH(dtype, [&] {
+    if (tiles) {
+      launch_fwd_tiles<scalar_t, acc_t>(q, k, v, y, lse, nullptr, nullptr, B, T, D, causal, stream);
+      return cudaGetLastError();
+    }
     WsCursor ws(workspace);
     const ScanState<acc_t> st = take_scan_state<acc_t>(ws, B * scan_num_chunks(B, T, D) * D);
     FwdSrc<scalar_t, acc_t> src{static_cast<const scalar_t*>(k), static_cast<const scalar_t*>(v), T, D};
@@ -178,15 +469,20 @@ cudaError_t aft_simple_state_fwd(DType dtype, const void* q, const void* k, cons
                                  void* y, void* lse, void* final_state, int64_t B, int64_t T, int64_t D,
                                  void* workspace, cudaStream_t stream) {
   if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
+  const void* ptrs[7] = {q, k, v, y, lse, initial_state, final_state};
+  const bool tiles = tiles_ok(dtype, ptrs, 7, D);
   return AF_DISPATCH(dtype, [&] {
+    if (tiles) {
+      launch_fwd_tiles<scalar_t, acc_t>(q, k, v, y, lse, initial_state, final_state, B, T, D, true, stream);
+      return cudaGetLastError();
+    }
     WsCursor ws(workspace);
     const ScanState<acc_t> st = take_scan_state<acc_t>(ws, B * scan_num_chunks(B, T, D) * D);
     FwdSrc<scalar_t, acc_t> src{static_cast<const scalar_t*>(k), static_cast<const scalar_t*>(v), T, D};
     FwdOutSink<scalar_t, acc_t> sink{static_cast<const scalar_t*>(q), static_cast<scalar_t*>(y),
                                      static_cast<acc_t*>(lse), T, D};
     run_state_scan<acc_t, false>(src, sink, st, static_cast<const acc_t*>(initial_state),
-                                 static_cast<acc_t*>(final_state), static_cast<const acc_t*>(nullptr), B, T, D,
-                                 stream);
+                                 static_cast<acc_t*>(final_state), static_cast<const acc_t*>(nullptr), B, T, D, stream);
     return cudaGetLastError();
   });
 }

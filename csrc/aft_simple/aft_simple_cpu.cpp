@@ -60,7 +60,7 @@ void simple_global_fwd_kernel(const acc_t* __restrict__ q, const acc_t* __restri
       }
       for (int64_t c = 0; c < nc; ++c) {
         A[c] = S[c] == acc_t(0) ? acc_t(0) : A[c] / S[c];  // ybar; 0 for a column with no finite key
-        m[c] += std::log(S[c]);                           // lse; -inf for that column
+        m[c] += std::log(S[c]);                            // lse; -inf for that column
       }
       for (int64_t t = 0; t < T; ++t) {
         const acc_t* qr = q + base + t * D;

@@ -120,14 +120,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aft_simple_state_bwd_
     const at::Tensor s0c = s0 ? s0->contiguous() : at::Tensor();
     at::Tensor ks = at::zeros({B, 2, D}, q.options().dtype(acc));
     if (T > 0 && B * D > 0) {
-      run_launcher(
-          "aft_simple_state_bwd", attnfree::cuda::aft_simple_state_bwd_workspace_bytes(in.dtype, B, T, D), in.q,
-          [&](void* ws, cudaStream_t stream) {
-            return attnfree::cuda::aft_simple_state_bwd(
-                in.dtype, sv.dy.data_ptr(), in.q.data_ptr(), in.k.data_ptr(), in.v.data_ptr(), sv.y.data_ptr(),
-                sv.lse.data_ptr(), gFp ? ps.data_ptr() : nullptr, s0 ? s0c.data_ptr() : nullptr, dq.data_ptr(),
-                dk.data_ptr(), dv.data_ptr(), ks.data_ptr(), B, T, D, ws, stream);
-          });
+      run_launcher("aft_simple_state_bwd", attnfree::cuda::aft_simple_state_bwd_workspace_bytes(in.dtype, B, T, D),
+                   in.q, [&](void* ws, cudaStream_t stream) {
+                     return attnfree::cuda::aft_simple_state_bwd(
+                         in.dtype, sv.dy.data_ptr(), in.q.data_ptr(), in.k.data_ptr(), in.v.data_ptr(), sv.y.data_ptr(),
+                         sv.lse.data_ptr(), gFp ? ps.data_ptr() : nullptr, s0 ? s0c.data_ptr() : nullptr, dq.data_ptr(),
+                         dk.data_ptr(), dv.data_ptr(), ks.data_ptr(), B, T, D, ws, stream);
+                   });
     }
     if (s0) g0 = T > 0 ? st::initial_state_grad(ks, s0c) : (gFp ? gF.clone() : g0);
   }

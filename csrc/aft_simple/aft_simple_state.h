@@ -36,11 +36,12 @@ inline void check_initial_state(const Tensor* s, const Tensor& q, bool causal) {
   if (!s) return;
   TORCH_CHECK_VALUE(causal, "initial_state needs causal=True (a non-causal row sees every key: no state to continue)");
   const auto acc = acc_dtype(q.scalar_type());
-  TORCH_CHECK_TYPE(s->scalar_type() == acc, "initial_state must be ", py_dtype(acc), " for ",
-                   py_dtype(q.scalar_type()), " inputs (the accumulate type), got ", py_dtype(s->scalar_type()));
+  TORCH_CHECK_TYPE(s->scalar_type() == acc, "initial_state must be ", py_dtype(acc), " for ", py_dtype(q.scalar_type()),
+                   " inputs (the accumulate type), got ", py_dtype(s->scalar_type()));
   const std::vector<int64_t> want{q.size(0), 3, q.size(2)};
-  TORCH_CHECK_VALUE(s->sizes() == at::IntArrayRef(want), "initial_state must have the shape (B, 3, D) = ",
-                    py_shape(want), " (rows: running max, numerator, denominator), got ", py_shape(s->sizes()));
+  TORCH_CHECK_VALUE(s->sizes() == at::IntArrayRef(want),
+                    "initial_state must have the shape (B, 3, D) = ", py_shape(want),
+                    " (rows: running max, numerator, denominator), got ", py_shape(s->sizes()));
   check_same_device("q", q, "initial_state", *s);
 }
 

@@ -408,11 +408,11 @@ std::tuple<Tensor, Tensor> band_fwd(const Tensor& q, const Tensor& k, const Tens
   if (w) wa = w->to(acc).contiguous();
   Tensor y = at::empty({B, T, D}, qa.options());
   Tensor lse = at::empty({B, T, D}, qa.options());
-  const bool vec = y.numel() > 0 && acc == at::kFloat &&
-                   band_fwd_avx2(qa.data_ptr<float>(), ka.data_ptr<float>(), va.data_ptr<float>(),
-                                 w ? wa.data_ptr<float>() : nullptr, y.data_ptr<float>(), lse.data_ptr<float>(), B, T,
-                                 D, heads, window, causal, s0 ? s0a.data_ptr<float>() : nullptr,
-                                 sF ? sF->data_ptr<float>() : nullptr);
+  const bool vec =
+      y.numel() > 0 && acc == at::kFloat &&
+      band_fwd_avx2(qa.data_ptr<float>(), ka.data_ptr<float>(), va.data_ptr<float>(),
+                    w ? wa.data_ptr<float>() : nullptr, y.data_ptr<float>(), lse.data_ptr<float>(), B, T, D, heads,
+                    window, causal, s0 ? s0a.data_ptr<float>() : nullptr, sF ? sF->data_ptr<float>() : nullptr);
   if (y.numel() > 0 && !vec) {
     AT_DISPATCH_FLOATING_TYPES(acc, "attnfree_band_fwd", [&] {
       band_fwd_kernel<scalar_t>(qa.data_ptr<scalar_t>(), ka.data_ptr<scalar_t>(), va.data_ptr<scalar_t>(),
@@ -449,13 +449,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> band_bwd(const Tensor& dy, const Tens
   }
   Tensor dk = at::empty({B, T, D}, ka.options());
   Tensor dv = at::empty({B, T, D}, ka.options());
-  const bool vec =
-      dk.numel() > 0 && acc == at::kFloat &&
-      band_bwd_avx2(Gt.data_ptr<float>(), Ht.data_ptr<float>(), ka.data_ptr<float>(), va.data_ptr<float>(),
-                    w ? wa.data_ptr<float>() : nullptr, la.data_ptr<float>(), dk.data_ptr<float>(),
-                    dv.data_ptr<float>(), w ? dw.data_ptr<float>() : nullptr, B, T, D, heads, window, causal,
-                    ps ? psa.data_ptr<float>() : nullptr, s0 ? s0a.data_ptr<float>() : nullptr,
-                    ks ? ks->data_ptr<float>() : nullptr);
+  const bool vec = dk.numel() > 0 && acc == at::kFloat &&
+                   band_bwd_avx2(Gt.data_ptr<float>(), Ht.data_ptr<float>(), ka.data_ptr<float>(), va.data_ptr<float>(),
+                                 w ? wa.data_ptr<float>() : nullptr, la.data_ptr<float>(), dk.data_ptr<float>(),
+                                 dv.data_ptr<float>(), w ? dw.data_ptr<float>() : nullptr, B, T, D, heads, window,
+                                 causal, ps ? psa.data_ptr<float>() : nullptr, s0 ? s0a.data_ptr<float>() : nullptr,
+                                 ks ? ks->data_ptr<float>() : nullptr);
   if (dk.numel() > 0 && !vec) {
     AT_DISPATCH_FLOATING_TYPES(acc, "attnfree_band_bwd", [&] {
       band_bwd_kernel<scalar_t>(Gt.data_ptr<scalar_t>(), Ht.data_ptr<scalar_t>(), ka.data_ptr<scalar_t>(),

@@ -104,7 +104,7 @@ __attribute__((target("avx2,fma"))) void fwd_kernel(const float* __restrict__ q,
       std::fill(pa, pa + CH, 0.f);
       std::fill(pd, pd + CH, 0.f);
       const int64_t sbase = tk.b * 3 * D + tk.c0;  // (b, row, c0) of a (B, 3, D) state
-      if (s0) {  // the initial state: keys before t = 0
+      if (s0) {                                    // the initial state: keys before t = 0
         std::copy(s0 + sbase, s0 + sbase + nc, pm);
         std::copy(s0 + sbase + D, s0 + sbase + D + nc, pa);
         std::copy(s0 + sbase + 2 * D, s0 + sbase + 2 * D + nc, pd);

@@ -619,7 +619,7 @@ def _state_fwd(path, q, k, v, s0, causal=True):
 def _splits(T, seed):
     """Random cut points of [0, T): chunks of length 1, longer ones and (at the start) an empty one."""
     g = torch.Generator().manual_seed(seed)
-    cuts = sorted({0, 0, 1, T // 2, T - 1, *torch.randint(0, T + 1, (3,), generator=g).tolist(), T})
+    cuts = sorted({0, 1, T // 2, T - 1, *torch.randint(0, T + 1, (3,), generator=g).tolist(), T})
     return [(a, b) for a, b in zip([0] + cuts, cuts)]  # the first pair (0, 0) is an empty chunk
 
 
@@ -904,3 +904,36 @@ def test_state_causal_bit_identical_across_threads(path, dtype):
     for o in outs[1:]:
         for a, b in zip(outs[0], o):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_spikes_inside_chunks_and_long_sequences(path, dtype, causal):
+    """Shapes the vectorised CUDA forward takes (D a multiple of 16 bytes of channels; T = 1100 spans three tiles
+    of 512 steps and a partial one): spikes of +200 and -200 in the middle of 8-step chunks (its exactness guard
+    re-walks such a chunk per element), -inf keys, a state carried across the tiles; y, lse and the gradients
+    against the float64 oracle."""
+    B, T, D = 1, 1100, 16
+    q, k, v = _inputs((B, T, D), F64)
+    k[0, 37, :4] = 200.0  # a late spike inside chunk [32, 40): rows 32..36 see only far smaller keys
+    k[0, 613, 4:8] = -200.0
+    k[0, 700:705, 8] = NINF
+    k[0, :3, 9] = NINF  # causal rows 0..2 of channel 9: no finite logit
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    dy = rand(B, T, D, dtype=dtype)
+    y, lse = path.fwd(OP, q, k, v, causal)
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    yo, lo = oracles.aft_masked_per_channel(qd, kd, vd, None, causal)
+    tol = 1e-10 if dtype == F64 else (1e-5 if dtype == F32 else 2e-2)
+    ltol = tol + 8 * torch.finfo(dtype if dtype != torch.bfloat16 else F32).eps * 200
+    assert torch.isfinite(y).all() and rel_err(y, yo.detach()) < tol
+    dead = torch.isneginf(lo)
+    assert torch.equal(torch.isneginf(lse), dead)
+    assert rel_err(lse[~dead], lo[~dead].detach(), lo[~dead].abs().max().item()) < ltol
+    if dtype == torch.bfloat16:
+        return
+    dq, dk, dv = path.bwd(OP, dy, q, k, v, y, lse, causal)
+    go = torch.autograd.grad(yo, (qd, kd, vd), dy.double())
+    for name, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), go):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, b) < 10 * tol + ltol, (name, rel_err(a, b))

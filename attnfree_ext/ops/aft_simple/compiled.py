@@ -120,13 +120,9 @@ if dispatch.has_op("aft_simple_state_fwd"):
     def _aft_simple_state_backward(ctx, dy, dlse, dfinal_state):
         q, k, v, s0, y, lse, sF = ctx.saved_tensors
         if _composite.double_backward_active():  # create_graph=True: a differentiable gradient (§3)
-            grads = _composite.vjp(
-                state_composite, (q, k, v, ctx.causal, s0), ctx.needs_input_grad, (dy, dfinal_state)
-            )
+            grads = _composite.vjp(state_composite, (q, k, v, ctx.causal, s0), ctx.needs_input_grad, (dy, dfinal_state))
             return tuple(grads)
-        dq, dk, dv, ds0 = torch.ops.attnfree.aft_simple_state_bwd(
-            dy, dfinal_state, q, k, v, s0, y, lse, sF, ctx.causal
-        )
+        dq, dk, dv, ds0 = torch.ops.attnfree.aft_simple_state_bwd(dy, dfinal_state, q, k, v, s0, y, lse, sF, ctx.causal)
         return dq, dk, dv, None, (ds0 if s0 is not None else None)
 
     torch.library.register_autograd(

@@ -45,12 +45,10 @@ int emu_aft_simple_state_bwd(int64_t dt, const void* dy, const void* q, const vo
                                   nullptr);
 }
 
-uint64_t emu_aft_local_fwd_ws(int64_t dt, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t window,
-                              int causal) {
+uint64_t emu_aft_local_fwd_ws(int64_t dt, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t window, int causal) {
   return ac::aft_local_fwd_workspace_bytes(DType(dt), B, T, D, heads, window, causal != 0);
 }
-uint64_t emu_aft_local_bwd_ws(int64_t dt, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t window,
-                              int causal) {
+uint64_t emu_aft_local_bwd_ws(int64_t dt, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t window, int causal) {
   return ac::aft_local_bwd_workspace_bytes(DType(dt), B, T, D, heads, window, causal != 0);
 }
 int emu_aft_local_fwd(int64_t dt, const void* q, const void* k, const void* v, const void* w, void* y, void* lse,
