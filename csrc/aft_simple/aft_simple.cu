@@ -303,6 +303,259 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
   }
 }
 
+// ------------------------------------------------------------------ backward at the memory floor
+// The same CTA layout as the forward, time reversed. Rows t give items x = -lse (a row with lse = -inf: none),
+// G = dy sigmoid(q), H = dy y; a key t' gets dv = e^{k + M} sum_{t >= t'} e^{x - M} G (sum over every row when
+// non-causal), sum P H likewise, dk = v dv - sum P H, and dq = H (1 - sigmoid(q)) is written at once. Per chunk:
+// the max Mx of x first, w = e^{x - Mx} once per element, wG and wH kept in registers; the chunk states
+// (Mx, sum wG, sum wH) are scanned in reverse (exclusive suffix, a carry from the later tiles, started at the final
+// state's gradient as one more row); each chunk is re-walked backwards under M = max(m_S, Mx). Guard as in the
+// forward: where the smallest row max a key of the chunk sees lies GAP below M, that chunk runs per element.
+// Non-causal: one sweep over the rows (totals), one over the keys. Traffic: every input read once, dq, dk, dv
+// written once; no workspace. SFU: sigmoid, e^{x - Mx}, e^{k + M} per element.
+template <typename scalar_t, typename Acc, bool CAUSAL>
+__global__ void __launch_bounds__(kFwdNG* kFwdNC)
+    simple_bwd_tiles_kernel(gptr<const scalar_t> dy, gptr<const scalar_t> q, gptr<const scalar_t> k,
+                            gptr<const scalar_t> v, gptr<const scalar_t> y, gptr<const Acc> lse, gptr<scalar_t> dq,
+                            gptr<scalar_t> dk, gptr<scalar_t> dv, gptr<const Acc> s_in, gptr<const Acc> m0,
+                            gptr<Acc> s_out, int64_t B, int64_t T, int64_t D) {
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  constexpr int L = kFwdL, NC = kFwdNC, NG = kFwdNG, NCH = NC * VEC;
+  constexpr int LV = 16 / sizeof(Acc);  // lse elements per 16-byte load
+  ATTNFREE_STATIC_SHARED(Acc, sm_m, [NG][NCH]);
+  ATTNFREE_STATIC_SHARED(Acc, sm_a, [NG][NCH]);
+  ATTNFREE_STATIC_SHARED(Acc, sm_b, [NG][NCH]);
+  const int tid = threadIdx.x, cv = tid % NC, g = tid / NC;
+  const int64_t ncb = (D + NCH - 1) / NCH;
+  const int64_t b = blockIdx.x / ncb;
+  const int64_t c = (blockIdx.x % ncb) * NCH + cv * VEC;
+  const bool live = c < D;
+  const Acc ninf = neg_inf<Acc>();
+  LseState<Acc> carry;
+  carry.init();
+  const int64_t cs = (blockIdx.x % ncb) * NCH + tid;
+  if (tid < NCH && cs < D && s_in)
+    carry.add(bwd_x(Acc(s_in[(b * 3) * D + cs])), s_in[(b * 3 + 1) * D + cs], s_in[(b * 3 + 2) * D + cs]);
+  const int64_t tile = int64_t(NG) * L;
+  const int64_t ntile = (T + tile - 1) / tile;
+  Acc tm[VEC], ta[VEC], tb[VEC];  // non-causal: per-thread totals over its rows
+  for (int i = 0; i < VEC; ++i) {
+    tm[i] = ninf;
+    ta[i] = Acc(0);
+    tb[i] = Acc(0);
+  }
+  // rows: causal from the last tile to the first (a suffix scan), non-causal in any order (totals)
+  for (int64_t it = 0; it < ntile; ++it) {
+    const int64_t tb0 = (CAUSAL ? ntile - 1 - it : it) * tile;
+    const int64_t t0 = tb0 + int64_t(g) * L;
+    int n = 0;
+    if (live && t0 < T) n = (T - t0 < L) ? int(T - t0) : L;
+    Acc wG[L][VEC], wH[L][VEC], xs[L][VEC];
+    Acc Mx[VEC], xl[VEC], xf[VEC], SG[VEC], SH[VEC];  // xl: the chunk's last item, xf: its last non-skipped one
+    for (int i = 0; i < VEC; ++i) {
+      Mx[i] = ninf;
+      xl[i] = ninf;
+      xf[i] = ninf;
+      SG[i] = Acc(0);
+      SH[i] = Acc(0);
+    }
+    for (int s = 0; s < L; ++s) {
+      if (s >= n) break;
+      const int64_t j = (b * T + t0 + s) * D + c;
+      const Pack<scalar_t, VEC> dyp = load16<scalar_t, VEC>(dy + j);
+      const Pack<scalar_t, VEC> qp = load16<scalar_t, VEC>(q + j);
+      const Pack<scalar_t, VEC> yp = load16<scalar_t, VEC>(y + j);
+      Pack<scalar_t, VEC> dqp;
+      for (int h = 0; h < VEC / LV; ++h) {
+        const Pack<Acc, LV> lp = load16<Acc, LV>(lse + j + h * LV);
+        for (int u = 0; u < LV; ++u) xs[s][h * LV + u] = bwd_x(lp.x[u]);
+      }
+      for (int i = 0; i < VEC; ++i) {
+        const Acc gy = to_acc(dyp.x[i]);
+        const Acc sq = af_sigmoid(to_acc(qp.x[i]));
+        const Acc hh = gy * to_acc(yp.x[i]);
+        wG[s][i] = gy * sq;
+        wH[s][i] = hh;
+        dqp.x[i] = from_acc<scalar_t>(hh * (Acc(1) - sq));
+        const Acc x = xs[s][i];
+        Mx[i] = x > Mx[i] ? x : Mx[i];
+        xl[i] = x;
+        if (x != ninf) xf[i] = x;
+      }
+      store16<scalar_t, VEC>(dq + j, dqp);
+    }
+    for (int i = 0; i < VEC; ++i) {
+      const Acc off = safe_shift(Mx[i]);
+      for (int s = 0; s < L; ++s) {
+        if (s < n) {
+          const bool none = xs[s][i] == ninf;  // a row without a finite logit: no item
+          const Acc w = af_exp(xs[s][i] - off);
+          wG[s][i] = none ? Acc(0) : w * wG[s][i];
+          wH[s][i] = none ? Acc(0) : w * wH[s][i];
+          SG[i] += wG[s][i];
+          SH[i] += wH[s][i];
+        }
+      }
+    }
+    if (!CAUSAL) {
+      for (int i = 0; i < VEC; ++i) {
+        LseState<Acc> st;
+        st.m = tm[i];
+        st.a = ta[i];
+        st.b = tb[i];
+        st.merge(Mx[i], SG[i], SH[i]);
+        tm[i] = st.m;
+        ta[i] = st.a;
+        tb[i] = st.b;
+      }
+      continue;
+    }
+    for (int i = 0; i < VEC; ++i) {
+      sm_m[g][cv * VEC + i] = Mx[i];
+      sm_a[g][cv * VEC + i] = SG[i];
+      sm_b[g][cv * VEC + i] = SH[i];
+    }
+    __syncthreads();
+    if (tid < NCH) {  // exclusive suffix over the NG chunks of channel tid, from the carry
+      for (int gi = NG - 1; gi >= 0; --gi) {
+        const Acc m2 = sm_m[gi][tid], a2 = sm_a[gi][tid], b2 = sm_b[gi][tid];
+        sm_m[gi][tid] = carry.m;
+        sm_a[gi][tid] = carry.a;
+        sm_b[gi][tid] = carry.b;
+        carry.merge(m2, a2, b2);
+      }
+    }
+    __syncthreads();
+    Acc ag[VEC], ah[VEC], fc[VEC], MM[VEC];
+    bool exact = false;
+    for (int i = 0; i < VEC; ++i) {
+      const Acc ms = sm_m[g][cv * VEC + i];
+      Acc fs;
+      if (ms > Mx[i]) {
+        fs = Acc(1);
+        fc[i] = af_exp(Mx[i] - ms);
+      } else if (Mx[i] == ninf) {
+        fs = Acc(0);
+        fc[i] = Acc(0);
+      } else {
+        fc[i] = Acc(1);
+        fs = ms == ninf ? Acc(0) : af_exp(ms - Mx[i]);
+      }
+      MM[i] = ms > Mx[i] ? ms : Mx[i];
+      ag[i] = sm_a[g][cv * VEC + i] * fs;
+      ah[i] = sm_b[g][cv * VEC + i] * fs;
+      // the smallest row max a key of this chunk sees: the last key's (with a suffix), else the last row's item
+      const Acc lo = ms != ninf ? (ms > xl[i] ? ms : xl[i]) : xf[i];
+      if (lo != ninf && MM[i] - lo > guard_gap<Acc>()) exact = true;
+    }
+    if (!exact) {
+      Acc cg[VEC], ch[VEC];
+      for (int i = 0; i < VEC; ++i) {
+        cg[i] = Acc(0);
+        ch[i] = Acc(0);
+      }
+      for (int s = L - 1; s >= 0; --s) {
+        if (s < n) {
+          const int64_t j = (b * T + t0 + s) * D + c;
+          const Pack<scalar_t, VEC> kp = load16<scalar_t, VEC>(k + j);
+          const Pack<scalar_t, VEC> vp = load16<scalar_t, VEC>(v + j);
+          Pack<scalar_t, VEC> dkp, dvp;
+          for (int i = 0; i < VEC; ++i) {
+            cg[i] += wG[s][i];
+            ch[i] += wH[s][i];
+            const Acc kk = to_acc(kp.x[i]);
+            const Acc e = MM[i] == ninf ? Acc(0) : af_exp(kk + MM[i]);  // <= 1 (up to the rounding of lse)
+            const Acc dvv = e * (ag[i] + fc[i] * cg[i]);
+            dvp.x[i] = from_acc<scalar_t>(dvv);
+            dkp.x[i] = from_acc<scalar_t>(to_acc(vp.x[i]) * dvv - e * (ah[i] + fc[i] * ch[i]));
+          }
+          store16<scalar_t, VEC>(dv + j, dvp);
+          store16<scalar_t, VEC>(dk + j, dkp);
+        }
+      }
+    } else {  // the guard: this chunk per element, from its suffix state
+      for (int i = 0; i < VEC; ++i) {
+        LseState<Acc> st;
+        st.m = sm_m[g][cv * VEC + i];
+        st.a = sm_a[g][cv * VEC + i];
+        st.b = sm_b[g][cv * VEC + i];
+        for (int s = n - 1; s >= 0; --s) {
+          const int64_t j = (b * T + t0 + s) * D + c + i;
+          const Acc gy = load_acc(dy + j);
+          st.add(bwd_x(Acc(lse[j])), gy * af_sigmoid(load_acc(q + j)), gy * load_acc(y + j));
+          const Acc e = st.empty() ? Acc(0) : af_exp(load_acc(k + j) + st.m);
+          const Acc dvv = e * st.a;
+          store_val(dv + j, dvv);
+          store_val(dk + j, load_acc(v + j) * dvv - e * st.b);
+        }
+      }
+    }
+    __syncthreads();
+  }
+  if (!CAUSAL) {  // column totals, then one sweep over the keys
+    for (int i = 0; i < VEC; ++i) {
+      sm_m[g][cv * VEC + i] = tm[i];
+      sm_a[g][cv * VEC + i] = ta[i];
+      sm_b[g][cv * VEC + i] = tb[i];
+    }
+    __syncthreads();
+    if (tid < NCH) {
+      for (int gi = 0; gi < NG; ++gi) carry.merge(sm_m[gi][tid], sm_a[gi][tid], sm_b[gi][tid]);
+      sm_m[0][tid] = carry.m;
+      sm_a[0][tid] = carry.a;
+      sm_b[0][tid] = carry.b;
+    }
+    __syncthreads();
+    Acc Mt[VEC], At[VEC], Bt[VEC];
+    for (int i = 0; i < VEC; ++i) {
+      Mt[i] = sm_m[0][cv * VEC + i];
+      At[i] = sm_a[0][cv * VEC + i];
+      Bt[i] = sm_b[0][cv * VEC + i];
+    }
+    for (int64_t t = g; live && t < T; t += NG) {
+      const int64_t j = (b * T + t) * D + c;
+      const Pack<scalar_t, VEC> kp = load16<scalar_t, VEC>(k + j);
+      const Pack<scalar_t, VEC> vp = load16<scalar_t, VEC>(v + j);
+      Pack<scalar_t, VEC> dkp, dvp;
+      for (int i = 0; i < VEC; ++i) {
+        const Acc e = Mt[i] == ninf ? Acc(0) : af_exp(to_acc(kp.x[i]) + Mt[i]);
+        const Acc dvv = e * At[i];
+        dvp.x[i] = from_acc<scalar_t>(dvv);
+        dkp.x[i] = from_acc<scalar_t>(to_acc(vp.x[i]) * dvv - e * Bt[i]);
+      }
+      store16<scalar_t, VEC>(dv + j, dvp);
+      store16<scalar_t, VEC>(dk + j, dkp);
+    }
+  }
+  if (CAUSAL && tid < NCH && cs < D && s_out) {  // the initial state as a key before t = 0: every row sees it
+    const Acc e = (m0 && !carry.empty()) ? af_exp(Acc(m0[(b * 3) * D + cs]) + carry.m) : Acc(0);
+    s_out[(b * 2) * D + cs] = e * carry.a;
+    s_out[(b * 2 + 1) * D + cs] = e * carry.b;
+  }
+}
+
+template <typename scalar_t, typename Acc>
+inline void launch_bwd_tiles(const void* dy, const void* q, const void* k, const void* v, const void* y,
+                             const void* lse, void* dq, void* dk, void* dv, const void* s_in, const void* m0,
+                             void* s_out, int64_t B, int64_t T, int64_t D, bool causal, cudaStream_t stream) {
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  const int64_t ncb = (D + kFwdNC * VEC - 1) / (kFwdNC * VEC);
+  const unsigned grid = static_cast<unsigned>(B * ncb);
+  using S = const scalar_t*;
+  if (causal)
+    ATTNFREE_LAUNCH((simple_bwd_tiles_kernel<scalar_t, Acc, true>), grid, kFwdNG * kFwdNC, 0, stream)(
+        static_cast<S>(dy), static_cast<S>(q), static_cast<S>(k), static_cast<S>(v), static_cast<S>(y),
+        static_cast<const Acc*>(lse), static_cast<scalar_t*>(dq), static_cast<scalar_t*>(dk),
+        static_cast<scalar_t*>(dv), static_cast<const Acc*>(s_in), static_cast<const Acc*>(m0),
+        static_cast<Acc*>(s_out), B, T, D);
+  else
+    ATTNFREE_LAUNCH((simple_bwd_tiles_kernel<scalar_t, Acc, false>), grid, kFwdNG * kFwdNC, 0, stream)(
+        static_cast<S>(dy), static_cast<S>(q), static_cast<S>(k), static_cast<S>(v), static_cast<S>(y),
+        static_cast<const Acc*>(lse), static_cast<scalar_t*>(dq), static_cast<scalar_t*>(dk),
+        static_cast<scalar_t*>(dv), static_cast<const Acc*>(s_in), static_cast<const Acc*>(m0),
+        static_cast<Acc*>(s_out), B, T, D);
+}
+
 // True when the tiled forward can run: 16-byte vectors of channels (D % VEC == 0, aligned buffers).
 inline bool tiles_ok(DType dt, const void* const* ptrs, int n, int64_t D) {
   const int64_t vec = 16 / static_cast<int64_t>(dtype_size(dt));
@@ -431,7 +684,14 @@ cudaError_t aft_simple_bwd(DType dtype, const void* dy, const void* q, const voi
                            const void* lse, void* dq, void* dk, void* dv, int64_t B, int64_t T, int64_t D, bool causal,
                            void* workspace, cudaStream_t stream) {
   if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
+  const void* ptrs[9] = {dy, q, k, v, y, lse, dq, dk, dv};
+  const bool tiles = tiles_ok(dtype, ptrs, 9, D);
   return AF_DISPATCH(dtype, [&] {
+    if (tiles) {
+      launch_bwd_tiles<scalar_t, acc_t>(dy, q, k, v, y, lse, dq, dk, dv, nullptr, nullptr, nullptr, B, T, D, causal,
+                                        stream);
+      return cudaGetLastError();
+    }
     WsCursor ws(workspace);
     const ScanState<acc_t> st = take_scan_state<acc_t>(ws, B * scan_num_chunks(B, T, D) * D);
     BwdSrc<scalar_t, acc_t> src{static_cast<const scalar_t*>(dy),
@@ -492,7 +752,14 @@ cudaError_t aft_simple_state_bwd(DType dtype, const void* dy, const void* q, con
                                  void* dq, void* dk, void* dv, void* key_sums, int64_t B, int64_t T, int64_t D,
                                  void* workspace, cudaStream_t stream) {
   if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
+  const void* ptrs[12] = {dy, q, k, v, y, lse, dq, dk, dv, final_query, initial_state, key_sums};
+  const bool tiles = tiles_ok(dtype, ptrs, 12, D);
   return AF_DISPATCH(dtype, [&] {
+    if (tiles) {
+      launch_bwd_tiles<scalar_t, acc_t>(dy, q, k, v, y, lse, dq, dk, dv, final_query, initial_state, key_sums, B, T, D,
+                                        true, stream);
+      return cudaGetLastError();
+    }
     WsCursor ws(workspace);
     const ScanState<acc_t> st = take_scan_state<acc_t>(ws, B * scan_num_chunks(B, T, D) * D);
     BwdSrc<scalar_t, acc_t> src{static_cast<const scalar_t*>(dy),
