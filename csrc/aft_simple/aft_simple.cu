@@ -103,6 +103,88 @@ __device__ __forceinline__ Acc safe_shift(Acc m) {
   return m == neg_inf<Acc>() ? Acc(0) : m;
 }
 
+// The chunk states of one tile in shared memory, [group][channel of the CTA], and the scans over them. Every
+// thread of the CTA calls put / scan / reduce (they hold barriers); thread tid < NCH owns channel tid and its carry.
+template <typename Acc, int NG, int NCH>
+struct TileStates {
+  Acc (&m)[NG][NCH];
+  Acc (&a)[NG][NCH];
+  Acc (&b)[NG][NCH];
+  // the VEC states of thread group g, channel vector cv
+  template <int VEC>
+  __device__ __forceinline__ void put(int g, int cv, const Acc* mm, const Acc* aa, const Acc* bb) {
+    for (int i = 0; i < VEC; ++i) {
+      m[g][cv * VEC + i] = mm[i];
+      a[g][cv * VEC + i] = aa[i];
+      b[g][cv * VEC + i] = bb[i];
+    }
+    __syncthreads();
+  }
+  __device__ __forceinline__ LseState<Acc> get(int g, int col) const {
+    LseState<Acc> st;
+    st.m = m[g][col];
+    st.a = a[g][col];
+    st.b = b[g][col];
+    return st;
+  }
+  // each state becomes the exclusive prefix (REV: suffix) over the groups, starting from the carry, which then
+  // includes the whole tile
+  template <bool REV>
+  __device__ __forceinline__ void scan(int tid, LseState<Acc>& carry) {
+    if (tid < NCH) {
+      for (int s = 0; s < NG; ++s) {
+        const int gi = REV ? NG - 1 - s : s;
+        const Acc m2 = m[gi][tid], a2 = a[gi][tid], b2 = b[gi][tid];
+        m[gi][tid] = carry.m;
+        a[gi][tid] = carry.a;
+        b[gi][tid] = carry.b;
+        carry.merge(m2, a2, b2);
+      }
+    }
+    __syncthreads();
+  }
+  // the carry merged with every group's state; also left in group 0 for every thread to read
+  __device__ __forceinline__ void reduce(int tid, LseState<Acc>& carry) {
+    if (tid < NCH) {
+      for (int gi = 0; gi < NG; ++gi) carry.merge(m[gi][tid], a[gi][tid], b[gi][tid]);
+      m[0][tid] = carry.m;
+      a[0][tid] = carry.a;
+      b[0][tid] = carry.b;
+    }
+    __syncthreads();
+  }
+};
+
+// A chunk state (mc, ac, bc) merged into a per-thread running state (m, a, b).
+template <typename Acc>
+__device__ __forceinline__ void merge_into(Acc& m, Acc& a, Acc& b, Acc mc, Acc ac, Acc bc) {
+  LseState<Acc> st;
+  st.m = m;
+  st.a = a;
+  st.b = b;
+  st.merge(mc, ac, bc);
+  m = st.m;
+  a = st.a;
+  b = st.b;
+}
+
+// The factors of a neighbour state of max mp and a chunk of max mc under M = max(mp, mc), one exp: fp = e^{mp-M},
+// fc = e^{mc-M} (0 for a -inf max, never (-inf) - (-inf)).
+template <typename Acc>
+__device__ __forceinline__ void chunk_factors(Acc mp, Acc mc, Acc& fp, Acc& fc, Acc& M) {
+  if (mp > mc) {
+    fp = Acc(1);
+    fc = af_exp(mc - mp);
+  } else if (mc == neg_inf<Acc>()) {
+    fp = Acc(0);
+    fc = Acc(0);
+  } else {
+    fc = Acc(1);
+    fp = mp == neg_inf<Acc>() ? Acc(0) : af_exp(mp - mc);
+  }
+  M = mp > mc ? mp : mc;
+}
+
 template <typename scalar_t, typename Acc, bool CAUSAL>
 __global__ void __launch_bounds__(kFwdNG* kFwdNC)
     simple_fwd_tiles_kernel(gptr<const scalar_t> q, gptr<const scalar_t> k, gptr<const scalar_t> v, gptr<scalar_t> y,
@@ -112,6 +194,7 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
   ATTNFREE_STATIC_SHARED(Acc, sm_m, [NG][NCH]);
   ATTNFREE_STATIC_SHARED(Acc, sm_a, [NG][NCH]);
   ATTNFREE_STATIC_SHARED(Acc, sm_b, [NG][NCH]);
+  TileStates<Acc, NG, NCH> tiles{sm_m, sm_a, sm_b};
   const int tid = threadIdx.x, cv = tid % NC, g = tid / NC;
   const int64_t ncb = (D + NCH - 1) / NCH;
   const int64_t b = blockIdx.x / ncb;
@@ -171,52 +254,20 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
       }
     }
     if (!CAUSAL) {
-      for (int i = 0; i < VEC; ++i) {
-        LseState<Acc> st;
-        st.m = tm[i];
-        st.a = ta[i];
-        st.b = tb[i];
-        st.merge(Mc[i], S[i], A[i]);
-        tm[i] = st.m;
-        ta[i] = st.a;
-        tb[i] = st.b;
-      }
+      for (int i = 0; i < VEC; ++i) merge_into(tm[i], ta[i], tb[i], Mc[i], S[i], A[i]);
       continue;
     }
-    for (int i = 0; i < VEC; ++i) {
-      sm_m[g][cv * VEC + i] = Mc[i];
-      sm_a[g][cv * VEC + i] = S[i];
-      sm_b[g][cv * VEC + i] = A[i];
-    }
-    __syncthreads();
-    if (tid < NCH) {  // exclusive scan over the NG chunks of channel tid, from the carry
-      for (int gi = 0; gi < NG; ++gi) {
-        const Acc m2 = sm_m[gi][tid], a2 = sm_a[gi][tid], b2 = sm_b[gi][tid];
-        sm_m[gi][tid] = carry.m;
-        sm_a[gi][tid] = carry.a;
-        sm_b[gi][tid] = carry.b;
-        carry.merge(m2, a2, b2);
-      }
-    }
-    __syncthreads();
+    tiles.template put<VEC>(g, cv, Mc, S, A);
+    tiles.template scan<false>(tid, carry);
     Acc ap[VEC], bp[VEC], fc[VEC], MM[VEC];
     bool exact = false;
     for (int i = 0; i < VEC; ++i) {
-      const Acc mp = sm_m[g][cv * VEC + i];
+      const LseState<Acc> P = tiles.get(g, cv * VEC + i);
+      const Acc mp = P.m;
       Acc fp;
-      if (mp > Mc[i]) {
-        fp = Acc(1);
-        fc[i] = af_exp(Mc[i] - mp);
-      } else if (Mc[i] == ninf) {
-        fp = Acc(0);
-        fc[i] = Acc(0);
-      } else {
-        fc[i] = Acc(1);
-        fp = mp == ninf ? Acc(0) : af_exp(mp - Mc[i]);
-      }
-      MM[i] = mp > Mc[i] ? mp : Mc[i];
-      ap[i] = sm_a[g][cv * VEC + i] * fp;
-      bp[i] = sm_b[g][cv * VEC + i] * fp;
+      chunk_factors(mp, Mc[i], fp, fc[i], MM[i]);
+      ap[i] = P.a * fp;
+      bp[i] = P.b * fp;
       // the smallest row max among the chunk's rows that see a key: the first row's with a prefix, else the first
       // non-masked key's (row maxima only grow along the chunk)
       const Acc lo = mp != ninf ? (mp > k0[i] ? mp : k0[i]) : rf[i];
@@ -251,10 +302,7 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
       }
     } else {  // the guard: this chunk per element, running max from the prefix (exact for any spike)
       for (int i = 0; i < VEC; ++i) {
-        LseState<Acc> st;
-        st.m = sm_m[g][cv * VEC + i];
-        st.a = sm_a[g][cv * VEC + i];
-        st.b = sm_b[g][cv * VEC + i];
+        LseState<Acc> st = tiles.get(g, cv * VEC + i);
         for (int s = 0; s < n; ++s) {
           const int64_t j = (b * T + t0 + s) * D + c + i;
           st.add(load_acc(k + j), Acc(1), load_acc(v + j));
@@ -267,22 +315,13 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
     __syncthreads();  // the shared arrays are rewritten by the next tile
   }
   if (!CAUSAL) {  // the column totals: reduce the NG threads of each channel, then one sweep writing y and lse
-    for (int i = 0; i < VEC; ++i) {
-      sm_m[g][cv * VEC + i] = tm[i];
-      sm_a[g][cv * VEC + i] = ta[i];
-      sm_b[g][cv * VEC + i] = tb[i];
-    }
-    __syncthreads();
-    if (tid < NCH) {
-      for (int gi = 0; gi < NG; ++gi) carry.merge(sm_m[gi][tid], sm_a[gi][tid], sm_b[gi][tid]);
-      sm_m[0][tid] = carry.m + af_log(carry.a);  // lse; -inf for a column with no finite key
-      sm_a[0][tid] = carry.mean();               // ybar; 0 there
-    }
-    __syncthreads();
+    tiles.template put<VEC>(g, cv, tm, ta, tb);
+    tiles.reduce(tid, carry);
     Acc lz[VEC], yb[VEC];
     for (int i = 0; i < VEC; ++i) {
-      lz[i] = sm_m[0][cv * VEC + i];
-      yb[i] = sm_a[0][cv * VEC + i];
+      const LseState<Acc> tot = tiles.get(0, cv * VEC + i);
+      lz[i] = tot.m + af_log(tot.a);  // lse; -inf for a column with no finite key
+      yb[i] = tot.mean();             // ybar; 0 there
     }
     for (int64_t t = g; live && t < T; t += NG) {
       const int64_t j = (b * T + t) * D + c;
@@ -325,6 +364,7 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
   ATTNFREE_STATIC_SHARED(Acc, sm_m, [NG][NCH]);
   ATTNFREE_STATIC_SHARED(Acc, sm_a, [NG][NCH]);
   ATTNFREE_STATIC_SHARED(Acc, sm_b, [NG][NCH]);
+  TileStates<Acc, NG, NCH> tiles{sm_m, sm_a, sm_b};
   const int tid = threadIdx.x, cv = tid % NC, g = tid / NC;
   const int64_t ncb = (D + NCH - 1) / NCH;
   const int64_t b = blockIdx.x / ncb;
@@ -398,52 +438,20 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
       }
     }
     if (!CAUSAL) {
-      for (int i = 0; i < VEC; ++i) {
-        LseState<Acc> st;
-        st.m = tm[i];
-        st.a = ta[i];
-        st.b = tb[i];
-        st.merge(Mx[i], SG[i], SH[i]);
-        tm[i] = st.m;
-        ta[i] = st.a;
-        tb[i] = st.b;
-      }
+      for (int i = 0; i < VEC; ++i) merge_into(tm[i], ta[i], tb[i], Mx[i], SG[i], SH[i]);
       continue;
     }
-    for (int i = 0; i < VEC; ++i) {
-      sm_m[g][cv * VEC + i] = Mx[i];
-      sm_a[g][cv * VEC + i] = SG[i];
-      sm_b[g][cv * VEC + i] = SH[i];
-    }
-    __syncthreads();
-    if (tid < NCH) {  // exclusive suffix over the NG chunks of channel tid, from the carry
-      for (int gi = NG - 1; gi >= 0; --gi) {
-        const Acc m2 = sm_m[gi][tid], a2 = sm_a[gi][tid], b2 = sm_b[gi][tid];
-        sm_m[gi][tid] = carry.m;
-        sm_a[gi][tid] = carry.a;
-        sm_b[gi][tid] = carry.b;
-        carry.merge(m2, a2, b2);
-      }
-    }
-    __syncthreads();
+    tiles.template put<VEC>(g, cv, Mx, SG, SH);
+    tiles.template scan<true>(tid, carry);
     Acc ag[VEC], ah[VEC], fc[VEC], MM[VEC];
     bool exact = false;
     for (int i = 0; i < VEC; ++i) {
-      const Acc ms = sm_m[g][cv * VEC + i];
+      const LseState<Acc> Sx = tiles.get(g, cv * VEC + i);
+      const Acc ms = Sx.m;
       Acc fs;
-      if (ms > Mx[i]) {
-        fs = Acc(1);
-        fc[i] = af_exp(Mx[i] - ms);
-      } else if (Mx[i] == ninf) {
-        fs = Acc(0);
-        fc[i] = Acc(0);
-      } else {
-        fc[i] = Acc(1);
-        fs = ms == ninf ? Acc(0) : af_exp(ms - Mx[i]);
-      }
-      MM[i] = ms > Mx[i] ? ms : Mx[i];
-      ag[i] = sm_a[g][cv * VEC + i] * fs;
-      ah[i] = sm_b[g][cv * VEC + i] * fs;
+      chunk_factors(ms, Mx[i], fs, fc[i], MM[i]);
+      ag[i] = Sx.a * fs;
+      ah[i] = Sx.b * fs;
       // the smallest row max a key of this chunk sees: the last key's (with a suffix), else the last row's item
       const Acc lo = ms != ninf ? (ms > xl[i] ? ms : xl[i]) : xf[i];
       if (lo != ninf && MM[i] - lo > guard_gap<Acc>()) exact = true;
@@ -475,10 +483,7 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
       }
     } else {  // the guard: this chunk per element, from its suffix state
       for (int i = 0; i < VEC; ++i) {
-        LseState<Acc> st;
-        st.m = sm_m[g][cv * VEC + i];
-        st.a = sm_a[g][cv * VEC + i];
-        st.b = sm_b[g][cv * VEC + i];
+        LseState<Acc> st = tiles.get(g, cv * VEC + i);
         for (int s = n - 1; s >= 0; --s) {
           const int64_t j = (b * T + t0 + s) * D + c + i;
           const Acc gy = load_acc(dy + j);
@@ -493,24 +498,14 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
     __syncthreads();
   }
   if (!CAUSAL) {  // column totals, then one sweep over the keys
-    for (int i = 0; i < VEC; ++i) {
-      sm_m[g][cv * VEC + i] = tm[i];
-      sm_a[g][cv * VEC + i] = ta[i];
-      sm_b[g][cv * VEC + i] = tb[i];
-    }
-    __syncthreads();
-    if (tid < NCH) {
-      for (int gi = 0; gi < NG; ++gi) carry.merge(sm_m[gi][tid], sm_a[gi][tid], sm_b[gi][tid]);
-      sm_m[0][tid] = carry.m;
-      sm_a[0][tid] = carry.a;
-      sm_b[0][tid] = carry.b;
-    }
-    __syncthreads();
+    tiles.template put<VEC>(g, cv, tm, ta, tb);
+    tiles.reduce(tid, carry);
     Acc Mt[VEC], At[VEC], Bt[VEC];
     for (int i = 0; i < VEC; ++i) {
-      Mt[i] = sm_m[0][cv * VEC + i];
-      At[i] = sm_a[0][cv * VEC + i];
-      Bt[i] = sm_b[0][cv * VEC + i];
+      const LseState<Acc> tot = tiles.get(0, cv * VEC + i);
+      Mt[i] = tot.m;
+      At[i] = tot.a;
+      Bt[i] = tot.b;
     }
     for (int64_t t = g; live && t < T; t += NG) {
       const int64_t j = (b * T + t) * D + c;
