@@ -937,3 +937,19 @@ def test_spikes_inside_chunks_and_long_sequences(path, dtype, causal):
     for name, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), go):
         assert torch.isfinite(a).all(), name
         assert rel_err(a, b) < 10 * tol + ltol, (name, rel_err(a, b))
+
+
+@COMPILED
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_opcheck_state_ops(path, dtype, with_state):
+    """Schemas, fake kernels and the autograd registration of aft_simple_state_fwd / _bwd."""
+    B, T, D = 2, 7, 4
+    q, k, v = (path.leaf(x) for x in qkv(B, T, D, dtype))
+    s0 = path.leaf(_prefix_state(*_inputs((B, 3, D), dtype)[1:])) if with_state else None
+    torch.library.opcheck(OPS.aft_simple_state_fwd.default, (q, k, v, True, s0))
+    y, lse, sF = (t.detach() for t in OPS.aft_simple_state_fwd(q, k, v, True, s0))
+    dy, gF = path.put(rand(B, T, D, dtype=dtype)), path.put(torch.randn_like(sF.cpu()))
+    s0d = None if s0 is None else s0.detach()
+    args = (dy, gF, q.detach(), k.detach(), v.detach(), s0d, y, lse, sF, True)
+    torch.library.opcheck(OPS.aft_simple_state_bwd.default, args)
