@@ -185,6 +185,22 @@ __device__ __forceinline__ void chunk_factors(Acc mp, Acc mc, Acc& fp, Acc& fc, 
   M = mp > mc ? mp : mc;
 }
 
+// The re-walk of a chunk of max mc from its neighbour state nb (the exclusive prefix, or suffix when reversed):
+// the neighbour's sums under M = max(nb.m, mc) (pa, pb), the chunk's factor fc = e^{mc - M}, and whether the chunk
+// must run per element (the guard): the smallest row max a step of the chunk sees is max(nb.m, x_edge) with x_edge
+// the item at the chunk's entry edge (first step; last when reversed), or without a neighbour the first
+// non-masked item x_first from that edge; the guard trips where it lies more than guard_gap below M.
+template <typename Acc>
+__device__ __forceinline__ bool chunk_rewalk(const LseState<Acc>& nb, Acc mc, Acc x_edge, Acc x_first, Acc& pa, Acc& pb,
+                                             Acc& fc, Acc& M) {
+  Acc fp;
+  chunk_factors(nb.m, mc, fp, fc, M);
+  pa = nb.a * fp;
+  pb = nb.b * fp;
+  const Acc lo = nb.m != neg_inf<Acc>() ? (nb.m > x_edge ? nb.m : x_edge) : x_first;
+  return lo != neg_inf<Acc>() && M - lo > guard_gap<Acc>();
+}
+
 template <typename scalar_t, typename Acc, bool CAUSAL>
 __global__ void __launch_bounds__(kFwdNG* kFwdNC)
     simple_fwd_tiles_kernel(gptr<const scalar_t> q, gptr<const scalar_t> k, gptr<const scalar_t> v, gptr<scalar_t> y,
@@ -261,18 +277,8 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
     tiles.template scan<false>(tid, carry);
     Acc ap[VEC], bp[VEC], fc[VEC], MM[VEC];
     bool exact = false;
-    for (int i = 0; i < VEC; ++i) {
-      const LseState<Acc> P = tiles.get(g, cv * VEC + i);
-      const Acc mp = P.m;
-      Acc fp;
-      chunk_factors(mp, Mc[i], fp, fc[i], MM[i]);
-      ap[i] = P.a * fp;
-      bp[i] = P.b * fp;
-      // the smallest row max among the chunk's rows that see a key: the first row's with a prefix, else the first
-      // non-masked key's (row maxima only grow along the chunk)
-      const Acc lo = mp != ninf ? (mp > k0[i] ? mp : k0[i]) : rf[i];
-      if (lo != ninf && MM[i] - lo > guard_gap<Acc>()) exact = true;
-    }
+    for (int i = 0; i < VEC; ++i)  // row maxima only grow along the chunk: its first row is the guard's
+      exact |= chunk_rewalk(tiles.get(g, cv * VEC + i), Mc[i], k0[i], rf[i], ap[i], bp[i], fc[i], MM[i]);
     if (!exact) {
       Acc sa[VEC], sb[VEC];
       for (int i = 0; i < VEC; ++i) {
@@ -445,17 +451,8 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
     tiles.template scan<true>(tid, carry);
     Acc ag[VEC], ah[VEC], fc[VEC], MM[VEC];
     bool exact = false;
-    for (int i = 0; i < VEC; ++i) {
-      const LseState<Acc> Sx = tiles.get(g, cv * VEC + i);
-      const Acc ms = Sx.m;
-      Acc fs;
-      chunk_factors(ms, Mx[i], fs, fc[i], MM[i]);
-      ag[i] = Sx.a * fs;
-      ah[i] = Sx.b * fs;
-      // the smallest row max a key of this chunk sees: the last key's (with a suffix), else the last row's item
-      const Acc lo = ms != ninf ? (ms > xl[i] ? ms : xl[i]) : xf[i];
-      if (lo != ninf && MM[i] - lo > guard_gap<Acc>()) exact = true;
-    }
+    for (int i = 0; i < VEC; ++i)  // suffix maxima shrink along the chunk: its last key is the guard's
+      exact |= chunk_rewalk(tiles.get(g, cv * VEC + i), Mx[i], xl[i], xf[i], ag[i], ah[i], fc[i], MM[i]);
     if (!exact) {
       Acc cg[VEC], ch[VEC];
       for (int i = 0; i < VEC; ++i) {
