@@ -8,8 +8,11 @@
 //           dq     = dy * y * (1 - sig(q))
 //           sums over all t (global) or t >= t' (causal: a reverse scan). k[t'] + mu <= 0 since lse[t] >= k[t'].
 //
-// Both directions use the chunked log-sum-exp scan of common/cuda_common.cuh (3 kernels: chunk states, scan over
-// chunks, re-walk). Global mode is the same machinery with the chunk states reduced to one total per (b, c).
+// Channels in 16-byte vectors (D a multiple of 16 / element size, 16-byte aligned buffers): one tiled kernel per
+// direction (simple_fwd_tiles_kernel, simple_bwd_tiles_kernel below; docs/design.md §2.7), every input read once,
+// no workspace. Other shapes: the chunked log-sum-exp scan of common/cuda_common.cuh (3 kernels: chunk states, scan
+// over chunks, re-walk; global mode reduces the chunk states to one total per (b, c)). The recurrent state
+// (aft_simple_state_*) rides on either: the initial state starts the scan, the final state is its total.
 #include <cstring>
 
 #include "aft_simple/aft_simple.h"
