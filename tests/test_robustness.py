@@ -564,6 +564,26 @@ def test_neg_inf_is_a_mask(path, case, scenario, T):
         assert not got[3][torch.isneginf(w)].any()
 
 
+SIMPLE_MASK_CASES = [c for c in MASK_CASES if c[1] == "aft_simple"]
+
+
+@pytest.mark.paths("compiled-cpu", "cuda", "emulation", op="aft_simple")
+@pytest.mark.parametrize("T", [5, 70], ids=["T5", "T70"])
+@pytest.mark.parametrize("scenario", [s for s in MASK_SCENARIOS if s != "w_entries"])
+@pytest.mark.parametrize("case", SIMPLE_MASK_CASES, ids=[c[0] for c in SIMPLE_MASK_CASES])
+def test_neg_inf_is_a_mask_aft_simple_kernels(path, case, scenario, T):
+    """test_neg_inf_is_a_mask on the compiled kernels of aft_simple (CPU: the global kernel and the band kernel
+    of common/cpu_band.cpp that causal aft_simple shares with aft_local and aft_full's exact path)."""
+    test_neg_inf_is_a_mask(path, case, scenario, T)
+
+
+@pytest.mark.paths("compiled-cpu", "cuda", "emulation", op="aft_simple")
+@pytest.mark.parametrize("case", SIMPLE_MASK_CASES, ids=[c[0] for c in SIMPLE_MASK_CASES])
+def test_neg_inf_mask_keeps_nan_propagation_aft_simple_kernels(path, case):
+    """test_neg_inf_mask_keeps_nan_propagation on the compiled kernels of aft_simple."""
+    test_neg_inf_mask_keeps_nan_propagation(path, case)
+
+
 @pytest.mark.paths("python")
 @pytest.mark.parametrize("case", MASK_CASES, ids=[c[0] for c in MASK_CASES])
 def test_neg_inf_mask_keeps_nan_propagation(path, case):

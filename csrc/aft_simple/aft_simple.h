@@ -17,5 +17,21 @@ cudaError_t aft_simple_bwd(DType dtype, const void* dy, const void* q, const voi
                            const void* lse, void* dq, void* dk, void* dv, int64_t B, int64_t T, int64_t D, bool causal,
                            void* workspace, cudaStream_t stream);
 
+// Causal, with a recurrent state (format: aft_simple_state.h; accumulate type, (B, 3, D)).
+//   forward:  initial_state may be null (empty state); final_state receives the state after the last key.
+//   backward: final_query (B, 3, D) = (mF, g_numF, -g_denF), the final state's gradient as one more query after
+//             the last row, or null; initial_state or null; key_sums (B, 2, D) receives the initial state's
+//             (sum exp(m0 - lse) G, sum exp(m0 - lse) H) (zeros without an initial state).
+//   T = 0 enqueues nothing (the binding handles it: the final state is the initial state).
+size_t aft_simple_state_fwd_workspace_bytes(DType dtype, int64_t B, int64_t T, int64_t D);
+cudaError_t aft_simple_state_fwd(DType dtype, const void* q, const void* k, const void* v, const void* initial_state,
+                                 void* y, void* lse, void* final_state, int64_t B, int64_t T, int64_t D,
+                                 void* workspace, cudaStream_t stream);
+size_t aft_simple_state_bwd_workspace_bytes(DType dtype, int64_t B, int64_t T, int64_t D);
+cudaError_t aft_simple_state_bwd(DType dtype, const void* dy, const void* q, const void* k, const void* v,
+                                 const void* y, const void* lse, const void* final_query, const void* initial_state,
+                                 void* dq, void* dk, void* dv, void* key_sums, int64_t B, int64_t T, int64_t D,
+                                 void* workspace, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace attnfree

@@ -9,6 +9,9 @@
 // The band kernel computes the same numbers with prefix and suffix running-max scans; this is the short form
 // for the global case: one exponential per key instead of four.
 // Tasks are (b, chunk of channels); inner loops run over contiguous channels.
+// Non-finite contract (docs/design.md §7): the max and the lse enter the exponentials through a safe offset (0
+// where every key of the column is -inf), so -inf keys add exactly 0 and a column with no finite key gives y = 0,
+// lse = -inf and zero gradients.
 #include "aft_simple/aft_simple_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -18,6 +21,7 @@
 #include <limits>
 
 #include "aft_simple/aft_simple_global_vec.h"
+#include "aft_simple/aft_simple_state.h"
 #include "common/cpu_band.h"
 
 namespace attnfree {
@@ -43,6 +47,8 @@ void simple_global_fwd_kernel(const acc_t* __restrict__ q, const acc_t* __restri
         const acc_t* kr = k + base + t * D;
         for (int64_t c = 0; c < nc; ++c) m[c] = kr[c] > m[c] ? kr[c] : m[c];
       }
+      // safe offset: 0 where every key is -inf (masked), so no (-inf) - (-inf) is formed (docs/design.md §7)
+      for (int64_t c = 0; c < nc; ++c) m[c] = m[c] == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : m[c];
       for (int64_t t = 0; t < T; ++t) {
         const acc_t* kr = k + base + t * D;
         const acc_t* vr = v + base + t * D;
@@ -53,8 +59,8 @@ void simple_global_fwd_kernel(const acc_t* __restrict__ q, const acc_t* __restri
         }
       }
       for (int64_t c = 0; c < nc; ++c) {
-        A[c] /= S[c];            // ybar
-        m[c] += std::log(S[c]);  // lse
+        A[c] = S[c] == acc_t(0) ? acc_t(0) : A[c] / S[c];  // ybar; 0 for a column with no finite key
+        m[c] += std::log(S[c]);                            // lse; -inf for that column
       }
       for (int64_t t = 0; t < T; ++t) {
         const acc_t* qr = q + base + t * D;
@@ -80,8 +86,12 @@ void simple_global_bwd_kernel(const acc_t* __restrict__ dy, const acc_t* __restr
       const int64_t b = task / ncc, c0 = (task % ncc) * kChannelChunk;
       const int64_t nc = std::min(kChannelChunk, D - c0);
       const int64_t base = b * T * D + c0;
-      const acc_t* L = lse + base;  // the same for every t in the global case: row 0 holds it
+      // the same for every t in the global case: row 0 holds it; a column with no finite key (lse = -inf) has
+      // only -inf keys, so the offset 0 gives P = exp(-inf) = 0 there
+      acc_t L[kChannelChunk];
       for (int64_t c = 0; c < nc; ++c) {
+        const acc_t l = lse[base + c];
+        L[c] = l == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : l;
         G[c] = 0;
         ybar[c] = 0;
       }
@@ -169,6 +179,66 @@ std::tuple<Tensor, Tensor, Tensor> aft_simple_bwd(const Tensor& dy, const Tensor
   }
   auto r = band_bwd(dy, q, k, v, nullptr, y, lse, 1, 1, causal);
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> aft_simple_state_fwd(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
+                                                        const c10::optional<Tensor>& initial_state) {
+  check_qkv(q, k, v);
+  const Tensor* s0 = state::opt_ptr(initial_state);
+  state::check_initial_state(s0, q, causal);
+  if (!causal) {
+    const Tensor ka = acc_contiguous(k, q), va = acc_contiguous(v, q);
+    auto r = global_fwd(acc_contiguous(q, q), ka, va);
+    return {std::get<0>(r).to(q.scalar_type()), std::get<1>(r), state::global_final_state(ka, va)};
+  }
+  Tensor sF;
+  auto r = band_fwd(q, k, v, nullptr, 1, 1, true, s0, &sF);
+  return {std::get<0>(r), std::get<1>(r), sF};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> aft_simple_state_bwd(const Tensor& dy,
+                                                                const c10::optional<Tensor>& dfinal_state,
+                                                                const Tensor& q, const Tensor& k, const Tensor& v,
+                                                                const c10::optional<Tensor>& initial_state,
+                                                                const Tensor& y, const Tensor& lse,
+                                                                const Tensor& final_state, bool causal) {
+  check_qkv(q, k, v);
+  check_saved(dy, q, y, lse);
+  const Tensor* s0 = state::opt_ptr(initial_state);
+  state::check_initial_state(s0, q, causal);
+  state::check_final_state("final_state", final_state, q);
+  const Tensor* gFp = state::opt_ptr(dfinal_state);
+  if (gFp) state::check_final_state("dfinal_state", *gFp, q);
+  const auto acc = acc_dtype(q.scalar_type());
+  const int64_t B = q.size(0), T = q.size(1), D = q.size(2);
+  const Tensor sF = final_state.to(acc).contiguous();
+  Tensor gF;
+  if (gFp) gF = gFp->to(acc).contiguous();
+  const auto dt = q.scalar_type();
+  Tensor dq, dk, dv;
+  Tensor g0 = at::zeros({B, 3, D}, q.options().dtype(acc));
+  if (!causal) {
+    std::tie(dq, dk, dv) = aft_simple_bwd(dy, q, k, v, y, lse, false);
+    if (gFp && T > 0) {
+      const Tensor ka = acc_contiguous(k, q), va = acc_contiguous(v, q);
+      auto [dk2, dv2] = state::global_final_state_grad(ka, va, sF, gF);
+      dk = (dk.to(acc) + dk2).to(dt);
+      dv = (dv.to(acc) + dv2).to(dt);
+    }
+  } else {
+    const Tensor ps = gFp ? state::pseudo_row(sF, gF) : Tensor();
+    Tensor ks;
+    auto r = band_bwd(dy, q, k, v, nullptr, y, lse, 1, 1, true, gFp ? &ps : nullptr, s0, s0 ? &ks : nullptr);
+    dq = std::get<0>(r);
+    dk = std::get<1>(r);
+    dv = std::get<2>(r);
+    if (s0) g0 = T > 0 ? state::initial_state_grad(ks, s0->to(acc)) : (gFp ? gF.clone() : g0);
+  }
+  if (gFp && T > 0) {
+    const Tensor s0a = s0 ? s0->to(acc) : Tensor();
+    dk = state::route_max_residual(dk, acc_contiguous(k, q), sF, gF, s0 ? &s0a : nullptr, &g0);
+  }
+  return {dq, dk, dv, g0};
 }
 
 }  // namespace cpu

@@ -9,9 +9,19 @@ TORCH_LIBRARY_FRAGMENT(attnfree, m) {
   m.def(
       "aft_simple_bwd(Tensor dy, Tensor q, Tensor k, Tensor v, Tensor y, Tensor lse, bool causal)"
       " -> (Tensor dq, Tensor dk, Tensor dv)");
+  // with a recurrent state (B, 3, D) = (running max, numerator, denominator), csrc/aft_simple/aft_simple_state.h
+  m.def(
+      "aft_simple_state_fwd(Tensor q, Tensor k, Tensor v, bool causal, Tensor? initial_state)"
+      " -> (Tensor y, Tensor lse, Tensor final_state)");
+  m.def(
+      "aft_simple_state_bwd(Tensor dy, Tensor? dfinal_state, Tensor q, Tensor k, Tensor v, Tensor? initial_state,"
+      " Tensor y, Tensor lse, Tensor final_state, bool causal)"
+      " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dinitial_state)");
 }
 
 TORCH_LIBRARY_IMPL(attnfree, CPU, m) {
   m.impl("aft_simple_fwd", &attnfree::cpu::aft_simple_fwd);
   m.impl("aft_simple_bwd", &attnfree::cpu::aft_simple_bwd);
+  m.impl("aft_simple_state_fwd", &attnfree::cpu::aft_simple_state_fwd);
+  m.impl("aft_simple_state_bwd", &attnfree::cpu::aft_simple_state_bwd);
 }

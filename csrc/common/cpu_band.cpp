@@ -19,6 +19,9 @@
 //   exp(k[t']) * sum_{t >= t'+window} exp(-lse[t]) G[t] (+ the mirror sum over t <= t'-window, non-causal)
 //   kept as (ref = min lse, scaled sums) so exp(k[t'] - ref) <= 1 and nothing overflows.
 //   dw[h, t, t'] = sum_{b, c in h} P (G v[t'] - H) is a second pass parallel over rows (h, t).
+// Non-finite contract (docs/design.md §7): every running max and every lse enters an exponential through a safe
+// offset (0 where the max is -inf; +inf for a query row whose lse is -inf), so a -inf key adds exactly 0, a row
+// with no finite logit gives y = 0, lse = -inf and zero gradients, and nothing forms (-inf) - (-inf).
 // Low-precision inputs are converted once to float32 (all math in float32), float64 stays float64.
 // Non-contiguous inputs are made contiguous once.
 #include "common/cpu_band.h"
@@ -50,12 +53,27 @@ struct BandTask {
   }
 };
 
-// Adds key (k, v) to a running-max state (max m, numerator a, denominator d): the RWKV-style recurrence.
+// x where x != -inf, else 0: the offset of exp(a - off) when every a may be -inf (a masked key, an empty
+// state), so that no (-inf) - (-inf) is formed (docs/design.md §7 rules 3-4).
+template <typename acc_t>
+inline acc_t safe_off(acc_t x) {
+  return x == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : x;
+}
+
+// exp(x - lse) for a query row: 0 where lse = -inf (a row with no finite logit contributes nothing).
+template <typename acc_t>
+inline acc_t safe_lse(acc_t l) {
+  return l == -std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::infinity() : l;
+}
+
+// Adds key (k, v) to a running-max state (max m, numerator a, denominator d): the RWKV-style recurrence. A -inf
+// key adds exactly 0; a NaN key is ignored by the max (std::max keeps m) and propagates through e.
 template <typename acc_t>
 inline void add_key(acc_t& m, acc_t& a, acc_t& d, acc_t k, acc_t v) {
   const acc_t m2 = std::max(m, k);
-  const acc_t sc = std::exp(m - m2);
-  const acc_t e = std::exp(k - m2);
+  const acc_t off = safe_off(m2);
+  const acc_t sc = std::exp(m - off);
+  const acc_t e = std::exp(k - off);
   d = d * sc + e;
   a = a * sc + e * v;
   m = m2;
@@ -64,7 +82,8 @@ inline void add_key(acc_t& m, acc_t& a, acc_t& d, acc_t k, acc_t v) {
 template <typename acc_t>
 void band_fwd_kernel(const acc_t* __restrict__ q, const acc_t* __restrict__ k, const acc_t* __restrict__ v,
                      const acc_t* __restrict__ w, acc_t* __restrict__ y, acc_t* __restrict__ lse, int64_t B, int64_t T,
-                     int64_t D, int64_t H, int64_t window, bool causal) {
+                     int64_t D, int64_t H, int64_t window, bool causal, const acc_t* __restrict__ s0,
+                     acc_t* __restrict__ sF) {
   const int64_t Dh = D / H;
   const int64_t CH = std::min<int64_t>(Dh, kChannelChunk);
   const int64_t ncc = (Dh + CH - 1) / CH;
@@ -112,10 +131,11 @@ void band_fwd_kernel(const acc_t* __restrict__ q, const acc_t* __restrict__ k, c
         }
       }
 
+      const int64_t sbase = tk.b * 3 * D + tk.c0;  // (b, row, c0) of a (B, 3, D) state
       for (int64_t c = 0; c < nc; ++c) {
-        pm[c] = ninf;
-        pa[c] = 0;
-        pd[c] = 0;
+        pm[c] = s0 ? s0[sbase + c] : ninf;  // the initial state: keys before t = 0
+        pa[c] = s0 ? s0[sbase + D + c] : acc_t(0);
+        pd[c] = s0 ? s0[sbase + 2 * D + c] : acc_t(0);
       }
       for (int64_t t = 0; t < T; ++t) {
         const int64_t tp_old = t - window;  // newest key that left the band on the left
@@ -124,7 +144,7 @@ void band_fwd_kernel(const acc_t* __restrict__ q, const acc_t* __restrict__ k, c
           const acc_t* vr = vb + tp_old * D;
           for (int64_t c = 0; c < nc; ++c) add_key(pm[c], pa[c], pd[c], kr[c], vr[c]);
         }
-        const bool hasP = tp_old >= 0;
+        const bool hasP = tp_old >= 0 || s0;
         const bool hasS = has_suffix && t + window <= T - 1;
         const int64_t lo = std::max<int64_t>(0, t - window + 1);
         const int64_t hi = causal ? t : std::min<int64_t>(T - 1, t + window - 1);
@@ -146,6 +166,7 @@ void band_fwd_kernel(const acc_t* __restrict__ q, const acc_t* __restrict__ k, c
           acc_t M = mx[c];
           if (hasP) M = std::max(M, pm[c]);
           if (hasS) M = std::max(M, m_s[c]);
+          M = safe_off(M);
           mx[c] = M;
           acc_t s_ = 0, a_ = 0;
           if (hasP) {
@@ -175,20 +196,34 @@ void band_fwd_kernel(const acc_t* __restrict__ q, const acc_t* __restrict__ k, c
         acc_t* yr = yb + t * D;
         acc_t* lr = lb + t * D;
         for (int64_t c = 0; c < nc; ++c) {
-          lr[c] = mx[c] + std::log(S[c]);
-          yr[c] = sigmoid(qr[c]) * (A[c] / S[c]);
+          lr[c] = mx[c] + std::log(S[c]);  // -inf where no logit is finite (S = 0, offset 0)
+          yr[c] = S[c] == acc_t(0) ? acc_t(0) : sigmoid(qr[c]) * (A[c] / S[c]);
+        }
+      }
+      if (sF) {  // the state after the last key: the prefix plus the keys still in the band of row T - 1
+        for (int64_t tp = std::max<int64_t>(0, T - window); tp < T; ++tp) {
+          const acc_t* kr = kb + tp * D;
+          const acc_t* vr = vb + tp * D;
+          for (int64_t c = 0; c < nc; ++c) add_key(pm[c], pa[c], pd[c], kr[c], vr[c]);
+        }
+        for (int64_t c = 0; c < nc; ++c) {
+          sF[sbase + c] = pm[c];
+          sF[sbase + D + c] = pa[c];
+          sF[sbase + 2 * D + c] = pd[c];
         }
       }
     }
   });
 }
 
-// Scaled sum over queries of exp(-lse[t]) * X[t]: value = exp(-ref) * s.
+// Scaled sum over queries of exp(-lse[t]) * X[t]: value = exp(-ref) * s. l is the query's lse through safe_lse
+// (+inf for a row with no finite logit: it adds exactly 0). ref = +inf is the empty sum; the offset is 0 there.
 template <typename acc_t>
 inline void add_query(acc_t& ref, acc_t& sG, acc_t& sH, acc_t l, acc_t g, acc_t hh) {
   const acc_t r2 = std::min(ref, l);
-  const acc_t sc = std::exp(r2 - ref);  // ref = +inf (empty) -> 0
-  const acc_t e = std::exp(r2 - l);
+  const acc_t off = r2 == std::numeric_limits<acc_t>::infinity() ? acc_t(0) : r2;
+  const acc_t sc = std::exp(off - ref);  // ref = +inf (empty) -> 0
+  const acc_t e = std::exp(off - l);
   sG = sG * sc + e * g;
   sH = sH * sc + e * hh;
   ref = r2;
@@ -198,7 +233,8 @@ template <typename acc_t>
 void band_bwd_kernel(const acc_t* __restrict__ G, const acc_t* __restrict__ Hm, const acc_t* __restrict__ k,
                      const acc_t* __restrict__ v, const acc_t* __restrict__ w, const acc_t* __restrict__ lse,
                      acc_t* __restrict__ dk, acc_t* __restrict__ dv, acc_t* __restrict__ dw, int64_t B, int64_t T,
-                     int64_t D, int64_t H, int64_t window, bool causal) {
+                     int64_t D, int64_t H, int64_t window, bool causal, const acc_t* __restrict__ ps,
+                     const acc_t* __restrict__ m0, acc_t* __restrict__ ks) {
   const int64_t Dh = D / H;
   const int64_t CH = std::min<int64_t>(Dh, kChannelChunk);
   const int64_t ncc = (Dh + CH - 1) / CH;
@@ -227,6 +263,12 @@ void band_bwd_kernel(const acc_t* __restrict__ G, const acc_t* __restrict__ Hm, 
         sH[c] = 0;
       }
       bool has = false;
+      const int64_t sbase = tk.b * 3 * D + tk.c0;
+      if (ps) {  // the final state's gradient: one more query after row T - 1, seeing every key
+        has = true;
+        for (int64_t c = 0; c < nc; ++c)
+          add_query(ref[c], sG[c], sH[c], safe_lse(ps[sbase + c]), ps[sbase + D + c], ps[sbase + 2 * D + c]);
+      }
       for (int64_t tp = T - 1; tp >= 0; --tp) {
         const int64_t tq = tp + window;  // queries t >= tp + window see key tp with bias 0
         if (tq <= T - 1) {
@@ -234,7 +276,7 @@ void band_bwd_kernel(const acc_t* __restrict__ G, const acc_t* __restrict__ Hm, 
           const acc_t* lr = lb + tq * D;
           const acc_t* gr = Gb + tq * D;
           const acc_t* hr = Hb + tq * D;
-          for (int64_t c = 0; c < nc; ++c) add_query(ref[c], sG[c], sH[c], lr[c], gr[c], hr[c]);
+          for (int64_t c = 0; c < nc; ++c) add_query(ref[c], sG[c], sH[c], safe_lse(lr[c]), gr[c], hr[c]);
         }
         const acc_t* kr = kb + tp * D;
         if (has) {
@@ -257,7 +299,7 @@ void band_bwd_kernel(const acc_t* __restrict__ G, const acc_t* __restrict__ Hm, 
           const acc_t* gr = Gb + t * D;
           const acc_t* hr = Hb + t * D;
           for (int64_t c = 0; c < nc; ++c) {
-            const acc_t P = std::exp(wv + kr[c] - lr[c]);
+            const acc_t P = std::exp(wv + kr[c] - safe_lse(lr[c]));
             accv[c] += P * gr[c];
             acch[c] += P * hr[c];
           }
@@ -267,6 +309,18 @@ void band_bwd_kernel(const acc_t* __restrict__ G, const acc_t* __restrict__ Hm, 
         for (int64_t c = 0; c < nc; ++c) {
           dvr[c] = accv[c];
           sp[c] = acch[c];
+        }
+      }
+      if (ks) {  // the initial state as a key before t = 0 (window = 1: every row sees it with bias 0)
+        const acc_t* lr = lb;
+        const acc_t* gr = Gb;
+        const acc_t* hr = Hb;
+        for (int64_t c = 0; c < nc; ++c) add_query(ref[c], sG[c], sH[c], safe_lse(lr[c]), gr[c], hr[c]);
+        const int64_t kbase = tk.b * 2 * D + tk.c0;
+        for (int64_t c = 0; c < nc; ++c) {
+          const acc_t s = std::exp((m0 ? m0[sbase + c] : -pinf) - ref[c]);
+          ks[kbase + c] = s * sG[c];
+          ks[kbase + D + c] = s * sH[c];
         }
       }
       if (has_mirror) {  // non-causal: queries t <= tp - window see key tp with bias 0
@@ -280,7 +334,7 @@ void band_bwd_kernel(const acc_t* __restrict__ G, const acc_t* __restrict__ Hm, 
           const acc_t* lr = lb + tq * D;
           const acc_t* gr = Gb + tq * D;
           const acc_t* hr = Hb + tq * D;
-          for (int64_t c = 0; c < nc; ++c) add_query(ref[c], sG[c], sH[c], lr[c], gr[c], hr[c]);
+          for (int64_t c = 0; c < nc; ++c) add_query(ref[c], sG[c], sH[c], safe_lse(lr[c]), gr[c], hr[c]);
           const acc_t* kr = kb + tp * D;
           acc_t* dvr = dvb + tp * D;
           acc_t* sp = sph.data() + tp * CH;
@@ -323,7 +377,7 @@ void band_bwd_kernel(const acc_t* __restrict__ G, const acc_t* __restrict__ Hm, 
           const acc_t* kr = k + ko;
           const acc_t* vr = v + ko;
           for (int64_t c = 0; c < Dh; ++c) {
-            const acc_t P = std::exp(wv + kr[c] - lr[c]);
+            const acc_t P = std::exp(wv + kr[c] - safe_lse(lr[c]));
             acc += P * (gr[c] * vr[c] - hr[c]);
           }
         }
@@ -336,23 +390,35 @@ void band_bwd_kernel(const acc_t* __restrict__ G, const acc_t* __restrict__ Hm, 
 }  // namespace
 
 std::tuple<Tensor, Tensor> band_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* w, int64_t heads,
-                                    int64_t window, bool causal) {
+                                    int64_t window, bool causal, const Tensor* s0, Tensor* sF) {
   const auto acc = acc_dtype(q.scalar_type());
   const int64_t B = q.size(0), T = q.size(1), D = q.size(2);
+  TORCH_INTERNAL_ASSERT(!(s0 || sF) || (causal && !w && window == 1), "band_fwd: a state needs causal, no bias");
+  Tensor s0a;
+  if (s0) s0a = s0->to(acc).contiguous();
+  if (sF) {
+    *sF = s0 ? s0a.clone() : at::empty({B, 3, D}, q.options().dtype(acc));
+    if (!s0) {
+      sF->select(1, 0).fill_(-std::numeric_limits<double>::infinity());
+      sF->narrow(1, 1, 2).zero_();
+    }
+  }
   Tensor qa = q.to(acc).contiguous(), ka = k.to(acc).contiguous(), va = v.to(acc).contiguous();
   Tensor wa;
   if (w) wa = w->to(acc).contiguous();
   Tensor y = at::empty({B, T, D}, qa.options());
   Tensor lse = at::empty({B, T, D}, qa.options());
-  const bool vec = y.numel() > 0 && acc == at::kFloat &&
-                   band_fwd_avx2(qa.data_ptr<float>(), ka.data_ptr<float>(), va.data_ptr<float>(),
-                                 w ? wa.data_ptr<float>() : nullptr, y.data_ptr<float>(), lse.data_ptr<float>(), B, T,
-                                 D, heads, window, causal);
+  const bool vec =
+      y.numel() > 0 && acc == at::kFloat &&
+      band_fwd_avx2(qa.data_ptr<float>(), ka.data_ptr<float>(), va.data_ptr<float>(),
+                    w ? wa.data_ptr<float>() : nullptr, y.data_ptr<float>(), lse.data_ptr<float>(), B, T, D, heads,
+                    window, causal, s0 ? s0a.data_ptr<float>() : nullptr, sF ? sF->data_ptr<float>() : nullptr);
   if (y.numel() > 0 && !vec) {
     AT_DISPATCH_FLOATING_TYPES(acc, "attnfree_band_fwd", [&] {
       band_fwd_kernel<scalar_t>(qa.data_ptr<scalar_t>(), ka.data_ptr<scalar_t>(), va.data_ptr<scalar_t>(),
                                 w ? wa.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
-                                B, T, D, heads, window, causal);
+                                B, T, D, heads, window, causal, s0 ? s0a.data_ptr<scalar_t>() : nullptr,
+                                sF ? sF->data_ptr<scalar_t>() : nullptr);
     });
   }
   return {y.to(q.scalar_type()), lse};
@@ -360,9 +426,15 @@ std::tuple<Tensor, Tensor> band_fwd(const Tensor& q, const Tensor& k, const Tens
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> band_bwd(const Tensor& dy, const Tensor& q, const Tensor& k, const Tensor& v,
                                                     const Tensor* w, const Tensor& y, const Tensor& lse, int64_t heads,
-                                                    int64_t window, bool causal) {
+                                                    int64_t window, bool causal, const Tensor* ps, const Tensor* s0,
+                                                    Tensor* ks) {
   const auto acc = acc_dtype(q.scalar_type());
   const int64_t B = q.size(0), T = q.size(1), D = q.size(2);
+  TORCH_INTERNAL_ASSERT(!(ps || ks) || (causal && !w && window == 1), "band_bwd: a state needs causal, no bias");
+  Tensor psa, s0a;
+  if (ps) psa = ps->to(acc).contiguous();
+  if (s0) s0a = s0->to(acc).contiguous();
+  if (ks) *ks = at::zeros({B, 2, D}, q.options().dtype(acc));
   Tensor dya = dy.to(acc), qa = q.to(acc), ya = y.to(acc);
   Tensor sq = at::sigmoid(qa);
   Tensor Gt = (dya * sq).contiguous();  // G = dy * sigmoid(q) = dZ
@@ -377,17 +449,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> band_bwd(const Tensor& dy, const Tens
   }
   Tensor dk = at::empty({B, T, D}, ka.options());
   Tensor dv = at::empty({B, T, D}, ka.options());
-  const bool vec =
-      dk.numel() > 0 && acc == at::kFloat &&
-      band_bwd_avx2(Gt.data_ptr<float>(), Ht.data_ptr<float>(), ka.data_ptr<float>(), va.data_ptr<float>(),
-                    w ? wa.data_ptr<float>() : nullptr, la.data_ptr<float>(), dk.data_ptr<float>(),
-                    dv.data_ptr<float>(), w ? dw.data_ptr<float>() : nullptr, B, T, D, heads, window, causal);
+  const bool vec = dk.numel() > 0 && acc == at::kFloat &&
+                   band_bwd_avx2(Gt.data_ptr<float>(), Ht.data_ptr<float>(), ka.data_ptr<float>(), va.data_ptr<float>(),
+                                 w ? wa.data_ptr<float>() : nullptr, la.data_ptr<float>(), dk.data_ptr<float>(),
+                                 dv.data_ptr<float>(), w ? dw.data_ptr<float>() : nullptr, B, T, D, heads, window,
+                                 causal, ps ? psa.data_ptr<float>() : nullptr, s0 ? s0a.data_ptr<float>() : nullptr,
+                                 ks ? ks->data_ptr<float>() : nullptr);
   if (dk.numel() > 0 && !vec) {
     AT_DISPATCH_FLOATING_TYPES(acc, "attnfree_band_bwd", [&] {
       band_bwd_kernel<scalar_t>(Gt.data_ptr<scalar_t>(), Ht.data_ptr<scalar_t>(), ka.data_ptr<scalar_t>(),
                                 va.data_ptr<scalar_t>(), w ? wa.data_ptr<scalar_t>() : nullptr, la.data_ptr<scalar_t>(),
                                 dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), w ? dw.data_ptr<scalar_t>() : nullptr,
-                                B, T, D, heads, window, causal);
+                                B, T, D, heads, window, causal, ps ? psa.data_ptr<scalar_t>() : nullptr,
+                                s0 ? s0a.data_ptr<scalar_t>() : nullptr, ks ? ks->data_ptr<scalar_t>() : nullptr);
     });
   }
   if (w) dw = dw.to(w->scalar_type());

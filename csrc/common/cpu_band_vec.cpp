@@ -62,7 +62,8 @@ AF_AVX2 void vadd_key(float* pm, float* pa, float* pd, const float* kr, const fl
 __attribute__((target("avx2,fma"))) void fwd_kernel(const float* __restrict__ q, const float* __restrict__ k,
                                                     const float* __restrict__ v, const float* __restrict__ w,
                                                     float* __restrict__ y, float* __restrict__ lse, int64_t B,
-                                                    int64_t T, int64_t D, int64_t H, int64_t window, bool causal) {
+                                                    int64_t T, int64_t D, int64_t H, int64_t window, bool causal,
+                                                    const float* __restrict__ s0, float* __restrict__ sF) {
   const int64_t Dh = D / H;
   const int64_t CH = std::min<int64_t>(Dh, kCH);
   const int64_t ncc = (Dh + CH - 1) / CH;
@@ -102,10 +103,16 @@ __attribute__((target("avx2,fma"))) void fwd_kernel(const float* __restrict__ q,
       std::fill(pm, pm + CH, ninf);
       std::fill(pa, pa + CH, 0.f);
       std::fill(pd, pd + CH, 0.f);
+      const int64_t sbase = tk.b * 3 * D + tk.c0;  // (b, row, c0) of a (B, 3, D) state
+      if (s0) {                                    // the initial state: keys before t = 0
+        std::copy(s0 + sbase, s0 + sbase + nc, pm);
+        std::copy(s0 + sbase + D, s0 + sbase + D + nc, pa);
+        std::copy(s0 + sbase + 2 * D, s0 + sbase + 2 * D + nc, pd);
+      }
       for (int64_t t = 0; t < T; ++t) {
         const int64_t tp_old = t - window;
         if (tp_old >= 0) vadd_key(pm, pa, pd, kb + tp_old * D, vb + tp_old * D, nc);
-        const bool hasP = tp_old >= 0;
+        const bool hasP = tp_old >= 0 || s0;
         const bool hasS = has_suffix && t + window <= T - 1;
         const int64_t lo = std::max<int64_t>(0, t - window + 1);
         const int64_t hi = causal ? t : std::min<int64_t>(T - 1, t + window - 1);
@@ -149,6 +156,13 @@ __attribute__((target("avx2,fma"))) void fwd_kernel(const float* __restrict__ q,
           storen(yr + c, yv, n);
         }
       }
+      if (sF) {  // the state after the last key: the prefix plus the keys still in the band of row T - 1
+        for (int64_t tp = std::max<int64_t>(0, T - window); tp < T; ++tp)
+          vadd_key(pm, pa, pd, kb + tp * D, vb + tp * D, nc);
+        std::copy(pm, pm + nc, sF + sbase);
+        std::copy(pa, pa + nc, sF + sbase + D);
+        std::copy(pd, pd + nc, sF + sbase + 2 * D);
+      }
     }
   });
 }
@@ -182,7 +196,8 @@ __attribute__((target("avx2,fma"))) void bwd_kernel(const float* __restrict__ G,
                                                     const float* __restrict__ w, const float* __restrict__ lse,
                                                     float* __restrict__ dk, float* __restrict__ dv,
                                                     float* __restrict__ dw, int64_t B, int64_t T, int64_t D, int64_t H,
-                                                    int64_t window, bool causal) {
+                                                    int64_t window, bool causal, const float* __restrict__ ps,
+                                                    const float* __restrict__ m0, float* __restrict__ ks) {
   const int64_t Dh = D / H;
   const int64_t CH = std::min<int64_t>(Dh, kCH);
   const int64_t ncc = (Dh + CH - 1) / CH;
@@ -209,6 +224,11 @@ __attribute__((target("avx2,fma"))) void bwd_kernel(const float* __restrict__ G,
       std::fill(sG, sG + CH, 0.f);
       std::fill(sH, sH + CH, 0.f);
       bool has = false;
+      const int64_t sbase = tk.b * 3 * D + tk.c0;
+      if (ps) {  // the final state's gradient: one more query after row T - 1, seeing every key
+        has = true;
+        vadd_query(ref, sG, sH, ps + sbase, ps + sbase + D, ps + sbase + 2 * D, nc);
+      }
       for (int64_t tp = T - 1; tp >= 0; --tp) {
         const int64_t tq = tp + window;
         if (tq <= T - 1) {
@@ -237,6 +257,17 @@ __attribute__((target("avx2,fma"))) void bwd_kernel(const float* __restrict__ G,
           }
           storen(dvr + c, av, n);
           storen(sp + c, ah, n);
+        }
+      }
+      if (ks) {  // the initial state as a key before t = 0 (window = 1: every row sees it with bias 0)
+        vadd_query(ref, sG, sH, lb, Gb, Hb, nc);
+        const int64_t kbase = tk.b * 2 * D + tk.c0;
+        for (int64_t c = 0; c < nc; c += 8) {
+          const int64_t n = nc - c;
+          const __m256 mv = m0 ? loadn(m0 + sbase + c, n) : _mm256_set1_ps(-pinf);
+          const __m256 sc = vexp(_mm256_sub_ps(mv, loadn(ref + c, n)));
+          storen(ks + kbase + c, _mm256_mul_ps(sc, loadn(sG + c, n)), n);
+          storen(ks + kbase + D + c, _mm256_mul_ps(sc, loadn(sH + c, n)), n);
         }
       }
       if (has_mirror) {
@@ -306,28 +337,28 @@ __attribute__((target("avx2,fma"))) void bwd_kernel(const float* __restrict__ G,
 #pragma GCC pop_options
 
 bool band_fwd_avx2(const float* q, const float* k, const float* v, const float* w, float* y, float* lse, int64_t B,
-                   int64_t T, int64_t D, int64_t H, int64_t window, bool causal) {
+                   int64_t T, int64_t D, int64_t H, int64_t window, bool causal, const float* s0, float* sF) {
   if (!cpu_has_avx2_fma()) return false;
-  fwd_kernel(q, k, v, w, y, lse, B, T, D, H, window, causal);
+  fwd_kernel(q, k, v, w, y, lse, B, T, D, H, window, causal, s0, sF);
   return true;
 }
 
 bool band_bwd_avx2(const float* G, const float* Hm, const float* k, const float* v, const float* w, const float* lse,
                    float* dk, float* dv, float* dw, int64_t B, int64_t T, int64_t D, int64_t H, int64_t window,
-                   bool causal) {
+                   bool causal, const float* ps, const float* m0, float* ks) {
   if (!cpu_has_avx2_fma()) return false;
-  bwd_kernel(G, Hm, k, v, w, lse, dk, dv, dw, B, T, D, H, window, causal);
+  bwd_kernel(G, Hm, k, v, w, lse, dk, dv, dw, B, T, D, H, window, causal, ps, m0, ks);
   return true;
 }
 
 #else  // not x86-64: the scalar kernels run
 
 bool band_fwd_avx2(const float*, const float*, const float*, const float*, float*, float*, int64_t, int64_t, int64_t,
-                   int64_t, int64_t, bool) {
+                   int64_t, int64_t, bool, const float*, float*) {
   return false;
 }
 bool band_bwd_avx2(const float*, const float*, const float*, const float*, const float*, const float*, float*, float*,
-                   float*, int64_t, int64_t, int64_t, int64_t, int64_t, bool) {
+                   float*, int64_t, int64_t, int64_t, int64_t, int64_t, bool, const float*, const float*, float*) {
   return false;
 }
 

@@ -8,11 +8,12 @@
 namespace attnfree {
 namespace cpu {
 
+// s0 / sF / ps / m0 / ks: the recurrent state of cpu_band.h ((B, 3, D), ks (B, 2, D), m0 = s0 or null), or null.
 bool band_fwd_avx2(const float* q, const float* k, const float* v, const float* w, float* y, float* lse, int64_t B,
-                   int64_t T, int64_t D, int64_t H, int64_t window, bool causal);
+                   int64_t T, int64_t D, int64_t H, int64_t window, bool causal, const float* s0, float* sF);
 bool band_bwd_avx2(const float* G, const float* Hm, const float* k, const float* v, const float* w, const float* lse,
                    float* dk, float* dv, float* dw, int64_t B, int64_t T, int64_t D, int64_t H, int64_t window,
-                   bool causal);
+                   bool causal, const float* ps, const float* m0, float* ks);
 
 }  // namespace cpu
 }  // namespace attnfree

@@ -112,6 +112,115 @@ def aft_simple_bwd(dy, q, k, v, y, lse, causal):
     return tuple(r.outputs[n] for n in ("dq", "dk", "dv"))
 
 
+# aft_simple with a recurrent state (csrc/aft_simple/aft_simple_state.h; the binding aft_simple_cuda.cpp): causal
+# calls run the state launchers, the per-(b, c) pieces the binding does with ATen are done here with torch.
+def _state_safe(m):
+    return torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+
+
+def _empty_state(B, D, dt):
+    s = torch.zeros(B, 3, D, dtype=dt)
+    s[:, 0] = float("-inf")
+    return s
+
+
+def aft_simple_state_fwd(q, k, v, causal, initial_state):
+    B, T, D = q.shape
+    acc = _acc(q.dtype)
+    if not causal:
+        y, lse = aft_simple_fwd(q, k, v, False)
+        if T == 0:
+            return y, lse, _empty_state(B, D, acc)
+        ka, va = k.to(acc), v.to(acc)
+        m = ka.max(1).values
+        e = torch.exp(ka - _state_safe(m)[:, None])
+        return y, lse, torch.stack([m, (e * va).sum(1), e.sum(1)], 1)
+    s0 = None if initial_state is None else _c(initial_state)
+    if T == 0 or B * D == 0:
+        sF = s0.clone() if s0 is not None else _empty_state(B, D, acc)
+        return torch.empty_like(q), torch.empty(q.shape, dtype=acc), sF
+    q, k, v = _c(q), _c(k), _c(v)
+    dt = DTYPE[q.dtype]
+    ws = library().raw("emu_aft_simple_state_fwd_ws", dt, B, T, D)
+    r = _call(
+        "emu_aft_simple_state_fwd",
+        dt,
+        emu.In("q", q),
+        emu.In("k", k),
+        emu.In("v", v),
+        None if s0 is None else emu.In("initial_state", s0),
+        emu.Out("y", torch.empty_like(q)),
+        emu.Out("lse", torch.empty(q.shape, dtype=acc)),
+        emu.Out("final_state", torch.empty(B, 3, D, dtype=acc)),
+        B,
+        T,
+        D,
+        emu.Scratch("workspace", ws),
+    )
+    return r.outputs["y"], r.outputs["lse"], r.outputs["final_state"]
+
+
+def aft_simple_state_bwd(dy, dfinal_state, q, k, v, initial_state, y, lse, final_state, causal):
+    B, T, D = q.shape
+    acc = _acc(q.dtype)
+    sF = final_state.to(acc)
+    gF = None if dfinal_state is None else _c(dfinal_state.to(acc))
+    s0 = None if initial_state is None else _c(initial_state.to(acc))
+    g0 = torch.zeros(B, 3, D, dtype=acc)
+    if not causal:
+        dq, dk, dv = aft_simple_bwd(dy, q, k, v, y, lse, False)
+        if gF is not None and T > 0:
+            ka, va = k.to(acc), v.to(acc)
+            P = torch.exp(ka - _state_safe(sF[:, 0])[:, None])
+            gn, gd = gF[:, 1:2], gF[:, 2:3]
+            dk = (dk.to(acc) + P * (va * gn + gd)).to(q.dtype)
+            dv = (dv.to(acc) + P * gn).to(q.dtype)
+    elif T == 0 or B * D == 0:
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        if s0 is not None and gF is not None:
+            g0 = gF.clone()
+    else:
+        q, k, v = _c(q), _c(k), _c(v)
+        dt = DTYPE[q.dtype]
+        ps = None if gF is None else torch.stack([sF[:, 0], gF[:, 1], -gF[:, 2]], 1).contiguous()
+        ws = library().raw("emu_aft_simple_state_bwd_ws", dt, B, T, D)
+        outs = [emu.Out(n, torch.empty_like(q)) for n in ("dq", "dk", "dv")]
+        r = _call(
+            "emu_aft_simple_state_bwd",
+            dt,
+            emu.In("dy", _c(dy.to(q.dtype))),
+            emu.In("q", q),
+            emu.In("k", k),
+            emu.In("v", v),
+            emu.In("y", _c(y.to(q.dtype))),
+            emu.In("lse", _c(lse.to(acc))),
+            None if ps is None else emu.In("final_query", ps),
+            None if s0 is None else emu.In("initial_state", s0),
+            *outs,
+            emu.Out("key_sums", torch.zeros(B, 2, D, dtype=acc)),
+            B,
+            T,
+            D,
+            emu.Scratch("workspace", ws),
+        )
+        dq, dk, dv = (r.outputs[n] for n in ("dq", "dk", "dv"))
+        if s0 is not None:
+            gn, gd = r.outputs["key_sums"][:, 0], -r.outputs["key_sums"][:, 1]
+            g0 = torch.stack([s0[:, 1] * gn + s0[:, 2] * gd, gn, gd], 1)
+    if gF is not None and T > 0:  # the max's own gradient to its first argmax (aft_simple_state.h)
+        mF = sF[:, 0]
+        res = gF[:, 0] - sF[:, 1] * gF[:, 1] - sF[:, 2] * gF[:, 2]
+        live = torch.isfinite(mF)
+        to_state = live & (s0[:, 0] == mF) if s0 is not None else torch.zeros_like(live)
+        if s0 is not None:
+            g0[:, 0] += torch.where(to_state, res, torch.zeros_like(res))
+        idx = (k.to(acc) == mF[:, None]).to(torch.uint8).argmax(1, keepdim=True)
+        dka = dk.to(acc).clone()
+        dka.scatter_add_(1, idx, torch.where(live & ~to_state, res, torch.zeros_like(res))[:, None])
+        dk = dka.to(q.dtype)
+    return dq, dk, dv, g0
+
+
 # ------------------------------------------------------------------------------------------------ aft_local
 def _local_w(w, q):
     heads = 1 if w.dim() == 2 else w.shape[0]

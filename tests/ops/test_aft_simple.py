@@ -602,3 +602,354 @@ def test_global_nonfinite_contract(path):
     assert (dk[0, :, 1] == 0).all() and (dv[0, :, 1] == 0).all() and (dq[0, :, 1] == 0).all()
     assert dk[0, 3, 0] == 0 and dv[0, 3, 0] == 0
     assert torch.isfinite(dk[0, :, 3:]).all()
+
+
+# ================================================================ recurrent state (causal; docs/design.md §2.7)
+# The state ops torch.ops.attnfree.aft_simple_state_fwd / _bwd and aft_simple_compiled, on the compiled-CPU, CUDA
+# and emulation paths. State (B, 3, D) = (running max, sum exp(k - m) v, sum exp(k - m)) in the accumulate type.
+STATE_PATHS = pytest.mark.paths("compiled-cpu", "cuda", "emulation")
+STATE_TOL = {F64: 1e-12, F32: 1e-5}
+NINF = float("-inf")
+
+
+def _state_fwd(path, q, k, v, s0, causal=True):
+    return path.fwd("aft_simple_state", q, k, v, causal, None if s0 is None else path.put(s0))
+
+
+def _splits(T, seed):
+    """Random cut points of [0, T): chunks of length 1, longer ones and (at the start) an empty one."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = sorted({0, 1, T // 2, T - 1, *torch.randint(0, T + 1, (3,), generator=g).tolist(), T})
+    return [(a, b) for a, b in zip([0] + cuts, cuts)]  # the first pair (0, 0) is an empty chunk
+
+
+def _oracle_state(k, v, s0=None):
+    """The state of all keys of k, v (B, T, D) after s0, in float64."""
+    kd, vd = k.double(), v.double()
+    m = kd.amax(1)
+    if s0 is not None:
+        m = torch.maximum(m, s0[:, 0].double())
+    m = torch.where(torch.isneginf(m), m.detach(), m)  # an empty state's -inf max: masked keys get no gradient
+    off = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    e = torch.exp(kd - off[:, None])
+    num, den = (e * vd).sum(1), e.sum(1)
+    if s0 is not None:
+        es = torch.exp(s0[:, 0].double() - off)
+        num, den = num + es * s0[:, 1].double(), den + es * s0[:, 2].double()
+    return torch.stack([m, num, den], 1)
+
+
+def _state_rel(a, b):
+    """Relative error of two states: m and the sums under one offset (a state is the pair num e^m, den e^m)."""
+    a, b = a.double(), b.double()
+    assert torch.equal(torch.isneginf(a[:, 0]), torch.isneginf(b[:, 0]))
+    live = ~torch.isneginf(b[:, 0])
+    em = torch.exp(a[:, 0] - b[:, 0]).where(live, torch.ones_like(b[:, 0]))
+    rm = rel_err(a[:, 0][live], b[:, 0][live], max(b[:, 0][live].abs().max().item(), 1.0)) if live.any() else 0.0
+    rs = rel_err(a[:, 1:] * em[:, None], b[:, 1:], max(b[:, 1:].abs().max().item(), 1e-300))
+    return max(rm, rs)
+
+
+@STATE_PATHS
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_state_chunked_equals_full(path, dtype, seed):
+    """Chunks carrying the state give the full-sequence output and final state (fp32 <= 1e-5, fp64 <= 1e-12) and
+    match the float64 oracle; random cut points, chunks of length 1, an empty chunk, an empty-state start."""
+    torch.manual_seed(seed)
+    B, T, D = 2, 29, 67
+    q, k, v = _inputs((B, T, D), dtype)
+    y_full, lse_full, s_full = _state_fwd(path, q, k, v, None)
+    ys, s = [], None
+    for a, b in _splits(T, seed):
+        y, lse, s = _state_fwd(path, q[:, a:b], k[:, a:b], v[:, a:b], s)
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_full[:, a:b]))
+        ys.append(y)
+    y_chunk = torch.cat(ys, 1)
+    tol = STATE_TOL[dtype]
+    assert rel_err(y_chunk, y_full) < tol and _state_rel(s, s_full) < tol
+    yo = oracles.aft_simple(q.double(), k.double(), v.double(), True)
+    assert rel_err(y_chunk, yo) < BASE_TOL[dtype] and rel_err(y_full, yo) < BASE_TOL[dtype]
+    assert _state_rel(s, _oracle_state(k, v)) < BASE_TOL[dtype]
+    # the plain op gives the same y and lse
+    y0, lse0 = path.fwd(OP, q, k, v, True)
+    assert torch.equal(y0, y_full) and torch.equal(lse0, lse_full)
+
+
+@STATE_PATHS
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_state_chunked_low_precision(path, dtype):
+    """fp16/bf16 inputs, float32 state: the chunked run is as close to the float64 oracle as the full run (y
+    rounds to the input dtype at the same float32 values up to ~1e-6)."""
+    B, T, D = 2, 33, 20
+    q, k, v = _inputs((B, T, D), dtype)
+    y_full, _, s_full = _state_fwd(path, q, k, v, None)
+    assert s_full.dtype == F32
+    ys, s = [], None
+    for a, b in _splits(T, 3):
+        y, _, s = _state_fwd(path, q[:, a:b], k[:, a:b], v[:, a:b], s)
+        ys.append(y)
+    yo = oracles.aft_simple(q.double(), k.double(), v.double(), True)
+    e_full = rel_err(y_full, yo)
+    assert rel_err(torch.cat(ys, 1), yo) <= 2 * e_full + torch.finfo(dtype).eps
+    assert _state_rel(s, s_full) < 1e-5 and _state_rel(s, _oracle_state(k, v)) < 1e-5
+
+
+@STATE_PATHS
+def test_state_empty_is_none(path):
+    """(-inf, 0, 0) is the same state as None (same bits)."""
+    q, k, v = _inputs((2, 9, 5), F32)
+    empty = torch.zeros(2, 3, 5)
+    empty[:, 0] = NINF
+    a = _state_fwd(path, q, k, v, None)
+    b = _state_fwd(path, q, k, v, empty)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def _chunked_grads(path, q, k, v, dy, gF, s0, cuts, dtype):
+    """Gradients of <y, dy> + <final_state, gF> for q, k, v, s0 through a run cut at `cuts` (state carried)."""
+    from attnfree_ext.ops.aft_simple.compiled import aft_simple_compiled
+
+    leaves = [path.leaf(x) for x in (q, k, v)]
+    s0l = path.leaf(s0) if s0 is not None else None
+    ys, s = [], s0l
+    with path.force():
+        for a, b in cuts:
+            y, s = aft_simple_compiled(*(x[:, a:b] for x in leaves), True, s, True)
+            ys.append(y)
+        y = torch.cat(ys, 1)
+        outs = [y, s]
+        want = leaves + ([s0l] if s0l is not None else [])
+        g = torch.autograd.grad(outs, want, [path.put(dy.to(dtype)), path.put(gF)])
+    return y.detach().cpu(), s.detach().cpu(), [t.cpu() for t in g]
+
+
+def _prefix_state(k, v):
+    """A state from a real prefix (so it is a canonical one), float64 or float32 like k."""
+    return _oracle_state(k, v).to(F64 if k.dtype == F64 else F32)
+
+
+@STATE_PATHS
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_state_gradients_chunked_equal_full(path, dtype, with_state):
+    """Gradients (q, k, v, initial_state) through a chunked run with the state carried equal those of the
+    full-sequence run, and the full run's equal the float64 oracle over the prefix + sequence."""
+    B, T, D = 2, 23, 11
+    q, k, v = _inputs((B, T, D), dtype)
+    dy = rand(B, T, D, dtype=dtype)
+    acc = F64 if dtype == F64 else F32
+    gF = rand(B, 3, D, dtype=acc)
+    pk, pv = _inputs((B, 5, D), dtype)[1:]
+    s0 = _prefix_state(pk, pv) if with_state else None
+    yf, sf, gfull = _chunked_grads(path, q, k, v, dy, gF, s0, [(0, T)], dtype)
+    yc, sc, gchunk = _chunked_grads(path, q, k, v, dy, gF, s0, _splits(T, 5), dtype)
+    tol = STATE_TOL[dtype] * 10
+    assert rel_err(yc, yf) < tol and _state_rel(sc, sf) < tol
+    for name, a, b in zip(("dq", "dk", "dv", "ds0"), gchunk, gfull):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, b) < tol, (name, rel_err(a, b))
+    # float64 oracle: the state as the prefix (pk, pv) it came from (the prefix's q does not matter)
+    n0 = 5 if with_state else 0
+    qd = torch.cat([torch.zeros(B, n0, D, dtype=F64), q.double()], 1).requires_grad_()
+    kd = torch.cat([pk.double()[:, :n0], k.double()], 1).requires_grad_()
+    vd = torch.cat([pv.double()[:, :n0], v.double()], 1).requires_grad_()
+    yo = oracles.aft_simple(qd, kd, vd, True)[:, n0:]
+    so = _oracle_state(kd, vd)
+    go = torch.autograd.grad((yo, so), (qd, kd, vd), (dy.double(), gF.double()))
+    assert rel_err(yf, yo.detach()) < BASE_TOL[dtype] and _state_rel(sf, so.detach()) < BASE_TOL[dtype]
+    for name, a, b in zip(("dq", "dk", "dv"), gfull[:3], (g[:, n0:] for g in go)):
+        assert rel_err(a, b) < 10 * BASE_TOL[dtype], (name, rel_err(a, b))
+
+
+@STATE_PATHS
+def test_state_gradcheck_float64(path):
+    """Finite differences through y and the final state w.r.t. q, k, v and all three rows of initial_state
+    (the m row included: the state stands for num e^m, den e^m)."""
+    from attnfree_ext.ops.aft_simple.compiled import aft_simple_compiled
+
+    B, T, D = 2, 6, 3
+    q, k, v = (x.requires_grad_() for x in _inputs((B, T, D), F64))
+    s0 = torch.stack([rand(B, D), rand(B, D), rand(B, D).abs() + 0.5], 1).requires_grad_()
+    s0.data[0, 0, 0] = 5.0  # the state holds the final max of this channel
+
+    def f(q, k, v, s0):
+        with path.force():
+            return aft_simple_compiled(q, k, v, True, s0, True)
+
+    with path.force():  # emulation: the backward op must run under the dispatch mode too
+        assert torch.autograd.gradcheck(f, (q, k, v, s0), eps=1e-6, atol=1e-7)
+
+
+@STATE_PATHS
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_state_neg_inf_masks(path, dtype):
+    """-inf keys with a state: a masked key is excluded (zero gradient); a channel whose keys and state are all
+    empty gives y = 0, lse = -inf and the empty final state; a masked chunk leaves the state unchanged."""
+    B, T, D = 2, 12, 5
+    q, k, v = _inputs((B, T, D), dtype)
+    k[0, 3, 1] = NINF
+    k[0, :, 2] = NINF  # with the prefix state below: every row of (0, 2) sees only the state
+    k[1, :, 4] = NINF  # and an empty state on (1, 4): no finite logit anywhere
+    k[1, ::2, 0] = NINF
+    pk, pv = _inputs((B, 4, D), dtype)[1:]
+    pk[1, :, 4] = NINF
+    s0 = _prefix_state(pk, pv)
+    assert torch.isneginf(s0[1, 0, 4]) and s0[1, 2, 4] == 0
+    y, lse, sF = _state_fwd(path, q, k, v, s0)
+    assert (y[1, :, 4] == 0).all() and torch.isneginf(lse[1, :, 4]).all()
+    assert torch.isneginf(sF[1, 0, 4]) and sF[1, 1, 4] == 0 and sF[1, 2, 4] == 0
+    assert torch.equal(sF[0, :, 2], s0[0, :, 2])  # nothing was added
+    live = ~torch.isneginf(lse)
+    assert torch.isfinite(y).all() and torch.isfinite(lse[live]).all()
+    # against the masked float64 oracle over prefix + sequence
+    qd = torch.cat([torch.zeros(B, 4, D, dtype=F64), q.double()], 1).requires_grad_()
+    kd = torch.cat([pk.double(), k.double()], 1).requires_grad_()
+    vd = torch.cat([pv.double(), v.double()], 1).requires_grad_()
+    yo, lo = oracles.aft_masked_per_channel(qd, kd, vd, None, True)
+    assert rel_err(y, yo[:, 4:].detach()) < BASE_TOL[dtype]
+    assert rel_err(lse[live], lo[:, 4:][live].detach()) < BASE_TOL[dtype]
+    assert _state_rel(sF, _oracle_state(kd.detach(), vd.detach())) < BASE_TOL[dtype]
+    dy = rand(B, T, D, dtype=dtype)
+    gF = rand(B, 3, D, dtype=F64 if dtype == F64 else F32)
+    _, _, g = _chunked_grads(path, q, k, v, dy, gF, s0, _splits(T, 1), dtype)
+    for t in g:
+        assert torch.isfinite(t).all()
+    assert (g[1][torch.isneginf(k)] == 0).all() and (g[2][torch.isneginf(k)] == 0).all()
+    assert (g[3][1, :, 4] == 0).all()  # the empty state of (1, 4) gets no gradient
+    so = _oracle_state(kd, vd)
+    go = torch.autograd.grad((yo[:, 4:], so), (kd, vd), (dy.double(), gF.double()))
+    for name, a, b in zip(("dk", "dv"), g[1:3], (x[:, 4:] for x in go)):
+        assert rel_err(a, b) < 10 * BASE_TOL[dtype], (name, rel_err(a, b))
+
+
+@pytest.mark.paths("compiled-cpu", "cuda")
+def test_state_bad_inputs_name_initial_state(path):
+    q, k, v = (path.put(x) for x in _inputs((2, 7, 4), F32))
+    ok = path.put(torch.zeros(2, 3, 4))
+    ops = torch.ops.attnfree
+    with pytest.raises(ValueError, match=r"initial_state must have the shape \(B, 3, D\) = \(2, 3, 4\)"):
+        ops.aft_simple_state_fwd(q, k, v, True, ok[:, :2])
+    with pytest.raises(TypeError, match="initial_state must be torch.float32 for torch.float32 inputs"):
+        ops.aft_simple_state_fwd(q, k, v, True, ok.double())
+    with pytest.raises(ValueError, match="initial_state needs causal=True"):
+        ops.aft_simple_state_fwd(q, k, v, False, ok)
+    # the plain ops are unchanged, and a non-causal final state is the state of all keys
+    y, lse, sF = ops.aft_simple_state_fwd(q, k, v, False, None)
+    y0, lse0 = ops.aft_simple_fwd(q, k, v, False)
+    assert torch.equal(y, y0) and torch.equal(lse, lse0)
+    assert _state_rel(sF.cpu(), _oracle_state(k.cpu(), v.cpu())) < 1e-6
+
+
+@STATE_PATHS
+def test_state_non_causal_final_state_gradients(path):
+    """causal=False with the final state: gradients through y and the state of all keys vs float64 autograd."""
+    B, T, D = 2, 9, 4
+    q, k, v = _inputs((B, T, D), F64)
+    dy, gF = rand(B, T, D), rand(B, 3, D)
+    from attnfree_ext.ops.aft_simple.compiled import aft_simple_compiled
+
+    leaves = [path.leaf(x) for x in (q, k, v)]
+    with path.force():
+        y, s = aft_simple_compiled(*leaves, False, None, True)
+        g = torch.autograd.grad((y, s), leaves, (dy, gF))
+    qd, kd, vd = (x.clone().requires_grad_() for x in (q, k, v))
+    yo = oracles.aft_simple(qd, kd, vd, False)
+    so = _oracle_state(kd, vd)
+    go = torch.autograd.grad((yo, so), (qd, kd, vd), (dy, gF))
+    assert _state_rel(s.detach(), so.detach()) < 1e-12
+    for name, a, b in zip("qkv", g, go):
+        assert rel_err(a, b) < 1e-10, (name, rel_err(a, b))
+
+
+@STATE_PATHS
+def test_state_double_backward(path):
+    """create_graph=True through the state ops (the differentiable composite of compiled.state_composite)."""
+    from attnfree_ext.ops.aft_simple.compiled import aft_simple_compiled
+
+    B, T, D = 1, 4, 2
+    q, k, v = (x.requires_grad_() for x in _inputs((B, T, D), F64))
+    s0 = torch.stack([rand(B, D), rand(B, D), rand(B, D).abs() + 0.5], 1).requires_grad_()
+
+    def f(q, k, v, s0):
+        return aft_simple_compiled(q, k, v, True, s0, True)
+
+    with path.force():
+        assert torch.autograd.gradgradcheck(f, (q, k, v, s0), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.paths("compiled-cpu")
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_state_causal_bit_identical_across_threads(path, dtype):
+    """Causal with a state and -inf masks (the band kernels: AVX2 for float32, scalar for float64): same bits for
+    1/2/3 threads, forward and backward."""
+    B, T, D = 3, 40, 76
+    q, k, v = _inputs((B, T, D), dtype)
+    k[0, :, 5] = NINF
+    k[1, ::3, 9] = NINF
+    s0 = _prefix_state(*_inputs((B, 6, D), dtype)[1:])
+    dy = rand(B, T, D, dtype=dtype)
+    gF = rand(B, 3, D, dtype=s0.dtype)
+    n0 = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            y, lse, sF = OPS.aft_simple_state_fwd(q, k, v, True, s0)
+            g = OPS.aft_simple_state_bwd(dy, gF, q, k, v, s0, y, lse, sF, True)
+            outs.append((y, lse, sF, *g))
+    finally:
+        torch.set_num_threads(n0)
+    for o in outs[1:]:
+        for a, b in zip(outs[0], o):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_spikes_inside_chunks_and_long_sequences(path, dtype, causal):
+    """Shapes the vectorised CUDA forward takes (D a multiple of 16 bytes of channels; T = 1100 spans three tiles
+    of 512 steps and a partial one): spikes of +200 and -200 in the middle of 8-step chunks (its exactness guard
+    re-walks such a chunk per element), -inf keys, a state carried across the tiles; y, lse and the gradients
+    against the float64 oracle."""
+    B, T, D = 1, 1100, 16
+    q, k, v = _inputs((B, T, D), F64)
+    k[0, 37, :4] = 200.0  # a late spike inside chunk [32, 40): rows 32..36 see only far smaller keys
+    k[0, 613, 4:8] = -200.0
+    k[0, 700:705, 8] = NINF
+    k[0, :3, 9] = NINF  # causal rows 0..2 of channel 9: no finite logit
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    dy = rand(B, T, D, dtype=dtype)
+    y, lse = path.fwd(OP, q, k, v, causal)
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    yo, lo = oracles.aft_masked_per_channel(qd, kd, vd, None, causal)
+    tol = 1e-10 if dtype == F64 else (1e-5 if dtype == F32 else 2e-2)
+    ltol = tol + 8 * torch.finfo(dtype if dtype != torch.bfloat16 else F32).eps * 200
+    assert torch.isfinite(y).all() and rel_err(y, yo.detach()) < tol
+    dead = torch.isneginf(lo)
+    assert torch.equal(torch.isneginf(lse), dead)
+    assert rel_err(lse[~dead], lo[~dead].detach(), lo[~dead].abs().max().item()) < ltol
+    if dtype == torch.bfloat16:
+        return
+    dq, dk, dv = path.bwd(OP, dy, q, k, v, y, lse, causal)
+    go = torch.autograd.grad(yo, (qd, kd, vd), dy.double())
+    for name, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), go):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, b) < 10 * tol + ltol, (name, rel_err(a, b))
+
+
+@COMPILED
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_opcheck_state_ops(path, dtype, with_state):
+    """Schemas, fake kernels and the autograd registration of aft_simple_state_fwd / _bwd."""
+    B, T, D = 2, 7, 4
+    q, k, v = (path.leaf(x) for x in qkv(B, T, D, dtype))
+    s0 = path.leaf(_prefix_state(*_inputs((B, 3, D), dtype)[1:])) if with_state else None
+    torch.library.opcheck(OPS.aft_simple_state_fwd.default, (q, k, v, True, s0))
+    y, lse, sF = (t.detach() for t in OPS.aft_simple_state_fwd(q, k, v, True, s0))
+    dy, gF = path.put(rand(B, T, D, dtype=dtype)), path.put(torch.randn_like(sF.cpu()))
+    s0d = None if s0 is None else s0.detach()
+    args = (dy, gF, q.detach(), k.detach(), v.detach(), s0d, y, lse, sF, True)
+    torch.library.opcheck(OPS.aft_simple_state_bwd.default, args)

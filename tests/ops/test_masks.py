@@ -2,8 +2,10 @@
 row with no finite logit gives y = 0, lse = -inf and zero gradients; EA: a -inf logit has p = 0, a column of all
 -inf logits gives out = 0 there and lse = -inf. Against the float64 masked oracles of tests/common/oracles.py.
 
-Emulation path only for now (@pytest.mark.paths("emulation")): the python and compiled-CPU paths are fixed on
-another branch; widen the marker to every path after that merge.
+aft_simple runs on every path (python, compiled CPU, CUDA, emulation; float64 exercises the scalar CPU kernels,
+float32 the vectorised ones where the CPU has AVX2); the other ops on the emulation path only for now
+(@pytest.mark.paths("emulation")): their python and compiled-CPU paths are fixed on another branch; widen their
+marker to every path after that merge.
 """
 
 from __future__ import annotations
@@ -56,12 +58,12 @@ def _mask_w(w, T):
     return w
 
 
-@EMU
-@pytest.mark.paths(op="aft_simple")
+@pytest.mark.paths("python", "compiled-cpu", "cuda", "emulation", op="aft_simple")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("causal", [False, True])
-def test_mask_aft_simple(path, causal, dtype):
-    q, k, v, dy = _qkv(2, 19, 4, dtype, causal)
+@pytest.mark.parametrize("D", [4, 67])  # 67: more than one 64-channel task of the CPU kernels, a vector tail
+def test_mask_aft_simple(path, causal, dtype, D):
+    q, k, v, dy = _qkv(2, 19, D, dtype, causal)
     y, lse = path.fwd("aft_simple", q, k, v, causal)
     dq, dk, dv = path.bwd("aft_simple", dy, q, k, v, y, lse, causal)
     qd, kd, vd = _g(q), _g(k), _g(v)

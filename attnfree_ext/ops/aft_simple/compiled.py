@@ -1,6 +1,8 @@
 """Compiled AFT-simple: its capability record and the Python-side registrations of
 ``torch.ops.attnfree.aft_simple_*`` (schemas and CPU/CUDA kernels come from attnfree_ext._C, csrc/aft_simple/): a
-fake kernel for each op and autograd on ``aft_simple_fwd`` through ``aft_simple_bwd`` (only y is differentiable).
+fake kernel for each op, autograd on ``aft_simple_fwd`` through ``aft_simple_bwd`` (only y is differentiable) and
+on ``aft_simple_state_fwd`` through ``aft_simple_state_bwd`` (y and the final state; gradients for q, k, v and the
+initial state), and :func:`aft_simple_compiled`, the compiled path with a recurrent state.
 Registered only when attnfree_ext._C defines the ops (docs/design.md §6).
 """
 
@@ -11,9 +13,10 @@ import torch
 from ..common import composite as _composite
 from ..common import dispatch
 from ..common.capabilities import Capability, Input
+from ..common.dtypes import compute_dtype
 from ..common.fakes import aft_fwd_outputs, like
 
-__all__ = ["CAPABILITY"]
+__all__ = ["CAPABILITY", "aft_simple_compiled", "state_composite"]
 
 CAPABILITY = dispatch.register(
     Capability(
@@ -49,3 +52,105 @@ if dispatch.has_op("aft_simple_fwd"):
         return dq, dk, dv, None
 
     torch.library.register_autograd("attnfree::aft_simple_fwd", _aft_simple_backward, setup_context=_aft_simple_setup)
+
+
+def state_composite(q, k, v, causal, initial_state):
+    """``(y, final_state)`` of AFT-simple with a recurrent state in plain differentiable torch ops (O(B*T^2*D)
+    memory): the double-backward formula of the state ops. The initial state (m0, num0, den0) is one more key
+    column with logit m0 whose weights are num0 (numerator) and den0 (denominator); -inf masks as in
+    docs/design.md §7."""
+    B, T, D = q.shape
+    ct = compute_dtype(q.dtype)
+    qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
+    ninf = float("-inf")
+    logits = kc[:, None, :, :].expand(B, T, T, D)
+    if causal:
+        hidden = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        logits = logits.masked_fill(hidden[None, :, :, None], ninf)
+    if initial_state is None:
+        s0 = torch.zeros(B, 3, D, dtype=ct, device=q.device)
+        s0 = torch.cat([torch.full_like(s0[:, :1], ninf), s0[:, 1:]], 1)
+    else:
+        s0 = initial_state.to(ct)
+    m0, n0, d0 = s0[:, 0], s0[:, 1], s0[:, 2]
+
+    def parts(lg, mcol):  # lg (..., T', D) logits of the keys, mcol (..., D) the state's logit
+        m = torch.maximum(lg.detach().amax(dim=-2), mcol.detach())
+        m = torch.where(m == ninf, torch.zeros_like(m), m)
+        e = torch.exp(lg - m[..., None, :])
+        es = torch.exp(mcol - m)
+        return e, es
+
+    e, es = parts(logits, m0[:, None, :].expand(B, T, D))
+    ev = torch.where(e == 0, torch.zeros_like(e), e * vc[:, None, :, :])
+    num = ev.sum(dim=2) + es * n0[:, None, :]
+    den = e.sum(dim=2) + es * d0[:, None, :]
+    y = torch.sigmoid(qc) * num / torch.where(den == 0, torch.ones_like(den), den)
+    # final state: every key and the initial state under their max mF (a function of the keys: amax)
+    mF = torch.maximum(kc.amax(dim=1), m0) if T else m0
+    mF = torch.where(mF == ninf, mF.detach(), mF)  # an empty state: masked keys get no gradient (§7 rule 3)
+    off = torch.where(mF == ninf, torch.zeros_like(mF), mF)
+    ek = torch.exp(kc - off[:, None, :])
+    es = torch.exp(m0 - off)
+    nF = torch.where(ek == 0, torch.zeros_like(ek), ek * vc).sum(1) + es * n0
+    dF = ek.sum(1) + es * d0
+    return y.to(q.dtype), torch.stack([mF, nF, dF], 1)
+
+
+if dispatch.has_op("aft_simple_state_fwd"):
+
+    def _state_shape(q):
+        return torch.empty(q.shape[0], 3, q.shape[2], dtype=compute_dtype(q.dtype), device=q.device)
+
+    @torch.library.register_fake("attnfree::aft_simple_state_fwd")
+    def _aft_simple_state_fwd_fake(q, k, v, causal, initial_state):
+        y, lse = aft_fwd_outputs(q)
+        return y, lse, _state_shape(q)
+
+    @torch.library.register_fake("attnfree::aft_simple_state_bwd")
+    def _aft_simple_state_bwd_fake(dy, dfinal_state, q, k, v, initial_state, y, lse, final_state, causal):
+        return like(q), like(q), like(q), _state_shape(q)
+
+    def _aft_simple_state_setup(ctx, inputs, output):
+        q, k, v, causal, initial_state = inputs
+        y, lse, final_state = output
+        ctx.save_for_backward(q, k, v, initial_state, y, lse, final_state)
+        ctx.causal = causal
+
+    def _aft_simple_state_backward(ctx, dy, dlse, dfinal_state):
+        q, k, v, s0, y, lse, sF = ctx.saved_tensors
+        if _composite.double_backward_active():  # create_graph=True: a differentiable gradient (§3)
+            grads = _composite.vjp(state_composite, (q, k, v, ctx.causal, s0), ctx.needs_input_grad, (dy, dfinal_state))
+            return tuple(grads)
+        dq, dk, dv, ds0 = torch.ops.attnfree.aft_simple_state_bwd(dy, dfinal_state, q, k, v, s0, y, lse, sF, ctx.causal)
+        return dq, dk, dv, None, (ds0 if s0 is not None else None)
+
+    torch.library.register_autograd(
+        "attnfree::aft_simple_state_fwd", _aft_simple_state_backward, setup_context=_aft_simple_state_setup
+    )
+
+
+def aft_simple_compiled(q, k, v, causal, initial_state=None, output_final_state=False):
+    """AFT-simple on the compiled kernels with a recurrent state (the compiled path of the public ``aft_simple``
+    when it gets ``initial_state`` or ``output_final_state``; docs/design.md §2.7).
+
+    Args:
+        q, k, v: (B, T, D), one float dtype (float16, bfloat16, float32, float64), one device (CPU or CUDA); the
+            caller has checked them.
+        causal: bool. ``initial_state`` needs ``causal=True``.
+        initial_state: None or a (B, 3, D) tensor on q's device, float32 for float16/bfloat16/float32 inputs and
+            float64 for float64 inputs: rows (m, num, den) = (running max of the keys seen, -inf when none;
+            sum exp(k - m) v; sum exp(k - m)). (-inf, 0, 0) is the same as None.
+        output_final_state: bool; if True also return the state after the last key, in the same format (also for
+            ``causal=False``: the state of all keys).
+
+    Returns:
+        y (B, T, D) in q's dtype, or ``(y, final_state)``. Differentiable w.r.t. q, k, v and initial_state
+        (all three rows: the state stands for num * e^m and den * e^m), through y and final_state. Continuing
+        from the final state of a run equals running the concatenated sequence.
+
+    Raises (from the kernels' checks): ValueError naming initial_state for a non-causal call with a state or a
+        wrong shape / device; TypeError naming initial_state for a wrong dtype; the q, k, v checks of the plain op.
+    """
+    y, _, final_state = torch.ops.attnfree.aft_simple_state_fwd(q, k, v, causal, initial_state)
+    return (y, final_state) if output_final_state else y

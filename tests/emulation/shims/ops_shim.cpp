@@ -28,13 +28,27 @@ int emu_aft_simple_bwd(int64_t dt, const void* dy, const void* q, const void* k,
                        void* ws) {
   return ac::aft_simple_bwd(DType(dt), dy, q, k, v, y, lse, dq, dk, dv, B, T, D, causal != 0, ws, nullptr);
 }
+uint64_t emu_aft_simple_state_fwd_ws(int64_t dt, int64_t B, int64_t T, int64_t D) {
+  return ac::aft_simple_state_fwd_workspace_bytes(DType(dt), B, T, D);
+}
+uint64_t emu_aft_simple_state_bwd_ws(int64_t dt, int64_t B, int64_t T, int64_t D) {
+  return ac::aft_simple_state_bwd_workspace_bytes(DType(dt), B, T, D);
+}
+int emu_aft_simple_state_fwd(int64_t dt, const void* q, const void* k, const void* v, const void* s0, void* y,
+                             void* lse, void* sF, int64_t B, int64_t T, int64_t D, void* ws) {
+  return ac::aft_simple_state_fwd(DType(dt), q, k, v, s0, y, lse, sF, B, T, D, ws, nullptr);
+}
+int emu_aft_simple_state_bwd(int64_t dt, const void* dy, const void* q, const void* k, const void* v, const void* y,
+                             const void* lse, const void* final_query, const void* s0, void* dq, void* dk, void* dv,
+                             void* key_sums, int64_t B, int64_t T, int64_t D, void* ws) {
+  return ac::aft_simple_state_bwd(DType(dt), dy, q, k, v, y, lse, final_query, s0, dq, dk, dv, key_sums, B, T, D, ws,
+                                  nullptr);
+}
 
-uint64_t emu_aft_local_fwd_ws(int64_t dt, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t window,
-                              int causal) {
+uint64_t emu_aft_local_fwd_ws(int64_t dt, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t window, int causal) {
   return ac::aft_local_fwd_workspace_bytes(DType(dt), B, T, D, heads, window, causal != 0);
 }
-uint64_t emu_aft_local_bwd_ws(int64_t dt, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t window,
-                              int causal) {
+uint64_t emu_aft_local_bwd_ws(int64_t dt, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t window, int causal) {
   return ac::aft_local_bwd_workspace_bytes(DType(dt), B, T, D, heads, window, causal != 0);
 }
 int emu_aft_local_fwd(int64_t dt, const void* q, const void* k, const void* v, const void* w, void* y, void* lse,
