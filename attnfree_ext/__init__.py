@@ -6,7 +6,8 @@ from .ops.aft_conv import aft_conv2d
 from .ops.aft_full import aft_full
 from .ops.aft_local import aft_local
 from .ops.aft_simple import aft_simple
-from .ops.common.dispatch import backend_info, force_backend
+from .ops.common.dispatch import force_backend
+from .ops.common.features import backend_info
 from .ops.ea_double_norm import ea_double_norm
 from .ops.talking_heads import talking_heads_attention
 

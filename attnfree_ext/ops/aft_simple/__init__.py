@@ -18,7 +18,7 @@ from ..common.dtypes import compute_dtype
 from ..common.features import python_only_reasons, require_python
 from ..common.state import check_state, merge_keys, state_as_key
 from ..common.varlen import packing
-from .compiled import CAPABILITY
+from .compiled import CAPABILITY, aft_simple_compiled
 from .reference import AFTSimpleFunction
 
 __all__ = ["aft_simple", "CAPABILITY"]
@@ -60,8 +60,8 @@ def aft_simple(
         ValueError: inputs that are not 3-D, differ in shape, or live on different devices; initial_state or
             output_final_state with causal=False; an initial_state not (B, 3, D); a cu_seqlens that does not start at
             0, decreases or does not end at total_T, or packed inputs whose batch is not 1.
-        RuntimeError: backend "compiled" forced for a call using initial_state / output_final_state /
-            cu_seqlens (the Python path runs them; ``attnfree_ext.ops.common.features.backend_info`` says so).
+        RuntimeError: backend "compiled" forced for a call using cu_seqlens (the Python path runs it;
+            ``attnfree_ext.backend_info`` says so). The state runs on the compiled kernels (CPU and CUDA).
 
     Numerics: exact softmax normalisation in log space (no split max), finite for any finite input; memory
     O(B*T*D) forward and backward (never a (B, T, T, D) tensor). See docs/design.md §1-§3, §9.
@@ -93,6 +93,14 @@ def aft_simple(
         check_state("initial_state", initial_state, q)
     if why:
         require_python("aft_simple", why)
+        return _python(q, k, v, causal, initial_state, output_final_state)
+    if initial_state is not None or output_final_state:
+        # the kernels take the state as one more chunk of their scan (docs/design.md §2.7); transforms (forward
+        # mode, functorch) have no kernel formula and run the Python path's differentiable state form
+        if not _composite.transform_active(q, k, v, initial_state) and dispatch.select("aft_simple", q, k, v) == (
+            "compiled"
+        ):
+            return aft_simple_compiled(q, k, v, causal, initial_state, output_final_state)
         return _python(q, k, v, causal, initial_state, output_final_state)
     if _composite.transform_active(q, k, v):  # forward-mode AD / functorch: no kernel formula (§6.1)
         return _composite.aft_simple(q, k, v, causal)

@@ -1,9 +1,9 @@
 """Arguments the compiled kernels do not take yet, as data: recurrent state, packed sequences, decoding chunks
 (docs/design.md §9). A call that uses one runs on the pure-PyTorch path; ``backend_info`` says so.
 
-``backend_info(op, *tensors, **arguments)`` is :func:`attnfree_ext.backend_info` plus keyword arguments naming the
-extra arguments of the call (``initial_state``, ``output_final_state``, ``cu_seqlens``, ``chunk``); with none
-given it is exactly the plain one.
+``backend_info(op, *tensors, **arguments)`` (exported as :func:`attnfree_ext.backend_info`) is the dispatcher's
+``dispatch.backend_info`` plus keyword arguments naming the extra arguments of the call (``initial_state``,
+``output_final_state``, ``cu_seqlens``, ``chunk``); with none given it is exactly the dispatcher's.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from . import dispatch
 
 __all__ = ["PYTHON_ONLY_ARGUMENTS", "python_only_reasons", "require_python", "backend_info"]
 
-_STATE = "the recurrent state runs on the pure-PyTorch path (its compiled kernels are not wired yet)"
+_STATE = "the aft_local prefix state runs on the pure-PyTorch path (its kernels take no state)"
 _VARLEN = "packed sequences run as one padded batch on the pure-PyTorch path"
 _CHUNK = "a decoding chunk (k, v with more rows than q) runs on the pure-PyTorch path"
 
 #: op -> argument -> why a call using it runs on the pure-PyTorch path
 PYTHON_ONLY_ARGUMENTS = {
-    "aft_simple": {"initial_state": _STATE, "output_final_state": _STATE, "cu_seqlens": _VARLEN},
+    "aft_simple": {"cu_seqlens": _VARLEN},
     "aft_local": {"initial_state": _STATE, "chunk": _CHUNK, "cu_seqlens": _VARLEN},
     "aft_full": {"chunk": _CHUNK, "cu_seqlens": _VARLEN},
 }
@@ -44,7 +44,7 @@ def require_python(op: str, why: list[str]) -> None:
 
 
 def backend_info(op: str, *tensors, **arguments) -> dict:
-    """:func:`attnfree_ext.backend_info` for a call that also passes ``arguments`` (e.g. ``initial_state=s``,
+    """``dispatch.backend_info`` for a call that also passes ``arguments`` (e.g. ``initial_state=s``,
     ``output_final_state=True``, ``cu_seqlens=cu``, ``chunk=True``): same keys; ``selected`` is "python" (None
     when "compiled" is forced) when one of them has no compiled kernel, with the reason listed."""
     info = dispatch.backend_info(op, *tensors)
