@@ -131,7 +131,7 @@ def preset_cpu_default():
 
 
 def preset_cpu_ops():
-    """The compiled-extension issue's table: fp32, B=4, T=2048, D=256, window 64, 2 threads; the four op families."""
+    """The compiled CPU kernels' table: fp32, B=4, T=2048, D=256, window 64, 2 threads; the four op families."""
     B, T, D = 4, 2048, 256
     return [
         case("aft_full", B=B, T=T, D=D, causal=False),
@@ -192,8 +192,8 @@ CPU_DEFAULT_COMPILE_CASES = frozenset(
 # providers each preset runs when --providers is not given (None: all that apply)
 DEFAULT_PROVIDERS = {
     "quick": None,
-    "cpu-default": ("python", "compiled", "aft-pytorch", "ea-pytorch", "timm", "fla", "sdpa"),
-    "cpu-ops": ("python", "compiled"),
+    "cpu-default": ("python", "compiled", "aft-pytorch", "ea-pytorch", "timm", "fla", "sdpa", "plain", "plain+compile"),
+    "cpu-ops": ("python", "compiled", "plain", "plain+compile"),
     "gpu-paper": None,
 }
 
