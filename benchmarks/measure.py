@@ -64,13 +64,17 @@ def _block(step, n: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def time_interleaved(steps: dict, device: torch.device, repeats: int, block_s: float):
+def time_interleaved(steps: dict, device: torch.device, repeats: int, block_s: float, slow: frozenset = frozenset()):
     """Time every step of ``steps`` (name -> callable, already warmed up), taking turns in the order given.
 
-    Returns name -> (list of ``repeats`` seconds per call, calls per block), or name -> the exception it raised (it
-    then leaves the rotation; the others go on)."""
+    A calibration call sizes each block, except for the names in ``slow`` (known to take ``block_s`` or more per
+    call): one call per block. Returns name -> (list of ``repeats`` seconds per call, calls per block), or name ->
+    the exception it raised (it then leaves the rotation; the others go on)."""
     out, calls = {}, {}
     for name, step in steps.items():
+        if name in slow:
+            calls[name], out[name] = 1, []
+            continue
         try:
             t1 = _block(step, 1, device)
         except Exception as e:  # noqa: BLE001 - reported in the provider's row

@@ -49,7 +49,8 @@ def parse_args(argv=None):
         "--providers",
         default=None,
         help=f"comma-separated subset of: {','.join(providers.PROVIDERS)} (default: all that apply; "
-        "cpu-default leaves out torch.compile(python), cpu-ops runs python,compiled)",
+        "cpu-default runs torch.compile(python) and plain+compile on a few cases only, cpu-ops runs "
+        "python,compiled,plain,plain+compile)",
     )
     ap.add_argument("--mode", default="both", choices=("fwd", "fwdbwd", "both"))
     ap.add_argument(
@@ -192,8 +193,9 @@ def run_case(case, provs, modes, dev, dtype, args, timing, results, bar):
         except Exception as e:  # noqa: BLE001 - a provider's failure is a result, not a crash
             status = _error_status(e, limit=10**6)
             rows[prov] = {m: dict(base[prov], mode=m, status=status) for m in modes}
+    block_s = timing / args.repeats
     for mode in modes:
-        steps = {}
+        steps, slow = {}, set()
         for prov, run in runs.items():
             row = rows[prov][mode] = dict(base[prov], mode=mode)
             try:
@@ -202,11 +204,14 @@ def run_case(case, provs, modes, dev, dtype, args, timing, results, bar):
                 step()  # warm-up (and torch.compile's compile)
                 measure.sync(dev)
                 row["first_call_s"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
                 row["peak_bytes"] = None if args.no_memory else measure.peak_memory(step, dev)  # before the timing
+                if min(row["first_call_s"], time.perf_counter() - t0) >= block_s:
+                    slow.add(prov)  # one call per block: no calibration call needed
                 steps[prov] = step
             except Exception as e:  # noqa: BLE001
                 row["status"] = _error_status(e)
-        timed = measure.time_interleaved(steps, dev, args.repeats, timing / args.repeats) if steps else {}
+        timed = measure.time_interleaved(steps, dev, args.repeats, block_s, frozenset(slow)) if steps else {}
         for prov, r in timed.items():
             row = rows[prov][mode]
             if isinstance(r, Exception):
@@ -282,6 +287,8 @@ def main(argv=None):
     extra = {}  # case -> providers added to the preset's defaults for that case
     if not args.providers and preset == "cpu-default":
         extra = {c: ("torch.compile(python)",) for c in shapes.CPU_DEFAULT_COMPILE_CASES}
+        for c in shapes.CPU_DEFAULT_PLAIN_COMPILE_CASES:
+            extra[c] = extra.get(c, ()) + ("plain+compile",)
     if not args.providers and shapes.DEFAULT_PROVIDERS[preset]:
         args.providers = ",".join(shapes.DEFAULT_PROVIDERS[preset])
     if args.ops:

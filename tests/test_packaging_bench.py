@@ -118,11 +118,18 @@ def test_interleaved_timing_drops_a_failing_provider_and_goes_on():
 def test_plain_formulations_run_by_default_where_they_apply():
     from benchmarks.plain import PLAIN_APPLIES, PLAIN_PROVIDERS
 
-    for preset in ("cpu-default", "cpu-ops"):
-        assert set(PLAIN_PROVIDERS) <= set(shapes.DEFAULT_PROVIDERS[preset]), preset
-        for c in shapes.PRESETS[preset]():
-            applies = set(providers.providers_for(c, shapes.DEFAULT_PROVIDERS[preset]))
-            assert (set(PLAIN_PROVIDERS) <= applies) == (c.name in PLAIN_APPLIES), c
+    assert set(PLAIN_PROVIDERS) <= set(shapes.DEFAULT_PROVIDERS["cpu-ops"])
+    for c in shapes.preset_cpu_ops():
+        assert set(PLAIN_PROVIDERS) <= set(providers.providers_for(c, shapes.DEFAULT_PROVIDERS["cpu-ops"])), c
+    # the CPU default: plain on every case it applies to, plain+compile (compiles per shape) at one length of each
+    compiled = {}
+    for c in shapes.preset_cpu_default():
+        applies = set(providers.providers_for(c, shapes.DEFAULT_PROVIDERS["cpu-default"]))
+        assert ("plain" in applies) == (c.name in PLAIN_APPLIES), c
+        if c in shapes.CPU_DEFAULT_PLAIN_COMPILE_CASES:
+            assert "plain+compile" in providers.providers_for(c)
+            compiled.setdefault(c.name, set()).add(c.label)
+    assert set(compiled) == set(PLAIN_APPLIES)
     assert shapes.DEFAULT_PROVIDERS["gpu-paper"] is None  # every provider that applies
 
 
