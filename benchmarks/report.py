@@ -93,7 +93,12 @@ def fmt_spread(r) -> str:
     sp = r.get("spread")
     if sp is None or not math.isfinite(sp):
         return "-"
-    return f"{100 * sp:.0f}%" + ("*" if r.get("noisy") else "")
+    text = f"{100 * sp:.0f}%" if sp < 10 else ">999%"  # fits the column; the JSON has the value
+    return text + ("*" if r.get("noisy") else "")
+
+
+def fmt_ratio(x: float) -> str:
+    return f"{x:.2f}x" if x < 10 else f"{x:.1f}x" if x < 100 else f"{x:.0f}x"
 
 
 def table(results: list[dict], width: int = TABLE_WIDTH) -> str:
@@ -140,7 +145,7 @@ def table(results: list[dict], width: int = TABLE_WIDTH) -> str:
             fmt_spread(r),
             fmt_bytes(r.get("peak_bytes")),
             f"{100 * ff:.1f}%" if ok and ff is not None and math.isfinite(ff) else "-",
-            f"{base / r['time_s']:.2f}x" if ok and base is not None and r["provider"] != "python" else "-",
+            fmt_ratio(base / r["time_s"]) if ok and base is not None and r["provider"] != "python" else "-",
         ]
 
     group_w = sum(cells_w) + 2 * (len(cells_w) - 1)

@@ -83,6 +83,17 @@ def test_table_flags_rows_whose_repeats_spread_more_than_20_percent():
     legend = " ".join(lines)
     assert "(max - min) / min" in legend and "* = above 20 %" in legend and "1 noisy measurement" in legend
     assert max(len(ln) for ln in lines) <= 120
+    # a huge spread or speed-up stays inside its column: every row as wide as the header
+    wild = measure.summary([1.0e-3, 0.5])
+    rows = [
+        dict(_row("aft_simple", "B=2 D=128 T=512 causal=T", "python", "fwd"), **wild),
+        dict(_row("aft_simple", "B=2 D=128 T=512 causal=T", "compiled", "fwd"), **calm, floor_fraction=1.5),
+    ]
+    rows[1]["time_s"] = rows[0]["time_s"] / 863.8
+    lines = report.table(rows).splitlines()
+    body = [ln for ln in lines if ln.startswith(("  python", "  compiled"))]
+    assert ">999%*" in body[0] and "864x" in body[1]
+    assert all(len(ln) <= len(lines[1]) for ln in body), "\n".join(lines[:4])
 
 
 def test_interleaved_timing_takes_turns():
