@@ -7,13 +7,14 @@ Builds the compiled extension ``attnfree_ext._C`` (TORCH_LIBRARY ops ``torch.ops
 
 Environment switches:
   ATTNFREE_NO_EXT=1        skip the extension (pure-PyTorch package)
-  ATTNFREE_BUILD_CUDA=0|1  skip / force the CUDA part (default: auto)
+  ATTNFREE_BUILD_CUDA=0|1  skip / require the CUDA part (default: auto); with 1 a failed build fails the install
   TORCH_CUDA_ARCH_LIST     CUDA architectures (read by torch.utils.cpp_extension)
   MAX_JOBS                 parallel compile jobs (read by torch.utils.cpp_extension / ninja)
   ATTNFREE_REQUIRE_EXT=1   a failed build of attnfree_ext._C fails the install (CI sets it)
 
 If the extension cannot be compiled (no compiler, no torch, a compile error) the install still succeeds as the
-pure-PyTorch package (unless ATTNFREE_REQUIRE_EXT=1) and prints one warning line followed by the compiler's first
+pure-PyTorch package (unless ATTNFREE_REQUIRE_EXT=1, or ATTNFREE_BUILD_CUDA=1: CUDA kernels that were asked for and
+not built are an error, with the compiler's lines) and prints one warning line followed by the compiler's first
 error and last lines. pip shows a build's output only when it fails (or with -v), so the same text is also written
 to attnfree_ext/_build_error.txt, where the package reports it at run time. Every build of the extension writes
 attnfree_ext/_build_info.json (torch and CUDA versions, commit) so that a wheel loaded with another torch can say so.
@@ -40,15 +41,25 @@ BUILD_ERROR_FILE = "_build_error.txt"  # in the package directory; read by the p
 BUILD_INFO_FILE = "_build_info.json"
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _require_ext() -> bool:
-    return os.environ.get("ATTNFREE_REQUIRE_EXT", "0").strip().lower() in ("1", "true", "yes", "on")
+    return _env_flag("ATTNFREE_REQUIRE_EXT")
+
+
+def _cuda_requested() -> bool:
+    return _env_flag("ATTNFREE_BUILD_CUDA")
 
 
 def _warn(msg: str, details: str = "") -> None:
-    """One WARNING line (then the details, indented); with ATTNFREE_REQUIRE_EXT=1 the build fails instead."""
-    if _require_ext():
+    """One WARNING line (then the details, indented); with ATTNFREE_REQUIRE_EXT=1 or ATTNFREE_BUILD_CUDA=1 the
+    build fails instead, with the same lines."""
+    if _require_ext() or _cuda_requested():
+        why = "ATTNFREE_REQUIRE_EXT=1" if _require_ext() else "ATTNFREE_BUILD_CUDA=1 asked for the CUDA kernels"
         sys.stderr.write(f"ERROR: attnfree_ext: {msg}\n{details}")
-        raise SystemExit("error: attnfree_ext._C was not built and ATTNFREE_REQUIRE_EXT=1 (see the lines above)")
+        raise SystemExit(f"error: attnfree_ext._C was not built and {why} (see the lines above)")
     sys.stderr.write(f"WARNING: attnfree_ext: {msg}; installing the pure-PyTorch package only\n{details}")
 
 
@@ -204,12 +215,24 @@ def _extensions_and_cmdclass():
         _warn(msg, f"    (also written to attnfree_ext/{BUILD_ERROR_FILE})\n")
         return [], {}
 
-    cuda_env = os.environ.get("ATTNFREE_BUILD_CUDA", "auto").lower()
+    cuda_env = os.environ.get("ATTNFREE_BUILD_CUDA", "auto").strip().lower()
     cuda_possible = torch.version.cuda is not None and ce.CUDA_HOME is not None
-    if cuda_env in ("0", "false", "no"):
+    if cuda_env in ("0", "false", "no", "off"):
         use_cuda = False
-    elif cuda_env in ("1", "true", "yes"):
+    elif _cuda_requested():
         use_cuda = True
+        if torch.version.cuda is None:
+            raise SystemExit(
+                f"error: attnfree_ext: ATTNFREE_BUILD_CUDA=1 but torch {torch.__version__} is a CPU build "
+                "(torch.version.cuda is None), so CUDA kernels cannot be built against it: install a CUDA build of "
+                "torch, or unset ATTNFREE_BUILD_CUDA (ATTNFREE_BUILD_CUDA=0: C++ CPU kernels only)"
+            )
+        if ce.CUDA_HOME is None:
+            raise SystemExit(
+                "error: attnfree_ext: ATTNFREE_BUILD_CUDA=1 but no CUDA toolkit was found (no nvcc on PATH, "
+                "CUDA_HOME unset): install the CUDA toolkit matching torch's CUDA "
+                f"{torch.version.cuda} or set CUDA_HOME"
+            )
     else:
         use_cuda = cuda_possible
 

@@ -1,7 +1,11 @@
 """Timing, peak memory and the machine's own limits, measured in the same run.
 
-Timing: torch.utils.benchmark.Timer.blocked_autorange (median) on CPU; on CUDA triton.testing.do_bench
-(median, imported lazily) or, without triton, CUDA events around each call (median).
+Timing (:func:`time_interleaved`): the providers of one case take turns, A B C A B C ..., for ``repeats`` rounds;
+in each turn a provider runs a block of calls sized from one calibration call (about ``block_s`` seconds, at least
+one call; on CUDA synchronised before and after the block), and the block's time per call is one repeat. A
+measurement reports the minimum of its repeats (the run least disturbed by other work on the machine), their median,
+and their spread (max - min) / min. Interleaving makes a slow phase of the machine hit every provider alike instead
+of one provider's whole measurement.
 Peak memory: torch.cuda.max_memory_allocated minus the allocation before the call, on CUDA. On CPU (Linux) the
 peak resident set over the call: VmHWM is reset through /proc/self/clear_refs ("5") and read back from
 /proc/self/status, minus VmRSS before the call; an estimate (the allocator may reuse pages it already holds), and
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import statistics
+import time
 
 import torch
 
@@ -45,37 +50,68 @@ def make_step(run, mode: str):
     return step
 
 
-def time_cpu(step, min_run_time: float, threads: int) -> float:
-    from torch.utils import benchmark
-
-    t = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=threads)
-    m = t.blocked_autorange(min_run_time=min_run_time)
-    return m.median
+SPREAD_FLAG = 0.20  # a measurement whose repeats spread more than this, (max - min) / min, is flagged noisy
+MAX_CALLS_PER_BLOCK = 10000
 
 
-def time_cuda(step, rep_ms: float) -> float:
-    try:
-        from triton.testing import do_bench
-    except ImportError:
-        do_bench = None
-    if do_bench is not None:
-        return do_bench(step, warmup=max(5, rep_ms // 4), rep=rep_ms, return_mode="median") / 1e3
-    times = []
-    for _ in range(3):
+def _block(step, n: int, device: torch.device) -> float:
+    """Seconds per call of ``n`` back-to-back calls (synchronised on CUDA)."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
         step()
-    torch.cuda.synchronize()
-    budget, spent = rep_ms / 1e3, 0.0
-    while spent < budget or len(times) < 5:
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-        spent += times[-1]
-        if len(times) >= 1000:
-            break
-    return statistics.median(times)
+    sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def time_interleaved(steps: dict, device: torch.device, repeats: int, block_s: float, slow: frozenset = frozenset()):
+    """Time every step of ``steps`` (name -> callable, already warmed up), taking turns in the order given.
+
+    A calibration call sizes each block, except for the names in ``slow`` (known to take ``block_s`` or more per
+    call): one call per block. Returns name -> (list of ``repeats`` seconds per call, calls per block), or name ->
+    the exception it raised (it then leaves the rotation; the others go on)."""
+    out, calls = {}, {}
+    for name, step in steps.items():
+        if name in slow:
+            calls[name], out[name] = 1, []
+            continue
+        try:
+            t1 = _block(step, 1, device)
+        except Exception as e:  # noqa: BLE001 - reported in the provider's row
+            out[name] = e
+            continue
+        calls[name] = max(1, min(MAX_CALLS_PER_BLOCK, int(block_s / max(t1, 1e-9))))
+        out[name] = []
+    for _ in range(repeats):
+        for name, step in steps.items():
+            if not isinstance(out[name], list):
+                continue
+            try:
+                out[name].append(_block(step, calls[name], device))
+            except Exception as e:  # noqa: BLE001
+                out[name] = e
+    return {n: (r, calls[n]) if isinstance(r, list) else r for n, r in out.items()}
+
+
+def summary(times: list[float]) -> dict:
+    """min, median and spread (max - min) / min of the repeats, and whether the spread passes SPREAD_FLAG."""
+    lo, hi = min(times), max(times)
+    spread = (hi - lo) / lo if lo > 0 else float("inf")
+    return dict(
+        time_s=lo,
+        time_median_s=statistics.median(times),
+        time_repeats_s=list(times),
+        spread=spread,
+        noisy=spread > SPREAD_FLAG,
+    )
+
+
+def time_min(step, device: torch.device, repeats: int = 5, block_s: float = 0.06) -> float:
+    """Minimum over ``repeats`` blocks of one step's seconds per call (the machine's floors)."""
+    r = time_interleaved({"x": step}, device, repeats, block_s)["x"]
+    if isinstance(r, Exception):
+        raise r
+    return min(r[0])
 
 
 def _proc_kb(field: str):
@@ -128,7 +164,7 @@ def release_freed_memory_to_os() -> bool:
         return False
 
 
-def copy_rate(device: torch.device, threads: int, nbytes: int) -> float:
+def copy_rate(device: torch.device, nbytes: int) -> float:
     """Bytes/s of a large device-to-device copy (bytes read + bytes written), the memory-bound floor of this machine.
 
     The destination is allocated once: a fresh ``clone`` per call would time page faults on the CPU (freed memory
@@ -137,18 +173,16 @@ def copy_rate(device: torch.device, threads: int, nbytes: int) -> float:
     out = torch.empty_like(x)
     step = lambda: out.copy_(x)  # noqa: E731
     step()
-    t = time_cuda(step, 100) if device.type == "cuda" else time_cpu(step, 0.3, threads)
-    return 2 * x.numel() * 4 / t
+    return 2 * x.numel() * 4 / time_min(step, device)
 
 
-def gemm_rate(device: torch.device, dtype: torch.dtype, threads: int, n: int) -> float:
+def gemm_rate(device: torch.device, dtype: torch.dtype, n: int) -> float:
     """FLOP/s of a square matmul in ``dtype``, the compute floor of this machine."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     step = lambda: a @ b  # noqa: E731
     step()
-    t = time_cuda(step, 100) if device.type == "cuda" else time_cpu(step, 0.3, threads)
-    return 2 * n**3 / t
+    return 2 * n**3 / time_min(step, device)
 
 
 def is_oom(e: BaseException) -> bool:

@@ -4,8 +4,9 @@ sequence, docs/design.md §2.2), the baseline the compiled CPU kernels are held 
 Provider names: ``plain`` (eager) and ``plain+compile`` (torch.compile of the same function). Every function takes
 the op's positional inputs and keywords (``make_inputs`` of providers.py) and returns y.
 
-``python -m benchmarks.plain`` prints the compiled-op / plain ratios of the CPU issue table (fp32, B=4, T=2048,
-D=256, window 64, 2 threads; min of repeats, candidates interleaved in one process).
+``python -m benchmarks.plain`` prints the compiled-op / plain ratios at the sizes of the cpu-ops preset (fp32, B=4,
+T=2048, D=256, window 64, 2 threads): per candidate the minimum of --reps repeats and their spread (max - min) / min,
+marked * above 20 %, candidates interleaved in one process.
 """
 
 from __future__ import annotations
@@ -124,12 +125,16 @@ def _main():  # pragma: no cover - a measuring script
         "ea": ("plain+compile", torch.compile(plain_ea_double_norm)),
     }
     ops = a.only.split(",") if a.only else list(base)
+    print(
+        f"# {a.reps} repeats per candidate, interleaved; min = the fastest, spread = (max - min) / min, * above 20 %",
+        flush=True,
+    )
     for op in ops:
         xs = inputs(op)
         cands = {"ours": ours(op), base[op][0]: base[op][1]}
         for mode in ("fwd", "fwd+bwd"):
-            best = {n: float("inf") for n in cands}
-            for _ in range(a.reps + 1):  # first round warms up (torch.compile)
+            times = {n: [] for n in cands}
+            for rep in range(a.reps + 1):  # the first round warms up (torch.compile) and is not kept
                 for n, f in cands.items():
                     t0 = time.perf_counter()
                     if mode == "fwd":
@@ -138,10 +143,18 @@ def _main():  # pragma: no cover - a measuring script
                     else:
                         y = f(*xs)
                         torch.autograd.grad(y, xs, torch.ones_like(y))
-                    best[n] = min(best[n], time.perf_counter() - t0) if _ > 0 else best[n]
+                    if rep > 0:
+                        times[n].append(time.perf_counter() - t0)
+            best = {n: min(t) for n, t in times.items()}
+            spread = {n: (max(t) - min(t)) / min(t) for n, t in times.items()}
+
+            def cell(n, best=best, spread=spread):
+                flag = "*" if spread[n] > 0.20 else " "
+                return f"{best[n] * 1e3:8.1f} ms (spread {100 * spread[n]:3.0f}%{flag})"
+
             names = list(cands)
             print(
-                f"{op:9s} {mode:8s} ours {best['ours'] * 1e3:8.1f} ms  {names[1]} {best[names[1]] * 1e3:8.1f} ms"
+                f"{op:9s} {mode:8s} ours {cell('ours')}  {names[1]} {cell(names[1])}"
                 f"  speed-up {best[names[1]] / best['ours']:.2f}x",
                 flush=True,
             )

@@ -195,11 +195,46 @@ def make_inputs(case: Case, device, dtype):
 
 
 # ----------------------------------------------------------------------------------------------- public code
-def timm_talking_head_attn_class():
-    """(timm.models.cait.TalkingHeadAttn, None) when timm imports, else (None, the reason). timm imports
-    torchvision, which fails to load with a torch it was not built for (e.g. PyPI's torchvision with a CPU torch):
-    any exception means "not usable"."""
+# torchvision's C++ operators that its Python package registers fake kernels for even when its _C did not load
+_TORCHVISION_FAKE_ONLY_OPS = ("nms", "qnms")
+
+
+def import_timm():
+    """Import and return timm; ImportError when it is not installed.
+
+    timm imports torchvision. A torchvision whose C++ library (torchvision/_C.so) does not load beside the installed
+    torch -- PyPI's torchvision, a CUDA build, beside a CPU build of torch -- stops at import with "operator
+    torchvision::nms does not exist": torchvision/_meta_registrations.py registers fake kernels for nms and qnms
+    even when _C is missing, and torch refuses a fake kernel for an undeclared operator. Then the two operators'
+    schemas are declared here, without any kernel, and the import is retried: torchvision's Python code loads, and
+    any call of a torchvision C++ operator still fails ("no kernel"). timm's models that do not call them -- CaiT
+    among them: timm imports torchvision for FrozenBatchNorm2d and its data transforms -- build and run."""
+    import sys
+
     try:
+        import timm
+
+        return timm
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+    for name in [n for n in sys.modules if n.split(".")[0] in ("timm", "torchvision")]:
+        del sys.modules[name]  # the half-imported packages
+    for op in _TORCHVISION_FAKE_ONLY_OPS:
+        try:
+            torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        except RuntimeError:  # already declared
+            pass
+    import timm
+
+    return timm
+
+
+def timm_talking_head_attn_class():
+    """(timm.models.cait.TalkingHeadAttn, None) when timm imports (through :func:`import_timm`), else (None, the
+    reason): any exception means "not usable"."""
+    try:
+        import_timm()
         from timm.models.cait import TalkingHeadAttn
     except Exception as e:  # noqa: BLE001
         first = (str(e).strip().splitlines() or [""])[0][:120]

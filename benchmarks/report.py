@@ -88,12 +88,28 @@ def comparable(r) -> bool:
     return r["provider"] not in OTHER_FUNCTION
 
 
+def fmt_spread(r) -> str:
+    """The spread of the repeats in percent, marked "*" when it passes measure.SPREAD_FLAG (a noisy row)."""
+    sp = r.get("spread")
+    if sp is None or not math.isfinite(sp):
+        return "-"
+    text = f"{100 * sp:.0f}%" if sp < 10 else ">999%"  # fits the column; the JSON has the value
+    return text + ("*" if r.get("noisy") else "")
+
+
+def fmt_ratio(x: float) -> str:
+    return f"{x:.2f}x" if x < 10 else f"{x:.1f}x" if x < 100 else f"{x:.0f}x"
+
+
 def table(results: list[dict], width: int = TABLE_WIDTH) -> str:
     """Plain-text table, at most ``width`` columns: one section per case (op or module at one shape), one line per
     provider, one column group per mode. A status (unavailable, skipped, error, oom) is a numbered footnote.
-    "vs python" = the python path's time / this time, same run (> 1 is faster); "of floor" = achieved bytes/s or
+    "min ms" = the fastest of the interleaved repeats; "spread" = (max - min) / min of the repeats, "*" above 20 %;
+    "vs py" = the python path's min time / this min time, same run (> 1 is faster); "floor" = achieved bytes/s or
     FLOP/s against the machine's copy / matmul rate. Both only where the provider computes the case's function."""
     import textwrap
+
+    from .measure import SPREAD_FLAG
 
     modes = [m for m in MODE_TITLES if any(r["mode"] == m for r in results)]
     py = {
@@ -106,8 +122,8 @@ def table(results: list[dict], width: int = TABLE_WIDTH) -> str:
     def note(msg):
         return f"[{notes.setdefault(msg, len(notes) + 1)}]"
 
-    cells_w = (9, 8, 8, 9)  # median ms, peak MiB, of floor, vs python
-    cols = ("median ms", "peak MiB", "of floor", "vs python")
+    cells_w = (8, 6, 7, 6, 6)  # min ms, spread, peak MiB, of floor, vs python
+    cols = ("min ms", "spread", "MiB", "floor", "vs py")
     sections: dict[tuple, dict] = {}  # (case, shape) -> provider label -> mode -> row
     for r in results:
         sections.setdefault((r["case"], r["shape"]), {}).setdefault(provider_label(r), {})[r["mode"]] = r
@@ -118,17 +134,18 @@ def table(results: list[dict], width: int = TABLE_WIDTH) -> str:
 
     def cells(r):
         if r is None:
-            return ["", "", "", ""]
+            return [""] * len(cells_w)
         if r["status"] != "ok":
-            return [note(f"{provider_label(r)}: {r['status']}"), "", "", ""]
+            return [note(f"{provider_label(r)}: {r['status']}")] + [""] * (len(cells_w) - 1)
         base = py.get((r["case"], r["shape"], r["mode"]))
         ok = comparable(r)
         ff = r.get("floor_fraction")
         return [
             fmt_ms(r["time_s"]),
+            fmt_spread(r),
             fmt_bytes(r.get("peak_bytes")),
             f"{100 * ff:.1f}%" if ok and ff is not None and math.isfinite(ff) else "-",
-            f"{base / r['time_s']:.2f}x" if ok and base is not None and r["provider"] != "python" else "-",
+            fmt_ratio(base / r["time_s"]) if ok and base is not None and r["provider"] != "python" else "-",
         ]
 
     group_w = sum(cells_w) + 2 * (len(cells_w) - 1)
@@ -136,6 +153,7 @@ def table(results: list[dict], width: int = TABLE_WIDTH) -> str:
     head2 = "provider".ljust(pw) + "".join("   " + "  ".join(c.rjust(w) for c, w in zip(cols, cells_w)) for _ in modes)
     out = [head1, head2]
     kinds = {"aft_full": "FLOPs vs matmul", "talking_heads_attention": "FLOPs vs matmul"}
+    n_noisy = 0
     for (case, shape), provs in sections.items():
         kind = kinds.get(case, "bytes vs copy" if case in MEMORY_BOUND else None)
         out.append((f"{case}  {shape}" + (f"   (floor: {kind})" if kind else ""))[:width])
@@ -144,9 +162,21 @@ def table(results: list[dict], width: int = TABLE_WIDTH) -> str:
             mark = f" {note(f'{label}: {impl}')}" if impl.startswith("re-created") else ""
             line = ("  " + label + mark).ljust(pw)
             for m in modes:
-                c = cells(by_mode.get(m))
+                r = by_mode.get(m)
+                n_noisy += bool(r and r.get("status") == "ok" and r.get("noisy"))
+                c = cells(r)
                 line += "   " + "  ".join(x.rjust(w) for x, w in zip(c, cells_w))
             out.append(line.rstrip())
+    repeats = sorted({len(r["time_repeats_s"]) for r in results if r.get("time_repeats_s")})
+    legend = (
+        f"min ms: the fastest of {'/'.join(map(str, repeats)) or 'the'} repeats per call, the providers of a case "
+        "interleaved; spread: (max - min) / min of the repeats, "
+        f"* = above {100 * SPREAD_FLAG:.0f} % ({n_noisy} noisy measurement{'s' if n_noisy != 1 else ''}); "
+        "MiB: peak memory a call adds; floor: achieved bytes/s or FLOP/s against the copy / matmul rate of this "
+        "machine; vs py: python path's min ms / this min ms (> 1 is faster)."
+    )
+    out.append("")
+    out += textwrap.wrap(legend, width=width, break_on_hyphens=False)
     if notes:
         out.append("")
         for msg, n in notes.items():
@@ -225,7 +255,7 @@ def write_png(path: str, meta: dict, results: list[dict]) -> bool:
         if not any(r.get("peak_bytes") is not None for r in rs):
             row[1].text(0.5, 0.5, "peak memory not measured", transform=row[1].transAxes, ha="center", fontsize=8)
         for ax, what, unit in (
-            (row[0], "median time", "ms per call"),
+            (row[0], "min time", "ms per call (min of the repeats)"),
             (row[1], "peak memory", f"MiB per call (< {MEM_FLOOR_MIB} shown at {MEM_FLOOR_MIB})"),
         ):
             ax.set_title(f"{desc}: {what}", fontsize=8.5, loc="left")

@@ -49,7 +49,8 @@ def parse_args(argv=None):
         "--providers",
         default=None,
         help=f"comma-separated subset of: {','.join(providers.PROVIDERS)} (default: all that apply; "
-        "cpu-default leaves out torch.compile(python), cpu-ops runs python,compiled)",
+        "cpu-default runs torch.compile(python) and plain+compile on a few cases only, cpu-ops runs "
+        "python,compiled,plain,plain+compile)",
     )
     ap.add_argument("--mode", default="both", choices=("fwd", "fwdbwd", "both"))
     ap.add_argument(
@@ -59,7 +60,14 @@ def parse_args(argv=None):
         "--min-run-time",
         type=float,
         default=None,
-        help="seconds of timed runs per measurement on CPU (blocked_autorange); default 0.1, quick 0.02",
+        help="seconds of timed calls per measurement, split into --repeats blocks; default 0.1, quick 0.02",
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed blocks per measurement, the providers of a case taking turns (default 5); the table shows "
+        "their minimum and spread",
     )
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -113,6 +121,15 @@ def busy_warning(dev: torch.device, own: float) -> str | None:
     )
 
 
+def say(text: str) -> None:
+    """A "# " comment line of the output, wrapped to the table's width."""
+    import textwrap
+
+    w = report.TABLE_WIDTH
+    print("\n".join(textwrap.wrap(text, w, initial_indent="# ", subsequent_indent="#   ", break_long_words=False)))
+    sys.stdout.flush()
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,67 +153,81 @@ def device_name(dev: torch.device) -> str:
     return f"CPU {cpu} ({torch.get_num_threads()} threads)"
 
 
-def run_one(case, prov, modes, dev, dtype, args, timing, results, bar):
-    """Measure one (case, provider) in each mode; every failure becomes a row, never an exception."""
+def _error_status(e: BaseException, limit: int = 300) -> str:
+    return "oom" if measure.is_oom(e) else f"error: {type(e).__name__}: {e}".replace("\n", " ")[:limit]
+
+
+def _add_rate(row, case, mode, es):
+    w = report.work(case, mode, es)
+    if w is None:
+        return
+    kind, amount = w
+    t = row["time_s"]
+    if kind == "bytes":
+        row.update(rate=amount / t / 1e9, rate_unit="GB/s", floor_fraction=amount / t / timing_floor["bytes"])
+    else:
+        row.update(rate=amount / t / 1e12, rate_unit="TFLOP/s", floor_fraction=amount / t / timing_floor["flops"])
+    row["work"] = {kind: amount}
+
+
+def run_case(case, provs, modes, dev, dtype, args, timing, results, bar):
+    """Measure every provider of one case in each mode, the providers interleaved (measure.time_interleaved);
+    every failure becomes a row, never an exception. Rows are appended per provider, then per mode."""
     es = torch.empty((), dtype=dtype).element_size()
-    base = dict(case=case.name, shape=case.label, params=case.p, x=case.x, provider=prov)
-    try:
-        torch.manual_seed(0)
-        run = providers.build(case, prov, dev, dtype)
-        if run.impl:
-            base["impl"] = run.impl
-    except providers.Unavailable as e:
-        msg = str(e)
-        status = (
-            msg if msg.split(":")[0] in ("unavailable", "skip", "n/a", "oom (predicted)") else f"unavailable: {msg}"
-        )
-        for m in modes:
-            results.append(dict(base, mode=m, status=status))
-            bar.update(1)
-        return
-    except Exception as e:  # noqa: BLE001 - a provider's failure is a result, not a crash
-        status = "oom" if measure.is_oom(e) else f"error: {type(e).__name__}: {e}".replace("\n", " ")
-        for m in modes:
-            results.append(dict(base, mode=m, status=status))
-            bar.update(1)
-        return
-    for mode in modes:
-        row = dict(base, mode=mode)
+    base = {p: dict(case=case.name, shape=case.label, params=case.p, x=case.x, provider=p) for p in provs}
+    rows = {p: {} for p in provs}  # provider -> mode -> row
+    runs = {}
+    for prov in provs:
         try:
-            step = measure.make_step(run, mode)
-            t0 = time.perf_counter()
-            step()  # warm-up (and torch.compile's compile)
-            measure.sync(dev)
-            row["first_call_s"] = time.perf_counter() - t0
-            peak = None if args.no_memory else measure.peak_memory(step, dev)  # before the timed calls
-            if dev.type == "cuda":
-                t = measure.time_cuda(step, timing)
-            else:
-                t = measure.time_cpu(step, timing, torch.get_num_threads())
-            row.update(status="ok", time_s=t)
-            row["peak_bytes"] = peak
-            w = report.work(case, mode, es)
-            if w is not None:
-                kind, amount = w
-                if kind == "bytes":
-                    row.update(
-                        rate=amount / t / 1e9, rate_unit="GB/s", floor_fraction=amount / t / timing_floor["bytes"]
-                    )
-                else:
-                    row.update(
-                        rate=amount / t / 1e12, rate_unit="TFLOP/s", floor_fraction=amount / t / timing_floor["flops"]
-                    )
-                row["work"] = {kind: amount}
-        except Exception as e:  # noqa: BLE001
-            row["status"] = "oom" if measure.is_oom(e) else f"error: {type(e).__name__}: {e}".replace("\n", " ")[:300]
-        finally:
-            step = None
-            gc.collect()
-            gc.freeze()  # what survived (e.g. torch.compile's caches) is not scanned again
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-        results.append(row)
-        bar.update(1)
+            torch.manual_seed(0)
+            run = providers.build(case, prov, dev, dtype)
+            if run.impl:
+                base[prov]["impl"] = run.impl
+            runs[prov] = run
+        except providers.Unavailable as e:
+            msg = str(e)
+            status = (
+                msg if msg.split(":")[0] in ("unavailable", "skip", "n/a", "oom (predicted)") else f"unavailable: {msg}"
+            )
+            rows[prov] = {m: dict(base[prov], mode=m, status=status) for m in modes}
+        except Exception as e:  # noqa: BLE001 - a provider's failure is a result, not a crash
+            status = _error_status(e, limit=10**6)
+            rows[prov] = {m: dict(base[prov], mode=m, status=status) for m in modes}
+    block_s = timing / args.repeats
+    for mode in modes:
+        steps, slow = {}, set()
+        for prov, run in runs.items():
+            row = rows[prov][mode] = dict(base[prov], mode=mode)
+            try:
+                step = measure.make_step(run, mode)
+                t0 = time.perf_counter()
+                step()  # warm-up (and torch.compile's compile)
+                measure.sync(dev)
+                row["first_call_s"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                row["peak_bytes"] = None if args.no_memory else measure.peak_memory(step, dev)  # before the timing
+                if min(row["first_call_s"], time.perf_counter() - t0) >= block_s:
+                    slow.add(prov)  # one call per block: no calibration call needed
+                steps[prov] = step
+            except Exception as e:  # noqa: BLE001
+                row["status"] = _error_status(e)
+        timed = measure.time_interleaved(steps, dev, args.repeats, block_s, frozenset(slow)) if steps else {}
+        for prov, r in timed.items():
+            row = rows[prov][mode]
+            if isinstance(r, Exception):
+                row["status"] = _error_status(r)
+                continue
+            times, calls = r
+            row.update(status="ok", **measure.summary(times), calls_per_repeat=calls)
+            _add_rate(row, case, mode, es)
+        steps = timed = None
+        gc.collect()
+        gc.freeze()  # what survived (e.g. torch.compile's caches) is not scanned again
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        bar.update(len(provs))
+    for prov in provs:
+        results += [rows[prov][m] for m in modes]
 
 
 timing_floor = {"bytes": float("nan"), "flops": float("nan")}
@@ -242,12 +273,22 @@ def main(argv=None):
     if threads:
         torch.set_num_threads(threads)
     quick = preset == "quick"
-    timing = (10 if quick else 100) if dev.type == "cuda" else (args.min_run_time or (0.02 if quick else 0.1))
+    timing = args.min_run_time or (0.02 if quick else 0.1)
+    if args.repeats < 2:
+        raise SystemExit("--repeats must be at least 2 (a spread needs two repeats)")
+
+    # torch.compile keeps at most recompile_limit graphs per function (then runs it eagerly, which would time the
+    # eager code under a compiled provider's name); a run compiles one function at many shapes, modes and flags
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
 
     cases = shapes.PRESETS[preset]()
     extra = {}  # case -> providers added to the preset's defaults for that case
     if not args.providers and preset == "cpu-default":
         extra = {c: ("torch.compile(python)",) for c in shapes.CPU_DEFAULT_COMPILE_CASES}
+        for c in shapes.CPU_DEFAULT_PLAIN_COMPILE_CASES:
+            extra[c] = extra.get(c, ()) + ("plain+compile",)
     if not args.providers and shapes.DEFAULT_PROVIDERS[preset]:
         args.providers = ",".join(shapes.DEFAULT_PROVIDERS[preset])
     if args.ops:
@@ -258,11 +299,11 @@ def main(argv=None):
     # the machine's own limits, measured in this run
     nbytes = (1 << 30) if dev.type == "cuda" else ((16 << 20) if quick else (256 << 20))
     n = 8192 if dev.type == "cuda" else (256 if quick else 2048)
-    timing_floor["bytes"] = measure.copy_rate(dev, torch.get_num_threads(), nbytes)
+    timing_floor["bytes"] = measure.copy_rate(dev, nbytes)
     try:
-        timing_floor["flops"] = measure.gemm_rate(dev, dtype, torch.get_num_threads(), n)
+        timing_floor["flops"] = measure.gemm_rate(dev, dtype, n)
     except Exception:  # noqa: BLE001 - e.g. a dtype without a matmul kernel on this device
-        timing_floor["flops"] = measure.gemm_rate(dev, torch.float32, torch.get_num_threads(), n)
+        timing_floor["flops"] = measure.gemm_rate(dev, torch.float32, n)
 
     now = datetime.datetime.now(datetime.timezone.utc)
     meta = dict(
@@ -277,6 +318,10 @@ def main(argv=None):
         python=sys.version.split()[0],
         date=now.strftime("%Y-%m-%d %H:%M UTC"),
         argv=sys.argv[1:] if argv is None else list(argv),
+        repeats=args.repeats,
+        seconds_per_measurement=timing,
+        spread="(max - min) / min of the repeats; rows above spread_flag are marked noisy",
+        spread_flag=measure.SPREAD_FLAG,
         copy_rate_GBps=timing_floor["bytes"] / 1e9,
         gemm_rate_TFLOPs=timing_floor["flops"] / 1e12,
         reference_h100=dict(copy_TBps=3.0, bf16_gemm_TFLOPs=800),
@@ -286,19 +331,17 @@ def main(argv=None):
             op: providers.compiled_status(op, dev) or "yes" for op in sorted(set(providers.COMPILED_OP.values()))
         },
     )
-    print(
-        f"# {meta['device_name']}, {meta['dtype']}, preset {preset}, torch {torch.__version__}, "
-        f"CUDA {meta['cuda']}, commit {meta['commit']}",
-        flush=True,
+    say(
+        f"{meta['device_name']}, {meta['dtype']}, preset {preset}, torch {torch.__version__}, "
+        f"CUDA {meta['cuda']}, commit {meta['commit']}"
     )
-    print(
-        f"# measured floors: copy {meta['copy_rate_GBps']:.1f} GB/s (read+write), "
-        f"matmul {meta['gemm_rate_TFLOPs']:.3f} TFLOP/s ({meta['dtype']})",
-        flush=True,
+    say(
+        f"measured floors: copy {meta['copy_rate_GBps']:.1f} GB/s (read+write), "
+        f"matmul {meta['gemm_rate_TFLOPs']:.3f} TFLOP/s ({meta['dtype']})"
     )
     busy = busy_warning(dev, own=0.5)
     if busy:
-        print(f"# WARNING: {busy}", flush=True)
+        say(f"WARNING: {busy}")
         meta["busy_warning"] = busy
 
     # a full gc.collect() scans every object torch and the libraries keep (~0.2 s each, twice per measurement):
@@ -312,11 +355,10 @@ def main(argv=None):
     gc.freeze()
 
     tasks = [
-        (c, p)
-        for c in cases
-        for p in providers.providers_for(c, None if wanted is None else wanted + list(extra.get(c, ())))
+        (c, providers.providers_for(c, None if wanted is None else wanted + list(extra.get(c, ())))) for c in cases
     ]
-    total = len(tasks) * len(modes)
+    tasks = [(c, ps) for c, ps in tasks if ps]
+    total = sum(len(ps) for _, ps in tasks) * len(modes)
     if args.no_progress:
         bar = _NoBar()
     else:
@@ -325,16 +367,16 @@ def main(argv=None):
         bar = tqdm(total=total, desc="benchmark", unit="meas", file=sys.stderr, dynamic_ncols=True)
     results: list[dict] = []
     t_start = time.perf_counter()
-    for case, prov in tasks:
+    for case, provs in tasks:
         if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"{case.name} {prov}"[:60])
-        run_one(case, prov, modes, dev, dtype, args, timing, results, bar)
+            bar.set_postfix_str(f"{case.name} {case.label}"[:60])
+        run_case(case, provs, modes, dev, dtype, args, timing, results, bar)
     bar.close()
     meta["wall_s"] = time.perf_counter() - t_start
     meta["load_average_end"] = _load_average()
     busy_end = busy_warning(dev, own=torch.get_num_threads())
     if busy_end:
-        print(f"# WARNING (end of run): {busy_end}", flush=True)
+        say(f"WARNING (end of run): {busy_end}")
         meta["busy_warning_end"] = busy_end
 
     print()
@@ -348,7 +390,7 @@ def main(argv=None):
         f"\nwrote {jpath}"
         + (f"\nwrote {ppath}" if wrote_png else " (--no-plot)" if args.no_plot else " (no successful rows: no plot)")
     )
-    print(f"# {len(results)} measurements in {meta['wall_s']:.1f} s")
+    say(f"{len(results)} measurements in {meta['wall_s']:.1f} s")
     return meta, results, jpath, (ppath if wrote_png else None)
 
 

@@ -101,9 +101,9 @@ def preset_quick():
 def preset_cpu_default():
     """Every op and module at small realistic shapes (B=2, D=128), three sequence lengths each for the plots.
 
-    Sized for < 3 min on 2 cores. torch.compile(python) compiles every shape anew (seconds per shape and mode on
-    2 cores), so the CPU default runs it on three op cases only (CPU_DEFAULT_COMPILE_CASES); add it everywhere
-    with --providers.
+    Sized for < 3 min on 2 cores. torch.compile compiles every shape anew (seconds per shape and mode on 2 cores),
+    so the CPU default runs torch.compile(python) on three op cases (CPU_DEFAULT_COMPILE_CASES) and plain+compile
+    at T = 256 only (CPU_DEFAULT_PLAIN_COMPILE_CASES); add them everywhere with --providers.
     """
     out = []
     B, D = 2, 128
@@ -131,7 +131,7 @@ def preset_cpu_default():
 
 
 def preset_cpu_ops():
-    """The compiled-extension issue's table: fp32, B=4, T=2048, D=256, window 64, 2 threads; the four op families."""
+    """The compiled CPU kernels' table: fp32, B=4, T=2048, D=256, window 64, 2 threads; the four op families."""
     B, T, D = 4, 2048, 256
     return [
         case("aft_full", B=B, T=T, D=D, causal=False),
@@ -189,11 +189,19 @@ CPU_DEFAULT_COMPILE_CASES = frozenset(
     }
 )
 
+# cases of the CPU default that also run plain+compile (when --providers is not given): one length (T = 256) of
+# every configuration with a plain formulation, since each compiles anew (seconds on 2 cores); plain runs on all
+CPU_DEFAULT_PLAIN_COMPILE_CASES = frozenset(
+    c
+    for c in preset_cpu_default()
+    if c.name in ("aft_full", "aft_local", "aft_simple", "ea_double_norm") and c.x == 256
+)
+
 # providers each preset runs when --providers is not given (None: all that apply)
 DEFAULT_PROVIDERS = {
     "quick": None,
-    "cpu-default": ("python", "compiled", "aft-pytorch", "ea-pytorch", "timm", "fla", "sdpa"),
-    "cpu-ops": ("python", "compiled"),
+    "cpu-default": ("python", "compiled", "aft-pytorch", "ea-pytorch", "timm", "fla", "sdpa", "plain"),
+    "cpu-ops": ("python", "compiled", "plain", "plain+compile"),
     "gpu-paper": None,
 }
 

@@ -28,7 +28,7 @@ def test_quick_run_writes_json_png_and_table(tmp_path):
         str(tmp_path),
         "--no-progress",
         "--providers",
-        "python,compiled,ea-pytorch,timm,aft-pytorch,sdpa",
+        "python,compiled,ea-pytorch,timm,aft-pytorch,sdpa,plain",
         "--min-run-time",
         "0.005",
         "--no-memory",
@@ -36,7 +36,8 @@ def test_quick_run_writes_json_png_and_table(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "median ms" in p.stdout and "provider" in p.stdout  # the table header
+    assert "min ms" in p.stdout and "spread" in p.stdout and "provider" in p.stdout  # the table header
+    assert max(len(ln) for ln in p.stdout.splitlines() if not ln.startswith("wrote ")) <= 120
     js = glob.glob(str(tmp_path / "bench_cpu-*.json"))
     pngs = glob.glob(str(tmp_path / "bench_cpu-*.png"))
     assert len(js) == 1 and len(pngs) == 1 and os.path.getsize(pngs[0]) > 1000
@@ -47,8 +48,12 @@ def test_quick_run_writes_json_png_and_table(tmp_path):
     assert {r["mode"] for r in rows} == {"fwd", "fwdbwd"}
     ok = [r for r in rows if r["status"] == "ok"]
     assert ok, "no provider ran"
+    assert data["meta"]["repeats"] == 5 and data["meta"]["spread_flag"] == 0.2
     for r in ok:
-        assert r["time_s"] > 0
+        assert r["time_s"] > 0 and len(r["time_repeats_s"]) == 5
+        assert r["time_s"] == min(r["time_repeats_s"]) <= r["time_median_s"]
+        spread = (max(r["time_repeats_s"]) - r["time_s"]) / r["time_s"]
+        assert abs(r["spread"] - spread) < 1e-9 and r["noisy"] == (spread > 0.2)
     # the public-code baselines need nothing but torch, so they must have run
     assert any(r["provider"] == "sdpa" and r["status"] == "ok" for r in rows)
     assert any(r["provider"] == "ea-pytorch" and r["status"] == "ok" for r in rows)

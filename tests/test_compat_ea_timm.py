@@ -1,8 +1,9 @@
 """attnfree_ext.compat: External-Attention-pytorch's ExternalAttention and AFT_FULL, timm's TalkingHeadAttn.
 
-Neither original is installable here, so tests/common/peers.py re-implements them faithfully from their code,
-naive math included. Parity: same init for one seed, state_dicts load with strict=True both ways, same outputs
-(and gradients) wherever the original's are finite.
+External-Attention-pytorch is not a package, so benchmarks/peers.py re-implements its layers (and timm's) faithfully
+from their code, naive math included; timm's own CaiT is tested at the end (the [test] extra installs timm). Parity:
+same init for one seed, state_dicts load with strict=True both ways, same outputs (and gradients) wherever the
+original's are finite.
 """
 
 import inspect
@@ -166,3 +167,36 @@ def test_talking_head_attn_train_with_dropout_and_proj_l_bias_grad():
     o = OrigTalkingHeadAttn(12, 3, attn_drop=0.3).eval()
     o.load_state_dict(m.state_dict(), strict=True)
     torch.testing.assert_close(m(x), o(x), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- timm itself
+def _timm():
+    from benchmarks.providers import import_timm
+
+    try:
+        return import_timm()
+    except ImportError as e:
+        pytest.skip(f"timm is not installed ({e}); the [test] extra installs it")
+
+
+def test_timm_cait_with_our_talking_head_attn_matches_timms_own():
+    """timm.create_model's CaiT with attn_block=compat.TalkingHeadAttn: every attention layer is ours, timm's own
+    CaiT's state_dict loads with strict=True, and both give the same logits and input gradient."""
+    timm = _timm()
+    from timm.models.cait import TalkingHeadAttn as TimmTalkingHeadAttn
+
+    torch.manual_seed(0)
+    kw = dict(pretrained=False, num_classes=10, img_size=64)  # CaiT-XXS-24 on 4 x 4 patches: seconds on a CPU
+    ref = timm.create_model("cait_xxs24_224", **kw).eval()
+    ours = timm.create_model("cait_xxs24_224", attn_block=compat.TalkingHeadAttn, **kw).eval()
+    layers = [m for m in ours.modules() if isinstance(m, compat.TalkingHeadAttn)]
+    assert len(layers) == 24 and not any(type(m) is TimmTalkingHeadAttn for m in ours.modules())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr, yo = ref(xr), ours(xo)
+    assert torch.isfinite(yr).all()
+    torch.testing.assert_close(yo, yr, rtol=1e-4, atol=1e-5)
+    (gr,), (go,) = torch.autograd.grad(yr.square().sum(), xr), torch.autograd.grad(yo.square().sum(), xo)
+    torch.testing.assert_close(go, gr, rtol=1e-3, atol=1e-6)

@@ -39,7 +39,7 @@ def _broken_copy(tmp_path):
 
 def _build(dst, **env):
     e = {k: v for k, v in os.environ.items() if k != "ATTNFREE_REQUIRE_EXT"}
-    e.update(ATTNFREE_BUILD_CUDA="0", MAX_JOBS="1", **env)
+    e.update(dict(ATTNFREE_BUILD_CUDA="0", MAX_JOBS="1"), **env)
     return subprocess.run(
         [sys.executable, "setup.py", "build_ext", "--inplace"],
         cwd=dst,
@@ -119,3 +119,109 @@ def test_build_info_reports_the_build_error(build_info_module):
     (d / "_build_error.txt").write_text("attnfree_ext._C was not built: x.cpp:1: error: boom\nmore\n")
     assert bi.build_error_summary() == "attnfree_ext._C was not built: x.cpp:1: error: boom"
     assert "boom" in bi.missing_reason(ModuleNotFoundError("No module named 'attnfree_ext._C'"))
+
+
+def _cuda_copy(tmp_path):
+    """setup.py and pyproject.toml with a one-line C++ file and a one-line CUDA file: the CUDA part of a build in
+    seconds."""
+    dst = tmp_path / "cuda-src"
+    (dst / "csrc" / "common").mkdir(parents=True)
+    (dst / "csrc" / "tiny").mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        if os.path.exists(os.path.join(ROOT, name)):
+            shutil.copy(os.path.join(ROOT, name), dst / name)
+    (dst / "csrc" / "common" / "tiny.cpp").write_text("int attnfree_tiny_cpp() { return 0; }\n")
+    (dst / "csrc" / "tiny" / "tiny.cu").write_text("__global__ void attnfree_tiny_kernel() {}\n")
+    (dst / "attnfree_ext").mkdir()
+    (dst / "attnfree_ext" / "__init__.py").write_text("")
+    return dst
+
+
+# Makes the CPU torch of the test environment look like a CUDA build to setup.py (torch.utils.cpp_extension reads
+# both at import), so that the build reaches nvcc; loaded through PYTHONPATH for the setup.py process only.
+_AS_IF_CUDA_TORCH = """
+import torch, torch.version
+torch.version.cuda = "{cuda}"
+torch.cuda._is_compiled = lambda: True
+torch.cuda.is_available = lambda: False  # a CUDA build on a machine without a GPU
+torch.cuda.device_count = lambda: 0
+"""
+
+_FAKE_NVCC = """#!/bin/sh
+for a in "$@"; do
+    if [ "$a" = "--version" ] || [ "$a" = "-V" ]; then
+        echo "Cuda compilation tools, release {cuda}, V{cuda}.0"; exit 0
+    fi
+done
+echo "nvcc fatal   : {mark}" >&2
+exit 1
+"""
+
+
+@pytest.mark.parametrize("nvcc", ["fake", "real"])
+def test_requested_cuda_build_that_fails_fails_with_the_compilers_error(tmp_path, nvcc):
+    """ATTNFREE_BUILD_CUDA=1 alone (no ATTNFREE_REQUIRE_EXT): nvcc failing fails the build with nvcc's own line.
+    fake: an nvcc that exits 1; real: the installed nvcc given an unknown flag through ATTNFREE_NVCC_FLAGS."""
+    import shutil as sh
+
+    import torch
+
+    dst = _cuda_copy(tmp_path)
+    env = dict(ATTNFREE_BUILD_CUDA="1", TORCH_CUDA_ARCH_LIST="8.0")
+    mark = MARK + "-nvcc"
+    if nvcc == "fake":
+        home = tmp_path / "cuda"
+        (home / "bin").mkdir(parents=True)
+        cuda = torch.version.cuda or "12.4"
+        (home / "bin" / "nvcc").write_text(_FAKE_NVCC.format(cuda=cuda, mark=mark))
+        (home / "bin" / "nvcc").chmod(0o755)
+    else:
+        real = sh.which("nvcc")
+        if real is None:
+            pytest.skip("no nvcc on PATH (the fake-nvcc case covers the logic)")
+        home = os.path.dirname(os.path.dirname(os.path.realpath(real)))
+        out = subprocess.run([real, "--version"], capture_output=True, text=True).stdout
+        cuda = torch.version.cuda or out.split("release ")[1].split(",")[0]
+        mark = "--" + MARK
+        env["ATTNFREE_NVCC_FLAGS"] = mark
+    env["CUDA_HOME"] = str(home)
+    if torch.version.cuda is None:
+        hook = tmp_path / "as-if-cuda"
+        hook.mkdir()
+        (hook / "sitecustomize.py").write_text(_AS_IF_CUDA_TORCH.format(cuda=cuda))
+        env["PYTHONPATH"] = str(hook) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    r = _build(dst, **env)
+    assert r.returncode != 0, r.stderr[-3000:]
+    assert "ATTNFREE_BUILD_CUDA=1" in r.stderr, r.stderr[-3000:]
+    assert "ERROR: attnfree_ext:" in r.stderr and "WARNING: attnfree_ext" not in r.stderr
+    assert mark in r.stderr.split("ERROR: attnfree_ext:", 1)[1], r.stderr[-3000:]  # nvcc's own line, quoted
+    assert not list((dst / "attnfree_ext").glob("_C.*"))
+
+
+def test_requested_cuda_build_against_a_cpu_torch_fails_at_once(tmp_path):
+    import torch
+
+    if torch.version.cuda is not None:
+        pytest.skip("torch is a CUDA build here (the check is for CPU builds of torch)")
+    r = _build(_cuda_copy(tmp_path), ATTNFREE_BUILD_CUDA="1")
+    assert r.returncode != 0
+    assert "ATTNFREE_BUILD_CUDA=1" in r.stderr and "CPU build" in r.stderr and torch.__version__ in r.stderr
+    assert "building" not in r.stdout  # nothing was compiled
+
+
+def test_without_cuda_requested_a_failed_build_still_installs(tmp_path):
+    """The default (ATTNFREE_BUILD_CUDA unset): the same failing C++ file warns and installs the Python package."""
+    dst = _cuda_copy(tmp_path)
+    (dst / "csrc" / "common" / "tiny.cpp").write_text(f"#error {MARK}\n")
+    e = {k: v for k, v in os.environ.items() if k not in ("ATTNFREE_REQUIRE_EXT", "ATTNFREE_BUILD_CUDA")}
+    r = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"],
+        cwd=dst,
+        env=dict(e, MAX_JOBS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "WARNING: attnfree_ext:" in r.stderr and MARK in r.stderr
+    assert MARK in (dst / "attnfree_ext" / "_build_error.txt").read_text()

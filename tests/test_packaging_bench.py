@@ -57,13 +57,91 @@ def test_table_fits_120_columns_with_footnotes():
     text = report.table(rows)
     lines = text.splitlines()
     assert max(len(ln) for ln in lines) <= 120, max(lines, key=len)
-    assert "median ms" in lines[1] and "provider" in lines[1]
+    assert "min ms" in lines[1] and "spread" in lines[1] and "provider" in lines[1]
     assert sum(ln.startswith("[1] ") for ln in lines) == 1  # one footnote for the same message
     assert "timm (re-created)" in text and "timm not installed" in text
     by = {ln.split()[0]: ln for ln in lines if ln.startswith("  ")}
     assert "2.00x" in by["torch.compile(python)"]  # python 2 ms / 1 ms
     assert "x" not in by["sdpa"].replace("sdpa", "") and "%" not in by["sdpa"]  # another function: no ratios
     assert "x" not in by["python"].replace("python", "")
+
+
+def test_table_flags_rows_whose_repeats_spread_more_than_20_percent():
+    from benchmarks import measure
+
+    calm, noisy = measure.summary([1.0e-3, 1.1e-3, 1.05e-3]), measure.summary([1.0e-3, 1.5e-3, 1.2e-3])
+    assert calm["time_s"] == 1.0e-3 and calm["time_median_s"] == 1.05e-3 and not calm["noisy"]
+    assert abs(noisy["spread"] - 0.5) < 1e-12 and noisy["noisy"]
+    rows = [
+        dict(_row("aft_simple", "B=2 D=128 T=512 causal=T", "python", "fwd"), **calm),
+        dict(_row("aft_simple", "B=2 D=128 T=512 causal=T", "compiled", "fwd"), **noisy),
+    ]
+    lines = report.table(rows).splitlines()
+    by = {ln.split()[0]: ln for ln in lines if ln.startswith("  ")}
+    assert "10%" in by["python"] and "*" not in by["python"]
+    assert "50%*" in by["compiled"]
+    legend = " ".join(lines)
+    assert "(max - min) / min" in legend and "* = above 20 %" in legend and "1 noisy measurement" in legend
+    assert max(len(ln) for ln in lines) <= 120
+    # a huge spread or speed-up stays inside its column: every row as wide as the header
+    wild = measure.summary([1.0e-3, 0.5])
+    rows = [
+        dict(_row("aft_simple", "B=2 D=128 T=512 causal=T", "python", "fwd"), **wild),
+        dict(_row("aft_simple", "B=2 D=128 T=512 causal=T", "compiled", "fwd"), **calm, floor_fraction=1.5),
+    ]
+    rows[1]["time_s"] = rows[0]["time_s"] / 863.8
+    lines = report.table(rows).splitlines()
+    body = [ln for ln in lines if ln.startswith(("  python", "  compiled"))]
+    assert ">999%*" in body[0] and "864x" in body[1]
+    assert all(len(ln) <= len(lines[1]) for ln in body), "\n".join(lines[:4])
+
+
+def test_interleaved_timing_takes_turns():
+    from benchmarks import measure
+
+    log = []
+
+    def step(name):
+        return lambda: log.append(name)
+
+    steps = {"A": step("A"), "B": step("B"), "C": step("C")}
+    out = measure.time_interleaved(steps, torch.device("cpu"), repeats=3, block_s=0.0)  # one call per block
+    assert log == ["A", "B", "C"] + ["A", "B", "C"] * 3  # calibration, then the turns
+    for name in steps:
+        times, calls = out[name]
+        assert len(times) == 3 and calls == 1 and all(t > 0 for t in times)
+
+
+def test_interleaved_timing_drops_a_failing_provider_and_goes_on():
+    from benchmarks import measure
+
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("second repeat fails")
+
+    out = measure.time_interleaved({"bad": flaky, "good": lambda: None}, torch.device("cpu"), 4, 0.0)
+    assert isinstance(out["bad"], RuntimeError) and len(out["good"][0]) == 4
+
+
+def test_plain_formulations_run_by_default_where_they_apply():
+    from benchmarks.plain import PLAIN_APPLIES, PLAIN_PROVIDERS
+
+    assert set(PLAIN_PROVIDERS) <= set(shapes.DEFAULT_PROVIDERS["cpu-ops"])
+    for c in shapes.preset_cpu_ops():
+        assert set(PLAIN_PROVIDERS) <= set(providers.providers_for(c, shapes.DEFAULT_PROVIDERS["cpu-ops"])), c
+    # the CPU default: plain on every case it applies to, plain+compile (compiles per shape) at one length of each
+    compiled = {}
+    for c in shapes.preset_cpu_default():
+        applies = set(providers.providers_for(c, shapes.DEFAULT_PROVIDERS["cpu-default"]))
+        assert ("plain" in applies) == (c.name in PLAIN_APPLIES), c
+        if c in shapes.CPU_DEFAULT_PLAIN_COMPILE_CASES:
+            assert "plain+compile" in providers.providers_for(c)
+            compiled.setdefault(c.name, set()).add(c.label)
+    assert set(compiled) == set(PLAIN_APPLIES)
+    assert shapes.DEFAULT_PROVIDERS["gpu-paper"] is None  # every provider that applies
 
 
 def test_cpu_default_has_three_lengths_per_configuration():

@@ -1,20 +1,23 @@
 """Build and run the project's CUDA kernels on the CPU with the attnfree_emu harness (csrc/common/emulation).
 
-    import emu_runner as emu
-    lib = emu.build("aft_simple", sources=["csrc/cuda/aft_simple.cu", "tests/emulation/shims/aft_simple_shim.cpp"],
-                    include_dirs=["csrc/cuda"])
+    import emu_runner as emu     # tests/emulation/emu_ops.py builds and calls the project's kernels this way
+    lib = emu.build("attnfree_ops", sources=["csrc/aft_simple/aft_simple.cu", "csrc/aft_local/aft_local.cu",
+                    "csrc/aft_full/aft_full.cu", "csrc/ea_double_norm/ea_double_norm.cu",
+                    "tests/emulation/shims/ops_shim.cpp"], include_dirs=["csrc"], rewrite=False)
+    nbytes = lib.raw("emu_aft_simple_fwd_ws", 0, B, T, D, 1)     # dtype 0 = float32 (csrc/common/dtype.h)
     r = lib.call("emu_aft_simple_fwd", 0, emu.In("q", q), emu.In("k", k), emu.In("v", v),
                  emu.Out("y", y), emu.Out("lse", lse), B, T, D, 1, emu.Scratch("workspace", nbytes))
     r.check()                    # raises EmuError (fault, rc != 0, stray write, modified input)
     y, lse = r.outputs["y"], r.outputs["lse"]
     r.counters["bytes_read"], r.counters["sfu_exp"], r.launches[0]["kernel"], ...
 
-build(): every source is compiled as C++ (.cu too) with g++ after the one rewrite g++ needs (tools/cu2cpp.py:
-<<<...>>> launches and `extern __shared__`), against the harness headers (shims for cuda_runtime.h / mma.h) and the
-CUDA toolkit's own headers for the types (cuda_fp16.h, cuda_bf16.h, driver_types.h); linked with the harness
-runtime into one shared library, cached by a content hash under tests/emulation/.build (or
-$ATTNFREE_EMU_BUILD_DIR). The files under every include directory and source directory are mirrored (rewritten
-where needed) so that relative includes see rewritten headers too.
+build(): every source is compiled as C++ (.cu too) with g++, after the one rewrite g++ needs
+(csrc/common/emulation/tools/cu2cpp.py: <<<...>>> launches and `extern __shared__`) unless rewrite=False (the
+project's kernels need none: they launch through ATTNFREE_LAUNCH), against the harness headers (shims for
+cuda_runtime.h / mma.h) and the CUDA toolkit's own headers for the types (cuda_fp16.h, cuda_bf16.h, driver_types.h);
+linked with the harness runtime into one shared library, cached by a content hash under tests/emulation/.build (or
+$ATTNFREE_EMU_BUILD_DIR). The files under every include directory and source directory are mirrored (rewritten where
+needed) so that relative includes see rewritten headers too.
 
 call(): one launcher call. Arguments: In/Out/InOut(name, tensor) (CPU tensors, registered under `name` as checked
 global buffers - In read-only - inside guard zones; Out tensors are poisoned with NaN (integers: 0xFF bytes)
