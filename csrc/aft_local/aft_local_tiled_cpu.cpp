@@ -229,8 +229,10 @@ __attribute__((target("avx2,fma"))) void fwd(const float* __restrict__ q, const 
           for (int64_t J = Jlo; J <= Jhi; ++J) mu = vmax_keep(mu, loadn(tm.data() + (b * nt + J) * D + hc + c, cnt));
           const __m256 mus = vsafe_off(mu);
           storen(mU.data() + c, mus, cnt);
+          // a tile with every key masked (m_J = -inf) gets scale 0, not exp(0 - m_U): its sums are 0, and a
+          // scale exp(-m_U) would overflow for m_U < -88 (0 * inf)
           for (int64_t J = Jlo; J <= Jhi; ++J) {
-            const __m256 mj = vsafe_off(loadn(tm.data() + (b * nt + J) * D + hc + c, cnt));
+            const __m256 mj = loadn(tm.data() + (b * nt + J) * D + hc + c, cnt);
             storen(sJ.data() + (J - Jlo) * Dh + c, vexp(_mm256_sub_ps(mj, mus)), cnt);
           }
           // far state: running max over the far tiles
@@ -241,7 +243,7 @@ __attribute__((target("avx2,fma"))) void fwd(const float* __restrict__ q, const 
             const __m256 M2 = vmax_keep(M, mj);
             const __m256 off = vsafe_off(M2);
             const __m256 e1 = vexp(_mm256_sub_ps(M, off));
-            const __m256 e2 = vexp(_mm256_sub_ps(vsafe_off(mj), off));
+            const __m256 e2 = vexp(_mm256_sub_ps(mj, off));  // masked tile (mj = -inf): 0, never inf * 0
             S = _mm256_fmadd_ps(S, e1, _mm256_mul_ps(loadn(tS.data() + o, cnt), e2));
             A = _mm256_fmadd_ps(A, e1, _mm256_mul_ps(loadn(tA.data() + o, cnt), e2));
             M = M2;
