@@ -442,7 +442,7 @@ def _mask_call(op, causal, window, q, k, v, w):
     if op == "aft_full":
         return aft_full(q, k, v, w, causal=causal)
     if op == "aft_local":
-        return aft_local(q, k, v, w, window, causal=causal)
+        return aft_local(q, k, v, w, window, causal=causal, w_layout="full")  # (T, T) even where T == 2 window - 1
     return aft_simple(q, k, v, causal=causal)
 
 

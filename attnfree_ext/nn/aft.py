@@ -22,6 +22,7 @@ from torch import nn
 from ..ops.aft_conv import aft_conv2d
 from ..ops.aft_full import aft_full, aft_full_lowrank
 from ..ops.aft_local import aft_local
+from ..ops.aft_local.layout import band_width, full_to_band
 from ..ops.aft_simple import aft_simple
 from ._validate import as_dtype_of, check_image, check_tokens, positive_int
 
@@ -34,7 +35,7 @@ BIAS_INIT_STD = 1e-2
 class _AFTTokenBase(nn.Module):
     """Shared projections and position bias of AFTFull / AFTLocal."""
 
-    def __init__(self, max_seqlen, dim, hidden_dim, heads, causal, bias_rank):
+    def __init__(self, max_seqlen, dim, hidden_dim, heads, causal, bias_rank, bias_cols=None):
         super().__init__()
         self.max_seqlen = positive_int("max_seqlen", max_seqlen)
         self.dim = positive_int("dim", dim)
@@ -52,7 +53,9 @@ class _AFTTokenBase(nn.Module):
 
         lead = () if self.heads == 1 else (self.heads,)
         if self.bias_rank is None:
-            self.w = nn.Parameter(torch.empty(*lead, self.max_seqlen, self.max_seqlen))
+            # bias_cols: the last dimension of w (max_seqlen; AFTLocal: its band width)
+            cols = self.max_seqlen if bias_cols is None else bias_cols
+            self.w = nn.Parameter(torch.empty(*lead, self.max_seqlen, cols))
             self.bias_u = None
             self.bias_v = None
         else:
@@ -140,8 +143,11 @@ class AFTLocal(_AFTTokenBase):
         window: band half-width s >= 1 (window=1 keeps only the diagonal bias; window >= T equals AFT-full).
 
     With ``bias_rank`` the layer builds w = U V^T (sliced to T) and calls :func:`attnfree_ext.ops.aft_local.aft_local`.
-    Parameters: ``w`` (heads?, max_seqlen, max_seqlen) or ``bias_u``/``bias_v``; entries of ``w`` outside the band
-    are stored but unused (their gradient is 0).
+    Parameters: ``w`` in the banded layout (heads?, max_seqlen, 2W - 1), W = min(window, max_seqlen): ``w[h, t, j]``
+    is the bias between tokens t and t + j - (W - 1) (:mod:`attnfree_ext.ops.aft_local.layout`), O(max_seqlen *
+    window) numbers; entries whose key falls outside [0, max_seqlen) are stored but unused (gradient 0). Or
+    ``bias_u``/``bias_v`` (full (T, T) w = U V^T). A state_dict with the full (heads?, max_seqlen, max_seqlen) ``w``
+    of earlier versions loads (converted to the band; the out-of-band entries, never used, are dropped).
 
     Shapes: x (B, T, dim) -> (B, T, dim), 1 <= T <= max_seqlen.
 
@@ -150,19 +156,49 @@ class AFTLocal(_AFTTokenBase):
         TypeError: non-int window or sizes.
     """
 
+    # 2: ``w`` is banded (earlier versions stored it as (heads?, max_seqlen, max_seqlen)); read by _load_full_w
+    _version = 2
+
     def __init__(self, max_seqlen, dim, window, hidden_dim=None, heads=1, causal=False, bias_rank=None):
         window = positive_int("window", window)
-        super().__init__(max_seqlen, dim, hidden_dim, heads, causal, bias_rank)
+        cols = band_width(positive_int("max_seqlen", max_seqlen), window)  # the band only: (heads?, max_seqlen, 2W - 1)
+        super().__init__(max_seqlen, dim, hidden_dim, heads, causal, bias_rank, bias_cols=cols)
         self.window = window
+        self._w_layout = "full" if self.w is None else "band"
+        self._register_load_state_dict_pre_hook(_load_full_w, with_module=True)
+
+    def position_bias(self, T: int | None = None) -> torch.Tensor:
+        """The bias for a length-T input: banded (heads?, T, 2 min(window, T) - 1) (``w`` sliced to the rows :T
+        and the diagonals |t - t'| < min(window, T)), or the full (heads?, T, T) U V^T when factorised."""
+        T = self.max_seqlen if T is None else T
+        if self.w is None:
+            return super().position_bias(T)
+        Wp = min(self.window, self.max_seqlen)
+        W = min(self.window, max(T, 1))
+        return self.w[..., :T, Wp - W : Wp + W - 1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._qkv(x)
         T = x.shape[1]
         w = as_dtype_of(self.position_bias(T), q)
-        return self.project(aft_local(q, k, v, w, self.window, self.causal))
+        return self.project(aft_local(q, k, v, w, self.window, self.causal, w_layout=self._w_layout))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", window={self.window}"
+
+
+def _load_full_w(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """load_state_dict pre-hook of AFTLocal: a full-layout ``w`` (heads?, max_seqlen, max_seqlen) of a state_dict
+    saved before version 2 (or of any shape that is unambiguously full) becomes the banded layout."""
+    key = prefix + "w"
+    w = state_dict.get(key)
+    if module.w is None or not isinstance(w, torch.Tensor) or w.dim() < 2:
+        return
+    n = module.max_seqlen
+    full_shape = (*module.w.shape[:-2], n, n)
+    old = local_metadata.get("version", 1) < 2
+    if tuple(w.shape) == full_shape and (old or tuple(w.shape) != tuple(module.w.shape)):
+        state_dict[key] = full_to_band(w, module.window)
 
 
 class AFTSimple(nn.Module):
