@@ -921,3 +921,24 @@ def test_tiled_backward_nan_propagates_exactly(path, causal):
     dk2, others = g2[1], [0, 1, 2, 4, 5, 6, 7]
     assert torch.isnan(dk2[0, :, 3]).all() and not torch.isnan(dk2[0][:, others]).any()
     torch.testing.assert_close(dk2[0][:, others], g[1][0][:, others], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.paths("python", "compiled-cpu")
+def test_banded_double_backward_and_forward_mode(path):
+    """The composites (double backward, forward-mode AD) take the banded layout too."""
+    q, k, v, w = qkvw(1, 6, 2, 0, F64)
+    inputs = tuple(path.leaf(x) for x in (q, k, v, layout.full_to_band(w, 2)))
+
+    def f(a, b, c, d):
+        with path.force():
+            return aft_local(a, b, c, d, 2, causal=True)
+
+    assert torch.autograd.gradgradcheck(f, inputs)
+    tangent = torch.randn_like(inputs[3])
+    _, got = torch.func.jvp(lambda d: f(*(x.detach() for x in inputs[:3]), d), (inputs[3].detach(),), (tangent,))
+    _, want = torch.func.jvp(
+        lambda d: oracles.aft_local(*(x.detach() for x in inputs[:3]), layout.band_to_full(d, 2), 2, True),
+        (inputs[3].detach(),),
+        (tangent,),
+    )
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
