@@ -50,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aft_local_bwd_cuda(co
   const SavedOutputs sv = saved_outputs(dy, y, lse, q);
   at::Tensor dq = empty_like_contiguous(in.q), dk = empty_like_contiguous(in.q), dv = empty_like_contiguous(in.q);
   // in w's layout (banded: (heads, T, 2W-1), no T x T tensor); entries outside the band stay 0
-  at::Tensor dw = at::zeros({heads, in.T, banded ? 2 * W - 1 : in.T}, in.q.options());
+  at::Tensor dw = at::zeros({heads, in.T, banded ? attnfree::local_band_width(in.T, window) : in.T}, in.q.options());
   run_launcher("aft_local_bwd",
                attnfree::cuda::aft_local_bwd_workspace_bytes(in.dtype, in.B, in.T, in.D, heads, W, causal), in.q,
                [&](void* ws, cudaStream_t stream) {
