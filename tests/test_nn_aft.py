@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from attnfree_ext.nn import AFTConv2d, AFTFull, AFTLocal, AFTSimple
+from attnfree_ext.ops.aft_local import aft_local
+from attnfree_ext.ops.aft_local.layout import band_to_full
 from common import oracles
 
 MAX_T = 13
@@ -168,7 +170,9 @@ def test_float64_matches_oracle(cls, kw, T):
         if cls is AFTSimple:
             z = oracles.aft_simple(q, k, v, causal)
         elif cls is AFTLocal:
-            z = oracles.aft_local(q, k, v, m.position_bias(T), kw["window"], causal)
+            w = m.position_bias(T)
+            w = w if m.bias_rank else band_to_full(w, kw["window"])  # the dense layer's bias is banded
+            z = oracles.aft_local(q, k, v, w, kw["window"], causal)
         else:
             z = oracles.aft(q, k, v, m.position_bias(T), causal)
         expected = m.project(z)
@@ -267,12 +271,57 @@ def test_gradients_reach_every_parameter(cls, kw):
 
 
 def test_local_bias_gradient_only_in_band():
+    """The banded w (max_seqlen, 2W - 1): gradient at every band entry, 0 at entries whose key is outside [0, T)."""
     m = _randomise_bias(AFTLocal(MAX_T, DIM, window=2))
+    assert m.w.shape == (MAX_T, 3)
     m(torch.randn(2, MAX_T, DIM)).sum().backward()
-    idx = torch.arange(MAX_T)
-    band = (idx[:, None] - idx[None, :]).abs() < 2
-    assert (m.w.grad[~band] == 0).all()
-    assert (m.w.grad[band] != 0).all()
+    key = torch.arange(MAX_T)[:, None] + torch.arange(3)[None, :] - 1
+    used = (key >= 0) & (key < MAX_T)
+    assert (m.w.grad[~used] == 0).all()
+    assert (m.w.grad[used] != 0).all()
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("window", [1, 3, 100])
+def test_local_bias_parameter_count(heads, window):
+    """The dense AFTLocal stores only the band: heads * max_seqlen * (2 min(window, max_seqlen) - 1) numbers."""
+    m = AFTLocal(MAX_T, DIM, window, hidden_dim=4, heads=heads)
+    W = min(window, MAX_T)
+    lead = (heads,) if heads > 1 else ()
+    assert m.w.shape == (*lead, MAX_T, 2 * W - 1)
+    assert m.w.numel() == heads * MAX_T * (2 * W - 1)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads,window", [(1, 3), (2, 7), (1, 100)])
+def test_local_loads_full_layout_state_dict(heads, window, causal):
+    """A state_dict with the full (heads?, max_seqlen, max_seqlen) w of earlier versions loads (strict) and gives
+    the layer of that full bias; the saved state_dict is then banded."""
+    torch.manual_seed(0)
+    m = AFTLocal(MAX_T, DIM, window, hidden_dim=4, heads=heads, causal=causal)
+    state = m.state_dict()
+    lead = (heads,) if heads > 1 else ()
+    w_full = torch.randn(*lead, MAX_T, MAX_T)
+    state["w"] = w_full
+    state._metadata[""]["version"] = 1  # as saved before the banded layout
+    fresh = AFTLocal(MAX_T, DIM, window, hidden_dim=4, heads=heads, causal=causal)
+    fresh.load_state_dict(state, strict=True)
+    assert fresh.state_dict()["w"].shape == m.w.shape
+    for T in (1, 5, MAX_T):
+        x = torch.randn(2, T, DIM)
+        with torch.no_grad():
+            q, k, v = fresh.to_q(x), fresh.to_k(x), fresh.to_v(x)
+            want = fresh.project(aft_local(q, k, v, w_full[..., :T, :T], window, causal, w_layout="full"))
+            torch.testing.assert_close(fresh(x), want, rtol=1e-5, atol=1e-6)
+    # an unambiguously full w loads without the version too; the banded state_dict round-trips
+    state2 = dict(m.state_dict())
+    state2["w"] = w_full
+    other = AFTLocal(MAX_T, DIM, window, hidden_dim=4, heads=heads, causal=causal)
+    if MAX_T != 2 * min(window, MAX_T) - 1:
+        other.load_state_dict(state2, strict=True)
+        torch.testing.assert_close(other.w, fresh.w)
+    other.load_state_dict(m.state_dict(), strict=True)
+    torch.testing.assert_close(other.w, m.w)
 
 
 def test_shorter_input_leaves_rest_of_bias_without_gradient():

@@ -475,7 +475,7 @@ def _mask_call(op, causal, window, q, k, v, w):
     if op == "aft_full":
         return aft_full(q, k, v, w, causal=causal)
     if op == "aft_local":
-        return aft_local(q, k, v, w, window, causal=causal)
+        return aft_local(q, k, v, w, window, causal=causal, w_layout="full")  # (T, T) even where T == 2 window - 1
     return aft_simple(q, k, v, causal=causal)
 
 
@@ -520,6 +520,14 @@ def _apply_mask(scenario, k, w, causal, uses_w):
 
 
 MASK_SCENARIOS = ["k_entries", "w_entries", "row_all_masked", "channel_all_masked"]
+# (aft_local case, scenario) pairs that fail on compiled-cpu through the shared cpu_band kernels
+_LOCAL_CPU_BAND_FAILS = {
+    ("aft_local", "k_entries"),
+    ("aft_local", "row_all_masked"),
+    ("aft_local", "channel_all_masked"),
+    ("aft_local_causal", "row_all_masked"),
+    ("aft_local_causal", "channel_all_masked"),
+}
 
 
 @pytest.mark.paths("python")
@@ -603,6 +611,34 @@ def test_neg_inf_mask_keeps_nan_propagation(path, case):
     yo, _ = _masked_oracle(op, causal, window, q, k, v, w)
     assert torch.equal(torch.isnan(y), torch.isnan(yo)) and torch.isnan(y).any()
     torch.testing.assert_close(y, yo, rtol=1e-10, atol=1e-12, equal_nan=True)
+
+
+LOCAL_MASK_CASES = [c for c in MASK_CASES if c[1] == "aft_local"]
+
+
+def _xfail_cpu_band(request):
+    """float64 aft_local runs the scalar band kernels of csrc/common/cpu_band.cpp on compiled-cpu (forward and
+    backward); they do not yet treat every -inf as a mask (docs/design.md §7)."""
+    request.applymarker(pytest.mark.xfail(strict=True, reason="cpu_band scalar kernels: -inf masks give NaN"))
+
+
+@pytest.mark.paths("compiled-cpu")
+@pytest.mark.parametrize("T", [5, 70], ids=["T5", "T70"])
+@pytest.mark.parametrize("scenario", MASK_SCENARIOS)
+@pytest.mark.parametrize("case", LOCAL_MASK_CASES, ids=[c[0] for c in LOCAL_MASK_CASES])
+def test_neg_inf_is_a_mask_aft_local_compiled(path, case, scenario, T, request):
+    """test_neg_inf_is_a_mask for aft_local on the compiled CPU kernels."""
+    if (case[0], scenario) in _LOCAL_CPU_BAND_FAILS:
+        _xfail_cpu_band(request)
+    test_neg_inf_is_a_mask(path, case, scenario, T)
+
+
+@pytest.mark.paths("compiled-cpu")
+@pytest.mark.parametrize("case", LOCAL_MASK_CASES, ids=[c[0] for c in LOCAL_MASK_CASES])
+def test_neg_inf_mask_keeps_nan_propagation_aft_local_compiled(path, case, request):
+    """test_neg_inf_mask_keeps_nan_propagation for aft_local on the compiled CPU kernels."""
+    _xfail_cpu_band(request)
+    test_neg_inf_mask_keeps_nan_propagation(path, case)
 
 
 # ------------------------------------------------------------------------------------------ property-based (finite)

@@ -122,4 +122,5 @@ class AFTLocal(_AFTPytorchBase):
         if self.s <= 0:  # empty band: w' = 0 everywhere
             return self.project(aft_simple(q, k, v, False))
         window = math.ceil(self.s)  # integer |t - t'| < s  <=>  |t - t'| < ceil(s)
-        return self.project(aft_local(q, k, v, as_dtype_of(self.wbias[:T, :T], q), window, False))
+        w = as_dtype_of(self.wbias[:T, :T], q)
+        return self.project(aft_local(q, k, v, w, window, False, w_layout="full"))  # aft-pytorch's (T, T) wbias

@@ -22,6 +22,7 @@ from torch import nn
 from ..ops.aft_conv import aft_conv2d
 from ..ops.aft_full import aft_full, aft_full_lowrank
 from ..ops.aft_local import aft_local
+from ..ops.aft_local.layout import band_width, full_to_band
 from ..ops.aft_simple import aft_simple
 from ..ops.common.dtypes import compute_dtype
 from ..ops.common.state import check_state
@@ -38,7 +39,7 @@ BIAS_INIT_STD = 1e-2
 class _AFTTokenBase(nn.Module):
     """Shared projections and position bias of AFTFull / AFTLocal."""
 
-    def __init__(self, max_seqlen, dim, hidden_dim, heads, causal, bias_rank):
+    def __init__(self, max_seqlen, dim, hidden_dim, heads, causal, bias_rank, bias_cols=None):
         super().__init__()
         self.max_seqlen = positive_int("max_seqlen", max_seqlen)
         self.dim = positive_int("dim", dim)
@@ -56,7 +57,9 @@ class _AFTTokenBase(nn.Module):
 
         lead = () if self.heads == 1 else (self.heads,)
         if self.bias_rank is None:
-            self.w = nn.Parameter(torch.empty(*lead, self.max_seqlen, self.max_seqlen))
+            # bias_cols: the last dimension of w (max_seqlen; AFTLocal: its band width)
+            cols = self.max_seqlen if bias_cols is None else bias_cols
+            self.w = nn.Parameter(torch.empty(*lead, self.max_seqlen, cols))
             self.bias_u = None
             self.bias_v = None
         else:
@@ -166,8 +169,11 @@ class AFTLocal(_AFTTokenBase):
         window: band half-width s >= 1 (window=1 keeps only the diagonal bias; window >= T equals AFT-full).
 
     With ``bias_rank`` the layer builds w = U V^T (sliced to T) and calls :func:`attnfree_ext.ops.aft_local.aft_local`.
-    Parameters: ``w`` (heads?, max_seqlen, max_seqlen) or ``bias_u``/``bias_v``; entries of ``w`` outside the band
-    are stored but unused (their gradient is 0).
+    Parameters: ``w`` in the banded layout (heads?, max_seqlen, 2W - 1), W = min(window, max_seqlen): ``w[h, t, j]``
+    is the bias between tokens t and t + j - (W - 1) (:mod:`attnfree_ext.ops.aft_local.layout`), O(max_seqlen *
+    window) numbers; entries whose key falls outside [0, max_seqlen) are stored but unused (gradient 0). Or
+    ``bias_u``/``bias_v`` (full (T, T) w = U V^T). A state_dict with the full (heads?, max_seqlen, max_seqlen) ``w``
+    of earlier versions loads (converted to the band; the out-of-band entries, never used, are dropped).
 
     Shapes: x (B, T, dim) -> (B, T, dim), 1 <= T <= max_seqlen.
 
@@ -176,10 +182,26 @@ class AFTLocal(_AFTTokenBase):
         TypeError: non-int window or sizes.
     """
 
+    # 2: ``w`` is banded (earlier versions stored it as (heads?, max_seqlen, max_seqlen)); read by _load_full_w
+    _version = 2
+
     def __init__(self, max_seqlen, dim, window, hidden_dim=None, heads=1, causal=False, bias_rank=None):
         window = positive_int("window", window)
-        super().__init__(max_seqlen, dim, hidden_dim, heads, causal, bias_rank)
+        cols = band_width(positive_int("max_seqlen", max_seqlen), window)  # the band only: (heads?, max_seqlen, 2W - 1)
+        super().__init__(max_seqlen, dim, hidden_dim, heads, causal, bias_rank, bias_cols=cols)
         self.window = window
+        self._w_layout = "full" if self.w is None else "band"
+        self._register_load_state_dict_pre_hook(_load_full_w, with_module=True)
+
+    def position_bias(self, T: int | None = None) -> torch.Tensor:
+        """The bias for a length-T input: banded (heads?, T, 2 min(window, T) - 1) (``w`` sliced to the rows :T
+        and the diagonals |t - t'| < min(window, T)), or the full (heads?, T, T) U V^T when factorised."""
+        T = self.max_seqlen if T is None else T
+        if self.w is None:
+            return super().position_bias(T)
+        Wp = min(self.window, self.max_seqlen)
+        W = min(self.window, max(T, 1))
+        return self.w[..., :T, Wp - W : Wp + W - 1]
 
     def forward(self, x: torch.Tensor, state: AFTLocalState | None = None, return_state: bool = False):
         """y = project(AFT-local(x)); with ``state`` / ``return_state`` (causal layers only) the chunk continues the
@@ -190,23 +212,50 @@ class AFTLocal(_AFTTokenBase):
             q, k, v = self._qkv(x)
             T = x.shape[1]
             w = as_dtype_of(self.position_bias(T), q)
-            return self.project(aft_local(q, k, v, w, self.window, self.causal))
+            return self.project(aft_local(q, k, v, w, self.window, self.causal, w_layout=self._w_layout))
         t0 = _start(self, x, state, return_state)
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         t1 = t0 + x.shape[1]
         if state is None:
-            y = aft_local(q, k, v, as_dtype_of(self.position_bias(t1), q), self.window, True)
+            y = aft_local(q, k, v, as_dtype_of(self.position_bias(t1), q), self.window, True, w_layout=self._w_layout)
             ct = compute_dtype(q.dtype)
             new = _decode.local_state(None, k.to(ct), v.to(ct), self.window, t1)
         else:
             _decode.check_local_state(state, q, self.window)
             ks = t0 - state.k.shape[1]  # position of the oldest cached key
-            y, new = _decode.local_step(q, k, v, self.position_bias(t1)[..., t0:t1, ks:t1], self.window, state)
+            y, new = _decode.local_step(q, k, v, self._chunk_bias(t0, t1, ks), self.window, state)
         y = self.project(y)
         return (y, new) if return_state else y
 
+    def _chunk_bias(self, t0: int, t1: int, ks: int) -> torch.Tensor:
+        """Full-layout bias rows of positions t0..t1-1 over keys ks..t1-1 (0 outside the band), read from the banded
+        ``w`` without forming its (T, T) expansion: O((t1 - t0) * (t1 - ks)) for a decoding chunk."""
+        if self.w is None:
+            return self.position_bias(t1)[..., t0:t1, ks:t1]
+        Wp = min(self.window, self.max_seqlen)
+        t = torch.arange(t0, t1, device=self.w.device)[:, None]
+        j = torch.arange(ks, t1, device=self.w.device)[None, :] - t + (Wp - 1)  # the band index of (t, t')
+        inside = (j >= 0) & (j <= 2 * Wp - 2)
+        rows = self.w[..., t0:t1, :]
+        rows = torch.gather(rows, -1, j.clamp(0, 2 * Wp - 2).expand(*rows.shape[:-1], j.shape[-1]))
+        return torch.where(inside, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", window={self.window}"
+
+
+def _load_full_w(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """load_state_dict pre-hook of AFTLocal: a full-layout ``w`` (heads?, max_seqlen, max_seqlen) of a state_dict
+    saved before version 2 (or of any shape that is unambiguously full) becomes the banded layout."""
+    key = prefix + "w"
+    w = state_dict.get(key)
+    if module.w is None or not isinstance(w, torch.Tensor) or w.dim() < 2:
+        return
+    n = module.max_seqlen
+    full_shape = (*module.w.shape[:-2], n, n)
+    old = local_metadata.get("version", 1) < 2
+    if tuple(w.shape) == full_shape and (old or tuple(w.shape) != tuple(module.w.shape)):
+        state_dict[key] = full_to_band(w, module.window)
 
 
 class AFTSimple(nn.Module):

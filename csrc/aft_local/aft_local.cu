@@ -14,6 +14,8 @@
 //   t'+W) and, global only, t <= t'-W (forward scan, inclusive at t'-W); each stored as a raw (max, a, b) state.
 //   dw[h,t,t'] (band only) = sum_{b, c in head h} P (G[t,c] v[t',c] - H[t,c]): one block per (h, t), one warp per
 //   t', lanes over (b, c); a warp-shuffle reduction, written once (no atomics, deterministic).
+// w and dw are read and written at band entries only, through WLayout: the full (heads, T, T) layout or the banded
+// (heads, T, 2W-1) one, so with a banded w nothing of size T x T exists (memory O(B*T*D + heads*T*W)).
 #include "aft_local/aft_local.h"
 #include "common/cuda_common.cuh"
 
@@ -43,6 +45,16 @@ struct BandTiles {
     ntiles = B * ntt * nct;
   }
 };
+// Offset of w[h, t, t'] (t' inside the band |t - t'| < W) in either layout of aft_local.h.
+struct WLayout {
+  int64_t T, ld, W;
+  bool banded;
+  WLayout(int64_t T_, int64_t W_, bool banded_) : T(T_), ld(banded_ ? 2 * W_ - 1 : T_), W(W_), banded(banded_) {}
+  __host__ __device__ __forceinline__ int64_t at(int64_t h, int64_t t, int64_t tp) const {
+    return (h * T + t) * ld + (banded ? tp - t + (W - 1) : tp);
+  }
+};
+
 #define TILE_LOOP(b, t, c, i)                                                                                   \
   const int64_t CT_ = tiles.CT, RT_ = tiles.RT;                                                                 \
   for (int64_t tile_ = blockIdx.x; tile_ < tiles.ntiles; tile_ += gridDim.x)                                    \
@@ -56,11 +68,12 @@ __global__ void local_band_fwd_kernel(gptr<const scalar_t> __restrict__ q, gptr<
                                       gptr<const scalar_t> __restrict__ v, gptr<const scalar_t> __restrict__ w,
                                       gptr<const Acc> __restrict__ plse, gptr<const Acc> __restrict__ pmean,
                                       gptr<const Acc> __restrict__ slse, gptr<const Acc> __restrict__ smean,
-                                      gptr<scalar_t> __restrict__ y, gptr<Acc> __restrict__ lse, BandTiles tiles) {
+                                      gptr<scalar_t> __restrict__ y, gptr<Acc> __restrict__ lse, BandTiles tiles,
+                                      WLayout wl) {
   const int64_t T = tiles.T, D = tiles.D, dh = tiles.dh, W = tiles.W;
   const bool causal = tiles.causal;
   TILE_LOOP(b, t, c, i) {
-    gptr<const scalar_t> wrow = w + ((c / dh) * T + t) * T;
+    const int64_t h = c / dh;
     gptr<const scalar_t> kc = k + b * T * D + c;
     gptr<const scalar_t> vc = v + b * T * D + c;
     const int64_t lo = (t - W + 1 > 0) ? t - W + 1 : 0;
@@ -68,7 +81,7 @@ __global__ void local_band_fwd_kernel(gptr<const scalar_t> __restrict__ q, gptr<
     LseState<Acc> st;
     st.init();
     for (int64_t tp = lo; tp <= hi; ++tp) {
-      st.add(load_acc(wrow + tp) + load_acc(kc + tp * D), Acc(1), load_acc(vc + tp * D));
+      st.add(load_acc(w + wl.at(h, t, tp)) + load_acc(kc + tp * D), Acc(1), load_acc(vc + tp * D));
     }
     if (t - W >= 0) {
       const int64_t j = (b * T + (t - W)) * D + c;
@@ -116,11 +129,11 @@ __global__ void local_band_bwd_kv_kernel(gptr<const scalar_t> __restrict__ k, gp
                                          gptr<const Acc> __restrict__ sb, gptr<const Acc> __restrict__ pm,
                                          gptr<const Acc> __restrict__ pa, gptr<const Acc> __restrict__ pb,
                                          gptr<scalar_t> __restrict__ dk, gptr<scalar_t> __restrict__ dv,
-                                         BandTiles tiles) {
+                                         BandTiles tiles, WLayout wl) {
   const int64_t T = tiles.T, D = tiles.D, dh = tiles.dh, W = tiles.W;
   const bool causal = tiles.causal;
-  TILE_LOOP(b, tp, c, i) {                                  // tp: key position t'
-    gptr<const scalar_t> wcol = w + (c / dh) * T * T + tp;  // w[h, t, t'] = wcol[t * T]
+  TILE_LOOP(b, tp, c, i) {  // tp: key position t'
+    const int64_t h = c / dh;
     const int64_t base = b * T * D + c;
     const Acc kk = load_acc(k + i);
     const int64_t lo = causal ? tp : ((tp - W + 1 > 0) ? tp - W + 1 : 0);
@@ -128,7 +141,7 @@ __global__ void local_band_bwd_kv_kernel(gptr<const scalar_t> __restrict__ k, gp
     Acc sg = Acc(0), sh = Acc(0);
     for (int64_t t = lo; t <= hi; ++t) {
       const int64_t j = base + t * D;
-      const Acc p = p_of(load_acc(wcol + t * T) + kk, lse[j]);
+      const Acc p = p_of(load_acc(w + wl.at(h, t, tp)) + kk, lse[j]);
       sg += p * G[j];
       sh += p * H[j];
     }
@@ -161,7 +174,7 @@ __global__ void local_band_bwd_w_kernel(gptr<const scalar_t> __restrict__ k, gpt
                                         gptr<const scalar_t> __restrict__ w, gptr<const Acc> __restrict__ lse,
                                         gptr<const Acc> __restrict__ G, gptr<const Acc> __restrict__ H,
                                         gptr<scalar_t> __restrict__ dw, int64_t B, int64_t T, int64_t D, int64_t heads,
-                                        int64_t W, bool causal) {
+                                        int64_t W, bool causal, WLayout wl) {
   const int64_t dh = D / heads;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -175,7 +188,7 @@ __global__ void local_band_bwd_w_kernel(gptr<const scalar_t> __restrict__ k, gpt
     const int64_t nwork = B * dh;
     const int64_t q32 = 32 / dh, r32 = 32 % dh;
     for (int64_t tp = lo + warp; tp <= hi; tp += nwarps) {
-      const Acc wv = load_acc(w + (h * T + t) * T + tp);
+      const Acc wv = load_acc(w + wl.at(h, t, tp));
       Acc acc = Acc(0);
       // j = lane, lane+32, ... over (b, cc) with cc fastest; (b, cc) advanced without 64-bit division
       int64_t b = lane / dh, cc = lane % dh;
@@ -193,7 +206,7 @@ __global__ void local_band_bwd_w_kernel(gptr<const scalar_t> __restrict__ k, gpt
         }
       }
       acc = warp_sum(acc);
-      if (lane == 0) store_val(dw + (h * T + t) * T + tp, acc);
+      if (lane == 0) store_val(dw + wl.at(h, t, tp), acc);
     }
   }
 }
@@ -213,8 +226,8 @@ size_t aft_local_fwd_workspace_bytes(DType dtype, int64_t B, int64_t T, int64_t 
 }
 
 cudaError_t aft_local_fwd(DType dtype, const void* q, const void* k, const void* v, const void* w, void* y, void* lse,
-                          int64_t B, int64_t T, int64_t D, int64_t heads, int64_t window, bool causal, void* workspace,
-                          cudaStream_t stream) {
+                          int64_t B, int64_t T, int64_t D, int64_t heads, int64_t window, bool causal, bool banded,
+                          void* workspace, cudaStream_t stream) {
   if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
   if (heads < 1 || D % heads != 0 || window < 1) return cudaErrorInvalidValue;
   const int64_t W = eff_window(window, T);
@@ -241,7 +254,7 @@ cudaError_t aft_local_fwd(DType dtype, const void* q, const void* k, const void*
     const BandTiles tiles(B, T, D, heads, W, causal);
     ATTNFREE_LAUNCH((local_band_fwd_kernel<scalar_t, acc_t>), grid_for(tiles.ntiles * kThreads), kThreads, 0, stream)(
         static_cast<const scalar_t*>(q), kp, vp, static_cast<const scalar_t*>(w), plse, pmean, slse, smean,
-        static_cast<scalar_t*>(y), static_cast<acc_t*>(lse), tiles);
+        static_cast<scalar_t*>(y), static_cast<acc_t*>(lse), tiles, WLayout(T, W, banded));
     return cudaGetLastError();
   });
 }
@@ -261,7 +274,8 @@ size_t aft_local_bwd_workspace_bytes(DType dtype, int64_t B, int64_t T, int64_t 
 
 cudaError_t aft_local_bwd(DType dtype, const void* dy, const void* q, const void* k, const void* v, const void* w,
                           const void* y, const void* lse, void* dq, void* dk, void* dv, void* dw, int64_t B, int64_t T,
-                          int64_t D, int64_t heads, int64_t window, bool causal, void* workspace, cudaStream_t stream) {
+                          int64_t D, int64_t heads, int64_t window, bool causal, bool banded, void* workspace,
+                          cudaStream_t stream) {
   if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
   if (heads < 1 || D % heads != 0 || window < 1) return cudaErrorInvalidValue;
   const int64_t W = eff_window(window, T);
@@ -296,9 +310,9 @@ cudaError_t aft_local_bwd(DType dtype, const void* dy, const void* q, const void
     const BandTiles tiles(B, T, D, heads, W, causal);
     ATTNFREE_LAUNCH((local_band_bwd_kv_kernel<scalar_t, acc_t>), grid_for(tiles.ntiles * kThreads), kThreads, 0,
                     stream)(kp, vp, wp, lp, G, H, sm, sa, sb, pm, pa, pb, static_cast<scalar_t*>(dk),
-                            static_cast<scalar_t*>(dv), tiles);
+                            static_cast<scalar_t*>(dv), tiles, WLayout(T, W, banded));
     ATTNFREE_LAUNCH((local_band_bwd_w_kernel<scalar_t, acc_t>), grid_for(heads * T * kThreads), kThreads, 0, stream)(
-        kp, vp, wp, lp, G, H, static_cast<scalar_t*>(dw), B, T, D, heads, W, causal);
+        kp, vp, wp, lp, G, H, static_cast<scalar_t*>(dw), B, T, D, heads, W, causal, WLayout(T, W, banded));
     return cudaGetLastError();
   });
 }

@@ -1,4 +1,5 @@
-// AFT-local forward on CPU as banded tiles (docs/design.md §2.3, §2.6), float32, AVX2/FMA.
+// AFT-local forward and backward on CPU as banded tiles (docs/design.md §2.3, §2.6, §3), float32, AVX2/FMA.
+// The backward is described above bwd() below.
 //
 // Keys are split into tiles of tau = 64. For query tile I the keys any of its rows sees with bias w (the band
 // |t - t'| < window) lie in the key tiles Jlo..Jhi (the "union", causal: up to I). Everything else is bias 0:
@@ -45,7 +46,7 @@ constexpr int64_t kTau = 64;
 constexpr float kTiny = 1e-30f;
 
 // exact band-union part for query t, channel c: (mx, s, a) over keys [u0, u1) with logits k + w'
-// (skipping -inf, NaN propagating); mx = -inf when nothing is visible.
+// (skipping -inf, NaN propagating); mx = -inf when nothing is visible. wrow[tp - u0] = w[t, tp] in the band.
 void exact_union(const float* kcol, const float* vcol, int64_t D, const float* wrow, int64_t t, int64_t u0, int64_t u1,
                  int64_t window, bool causal, float& mx, float& s, float& a) {
   const float ninf = -std::numeric_limits<float>::infinity();
@@ -53,7 +54,7 @@ void exact_union(const float* kcol, const float* vcol, int64_t D, const float* w
   bool nan = false;
   const int64_t hi = causal ? std::min(u1, t + 1) : u1;
   for (int64_t tp = u0; tp < hi; ++tp) {
-    const float wv = (tp - t < window && t - tp < window) ? wrow[tp] : 0.f;
+    const float wv = (tp - t < window && t - tp < window) ? wrow[tp - u0] : 0.f;
     const float l = kcol[tp * D] + wv;
     if (std::isnan(l)) nan = true;
     if (l > mx) mx = l;
@@ -66,7 +67,7 @@ void exact_union(const float* kcol, const float* vcol, int64_t D, const float* w
   }
   if (mx == ninf) return;
   for (int64_t tp = u0; tp < hi; ++tp) {
-    const float wv = (tp - t < window && t - tp < window) ? wrow[tp] : 0.f;
+    const float wv = (tp - t < window && t - tp < window) ? wrow[tp - u0] : 0.f;
     const float l = kcol[tp * D] + wv;
     if (l == ninf) continue;
     const float e = std::exp(l - mx);
@@ -118,10 +119,61 @@ AF_AVX2 void union_block(const float* Ew, int64_t ldE, const float* XV, const fl
   }
 }
 
+// Rows of query tile [i0, i0 + ni) against the keys [u0, u1) of its union, row stride u1 - u0 (kTau rows):
+//   Wt = w[t, t'] inside the band, 0 elsewhere (read from either layout, band entries only);
+//   Ew = exp(w' - r[t]) with w' = w in the band, 0 outside, -inf above the diagonal (causal), r the row max of w'
+//        (NaN-ignoring; 0 for a row of all -inf), so Ew is in [0, 1].
+void build_rows(const float* w, bool banded, int64_t T, int64_t h, int64_t window, bool causal, int64_t i0, int64_t ni,
+                int64_t u0, int64_t u1, std::vector<float>& Wt, std::vector<float>& Ew, float* r) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const int64_t nu = u1 - u0;
+  // Wt rows: w[t, t'] for keys [u0, u1) inside the band (0 elsewhere), gathered from either layout
+  Wt.assign(kTau * nu, 0.f);
+  for (int64_t ii = 0; ii < ni; ++ii) {
+    const int64_t t = i0 + ii;
+    const int64_t lo = std::max(u0, t - window + 1), hi = std::min(u1, t + window);  // band keys [lo, hi)
+    const float* src = w + (h * T + t) * (banded ? 2 * window - 1 : T);
+    const int64_t shift = banded ? window - 1 - t : 0;  // column of key tp: tp + shift
+    for (int64_t tp = lo; tp < hi; ++tp) Wt[ii * nu + tp - u0] = src[tp + shift];
+  }
+  // Ew rows: w' = w in the band, 0 outside, -inf above the diagonal (causal); r = row max (safe)
+  Ew.assign(kTau * nu, 0.f);
+  for (int64_t ii = 0; ii < ni; ++ii) {
+    const int64_t t = i0 + ii;
+    const float* wrow = Wt.data() + ii * nu;
+    float* er = Ew.data() + ii * nu;
+    __m256 mx = _mm256_set1_ps(ninf);
+    for (int64_t c = 0; c < nu; c += 8) {
+      const int64_t cnt = nu - c;
+      const __m256i tp = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(u0 + c - t)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));  // t' - t
+      const __m256i wn = _mm256_set1_epi32(static_cast<int>(window));
+      const __m256i inband = _mm256_and_si256(_mm256_cmpgt_epi32(wn, tp),
+                                              _mm256_cmpgt_epi32(tp, _mm256_sub_epi32(_mm256_setzero_si256(), wn)));
+      __m256 x = _mm256_and_ps(loadn(wrow + c, cnt), _mm256_castsi256_ps(inband));  // 0 outside the band
+      if (causal)
+        x = _mm256_blendv_ps(x, _mm256_set1_ps(ninf),
+                             _mm256_castsi256_ps(_mm256_cmpgt_epi32(tp, _mm256_setzero_si256())));
+      x = _mm256_blendv_ps(_mm256_set1_ps(ninf), x, _mm256_castsi256_ps(tail_mask(cnt)));
+      storen(er + c, x, cnt);
+      mx = vmax_keep(mx, x);
+    }
+    float rm = hmax(mx);
+    // NaN-ignoring max above; an all -inf row gets offset 0
+    if (rm == ninf) rm = 0;
+    r[ii] = rm;
+    const __m256 rv = _mm256_set1_ps(rm);
+    for (int64_t c = 0; c < nu; c += 8) {
+      const int64_t cnt = nu - c;
+      storen(er + c, vexp(_mm256_sub_ps(loadn(er + c, cnt), rv)), cnt);
+    }
+  }
+}
+
 __attribute__((target("avx2,fma"))) void fwd(const float* __restrict__ q, const float* __restrict__ k,
                                              const float* __restrict__ v, const float* __restrict__ w,
                                              float* __restrict__ y, float* __restrict__ lse, int64_t B, int64_t T,
-                                             int64_t D, int64_t H, int64_t window, bool causal) {
+                                             int64_t D, int64_t H, int64_t window, bool causal, bool banded) {
   const int64_t nt = (T + kTau - 1) / kTau;
   const int64_t Dh = D / H;
   const float ninf = -std::numeric_limits<float>::infinity();
@@ -177,46 +229,14 @@ __attribute__((target("avx2,fma"))) void fwd(const float* __restrict__ q, const 
   };
 
   at::parallel_for(0, nt * H, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> Ew, r(kTau), mU(Dh), sJ, Mf(Dh), Sf(Dh), Af(Dh);
+    std::vector<float> Ew, Wt, r(kTau), mU(Dh), sJ, Mf(Dh), Sf(Dh), Af(Dh);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t I = p / H, h = p % H;
       const int64_t i0 = I * kTau, i1 = std::min(T, i0 + kTau), ni = i1 - i0;
       int64_t Jlo, Jhi;
       union_of(I, Jlo, Jhi);
       const int64_t u0 = Jlo * kTau, u1 = std::min(T, (Jhi + 1) * kTau), nu = u1 - u0, nJ = Jhi - Jlo + 1;
-      const float* wh = w + h * T * T;
-      // Ew rows: w' = w in the band, 0 outside, -inf above the diagonal (causal); r = row max (safe)
-      Ew.assign(kTau * nu, 0.f);
-      for (int64_t ii = 0; ii < ni; ++ii) {
-        const int64_t t = i0 + ii;
-        const float* wrow = wh + t * T;
-        float* er = Ew.data() + ii * nu;
-        __m256 mx = _mm256_set1_ps(ninf);
-        for (int64_t c = 0; c < nu; c += 8) {
-          const int64_t cnt = nu - c;
-          const __m256i tp = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(u0 + c - t)),
-                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));  // t' - t
-          const __m256i wn = _mm256_set1_epi32(static_cast<int>(window));
-          const __m256i inband = _mm256_and_si256(_mm256_cmpgt_epi32(wn, tp),
-                                                  _mm256_cmpgt_epi32(tp, _mm256_sub_epi32(_mm256_setzero_si256(), wn)));
-          __m256 x = _mm256_and_ps(loadn(wrow + u0 + c, cnt), _mm256_castsi256_ps(inband));  // 0 outside the band
-          if (causal)
-            x = _mm256_blendv_ps(x, _mm256_set1_ps(ninf),
-                                 _mm256_castsi256_ps(_mm256_cmpgt_epi32(tp, _mm256_setzero_si256())));
-          x = _mm256_blendv_ps(_mm256_set1_ps(ninf), x, _mm256_castsi256_ps(tail_mask(cnt)));
-          storen(er + c, x, cnt);
-          mx = vmax_keep(mx, x);
-        }
-        float rm = hmax(mx);
-        // NaN-ignoring max above; an all -inf row gets offset 0
-        if (rm == ninf) rm = 0;
-        r[ii] = rm;
-        const __m256 rv = _mm256_set1_ps(rm);
-        for (int64_t c = 0; c < nu; c += 8) {
-          const int64_t cnt = nu - c;
-          storen(er + c, vexp(_mm256_sub_ps(loadn(er + c, cnt), rv)), cnt);
-        }
-      }
+      build_rows(w, banded, T, h, window, causal, i0, ni, u0, u1, Wt, Ew, r.data());
       sJ.resize(nJ * Dh);
       for (int64_t b = 0; b < B; ++b) {
         bool any_bad = false;
@@ -229,8 +249,10 @@ __attribute__((target("avx2,fma"))) void fwd(const float* __restrict__ q, const 
           for (int64_t J = Jlo; J <= Jhi; ++J) mu = vmax_keep(mu, loadn(tm.data() + (b * nt + J) * D + hc + c, cnt));
           const __m256 mus = vsafe_off(mu);
           storen(mU.data() + c, mus, cnt);
+          // a tile with every key masked (m_J = -inf) gets scale 0, not exp(0 - m_U): its sums are 0, and a
+          // scale exp(-m_U) would overflow for m_U < -88 (0 * inf)
           for (int64_t J = Jlo; J <= Jhi; ++J) {
-            const __m256 mj = vsafe_off(loadn(tm.data() + (b * nt + J) * D + hc + c, cnt));
+            const __m256 mj = loadn(tm.data() + (b * nt + J) * D + hc + c, cnt);
             storen(sJ.data() + (J - Jlo) * Dh + c, vexp(_mm256_sub_ps(mj, mus)), cnt);
           }
           // far state: running max over the far tiles
@@ -241,7 +263,7 @@ __attribute__((target("avx2,fma"))) void fwd(const float* __restrict__ q, const 
             const __m256 M2 = vmax_keep(M, mj);
             const __m256 off = vsafe_off(M2);
             const __m256 e1 = vexp(_mm256_sub_ps(M, off));
-            const __m256 e2 = vexp(_mm256_sub_ps(vsafe_off(mj), off));
+            const __m256 e2 = vexp(_mm256_sub_ps(mj, off));  // masked tile (mj = -inf): 0, never inf * 0
             S = _mm256_fmadd_ps(S, e1, _mm256_mul_ps(loadn(tS.data() + o, cnt), e2));
             A = _mm256_fmadd_ps(A, e1, _mm256_mul_ps(loadn(tA.data() + o, cnt), e2));
             M = M2;
@@ -288,7 +310,8 @@ __attribute__((target("avx2,fma"))) void fwd(const float* __restrict__ q, const 
                 for (int64_t l = 0; l < cnt; ++l) {
                   if (!(lost >> l & 1)) continue;
                   float mx, s, a;
-                  exact_union(kb + c + l, vb + c + l, D, wh + t * T, t, u0, u1, window, causal, mx, s, a);
+                  exact_union(kb + c + l, vb + c + l, D, Wt.data() + (ii + rr) * nu, t, u0, u1, window, causal, mx, s,
+                              a);
                   if (std::isnan(mx)) {
                     ob[l] = nb[l] = db[l] = nan;
                   } else if (mx == ninf) {  // nothing visible in the union: contributes exactly 0
@@ -313,20 +336,339 @@ __attribute__((target("avx2,fma"))) void fwd(const float* __restrict__ q, const 
   });
 }
 
+// Backward as banded tiles (docs/design.md §3): with G = dy * sigmoid(q), H = dy * y and, for the keys of the
+// union of query tile I (the key tiles its band meets, as in the forward),
+//   P[t, t', c] = Ew[t, t'] * X[t', c] * Sc[t, c],   Sc = exp(r[t] + m_J[c] - lse[t, c])   (key tile J of t')
+// so that per (I, J) block
+//   dv[t'] += X[t'] * sum_t Ew[t, t'] (Sc G)[t],      sumPH[t'] += X[t'] * sum_t Ew[t, t'] (Sc H)[t]
+//   dw[t, t'] = Ew[t, t'] * sum_{b, c in h} (Sc G)[t, c] XV[t', c] - (Sc H)[t, c] X[t', c]      (band entries)
+// are small GEMMs. Far keys (tiles outside the union, bias 0) are one more term per key tile: suffix (and,
+// non-causal, prefix) sums over query tiles of exp(ref - lse) [G | H], ref = min lse, times exp(k - ref) <= 1.
+// Sc can be large where the row max of w' and the column max of k sit on different keys: where
+// r + m_J - lse > kGap the (t, c, J) part is computed exactly per element instead (the split-max guard of §3).
+// lse = -inf (a row with no visible key): Sc = 0. Inputs holding NaN or +inf (k, lse, band entries of w) or a
+// non-finite v, G, H are detected in the first passes, before any output is written: false is returned and the
+// caller runs the per-element band kernel, whose NaN propagation is exact (docs/design.md §7).
+constexpr float kGap = 40.f;
+
+AF_AVX2 float hsum(__m256 x) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_shuffle_ps(a, a, 1));
+  return _mm_cvtss_f32(a);
+}
+
+void union_tiles(int64_t I, int64_t T, int64_t window, bool causal, int64_t& Jlo, int64_t& Jhi) {
+  const int64_t i0 = I * kTau, i1 = std::min(T, i0 + kTau);
+  Jlo = std::max<int64_t>(0, i0 - window + 1) / kTau;
+  Jhi = causal ? I : std::min<int64_t>(T - 1, i1 - 1 + window - 1) / kTau;
+}
+
+// Sc * G and Sc * H for 8 channels of row t against key tile J; lanes whose gap exceeds kGap are returned in
+// `exact` (their Sc set to 0 here).
+AF_AVX2 void scaled_gh(float r, __m256 m, __m256 l, __m256 g, __m256 hh, __m256& sg, __m256& sh, int& exact) {
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256 gap = _mm256_sub_ps(_mm256_add_ps(_mm256_set1_ps(r), m), l);
+  const __m256 dead = _mm256_cmp_ps(l, ninf, _CMP_EQ_OQ);  // no visible key: P = 0
+  const __m256 big = _mm256_andnot_ps(dead, _mm256_cmp_ps(gap, _mm256_set1_ps(kGap), _CMP_GT_OQ));
+  exact = _mm256_movemask_ps(big);
+  __m256 sc = vexp(_mm256_min_ps(gap, _mm256_set1_ps(kGap)));
+  sc = _mm256_andnot_ps(_mm256_or_ps(dead, big), sc);
+  sg = _mm256_mul_ps(sc, g);
+  sh = _mm256_mul_ps(sc, hh);
+}
+
+__attribute__((target("avx2,fma"))) bool bwd(const float* __restrict__ G, const float* __restrict__ Hm,
+                                             const float* __restrict__ k, const float* __restrict__ v,
+                                             const float* __restrict__ w, const float* __restrict__ lse,
+                                             float* __restrict__ dk, float* __restrict__ dv, float* __restrict__ dw,
+                                             int64_t B, int64_t T, int64_t D, int64_t H, int64_t window, bool causal,
+                                             bool banded) {
+  const int64_t nt = (T + kTau - 1) / kTau;
+  const int64_t Dh = D / H;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const float pinf = std::numeric_limits<float>::infinity();
+  std::vector<float> X(B * T * D), XV(B * T * D), tm(B * nt * D);
+  std::vector<unsigned char> bad(B * nt, 0);  // NaN or +inf in k, lse, or NaN / inf in v, G, H
+
+  // per (b, key tile): m = max k (-inf if all masked), X = exp(k - m) (0 at masked keys), XV = X * v
+  at::parallel_for(0, B * nt, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = p / nt, J = p % nt;
+      const int64_t j0 = J * kTau, j1 = std::min(T, j0 + kTau);
+      __m256 flag = _mm256_setzero_ps();
+      const __m256 pinfv = _mm256_set1_ps(pinf);
+      for (int64_t c = 0; c < D; c += 8) {
+        const int64_t cnt = D - c;
+        __m256 mx = _mm256_set1_ps(ninf);
+        for (int64_t tp = j0; tp < j1; ++tp) {
+          const int64_t o = (b * T + tp) * D + c;
+          const __m256 kv = loadn(k + o, cnt), lv = loadn(lse + o, cnt);
+          // NaN or +inf in k / lse; NaN or +-inf in v, G, H (x - x is NaN exactly for those)
+          flag = _mm256_or_ps(flag, _mm256_cmp_ps(kv, pinfv, _CMP_NLT_UQ));
+          flag = _mm256_or_ps(flag, _mm256_cmp_ps(lv, pinfv, _CMP_NLT_UQ));
+          const __m256 fin = _mm256_add_ps(_mm256_add_ps(loadn(v + o, cnt), loadn(G + o, cnt)), loadn(Hm + o, cnt));
+          flag = _mm256_or_ps(flag, _mm256_cmp_ps(_mm256_sub_ps(fin, fin), fin, _CMP_UNORD_Q));
+          mx = vmax_keep(mx, kv);
+        }
+        const __m256 off = vsafe_off(mx);
+        for (int64_t tp = j0; tp < j1; ++tp) {
+          const int64_t o = (b * T + tp) * D + c;
+          const __m256 x = vexp(_mm256_sub_ps(loadn(k + o, cnt), off));
+          storen(X.data() + o, x, cnt);
+          storen(XV.data() + o, _mm256_mul_ps(x, loadn(v + o, cnt)), cnt);
+        }
+        storen(tm.data() + p * D + c, mx, cnt);
+      }
+      bad[p] = _mm256_movemask_ps(flag) != 0;
+    }
+  });
+  for (unsigned char f : bad)
+    if (f) return false;
+
+  // rows of every (query tile, head): Wt, Ew, r
+  std::vector<int64_t> ulo(nt), uhi(nt), roff(nt + 1, 0);
+  for (int64_t I = 0; I < nt; ++I) {
+    union_tiles(I, T, window, causal, ulo[I], uhi[I]);
+    roff[I + 1] = roff[I] + kTau * (std::min(T, (uhi[I] + 1) * kTau) - ulo[I] * kTau);
+  }
+  std::vector<float> WtA(H * roff[nt]), EwA(H * roff[nt]), rA(H * nt * kTau);
+  std::vector<unsigned char> wbad(nt * H, 0);
+  at::parallel_for(0, nt * H, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> Wt, Ew;
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t I = p / H, h = p % H;
+      const int64_t i0 = I * kTau, ni = std::min(T, i0 + kTau) - i0;
+      const int64_t u0 = ulo[I] * kTau, u1 = std::min(T, (uhi[I] + 1) * kTau);
+      build_rows(w, banded, T, h, window, causal, i0, ni, u0, u1, Wt, Ew, rA.data() + (h * nt + I) * kTau);
+      std::copy(Wt.begin(), Wt.end(), WtA.begin() + h * roff[nt] + roff[I]);
+      std::copy(Ew.begin(), Ew.end(), EwA.begin() + h * roff[nt] + roff[I]);
+      for (float x : Wt)
+        if (std::isnan(x) || x == pinf) wbad[p] = 1;  // band entries of w only
+    }
+  });
+  for (unsigned char f : wbad)
+    if (f) return false;
+  auto in_band = [&](int64_t t, int64_t tp) { return tp - t < window && t - tp < window && (!causal || tp <= t); };
+  auto visible = [&](int64_t t, int64_t tp) { return !causal || tp <= t; };
+
+  // pass 1: dv, dk per (b, head, 8 channels)
+  const int64_t ncb = (Dh + 7) / 8;
+  at::parallel_for(0, B * H * ncb, 1, [&](int64_t p0, int64_t p1) {
+    // 8 lanes per row: acc_v / acc_h the dv / sumPH accumulators of every key, sg / sh the Sc G / Sc H of a tile
+    std::vector<float> acc_v(T * 8), acc_h(T * 8), sg(kTau * 8), sh(kTau * 8);
+    std::vector<float> fref(nt * 8), fG(nt * 8), fH(nt * 8);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = p / (H * ncb), h = (p / ncb) % H, cb = p % ncb;
+      const int64_t c0 = h * Dh + cb * 8, cnt = std::min<int64_t>(8, Dh - cb * 8);
+      const int64_t base = b * T * D + c0;
+      std::fill(acc_v.begin(), acc_v.end(), 0.f);
+      std::fill(acc_h.begin(), acc_h.end(), 0.f);
+      for (int64_t I = 0; I < nt; ++I) {
+        const int64_t i0 = I * kTau, ni = std::min(T, i0 + kTau) - i0;
+        const int64_t u0 = ulo[I] * kTau, nu = std::min(T, (uhi[I] + 1) * kTau) - u0;
+        const float* Ew = EwA.data() + h * roff[nt] + roff[I];
+        const float* Wt = WtA.data() + h * roff[nt] + roff[I];
+        const float* r = rA.data() + (h * nt + I) * kTau;
+        // far-term sums of this query tile: ref = min finite lse, exp(ref - lse) [G | H]
+        __m256 ref = _mm256_set1_ps(pinf), sGf = _mm256_setzero_ps(), sHf = _mm256_setzero_ps();
+        for (int64_t ii = 0; ii < ni; ++ii) {
+          const int64_t o = base + (i0 + ii) * D;
+          const __m256 l = loadn(lse + o, cnt);
+          const __m256 live = _mm256_cmp_ps(l, _mm256_set1_ps(ninf), _CMP_NEQ_OQ);
+          const __m256 r2 = _mm256_blendv_ps(ref, _mm256_min_ps(ref, l), live);
+          const __m256 sc = _mm256_and_ps(_mm256_cmp_ps(r2, _mm256_set1_ps(pinf), _CMP_NEQ_OQ),
+                                          vexp(_mm256_sub_ps(r2, ref)));  // ref = +inf (empty): 0
+          const __m256 e = _mm256_and_ps(live, vexp(_mm256_sub_ps(r2, l)));
+          sGf = _mm256_fmadd_ps(sGf, sc, _mm256_mul_ps(e, loadn(G + o, cnt)));
+          sHf = _mm256_fmadd_ps(sHf, sc, _mm256_mul_ps(e, loadn(Hm + o, cnt)));
+          ref = r2;
+        }
+        _mm256_storeu_ps(fref.data() + I * 8, ref);
+        _mm256_storeu_ps(fG.data() + I * 8, sGf);
+        _mm256_storeu_ps(fH.data() + I * 8, sHf);
+        for (int64_t J = ulo[I]; J <= uhi[I]; ++J) {
+          const int64_t j0 = J * kTau, j1 = std::min(T, j0 + kTau);
+          const __m256 m = loadn(tm.data() + (b * nt + J) * D + c0, cnt);
+          for (int64_t ii = 0; ii < ni; ++ii) {
+            const int64_t t = i0 + ii, o = base + t * D;
+            int exact;
+            __m256 g, hh;
+            scaled_gh(r[ii], m, loadn(lse + o, cnt), loadn(G + o, cnt), loadn(Hm + o, cnt), g, hh, exact);
+            _mm256_storeu_ps(sg.data() + ii * 8, g);
+            _mm256_storeu_ps(sh.data() + ii * 8, hh);
+            for (int64_t l = 0; l < cnt; ++l) {  // exact per element for lanes with a large split-max gap
+              if (!(exact >> l & 1)) continue;
+              const float lt = lse[o + l], gt = G[o + l], ht = Hm[o + l];
+              float* av = acc_v.data();
+              float* ah = acc_h.data();
+              for (int64_t tp = j0; tp < j1; ++tp) {
+                if (!visible(t, tp)) continue;
+                const float wv = in_band(t, tp) ? Wt[ii * nu + tp - u0] : 0.f;
+                const float x = k[base + tp * D + l] + wv;
+                if (x == ninf) continue;
+                const float P = std::exp(x - lt);
+                av[tp * 8 + l] += P * gt;
+                ah[tp * 8 + l] += P * ht;
+              }
+            }
+          }
+          for (int64_t tp = j0; tp < j1; ++tp) {
+            __m256 ag = _mm256_setzero_ps(), ah = _mm256_setzero_ps();
+            const float* ec = Ew + (tp - u0);
+            for (int64_t ii = 0; ii < ni; ++ii) {
+              const __m256 e = _mm256_broadcast_ss(ec + ii * nu);
+              ag = _mm256_fmadd_ps(e, _mm256_loadu_ps(sg.data() + ii * 8), ag);
+              ah = _mm256_fmadd_ps(e, _mm256_loadu_ps(sh.data() + ii * 8), ah);
+            }
+            const __m256 x = loadn(X.data() + base + tp * D, cnt);
+            _mm256_storeu_ps(acc_v.data() + tp * 8, _mm256_fmadd_ps(x, ag, _mm256_loadu_ps(acc_v.data() + tp * 8)));
+            _mm256_storeu_ps(acc_h.data() + tp * 8, _mm256_fmadd_ps(x, ah, _mm256_loadu_ps(acc_h.data() + tp * 8)));
+          }
+        }
+      }
+      // far keys: key tile J is far for query tiles I with ulo[I] > J (and, non-causal, uhi[I] < J)
+      auto merge = [&](__m256& ra, __m256& ga, __m256& ha, int64_t I) {
+        const __m256 rb = _mm256_loadu_ps(fref.data() + I * 8);
+        const __m256 r2 = _mm256_min_ps(ra, rb);
+        const __m256 fin = _mm256_cmp_ps(r2, _mm256_set1_ps(pinf), _CMP_NEQ_OQ);
+        const __m256 ea = _mm256_and_ps(fin, vexp(_mm256_sub_ps(r2, ra)));
+        const __m256 eb = _mm256_and_ps(fin, vexp(_mm256_sub_ps(r2, rb)));
+        ga = _mm256_fmadd_ps(ga, ea, _mm256_mul_ps(_mm256_loadu_ps(fG.data() + I * 8), eb));
+        ha = _mm256_fmadd_ps(ha, ea, _mm256_mul_ps(_mm256_loadu_ps(fH.data() + I * 8), eb));
+        ra = r2;
+      };
+      auto add_far = [&](int64_t J, __m256 ra, __m256 ga, __m256 ha) {
+        for (int64_t tp = J * kTau; tp < std::min(T, (J + 1) * kTau); ++tp) {
+          const __m256 s = vexp(_mm256_sub_ps(loadn(k + base + tp * D, cnt), ra));  // ref = +inf: 0
+          _mm256_storeu_ps(acc_v.data() + tp * 8, _mm256_fmadd_ps(s, ga, _mm256_loadu_ps(acc_v.data() + tp * 8)));
+          _mm256_storeu_ps(acc_h.data() + tp * 8, _mm256_fmadd_ps(s, ha, _mm256_loadu_ps(acc_h.data() + tp * 8)));
+        }
+      };
+      {
+        __m256 ra = _mm256_set1_ps(pinf), ga = _mm256_setzero_ps(), ha = _mm256_setzero_ps();
+        int64_t I = nt - 1;
+        for (int64_t J = nt - 1; J >= 0; --J) {  // suffix over query tiles, ulo non-decreasing in I
+          while (I >= 0 && ulo[I] > J) merge(ra, ga, ha, I--);
+          add_far(J, ra, ga, ha);
+        }
+      }
+      if (!causal) {
+        __m256 ra = _mm256_set1_ps(pinf), ga = _mm256_setzero_ps(), ha = _mm256_setzero_ps();
+        int64_t I = 0;
+        for (int64_t J = 0; J < nt; ++J) {  // prefix over query tiles, uhi non-decreasing in I
+          while (I < nt && uhi[I] < J) merge(ra, ga, ha, I++);
+          add_far(J, ra, ga, ha);
+        }
+      }
+      for (int64_t tp = 0; tp < T; ++tp) {
+        const int64_t o = base + tp * D;
+        const __m256 av = _mm256_loadu_ps(acc_v.data() + tp * 8), ah = _mm256_loadu_ps(acc_h.data() + tp * 8);
+        storen(dv + o, av, cnt);
+        storen(dk + o, _mm256_fmsub_ps(loadn(v + o, cnt), av, ah), cnt);
+      }
+    }
+  });
+
+  if (!dw) return true;
+  // pass 2: dw rows of query tile I, head h
+  at::parallel_for(0, nt * H, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> acc, accx, SG(kTau * Dh), SH(kTau * Dh);  // accx: the exact per-element parts
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t I = p / H, h = p % H;
+      const int64_t i0 = I * kTau, ni = std::min(T, i0 + kTau) - i0;
+      const int64_t u0 = ulo[I] * kTau, nu = std::min(T, (uhi[I] + 1) * kTau) - u0;
+      const float* Ew = EwA.data() + h * roff[nt] + roff[I];
+      const float* Wt = WtA.data() + h * roff[nt] + roff[I];
+      const float* r = rA.data() + (h * nt + I) * kTau;
+      const int64_t hc = h * Dh;
+      acc.assign(kTau * nu, 0.f);
+      accx.assign(kTau * nu, 0.f);
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t J = ulo[I]; J <= uhi[I]; ++J) {
+          const int64_t j0 = J * kTau, j1 = std::min(T, j0 + kTau);
+          for (int64_t ii = 0; ii < ni; ++ii) {
+            const int64_t t = i0 + ii;
+            for (int64_t c = 0; c < Dh; c += 8) {  // Sc G, Sc H of row t (all channels of head h)
+              const int64_t cnt = std::min<int64_t>(8, Dh - c);
+              const int64_t o = (b * T + t) * D + hc + c;
+              __m256 g, hh;
+              int exact;
+              scaled_gh(r[ii], loadn(tm.data() + (b * nt + J) * D + hc + c, cnt), loadn(lse + o, cnt),
+                        loadn(G + o, cnt), loadn(Hm + o, cnt), g, hh, exact);
+              storen(SG.data() + ii * Dh + c, g, cnt);
+              storen(SH.data() + ii * Dh + c, hh, cnt);
+              for (int64_t l = 0; l < cnt; ++l) {
+                if (!(exact >> l & 1)) continue;
+                const float lt = lse[o + l], gt = G[o + l], ht = Hm[o + l];
+                for (int64_t tp = std::max(j0, t - window + 1); tp < std::min(j1, t + window); ++tp) {
+                  if (!visible(t, tp)) continue;
+                  const int64_t ko = (b * T + tp) * D + hc + c + l;
+                  const float x = k[ko] + Wt[ii * nu + tp - u0];
+                  if (x == ninf) continue;
+                  accx[ii * nu + tp - u0] += std::exp(x - lt) * (gt * v[ko] - ht);
+                }
+              }
+            }
+          }
+          // acc[t, t'] += sum_c SG[t, c] XV[t', c] - SH[t, c] X[t', c], band keys of tile J
+          for (int64_t ii = 0; ii < ni; ++ii) {
+            const int64_t t = i0 + ii;
+            const int64_t lo = std::max(j0, t - window + 1), hi = std::min(j1, causal ? t + 1 : t + window);
+            for (int64_t tp = lo; tp < hi; ++tp) {
+              const float* xv = XV.data() + (b * T + tp) * D + hc;
+              const float* xe = X.data() + (b * T + tp) * D + hc;
+              __m256 s = _mm256_setzero_ps();
+              for (int64_t c = 0; c < Dh; c += 8) {
+                const int64_t cnt = std::min<int64_t>(8, Dh - c);
+                s = _mm256_fmadd_ps(loadn(SG.data() + ii * Dh + c, cnt), loadn(xv + c, cnt), s);
+                s = _mm256_fnmadd_ps(loadn(SH.data() + ii * Dh + c, cnt), loadn(xe + c, cnt), s);
+              }
+              acc[ii * nu + tp - u0] += hsum(s);
+            }
+          }
+        }
+      }
+      for (int64_t ii = 0; ii < ni; ++ii) {
+        const int64_t t = i0 + ii;
+        const int64_t lo = std::max<int64_t>(0, t - window + 1), hi = std::min(T, causal ? t + 1 : t + window);
+        float* dwrow = dw + (h * T + t) * (banded ? 2 * window - 1 : T);
+        const int64_t shift = banded ? window - 1 - t : 0;
+        for (int64_t tp = lo; tp < hi; ++tp) {
+          const int64_t j = ii * nu + tp - u0;
+          dwrow[tp + shift] = (Ew[j] == 0.f ? 0.f : Ew[j] * acc[j]) + accx[j];  // Ew = 0: masked (or negligible)
+        }
+      }
+    }
+  });
+  return true;
+}
+
 }  // namespace
 
 #pragma GCC pop_options
 
 bool aft_local_tiled_fwd_avx2(const float* q, const float* k, const float* v, const float* w, float* y, float* lse,
-                              int64_t B, int64_t T, int64_t D, int64_t H, int64_t window, bool causal) {
+                              int64_t B, int64_t T, int64_t D, int64_t H, int64_t window, bool causal, bool banded) {
   if (!cpu_has_avx2_fma()) return false;
-  fwd(q, k, v, w, y, lse, B, T, D, H, window, causal);
+  fwd(q, k, v, w, y, lse, B, T, D, H, window, causal, banded);
   return true;
 }
 
+bool aft_local_tiled_bwd_avx2(const float* G, const float* Hm, const float* k, const float* v, const float* w,
+                              const float* lse, float* dk, float* dv, float* dw, int64_t B, int64_t T, int64_t D,
+                              int64_t H, int64_t window, bool causal, bool banded) {
+  if (!cpu_has_avx2_fma()) return false;
+  return bwd(G, Hm, k, v, w, lse, dk, dv, dw, B, T, D, H, window, causal, banded);
+}
+
 #else
+bool aft_local_tiled_bwd_avx2(const float*, const float*, const float*, const float*, const float*, const float*,
+                              float*, float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, bool, bool) {
+  return false;
+}
 bool aft_local_tiled_fwd_avx2(const float*, const float*, const float*, const float*, float*, float*, int64_t, int64_t,
-                              int64_t, int64_t, int64_t, bool) {
+                              int64_t, int64_t, int64_t, bool, bool) {
   return false;
 }
 #endif

@@ -223,11 +223,12 @@ def aft_simple_state_bwd(dy, dfinal_state, q, k, v, initial_state, y, lse, final
 
 # ------------------------------------------------------------------------------------------------ aft_local
 def _local_w(w, q):
+    """w as the launcher reads it: (heads, T, T) or banded (heads, T, 2W-1), contiguous, in q's dtype."""
     heads = 1 if w.dim() == 2 else w.shape[0]
-    return _c(w.to(q.dtype)).reshape(heads, q.shape[1], q.shape[1]), heads
+    return _c(w.to(q.dtype)).reshape(heads, q.shape[1], w.shape[-1]), heads
 
 
-def aft_local_fwd(q, k, v, w, window, causal):
+def aft_local_fwd(q, k, v, w, window, causal, banded=False):
     q, k, v = _c(q), _c(k), _c(v)
     B, T, D = q.shape
     wc, heads = _local_w(w, q)
@@ -248,19 +249,21 @@ def aft_local_fwd(q, k, v, w, window, causal):
         heads,
         int(window),
         bool(causal),
+        bool(banded),
         emu.Scratch("workspace", ws),
     )
     return r.outputs["y"], r.outputs["lse"]
 
 
-def aft_local_bwd(dy, q, k, v, w, y, lse, window, causal):
+def aft_local_bwd(dy, q, k, v, w, y, lse, window, causal, banded=False):
     q, k, v = _c(q), _c(k), _c(v)
     B, T, D = q.shape
     wc, heads = _local_w(w, q)
     dt = DTYPE[q.dtype]
     ws = library().raw("emu_aft_local_bwd_ws", dt, B, T, D, heads, int(window), bool(causal))
     outs = [emu.Out(n, torch.empty_like(q)) for n in ("dq", "dk", "dv")]
-    # dw: the launcher writes the band only (aft_local.h); the binding zero-fills it
+    # dw in w's layout (banded: no T x T buffer anywhere); the launcher writes the band only (aft_local.h), the
+    # binding zero-fills it
     outs.append(emu.InOut("dw", torch.zeros_like(wc)))
     r = _call(
         "emu_aft_local_bwd",
@@ -279,6 +282,7 @@ def aft_local_bwd(dy, q, k, v, w, y, lse, window, causal):
         heads,
         int(window),
         bool(causal),
+        bool(banded),
         emu.Scratch("workspace", ws),
     )
     return (r.outputs["dq"], r.outputs["dk"], r.outputs["dv"], r.outputs["dw"].view(w.shape).to(w.dtype))

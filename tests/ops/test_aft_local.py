@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from attnfree_ext.ops.aft_local import aft_local
+from attnfree_ext.ops.aft_local import aft_local, layout
 from attnfree_ext.ops.aft_local import reference as aft_local_ref
 from common import aft as contract
 from common import oracles
@@ -57,8 +57,8 @@ def _check_all(y, grads, yo, go, v, w, dy, tol):
     assert rel_err(dw, ow, dw_scale) < tol, ("dw", rel_err(dw, ow, dw_scale))
 
 
-def _run_public(path, q, k, v, w, window, dy, causal):
-    return path.grads(aft_local, (q, k, v, w), dy, window, causal=causal)
+def _run_public(path, q, k, v, w, window, dy, causal, w_layout="full"):
+    return path.grads(aft_local, (q, k, v, w), dy, window, causal=causal, w_layout=w_layout)
 
 
 def _band(T, window, causal=False):
@@ -673,16 +673,23 @@ TILED = [(2, 150, 12, 0, 16), (1, 200, 10, 2, 40), (2, 130, 8, 0, 64), (1, 97, 9
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("case", ["normal", "k_1e4", "w_1e4", "late_spike"])
+@pytest.mark.parametrize("case", ["normal", "k_1e4", "w_1e4", "late_spike", "split_gap"])
 @pytest.mark.parametrize("shape", TILED, ids=lambda c: "x".join(map(str, c)))
 def test_tiled_sizes_vs_oracle(path, shape, case, causal):
-    """Shapes that take the CPU banded-tile kernel (several key tiles, band edges inside tiles), incl. adversarial."""
+    """Shapes that take the CPU banded-tile kernels (several key tiles, band edges inside tiles), incl. adversarial.
+    split_gap: the row maximum of w (on key t - 1) and the column maximum of k (keys 10, 74, ...) sit on different
+    keys, so r + m - lse reaches ~60 and the backward's per-element guard runs (docs/design.md §3)."""
     B, T, D, heads, window = shape
     q, k, v, w = qkvw(
         B, T, D, heads, F64, k_scale=1e4 if case == "k_1e4" else 1.0, w_scale=1e4 if case == "w_1e4" else 1.0
     )
     if case == "late_spike":
         k[:, T - 5, :] += 120
+    if case == "split_gap":
+        k = k - 60
+        k[:, 10::64, :] += 120
+        idx = torch.arange(1, T)
+        w[..., idx, idx - 1] = 60.0
     q, k, v, w = (x.to(F32) for x in (q, k, v, w))
     dy = torch.randn(B, T, D, dtype=F32)
     y, grads = _run_public(path, q, k, v, w, window, dy, causal)
@@ -730,3 +737,208 @@ def test_tiled_nonfinite_contract(path, causal):
         y2 = aft_local(q, k2, v, w, window, causal)
     assert torch.isfinite(y2).all()
     assert yref.shape == y2.shape
+
+
+# ================================================================ the banded layout of w (ops/aft_local/layout.py)
+BANDED = [  # (B, T, D, heads, window); heads == 0: a 2-D w
+    (2, 13, 6, 3, 3),
+    (2, 9, 4, 2, 5),  # T == 2W - 1: the layout must be named
+    (1, 5, 2, 0, 100),  # window > T: W = T
+    (1, 150, 8, 2, 20),  # CPU float32: the banded-tile forward, several key tiles
+    (2, 70, 5, 0, 1),
+]
+
+
+def _banded(w, window, poison=True):
+    """w's banded layout; entries whose key falls outside [0, T) (never read) are NaN when ``poison``."""
+    wb = layout.full_to_band(w, window)
+    if poison:
+        T = w.shape[-1]
+        W = min(window, T)
+        tp = torch.arange(T)[:, None] + torch.arange(2 * W - 1)[None, :] - (W - 1)
+        wb = wb.masked_fill((tp < 0) | (tp >= T), float("nan"))
+    return wb
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", BANDED, ids=lambda c: "x".join(map(str, c)))
+def test_banded_equals_full_contract(path, case, causal, dtype):
+    """fwd/bwd contract with banded=True equals the full layout with the same weights; dw comes back banded."""
+    B, T, D, heads, window = case
+    q, k, v, w = qkvw(B, T, D, heads, dtype)
+    dy = torch.randn(B, T, D, dtype=dtype)
+    wb = _banded(w, window)
+    y, lse = path.fwd(OP, q, k, v, w, window, causal)
+    yb, lseb = path.fwd(OP, q, k, v, wb, window, causal, True)
+    tol = 1e-12 if dtype == F64 else 1e-6
+    torch.testing.assert_close(yb, y, rtol=tol, atol=tol)
+    torch.testing.assert_close(lseb, lse, rtol=tol, atol=tol)
+    g = path.bwd(OP, dy, q, k, v, w, y, lse, window, causal)
+    gb = path.bwd(OP, dy, q, k, v, wb, y, lse, window, causal, True)
+    assert gb[3].shape == wb.shape
+    for a, b in zip(gb[:3], g[:3]):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    torch.testing.assert_close(gb[3], layout.full_to_band(g[3], window), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", BANDED, ids=lambda c: "x".join(map(str, c)))
+def test_banded_public_matches_oracle(path, case, causal):
+    """The public function with a banded w (layout from the shape, or named) against the float64 oracle."""
+    B, T, D, heads, window = case
+    q, k, v, w = qkvw(B, T, D, heads, F32)
+    dy = torch.randn(B, T, D, dtype=F32)
+    wb = _banded(w, window, poison=False)
+    named = "band" if T == 2 * min(window, T) - 1 else None
+    y, grads = _run_public(path, q, k, v, wb, window, dy, causal, w_layout=named)
+    assert grads[3].shape == wb.shape
+    yo, go = _oracle(q, k, v, w, window, dy, causal)
+    go = (*go[:3], layout.full_to_band(go[3], window))
+    _check_all(y, grads, yo, go, v, wb, dy, _tol(F32, k, w))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_banded_gradcheck_float64(path, causal):
+    B, T, D, heads, window = 2, 8, 4, 2, 3
+    q, k, v, w = qkvw(B, T, D, heads, F64)
+    wb = layout.full_to_band(w, window)
+
+    def f(a, b, c, d):
+        with path.force():
+            return aft_local(a, b, c, d, window, causal)
+
+    inputs = tuple(path.leaf(x) for x in (q, k, v, wb))
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_layout_rule_and_errors():
+    """The layout comes from the shape; a shape that fits both must be named; wrong shapes name w and both forms."""
+    q = torch.randn(1, 5, 4)
+    wf, wb = torch.randn(5, 5), torch.randn(5, 3)
+    y_full = aft_local(q, q, q, wf, 2)
+    y_band = aft_local(q, q, q, layout.full_to_band(wf, 2), 2)
+    torch.testing.assert_close(y_band, y_full)
+    aft_local(q, q, q, wb, 2, w_layout="band")
+    with pytest.raises(ValueError, match=r"fits both layouts.*w_layout='full' or w_layout='band'"):
+        aft_local(q, q, q, wf, 3)  # T = 5 = 2 * 3 - 1
+    torch.testing.assert_close(
+        aft_local(q, q, q, wf, 3, w_layout="full"), aft_local(q, q, q, layout.full_to_band(wf, 3), 3, w_layout="band")
+    )
+    with pytest.raises(ValueError, match=r"w must have shape .*'full'.*'band'.*T=5, 2W-1=3"):
+        aft_local(q, q, q, torch.randn(5, 4), 2)
+    with pytest.raises(ValueError, match=r"w with w_layout='band' must have last dimension 3"):
+        aft_local(q, q, q, wf, 2, w_layout="band")
+    with pytest.raises(ValueError, match=r"w_layout must be None, 'full' or 'band'"):
+        aft_local(q, q, q, wf, 2, w_layout="banded")
+    with pytest.raises(ValueError, match="heads"):
+        aft_local(q, q, q, torch.randn(3, 5, 3), 2)
+
+
+@COMPILED
+def test_banded_binding_checks(path):
+    q = path.put(torch.randn(1, 5, 4))
+    with pytest.raises(ValueError, match=r"w with w_layout='band' must have shape .*T=5, 2W-1=3"):
+        OPS.aft_local_fwd(q, q, q, path.put(torch.randn(5, 5)), 2, False, True)
+    with pytest.raises(TypeError, match="w must have q's dtype"):
+        OPS.aft_local_fwd(q, q, q, path.put(torch.randn(5, 3, dtype=F64)), 2, False, True)
+
+
+_RSS_SCRIPT = r"""
+import resource, sys, torch
+import attnfree_ext
+from attnfree_ext.ops.aft_local import aft_local
+backend, part = sys.argv[1], sys.argv[2]
+torch.set_num_threads(1)
+
+def run(T):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, T, 8, generator=g, requires_grad=part == "bwd") for _ in range(3))
+    w = (torch.randn(T, 31, generator=g) * 0.1).requires_grad_(part == "bwd")
+    with attnfree_ext.force_backend(backend):
+        y = aft_local(q, k, v, w, 16)
+        if part == "bwd":
+            y.sum().backward()
+            assert w.grad.shape == w.shape
+
+run(200)  # everything loaded and initialised
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+run(16384)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+@pytest.mark.paths("python", "compiled-cpu")
+@pytest.mark.parametrize("part", ["fwd", "bwd"])
+def test_banded_memory_no_t_by_t(path, part):
+    """With a banded w nothing of size T x T is formed: at T = 16384 a T x T float32 tensor would be 1 GiB; the
+    peak resident memory of the forward (+ backward) grows by far less (memory O(B*T*D + T*window)). Compiled CPU:
+    float32 with window 16 takes the banded-tile kernels (the per-element band kernels would expand w)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT, path.backend, part], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    grew_mib = float(out.stdout.strip().splitlines()[-1])
+    assert grew_mib < 300, grew_mib
+
+
+@pytest.mark.paths("emulation")
+def test_banded_launcher_memory(path):
+    """The CUDA launchers' workspace is O(B*T*D) whatever the layout, and with a banded w the binding's dw is
+    banded: at T = 65536 a T x T buffer (16 GiB in float32) would dwarf both."""
+    from common.paths import _emu_ops
+
+    emu_ops = _emu_ops()
+    B, T, D, W = 1, 65536, 8, 16
+    lib = emu_ops.library()
+    for name in ("emu_aft_local_fwd_ws", "emu_aft_local_bwd_ws"):
+        for causal in (False, True):
+            ws = lib.raw(name, emu_ops.DTYPE[F32], B, T, D, 1, W, causal)
+            assert ws <= 16 * B * T * D * 4 + (1 << 20), (name, ws)
+    q, k, v, w = qkvw(1, 40, 4, 2, F32)
+    wb = layout.full_to_band(w, 4)
+    y, lse = emu_ops.aft_local_fwd(q, k, v, wb, 4, False, True)
+    assert emu_ops.aft_local_bwd(torch.randn_like(q), q, k, v, wb, y, lse, 4, False, True)[3].shape == wb.shape
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_tiled_backward_nan_propagates_exactly(path, causal):
+    """A NaN in v sends the backward to the exact per-element kernel: the gradients it reaches are NaN, the others
+    equal those of the NaN-free problem (docs/design.md §7 rule 2)."""
+    B, T, D, window = 1, 150, 8, 20
+    q, k, v, w = (x.to(F32) for x in qkvw(B, T, D, 0, F64))
+    dy = torch.randn(B, T, D, dtype=F32)
+    v2 = v.clone()
+    v2[0, 100, 3] = float("nan")
+    _, g = _run_public(path, q, k, v, w, window, dy, causal)
+    _, g2 = _run_public(path, q, k, v2, w, window, dy, causal)
+    # dv = sum_t P G does not involve v; dk = v dv - sum_t P H meets H = dy * y, NaN in channel 3 of every row that
+    # sees key 100, and every key is seen by those rows (through the bias-0 term)
+    torch.testing.assert_close(g2[2], g[2], rtol=1e-5, atol=1e-6)
+    dk2, others = g2[1], [0, 1, 2, 4, 5, 6, 7]
+    assert torch.isnan(dk2[0, :, 3]).all() and not torch.isnan(dk2[0][:, others]).any()
+    torch.testing.assert_close(dk2[0][:, others], g[1][0][:, others], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.paths("python", "compiled-cpu")
+def test_banded_double_backward_and_forward_mode(path):
+    """The composites (double backward, forward-mode AD) take the banded layout too."""
+    q, k, v, w = qkvw(1, 6, 2, 0, F64)
+    inputs = tuple(path.leaf(x) for x in (q, k, v, layout.full_to_band(w, 2)))
+
+    def f(a, b, c, d):
+        with path.force():
+            return aft_local(a, b, c, d, 2, causal=True)
+
+    assert torch.autograd.gradgradcheck(f, inputs)
+    tangent = torch.randn_like(inputs[3])
+    _, got = torch.func.jvp(lambda d: f(*(x.detach() for x in inputs[:3]), d), (inputs[3].detach(),), (tangent,))
+    _, want = torch.func.jvp(
+        lambda d: oracles.aft_local(*(x.detach() for x in inputs[:3]), layout.band_to_full(d, 2), 2, True),
+        (inputs[3].detach(),),
+        (tangent,),
+    )
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)

@@ -14,11 +14,12 @@ import torch
 
 from ..common import composite as _composite
 from ..common import dispatch
-from ..common.checks import check_bias, check_causal, check_like, check_qkv, check_tensor, check_window
+from ..common.checks import check_causal, check_like, check_qkv, check_tensor, check_window
 from ..common.features import python_only_reasons, require_python
 from ..common.rect import aft_rows, check_chunk, check_chunk_bias, chunk_mask, is_chunk
 from ..common.state import check_state
 from ..common.varlen import check_varlen_bias, packing
+from . import layout
 from .compiled import CAPABILITY
 from .reference import AFTLocalFunction
 
@@ -33,6 +34,7 @@ def aft_local(
     window: int,
     causal: bool = False,
     *,
+    w_layout: str | None = None,
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -42,10 +44,16 @@ def aft_local(
     Args:
         q, k, v: (B, T, D) tensors of one dtype (float16, bfloat16, float32 or float64) and one device.
             Non-contiguous inputs are made contiguous once.
-        w: (T, T) or (heads, T, T) position bias, D % heads == 0, same dtype and device as q. Channel c uses
-            head c // (D // heads). Only the band |t - t'| < window is read (entries outside are ignored).
+        w: position bias, same dtype and device as q, D % heads == 0, channel c uses head c // (D // heads); in
+            one of two layouts (:mod:`attnfree_ext.ops.aft_local.layout`):
+            full, (T, T) or (heads, T, T): ``w[h, t, t']``, only the band |t - t'| < window is read;
+            band, (T, 2W - 1) or (heads, T, 2W - 1) with W = min(window, T): ``w[h, t, j]`` is the bias of key
+            t' = t + j - (W - 1); entries whose key falls outside [0, T) are ignored. O(T * window) memory.
         window: int >= 1. window >= T gives aft_full with w everywhere; window == 1 keeps only w's diagonal.
         causal: a bool; if True, row t uses keys t' <= t only.
+        w_layout: None (read the layout from w's shape: last dimension T means full, 2W - 1 band), "full" or
+            "band". Required when the shape fits both (T == 2W - 1 > 1, e.g. T = 5, window = 3). With cu_seqlens
+            the layout's T is the longest sequence's; a decoding chunk takes the full layout's rows (below).
         initial_state: causal only; None or a prefix state (B, 3, D) of keys that come before k and are out of
             every row's band (bias 0): the format of aft_simple's state (docs/design.md §9.1), float32 for
             fp16/bf16/fp32 inputs, float64 for float64. Differentiable.
@@ -61,26 +69,30 @@ def aft_local(
     chunk form (also taken whenever initial_state is given) runs on the pure-PyTorch path, per element.
 
     Returns:
-        y: (B, T, D) in q's dtype (a chunk: (B, L, D)). Differentiable w.r.t. q, k, v and w (dw is 0 outside the
-        band).
+        y: (B, T, D) in q's dtype (a chunk: (B, L, D)). Differentiable w.r.t. q, k, v and w; dw has w's shape and
+        layout (0 outside the band).
         fp16/bf16 inputs are computed in float32.
 
     Raises:
         TypeError: non-tensor / non-floating inputs, mixed dtypes (w must match q), window not an int, causal not
             a bool.
-        ValueError: wrong shapes (q, k, v not one (B, T, D) shape; w not (T, T) / (heads, T, T) with D % heads
-            == 0), window < 1, tensors on different devices; a chunk or initial_state with causal=False; an
-            initial_state not (B, 3, D) (TypeError: not the state dtype); a bad cu_seqlens (not (N + 1,), not from
-            0, decreasing, not ending at total_T; TypeError: not int32/int64), packed inputs whose batch is not 1,
-            cu_seqlens with initial_state or a chunk.
+        ValueError: wrong shapes (q, k, v not one (B, T, D) shape; w of neither layout, or not of the one
+            w_layout names; D % heads != 0), a w shape that fits both layouts without w_layout, w_layout not
+            None / "full" / "band", a banded w for a decoding chunk, window < 1, tensors on different devices; a
+            chunk or initial_state with causal=False; an initial_state not (B, 3, D) (TypeError: not the state
+            dtype); a bad cu_seqlens (not (N + 1,), not from 0, decreasing, not ending at total_T; TypeError: not
+            int32/int64), packed inputs whose batch is not 1, cu_seqlens with initial_state or a chunk.
         RuntimeError: backend "compiled" forced for a chunk, initial_state or packed call (Python path only).
 
     Numerics: exact per-row softmax normalisation, finite for any finite input (|k|, |w| up to 1e4, causal
-    late spikes); memory O(B*T*D + T*window) besides w and dw (never a (B, T, T, D) tensor). See
+    late spikes); memory O(B*T*D + T*window) besides w and dw (never a (B, T, T, D) tensor; with the banded
+    layout no T x T tensor either, except in the forward-mode / double-backward composites). See
     docs/design.md §1-§3.
     """
     chunk = is_chunk(q, k)
     if chunk or initial_state is not None:
+        if w_layout == layout.BAND:
+            raise ValueError("a decoding chunk (or initial_state) takes w as the chunk's bias rows, w_layout='full'")
         check_chunk(q, k, v)
         check_chunk_bias("w", w, q, k)
         window = min(check_window(window), max(k.shape[1], 1))
@@ -101,25 +113,25 @@ def aft_local(
             bias = torch.where(band, w3, torch.zeros_like(w3)).masked_fill(~visible, float("-inf"))
         return aft_rows(q, k, v, bias, prefix=initial_state).to(q.dtype)
     check_qkv(q, k, v)
-    if cu_seqlens is None:
-        check_bias(w, q)
-        # any positive int (sys.maxsize, 2**64): the band only ever covers T keys, and the compiled op takes an int64
-        window = min(check_window(window), max(q.shape[1], 1))
     check_causal(causal)
     if cu_seqlens is not None:
         pk = packing(cu_seqlens, q)
         check_tensor("w", w)
         check_like("w", w, "q", q)
         qp, kp, vp = pk.pad(q, 0.0), pk.pad(k, float("-inf")), pk.pad(v, 0.0)  # padding keys masked (§7)
-        wp = check_varlen_bias("w", w, pk.t_max)
-        check_bias(wp, qp)
         window = min(check_window(window), max(pk.t_max, 1))
+        # the padded batch is one (N, T_max, D) call: w's rows (and, full, its columns) cut to T_max
+        wp = w[..., : pk.t_max, :] if w_layout == layout.BAND else check_varlen_bias("w", w, pk.t_max)
+        _, banded = layout.resolve(wp, qp, window, w_layout)
         require_python("aft_local", python_only_reasons("aft_local", cu_seqlens=cu_seqlens))
         if _composite.transform_active(qp, kp, vp, wp):
-            return pk.unpad(_composite.aft_local(qp, kp, vp, wp, window, causal))
-        return pk.unpad(AFTLocalFunction.apply(qp, kp, vp, wp, window, causal))
+            return pk.unpad(layout.composite(qp, kp, vp, wp, window, causal, banded))
+        return pk.unpad(AFTLocalFunction.apply(qp, kp, vp, wp, window, causal, banded))
+    # any positive int (sys.maxsize, 2**64): the band only ever covers T keys, and the compiled op takes an int64
+    window = min(check_window(window), max(q.shape[1], 1))
+    _, banded = layout.resolve(w, q, window, w_layout)
     if _composite.transform_active(q, k, v, w):  # forward-mode AD / functorch: no kernel formula (§6.1)
-        return _composite.aft_local(q, k, v, w, window, causal)
+        return layout.composite(q, k, v, w, window, causal, banded)
     if dispatch.select("aft_local", q, k, v, w) == "compiled":
-        return torch.ops.attnfree.aft_local_fwd(q, k, v, w, window, causal)[0]
-    return AFTLocalFunction.apply(q, k, v, w, window, causal)
+        return torch.ops.attnfree.aft_local_fwd(q, k, v, w, window, causal, banded)[0]
+    return AFTLocalFunction.apply(q, k, v, w, window, causal, banded)

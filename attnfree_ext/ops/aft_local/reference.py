@@ -27,6 +27,7 @@ import torch
 from ..common import composite as _composite
 from ..common.dtypes import compute_dtype
 from ..common.scan import merge, neg_lse, prefix_summary, rows_after, rows_before, safe_max, shift, suffix_summary
+from . import layout as _layout
 
 __all__ = ["aft_local_fwd_ref", "aft_local_bwd_ref", "AFTLocalFunction"]
 
@@ -68,15 +69,48 @@ def _band_mask(t0, t1, ks, ke, window, causal, device):
     return band  # (C, L): True where w is used
 
 
-def _block_logits(w3, kT, t0, t1, ks, ke, window, causal, ct):
+def _band_cols(t0, t1, ks, ke, window, device):
+    """(C, L) column j = t' - t + window - 1 of a banded w row for queries [t0, t1) and keys [ks, ke), clamped
+    to [0, 2 window - 2] (the clamped entries lie outside the band and are masked)."""
+    j = torch.arange(ks, ke, device=device)[None, :] - torch.arange(t0, t1, device=device)[:, None] + (window - 1)
+    return j.clamp_(0, 2 * window - 2)
+
+
+def _w_block(w3, banded, t0, t1, ks, ke, window):
+    """(H, C, L) bias block w[h, t, t'] for queries [t0, t1), keys [ks, ke), from either layout (docs/design.md
+    §2.6); entries outside the band hold arbitrary values of w (the caller masks them)."""
+    if not banded:
+        return w3[:, t0:t1, ks:ke]
+    j = _band_cols(t0, t1, ks, ke, window, w3.device)
+    return w3[:, t0:t1].gather(-1, j.expand(w3.shape[0], -1, -1))
+
+
+def _block_logits(w3, banded, kT, t0, t1, ks, ke, window, causal, ct):
     """(B, H, Dh, C, L) logits w[h, t, t'] + k[b, t', h, d] inside the band, -inf outside (w read in the band).
 
     Channels-first layout: the key axis L is innermost, so the softmax reductions and the products with v
     are contiguous (no permuted copies of the block).
     """
     band = _band_mask(t0, t1, ks, ke, window, causal, kT.device)
-    wb = w3[:, t0:t1, ks:ke].to(ct).masked_fill(~band[None], _NEG_INF)  # (H, C, L)
+    wb = _w_block(w3, banded, t0, t1, ks, ke, window).to(ct).masked_fill(~band[None], _NEG_INF)  # (H, C, L)
     return wb[None, :, None] + kT[:, :, :, None, ks:ke]
+
+
+def _store_dw(dw3, banded, block, t0, t1, ks, ke, window, causal):
+    """Writes the (H, C, L) dw block of queries [t0, t1) x keys [ks, ke) (0 outside the band) into dw3 of w's
+    layout. Banded: row t gets block[t, t' - ks] at j = t' - t + window - 1, 0 where t' is outside [ks, ke) (keys
+    outside [0, T), or t' > t when causal: not in the chunk) or outside the band."""
+    if not banded:
+        dw3[:, t0:t1, ks:ke] = block.to(dw3.dtype)
+        return
+    C, L = t1 - t0, ke - ks
+    col = torch.arange(t0, t1, device=block.device)[:, None] + torch.arange(2 * window - 1, device=block.device)
+    col = col - (window - 1) - ks  # (C, 2W-1) position of the key in the block
+    valid = (col >= 0) & (col < L)
+    if causal:
+        valid &= torch.arange(2 * window - 1, device=block.device)[None, :] <= window - 1
+    got = block.gather(-1, col.clamp(0, max(L - 1, 0)).expand(block.shape[0], C, -1))
+    dw3[:, t0:t1] = torch.where(valid, got, torch.zeros((), dtype=got.dtype, device=got.device)).to(dw3.dtype)
 
 
 def _to_channels_first(x, H):
@@ -92,7 +126,7 @@ def _from_channels_first(x):
 
 
 @torch.no_grad()
-def _aft_local_fwd(q, k, v, w, window: int, causal: bool):
+def _aft_local_fwd(q, k, v, w, window: int, causal: bool, banded: bool = False):
     """(y in the compute dtype, lse): see aft_local_fwd_ref."""
     ct = compute_dtype(q.dtype)
     B, T, D = q.shape
@@ -108,7 +142,7 @@ def _aft_local_fwd(q, k, v, w, window: int, causal: bool):
     band_lse = torch.empty(B, H, Dh, T, dtype=ct, device=q.device)
     band_mean = torch.empty_like(band_lse)
     for t0, t1, ks, ke in _chunks(T, W, causal):
-        x = _block_logits(w3, kT, t0, t1, ks, ke, W, causal, ct)  # (B, H, Dh, C, L)
+        x = _block_logits(w3, banded, kT, t0, t1, ks, ke, W, causal, ct)  # (B, H, Dh, C, L)
         # -inf where every band logit is masked (-inf in k or w, docs/design.md §7): safe max, s = 0, lse = -inf
         m = safe_max(x.amax(dim=-1, keepdim=True))
         e = x.sub_(m).exp_()  # in [0, 1], max 1 per row
@@ -128,29 +162,30 @@ def _aft_local_fwd(q, k, v, w, window: int, causal: bool):
     return y, lse
 
 
-def aft_local_fwd_ref(q, k, v, w, window: int, causal: bool):
+def aft_local_fwd_ref(q, k, v, w, window: int, causal: bool, banded: bool = False):
     """Reference forward. Returns ``(y, lse)``.
 
     q, k, v: (B, T, D), one floating dtype; w: (T, T) or (heads, T, T) with D % heads == 0, q's dtype (channel c
-    uses head c // (D // heads)); window >= 1. y: (B, T, D) in q's dtype. lse: (B, T, D) float32 (float64 for
-    float64 inputs), ``lse[t, c] = log sum_{visible t'} exp(k[t', c] + w'[t, t'])``. Math in float32 (float64 for
-    float64 inputs); inputs are made contiguous once. window >= T equals aft_full; window == 1 keeps only the
-    diagonal bias.
+    uses head c // (D // heads)), or with ``banded`` (T, 2W - 1) / (heads, T, 2W - 1), W = min(window, T), the
+    banded layout of :mod:`attnfree_ext.ops.aft_local.layout`; window >= 1. y: (B, T, D) in q's dtype.
+    lse: (B, T, D) float32 (float64 for float64 inputs), ``lse[t, c] = log sum_{visible t'} exp(k[t', c] +
+    w'[t, t'])``. Math in float32 (float64 for float64 inputs); inputs are made contiguous once. window >= T equals
+    aft_full; window == 1 keeps only the diagonal bias.
     """
-    y, lse = _aft_local_fwd(q, k, v, w, window, causal)
+    y, lse = _aft_local_fwd(q, k, v, w, window, causal, banded)
     return y.to(q.dtype), lse
 
 
 @torch.no_grad()
-def aft_local_bwd_ref(dy, q, k, v, w, y, lse, window: int, causal: bool):
+def aft_local_bwd_ref(dy, q, k, v, w, y, lse, window: int, causal: bool, banded: bool = False):
     """Reference backward from the inputs, y and lse only. Returns ``(dq, dk, dv, dw)``.
 
     With P[t, t', c] = exp(k[t', c] + w'[t, t'] - lse[t, c]) (<= 1), G = dy * sigmoid(q), H = dy * y:
     dq = dy * y * (1 - sigmoid(q)); dv[t'] = sum_t P G; dk[t'] = v[t'] dv[t'] - sum_t P H;
     dw[h, t, t'] = sum_{b, c in head h} P (G[t] v[t'] - H[t]) inside the band, 0 outside.
     Band: exact per element over the same row chunks as the forward. Out-of-band: shifted reverse/forward
-    log-cumsums (every exponent <= log sum|G|). dq/dk/dv in q's dtype, dw with w's shape and dtype.
-    Memory O(B*T*D + T*window) besides dw.
+    log-cumsums (every exponent <= log sum|G|). dq/dk/dv in q's dtype, dw with w's shape, layout and dtype.
+    Memory O(B*T*D + T*window) besides dw (with a banded w, dw is banded too: no T x T tensor).
     y may be given in q's dtype (the contract) or unrounded in the compute dtype (what ``AFTLocalFunction`` saves
     for fp16/bf16 inputs); it is used as given (docs/design.md §3).
     """
@@ -176,7 +211,7 @@ def aft_local_bwd_ref(dy, q, k, v, w, y, lse, window: int, causal: bool):
     dvT = torch.zeros(B, H, Dh, T, dtype=ct, device=q.device)
     phT = torch.zeros_like(dvT)  # sum_t P H
     for t0, t1, ks, ke in _chunks(T, W, causal):
-        x = _block_logits(w3, kT, t0, t1, ks, ke, W, causal, ct)
+        x = _block_logits(w3, banded, kT, t0, t1, ks, ke, W, causal, ct)
         # (B, H, Dh, C, L); 0 outside the band, at masked keys and on rows with lse = -inf
         p = x.sub_(safe_max(lseT[..., t0:t1, None])).exp_()
         gc, hc = gT[..., t0:t1], hT[..., t0:t1]
@@ -184,7 +219,7 @@ def aft_local_bwd_ref(dy, q, k, v, w, y, lse, window: int, causal: bool):
         phT[..., ks:ke] += torch.matmul(hc[..., None, :], p)[..., 0, :]
         # dw[h, t, t'] = sum_{b, d} P (G[t] v[t'] - H[t])
         tmp = torch.addcmul(-hc[..., :, None], gc[..., :, None], vT[..., None, ks:ke]).mul_(p)
-        dw3[:, t0:t1, ks:ke] = tmp.sum(dim=(0, 2)).to(dw3.dtype)
+        _store_dw(dw3, banded, tmp.sum(dim=(0, 2)), t0, t1, ks, ke, W, causal)
         del x, p, tmp
     dv, ph = _from_channels_first(dvT), _from_channels_first(phT)
     if T > W:
@@ -204,13 +239,14 @@ class AFTLocalFunction(torch.autograd.Function):
     """Python-path autograd: forward saves q, k, v, w, y (unrounded, compute dtype) and lse only."""
 
     @staticmethod
-    def forward(ctx, q, k, v, w, window, causal):
-        y, lse = _aft_local_fwd(q, k, v, w, window, causal)
+    def forward(ctx, q, k, v, w, window, causal, banded=False):
+        y, lse = _aft_local_fwd(q, k, v, w, window, causal, banded)
         # y stays in the compute dtype (docs/design.md §3): H = dy * y enters dk and dw, and the unrounded y keeps
         # them free of the low-precision rounding of y.
         ctx.save_for_backward(q, k, v, w, y, lse)
         ctx.window = window
         ctx.causal = causal
+        ctx.banded = banded
         return y.to(q.dtype)
 
     @staticmethod
@@ -218,7 +254,9 @@ class AFTLocalFunction(torch.autograd.Function):
         q, k, v, w, y, lse = ctx.saved_tensors
         if _composite.double_backward_active():  # create_graph=True: a differentiable gradient (§3)
             return tuple(
-                _composite.vjp(_composite.aft_local, (q, k, v, w, ctx.window, ctx.causal), ctx.needs_input_grad, dy)
+                _composite.vjp(
+                    _layout.composite, (q, k, v, w, ctx.window, ctx.causal, ctx.banded), ctx.needs_input_grad, dy
+                )
             )
-        dq, dk, dv, dw = aft_local_bwd_ref(dy, q, k, v, w, y, lse, ctx.window, ctx.causal)
-        return dq, dk, dv, dw, None, None
+        dq, dk, dv, dw = aft_local_bwd_ref(dy, q, k, v, w, y, lse, ctx.window, ctx.causal, ctx.banded)
+        return dq, dk, dv, dw, None, None, None

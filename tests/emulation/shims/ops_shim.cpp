@@ -52,14 +52,16 @@ uint64_t emu_aft_local_bwd_ws(int64_t dt, int64_t B, int64_t T, int64_t D, int64
   return ac::aft_local_bwd_workspace_bytes(DType(dt), B, T, D, heads, window, causal != 0);
 }
 int emu_aft_local_fwd(int64_t dt, const void* q, const void* k, const void* v, const void* w, void* y, void* lse,
-                      int64_t B, int64_t T, int64_t D, int64_t heads, int64_t window, int causal, void* ws) {
-  return ac::aft_local_fwd(DType(dt), q, k, v, w, y, lse, B, T, D, heads, window, causal != 0, ws, nullptr);
+                      int64_t B, int64_t T, int64_t D, int64_t heads, int64_t window, int causal, int banded,
+                      void* ws) {
+  return ac::aft_local_fwd(DType(dt), q, k, v, w, y, lse, B, T, D, heads, window, causal != 0, banded != 0, ws,
+                           nullptr);
 }
 int emu_aft_local_bwd(int64_t dt, const void* dy, const void* q, const void* k, const void* v, const void* w,
                       const void* y, const void* lse, void* dq, void* dk, void* dv, void* dw, int64_t B, int64_t T,
-                      int64_t D, int64_t heads, int64_t window, int causal, void* ws) {
-  return ac::aft_local_bwd(DType(dt), dy, q, k, v, w, y, lse, dq, dk, dv, dw, B, T, D, heads, window, causal != 0, ws,
-                           nullptr);
+                      int64_t D, int64_t heads, int64_t window, int causal, int banded, void* ws) {
+  return ac::aft_local_bwd(DType(dt), dy, q, k, v, w, y, lse, dq, dk, dv, dw, B, T, D, heads, window, causal != 0,
+                           banded != 0, ws, nullptr);
 }
 
 uint64_t emu_aft_full_fwd_ws(int64_t dt, int64_t B, int64_t T, int64_t D, int64_t heads, int causal, int exact) {
