@@ -152,14 +152,23 @@ def test_aft_simple_state_bad_arguments():
         aft_simple(q, k, v, True, initial_state=[0.0])
 
 
-def test_state_runs_on_python_path_and_says_so():
+def test_state_runs_on_the_compiled_kernels_and_says_so():
+    """The state is one more chunk of the kernels' scan: backend_info selects the compiled path for it when _C is
+    there, and forcing "compiled" runs it (equal to the Python path)."""
     q, k, v = qkv(1, 4, 2, torch.float32)
     s = empty_state(1, 2, torch.float32, "cpu")
     info = backend_info("aft_simple", q, k, v, initial_state=s)
-    assert info["selected"] == "python" and "initial_state" in info["summary"]
+    assert info == attnfree_ext.backend_info("aft_simple", q, k, v)
     assert backend_info("aft_simple", q, k, v) == attnfree_ext.backend_info("aft_simple", q, k, v)
-    with attnfree_ext.force_backend("compiled"), pytest.raises(RuntimeError, match="output_final_state"):
-        aft_simple(q, k, v, True, output_final_state=True)
+    if info["selected"] != "compiled":
+        assert info["reasons"]["compiled"], info
+        return
+    with attnfree_ext.force_backend("compiled"):
+        y, st = aft_simple(q, k, v, True, output_final_state=True)
+    with attnfree_ext.force_backend("python"):
+        yp, stp = aft_simple(q, k, v, True, output_final_state=True)
+    torch.testing.assert_close(y, yp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st, stp, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ chunk forms of aft_full / aft_local

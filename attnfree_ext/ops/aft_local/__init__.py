@@ -53,7 +53,8 @@ def aft_local(
         causal: a bool; if True, row t uses keys t' <= t only.
         w_layout: None (read the layout from w's shape: last dimension T means full, 2W - 1 band), "full" or
             "band". Required when the shape fits both (T == 2W - 1 > 1, e.g. T = 5, window = 3). With cu_seqlens
-            the layout's T is the longest sequence's; a decoding chunk takes the full layout's rows (below).
+            None means "full" (w covers the longest sequence) and the band's T is the longest sequence's; a
+            decoding chunk takes the full layout's rows (below).
         initial_state: causal only; None or a prefix state (B, 3, D) of keys that come before k and are out of
             every row's band (bias 0): the format of aft_simple's state (docs/design.md §9.1), float32 for
             fp16/bf16/fp32 inputs, float64 for float64. Differentiable.
@@ -122,7 +123,7 @@ def aft_local(
         window = min(check_window(window), max(pk.t_max, 1))
         # the padded batch is one (N, T_max, D) call: w's rows (and, full, its columns) cut to T_max
         wp = w[..., : pk.t_max, :] if w_layout == layout.BAND else check_varlen_bias("w", w, pk.t_max)
-        _, banded = layout.resolve(wp, qp, window, w_layout)
+        _, banded = layout.resolve(wp, qp, window, w_layout or layout.FULL)
         require_python("aft_local", python_only_reasons("aft_local", cu_seqlens=cu_seqlens))
         if _composite.transform_active(qp, kp, vp, wp):
             return pk.unpad(layout.composite(qp, kp, vp, wp, window, causal, banded))

@@ -76,7 +76,9 @@ def aft_simple(
         )
     if not causal and output_final_state:
         raise ValueError("output_final_state needs causal=True (a state carries a causal prefix)")
-    why = python_only_reasons("aft_simple", cu_seqlens=cu_seqlens)
+    why = python_only_reasons(
+        "aft_simple", initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
+    )
     if cu_seqlens is not None:
         pk = packing(cu_seqlens, q)
         if initial_state is not None:

@@ -16,9 +16,9 @@ _STATE = "the aft_local prefix state runs on the pure-PyTorch path (its kernels 
 _VARLEN = "packed sequences run as one padded batch on the pure-PyTorch path"
 _CHUNK = "a decoding chunk (k, v with more rows than q) runs on the pure-PyTorch path"
 
-#: op -> argument -> why a call using it runs on the pure-PyTorch path
+#: op -> argument -> why a call using it runs on the pure-PyTorch path (None: the compiled kernels take it too)
 PYTHON_ONLY_ARGUMENTS = {
-    "aft_simple": {"cu_seqlens": _VARLEN},
+    "aft_simple": {"initial_state": None, "output_final_state": None, "cu_seqlens": _VARLEN},
     "aft_local": {"initial_state": _STATE, "chunk": _CHUNK, "cu_seqlens": _VARLEN},
     "aft_full": {"chunk": _CHUNK, "cu_seqlens": _VARLEN},
 }
@@ -31,6 +31,7 @@ def python_only_reasons(op: str, **arguments) -> list[str]:
     if unknown:
         raise ValueError(f"{op} has no argument(s) {sorted(unknown)} here; known: {sorted(table)}")
     used = [name for name in table if arguments.get(name) is not None and arguments.get(name) is not False]
+    used = [name for name in used if table[name] is not None]
     return [f"{name} given: {table[name]}" for name in used]
 
 
