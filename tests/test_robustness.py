@@ -711,9 +711,9 @@ def _property_tol(dtype, scale):
 if HAVE_HYPOTHESIS:
 
     @st.composite
-    def _aft_problems(draw, op):
+    def _aft_problems(draw, op, lengths=st.integers(1, 9)):
         B = draw(st.integers(1, 2))
-        T = draw(st.integers(1, 9))
+        T = draw(lengths)
         D = draw(st.integers(1, 6))
         heads = draw(st.sampled_from([h for h in range(1, D + 1) if D % h == 0])) if op != "aft_simple" else 1
         return {
@@ -783,6 +783,27 @@ if HAVE_HYPOTHESIS:
         @given(pb=_aft_problems(op))
         def check(pb):
             _check_property(path, op, pb)
+
+        check()
+
+    # lengths around the tiles of the aft_full kernels: python and scalar CPU 64 keys; AVX2 128-row query tiles
+    # and 256 backward tiles (compiled only: the python path has none, and is slower there)
+    _TILE_LENGTHS = [1, 7, 63, 64, 65, 129]
+
+    @pytest.mark.paths("python", "compiled-cpu", op="aft_full")
+    def test_property_aft_full_kernels_match_oracle(path, monkeypatch):
+        """Property (hypothesis, derandomized) for aft_full on each kernel (compiled CPU: auto, the tiled kernels
+        (float64 scalar, float32 AVX2) and the exact one, via ATTNFREE_AFT_FULL_KERNEL), T across the tile
+        boundaries (1 ... 257), |k|, |w| up to 1e4, float32 / float64, causal or not, (T, T) and (heads, T, T) w:
+        y and the gradients are finite and match the float64 oracle."""
+
+        lengths = st.sampled_from(_TILE_LENGTHS + ([257] if path.compiled else []))
+
+        @settings(_PROPERTY_SETTINGS, max_examples=15)
+        @given(pb=_aft_problems("aft_full", lengths), kernel=st.sampled_from(["auto", "tiled", "exact"]))
+        def check(pb, kernel):
+            monkeypatch.setenv("ATTNFREE_AFT_FULL_KERNEL", kernel)
+            _check_property(path, "aft_full", pb)
 
         check()
 
