@@ -162,8 +162,8 @@ void head_fwd(const acc_t* w, const acc_t* K, const acc_t* V, acc_t* Zout, acc_t
           for (int64_t j = 0; j < N; ++j) {
             const acc_t d = drow[j];
             if (!(d >= tiny)) {  // lost tile: remember an upper bound of its log-contribution (NaN: +inf, exact)
-              Lr[j] = d != d ? std::numeric_limits<acc_t>::infinity()
-                             : std::max(Lr[j], ri + m[j] + log_tiny + acc_t(1e-3));
+              Lr[j] =
+                  d != d ? std::numeric_limits<acc_t>::infinity() : std::max(Lr[j], ri + m[j] + log_tiny + acc_t(1e-3));
               continue;
             }
             merge_one(Mr[j], Sr[j], Ar[j], ri + m[j] + std::log(d), nrow[j] / d);

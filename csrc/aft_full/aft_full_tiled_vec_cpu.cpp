@@ -108,7 +108,7 @@ void head_fwd(const float* w, const float* K, const float* V, float* Zout, float
     float* Ewp = Ew.data_ptr<float>();
     const float* ndp = nd.data_ptr<float>();
     std::vector<float> r(kQTile), M(kQTile * N), Sd(kQTile * N), Sn(kQTile * N), LB(kQTile * N);
-    at::Tensor XXs;  // the sanitised GEMM operand, allocated on first use
+    at::Tensor XXs;                     // the sanitised GEMM operand, allocated on first use
     std::vector<int64_t> first(2 * N);  // per column: the first zeroed key
     const __m256 vtiny = _mm256_set1_ps(kTiny), vninf = _mm256_set1_ps(ninf);
     const __m256 vpinf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
@@ -143,7 +143,8 @@ void head_fwd(const float* w, const float* K, const float* V, float* Zout, float
           for (int64_t jj = cnt; jj < nj; ++jj) e[jj] = 0.f;
         }
         // keys (i0, j0 + nj) are hidden from the rows of this tile before them
-        const bool clean = !causal || j0 + nj - 1 <= i0 || all_finite(XX + (i0 + 1) * 2 * N, (j0 + nj - i0 - 1) * 2 * N);
+        const bool clean =
+            !causal || j0 + nj - 1 <= i0 || all_finite(XX + (i0 + 1) * 2 * N, (j0 + nj - i0 - 1) * 2 * N);
         if (!clean) {
           if (!XXs.defined()) XXs = at::empty({kKeyTile, 2 * N}, opts);
           float* xs = XXs.data_ptr<float>();
