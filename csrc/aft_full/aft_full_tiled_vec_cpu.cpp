@@ -106,7 +106,7 @@ void head_fwd(const float* w, const float* K, const float* V, float* Zout, float
     at::Tensor Ew = at::empty({kQTile, kKeyTile}, opts);
     at::Tensor nd = at::empty({kQTile, 2 * N}, opts);
     float* Ewp = Ew.data_ptr<float>();
-    const float* ndp = nd.data_ptr<float>();
+    float* ndp = nd.data_ptr<float>();
     std::vector<float> r(kQTile), M(kQTile * N), Sd(kQTile * N), Sn(kQTile * N), LB(kQTile * N);
     at::Tensor XXs;                     // the sanitised GEMM operand, allocated on first use
     std::vector<int64_t> first(2 * N);  // per column: the first zeroed key
@@ -164,7 +164,7 @@ void head_fwd(const float* w, const float* K, const float* V, float* Zout, float
         if (!clean)  // rows that see a zeroed entry: that column is not finite
           for (int64_t ii = 0; ii < ni; ++ii)
             for (int64_t c = 0; c < 2 * N; ++c)
-              if (first[c] <= i0 + ii) nd.data_ptr<float>()[ii * 2 * N + c] = std::numeric_limits<float>::quiet_NaN();
+              if (first[c] <= i0 + ii) ndp[ii * 2 * N + c] = std::numeric_limits<float>::quiet_NaN();
         const float* m = mt.data() + J * N;
         for (int64_t ii = 0; ii < ni; ++ii) {
           const float* nrow = ndp + ii * 2 * N;
@@ -261,7 +261,7 @@ void head_bwd(const float* w, const float* K, const float* V, const float* G, co
     at::Tensor g2 = at::empty({tau, tau}, opts);
     float* Ewp = Ew.data_ptr<float>();
     float* RGHp = RGH.data_ptr<float>();
-    const float* gp = g.data_ptr<float>();
+    float* gp = g.data_ptr<float>();
     float* XGHp = XGH.data_ptr<float>();
     float* YVYp = YVY.data_ptr<float>();
     const float* g2p = g2.data_ptr<float>();
@@ -361,7 +361,7 @@ void head_bwd(const float* w, const float* K, const float* V, const float* G, co
         if (!clean)  // keys seen by a zeroed row (t' <= t): that column is not finite
           for (int64_t jj = 0; jj < nj; ++jj)
             for (int64_t c = 0; c < 2 * N; ++c)
-              if (jj <= last[c]) g.data_ptr<float>()[jj * 2 * N + c] = std::numeric_limits<float>::quiet_NaN();
+              if (jj <= last[c]) gp[jj * 2 * N + c] = std::numeric_limits<float>::quiet_NaN();
         at::Tensor g2v = g2.view(-1).narrow(0, 0, ni * nj).view({ni, nj});
         at::mm_out(g2v, XGH.narrow(0, 0, ni), YVY.narrow(0, 0, nj).t());
         // dV, sPH: scale e^(K + lam); guard -> exact over the query tile's visible rows
