@@ -233,6 +233,33 @@ def test_ea_empty_forward_backward(path, shape):
     assert y.shape == shape and x.grad.shape == shape
 
 
+def test_talking_heads_empty_and_meta():
+    for shape in [(0, 2, 4, 3), (1, 2, 0, 3)]:  # B = 0, N = 0 (d = 0 is refused, below)
+        q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+        y = talking_heads_attention(q, k, v, torch.randn(2, 2), torch.randn(2, 2))
+        y.sum().backward()
+        assert y.shape == shape and q.grad.shape == shape and not q.grad.any()
+    q, k, v = (torch.randn(1, 2, 4, 3, device="meta", requires_grad=True) for _ in range(3))
+    y = talking_heads_attention(q, k, v, torch.randn(2, 2, device="meta"), torch.randn(2, 2, device="meta"))
+    y.sum().backward()
+    assert y.shape == (1, 2, 4, 3) and y.device.type == "meta" and q.grad.shape == q.shape
+
+
+@pytest.mark.paths(op="aft_full")  # aft_conv2d's compiled path is aft_full's kernel
+def test_aft_conv2d_double_backward_and_forward_ad(path):
+    """gradgradcheck and torch.func.jvp through aft_conv2d on each path (the tangent against the oracle's)."""
+    q, v = (torch.randn(1, 4, 3, 3, dtype=F64) for _ in range(2))
+    k = torch.randn(1, 2, 3, 3, dtype=F64)
+    w = torch.randn(2, 3, 3, dtype=F64)
+    leaves = [path.leaf(x) for x in (q, k, v, w)]
+    with path.force():
+        assert torch.autograd.gradgradcheck(aft_conv2d, leaves, eps=1e-6, atol=1e-5)
+        tang = [torch.randn_like(x) for x in (q, k, v, w)]
+        _, got = torch.func.jvp(aft_conv2d, tuple(path.put((q, k, v, w))), tuple(path.put(tang)))
+    _, want = torch.func.jvp(oracles.aft_conv2d, (q, k, v, w), tuple(tang))
+    torch.testing.assert_close(got.cpu(), want)
+
+
 def test_aft_conv2d_empty_and_meta():
     for B, D in ((0, 4), (2, 0)):
         q = torch.randn(B, D, 3, 3, requires_grad=True)
@@ -262,7 +289,13 @@ def test_meta_tensors_forward_backward(case):
 
 # ------------------------------------------------------------------------------------------ argument checks
 @pytest.mark.parametrize(
-    "fn", [lambda q: aft_local(q, q, q, torch.zeros(5, 5), 2, "no"), lambda q: aft_simple(q, q, q, "no")]
+    "fn",
+    [
+        lambda q: aft_full(q, q, q, torch.zeros(5, 5), "no"),
+        lambda q: aft_local(q, q, q, torch.zeros(5, 5), 2, "no"),
+        lambda q: aft_simple(q, q, q, "no"),
+    ],
+    ids=["aft_full", "aft_local", "aft_simple"],
 )
 def test_causal_must_be_bool(fn):
     with pytest.raises(TypeError, match="causal must be a bool"):
@@ -379,11 +412,10 @@ def test_module_torch_compile_fullgraph_and_export(name):
             for train, dynamic in ((True, False), (False, True)):  # both modes, both dynamic flags, 2 graphs
                 m.train(train)
                 want = m(x)
-                if True:
-                    torch._dynamo.reset()
-                    got = torch.compile(m, fullgraph=True, dynamic=dynamic, backend="aot_eager")(x)
-                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-                    got.sum().backward()
+                torch._dynamo.reset()
+                got = torch.compile(m, fullgraph=True, dynamic=dynamic, backend="aot_eager")(x)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+                got.sum().backward()
             m.eval()
             ep = torch.export.export(m, (x,))
             torch.testing.assert_close(ep.module()(x), m(x), rtol=1e-5, atol=1e-6)
