@@ -211,6 +211,10 @@ void head_bwd(const acc_t* w, const acc_t* K, const acc_t* V, const acc_t* G, co
   const int64_t nt = (T + tau - 1) / tau;
   const acc_t guard = sizeof(acc_t) == 4 ? acc_t(42) : acc_t(663);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  // NL = -lse, -inf where lse = -inf, once per head (the inner loops then add it, as they subtracted lse)
+  std::vector<acc_t> NLv(T * N);
+  for (int64_t i = 0; i < T * N; ++i) NLv[i] = neg_lse(L[i]);
+  const acc_t* NL = NLv.data();
   at::parallel_for(0, nt, 1, [&](int64_t p0, int64_t p1) {
     at::Tensor Ew = at::empty({tau, tau}, opts);
     at::Tensor RGH = at::empty({tau, 2 * N}, opts);
@@ -255,7 +259,7 @@ void head_bwd(const acc_t* w, const acc_t* K, const acc_t* V, const acc_t* G, co
               const acc_t wv = w[t * T + tp];
               acc_t dw_acc = 0;
               for (int64_t j = 0; j < N; ++j) {
-                const acc_t P = std::exp(wv + K[tp * N + j] + neg_lse(L[t * N + j]));
+                const acc_t P = std::exp(wv + K[tp * N + j] + NL[t * N + j]);
                 dV[tp * N + j] += P * G[t * N + j];
                 sPH[tp * N + j] += P * Hm[t * N + j];
                 dw_acc += P * (G[t * N + j] * V[tp * N + j] - Hm[t * N + j]);
@@ -269,17 +273,17 @@ void head_bwd(const acc_t* w, const acc_t* K, const acc_t* V, const acc_t* G, co
         for (int64_t j = 0; j < N; ++j) lam[j] = ninf;
         // La = a - lse: -inf where a = -inf (w row masked over the tile) or lse = -inf (no finite logit)
         for (int64_t ii = 0; ii < ni; ++ii) {
-          const acc_t* Lr = L + (i0 + ii) * N;
-          for (int64_t j = 0; j < N; ++j) lam[j] = std::max(lam[j], a[ii] + neg_lse(Lr[j]));
+          const acc_t* NLr = NL + (i0 + ii) * N;
+          for (int64_t j = 0; j < N; ++j) lam[j] = std::max(lam[j], a[ii] + NLr[j]);
         }
         for (int64_t j = 0; j < N; ++j) lam_off[j] = safe_off(lam[j]);
         for (int64_t ii = 0; ii < ni; ++ii) {
           const int64_t t = i0 + ii;
-          const acc_t* Lr = L + t * N;
+          const acc_t* NLr = NL + t * N;
           acc_t* rr = RGHp + ii * 2 * N;
           acc_t nmax = ninf;
           for (int64_t j = 0; j < N; ++j) {
-            const acc_t La = a[ii] + neg_lse(Lr[j]);
+            const acc_t La = a[ii] + NLr[j];
             const acc_t R = std::exp(La - lam_off[j]);
             rr[j] = R * G[t * N + j];
             rr[N + j] = R * Hm[t * N + j];
@@ -290,7 +294,7 @@ void head_bwd(const acc_t* w, const acc_t* K, const acc_t* V, const acc_t* G, co
           acc_t* xr = XGHp + ii * 2 * N;
           for (int64_t j = 0; j < N; ++j) {
             // raw mu: X = 0 for a column whose keys are all masked in this tile (its Y uses the safe offset)
-            const acc_t X = std::exp(a[ii] + neg_lse(Lr[j]) + mu[j] - nmax);
+            const acc_t X = std::exp(a[ii] + NLr[j] + mu[j] - nmax);
             xr[j] = X * G[t * N + j];
             xr[N + j] = -X * Hm[t * N + j];
           }
@@ -307,7 +311,7 @@ void head_bwd(const acc_t* w, const acc_t* K, const acc_t* V, const acc_t* G, co
             if (sc > guard) {  // exact over the query tile
               acc_t sv = 0, sh = 0;
               for (int64_t t = i0; t < i1; ++t) {
-                const acc_t P = std::exp(w[t * T + tp] + K[tp * N + j] + neg_lse(L[t * N + j]));
+                const acc_t P = std::exp(w[t * T + tp] + K[tp * N + j] + NL[t * N + j]);
                 sv += P * G[t * N + j];
                 sh += P * Hm[t * N + j];
               }
@@ -330,7 +334,7 @@ void head_bwd(const acc_t* w, const acc_t* K, const acc_t* V, const acc_t* G, co
             if (sc > guard) {  // exact over the columns
               acc_t acc = 0;
               for (int64_t j = 0; j < N; ++j) {
-                const acc_t P = std::exp(wv + K[tp * N + j] + neg_lse(L[t * N + j]));
+                const acc_t P = std::exp(wv + K[tp * N + j] + NL[t * N + j]);
                 acc += P * (G[t * N + j] * V[tp * N + j] - Hm[t * N + j]);
               }
               dW[t * T + tp] = acc;
