@@ -4,6 +4,9 @@
 //   X = exp(K[J] - m);  [n | d] = Ew @ [X * V[J] | X]  (one ATen GEMM, operands in [0, 1]);
 //   l = r + m + log d, mean = n / d, merged into the running (M, S, A) per (t, j) like an online softmax.
 //   Causal: tiles above the diagonal are skipped, diagonal tiles are computed exactly per element.
+//   Masks (docs/design.md §7): every max used as a shift is a safe offset (0 where the max is -inf), so an
+//   all -inf key tile, w row or row of logits gives exactly 0 and no (-inf) - (-inf) is formed; a row with no
+//   finite logit ends with S = 0: z = 0, lse = -inf. Only compares and selects, no extra exponential.
 //   Exactness guard: a tile with d < 1e-30 is "lost" (its products may have underflowed); its contribution is
 //   bounded by r + m + log(1e-30 + tau * tiny). Wherever that bound exceeds lse - 30 the (t, j) is recomputed
 //   exactly per element (two passes over all visible keys), so the result never depends on a lost tile.
@@ -23,6 +26,12 @@ namespace attnfree {
 namespace cpu {
 namespace {
 
+// x where x != -inf, else 0: the offset of exp(a - off) when every a may be -inf.
+template <typename acc_t>
+inline acc_t safe_off(acc_t x) {
+  return x == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : x;
+}
+
 template <typename acc_t>
 inline void merge_one(acc_t& M, acc_t& S, acc_t& A, acc_t l, acc_t mean) {
   if (l > M) {
@@ -37,12 +46,19 @@ inline void merge_one(acc_t& M, acc_t& S, acc_t& A, acc_t l, acc_t mean) {
   }
 }
 
-// exact (M, S, A) over keys [k0, k1] for query t, column j
+// -lse as an exponent offset: -inf where lse = -inf (a row with no finite logit: P = exp(w + k - lse) = 0)
+template <typename acc_t>
+inline acc_t neg_lse(acc_t L) {
+  return L == -std::numeric_limits<acc_t>::infinity() ? L : -L;
+}
+
+// exact (M, S, A) over keys [k0, k1] for query t, column j; S = 0 (and M = 0) where every logit is -inf
 template <typename acc_t>
 inline void exact_range(const acc_t* wrow, const acc_t* K, const acc_t* V, int64_t N, int64_t j, int64_t k0, int64_t k1,
                         acc_t& M, acc_t& S, acc_t& A) {
   acc_t mx = -std::numeric_limits<acc_t>::infinity();
   for (int64_t tp = k0; tp <= k1; ++tp) mx = std::max(mx, wrow[tp] + K[tp * N + j]);
+  mx = safe_off(mx);
   acc_t s = 0, a = 0;
   for (int64_t tp = k0; tp <= k1; ++tp) {
     const acc_t e = std::exp(wrow[tp] + K[tp * N + j] - mx);
@@ -63,8 +79,9 @@ inline void exp_rows(const acc_t* w, int64_t T, int64_t i0, int64_t ni, int64_t 
     acc_t mx = -std::numeric_limits<acc_t>::infinity();
     for (int64_t jj = 0; jj < nj; ++jj) mx = std::max(mx, row[jj]);
     r[ii] = mx;
+    const acc_t off = safe_off(mx);
     acc_t* e = Ew + ii * tau;
-    for (int64_t jj = 0; jj < nj; ++jj) e[jj] = std::exp(row[jj] - mx);
+    for (int64_t jj = 0; jj < nj; ++jj) e[jj] = std::exp(row[jj] - off);
   }
 }
 
@@ -88,10 +105,12 @@ void head_fwd(const acc_t* w, const acc_t* K, const acc_t* V, acc_t* Zout, acc_t
       for (int64_t j = 0; j < N; ++j) m[j] = ninf;
       for (int64_t tp = j0; tp < j1; ++tp)
         for (int64_t j = 0; j < N; ++j) m[j] = std::max(m[j], K[tp * N + j]);
+      std::vector<acc_t> off(N);
+      for (int64_t j = 0; j < N; ++j) off[j] = safe_off(m[j]);
       for (int64_t tp = j0; tp < j1; ++tp) {
         acc_t* row = XX + tp * 2 * N;
         for (int64_t j = 0; j < N; ++j) {
-          const acc_t x = std::exp(K[tp * N + j] - m[j]);
+          const acc_t x = std::exp(K[tp * N + j] - off[j]);
           row[j] = x * V[tp * N + j];
           row[N + j] = x;
         }
@@ -122,6 +141,7 @@ void head_fwd(const acc_t* w, const acc_t* K, const acc_t* V, acc_t* Zout, acc_t
             for (int64_t j = 0; j < N; ++j) {
               acc_t m_, s_, a_;
               exact_range(w + t * T, K, V, N, j, j0, t, m_, s_, a_);
+              if (s_ == acc_t(0)) continue;  // every key of the tile masked: nothing to merge
               merge_one(M[ii * N + j], S[ii * N + j], A[ii * N + j], m_ + std::log(s_), a_ / s_);
             }
           }
@@ -141,8 +161,9 @@ void head_fwd(const acc_t* w, const acc_t* K, const acc_t* V, acc_t* Zout, acc_t
           acc_t* Lr = LB.data() + ii * N;
           for (int64_t j = 0; j < N; ++j) {
             const acc_t d = drow[j];
-            if (!(d >= tiny)) {  // lost tile: remember an upper bound of its log-contribution
-              Lr[j] = std::max(Lr[j], ri + m[j] + log_tiny + acc_t(1e-3));
+            if (!(d >= tiny)) {  // lost tile: remember an upper bound of its log-contribution (NaN: +inf, exact)
+              Lr[j] =
+                  d != d ? std::numeric_limits<acc_t>::infinity() : std::max(Lr[j], ri + m[j] + log_tiny + acc_t(1e-3));
               continue;
             }
             merge_one(Mr[j], Sr[j], Ar[j], ri + m[j] + std::log(d), nrow[j] / d);
@@ -155,13 +176,13 @@ void head_fwd(const acc_t* w, const acc_t* K, const acc_t* V, acc_t* Zout, acc_t
         const int64_t kend = causal ? t : T - 1;
         for (int64_t j = 0; j < N; ++j) {
           const int64_t o = ii * N + j;
-          acc_t lse = M[o] + std::log(S[o]);
-          acc_t z = A[o] / S[o];
+          acc_t lse = M[o] + std::log(S[o]);  // -inf where S = 0
+          acc_t z = S[o] == acc_t(0) ? acc_t(0) : A[o] / S[o];
           if (!(LB[o] <= lse - acc_t(30))) {  // a lost tile could matter (or nothing survived): exact
             acc_t m_, s_, a_;
             exact_range(w + t * T, K, V, N, j, 0, kend, m_, s_, a_);
             lse = m_ + std::log(s_);
-            z = a_ / s_;
+            z = s_ == acc_t(0) ? acc_t(0) : a_ / s_;
           }
           Lout[t * N + j] = lse;
           Zout[t * N + j] = z;
@@ -181,6 +202,8 @@ void head_fwd(const acc_t* w, const acc_t* K, const acc_t* V, acc_t* Zout, acc_t
 // where s > kGuard (float32: 42, float64: 663) underflowed products could matter, so that entry is
 // recomputed exactly; otherwise anything lost is below tiny * e^s (~1e-20 relative to |G|, |H|).
 // Causal diagonal tiles are exact per element; tiles above the diagonal are skipped.
+// Masks (docs/design.md §7): -lse enters as neg_lse (-inf for a row with no finite logit, which gets P = 0),
+// shifts are safe offsets (an all -inf key tile column, w row or query tile column gives factors exactly 0).
 template <typename acc_t>
 void head_bwd(const acc_t* w, const acc_t* K, const acc_t* V, const acc_t* G, const acc_t* Hm, const acc_t* L,
               acc_t* dV, acc_t* sPH, acc_t* dW, int64_t T, int64_t N, bool causal, const at::TensorOptions& opts) {
@@ -188,6 +211,10 @@ void head_bwd(const acc_t* w, const acc_t* K, const acc_t* V, const acc_t* G, co
   const int64_t nt = (T + tau - 1) / tau;
   const acc_t guard = sizeof(acc_t) == 4 ? acc_t(42) : acc_t(663);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  // NL = -lse, -inf where lse = -inf, once per head (the inner loops then add it, as they subtracted lse)
+  std::vector<acc_t> NLv(T * N);
+  for (int64_t i = 0; i < T * N; ++i) NLv[i] = neg_lse(L[i]);
+  const acc_t* NL = NLv.data();
   at::parallel_for(0, nt, 1, [&](int64_t p0, int64_t p1) {
     at::Tensor Ew = at::empty({tau, tau}, opts);
     at::Tensor RGH = at::empty({tau, 2 * N}, opts);
@@ -201,7 +228,7 @@ void head_bwd(const acc_t* w, const acc_t* K, const acc_t* V, const acc_t* G, co
     acc_t* XGHp = XGH.data_ptr<acc_t>();
     acc_t* YVYp = YVY.data_ptr<acc_t>();
     const acc_t* g2p = g2.data_ptr<acc_t>();
-    std::vector<acc_t> a(tau), nu(tau), lam(N), mu(N);
+    std::vector<acc_t> a(tau), nu(tau), lam(N), lam_off(N), mu(N), mu_off(N);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t J = (p % 2 == 0) ? p / 2 : nt - 1 - p / 2;
       const int64_t j0 = J * tau, j1 = std::min(T, j0 + tau), nj = j1 - j0;
@@ -214,11 +241,12 @@ void head_bwd(const acc_t* w, const acc_t* K, const acc_t* V, const acc_t* G, co
       for (int64_t j = 0; j < N; ++j) mu[j] = ninf;
       for (int64_t tp = j0; tp < j1; ++tp)
         for (int64_t j = 0; j < N; ++j) mu[j] = std::max(mu[j], K[tp * N + j]);
+      for (int64_t j = 0; j < N; ++j) mu_off[j] = safe_off(mu[j]);
       for (int64_t jj = 0; jj < nj; ++jj) {
         const int64_t tp = j0 + jj;
         acc_t* row = YVYp + jj * 2 * N;
         for (int64_t j = 0; j < N; ++j) {
-          const acc_t y = std::exp(K[tp * N + j] - mu[j]);
+          const acc_t y = std::exp(K[tp * N + j] - mu_off[j]);
           row[j] = y * V[tp * N + j];
           row[N + j] = y;
         }
@@ -231,7 +259,7 @@ void head_bwd(const acc_t* w, const acc_t* K, const acc_t* V, const acc_t* G, co
               const acc_t wv = w[t * T + tp];
               acc_t dw_acc = 0;
               for (int64_t j = 0; j < N; ++j) {
-                const acc_t P = std::exp(wv + K[tp * N + j] - L[t * N + j]);
+                const acc_t P = std::exp(wv + K[tp * N + j] + NL[t * N + j]);
                 dV[tp * N + j] += P * G[t * N + j];
                 sPH[tp * N + j] += P * Hm[t * N + j];
                 dw_acc += P * (G[t * N + j] * V[tp * N + j] - Hm[t * N + j]);
@@ -243,25 +271,30 @@ void head_bwd(const acc_t* w, const acc_t* K, const acc_t* V, const acc_t* G, co
         }
         exp_rows(w, T, i0, ni, j0, nj, tau, a.data(), Ewp);
         for (int64_t j = 0; j < N; ++j) lam[j] = ninf;
+        // La = a - lse: -inf where a = -inf (w row masked over the tile) or lse = -inf (no finite logit)
         for (int64_t ii = 0; ii < ni; ++ii) {
-          const acc_t* Lr = L + (i0 + ii) * N;
-          for (int64_t j = 0; j < N; ++j) lam[j] = std::max(lam[j], a[ii] - Lr[j]);
+          const acc_t* NLr = NL + (i0 + ii) * N;
+          for (int64_t j = 0; j < N; ++j) lam[j] = std::max(lam[j], a[ii] + NLr[j]);
         }
+        for (int64_t j = 0; j < N; ++j) lam_off[j] = safe_off(lam[j]);
         for (int64_t ii = 0; ii < ni; ++ii) {
           const int64_t t = i0 + ii;
-          const acc_t* Lr = L + t * N;
+          const acc_t* NLr = NL + t * N;
           acc_t* rr = RGHp + ii * 2 * N;
           acc_t nmax = ninf;
           for (int64_t j = 0; j < N; ++j) {
-            const acc_t R = std::exp(a[ii] - Lr[j] - lam[j]);
+            const acc_t La = a[ii] + NLr[j];
+            const acc_t R = std::exp(La - lam_off[j]);
             rr[j] = R * G[t * N + j];
             rr[N + j] = R * Hm[t * N + j];
-            nmax = std::max(nmax, a[ii] - Lr[j] + mu[j]);
+            nmax = std::max(nmax, La + mu[j]);
           }
+          nmax = safe_off(nmax);
           nu[ii] = nmax;
           acc_t* xr = XGHp + ii * 2 * N;
           for (int64_t j = 0; j < N; ++j) {
-            const acc_t X = std::exp(a[ii] - Lr[j] + mu[j] - nmax);
+            // raw mu: X = 0 for a column whose keys are all masked in this tile (its Y uses the safe offset)
+            const acc_t X = std::exp(a[ii] + NLr[j] + mu[j] - nmax);
             xr[j] = X * G[t * N + j];
             xr[N + j] = -X * Hm[t * N + j];
           }
@@ -278,7 +311,7 @@ void head_bwd(const acc_t* w, const acc_t* K, const acc_t* V, const acc_t* G, co
             if (sc > guard) {  // exact over the query tile
               acc_t sv = 0, sh = 0;
               for (int64_t t = i0; t < i1; ++t) {
-                const acc_t P = std::exp(w[t * T + tp] + K[tp * N + j] - L[t * N + j]);
+                const acc_t P = std::exp(w[t * T + tp] + K[tp * N + j] + NL[t * N + j]);
                 sv += P * G[t * N + j];
                 sh += P * Hm[t * N + j];
               }
@@ -297,11 +330,11 @@ void head_bwd(const acc_t* w, const acc_t* K, const acc_t* V, const acc_t* G, co
           for (int64_t jj = 0; jj < nj; ++jj) {
             const int64_t tp = j0 + jj;
             const acc_t wv = w[t * T + tp];
-            const acc_t sc = wv - a[ii] + nu[ii];
+            const acc_t sc = wv - safe_off(a[ii]) + nu[ii];
             if (sc > guard) {  // exact over the columns
               acc_t acc = 0;
               for (int64_t j = 0; j < N; ++j) {
-                const acc_t P = std::exp(wv + K[tp * N + j] - L[t * N + j]);
+                const acc_t P = std::exp(wv + K[tp * N + j] + NL[t * N + j]);
                 acc += P * (G[t * N + j] * V[tp * N + j] - Hm[t * N + j]);
               }
               dW[t * T + tp] = acc;

@@ -9,7 +9,11 @@
 // Exactness guard (as the 64-tile kernel): a tile with d < tiny (1e-26) is lost, bounded by s + log(tiny) + 1e-3;
 // where a lost bound exceeds lse - 30, or a tile gave NaN, the (t, j) is recomputed exactly per element.
 // Safe offsets (docs/design.md §7): an all -inf key tile or w row contributes exactly 0; a row with no visible
-// finite logit gives z = 0, lse = -inf. Each query tile is computed by one thread in a fixed order.
+// finite logit gives z = 0, lse = -inf. Causal: the GEMM of a key tile that reaches past a query row also spans
+// keys that row does not see (weight Ew = 0); a NaN/inf there must not reach the row through 0 * NaN
+// (docs/design.md §7 rule 2). Where such keys hold a non-finite [X V | X] entry, the GEMM runs on a copy with
+// those entries 0 (the hidden rows then get bitwise the values of finite inputs) and the rows that do see one get
+// NaN in that column. Each query tile is computed by one thread in a fixed order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -36,6 +40,18 @@ namespace {
 constexpr int64_t kQTile = 128;
 constexpr int64_t kKeyTile = 512;  // a multiple of kQTile (causal: a key tile starts at or before a query tile)
 constexpr float kTiny = 1e-26f;
+
+// every x[0, n) finite
+bool all_finite(const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(x[i])) return false;
+  return true;
+}
+
+inline float safe_off(float x) { return x == -std::numeric_limits<float>::infinity() ? 0.f : x; }
+
+// -lse as an exponent offset: -inf where lse = -inf (a row with no finite logit: P = 0)
+inline float neg_lse(float L) { return L == -std::numeric_limits<float>::infinity() ? L : -L; }
 
 // exact (M, S, A) over keys [k0, k1] for query t, column j (scalar; the guard's fallback)
 void exact_range(const float* wrow, const float* K, const float* V, int64_t N, int64_t j, int64_t k0, int64_t k1,
@@ -90,8 +106,10 @@ void head_fwd(const float* w, const float* K, const float* V, float* Zout, float
     at::Tensor Ew = at::empty({kQTile, kKeyTile}, opts);
     at::Tensor nd = at::empty({kQTile, 2 * N}, opts);
     float* Ewp = Ew.data_ptr<float>();
-    const float* ndp = nd.data_ptr<float>();
+    float* ndp = nd.data_ptr<float>();
     std::vector<float> r(kQTile), M(kQTile * N), Sd(kQTile * N), Sn(kQTile * N), LB(kQTile * N);
+    at::Tensor XXs;                     // the sanitised GEMM operand, allocated on first use
+    std::vector<int64_t> first(2 * N);  // per column: the first zeroed key
     const __m256 vtiny = _mm256_set1_ps(kTiny), vninf = _mm256_set1_ps(ninf);
     const __m256 vpinf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
     const __m256 vlb = _mm256_set1_ps(log_tiny + 1e-3f);
@@ -124,8 +142,29 @@ void head_fwd(const float* w, const float* K, const float* V, float* Zout, float
             storen(e + jj, vexp(_mm256_sub_ps(loadn(row + jj, cnt - jj), off)), cnt - jj);
           for (int64_t jj = cnt; jj < nj; ++jj) e[jj] = 0.f;
         }
+        // keys (i0, j0 + nj) are hidden from the rows of this tile before them
+        const bool clean =
+            !causal || j0 + nj - 1 <= i0 || all_finite(XX + (i0 + 1) * 2 * N, (j0 + nj - i0 - 1) * 2 * N);
+        if (!clean) {
+          if (!XXs.defined()) XXs = at::empty({kKeyTile, 2 * N}, opts);
+          float* xs = XXs.data_ptr<float>();
+          std::copy(XX + j0 * 2 * N, XX + (j0 + nj) * 2 * N, xs);
+          std::fill(first.begin(), first.end(), T);
+          for (int64_t tp = i0 + 1; tp < j0 + nj; ++tp)
+            for (int64_t c = 0; c < 2 * N; ++c) {
+              float& x = xs[(tp - j0) * 2 * N + c];
+              if (std::isfinite(x)) continue;
+              x = 0.f;
+              first[c] = std::min(first[c], tp);
+            }
+        }
         at::Tensor ndv = nd.narrow(0, 0, ni);
-        at::mm_out(ndv, Ew.view(-1).narrow(0, 0, ni * nj).view({ni, nj}), XXt.narrow(0, j0, nj));
+        at::mm_out(ndv, Ew.view(-1).narrow(0, 0, ni * nj).view({ni, nj}),
+                   clean ? XXt.narrow(0, j0, nj) : XXs.narrow(0, 0, nj));
+        if (!clean)  // rows that see a zeroed entry: that column is not finite
+          for (int64_t ii = 0; ii < ni; ++ii)
+            for (int64_t c = 0; c < 2 * N; ++c)
+              if (first[c] <= i0 + ii) ndp[ii * 2 * N + c] = std::numeric_limits<float>::quiet_NaN();
         const float* m = mt.data() + J * N;
         for (int64_t ii = 0; ii < ni; ++ii) {
           const float* nrow = ndp + ii * 2 * N;
@@ -201,7 +240,10 @@ void head_fwd(const float* w, const float* K, const float* V, float* Zout, float
 //   mu[j] = max_J K; Y = exp(K - mu); nu[t] = max_j (La + mu); X = exp(La + mu - nu)
 //   g2 = [X G | -X H] [Y V | Y]^T         ->  dW[t, t'] = g2 e^(w - a + nu)
 // Same guard: where a scale exponent exceeds 42 that entry is recomputed exactly. Causal: tiles above the
-// diagonal skipped; in diagonal tiles hidden keys get Ew = 0 and dW is written only for t' <= t.
+// diagonal skipped; in diagonal tiles hidden keys get Ew = 0 and dW is written only for t' <= t. A non-finite
+// [R G | R H] entry of a diagonal tile's row would reach the later keys that row does not see (0 * NaN): it is
+// zeroed for the GEMM and the keys that row does see get NaN in that column.
+// Masks: -lse enters as -inf for a row with no finite logit (P = 0), shifts are safe offsets.
 constexpr int64_t kBwdTile = 256;
 
 void head_bwd(const float* w, const float* K, const float* V, const float* G, const float* Hm, const float* L,
@@ -219,11 +261,12 @@ void head_bwd(const float* w, const float* K, const float* V, const float* G, co
     at::Tensor g2 = at::empty({tau, tau}, opts);
     float* Ewp = Ew.data_ptr<float>();
     float* RGHp = RGH.data_ptr<float>();
-    const float* gp = g.data_ptr<float>();
+    float* gp = g.data_ptr<float>();
     float* XGHp = XGH.data_ptr<float>();
     float* YVYp = YVY.data_ptr<float>();
     const float* g2p = g2.data_ptr<float>();
     std::vector<float> a(tau), nu(tau), lam(N), mu(N), La(tau * N);
+    std::vector<int64_t> last(2 * N);  // diagonal tiles: per column, the last zeroed row
     const __m256 vninf = _mm256_set1_ps(ninf);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t J = (p % 2 == 0) ? p / 2 : nt - 1 - p / 2;
@@ -301,8 +344,24 @@ void head_bwd(const float* w, const float* K, const float* V, const float* G, co
             storen(xr + N + j, _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(X, Hv)), n);
           }
         }
+        // diagonal tile: row t does not see keys after t
+        const bool clean = !diag || all_finite(RGHp, (ni - 1) * 2 * N);
+        if (!clean) {
+          std::fill(last.begin(), last.end(), int64_t(-1));
+          for (int64_t ii = 0; ii + 1 < ni; ++ii)
+            for (int64_t c = 0; c < 2 * N; ++c) {
+              float& x = RGHp[ii * 2 * N + c];
+              if (std::isfinite(x)) continue;
+              x = 0.f;
+              last[c] = std::max(last[c], ii);
+            }
+        }
         at::Tensor gv = g.narrow(0, 0, nj);
         at::mm_out(gv, Ew.view(-1).narrow(0, 0, ni * nj).view({ni, nj}).t(), RGH.narrow(0, 0, ni));
+        if (!clean)  // keys seen by a zeroed row (t' <= t): that column is not finite
+          for (int64_t jj = 0; jj < nj; ++jj)
+            for (int64_t c = 0; c < 2 * N; ++c)
+              if (jj <= last[c]) gp[jj * 2 * N + c] = std::numeric_limits<float>::quiet_NaN();
         at::Tensor g2v = g2.view(-1).narrow(0, 0, ni * nj).view({ni, nj});
         at::mm_out(g2v, XGH.narrow(0, 0, ni), YVY.narrow(0, 0, nj).t());
         // dV, sPH: scale e^(K + lam); guard -> exact over the query tile's visible rows
@@ -323,7 +382,7 @@ void head_bwd(const float* w, const float* K, const float* V, const float* G, co
               const int64_t jc = j + c;
               float sv = 0, sh = 0;
               for (int64_t t = diag ? tp : i0; t < i1; ++t) {
-                const float P = std::exp(w[t * T + tp] + K[tp * N + jc] - L[t * N + jc]);
+                const float P = std::exp(w[t * T + tp] + K[tp * N + jc] + neg_lse(L[t * N + jc]));
                 sv += P * G[t * N + jc];
                 sh += P * Hm[t * N + jc];
               }
@@ -339,7 +398,7 @@ void head_bwd(const float* w, const float* K, const float* V, const float* G, co
           const int64_t cnt = diag ? t - j0 + 1 : nj;
           const float* row = w + t * T + j0;
           float* dwr = dW + t * T + j0;
-          const __m256 shift = _mm256_set1_ps(nu[ii] - a[ii]);
+          const __m256 shift = _mm256_set1_ps(safe_off(nu[ii]) - safe_off(a[ii]));
           for (int64_t jj = 0; jj < cnt; jj += 8) {
             const int64_t n = cnt - jj;
             const __m256 sc = _mm256_add_ps(loadn(row + jj, n), shift);
@@ -353,7 +412,7 @@ void head_bwd(const float* w, const float* K, const float* V, const float* G, co
               const float wv = w[t * T + tp];
               float acc = 0;
               for (int64_t j = 0; j < N; ++j) {
-                const float P = std::exp(wv + K[tp * N + j] - L[t * N + j]);
+                const float P = std::exp(wv + K[tp * N + j] + neg_lse(L[t * N + j]));
                 acc += P * (G[t * N + j] * V[tp * N + j] - Hm[t * N + j]);
               }
               dwr[jj + c] = acc;

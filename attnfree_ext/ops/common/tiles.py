@@ -115,21 +115,25 @@ def _n_rows(rows) -> int:
 
 
 def _block_logits(wh, kJ, rows, j0, j1, causal):
-    """(B, n, tk, Dh) logits w[rows, j0:j1] + k[:, j0:j1]; keys after the row masked to -inf when causal.
+    """(B, n, tk, Dh) logits w[rows, j0:j1] + k[:, j0:j1], and the causal mask.
 
-    ``rows`` is a slice or a 1-D index tensor of absolute query rows.
+    ``rows`` is a slice or a 1-D index tensor of absolute query rows. When causal, keys after the row get logit
+    -inf and the mask (1, n, tk, 1), True at those (t, t') pairs, is returned; else (and when no pair of the block
+    is hidden) the mask is None. Products with a hidden key's v, or a hidden pair's G, H, go through a select on
+    the mask, not a multiplication by the weight 0: a NaN/inf there must not reach the rows that do not see it
+    (docs/design.md §7 rule 2).
     """
     wr = wh[rows, j0:j1]  # (n, tk)
     logits = wr[None, :, :, None] + kJ[:, None, :, :]
-    if causal:
-        if isinstance(rows, slice):
-            ridx = torch.arange(rows.start, rows.stop, device=wh.device)
-        else:
-            ridx = rows
-        keys = torch.arange(j0, j1, device=wh.device)
-        mask = keys[None, :] > ridx[:, None]
-        logits = logits.masked_fill(mask[None, :, :, None], float("-inf"))
-    return logits
+    if not causal or (isinstance(rows, slice) and rows.start >= j1 - 1):
+        return logits, None
+    if isinstance(rows, slice):
+        ridx = torch.arange(rows.start, rows.stop, device=wh.device)
+    else:
+        ridx = rows
+    keys = torch.arange(j0, j1, device=wh.device)
+    mask = (keys[None, :] > ridx[:, None])[None, :, :, None]
+    return logits.masked_fill(mask, float("-inf")), mask
 
 
 def exact_rows_fwd(wh, k, v, rows, j0, j1, causal):
@@ -145,11 +149,14 @@ def exact_rows_fwd(wh, k, v, rows, j0, j1, causal):
     B, tk, Dh = kJ.shape
     ls, means = [], []
     for a, b in _row_chunks(_n_rows(rows), B * tk * Dh):
-        logits = _block_logits(wh, kJ, _rows_index(rows, a, b), j0, j1, causal)
+        logits, hidden = _block_logits(wh, kJ, _rows_index(rows, a, b), j0, j1, causal)
         l = torch.logsumexp(logits, dim=2)  # (B, n, Dh); -inf where every logit is -inf
         p = torch.exp(logits - safe_max(l)[:, :, None, :])  # 0 for such rows
+        pv = p * vJ[:, None]
+        if hidden is not None:
+            pv.masked_fill_(hidden, 0.0)
         ls.append(l)
-        means.append((p * vJ[:, None]).sum(dim=2))
+        means.append(pv.sum(dim=2))
     return torch.cat(ls, dim=1), torch.cat(means, dim=1)
 
 
@@ -168,12 +175,17 @@ def exact_rows_bwd(wh, k, v, G, H, lse, rows, j0, j1, causal):
     dws = []
     for a, b in _row_chunks(_n_rows(rows), B * tk * Dh):
         ri = _rows_index(rows, a, b)
-        logits = _block_logits(wh, kJ, ri, j0, j1, causal)
+        logits, hidden = _block_logits(wh, kJ, ri, j0, j1, causal)
         P = torch.exp(logits - safe_max(lse[:, ri])[:, :, None, :])  # (B, n, tk, Dh)
         Gi, Hi = G[:, ri], H[:, ri]
         PG4 = P * Gi[:, :, None, :]
         PH4 = P * Hi[:, :, None, :]
+        dw4 = PG4 * vJ[:, None] - PH4
+        if hidden is not None:  # hidden pairs: 0 even for a NaN row (G, H) or a NaN v of a hidden key
+            PG4.masked_fill_(hidden, 0.0)
+            PH4.masked_fill_(hidden, 0.0)
+            dw4.masked_fill_(hidden, 0.0)
         pg += PG4.sum(dim=1)
         ph += PH4.sum(dim=1)
-        dws.append((PG4 * vJ[:, None] - PH4).sum(dim=(0, 3)))
+        dws.append(dw4.sum(dim=(0, 3)))
     return pg, ph, torch.cat(dws, dim=0)
