@@ -214,23 +214,25 @@ def test_talking_heads_nan_propagates(where):
     torch.testing.assert_close(got.double(), want, equal_nan=True, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(RuntimeError, NotImplementedError),
-    reason="attnfree_ext/ops/talking_heads runs torch's fused SDPA, which has no double backward nor forward-mode "
-    "formula; the eager form (talking_heads_attention_eager) has both",
-)
-@pytest.mark.parametrize("transform", ["gradgradcheck", "jvp"])
-def test_talking_heads_double_backward_and_forward_ad(transform):
+def test_talking_heads_forward_ad_and_double_backward():
+    """Forward mode runs the eager form (right, against the oracle's jvp); a double backward of the fused form is
+    refused by torch at once with a RuntimeError (never dropped terms), and the eager form passes gradgradcheck."""
+    from attnfree_ext.ops.talking_heads import talking_heads_attention_eager
+
     q, k, v, pre, post = (x.double().requires_grad_(True) for x in _th_inputs())
-    if transform == "gradgradcheck":
-        assert torch.autograd.gradgradcheck(talking_heads_attention, (q, k, v, pre, post), eps=1e-6, atol=1e-5)
-    else:
-        tang = torch.randn_like(q)
-        args = [x.detach() for x in (k, v, pre, post)]
-        _, got = torch.func.jvp(lambda a: talking_heads_attention(a, *args), (q.detach(),), (tang,))
-        _, want = torch.func.jvp(lambda a: oracles.talking_heads_attention(a, *args), (q.detach(),), (tang,))
-        torch.testing.assert_close(got, want)
+    tang = torch.randn_like(q)
+    args = [x.detach() for x in (k, v, pre, post)]
+    _, got = torch.func.jvp(lambda a: talking_heads_attention(a, *args), (q.detach(),), (tang,))
+    _, want = torch.func.jvp(lambda a: oracles.talking_heads_attention(a, *args), (q.detach(),), (tang,))
+    torch.testing.assert_close(got, want)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(q.detach(), tang)
+        out = torch.autograd.forward_ad.unpack_dual(talking_heads_attention(dual, *args)).tangent
+    torch.testing.assert_close(out, want)
+    (g,) = torch.autograd.grad(talking_heads_attention(q, k, v, pre, post).sum(), (q,), create_graph=True)
+    with pytest.raises(RuntimeError, match="derivative for .* is not implemented"):
+        torch.autograd.grad(g.square().sum(), (k,))
+    assert torch.autograd.gradgradcheck(talking_heads_attention_eager, (q, k, v, pre, post), eps=1e-6, atol=1e-5)
 
 
 def test_talking_heads_head_dim_zero_is_a_value_error():
@@ -399,7 +401,13 @@ def test_compat_talking_head_attn_takes_timm_kwargs():
 
 
 def test_timm_cait_builds_with_our_block():
-    cait = pytest.importorskip("timm.models.cait")
+    from benchmarks.providers import import_timm
+
+    try:
+        import_timm()  # timm's torchvision import, made to load beside a CPU torch where needed
+    except ImportError as e:
+        pytest.skip(f"timm is not installed ({e}); the [test] extra installs it")
+    from timm.models import cait
     from attnfree_ext.compat import TalkingHeadAttn
 
     model = cait.Cait(
@@ -571,14 +579,6 @@ def _apply_mask(scenario, k, w, causal, uses_w):
 
 
 MASK_SCENARIOS = ["k_entries", "w_entries", "row_all_masked", "channel_all_masked"]
-# (aft_local case, scenario) pairs that fail on compiled-cpu through the shared cpu_band kernels
-_LOCAL_CPU_BAND_FAILS = {
-    ("aft_local", "k_entries"),
-    ("aft_local", "row_all_masked"),
-    ("aft_local", "channel_all_masked"),
-    ("aft_local_causal", "row_all_masked"),
-    ("aft_local_causal", "channel_all_masked"),
-}
 
 
 def _tols(dtype):
@@ -665,10 +665,6 @@ def test_neg_inf_is_a_mask(path, case, scenario, T):
 # AVX2 kernel, 128-row / 512-key forward and 256-tile backward tiles, T = 300 spans several) and =exact (the
 # per-element band kernel of csrc/common/cpu_band*.cpp)
 CPU_KERNELS = ["tiled", "exact"]
-# the float64 band kernel still gives NaN for a row with no finite logit (its float32 AVX2 twin passes)
-_CPU_BAND_XFAIL = pytest.mark.xfail(
-    strict=True, reason="csrc/common/cpu_band.cpp (float64 exact kernel): a row with no finite logit gives NaN"
-)
 
 
 @pytest.mark.paths("compiled-cpu", op="aft_full")
@@ -677,12 +673,10 @@ _CPU_BAND_XFAIL = pytest.mark.xfail(
 @pytest.mark.parametrize("kernel", CPU_KERNELS)
 @pytest.mark.parametrize("scenario", MASK_SCENARIOS)
 @pytest.mark.parametrize("case", MASK_CASES[:2], ids=[c[0] for c in MASK_CASES[:2]])
-def test_neg_inf_is_a_mask_aft_full_cpu_kernels(path, case, scenario, kernel, dtype, T, monkeypatch, request):
+def test_neg_inf_is_a_mask_aft_full_cpu_kernels(path, case, scenario, kernel, dtype, T, monkeypatch):
     """test_neg_inf_is_a_mask on the compiled CPU aft_full kernels (rules 3-4, forward and backward): the tiled
     kernels (float64 scalar, float32 AVX2) and the exact one."""
     monkeypatch.setenv("ATTNFREE_AFT_FULL_KERNEL", kernel)
-    if kernel == "exact" and dtype == F64 and scenario in ("row_all_masked", "channel_all_masked"):
-        request.applymarker(_CPU_BAND_XFAIL)
     _check_neg_inf_mask(path, case, scenario, T, dtype)
 
 
@@ -717,12 +711,10 @@ def test_neg_inf_mask_keeps_nan_propagation(path, case):
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("kernel", CPU_KERNELS)
 @pytest.mark.parametrize("case", MASK_CASES[:2], ids=[c[0] for c in MASK_CASES[:2]])
-def test_neg_inf_mask_keeps_nan_propagation_aft_full_cpu_kernels(path, case, kernel, dtype, T, monkeypatch, request):
+def test_neg_inf_mask_keeps_nan_propagation_aft_full_cpu_kernels(path, case, kernel, dtype, T, monkeypatch):
     """test_neg_inf_mask_keeps_nan_propagation on the compiled CPU aft_full kernels; T = 300 spans several tiles,
     where a NaN key must not be taken for a lost (underflowed) tile."""
     monkeypatch.setenv("ATTNFREE_AFT_FULL_KERNEL", kernel)
-    if kernel == "exact" and dtype == F64:
-        request.applymarker(_CPU_BAND_XFAIL)
     _check_mask_nan(path, case, T, dtype)
 
 
@@ -779,12 +771,6 @@ def _check_nan_stays_put(path, op, where, T, t0, dtype):
         assert torch.isnan(dv[0, : t0 + 1, 1]).all()
 
 
-_AFT_LOCAL_PY_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="attnfree_ext/ops/aft_local/reference.py forms its band blocks with e * v and p * (G v - H) (0 * NaN)",
-)
-
-
 @pytest.mark.paths("python", "compiled-cpu", op="aft_full")
 @pytest.mark.parametrize("T,t0", NAN_POSITIONS, ids=[f"T{T}" for T, _ in NAN_POSITIONS])
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
@@ -802,38 +788,27 @@ def test_nan_stays_in_rows_that_see_it_aft_full(path, kernel, where, dtype, T, t
 @pytest.mark.parametrize("T,t0", NAN_POSITIONS, ids=[f"T{T}" for T, _ in NAN_POSITIONS])
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("where", ["v", "q"])
-def test_nan_stays_in_rows_that_see_it_aft_local(path, where, dtype, T, t0, request):
+def test_nan_stays_in_rows_that_see_it_aft_local(path, where, dtype, T, t0):
     """docs/design.md §7 rule 2 for causal aft_local (window 5: the NaN shares a band block with earlier rows)."""
-    if not path.compiled:
-        request.applymarker(_AFT_LOCAL_PY_XFAIL)
     _check_nan_stays_put(path, "aft_local", where, T, t0, dtype)
 
 
 LOCAL_MASK_CASES = [c for c in MASK_CASES if c[1] == "aft_local"]
 
 
-def _xfail_cpu_band(request):
-    """float64 aft_local runs the scalar band kernels of csrc/common/cpu_band.cpp on compiled-cpu (forward and
-    backward); they do not yet treat every -inf as a mask (docs/design.md §7)."""
-    request.applymarker(pytest.mark.xfail(strict=True, reason="cpu_band scalar kernels: -inf masks give NaN"))
-
-
 @pytest.mark.paths("compiled-cpu")
 @pytest.mark.parametrize("T", [5, 70], ids=["T5", "T70"])
 @pytest.mark.parametrize("scenario", MASK_SCENARIOS)
 @pytest.mark.parametrize("case", LOCAL_MASK_CASES, ids=[c[0] for c in LOCAL_MASK_CASES])
-def test_neg_inf_is_a_mask_aft_local_compiled(path, case, scenario, T, request):
+def test_neg_inf_is_a_mask_aft_local_compiled(path, case, scenario, T):
     """test_neg_inf_is_a_mask for aft_local on the compiled CPU kernels."""
-    if (case[0], scenario) in _LOCAL_CPU_BAND_FAILS:
-        _xfail_cpu_band(request)
     test_neg_inf_is_a_mask(path, case, scenario, T)
 
 
 @pytest.mark.paths("compiled-cpu")
 @pytest.mark.parametrize("case", LOCAL_MASK_CASES, ids=[c[0] for c in LOCAL_MASK_CASES])
-def test_neg_inf_mask_keeps_nan_propagation_aft_local_compiled(path, case, request):
+def test_neg_inf_mask_keeps_nan_propagation_aft_local_compiled(path, case):
     """test_neg_inf_mask_keeps_nan_propagation for aft_local on the compiled CPU kernels."""
-    _xfail_cpu_band(request)
     test_neg_inf_mask_keeps_nan_propagation(path, case)
 
 

@@ -114,19 +114,12 @@ def test_mask_aft_local(path, causal, dtype, window, T, part):
     assert (dw[w == NINF] == 0).all()
 
 
-# the compiled CPU float64 band kernel (ATTNFREE_AFT_FULL_KERNEL=exact) still gives NaN for a row with no finite
-# logit; its float32 AVX2 twin passes
-_CPU_BAND_XFAIL = pytest.mark.xfail(
-    strict=True, reason="csrc/common/cpu_band.cpp (float64 exact kernel): a row with no finite logit gives NaN"
-)
-
-
 @pytest.mark.paths("python", "compiled-cpu", "emulation", op="aft_full")
 @pytest.mark.parametrize("kernel", ["tiled", "exact"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("T", [13, 70])
-def test_mask_aft_full(path, causal, dtype, kernel, T, monkeypatch, request):
+def test_mask_aft_full(path, causal, dtype, kernel, T, monkeypatch):
     """The tiled kernels (emulation: dense fp64 SIMT / tensor-core fp32 3xTF32; compiled CPU: ATTNFREE_AFT_FULL_KERNEL
     =tiled, the scalar 64-key tiles in float64 and the AVX2 kernel in float32) and the exact ones
     (ATTNFREE_AFT_FULL_KERNEL=exact), and the python path; T = 70 spans two 64-key tiles, with a tile whose keys
@@ -137,8 +130,6 @@ def test_mask_aft_full(path, causal, dtype, kernel, T, monkeypatch, request):
         pytest.skip("float64 always runs the exact/SIMT kernels")
     if kernel == "exact" or not path.emulated:
         monkeypatch.setenv("ATTNFREE_AFT_FULL_KERNEL", kernel)
-    if path.name == "compiled-cpu" and kernel == "exact" and dtype == torch.float64:
-        request.applymarker(_CPU_BAND_XFAIL)
     B, D, heads = 2, 4, 2
     q, k, v, dy = _qkv(B, T, D, dtype, causal)
     if T > 64:

@@ -148,8 +148,12 @@ def _aft_local_fwd(q, k, v, w, window: int, causal: bool, banded: bool = False):
         e = x.sub_(m).exp_()  # in [0, 1], max 1 per row
         s = e.sum(dim=-1)  # in [1, L], or 0 (no band key)
         band_lse[..., t0:t1] = m[..., 0] + torch.log(s)
-        band_mean[..., t0:t1] = torch.matmul(e, vT[..., ks:ke, None])[..., 0] / torch.where(s == 0, 1.0, s)
-        del x, e
+        # a select, not a matmul: a weight of 0 (a key the row does not see) times a NaN or inf in v must not reach
+        # the row (docs/design.md §7 rule 2)
+        band = _band_mask(t0, t1, ks, ke, W, causal, q.device)
+        num = torch.where(band, e * vT[..., None, ks:ke], 0.0).sum(dim=-1)
+        band_mean[..., t0:t1] = num / torch.where(s == 0, 1.0, s)
+        del x, e, num
     parts = [(_from_channels_first(band_lse), _from_channels_first(band_mean))]
     if T > W:
         pl, pm = prefix_summary(kc, vc)  # keys t' <= t - W: summary at index t - W
@@ -214,13 +218,17 @@ def aft_local_bwd_ref(dy, q, k, v, w, y, lse, window: int, causal: bool, banded:
         x = _block_logits(w3, banded, kT, t0, t1, ks, ke, W, causal, ct)
         # (B, H, Dh, C, L); 0 outside the band, at masked keys and on rows with lse = -inf
         p = x.sub_(safe_max(lseT[..., t0:t1, None])).exp_()
-        gc, hc = gT[..., t0:t1], hT[..., t0:t1]
-        dvT[..., ks:ke] += torch.matmul(gc[..., None, :], p)[..., 0, :]
-        phT[..., ks:ke] += torch.matmul(hc[..., None, :], p)[..., 0, :]
+        # selects on the band, not products with p = 0: a NaN in a row's G or H (or in v) reaches only the keys
+        # (and pairs) that row sees (docs/design.md §7 rule 2)
+        band = _band_mask(t0, t1, ks, ke, W, causal, q.device)
+        gp = torch.where(band, gT[..., t0:t1, None] * p, 0.0)
+        hp = torch.where(band, hT[..., t0:t1, None] * p, 0.0)
+        dvT[..., ks:ke] += gp.sum(dim=-2)
+        phT[..., ks:ke] += hp.sum(dim=-2)
         # dw[h, t, t'] = sum_{b, d} P (G[t] v[t'] - H[t])
-        tmp = torch.addcmul(-hc[..., :, None], gc[..., :, None], vT[..., None, ks:ke]).mul_(p)
+        tmp = torch.where(band, gp * vT[..., None, ks:ke] - hp, 0.0)
         _store_dw(dw3, banded, tmp.sum(dim=(0, 2)), t0, t1, ks, ke, W, causal)
-        del x, p, tmp
+        del x, p, gp, hp, tmp
     dv, ph = _from_channels_first(dvT), _from_channels_first(phT)
     if T > W:
         a = neg_lse(lse)  # rows with lse = -inf see no key: weight 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import numbers
 
+from ..common import composite as _composite
 from ..common import dispatch
 from ..common.capabilities import Capability
 from ..common.checks import check_same_device, check_tensor
@@ -93,6 +94,10 @@ def talking_heads_attention(q, k, v, pre_weight, post_weight, pre_bias=None, pos
     gradient, as in the eager form). With ``dropout_p > 0`` this falls back to the eager O(B * h * N * M) form,
     because dropout on the mixed weights cannot be moved past the softmax.
 
+    Transforms: forward-mode AD (``torch.func.jvp``, dual tensors) runs the eager form. A double backward
+    (``create_graph=True``) of the fused form is refused by torch ("derivative for ..._backward is not
+    implemented"); call :func:`talking_heads_attention_eager` (O(N x M) memory) where one is needed.
+
     Raises:
         TypeError: non-floating tensors, mixed q/k/v dtypes, a non-numeric scale or dropout_p.
         ValueError: wrong ranks, inconsistent B / h / d / M, weights not (h, h), biases not (h,), tensors on
@@ -101,6 +106,7 @@ def talking_heads_attention(q, k, v, pre_weight, post_weight, pre_bias=None, pos
     _check(q, k, v, pre_weight, post_weight, pre_bias, post_bias, scale, dropout_p)
     dispatch.select("talking_heads_attention", q, k, v)  # python only: raises where 'compiled' is forced (§6.2)
     dropout_p = float(dropout_p)
-    if dropout_p > 0:
+    # forward mode (jvp, dual tensors): torch's fused SDPA kernels have no forward-mode formula; the eager form does
+    if dropout_p > 0 or _composite.transform_active(q, k, v, pre_weight, post_weight, pre_bias, post_bias):
         return talking_heads_attention_eager(q, k, v, pre_weight, post_weight, pre_bias, post_bias, scale, dropout_p)
     return talking_heads_attention_ref(q, k, v, pre_weight, post_weight, pre_bias, post_bias, scale)
