@@ -408,6 +408,7 @@ def test_timm_cait_builds_with_our_block():
     except ImportError as e:
         pytest.skip(f"timm is not installed ({e}); the [test] extra installs it")
     from timm.models import cait
+
     from attnfree_ext.compat import TalkingHeadAttn
 
     model = cait.Cait(
