@@ -114,7 +114,7 @@ def test_mask_aft_local(path, causal, dtype, window, T, part):
     assert (dw[w == NINF] == 0).all()
 
 
-@pytest.mark.paths("python", "compiled-cpu", "emulation", op="aft_full")
+@pytest.mark.paths("python", "compiled-cpu", "cuda", "emulation", op="aft_full")
 @pytest.mark.parametrize("kernel", ["tiled", "exact"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("causal", [False, True])
@@ -149,7 +149,7 @@ def test_mask_aft_full(path, causal, dtype, kernel, T, monkeypatch):
     assert (dw[w == NINF] == 0).all() and (dk[k == NINF] == 0).all()
 
 
-@pytest.mark.paths("emulation", "compiled-cpu", "python")
+@pytest.mark.paths("python", "compiled-cpu", "cuda", "emulation")
 @pytest.mark.paths(op="ea_double_norm")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("eps", [1e-9, 0.0])
