@@ -14,7 +14,6 @@ import torch
 from common import oracles
 from common.metrics import rel_err
 
-EMU = pytest.mark.paths("emulation")
 NINF = float("-inf")
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 
