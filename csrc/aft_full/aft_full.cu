@@ -39,8 +39,7 @@
 //     + U bounds (16 KB): bf16: 34.8 + 1.8 + 16 KB; fp32 (3xTF32): 52.2 + 1.8 + 16 KB; low-rank adds
 //     2 x 64 x 33 fp32 = 16.9 KB.
 //   Each thread keeps 16 (t, c) states (M, S, A) = 48 registers (the rarely written bound U lives in smem,
-//   16 KB). Dense forward: __launch_bounds__(256, 2) -> 128 registers (24 B spilled on sm_90), 2 CTAs = 16 warps
-//   per SM; low-rank forward / backward: ~170-230 registers, 1 CTA per SM (see AFT_FULL_*MIN_BLOCKS).
+//   16 KB). ~170-230 registers, 1 CTA per SM, no local memory (see AFT_FULL_*MIN_BLOCKS).
 //   No cp.async / double buffering yet.
 //
 // Forward, exact kernel `fwd_exact_kernel` (fp64 always; any dtype with exact = true): one thread per (b, t, c),
@@ -199,13 +198,14 @@ __global__ void fwd_exact_kernel(gptr<const E> __restrict__ q, gptr<const E> __r
 
 // ------------------------------------------------------------------------------------------ tensor-core forward
 // Minimum resident CTAs per SM requested from ptxas for the tensor-core kernels. 1: ~170-230 registers, no
-// spills, 8 warps/SM; 2: 128 registers, 16 warps/SM (sm_90: dense forward spills 24 B, low-rank forward ~220 B,
-// backward 124-356 B). Defaults: 2 for the dense forward, 1 elsewhere; override with -D... to compare on the GPU.
+// local memory (tests/test_cuda_compile.py asserts a 0-byte stack frame), 8 warps/SM; 2: 128 registers, 16 warps/SM,
+// but the per-thread merge state no longer fits (sm_90: dense forward 16-64 B of stack, the others more). Default 1
+// everywhere; -DAFT_FULL_FWD_MIN_BLOCKS=2 (dense forward) / -DAFT_FULL_MIN_BLOCKS=2 to compare on the GPU.
 #ifndef AFT_FULL_MIN_BLOCKS
 #define AFT_FULL_MIN_BLOCKS 1
 #endif
 #ifndef AFT_FULL_FWD_MIN_BLOCKS
-#define AFT_FULL_FWD_MIN_BLOCKS 2
+#define AFT_FULL_FWD_MIN_BLOCKS 1
 #endif
 constexpr int BM = 64, BN = 64, BK = 64, NT = 256, RCH = 32, LDR = RCH + 1, LDS = BN + 4;
 constexpr float kLog2BK = 6.0f;           // log2(BK)
