@@ -100,7 +100,21 @@ using namespace nvcuda;
 #endif
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
+constexpr double kLn2d = 0.6931471805599453094;
+constexpr float kLog2eLo = static_cast<float>(1.4426950408889634074 - static_cast<double>(kLog2e));
+
+// x log2 e as hi + lo (hi = the rounded product, lo its error: ~2^-48 relative together); -inf -> (-inf, 0).
+__device__ __forceinline__ void split_log2(float x, float& hi, float& lo) {
+  const float h = x * kLog2e;
+  hi = h;
+  lo = (x == -INFINITY) ? 0.f : fmaf(x, kLog2e, -h) + x * kLog2eLo;
+}
+
+// The rounding error of s = fl(a + b) (Knuth's TwoSum, exact for finite a, b: a + b = s + err).
+__device__ __forceinline__ float two_sum_err(float a, float b, float s) {
+  const float bb = s - a;
+  return (a - (s - bb)) + (b - bb);
+}
 
 // Online log-sum-exp over the visible keys of one (b, t, c): z = sum softmax * v, lse. `wget(t')` -> w[t, t'].
 template <typename E, typename A, typename WGet>
@@ -224,7 +238,9 @@ struct TcCfg {
   static constexpr size_t kUnionBytes = ((kOpsBytes > kStageBytes ? kOpsBytes : kStageBytes) + 127) / 128 * 128;
   static constexpr size_t kR2 = kUnionBytes;                                      // float r2[BM]
   static constexpr size_t kM2 = kR2 + BM * sizeof(float);                         // float m2[BN]
-  static constexpr size_t kRed = kM2 + BN * sizeof(float);                        // float red[4][BN]
+  static constexpr size_t kR2l = kM2 + BN * sizeof(float);                        // float r2l[BM] (low parts)
+  static constexpr size_t kM2l = kR2l + BM * sizeof(float);                       // float m2l[BN]
+  static constexpr size_t kRed = kM2l + BN * sizeof(float);                       // float red[4][BN]
   static constexpr size_t kCol = kRed + 4 * BN * sizeof(float);                   // int64 colbase[BN]
   static constexpr size_t kUb = (kCol + BN * sizeof(int64_t) + 127) / 128 * 128;  // float Ub[BM][BN] (lost-tile bounds)
   static constexpr size_t kBase = kUb + size_t(BM) * BN * sizeof(float);
@@ -487,6 +503,8 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
   float* stage_n = stage_d + BM * LDS;
   float* r2s = reinterpret_cast<float*>(smem + Cfg::kR2);
   float* m2s = reinterpret_cast<float*>(smem + Cfg::kM2);
+  float* r2l = reinterpret_cast<float*>(smem + Cfg::kR2l);
+  float* m2l = reinterpret_cast<float*>(smem + Cfg::kM2l);
   float* red = reinterpret_cast<float*>(smem + Cfg::kRed);
   int64_t* colbase = reinterpret_cast<int64_t*>(smem + Cfg::kCol);
   float* Ub = reinterpret_cast<float*>(smem + Cfg::kUb);  // element (row, col) is only touched by its owner thread
@@ -530,12 +548,12 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
     const int64_t trow = t0 + wrow;
     bias_strip(src, t0, k0, wrow, wpart, causal, Us, Vs, wv);
     const float rmax = exp_w_strip(wv, trow, k0, wpart, T, causal, Ew + wrow * Cfg::LDA);
-    if (wpart == 0) r2s[wrow] = (rmax == -INFINITY) ? -INFINITY : rmax * kLog2e;
+    if (wpart == 0) split_log2(rmax, r2s[wrow], r2l[wrow]);
 
     // ---------------- (2) k, v tile: column max, Ek = exp(k - m), Ekv = Ek * v
     const int64_t cb = colbase[kcol];
     const float m = exp_kv_strip(k, v, cb, k0, kg, kcol, T, D, red, Ek, Ekv, Cfg::LDB);
-    if (kg == 0) m2s[kcol] = (cb >= 0) ? m * kLog2e : -INFINITY;
+    if (kg == 0) split_log2((cb >= 0) ? m : -INFINITY, m2s[kcol], m2l[kcol]);
     __syncthreads();
 
     // ---------------- (3) tensor-core partial sums d = Ew Ek, n = Ew Ekv
@@ -549,13 +567,17 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
     __syncwarp();
 
     // ---------------- (4) tile-wise renormalisation (log2 units)
-    const float mc = m2s[wc0 + lane];
+    // The tile's scale (r + m) log2 e as s2 + s2l (two floats): lse carries the stabiliser M unrounded, and with
+    // |r + m| ~ 300 one rounding of s2 alone would cost ~3e-5 relative in every P = exp(k + w - lse) of the
+    // backward. s2 - M is exact wherever the term matters (Sterbenz: M / 2 <= s2 <= M when |M| is large).
+    const float mc = m2s[wc0 + lane], mcl = m2l[wc0 + lane];
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
       const int row = wr0 + i;
       const float dd = stage_d[row * LDS + wc0 + lane];
       const float nn = stage_n[row * LDS + wc0 + lane];
-      const float s2 = r2s[row] + mc;
+      const float rr = r2s[row];
+      const float s2 = rr + mc;
       const bool ok = dd >= kLostThresh;
       const int e = ((__float_as_int(dd) >> 23) & 0xff) - 127;  // floor(log2 d) where ok (d normal)
       const float Mn = ok ? fmaxf(Mst[i], s2 + static_cast<float>(e)) : Mst[i];
@@ -564,7 +586,8 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
       const bool grow = Mn > Mst[i];
       float al = 1.f;
       if (__any_sync(0xffffffffu, grow)) al = grow ? exp2f(Mst[i] - Mn) : 1.f;
-      const float be = ok ? exp2f(s2 - Mn) : 0.f;
+      const float s2l = ok ? two_sum_err(rr, mc, s2) + (r2l[row] + mcl) : 0.f;  // ok: every term finite
+      const float be = ok ? exp2f((s2 - Mn) + s2l) : 0.f;
       Sst[i] = fmaf(Sst[i], al, dd * be);
       Ast[i] = fmaf(Ast[i], al, nn * be);
       Mst[i] = Mn;
@@ -588,7 +611,7 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
       float z, l;
       if (S > 0.f && !(Ub[(wr0 + i) * BN + wc0 + lane] > Mtot - kFallbackMargin)) {
         z = Ast[i] / S;
-        l = Mtot * kLn2;
+        l = static_cast<float>((static_cast<double>(Mst[i]) + static_cast<double>(log2f(S))) * kLn2d);  // one rounding
       } else {  // rare: a tile that may matter was lost (or nothing was merged): exact per-element recompute
         const float2 zl = fallback_element<E, WE, LOWRANK>(k, v, w, u, vbias, T, D, h, t, cb, rank, causal);
         z = zl.x;
