@@ -703,10 +703,10 @@ __global__ void bwd_factor_kernel(gptr<const E> __restrict__ dy, gptr<const E> _
   }
 }
 
-// The accumulate-type factor gradients into the factors' dtype.
-template <typename A, typename UE>
-__global__ void convert_kernel(gptr<const A> __restrict__ src, gptr<UE> __restrict__ dst, int64_t n) {
-  AF_GRID_STRIDE(i, n) { dst[i] = from_acc<UE>(src[i]); }
+// Elementwise dtype conversion (16-bit factors to fp32, accumulate-type factor gradients to the factors' dtype).
+template <typename S, typename Dt>
+__global__ void convert_kernel(gptr<const S> __restrict__ src, gptr<Dt> __restrict__ dst, int64_t n) {
+  AF_GRID_STRIDE(i, n) { dst[i] = from_acc<Dt>(to_acc(src[i])); }
 }
 
 // one warp per (h, t, t'): dw = sum_{b, c in h} P (G v[t'] - H)
@@ -987,20 +987,21 @@ __device__ __noinline__ float bwd_w_exact(gptr<const E> __restrict__ dy, gptr<co
 //   DVb:   CTA (J, -) loops over the query tiles I and accumulates dvb[J] += dw[I, J]^T u[I].
 // (low rank, w = u vb^T built tile by tile: the dw tile never leaves the chip.) Each CTA owns its rows of the fp32
 // accumulator and adds the tiles in a fixed order: no atomics, deterministic. The two passes recompute dw once each.
-enum class DwMode { Dense, DU, DVb };
+// (DU and DVb share one instantiation: the mode is a kernel argument.)
+enum class DwMode : int { Dense, DU, DVb };
 
 // dw. CTA as above; per tile pair (I, J), loops over chunks of 64 columns (b, c) of the head.
 // Per chunk: mu[c] = max_{t' in J} k, Y = exp(k - mu); Xl = mu - lse, nu[t] = max_c Xl, Xt = exp(Xl - nu);
 // g = (Xt G) (Y v)^T - (Xt H) Y^T (rows x keys); dw += g * exp(w + nu).
-template <typename E, typename WE, DwMode MODE>
+template <typename E, typename WE, bool LOWRANK>
 __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
     bwd_w_tc_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
                     gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const WE> __restrict__ u,
                     gptr<const WE> __restrict__ vbias, gptr<const E> __restrict__ y, gptr<const float> __restrict__ lse,
                     gptr<WE> __restrict__ dw, gptr<float> __restrict__ facc, int64_t B, int64_t T, int64_t D,
-                    int64_t dh, int64_t rank, bool causal) {
+                    int64_t dh, int64_t rank, bool causal, DwMode mode_arg) {
 #if AFT_FULL_TC_ARCH
-  constexpr bool LOWRANK = MODE != DwMode::Dense;
+  const DwMode mode = LOWRANK ? mode_arg : DwMode::Dense;
   constexpr bool F32OPS = uses_tf32_operands<E>();
   using Cfg = BwdCfg<F32OPS>;
   using Op = typename Cfg::Op;
@@ -1029,19 +1030,19 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
   const int64_t ncols = B * dh;
   const int64_t ntiles = (T + 63) / 64;
   // the tile pairs of this CTA: Dense one, DU (I fixed) the key tiles J, DVb (J fixed) the query tiles I
-  const int64_t fixed = (MODE == DwMode::DVb) ? static_cast<int64_t>(blockIdx.x) : static_cast<int64_t>(blockIdx.y);
+  const int64_t fixed = (mode == DwMode::DVb) ? static_cast<int64_t>(blockIdx.x) : static_cast<int64_t>(blockIdx.y);
   int64_t p0 = 0, p1 = 1;
-  if (MODE == DwMode::DU) p1 = causal ? ((fixed * 64 + 63 < T ? fixed * 64 + 63 : T - 1) / 64 + 1) : ntiles;
-  if (MODE == DwMode::DVb) {
+  if (mode == DwMode::DU) p1 = causal ? ((fixed * 64 + 63 < T ? fixed * 64 + 63 : T - 1) / 64 + 1) : ntiles;
+  if (mode == DwMode::DVb) {
     p0 = causal ? fixed : 0;
     p1 = ntiles;
   }
   for (int64_t p = p0; p < p1; ++p) {
-    const int64_t t0 = 64 * (MODE == DwMode::Dense ? static_cast<int64_t>(blockIdx.y) : MODE == DwMode::DU ? fixed : p);
-    const int64_t k0 = 64 * (MODE == DwMode::Dense ? static_cast<int64_t>(blockIdx.x) : MODE == DwMode::DU ? p : fixed);
+    const int64_t t0 = 64 * (mode == DwMode::Dense ? static_cast<int64_t>(blockIdx.y) : mode == DwMode::DU ? fixed : p);
+    const int64_t k0 = 64 * (mode == DwMode::Dense ? static_cast<int64_t>(blockIdx.x) : mode == DwMode::DU ? p : fixed);
     const int64_t tkey = k0 + wc0 + lane;
     const int64_t t_last = (t0 + 64 < T ? t0 + 64 : T) - 1;
-    if (MODE == DwMode::Dense && causal && k0 > t_last) {  // the whole tile is above the diagonal
+    if (mode == DwMode::Dense && causal && k0 > t_last) {  // the whole tile is above the diagonal
       gptr<WE> dwh = dw + h * T * T;
 #pragma unroll
       for (int i = 0; i < 16; ++i) {
@@ -1132,7 +1133,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
       }
       __syncthreads();  // before the next chunk overwrites colbase / operands / staging
     }
-    if constexpr (MODE == DwMode::Dense) {
+    if constexpr (!LOWRANK) {
       if (tkey >= T) return;
       gptr<WE> dwh = dw + h * T * T;
 #pragma unroll
@@ -1150,7 +1151,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
       for (int64_t e = tid; e < 64 * rank; e += NT) {
         const int64_t a = e / rank, r = e % rank;  // a: the owned row (DU) or key (DVb) of the tile
         float sum = 0.f;
-        if (MODE == DwMode::DU) {
+        if (mode == DwMode::DU) {
           if (t0 + a >= T) continue;
           for (int c = 0; c < 64 && k0 + c < T; ++c)
             sum = fmaf(st[a * LDS + c], static_cast<float>(to_acc(src.vb[(k0 + c) * rank + r])), sum);
@@ -1262,18 +1263,18 @@ cudaError_t launch_bwd(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t
 }
 
 // One dw-kernel pass (see DwMode) on the grid it needs.
-template <typename E, typename WE, DwMode MODE>
-cudaError_t launch_bwd_w_tc(const BwdBuffers<E, WE>& p, gptr<float> facc, int64_t B, int64_t T, int64_t D,
+template <typename E, typename WE, bool LOWRANK>
+cudaError_t launch_bwd_w_tc(DwMode mode, const BwdBuffers<E, WE>& p, gptr<float> facc, int64_t B, int64_t T, int64_t D,
                             int64_t heads, int64_t rank, bool causal, cudaStream_t s) {
   constexpr bool F32OPS = uses_tf32_operands<E>();
-  const size_t smem = BwdCfg<F32OPS>::smem_bytes(MODE != DwMode::Dense);
+  const size_t smem = BwdCfg<F32OPS>::smem_bytes(LOWRANK);
   const unsigned tiles = blocks_for(T, 64);
-  auto kw = bwd_w_tc_kernel<E, WE, MODE>;
+  auto kw = bwd_w_tc_kernel<E, WE, LOWRANK>;
   cudaError_t err = cudaFuncSetAttribute(kw, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  const dim3 grid(MODE == DwMode::DU ? 1u : tiles, MODE == DwMode::DVb ? 1u : tiles, static_cast<unsigned>(heads));
+  const dim3 grid(mode == DwMode::DU ? 1u : tiles, mode == DwMode::DVb ? 1u : tiles, static_cast<unsigned>(heads));
   ATTNFREE_LAUNCH(kw, grid, NT, smem, s)(p.dy, p.q, p.k, p.v, p.w, p.u, p.vb, p.y, p.lse, p.dw, facc, B, T, D,
-                                         D / heads, rank, causal);
+                                         D / heads, rank, causal, mode);
   return cudaGetLastError();
 }
 
@@ -1296,11 +1297,12 @@ cudaError_t launch_bwd_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int6
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   if constexpr (LOWRANK) {
-    err = launch_bwd_w_tc<E, WE, DwMode::DU>(p, p.du_acc, B, T, D, heads, rank, causal, s);
-    if (err == cudaSuccess) err = launch_bwd_w_tc<E, WE, DwMode::DVb>(p, p.dvb_acc, B, T, D, heads, rank, causal, s);
+    err = launch_bwd_w_tc<E, WE, true>(DwMode::DU, p, p.du_acc, B, T, D, heads, rank, causal, s);
+    if (err == cudaSuccess)
+      err = launch_bwd_w_tc<E, WE, true>(DwMode::DVb, p, p.dvb_acc, B, T, D, heads, rank, causal, s);
     return err;
   } else {
-    return launch_bwd_w_tc<E, WE, DwMode::Dense>(p, nullptr, B, T, D, heads, rank, causal, s);
+    return launch_bwd_w_tc<E, WE, false>(DwMode::Dense, p, nullptr, B, T, D, heads, rank, causal, s);
   }
 }
 
@@ -1400,34 +1402,72 @@ cudaError_t aft_full_bwd(DType dt, DType w_dt, const void* dy, const void* q, co
 
 // The factorised bias is never materialised (no T x T buffer): every kernel builds its w tiles from u and vb on
 // chip (a tile costs 64 * 64 * rank fp32 FMAs, ~rank / 32 times the tile's exponential and merge work), and the
-// backward reduces its dw tiles into du, dvb at once. Memory: O(B T D + heads T rank).
-size_t aft_full_lowrank_fwd_workspace_bytes(DType, int64_t, int64_t, int64_t, int64_t, int64_t, bool, bool) {
-  return 0;
+// backward reduces its dw tiles into du, dvb at once. 16-bit factors are converted to fp32 once, into the workspace
+// (so the kernels exist for fp32/fp64 factors only). Memory: O(B T D + heads T rank).
+inline size_t lowrank_factor_bytes(DType dt, int64_t T, int64_t heads, int64_t rank) {
+  const bool f16 = dt == DType::Float16 || dt == DType::BFloat16;
+  return f16 ? 2 * static_cast<size_t>(heads * T * rank) * sizeof(float) : 0;
+}
+
+template <typename S, typename Dt>
+cudaError_t launch_cast(const void* src, Dt* dst, int64_t n, cudaStream_t s) {
+  if (n <= 0) return cudaSuccess;
+  ATTNFREE_LAUNCH((convert_kernel<S, Dt>), grid_for(n, 256), 256, 0, s)(static_cast<const S*>(src), dst, n);
+  return cudaGetLastError();
+}
+
+// u, vb as the kernels read them (accumulate type A): as given, or converted into fp32 at `ws` (room for both).
+template <typename WE, typename A>
+cudaError_t lowrank_factors(const void* u, const void* vb, void* ws, int64_t n, const A*& uk, const A*& vk,
+                            cudaStream_t s) {
+  if constexpr (std::is_same<WE, A>::value) {
+    uk = static_cast<const A*>(u);
+    vk = static_cast<const A*>(vb);
+    return cudaSuccess;
+  } else {
+    A* w = static_cast<A*>(ws);
+    cudaError_t err = launch_cast<WE, A>(u, w, n, s);
+    if (err == cudaSuccess) err = launch_cast<WE, A>(vb, w + n, n, s);
+    uk = w;
+    vk = w + n;
+    return err;
+  }
+}
+
+size_t aft_full_lowrank_fwd_workspace_bytes(DType dt, int64_t /*B*/, int64_t T, int64_t /*D*/, int64_t heads,
+                                            int64_t rank, bool /*causal*/, bool /*exact*/) {
+  return lowrank_factor_bytes(dt, T, heads, rank);
 }
 
 cudaError_t aft_full_lowrank_fwd(DType dt, DType w_dt, const void* q, const void* k, const void* v, const void* u,
                                  const void* vb, void* y, void* lse, int64_t B, int64_t T, int64_t D, int64_t heads,
-                                 int64_t rank, bool causal, bool exact, void* /*workspace*/, cudaStream_t stream) {
+                                 int64_t rank, bool causal, bool exact, void* workspace, cudaStream_t stream) {
   if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
   if (heads <= 0 || D % heads != 0 || rank < 0) return cudaErrorInvalidValue;
+  if (workspace == nullptr && lowrank_factor_bytes(dt, T, heads, rank) > 0) return cudaErrorInvalidValue;
   exact = exact || !aft_full_tc_supported();
   return dispatch(dt, w_dt, [&](auto e, auto we) -> cudaError_t {
     using E = decltype(e);
     using WE = decltype(we);
+    using A = acc_of_t<E>;
+    const A *uk = nullptr, *vk = nullptr;
+    const cudaError_t err = lowrank_factors<WE, A>(u, vb, workspace, heads * T * rank, uk, vk, stream);
+    if (err != cudaSuccess) return err;
     if constexpr (std::is_same<E, double>::value) {
-      return launch_exact<E, WE, true>(q, k, v, nullptr, u, vb, y, lse, B, T, D, heads, rank, causal, stream);
+      return launch_exact<E, A, true>(q, k, v, nullptr, uk, vk, y, lse, B, T, D, heads, rank, causal, stream);
     } else {
       if (exact)
-        return launch_exact<E, WE, true>(q, k, v, nullptr, u, vb, y, lse, B, T, D, heads, rank, causal, stream);
-      return launch_tc<E, WE, true>(q, k, v, nullptr, u, vb, y, lse, B, T, D, heads, rank, causal, stream);
+        return launch_exact<E, A, true>(q, k, v, nullptr, uk, vk, y, lse, B, T, D, heads, rank, causal, stream);
+      return launch_tc<E, A, true>(q, k, v, nullptr, uk, vk, y, lse, B, T, D, heads, rank, causal, stream);
     }
   });
 }
 
-// du, dvb accumulated in the accumulate type: 2 x (heads, T, rank).
+// du, dvb accumulated in the accumulate type, 2 x (heads, T, rank), then the fp32 factors of 16-bit inputs.
 size_t aft_full_lowrank_bwd_workspace_bytes(DType dt, int64_t /*B*/, int64_t T, int64_t /*D*/, int64_t heads,
                                             int64_t rank, bool /*causal*/, bool /*exact*/) {
-  return 2 * static_cast<size_t>(heads * T * rank) * dtype_size(acc_dtype(dt));
+  return 2 * static_cast<size_t>(heads * T * rank) * dtype_size(acc_dtype(dt)) +
+         lowrank_factor_bytes(dt, T, heads, rank);
 }
 
 cudaError_t aft_full_lowrank_bwd(DType dt, DType w_dt, const void* dy, const void* q, const void* k, const void* v,
@@ -1447,35 +1487,33 @@ cudaError_t aft_full_lowrank_bwd(DType dt, DType w_dt, const void* dy, const voi
     using E = decltype(e);
     using WE = decltype(we);
     using A = acc_of_t<E>;
-    A* du_acc = static_cast<A*>(workspace);
-    A* dvb_acc = du_acc + heads * T * rank;
-    const BwdBuffers<E, WE> p{static_cast<const E*>(dy),
-                              static_cast<const E*>(q),
-                              static_cast<const E*>(k),
-                              static_cast<const E*>(v),
-                              nullptr,
-                              static_cast<const WE*>(u),
-                              static_cast<const WE*>(vb),
-                              static_cast<const E*>(y),
-                              static_cast<const acc_of_t<E>*>(lse),
-                              static_cast<E*>(dq),
-                              static_cast<E*>(dk),
-                              static_cast<E*>(dv),
-                              nullptr,
-                              du_acc,
-                              dvb_acc};
     const int64_t n = heads * T * rank;
+    A* du_acc = static_cast<A*>(workspace);
+    A* dvb_acc = du_acc + n;
+    const A *uk = nullptr, *vk = nullptr;
+    cudaError_t err = lowrank_factors<WE, A>(u, vb, dvb_acc + n, n, uk, vk, stream);
+    if (err != cudaSuccess) return err;
+    const BwdBuffers<E, A> p{static_cast<const E*>(dy),
+                             static_cast<const E*>(q),
+                             static_cast<const E*>(k),
+                             static_cast<const E*>(v),
+                             nullptr,
+                             uk,
+                             vk,
+                             static_cast<const E*>(y),
+                             static_cast<const acc_of_t<E>*>(lse),
+                             static_cast<E*>(dq),
+                             static_cast<E*>(dk),
+                             static_cast<E*>(dv),
+                             nullptr,
+                             du_acc,
+                             dvb_acc};
     // the dw kernels add into the accumulators (the SIMT factor kernel zeroes its own rows)
-    cudaError_t err =
-        n > 0 ? cudaMemsetAsync(workspace, 0, 2 * static_cast<size_t>(n) * sizeof(A), stream) : cudaSuccess;
-    if (err == cudaSuccess) err = launch_bwd_any<E, WE, true>(p, B, T, D, heads, rank, causal, exact, stream);
-    if (err != cudaSuccess) return err;
-    if (n == 0) return cudaSuccess;
-    ATTNFREE_LAUNCH((convert_kernel<A, WE>), grid_for(n, 256), 256, 0, stream)(du_acc, static_cast<WE*>(du), n);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    ATTNFREE_LAUNCH((convert_kernel<A, WE>), grid_for(n, 256), 256, 0, stream)(dvb_acc, static_cast<WE*>(dvb), n);
-    return cudaGetLastError();
+    if (n > 0) err = cudaMemsetAsync(workspace, 0, 2 * static_cast<size_t>(n) * sizeof(A), stream);
+    if (err == cudaSuccess) err = launch_bwd_any<E, A, true>(p, B, T, D, heads, rank, causal, exact, stream);
+    if (err == cudaSuccess) err = launch_cast<A, WE>(du_acc, static_cast<WE*>(du), n, stream);
+    if (err == cudaSuccess) err = launch_cast<A, WE>(dvb_acc, static_cast<WE*>(dvb), n, stream);
+    return err;
   });
 }
 

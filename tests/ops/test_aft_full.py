@@ -775,7 +775,7 @@ def test_lowrank_workspace_linear_in_T(path, dtype, causal, exact):
     for which in ("fwd", "bwd"):
         ws = [lib.raw(f"emu_aft_full_lowrank_{which}_ws", dt, B, T, D, heads, rank, causal, exact) for T in (512, 1024)]
         assert ws[1] <= 2 * ws[0] + 1024, (which, ws)
-        assert ws[1] <= 2 * heads * 1024 * rank * 8 + 1024, (which, ws)
+        assert ws[1] <= 4 * heads * 1024 * rank * 8, (which, ws)  # a few (heads, T, rank) arrays
 
 
 @LOWRANK
