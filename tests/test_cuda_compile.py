@@ -62,7 +62,11 @@ def _nvcc_cmd(cu: pathlib.Path, archs: tuple[int, ...] = (80, 90)) -> list[str]:
 
 
 # nvcc job kinds: test function -> (job key prefix, architectures)
-_NVCC_KINDS = {"test_nvcc_compiles_sm80_sm90": ("nvcc:", (80, 90)), "test_nvcc_compiles_sm75": ("nvcc75:", (75,))}
+_NVCC_KINDS = {
+    "test_nvcc_compiles_sm80_sm90": ("nvcc:", (80, 90)),
+    "test_no_local_memory": ("nvcc:", (80, 90)),  # reads the ptxas lines of the same job
+    "test_nvcc_compiles_sm75": ("nvcc75:", (75,)),
+}
 
 
 def _glue_cmd(cpp: pathlib.Path) -> list[str] | None:
@@ -101,7 +105,7 @@ def jobs(request):
         if NVCC:
             for prefix, archs in _NVCC_KINDS.values():
                 for cu in sorted(CU_FILES, key=lambda f: -f.stat().st_size):
-                    if prefix + cu.name in needed:
+                    if prefix + cu.name in needed and prefix + cu.name not in _JOBS:
                         _JOBS[prefix + cu.name] = _POOL.submit(_run, _nvcc_cmd(cu, archs))
         for cpp in GLUE_FILES:
             cmd = _glue_cmd(cpp) if "glue:" + cpp.name in needed else None
