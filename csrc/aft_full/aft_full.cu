@@ -1147,21 +1147,27 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
 #pragma unroll
       for (int i = 0; i < 16; ++i) st[(wr0 + i) * LDS + wc0 + lane] = acc[i];
       __syncthreads();
+      // the other factor's 64 rows (vb[J] for DU, u[I] for DVb) in chunks of RCH ranks through Vs, read once
       gptr<float> fh = facc + h * T * rank;
-      for (int64_t e = tid; e < 64 * rank; e += NT) {
-        const int64_t a = e / rank, r = e % rank;  // a: the owned row (DU) or key (DVb) of the tile
-        float sum = 0.f;
-        if (mode == DwMode::DU) {
-          if (t0 + a >= T) continue;
-          for (int c = 0; c < 64 && k0 + c < T; ++c)
-            sum = fmaf(st[a * LDS + c], static_cast<float>(to_acc(src.vb[(k0 + c) * rank + r])), sum);
-          fh[(t0 + a) * rank + r] += sum;
-        } else {
-          if (k0 + a >= T) continue;
-          for (int c = 0; c < 64 && t0 + c < T; ++c)
-            sum = fmaf(st[c * LDS + a], static_cast<float>(to_acc(src.u[(t0 + c) * rank + r])), sum);
-          fh[(k0 + a) * rank + r] += sum;
+      const bool du = mode == DwMode::DU;
+      const int64_t own0 = du ? t0 : k0, oth0 = du ? k0 : t0;
+      gptr<const WE> fac = du ? src.vb : src.u;
+      for (int64_t r0 = 0; r0 < rank; r0 += RCH) {
+        for (int e = tid; e < 64 * RCH; e += NT) {
+          const int c = e / RCH, cc = e % RCH;
+          const int64_t tc = oth0 + c, rk = r0 + cc;
+          Vs[c * LDR + cc] = (tc < T && rk < rank) ? static_cast<float>(to_acc(fac[tc * rank + rk])) : 0.f;
         }
+        __syncthreads();
+        for (int e = tid; e < 64 * RCH; e += NT) {
+          const int a = e / RCH, cc = e % RCH;  // a: the owned row (DU) or key (DVb) of the tile
+          const int64_t rk = r0 + cc;
+          if (own0 + a >= T || rk >= rank) continue;
+          float sum = 0.f;
+          for (int c = 0; c < 64; ++c) sum = fmaf(du ? st[a * LDS + c] : st[c * LDS + a], Vs[c * LDR + cc], sum);
+          fh[(own0 + a) * rank + rk] += sum;
+        }
+        __syncthreads();  // before the next chunk overwrites Vs
       }
       __syncthreads();  // before the next tile pair overwrites the staging
     }
