@@ -607,11 +607,12 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
     const int64_t t = t0 + wr0 + i;
     if (t < T) {
       const float S = Sst[i];
-      const float Mtot = (S > 0.f) ? Mst[i] + log2f(S) : -INFINITY;
+      const float lg = (S > 0.f) ? log2f(S) : 0.f;
+      const float Mtot = (S > 0.f) ? Mst[i] + lg : -INFINITY;
       float z, l;
       if (S > 0.f && !(Ub[(wr0 + i) * BN + wc0 + lane] > Mtot - kFallbackMargin)) {
         z = Ast[i] / S;
-        l = static_cast<float>((static_cast<double>(Mst[i]) + static_cast<double>(log2f(S))) * kLn2d);  // one rounding
+        l = static_cast<float>((static_cast<double>(Mst[i]) + static_cast<double>(lg)) * kLn2d);  // one rounding
       } else {  // rare: a tile that may matter was lost (or nothing was merged): exact per-element recompute
         const float2 zl = fallback_element<E, WE, LOWRANK>(k, v, w, u, vbias, T, D, h, t, cb, rank, causal);
         z = zl.x;
