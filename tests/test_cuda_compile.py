@@ -55,14 +55,18 @@ def _run(cmd: list[str], cwd: pathlib.Path | None = None) -> subprocess.Complete
 # ---------------------------------------------------------------- job definitions
 def _nvcc_cmd(cu: pathlib.Path, archs: tuple[int, ...] = (80, 90)) -> list[str]:
     out = _TMP / (cu.stem + "".join(f"_sm{a}" for a in archs) + ".o")
-    cmd = [NVCC, "-std=c++17", "-c"]
+    cmd = [NVCC, "-std=c++17", "-c", "-Xptxas", "-v"]  # -v: per-function resource lines (test_no_local_memory)
     for a in archs:
         cmd += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
     return cmd + ["-I", str(CSRC), str(cu), "-o", str(out)]
 
 
 # nvcc job kinds: test function -> (job key prefix, architectures)
-_NVCC_KINDS = {"test_nvcc_compiles_sm80_sm90": ("nvcc:", (80, 90)), "test_nvcc_compiles_sm75": ("nvcc75:", (75,))}
+_NVCC_KINDS = {
+    "test_nvcc_compiles_sm80_sm90": ("nvcc:", (80, 90)),
+    "test_no_local_memory": ("nvcc:", (80, 90)),  # reads the ptxas lines of the same job
+    "test_nvcc_compiles_sm75": ("nvcc75:", (75,)),
+}
 
 
 def _glue_cmd(cpp: pathlib.Path) -> list[str] | None:
@@ -101,7 +105,7 @@ def jobs(request):
         if NVCC:
             for prefix, archs in _NVCC_KINDS.values():
                 for cu in sorted(CU_FILES, key=lambda f: -f.stat().st_size):
-                    if prefix + cu.name in needed:
+                    if prefix + cu.name in needed and prefix + cu.name not in _JOBS:
                         _JOBS[prefix + cu.name] = _POOL.submit(_run, _nvcc_cmd(cu, archs))
         for cpp in GLUE_FILES:
             cmd = _glue_cmd(cpp) if "glue:" + cpp.name in needed else None
@@ -127,6 +131,46 @@ def test_nvcc_compiles_sm75(cu, jobs):
     res = jobs["nvcc75:" + cu.name].result()
     assert res.returncode == 0, f"nvcc -arch=sm_75 failed on {cu.name}:\n{res.stdout}\n{res.stderr}"
     assert (_TMP / (cu.stem + "_sm75.o")).stat().st_size > 0
+
+
+# Kernels whose per-thread state must live in registers: ptxas must give them a 0-byte stack frame (no local
+# memory: no spills, no address-taken arrays) on every architecture of test_nvcc_compiles_sm80_sm90.
+NO_STACK_KERNELS = {"aft_full.cu": ("fwd_tc_kernel", "bwd_kv_tc_kernel", "bwd_w_tc_kernel")}
+
+
+def ptxas_stack_frames(text: str) -> list[tuple[str, str, int]]:
+    """(architecture, mangled function, stack-frame bytes) for every function of `nvcc -Xptxas -v` output."""
+    out, arch, pending = [], "?", None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)' for '(sm_\d+)'", line)
+        if m:
+            arch = m.group(2)
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            pending = m.group(1)
+            continue
+        m = re.search(r"(\d+) bytes stack frame", line)
+        if m and pending is not None:
+            out.append((arch, pending, int(m.group(1))))
+            pending = None
+    return out
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("cu", [c for c in CU_FILES if c.name in NO_STACK_KERNELS], ids=lambda c: c.name)
+def test_no_local_memory(cu, jobs):
+    """ptxas reports "0 bytes stack frame" for every instantiation of the listed kernels, on sm_80 and sm_90."""
+    res = jobs["nvcc:" + cu.name].result()
+    assert res.returncode == 0, f"nvcc failed on {cu.name}:\n{res.stderr[-4000:]}"
+    frames = ptxas_stack_frames(res.stdout + res.stderr)
+    bad = []
+    for name in NO_STACK_KERNELS[cu.name]:
+        tag = f"{len(name)}{name}I"  # Itanium mangling of the template's name
+        for arch in ("sm_80", "sm_90"):
+            mine = [(f, n) for a, f, n in frames if a == arch and tag in f]
+            assert mine, f"ptxas printed no {name} for {arch}"
+            bad += [(arch, f, n) for f, n in mine if n != 0]
+    assert not bad, "kernels with a stack frame (local memory):\n" + "\n".join(f"{a} {n} B {f}" for a, f, n in bad)
 
 
 def _local_includes(f: pathlib.Path, seen: set[pathlib.Path]) -> set[pathlib.Path]:

@@ -12,8 +12,7 @@
 //   CTA = 256 threads (8 warps) owns a query tile of BM = 64 rows x a block of BN = 64 columns of one head;
 //   it loops over key tiles of BK = 64 keys (causal: only tiles with k0 <= last query row):
 //     (1) w tile (BM x BK): loaded from w, or for the low-rank op built as U[rows] @ Vb[keys]^T (fp32 SIMT
-//         dot products through shared-memory chunks of 32 ranks) when rank <= 16 or T is too large to
-//         materialise w (else w = u vb^T is materialised once by a tiled GEMM: see lowrank_materialise).
+//         dot products through shared-memory chunks of 32 ranks; w is never materialised, any rank).
 //         Per-row max r over the VISIBLE keys of the tile (causal mask t' <= t, t' < T), Ew = exp(w - r) in
 //         [0, 1] stored to smem as bf16 for 16-bit inputs (NEVER fp16: its exponent range ends near e^-17) or
 //         fp32 for fp32 inputs.
@@ -40,8 +39,7 @@
 //     + U bounds (16 KB): bf16: 34.8 + 1.8 + 16 KB; fp32 (3xTF32): 52.2 + 1.8 + 16 KB; low-rank adds
 //     2 x 64 x 33 fp32 = 16.9 KB.
 //   Each thread keeps 16 (t, c) states (M, S, A) = 48 registers (the rarely written bound U lives in smem,
-//   16 KB). Dense forward: __launch_bounds__(256, 2) -> 128 registers (24 B spilled on sm_90), 2 CTAs = 16 warps
-//   per SM; low-rank forward / backward: ~170-230 registers, 1 CTA per SM (see AFT_FULL_*MIN_BLOCKS).
+//   16 KB). ~170-230 registers, 1 CTA per SM, no local memory (see AFT_FULL_*MIN_BLOCKS).
 //   No cp.async / double buffering yet.
 //
 // Forward, exact kernel `fwd_exact_kernel` (fp64 always; any dtype with exact = true): one thread per (b, t, c),
@@ -63,10 +61,11 @@
 //     diagonal write zeros; elements t' > t are masked.
 //   The SIMT kernels below (`bwd_dkdv_kernel`: one thread per (b, t', c); `bwd_dw_kernel`: one warp per
 //   (h, t, t')) are used for float64 and with exact = true.
-//   Low-rank: w = u vb^T is materialised in an fp32/fp64 workspace (O(heads T^2), the size of a dense bias), the
-//   kernels above write dw into a second workspace, then du = dw @ vb, dvb = dw^T @ u (`lowrank_gemm_kernel`, SIMT
-//   32x32-tiled). Open requirement, not met yet: the factorised bias should never exist as T x T; the backward
-//   would have to build w tiles from u, vb on the fly (as the forward can) and fuse du/dvb into the dw kernel.
+//   Low-rank (w = u vb^T, never materialised): both kernels build their w tiles from u, vb on chip (lowrank_tile);
+//   the dw kernel runs twice, once per query tile I looping over key tiles (du[I] += dw[I, J] vb[J]) and once per
+//   key tile J looping over query tiles (dvb[J] += dw[I, J]^T u[I]), each CTA owning its rows of an fp32
+//   (heads, T, rank) accumulator: deterministic, no atomics, no T x T buffer (2x the dw work of the dense bias).
+//   The SIMT path does the same with `bwd_factor_kernel` (one warp per row of du or dvb).
 //
 // No (B, T, T, D) tensor is ever built. Any B, T, D, heads (T need not be a multiple of any tile: all loads
 // are predicated). 64-bit indexing throughout.
@@ -101,7 +100,21 @@ using namespace nvcuda;
 #endif
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
+constexpr double kLn2d = 0.6931471805599453094;
+constexpr float kLog2eLo = static_cast<float>(1.4426950408889634074 - static_cast<double>(kLog2e));
+
+// x log2 e as hi + lo (hi = the rounded product, lo its error: ~2^-48 relative together); -inf -> (-inf, 0).
+__device__ __forceinline__ void split_log2(float x, float& hi, float& lo) {
+  const float h = x * kLog2e;
+  hi = h;
+  lo = (x == -INFINITY) ? 0.f : fmaf(x, kLog2e, -h) + x * kLog2eLo;
+}
+
+// The rounding error of s = fl(a + b) (Knuth's TwoSum, exact for finite a, b: a + b = s + err).
+__device__ __forceinline__ float two_sum_err(float a, float b, float s) {
+  const float bb = s - a;
+  return (a - (s - bb)) + (b - bb);
+}
 
 // Online log-sum-exp over the visible keys of one (b, t, c): z = sum softmax * v, lse. `wget(t')` -> w[t, t'].
 template <typename E, typename A, typename WGet>
@@ -127,23 +140,44 @@ __device__ __forceinline__ void exact_element(const WGet& wget, gptr<const E> __
   lse = M + af_log(S);
 }
 
-template <typename WE>
-struct DenseW {
-  gptr<const WE> row;  // w[h, t, :]
-  __device__ __forceinline__ acc_of_t<WE> operator()(int64_t tp) const { return to_acc(row[tp]); }
+// The bias of one head as the kernels read it: dense w[h] (T x T), or the factorised w[h] = u[h] vb[h]^T (T x rank
+// factors), never materialised: an element is a rank-long dot product, a tile is built through shared memory
+// (lowrank_tile). Pointers already point at head h.
+template <typename WE, bool LOWRANK>
+struct WSrc {
+  gptr<const WE> w;      // dense: w[h]
+  gptr<const WE> u, vb;  // low rank: u[h], vb[h]
+  int64_t T, rank;
+  __device__ __forceinline__ acc_of_t<WE> at(int64_t t, int64_t tk) const {
+    if constexpr (LOWRANK) {
+      acc_of_t<WE> s = 0;
+      gptr<const WE> ur = u + t * rank;
+      gptr<const WE> vr = vb + tk * rank;
+      for (int64_t r = 0; r < rank; ++r) s += to_acc(ur[r]) * to_acc(vr[r]);
+      return s;
+    } else {
+      return to_acc(w[t * T + tk]);
+    }
+  }
 };
 
-template <typename UE>
-struct LowRankW {
-  gptr<const UE> urow;  // u[h, t, :]
-  gptr<const UE> vb;    // vb[h, :, :]
-  int64_t rank;
-  __device__ __forceinline__ acc_of_t<UE> operator()(int64_t tp) const {
-    acc_of_t<UE> s = 0;
-    gptr<const UE> vr = vb + tp * rank;
-    for (int64_t r = 0; r < rank; ++r) s += to_acc(urow[r]) * to_acc(vr[r]);
-    return s;
+// WSrc of head h from the full (heads, T, T) or (heads, T, rank) tensors.
+template <typename WE, bool LOWRANK>
+__device__ __forceinline__ WSrc<WE, LOWRANK> head_bias(gptr<const WE> w, gptr<const WE> u, gptr<const WE> vb, int64_t h,
+                                                       int64_t T, int64_t rank) {
+  if constexpr (LOWRANK) {
+    return WSrc<WE, LOWRANK>{nullptr, u + h * T * rank, vb + h * T * rank, T, rank};
+  } else {
+    return WSrc<WE, LOWRANK>{w + h * T * T, nullptr, nullptr, T, rank};
   }
+}
+
+// Row t of a WSrc as exact_element reads it: tp -> w[t, tp].
+template <typename WE, bool LOWRANK>
+struct WRow {
+  WSrc<WE, LOWRANK> src;
+  int64_t t;
+  __device__ __forceinline__ acc_of_t<WE> operator()(int64_t tp) const { return src.at(t, tp); }
 };
 
 // ------------------------------------------------------------------------------------------ exact forward
@@ -159,16 +193,17 @@ struct ElementIdx {
   }
 };
 
-template <typename E, typename WE>
+template <typename E, typename WE, bool LOWRANK>
 __global__ void fwd_exact_kernel(gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
-                                 gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<E> __restrict__ y,
-                                 gptr<acc_of_t<E>> __restrict__ lse, int64_t B, int64_t T, int64_t D, int64_t dh,
-                                 bool causal) {
+                                 gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w,
+                                 gptr<const WE> __restrict__ u, gptr<const WE> __restrict__ vbias,
+                                 gptr<E> __restrict__ y, gptr<acc_of_t<E>> __restrict__ lse, int64_t B, int64_t T,
+                                 int64_t D, int64_t dh, int64_t rank, bool causal) {
   using A = acc_of_t<E>;
   AF_GRID_STRIDE(idx, B * T * D) {  // 64-bit grid-stride: any B * T * D fits the (capped) grid
     const ElementIdx e(idx, T, D, dh);
     A z, l;
-    DenseW<WE> wg{w + (e.h * T + e.t) * T};
+    const WRow<WE, LOWRANK> wg{head_bias<WE, LOWRANK>(w, u, vbias, e.h, T, rank), e.t};
     exact_element<E, A>(wg, k + e.base, v + e.base, D, causal ? e.t + 1 : T, z, l);
     y[idx] = from_acc<E>(af_sigmoid(to_acc(q[idx])) * z);
     lse[idx] = l;
@@ -177,13 +212,14 @@ __global__ void fwd_exact_kernel(gptr<const E> __restrict__ q, gptr<const E> __r
 
 // ------------------------------------------------------------------------------------------ tensor-core forward
 // Minimum resident CTAs per SM requested from ptxas for the tensor-core kernels. 1: ~170-230 registers, no
-// spills, 8 warps/SM; 2: 128 registers, 16 warps/SM (sm_90: dense forward spills 24 B, low-rank forward ~220 B,
-// backward 124-356 B). Defaults: 2 for the dense forward, 1 elsewhere; override with -D... to compare on the GPU.
+// local memory (tests/test_cuda_compile.py asserts a 0-byte stack frame), 8 warps/SM; 2: 128 registers, 16 warps/SM,
+// but the per-thread merge state no longer fits (sm_90: dense forward 16-64 B of stack, the others more). Default 1
+// everywhere; -DAFT_FULL_FWD_MIN_BLOCKS=2 (dense forward) / -DAFT_FULL_MIN_BLOCKS=2 to compare on the GPU.
 #ifndef AFT_FULL_MIN_BLOCKS
 #define AFT_FULL_MIN_BLOCKS 1
 #endif
 #ifndef AFT_FULL_FWD_MIN_BLOCKS
-#define AFT_FULL_FWD_MIN_BLOCKS 2
+#define AFT_FULL_FWD_MIN_BLOCKS 1
 #endif
 constexpr int BM = 64, BN = 64, BK = 64, NT = 256, RCH = 32, LDR = RCH + 1, LDS = BN + 4;
 constexpr float kLog2BK = 6.0f;           // log2(BK)
@@ -202,7 +238,9 @@ struct TcCfg {
   static constexpr size_t kUnionBytes = ((kOpsBytes > kStageBytes ? kOpsBytes : kStageBytes) + 127) / 128 * 128;
   static constexpr size_t kR2 = kUnionBytes;                                      // float r2[BM]
   static constexpr size_t kM2 = kR2 + BM * sizeof(float);                         // float m2[BN]
-  static constexpr size_t kRed = kM2 + BN * sizeof(float);                        // float red[4][BN]
+  static constexpr size_t kR2l = kM2 + BN * sizeof(float);                        // float r2l[BM] (low parts)
+  static constexpr size_t kM2l = kR2l + BM * sizeof(float);                       // float m2l[BN]
+  static constexpr size_t kRed = kM2l + BN * sizeof(float);                       // float red[4][BN]
   static constexpr size_t kCol = kRed + 4 * BN * sizeof(float);                   // int64 colbase[BN]
   static constexpr size_t kUb = (kCol + BN * sizeof(int64_t) + 127) / 128 * 128;  // float Ub[BM][BN] (lost-tile bounds)
   static constexpr size_t kBase = kUb + size_t(BM) * BN * sizeof(float);
@@ -236,6 +274,51 @@ __device__ __forceinline__ void load_w_strip(gptr<const WE> __restrict__ wh, int
   for (int i = 0; i < 16; ++i) {
     const int64_t tk = k0 + part * 16 + i;
     wv[i] = key_visible(t, tk, T, causal) ? static_cast<float>(to_acc(wh[t * T + tk])) : 0.f;
+  }
+}
+
+// A 64 x 64 tile of a low-rank bias, w[t0 + row, k0 + key] = sum_r u[t0 + row, r] vb[k0 + key, r], as fp32 dot
+// products through shared-memory chunks of RCH ranks (Us [64][LDR], Vs [64][LDR]; missing rows/keys read 0). Each
+// thread gets 16 entries: STRIP: row `a`, keys 16 b + i (the w-strip layout of load_w_strip); else keys `a`, rows
+// b + i (the output layout of a warp strip). Every thread of the CTA must call it (it synchronises).
+template <bool STRIP, typename WE>
+__device__ __forceinline__ void lowrank_tile(const WSrc<WE, true>& src, int64_t t0, int64_t k0, int a, int b, float* Us,
+                                             float* Vs, float (&wv)[16]) {
+  const int64_t T = src.T, rank = src.rank;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) wv[i] = 0.f;
+  for (int64_t r0 = 0; r0 < rank; r0 += RCH) {
+    for (int e = threadIdx.x; e < 64 * RCH; e += NT) {
+      const int rr = e / RCH, cc = e % RCH;
+      const int64_t tq = t0 + rr, tk = k0 + rr, rk = r0 + cc;
+      Us[rr * LDR + cc] = (tq < T && rk < rank) ? static_cast<float>(to_acc(src.u[tq * rank + rk])) : 0.f;
+      Vs[rr * LDR + cc] = (tk < T && rk < rank) ? static_cast<float>(to_acc(src.vb[tk * rank + rk])) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int cc = 0; cc < RCH; ++cc) {
+      if constexpr (STRIP) {
+        const float uu = Us[a * LDR + cc];
+#pragma unroll
+        for (int i = 0; i < 16; ++i) wv[i] = fmaf(uu, Vs[(b * 16 + i) * LDR + cc], wv[i]);
+      } else {
+        const float vv = Vs[a * LDR + cc];
+#pragma unroll
+        for (int i = 0; i < 16; ++i) wv[i] = fmaf(Us[(b + i) * LDR + cc], vv, wv[i]);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// The w strip of thread (wrow, wpart) of the tile at (t0, k0) from either bias (low rank: every thread must call).
+template <typename WE, bool LOWRANK>
+__device__ __forceinline__ void bias_strip(const WSrc<WE, LOWRANK>& src, int64_t t0, int64_t k0, int wrow, int wpart,
+                                           bool causal, float* Us, float* Vs, float (&wv)[16]) {
+  if constexpr (LOWRANK) {
+    lowrank_tile<true>(src, t0, k0, wrow, wpart, Us, Vs, wv);
+  } else {
+    load_w_strip(src.w, t0 + wrow, k0, wpart, src.T, causal, wv);
   }
 }
 
@@ -379,20 +462,17 @@ struct TcMma<true> {  // 3xTF32: fp32 operands split into tf32 big + small parts
 };
 #endif  // AFT_FULL_TC_ARCH
 
-// Rare path of the tensor-core kernel, kept out of line so the unrolled epilogue stays small.
+// Rare path of the tensor-core kernel, kept out of line so the unrolled epilogue stays small. Returns (z, lse)
+// by value (output references would put the caller's variables on the stack).
 template <typename E, typename WE, bool LOWRANK>
-__device__ __noinline__ void fallback_element(gptr<const E> __restrict__ k, gptr<const E> __restrict__ v,
-                                              gptr<const WE> __restrict__ w, gptr<const WE> __restrict__ u,
-                                              gptr<const WE> __restrict__ vbias, int64_t T, int64_t D, int64_t h,
-                                              int64_t t, int64_t cb, int64_t rank, bool causal, float& z, float& l) {
-  const int64_t tend = causal ? t + 1 : T;
-  if (LOWRANK) {
-    LowRankW<WE> wg{u + (h * T + t) * rank, vbias + h * T * rank, rank};
-    exact_element<E, float>(wg, k + cb, v + cb, D, tend, z, l);
-  } else {
-    DenseW<WE> wg{w + (h * T + t) * T};
-    exact_element<E, float>(wg, k + cb, v + cb, D, tend, z, l);
-  }
+__device__ __noinline__ float2 fallback_element(gptr<const E> __restrict__ k, gptr<const E> __restrict__ v,
+                                                gptr<const WE> __restrict__ w, gptr<const WE> __restrict__ u,
+                                                gptr<const WE> __restrict__ vbias, int64_t T, int64_t D, int64_t h,
+                                                int64_t t, int64_t cb, int64_t rank, bool causal) {
+  const WRow<WE, LOWRANK> wg{head_bias<WE, LOWRANK>(w, u, vbias, h, T, rank), t};
+  float z, l;
+  exact_element<E, float>(wg, k + cb, v + cb, D, causal ? t + 1 : T, z, l);
+  return make_float2(z, l);
 }
 
 // Tensor-core operand precision per input type: bf16 operands only for bf16 inputs; fp16 inputs take the (3x)TF32
@@ -423,6 +503,8 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
   float* stage_n = stage_d + BM * LDS;
   float* r2s = reinterpret_cast<float*>(smem + Cfg::kR2);
   float* m2s = reinterpret_cast<float*>(smem + Cfg::kM2);
+  float* r2l = reinterpret_cast<float*>(smem + Cfg::kR2l);
+  float* m2l = reinterpret_cast<float*>(smem + Cfg::kM2l);
   float* red = reinterpret_cast<float*>(smem + Cfg::kRed);
   int64_t* colbase = reinterpret_cast<int64_t*>(smem + Cfg::kCol);
   float* Ub = reinterpret_cast<float*>(smem + Cfg::kUb);  // element (row, col) is only touched by its owner thread
@@ -448,7 +530,7 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
     Ub[(wr0 + i) * BN + wc0 + lane] = -INFINITY;
   }
 
-  gptr<const WE> wh = LOWRANK ? nullptr : w + h * T * T;
+  const WSrc<WE, LOWRANK> src = head_bias<WE, LOWRANK>(w, u, vbias, h, T, rank);
   const int64_t t_last = (t0 + BM < T ? t0 + BM : T) - 1;
   const int64_t nkt = causal ? (t_last / BK + 1) : (T + BK - 1) / BK;
 
@@ -464,37 +546,14 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
     // ---------------- (1) w tile, row max over visible keys, Ew = exp(w - r)
     float wv[16];
     const int64_t trow = t0 + wrow;
-    if (LOWRANK) {
-#pragma unroll
-      for (int i = 0; i < 16; ++i) wv[i] = 0.f;
-      gptr<const WE> uh = u + h * T * rank;
-      gptr<const WE> vh = vbias + h * T * rank;
-      for (int64_t r0 = 0; r0 < rank; r0 += RCH) {
-        for (int e = tid; e < BM * RCH; e += NT) {
-          const int rr = e / RCH, cc = e % RCH;
-          const int64_t tq = t0 + rr, tk = k0 + rr, rk = r0 + cc;
-          Us[rr * LDR + cc] = (tq < T && rk < rank) ? to_acc(uh[tq * rank + rk]) : 0.f;
-          Vs[rr * LDR + cc] = (tk < T && rk < rank) ? to_acc(vh[tk * rank + rk]) : 0.f;
-        }
-        __syncthreads();
-#pragma unroll 4
-        for (int cc = 0; cc < RCH; ++cc) {
-          const float uu = Us[wrow * LDR + cc];
-#pragma unroll
-          for (int i = 0; i < 16; ++i) wv[i] = fmaf(uu, Vs[(wpart * 16 + i) * LDR + cc], wv[i]);
-        }
-        __syncthreads();
-      }
-    } else {
-      load_w_strip(wh, trow, k0, wpart, T, causal, wv);
-    }
+    bias_strip(src, t0, k0, wrow, wpart, causal, Us, Vs, wv);
     const float rmax = exp_w_strip(wv, trow, k0, wpart, T, causal, Ew + wrow * Cfg::LDA);
-    if (wpart == 0) r2s[wrow] = (rmax == -INFINITY) ? -INFINITY : rmax * kLog2e;
+    if (wpart == 0) split_log2(rmax, r2s[wrow], r2l[wrow]);
 
     // ---------------- (2) k, v tile: column max, Ek = exp(k - m), Ekv = Ek * v
     const int64_t cb = colbase[kcol];
     const float m = exp_kv_strip(k, v, cb, k0, kg, kcol, T, D, red, Ek, Ekv, Cfg::LDB);
-    if (kg == 0) m2s[kcol] = (cb >= 0) ? m * kLog2e : -INFINITY;
+    if (kg == 0) split_log2((cb >= 0) ? m : -INFINITY, m2s[kcol], m2l[kcol]);
     __syncthreads();
 
     // ---------------- (3) tensor-core partial sums d = Ew Ek, n = Ew Ekv
@@ -508,13 +567,17 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
     __syncwarp();
 
     // ---------------- (4) tile-wise renormalisation (log2 units)
-    const float mc = m2s[wc0 + lane];
+    // The tile's scale (r + m) log2 e as s2 + s2l (two floats): lse carries the stabiliser M unrounded, and with
+    // |r + m| ~ 300 one rounding of s2 alone would cost ~3e-5 relative in every P = exp(k + w - lse) of the
+    // backward. s2 - M is exact wherever the term matters (Sterbenz: M / 2 <= s2 <= M when |M| is large).
+    const float mc = m2s[wc0 + lane], mcl = m2l[wc0 + lane];
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
       const int row = wr0 + i;
       const float dd = stage_d[row * LDS + wc0 + lane];
       const float nn = stage_n[row * LDS + wc0 + lane];
-      const float s2 = r2s[row] + mc;
+      const float rr = r2s[row];
+      const float s2 = rr + mc;
       const bool ok = dd >= kLostThresh;
       const int e = ((__float_as_int(dd) >> 23) & 0xff) - 127;  // floor(log2 d) where ok (d normal)
       const float Mn = ok ? fmaxf(Mst[i], s2 + static_cast<float>(e)) : Mst[i];
@@ -523,7 +586,8 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
       const bool grow = Mn > Mst[i];
       float al = 1.f;
       if (__any_sync(0xffffffffu, grow)) al = grow ? exp2f(Mst[i] - Mn) : 1.f;
-      const float be = ok ? exp2f(s2 - Mn) : 0.f;
+      const float s2l = ok ? two_sum_err(rr, mc, s2) + (r2l[row] + mcl) : 0.f;  // ok: every term finite
+      const float be = ok ? exp2f((s2 - Mn) + s2l) : 0.f;
       Sst[i] = fmaf(Sst[i], al, dd * be);
       Ast[i] = fmaf(Ast[i], al, nn * be);
       Mst[i] = Mn;
@@ -543,13 +607,16 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
     const int64_t t = t0 + wr0 + i;
     if (t < T) {
       const float S = Sst[i];
-      const float Mtot = (S > 0.f) ? Mst[i] + log2f(S) : -INFINITY;
+      const float lg = (S > 0.f) ? log2f(S) : 0.f;
+      const float Mtot = (S > 0.f) ? Mst[i] + lg : -INFINITY;
       float z, l;
       if (S > 0.f && !(Ub[(wr0 + i) * BN + wc0 + lane] > Mtot - kFallbackMargin)) {
         z = Ast[i] / S;
-        l = Mtot * kLn2;
+        l = static_cast<float>((static_cast<double>(Mst[i]) + static_cast<double>(lg)) * kLn2d);  // one rounding
       } else {  // rare: a tile that may matter was lost (or nothing was merged): exact per-element recompute
-        fallback_element<E, WE, LOWRANK>(k, v, w, u, vbias, T, D, h, t, cb, rank, causal, z, l);
+        const float2 zl = fallback_element<E, WE, LOWRANK>(k, v, w, u, vbias, T, D, h, t, cb, rank, causal);
+        z = zl.x;
+        l = zl.y;
       }
       const int64_t o = cb + t * D;
       y[o] = from_acc<E>(af_sigmoid(to_acc(q[o])) * z);
@@ -573,22 +640,24 @@ __global__ void bwd_dq_kernel(gptr<const E> __restrict__ dy, gptr<const E> __res
 }
 
 // one thread per (b, t', c): dv = sum_t P G, dk = v dv - sum_t P H
-template <typename E, typename WE>
+template <typename E, typename WE, bool LOWRANK>
 __global__ void bwd_dkdv_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q,
                                 gptr<const E> __restrict__ k, gptr<const E> __restrict__ v,
-                                gptr<const WE> __restrict__ w, gptr<const E> __restrict__ y,
+                                gptr<const WE> __restrict__ w, gptr<const WE> __restrict__ u,
+                                gptr<const WE> __restrict__ vbias, gptr<const E> __restrict__ y,
                                 gptr<const acc_of_t<E>> __restrict__ lse, gptr<E> __restrict__ dk,
-                                gptr<E> __restrict__ dv, int64_t B, int64_t T, int64_t D, int64_t dh, bool causal) {
+                                gptr<E> __restrict__ dv, int64_t B, int64_t T, int64_t D, int64_t dh, int64_t rank,
+                                bool causal) {
   using A = acc_of_t<E>;
   AF_GRID_STRIDE(idx, B * T * D) {
     const ElementIdx e(idx, T, D, dh);  // e.t is the key position t'
     const int64_t tp = e.t, base = e.base;
     const A kk = to_acc(k[idx]);
-    gptr<const WE> wcol = w + e.h * T * T + tp;
+    const WSrc<WE, LOWRANK> src = head_bias<WE, LOWRANK>(w, u, vbias, e.h, T, rank);
     A sg = 0, sh = 0;
     for (int64_t t = causal ? tp : 0; t < T; ++t) {
       const int64_t o = base + t * D;
-      const A P = p_of(static_cast<A>(to_acc(wcol[t * T])) + kk, lse[o]);
+      const A P = p_of(static_cast<A>(src.at(t, tp)) + kk, lse[o]);
       const A d = to_acc(dy[o]);
       sg += P * d * af_sigmoid(to_acc(q[o]));
       sh += P * d * static_cast<A>(to_acc(y[o]));
@@ -596,6 +665,49 @@ __global__ void bwd_dkdv_kernel(gptr<const E> __restrict__ dy, gptr<const E> __r
     dv[idx] = from_acc<E>(sg);
     dk[idx] = from_acc<E>(static_cast<A>(to_acc(v[idx])) * sg - sh);
   }
+}
+
+// Low-rank factor gradients without dw: one warp per (h, s). DVB false: s = t, du[t] = sum_{t'} dw[t, t'] vb[t'];
+// DVB true: s = t', dvb[t'] = sum_t dw[t, t'] u[t]; dw[t, t'] = sum_{b, c in h} P (G v[t'] - H) by warp reduction,
+// never stored. Each warp owns its row of the accumulate-type result (lanes r = lane, lane + 32, ...).
+template <typename E, typename UE, bool DVB>
+__global__ void bwd_factor_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q,
+                                  gptr<const E> __restrict__ k, gptr<const E> __restrict__ v,
+                                  gptr<const UE> __restrict__ u, gptr<const UE> __restrict__ vbias,
+                                  gptr<const E> __restrict__ y, gptr<const acc_of_t<E>> __restrict__ lse,
+                                  gptr<acc_of_t<E>> __restrict__ out, int64_t B, int64_t T, int64_t D, int64_t dh,
+                                  int64_t heads, int64_t rank, bool causal) {
+  using A = acc_of_t<E>;
+  const int lane = threadIdx.x & 31;
+  AF_WARP_STRIDE(gw, heads * T) {  // every lane of a warp takes the same gw: the shuffles stay converged
+    const int64_t s = gw % T, h = gw / T;
+    const WSrc<UE, true> src = head_bias<UE, true>(nullptr, u, vbias, h, T, rank);
+    gptr<const UE> other = DVB ? src.u : src.vb;  // the factor dw is multiplied with
+    gptr<A> orow = out + gw * rank;
+    for (int64_t r = lane; r < rank; r += 32) orow[r] = A(0);
+    const int64_t n0 = (DVB && causal) ? s : 0, n1 = (!DVB && causal) ? s + 1 : T;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t t = DVB ? n : s, tp = DVB ? s : n;
+      const A wv = static_cast<A>(src.at(t, tp));
+      A acc = 0;
+      for (int64_t j = lane; j < B * dh; j += 32) {
+        const int64_t base = (j / dh) * T * D + h * dh + (j % dh);
+        const int64_t o = base + t * D, op = base + tp * D;
+        const A P = p_of(wv + static_cast<A>(to_acc(k[op])), lse[o]);
+        const A d = to_acc(dy[o]);
+        acc += P * (d * af_sigmoid(to_acc(q[o])) * static_cast<A>(to_acc(v[op])) - d * static_cast<A>(to_acc(y[o])));
+      }
+#pragma unroll
+      for (int sh = 16; sh > 0; sh >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, sh);
+      for (int64_t r = lane; r < rank; r += 32) orow[r] += acc * static_cast<A>(to_acc(other[n * rank + r]));
+    }
+  }
+}
+
+// Elementwise dtype conversion (16-bit factors to fp32, accumulate-type factor gradients to the factors' dtype).
+template <typename S, typename Dt>
+__global__ void convert_kernel(gptr<const S> __restrict__ src, gptr<Dt> __restrict__ dst, int64_t n) {
+  AF_GRID_STRIDE(i, n) { dst[i] = from_acc<Dt>(to_acc(src[i])); }
 }
 
 // one warp per (h, t, t'): dw = sum_{b, c in h} P (G v[t'] - H)
@@ -682,32 +794,42 @@ struct BwdCfg {
   static constexpr size_t kRed = kVec1 + 64 * sizeof(float);     // float [4][64]
   static constexpr size_t kCol = kRed + 4 * 64 * sizeof(float);  // int64 [64]
   static constexpr size_t kBytes = (kCol + 64 * sizeof(int64_t) + 127) / 128 * 128;
+  static constexpr size_t kUs = kBytes;                                  // float Us[64][LDR] (low rank)
+  static constexpr size_t kVs = kUs + size_t(64) * LDR * sizeof(float);  // float Vs[64][LDR]
+  static constexpr size_t kLowRankBytes = kVs + size_t(64) * LDR * sizeof(float);
+  static size_t smem_bytes(bool lowrank) { return lowrank ? kLowRankBytes : kBytes; }
 };
 
-// Exact (per-element) partial sums for the rare path of the dk/dv kernel: sum over query rows [ta, tb) of P G, P H.
-template <typename E, typename WE>
-__device__ __noinline__ void bwd_kv_exact(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q,
-                                          gptr<const E> __restrict__ y, gptr<const float> __restrict__ lse,
-                                          gptr<const WE> __restrict__ wcol, float kk, int64_t cb, int64_t T, int64_t D,
-                                          int64_t ta, int64_t tb, float& sg, float& sh) {
+// Exact (per-element) partial sums for the rare path of the dk/dv kernel: (sum P G, sum P H) over query rows
+// [ta, tb) for key tk (returned by value: output references would put the caller's accumulators on the stack).
+template <typename E, typename WE, bool LOWRANK>
+__device__ __noinline__ float2 bwd_kv_exact(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q,
+                                            gptr<const E> __restrict__ y, gptr<const float> __restrict__ lse,
+                                            gptr<const WE> __restrict__ w, gptr<const WE> __restrict__ u,
+                                            gptr<const WE> __restrict__ vbias, int64_t h, int64_t rank, int64_t tk,
+                                            float kk, int64_t cb, int64_t T, int64_t D, int64_t ta, int64_t tb) {
+  const WSrc<WE, LOWRANK> src = head_bias<WE, LOWRANK>(w, u, vbias, h, T, rank);
+  float sg = 0.f, sh = 0.f;
   for (int64_t t = ta; t < tb; ++t) {
     const int64_t o = cb + t * D;
-    const float P = p_of(static_cast<float>(to_acc(wcol[t * T])) + kk, lse[o]);
+    const float P = p_of(static_cast<float>(src.at(t, tk)) + kk, lse[o]);
     const float d = to_acc(dy[o]);
     sg += P * d * af_sigmoid(to_acc(q[o]));
     sh += P * d * to_acc(y[o]);
   }
+  return make_float2(sg, sh);
 }
 
 // dk, dv. CTA: key tile J (64 keys) x 64 columns (b, c) of head h; loops over query tiles I.
 // Per I: a[t] = max_{t' in J visible} w, Ew = exp(w - a) (64 x 64, [t][t']); La = a - lse, lam[c] = max_t La,
 // R = exp(La - lam); X1 = R G, X2 = R H ([t][c]); g = Ew^T X (keys x columns); contribution = g * exp(k + lam).
-template <typename E, typename WE>
+template <typename E, typename WE, bool LOWRANK>
 __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
     bwd_kv_tc_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
-                     gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const E> __restrict__ y,
+                     gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const WE> __restrict__ u,
+                     gptr<const WE> __restrict__ vbias, gptr<const E> __restrict__ y,
                      gptr<const float> __restrict__ lse, gptr<E> __restrict__ dk, gptr<E> __restrict__ dv, int64_t B,
-                     int64_t T, int64_t D, int64_t dh, bool causal) {
+                     int64_t T, int64_t D, int64_t dh, int64_t rank, bool causal) {
 #if AFT_FULL_TC_ARCH
   constexpr bool F32OPS = uses_tf32_operands<E>();
   using Cfg = BwdCfg<F32OPS>;
@@ -724,6 +846,8 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
   float* lam_s = reinterpret_cast<float*>(smem + Cfg::kVec1);
   float* red = reinterpret_cast<float*>(smem + Cfg::kRed);
   int64_t* colbase = reinterpret_cast<int64_t*>(smem + Cfg::kCol);
+  float* Us = reinterpret_cast<float*>(smem + Cfg::kUs);
+  float* Vs = reinterpret_cast<float*>(smem + Cfg::kVs);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int64_t h = blockIdx.z;
@@ -731,7 +855,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * 64;
   if (tid < 64) colbase[tid] = column_offset(j0 + tid, B * dh, dh, T, D, h);
   __syncthreads();
-  gptr<const WE> wh = w + h * T * T;
+  const WSrc<WE, LOWRANK> src = head_bias<WE, LOWRANK>(w, u, vbias, h, T, rank);
   // outputs owned: keys k0 + wr0 + i (i < 16), column wc0 + lane
   const int wr0 = (warp >> 1) * 16, wc0 = (warp & 1) * 32;
   const int64_t cbo = colbase[wc0 + lane];
@@ -753,7 +877,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
     // (1) w tile, row max over visible keys
     const int64_t trow = t0 + wrow;
     float wv[16];
-    load_w_strip(wh, trow, k0, wpart, T, causal, wv);
+    bias_strip(src, t0, k0, wrow, wpart, causal, Us, Vs, wv);
     const float amax = exp_w_strip(wv, trow, k0, wpart, T, causal, Ew + wrow * LD);
     if (wpart == 0) a_s[wrow] = amax;
     __syncthreads();
@@ -815,7 +939,10 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
           } else {
             const int64_t tb = (t0 + 64 < T) ? t0 + 64 : T;
             const int64_t ta = (causal && tk > t0) ? tk : t0;
-            bwd_kv_exact<E, WE>(dy, q, y, lse, wh + tk, kreg[i], cbo, T, D, ta, tb, sg[i], sh[i]);
+            const float2 e =
+                bwd_kv_exact<E, WE, LOWRANK>(dy, q, y, lse, w, u, vbias, h, rank, tk, kreg[i], cbo, T, D, ta, tb);
+            sg[i] += e.x;
+            sh[i] += e.y;
           }
         }
       }
@@ -855,16 +982,27 @@ __device__ __noinline__ float bwd_w_exact(gptr<const E> __restrict__ dy, gptr<co
   return s;
 }
 
-// dw. CTA: query tile I x key tile J of head h; loops over chunks of 64 columns (b, c) of the head.
+// What the dw kernel does with a finished tile g = dw[I, J] of head h:
+//   Dense: CTA (J, I) writes dw[I, J] (zeros above the causal diagonal).
+//   DU:    CTA (-, I) loops over the key tiles J and accumulates du[I] += dw[I, J] vb[J];
+//   DVb:   CTA (J, -) loops over the query tiles I and accumulates dvb[J] += dw[I, J]^T u[I].
+// (low rank, w = u vb^T built tile by tile: the dw tile never leaves the chip.) Each CTA owns its rows of the fp32
+// accumulator and adds the tiles in a fixed order: no atomics, deterministic. The two passes recompute dw once each.
+// (DU and DVb share one instantiation: the mode is a kernel argument.)
+enum class DwMode : int { Dense, DU, DVb };
+
+// dw. CTA as above; per tile pair (I, J), loops over chunks of 64 columns (b, c) of the head.
 // Per chunk: mu[c] = max_{t' in J} k, Y = exp(k - mu); Xl = mu - lse, nu[t] = max_c Xl, Xt = exp(Xl - nu);
 // g = (Xt G) (Y v)^T - (Xt H) Y^T (rows x keys); dw += g * exp(w + nu).
-template <typename E, typename WE>
+template <typename E, typename WE, bool LOWRANK>
 __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
     bwd_w_tc_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
-                    gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const E> __restrict__ y,
-                    gptr<const float> __restrict__ lse, gptr<WE> __restrict__ dw, int64_t B, int64_t T, int64_t D,
-                    int64_t dh, bool causal) {
+                    gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const WE> __restrict__ u,
+                    gptr<const WE> __restrict__ vbias, gptr<const E> __restrict__ y, gptr<const float> __restrict__ lse,
+                    gptr<WE> __restrict__ dw, gptr<float> __restrict__ facc, int64_t B, int64_t T, int64_t D,
+                    int64_t dh, int64_t rank, bool causal, DwMode mode_arg) {
 #if AFT_FULL_TC_ARCH
+  const DwMode mode = LOWRANK ? mode_arg : DwMode::Dense;
   constexpr bool F32OPS = uses_tf32_operands<E>();
   using Cfg = BwdCfg<F32OPS>;
   using Op = typename Cfg::Op;
@@ -880,189 +1018,164 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
   float* nu_s = reinterpret_cast<float*>(smem + Cfg::kVec1);
   float* red = reinterpret_cast<float*>(smem + Cfg::kRed);
   int64_t* colbase = reinterpret_cast<int64_t*>(smem + Cfg::kCol);
+  float* Us = reinterpret_cast<float*>(smem + Cfg::kUs);
+  float* Vs = reinterpret_cast<float*>(smem + Cfg::kVs);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int64_t h = blockIdx.z;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * 64;
-  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * 64;
-  gptr<const WE> wh = w + h * T * T;
-  gptr<WE> dwh = dw + h * T * T;
+  const WSrc<WE, LOWRANK> src = head_bias<WE, LOWRANK>(w, u, vbias, h, T, rank);
   // outputs owned: rows t0 + wr0 + i, key k0 + wc0 + lane
   const int wr0 = (warp >> 1) * 16, wc0 = (warp & 1) * 32;
-  const int64_t tkey = k0 + wc0 + lane;
-  const int64_t t_last = (t0 + 64 < T ? t0 + 64 : T) - 1;
-  if (causal && k0 > t_last) {  // the whole tile is above the diagonal
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      const int64_t t = t0 + wr0 + i;
-      if (t < T && tkey < T) dwh[t * T + tkey] = from_acc<WE>(0.f);
-    }
-    return;
-  }
-  float wreg[16], acc[16];
-#pragma unroll
-  for (int i = 0; i < 16; ++i) {
-    const int64_t t = t0 + wr0 + i;
-    wreg[i] = (t < T && tkey < T) ? static_cast<float>(to_acc(wh[t * T + tkey])) : 0.f;
-    acc[i] = 0.f;
-  }
   const int ycol = tid & 63, yg = tid >> 6;    // Y roles: column, keys yg*16 .. +16
   const int xrow = tid >> 2, xpart = tid & 3;  // X roles: row, columns xpart*16 .. +16
   const int64_t ncols = B * dh;
-  for (int64_t j0 = 0; j0 < ncols; j0 += 64) {
-    if (tid < 64) colbase[tid] = column_offset(j0 + tid, ncols, dh, T, D, h);
-    __syncthreads();
-    // (a) Y = exp(k - mu), Y v over the key tile
-    {
-      const int64_t cb = colbase[ycol];
-      const float mu = exp_kv_strip(k, v, cb, k0, yg, ycol, T, D, red, YY, YV, LD);
-      if (yg == 0) mu_s[ycol] = (cb >= 0) ? mu : -INFINITY;
-      __syncthreads();
-    }
-    // (b) Xl = mu - lse, nu = row max, Xt = exp(Xl - nu): XG = Xt G, XH = -Xt H
-    {
-      const int64_t t = t0 + xrow;
-      float xl[16], gg[16], hh[16];
-      float lmax = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        const int c = xpart * 16 + i;
-        const int64_t cb = colbase[c];
-        xl[i] = -INFINITY;
-        gg[i] = 0.f;
-        hh[i] = 0.f;
-        const int64_t o = cb + t * D;
-        // columns whose keys in the tile are all masked (mu = -inf) and rows with lse = -inf contribute 0
-        if (cb >= 0 && t < T && mu_s[c] > -INFINITY && lse[o] != -INFINITY) {
-          const float d = to_acc(dy[o]);
-          xl[i] = mu_s[c] - lse[o];
-          gg[i] = d * af_sigmoid(to_acc(q[o]));
-          hh[i] = d * to_acc(y[o]);
-          lmax = fmaxf(lmax, xl[i]);
-        }
-      }
-      lmax = fmaxf(lmax, __shfl_xor_sync(0xffffffffu, lmax, 1));
-      lmax = fmaxf(lmax, __shfl_xor_sync(0xffffffffu, lmax, 2));
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        const int c = xpart * 16 + i;
-        const float X = (xl[i] > -INFINITY) ? exp2f((xl[i] - lmax) * kLog2e) : 0.f;
-        store_val(&XG[xrow * LD + c], X * gg[i]);
-        store_val(&XH[xrow * LD + c], -X * hh[i]);
-      }
-      if (xpart == 0) nu_s[xrow] = lmax;
-    }
-    __syncthreads();
-    // (c) g = XG YV^T + XH YY^T  (rows x keys)
-    typename Mma::Acc g[2];
-    zero_strip(g);
-    Mma::run(XG, LD, YV, LD, wr0, wc0, 64, g);
-    Mma::run(XH, LD, YY, LD, wr0, wc0, 64, g);
-    __syncthreads();
-    store_strip(st, g, wr0, wc0);
-    __syncwarp();
-    // (d) dw += g * exp(w + nu); exact rare path where that scale is too large
-    if (tkey < T) {
+  const int64_t ntiles = (T + 63) / 64;
+  // the tile pairs of this CTA: Dense one, DU (I fixed) the key tiles J, DVb (J fixed) the query tiles I
+  const int64_t fixed = (mode == DwMode::DVb) ? static_cast<int64_t>(blockIdx.x) : static_cast<int64_t>(blockIdx.y);
+  int64_t p0 = 0, p1 = 1;
+  if (mode == DwMode::DU) p1 = causal ? ((fixed * 64 + 63 < T ? fixed * 64 + 63 : T - 1) / 64 + 1) : ntiles;
+  if (mode == DwMode::DVb) {
+    p0 = causal ? fixed : 0;
+    p1 = ntiles;
+  }
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t t0 = 64 * (mode == DwMode::Dense ? static_cast<int64_t>(blockIdx.y) : mode == DwMode::DU ? fixed : p);
+    const int64_t k0 = 64 * (mode == DwMode::Dense ? static_cast<int64_t>(blockIdx.x) : mode == DwMode::DU ? p : fixed);
+    const int64_t tkey = k0 + wc0 + lane;
+    const int64_t t_last = (t0 + 64 < T ? t0 + 64 : T) - 1;
+    if (mode == DwMode::Dense && causal && k0 > t_last) {  // the whole tile is above the diagonal
+      gptr<WE> dwh = dw + h * T * T;
 #pragma unroll
       for (int i = 0; i < 16; ++i) {
         const int64_t t = t0 + wr0 + i;
-        const float nu = nu_s[wr0 + i];
-        if (t < T && nu > -INFINITY && (!causal || tkey <= t)) {
-          const float z2 = (wreg[i] + nu) * kLog2e;
-          if (z2 <= kBwdMaxScale2) {
-            acc[i] = fmaf(st[(wr0 + i) * LDS + wc0 + lane], exp2f(z2), acc[i]);
-          } else {
-            acc[i] += bwd_w_exact<E>(dy, q, k, v, y, lse, colbase, wreg[i], t, tkey, D);
+        if (t < T && tkey < T) dwh[t * T + tkey] = from_acc<WE>(0.f);
+      }
+      return;
+    }
+    float wreg[16], acc[16];
+    if constexpr (LOWRANK) {
+      lowrank_tile<false>(src, t0, k0, wc0 + lane, wr0, Us, Vs, wreg);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const int64_t t = t0 + wr0 + i;
+        wreg[i] = (t < T && tkey < T) ? static_cast<float>(src.at(t, tkey)) : 0.f;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 16; ++i) acc[i] = 0.f;
+    for (int64_t j0 = 0; j0 < ncols; j0 += 64) {
+      if (tid < 64) colbase[tid] = column_offset(j0 + tid, ncols, dh, T, D, h);
+      __syncthreads();
+      // (a) Y = exp(k - mu), Y v over the key tile
+      {
+        const int64_t cb = colbase[ycol];
+        const float mu = exp_kv_strip(k, v, cb, k0, yg, ycol, T, D, red, YY, YV, LD);
+        if (yg == 0) mu_s[ycol] = (cb >= 0) ? mu : -INFINITY;
+        __syncthreads();
+      }
+      // (b) Xl = mu - lse, nu = row max, Xt = exp(Xl - nu): XG = Xt G, XH = -Xt H
+      {
+        const int64_t t = t0 + xrow;
+        float xl[16], gg[16], hh[16];
+        float lmax = -INFINITY;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+          const int c = xpart * 16 + i;
+          const int64_t cb = colbase[c];
+          xl[i] = -INFINITY;
+          gg[i] = 0.f;
+          hh[i] = 0.f;
+          const int64_t o = cb + t * D;
+          // columns whose keys in the tile are all masked (mu = -inf) and rows with lse = -inf contribute 0
+          if (cb >= 0 && t < T && mu_s[c] > -INFINITY && lse[o] != -INFINITY) {
+            const float d = to_acc(dy[o]);
+            xl[i] = mu_s[c] - lse[o];
+            gg[i] = d * af_sigmoid(to_acc(q[o]));
+            hh[i] = d * to_acc(y[o]);
+            lmax = fmaxf(lmax, xl[i]);
+          }
+        }
+        lmax = fmaxf(lmax, __shfl_xor_sync(0xffffffffu, lmax, 1));
+        lmax = fmaxf(lmax, __shfl_xor_sync(0xffffffffu, lmax, 2));
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+          const int c = xpart * 16 + i;
+          const float X = (xl[i] > -INFINITY) ? exp2f((xl[i] - lmax) * kLog2e) : 0.f;
+          store_val(&XG[xrow * LD + c], X * gg[i]);
+          store_val(&XH[xrow * LD + c], -X * hh[i]);
+        }
+        if (xpart == 0) nu_s[xrow] = lmax;
+      }
+      __syncthreads();
+      // (c) g = XG YV^T + XH YY^T  (rows x keys)
+      typename Mma::Acc g[2];
+      zero_strip(g);
+      Mma::run(XG, LD, YV, LD, wr0, wc0, 64, g);
+      Mma::run(XH, LD, YY, LD, wr0, wc0, 64, g);
+      __syncthreads();
+      store_strip(st, g, wr0, wc0);
+      __syncwarp();
+      // (d) dw += g * exp(w + nu); exact rare path where that scale is too large
+      if (tkey < T) {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+          const int64_t t = t0 + wr0 + i;
+          const float nu = nu_s[wr0 + i];
+          if (t < T && nu > -INFINITY && (!causal || tkey <= t)) {
+            const float z2 = (wreg[i] + nu) * kLog2e;
+            if (z2 <= kBwdMaxScale2) {
+              acc[i] = fmaf(st[(wr0 + i) * LDS + wc0 + lane], exp2f(z2), acc[i]);
+            } else {
+              acc[i] += bwd_w_exact<E>(dy, q, k, v, y, lse, colbase, wreg[i], t, tkey, D);
+            }
           }
         }
       }
+      __syncthreads();  // before the next chunk overwrites colbase / operands / staging
     }
-    __syncthreads();  // before the next chunk overwrites colbase / operands / staging
-  }
-  if (tkey >= T) return;
+    if constexpr (!LOWRANK) {
+      if (tkey >= T) return;
+      gptr<WE> dwh = dw + h * T * T;
 #pragma unroll
-  for (int i = 0; i < 16; ++i) {
-    const int64_t t = t0 + wr0 + i;
-    if (t < T) dwh[t * T + tkey] = from_acc<WE>((causal && tkey > t) ? 0.f : acc[i]);
+      for (int i = 0; i < 16; ++i) {
+        const int64_t t = t0 + wr0 + i;
+        if (t < T) dwh[t * T + tkey] = from_acc<WE>((causal && tkey > t) ? 0.f : acc[i]);
+      }
+    } else {
+      // the dw tile (0 outside the visible part: acc was only added to there) through shared memory, then the
+      // factor product of this CTA's rows
+#pragma unroll
+      for (int i = 0; i < 16; ++i) st[(wr0 + i) * LDS + wc0 + lane] = acc[i];
+      __syncthreads();
+      // the other factor's 64 rows (vb[J] for DU, u[I] for DVb) in chunks of RCH ranks through Vs, read once
+      gptr<float> fh = facc + h * T * rank;
+      const bool du = mode == DwMode::DU;
+      const int64_t own0 = du ? t0 : k0, oth0 = du ? k0 : t0;
+      gptr<const WE> fac = du ? src.vb : src.u;
+      for (int64_t r0 = 0; r0 < rank; r0 += RCH) {
+        for (int e = tid; e < 64 * RCH; e += NT) {
+          const int c = e / RCH, cc = e % RCH;
+          const int64_t tc = oth0 + c, rk = r0 + cc;
+          Vs[c * LDR + cc] = (tc < T && rk < rank) ? static_cast<float>(to_acc(fac[tc * rank + rk])) : 0.f;
+        }
+        __syncthreads();
+        for (int e = tid; e < 64 * RCH; e += NT) {
+          const int a = e / RCH, cc = e % RCH;  // a: the owned row (DU) or key (DVb) of the tile
+          const int64_t rk = r0 + cc;
+          if (own0 + a >= T || rk >= rank) continue;
+          float sum = 0.f;
+          for (int c = 0; c < 64; ++c) sum = fmaf(du ? st[a * LDS + c] : st[c * LDS + a], Vs[c * LDR + cc], sum);
+          fh[(own0 + a) * rank + rk] += sum;
+        }
+        __syncthreads();  // before the next chunk overwrites Vs
+      }
+      __syncthreads();  // before the next tile pair overwrites the staging
+    }
   }
 #else
   __trap();  // sm < 80: the launchers never select this kernel there (aft_full_tc_supported)
 #endif
-}
-
-// ------------------------------------------------------------------------------------------ low-rank helpers
-// Batched SIMT GEMM with 32 x 32 output tiles (2 x 2 per thread of a 16 x 16 block), K tiles of 16:
-//   C[z](i, j) = sum_k A[z](i, k) B[z](k, j),  A(i, k) = A[z*sAz + i*sa0 + k*sa1],  B(k, j) = B[z*sBz + k*sb0 + j*sb1],
-//   C row-major M x N (+ z*M*N). Used for the low-rank helpers: w = u vb^T, du = dw vb, dvb = dw^T u.
-// Element e < 512 of a 32 (index) x 16 (k) tile: consecutive e run along the index when that is the unit-stride
-// dimension in memory (coalesced loads), else along k.
-__device__ __forceinline__ void tile_coords(bool index_unit_stride, int e, int& idx, int& k) {
-  if (index_unit_stride) {
-    idx = e & 31;
-    k = e >> 5;
-  } else {
-    k = e & 15;
-    idx = e >> 4;
-  }
-}
-
-template <typename TA, typename TB, typename TC, typename A>
-__global__ void __launch_bounds__(256)
-    lowrank_gemm_kernel(gptr<const TA> __restrict__ Am, gptr<const TB> __restrict__ Bm, gptr<TC> __restrict__ C,
-                        int64_t M, int64_t N, int64_t K, int64_t sAz, int64_t sa0, int64_t sa1, int64_t sBz,
-                        int64_t sb0, int64_t sb1) {
-  ATTNFREE_STATIC_SHARED(A, As, [16][33]);  // [k][i]
-  ATTNFREE_STATIC_SHARED(A, Bs, [16][33]);  // [k][j]
-  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
-  const int64_t z = blockIdx.z;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * 32, j0 = static_cast<int64_t>(blockIdx.x) * 32;
-  gptr<const TA> Az = Am + z * sAz;
-  gptr<const TB> Bz = Bm + z * sBz;
-  A acc[2][2] = {{A(0), A(0)}, {A(0), A(0)}};
-  for (int64_t k0 = 0; k0 < K; k0 += 16) {
-    // 512 elements of each tile, 2 per thread; the fast thread index runs along the unit-stride dimension
-    for (int e = threadIdx.x; e < 512; e += 256) {
-      int ii, kk;
-      tile_coords(sa0 == 1, e, ii, kk);
-      const int64_t gi = i0 + ii, gk = k0 + kk;
-      As[kk][ii] = (gi < M && gk < K) ? static_cast<A>(to_acc(Az[gi * sa0 + gk * sa1])) : A(0);
-      int jj, kb;
-      tile_coords(sb1 == 1, e, jj, kb);
-      const int64_t gj = j0 + jj, gkb = k0 + kb;
-      Bs[kb][jj] = (gj < N && gkb < K) ? static_cast<A>(to_acc(Bz[gkb * sb0 + gj * sb1])) : A(0);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < 16; ++kk) {
-      const A a0 = As[kk][ty], a1 = As[kk][ty + 16];
-      const A b0 = Bs[kk][tx], b1 = Bs[kk][tx + 16];
-      acc[0][0] += a0 * b0;
-      acc[0][1] += a0 * b1;
-      acc[1][0] += a1 * b0;
-      acc[1][1] += a1 * b1;
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int a = 0; a < 2; ++a)
-#pragma unroll
-    for (int b = 0; b < 2; ++b) {
-      const int64_t i = i0 + ty + 16 * a, j = j0 + tx + 16 * b;
-      if (i < M && j < N) C[z * M * N + i * N + j] = from_acc<TC>(acc[a][b]);
-    }
-}
-
-template <typename TA, typename TB, typename TC, typename A>
-cudaError_t launch_lowrank_gemm(const TA* Am, const TB* Bm, TC* C, int64_t Z, int64_t M, int64_t N, int64_t K,
-                                int64_t sAz, int64_t sa0, int64_t sa1, int64_t sBz, int64_t sb0, int64_t sb1,
-                                cudaStream_t s) {
-  if (Z <= 0 || M <= 0 || N <= 0) return cudaSuccess;
-  const int64_t gy = (M + 31) / 32, gx = (N + 31) / 32;
-  if (gy > 65535 || Z > 65535) return cudaErrorInvalidConfiguration;
-  ATTNFREE_LAUNCH((lowrank_gemm_kernel<TA, TB, TC, A>),
-                  dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(Z)), 256, 0,
-                  s)(Am, Bm, C, M, N, K, sAz, sa0, sa1, sBz, sb0, sb1);
-  return cudaGetLastError();
 }
 
 // ------------------------------------------------------------------------------------------ host side
@@ -1096,26 +1209,30 @@ cudaError_t launch_tc(const void* q, const void* k, const void* v, const void* w
   return cudaGetLastError();
 }
 
-template <typename E, typename WE>
-cudaError_t launch_exact(const void* q, const void* k, const void* v, const void* w, void* y, void* lse, int64_t B,
-                         int64_t T, int64_t D, int64_t heads, bool causal, cudaStream_t s) {
+template <typename E, typename WE, bool LOWRANK>
+cudaError_t launch_exact(const void* q, const void* k, const void* v, const void* w, const void* u, const void* vb,
+                         void* y, void* lse, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t rank, bool causal,
+                         cudaStream_t s) {
   using A = acc_of_t<E>;
   const int64_t n = B * T * D;
-  ATTNFREE_LAUNCH((fwd_exact_kernel<E, WE>), grid_for(n, 256), 256, 0, s)(
+  ATTNFREE_LAUNCH((fwd_exact_kernel<E, WE, LOWRANK>), grid_for(n, 256), 256, 0, s)(
       static_cast<const E*>(q), static_cast<const E*>(k), static_cast<const E*>(v), static_cast<const WE*>(w),
-      static_cast<E*>(y), static_cast<A*>(lse), B, T, D, D / heads, causal);
+      static_cast<const WE*>(u), static_cast<const WE*>(vb), static_cast<E*>(y), static_cast<A*>(lse), B, T, D,
+      D / heads, rank, causal);
   return cudaGetLastError();
 }
 
-// The backward's buffers, typed (layouts: aft_full.h); lse is in the accumulate type.
+// The backward's buffers, typed (layouts: aft_full.h); lse is in the accumulate type. Dense: w, dw; low rank: u, vb
+// and the accumulate-type factor gradients du_acc, dvb_acc (heads, T, rank) of the workspace.
 template <typename E, typename WE>
 struct BwdBuffers {
   gptr<const E> dy, q, k, v;
-  gptr<const WE> w;
+  gptr<const WE> w, u, vb;
   gptr<const E> y;
   gptr<const acc_of_t<E>> lse;
   gptr<E> dq, dk, dv;
   gptr<WE> dw;
+  gptr<acc_of_t<E>> du_acc, dvb_acc;
 };
 
 // dq = dy * y * (1 - sigmoid(q)), elementwise: the first kernel of both backward paths.
@@ -1126,79 +1243,86 @@ cudaError_t launch_bwd_dq(const BwdBuffers<E, WE>& p, int64_t n, cudaStream_t s)
 }
 
 // The SIMT kernels.
-template <typename E, typename WE>
-cudaError_t launch_bwd(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t D, int64_t heads, bool causal,
-                       cudaStream_t s) {
+template <typename E, typename WE, bool LOWRANK>
+cudaError_t launch_bwd(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t rank,
+                       bool causal, cudaStream_t s) {
   const int64_t n = B * T * D, dh = D / heads;
   cudaError_t err = launch_bwd_dq(p, n, s);
   if (err != cudaSuccess) return err;
-  ATTNFREE_LAUNCH((bwd_dkdv_kernel<E, WE>), grid_for(n, 256), 256, 0, s)(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dk,
-                                                                         p.dv, B, T, D, dh, causal);
+  ATTNFREE_LAUNCH((bwd_dkdv_kernel<E, WE, LOWRANK>), grid_for(n, 256), 256, 0, s)(
+      p.dy, p.q, p.k, p.v, p.w, p.u, p.vb, p.y, p.lse, p.dk, p.dv, B, T, D, dh, rank, causal);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int64_t nthreads = heads * T * T * 32;
-  ATTNFREE_LAUNCH((bwd_dw_kernel<E, WE>), grid_for(nthreads, 256), 256, 0, s)(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse,
-                                                                              p.dw, B, T, D, dh, heads, causal);
+  if constexpr (LOWRANK) {
+    const int64_t nthreads = heads * T * 32;
+    ATTNFREE_LAUNCH((bwd_factor_kernel<E, WE, false>), grid_for(nthreads, 256), 256, 0, s)(
+        p.dy, p.q, p.k, p.v, p.u, p.vb, p.y, p.lse, p.du_acc, B, T, D, dh, heads, rank, causal);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    ATTNFREE_LAUNCH((bwd_factor_kernel<E, WE, true>), grid_for(nthreads, 256), 256, 0, s)(
+        p.dy, p.q, p.k, p.v, p.u, p.vb, p.y, p.lse, p.dvb_acc, B, T, D, dh, heads, rank, causal);
+  } else {
+    const int64_t nthreads = heads * T * T * 32;
+    ATTNFREE_LAUNCH((bwd_dw_kernel<E, WE>), grid_for(nthreads, 256), 256, 0, s)(p.dy, p.q, p.k, p.v, p.w, p.y, p.lse,
+                                                                                p.dw, B, T, D, dh, heads, causal);
+  }
+  return cudaGetLastError();
+}
+
+// One dw-kernel pass (see DwMode) on the grid it needs.
+template <typename E, typename WE, bool LOWRANK>
+cudaError_t launch_bwd_w_tc(DwMode mode, const BwdBuffers<E, WE>& p, gptr<float> facc, int64_t B, int64_t T, int64_t D,
+                            int64_t heads, int64_t rank, bool causal, cudaStream_t s) {
+  constexpr bool F32OPS = uses_tf32_operands<E>();
+  const size_t smem = BwdCfg<F32OPS>::smem_bytes(LOWRANK);
+  const unsigned tiles = blocks_for(T, 64);
+  auto kw = bwd_w_tc_kernel<E, WE, LOWRANK>;
+  cudaError_t err = cudaFuncSetAttribute(kw, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(mode == DwMode::DU ? 1u : tiles, mode == DwMode::DVb ? 1u : tiles, static_cast<unsigned>(heads));
+  ATTNFREE_LAUNCH(kw, grid, NT, smem, s)(p.dy, p.q, p.k, p.v, p.w, p.u, p.vb, p.y, p.lse, p.dw, facc, B, T, D,
+                                         D / heads, rank, causal, mode);
   return cudaGetLastError();
 }
 
 // The tensor-core kernels (no float64).
-template <typename E, typename WE>
-cudaError_t launch_bwd_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t D, int64_t heads, bool causal,
-                          cudaStream_t s) {
+template <typename E, typename WE, bool LOWRANK>
+cudaError_t launch_bwd_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t rank,
+                          bool causal, cudaStream_t s) {
   constexpr bool F32OPS = uses_tf32_operands<E>();
   const int64_t n = B * T * D, dh = D / heads;
-  const size_t smem = BwdCfg<F32OPS>::kBytes;
+  const size_t smem = BwdCfg<F32OPS>::smem_bytes(LOWRANK);
   const unsigned tiles = blocks_for(T, 64);
   if (tiles > 65535u || heads > 65535) return cudaErrorInvalidConfiguration;
   cudaError_t err = launch_bwd_dq(p, n, s);
   if (err != cudaSuccess) return err;
-  auto kv = bwd_kv_tc_kernel<E, WE>;
+  auto kv = bwd_kv_tc_kernel<E, WE, LOWRANK>;
   err = cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   ATTNFREE_LAUNCH(kv, dim3(blocks_for(B * dh, 64), tiles, static_cast<unsigned>(heads)), NT, smem, s)(
-      p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, p.dk, p.dv, B, T, D, dh, causal);
+      p.dy, p.q, p.k, p.v, p.w, p.u, p.vb, p.y, p.lse, p.dk, p.dv, B, T, D, dh, rank, causal);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  auto kw = bwd_w_tc_kernel<E, WE>;
-  err = cudaFuncSetAttribute(kw, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  ATTNFREE_LAUNCH(kw, dim3(tiles, tiles, static_cast<unsigned>(heads)), NT, smem, s)(p.dy, p.q, p.k, p.v, p.w, p.y,
-                                                                                     p.lse, p.dw, B, T, D, dh, causal);
-  return cudaGetLastError();
-}
-
-// SIMT for float64 or when `exact`, tensor cores otherwise.
-template <typename E, typename WE>
-cudaError_t launch_bwd_any(const void* dy, const void* q, const void* k, const void* v, const void* w, const void* y,
-                           const void* lse, void* dq, void* dk, void* dv, void* dw, int64_t B, int64_t T, int64_t D,
-                           int64_t heads, bool causal, bool exact, cudaStream_t s) {
-  const BwdBuffers<E, WE> p{static_cast<const E*>(dy),
-                            static_cast<const E*>(q),
-                            static_cast<const E*>(k),
-                            static_cast<const E*>(v),
-                            static_cast<const WE*>(w),
-                            static_cast<const E*>(y),
-                            static_cast<const acc_of_t<E>*>(lse),
-                            static_cast<E*>(dq),
-                            static_cast<E*>(dk),
-                            static_cast<E*>(dv),
-                            static_cast<WE*>(dw)};
-  if constexpr (std::is_same<E, double>::value) {
-    return launch_bwd(p, B, T, D, heads, causal, s);
+  if constexpr (LOWRANK) {
+    err = launch_bwd_w_tc<E, WE, true>(DwMode::DU, p, p.du_acc, B, T, D, heads, rank, causal, s);
+    if (err == cudaSuccess)
+      err = launch_bwd_w_tc<E, WE, true>(DwMode::DVb, p, p.dvb_acc, B, T, D, heads, rank, causal, s);
+    return err;
   } else {
-    if (exact) return launch_bwd(p, B, T, D, heads, causal, s);
-    return launch_bwd_tc(p, B, T, D, heads, causal, s);
+    return launch_bwd_w_tc<E, WE, false>(DwMode::Dense, p, nullptr, B, T, D, heads, rank, causal, s);
   }
 }
 
-// w[h] = u[h] vb[h]^T  (T x T, accumulate type A)
-template <typename UE, typename A>
-cudaError_t launch_build_w(const void* u, const void* vb, A* ws, int64_t T, int64_t heads, int64_t rank,
-                           cudaStream_t s) {
-  if (rank == 0) return cudaMemsetAsync(ws, 0, static_cast<size_t>(heads * T * T) * sizeof(A), s);
-  return launch_lowrank_gemm<UE, UE, A, A>(static_cast<const UE*>(u), static_cast<const UE*>(vb), ws, heads, T, T, rank,
-                                           T * rank, rank, 1, T * rank, 1, rank, s);
+// SIMT for float64 or when `exact`, tensor cores otherwise.
+template <typename E, typename WE, bool LOWRANK>
+cudaError_t launch_bwd_any(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t rank,
+                           bool causal, bool exact, cudaStream_t s) {
+  if constexpr (std::is_same<E, double>::value) {
+    return launch_bwd<E, WE, LOWRANK>(p, B, T, D, heads, rank, causal, s);
+  } else {
+    if (exact) return launch_bwd<E, WE, LOWRANK>(p, B, T, D, heads, rank, causal, s);
+    return launch_bwd_tc<E, WE, LOWRANK>(p, B, T, D, heads, rank, causal, s);
+  }
 }
 
 // dtype dispatch: calls f(E{}, WE{}) with value-initialised tag objects.
@@ -1240,9 +1364,10 @@ cudaError_t aft_full_fwd(DType dt, DType w_dt, const void* q, const void* k, con
     using E = decltype(e);
     using WE = decltype(we);
     if constexpr (std::is_same<E, double>::value) {
-      return launch_exact<E, WE>(q, k, v, w, y, lse, B, T, D, heads, causal, stream);
+      return launch_exact<E, WE, false>(q, k, v, w, nullptr, nullptr, y, lse, B, T, D, heads, 0, causal, stream);
     } else {
-      if (exact) return launch_exact<E, WE>(q, k, v, w, y, lse, B, T, D, heads, causal, stream);
+      if (exact)
+        return launch_exact<E, WE, false>(q, k, v, w, nullptr, nullptr, y, lse, B, T, D, heads, 0, causal, stream);
       return launch_tc<E, WE, false>(q, k, v, w, nullptr, nullptr, y, lse, B, T, D, heads, 0, causal, stream);
     }
   });
@@ -1263,27 +1388,62 @@ cudaError_t aft_full_bwd(DType dt, DType w_dt, const void* dy, const void* q, co
   return dispatch(dt, w_dt, [&](auto e, auto we) -> cudaError_t {
     using E = decltype(e);
     using WE = decltype(we);
-    return launch_bwd_any<E, WE>(dy, q, k, v, w, y, lse, dq, dk, dv, dw, B, T, D, heads, causal, exact, stream);
+    const BwdBuffers<E, WE> p{static_cast<const E*>(dy),
+                              static_cast<const E*>(q),
+                              static_cast<const E*>(k),
+                              static_cast<const E*>(v),
+                              static_cast<const WE*>(w),
+                              nullptr,
+                              nullptr,
+                              static_cast<const E*>(y),
+                              static_cast<const acc_of_t<E>*>(lse),
+                              static_cast<E*>(dq),
+                              static_cast<E*>(dk),
+                              static_cast<E*>(dv),
+                              static_cast<WE*>(dw),
+                              nullptr,
+                              nullptr};
+    return launch_bwd_any<E, WE, false>(p, B, T, D, heads, 0, causal, exact, stream);
   });
 }
 
-// Low-rank forward strategy. On the fly (no T x T buffer) the w tile costs 64*64*rank SIMT FMAs per CTA and key
-// tile, i.e. ~rank/32 times the tile's exp/merge work, once per column block; materialising w = u vb^T once with
-// a tiled GEMM costs ~2*rank/(B*D) of the forward. So: materialise (fp32 workspace of heads*T*T) unless rank is
-// small or that buffer would exceed kLowRankMaterialiseMaxBytes; float64 / exact always materialise.
-constexpr int64_t kLowRankOnTheFlyMaxRank = 16;
-constexpr size_t kLowRankMaterialiseMaxBytes = size_t(1) << 30;
+// The factorised bias is never materialised (no T x T buffer): every kernel builds its w tiles from u and vb on
+// chip (a tile costs 64 * 64 * rank fp32 FMAs, ~rank / 32 times the tile's exponential and merge work), and the
+// backward reduces its dw tiles into du, dvb at once. 16-bit factors are converted to fp32 once, into the workspace
+// (so the kernels exist for fp32/fp64 factors only). Memory: O(B T D + heads T rank).
+inline size_t lowrank_factor_bytes(DType dt, int64_t T, int64_t heads, int64_t rank) {
+  const bool f16 = dt == DType::Float16 || dt == DType::BFloat16;
+  return f16 ? 2 * static_cast<size_t>(heads * T * rank) * sizeof(float) : 0;
+}
 
-static bool lowrank_materialise(DType dt, int64_t T, int64_t heads, int64_t rank, bool exact) {
-  if (dt == DType::Float64 || exact || !aft_full_tc_supported()) return true;  // (workspace size and launch agree)
-  const size_t bytes = static_cast<size_t>(heads * T * T) * sizeof(float);
-  return rank > kLowRankOnTheFlyMaxRank && bytes <= kLowRankMaterialiseMaxBytes;
+template <typename S, typename Dt>
+cudaError_t launch_cast(const void* src, Dt* dst, int64_t n, cudaStream_t s) {
+  if (n <= 0) return cudaSuccess;
+  ATTNFREE_LAUNCH((convert_kernel<S, Dt>), grid_for(n, 256), 256, 0, s)(static_cast<const S*>(src), dst, n);
+  return cudaGetLastError();
+}
+
+// u, vb as the kernels read them (accumulate type A): as given, or converted into fp32 at `ws` (room for both).
+template <typename WE, typename A>
+cudaError_t lowrank_factors(const void* u, const void* vb, void* ws, int64_t n, const A*& uk, const A*& vk,
+                            cudaStream_t s) {
+  if constexpr (std::is_same<WE, A>::value) {
+    uk = static_cast<const A*>(u);
+    vk = static_cast<const A*>(vb);
+    return cudaSuccess;
+  } else {
+    A* w = static_cast<A*>(ws);
+    cudaError_t err = launch_cast<WE, A>(u, w, n, s);
+    if (err == cudaSuccess) err = launch_cast<WE, A>(vb, w + n, n, s);
+    uk = w;
+    vk = w + n;
+    return err;
+  }
 }
 
 size_t aft_full_lowrank_fwd_workspace_bytes(DType dt, int64_t /*B*/, int64_t T, int64_t /*D*/, int64_t heads,
-                                            int64_t rank, bool /*causal*/, bool exact) {
-  if (!lowrank_materialise(dt, T, heads, rank, exact)) return 0;
-  return static_cast<size_t>(heads * T * T) * dtype_size(acc_dtype(dt));
+                                            int64_t rank, bool /*causal*/, bool /*exact*/) {
+  return lowrank_factor_bytes(dt, T, heads, rank);
 }
 
 cudaError_t aft_full_lowrank_fwd(DType dt, DType w_dt, const void* q, const void* k, const void* v, const void* u,
@@ -1291,36 +1451,30 @@ cudaError_t aft_full_lowrank_fwd(DType dt, DType w_dt, const void* q, const void
                                  int64_t rank, bool causal, bool exact, void* workspace, cudaStream_t stream) {
   if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
   if (heads <= 0 || D % heads != 0 || rank < 0) return cudaErrorInvalidValue;
-  const bool mat = lowrank_materialise(dt, T, heads, rank, exact);
+  if (workspace == nullptr && lowrank_factor_bytes(dt, T, heads, rank) > 0) return cudaErrorInvalidValue;
   exact = exact || !aft_full_tc_supported();
   return dispatch(dt, w_dt, [&](auto e, auto we) -> cudaError_t {
     using E = decltype(e);
     using WE = decltype(we);
     using A = acc_of_t<E>;
-    if (mat) {  // w = u vb^T in the accumulate type, then the dense kernels
-      if (workspace == nullptr) return cudaErrorInvalidValue;
-      A* ws = static_cast<A*>(workspace);
-      cudaError_t err = launch_build_w<WE, A>(u, vb, ws, T, heads, rank, stream);
-      if (err != cudaSuccess) return err;
-      if (std::is_same<E, double>::value || exact)
-        return launch_exact<E, A>(q, k, v, ws, y, lse, B, T, D, heads, causal, stream);
-      if constexpr (std::is_same<E, double>::value) {
-        return cudaErrorInvalidValue;  // unreachable
-      } else {
-        return launch_tc<E, A, false>(q, k, v, ws, nullptr, nullptr, y, lse, B, T, D, heads, 0, causal, stream);
-      }
-    }
+    const A *uk = nullptr, *vk = nullptr;
+    const cudaError_t err = lowrank_factors<WE, A>(u, vb, workspace, heads * T * rank, uk, vk, stream);
+    if (err != cudaSuccess) return err;
     if constexpr (std::is_same<E, double>::value) {
-      return cudaErrorInvalidValue;  // unreachable: float64 always materialises
+      return launch_exact<E, A, true>(q, k, v, nullptr, uk, vk, y, lse, B, T, D, heads, rank, causal, stream);
     } else {
-      return launch_tc<E, WE, true>(q, k, v, nullptr, u, vb, y, lse, B, T, D, heads, rank, causal, stream);
+      if (exact)
+        return launch_exact<E, A, true>(q, k, v, nullptr, uk, vk, y, lse, B, T, D, heads, rank, causal, stream);
+      return launch_tc<E, A, true>(q, k, v, nullptr, uk, vk, y, lse, B, T, D, heads, rank, causal, stream);
     }
   });
 }
 
+// du, dvb accumulated in the accumulate type, 2 x (heads, T, rank), then the fp32 factors of 16-bit inputs.
 size_t aft_full_lowrank_bwd_workspace_bytes(DType dt, int64_t /*B*/, int64_t T, int64_t /*D*/, int64_t heads,
-                                            int64_t /*rank*/, bool /*causal*/, bool /*exact*/) {
-  return 2 * static_cast<size_t>(heads * T * T) * dtype_size(acc_dtype(dt));
+                                            int64_t rank, bool /*causal*/, bool /*exact*/) {
+  return 2 * static_cast<size_t>(heads * T * rank) * dtype_size(acc_dtype(dt)) +
+         lowrank_factor_bytes(dt, T, heads, rank);
 }
 
 cudaError_t aft_full_lowrank_bwd(DType dt, DType w_dt, const void* dy, const void* q, const void* k, const void* v,
@@ -1329,31 +1483,44 @@ cudaError_t aft_full_lowrank_bwd(DType dt, DType w_dt, const void* dy, const voi
                                  int64_t rank, bool causal, bool exact, void* workspace, cudaStream_t stream) {
   if (heads <= 0 || (D > 0 && D % heads != 0) || rank < 0) return cudaErrorInvalidValue;
   if (T <= 0) return cudaSuccess;
-  if (workspace == nullptr) return cudaErrorInvalidValue;
+  const size_t fbytes = static_cast<size_t>(heads * T * rank) * dtype_size(w_dt);
+  if (B <= 0 || D <= 0) {  // empty q/k/v: du, dvb are all zeros
+    cudaError_t err = cudaMemsetAsync(du, 0, fbytes, stream);
+    return err == cudaSuccess ? cudaMemsetAsync(dvb, 0, fbytes, stream) : err;
+  }
+  if (workspace == nullptr && rank > 0) return cudaErrorInvalidValue;
   exact = exact || !aft_full_tc_supported();
   return dispatch(dt, w_dt, [&](auto e, auto we) -> cudaError_t {
     using E = decltype(e);
     using WE = decltype(we);
     using A = acc_of_t<E>;
-    A* wbuf = static_cast<A*>(workspace);
-    A* dwbuf = wbuf + heads * T * T;
-    cudaError_t err;
-    if (B <= 0 || D <= 0) {
-      err = cudaMemsetAsync(dwbuf, 0, static_cast<size_t>(heads * T * T) * sizeof(A), stream);
-    } else {
-      err = launch_build_w<WE, A>(u, vb, wbuf, T, heads, rank, stream);
-      if (err != cudaSuccess) return err;
-      err = launch_bwd_any<E, A>(dy, q, k, v, wbuf, y, lse, dq, dk, dv, dwbuf, B, T, D, heads, causal, exact, stream);
-    }
+    const int64_t n = heads * T * rank;
+    A* du_acc = static_cast<A*>(workspace);
+    A* dvb_acc = du_acc + n;
+    const A *uk = nullptr, *vk = nullptr;
+    cudaError_t err = lowrank_factors<WE, A>(u, vb, dvb_acc + n, n, uk, vk, stream);
     if (err != cudaSuccess) return err;
-    // du[h] = dw[h] vb[h];  dvb[h] = dw[h]^T u[h]
-    err = launch_lowrank_gemm<A, WE, WE, A>(dwbuf, static_cast<const WE*>(vb), static_cast<WE*>(du), heads, T, rank, T,
-                                            T * T, T, 1, T * rank, rank, 1, stream);
-    if (err != cudaSuccess) return err;
-    err = launch_lowrank_gemm<A, WE, WE, A>(dwbuf, static_cast<const WE*>(u), static_cast<WE*>(dvb), heads, T, rank, T,
-                                            T * T, 1, T, T * rank, rank, 1, stream);
-    if (err != cudaSuccess) return err;
-    return cudaGetLastError();
+    const BwdBuffers<E, A> p{static_cast<const E*>(dy),
+                             static_cast<const E*>(q),
+                             static_cast<const E*>(k),
+                             static_cast<const E*>(v),
+                             nullptr,
+                             uk,
+                             vk,
+                             static_cast<const E*>(y),
+                             static_cast<const acc_of_t<E>*>(lse),
+                             static_cast<E*>(dq),
+                             static_cast<E*>(dk),
+                             static_cast<E*>(dv),
+                             nullptr,
+                             du_acc,
+                             dvb_acc};
+    // the dw kernels add into the accumulators (the SIMT factor kernel zeroes its own rows)
+    if (n > 0) err = cudaMemsetAsync(workspace, 0, 2 * static_cast<size_t>(n) * sizeof(A), stream);
+    if (err == cudaSuccess) err = launch_bwd_any<E, A, true>(p, B, T, D, heads, rank, causal, exact, stream);
+    if (err == cudaSuccess) err = launch_cast<A, WE>(du_acc, static_cast<WE*>(du), n, stream);
+    if (err == cudaSuccess) err = launch_cast<A, WE>(dvb_acc, static_cast<WE*>(dvb), n, stream);
+    return err;
   });
 }
 
