@@ -1,8 +1,9 @@
 """Memory: no op may build a (B, T, T, D) tensor, forward or backward (docs/design.md §1, §2).
 
 Each case runs forward + backward of a public function (python path) in a fresh subprocess at a shape where a
-(B, T, T, D) float32 tensor would need many GB, and reads the process's peak resident memory
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) afterwards. The extra peak over the resident size just before the
+(B, T, T, D) float32 tensor would need many GB, and reads the process's peak resident memory afterwards: ``VmHWM``
+of /proc/self/status, the high-water mark of the process's own address space (``ru_maxrss`` would not do: Linux
+carries the parent's high-water mark across fork and exec). The extra peak over the resident size just before the
 call is an upper bound on what the op allocated; it must stay far below the (B, T, T, D) size and within a fixed
 budget of O(T^2 + B*T*D) bytes. (CPU tensors are not visible to tracemalloc; peak RSS is.)
 """
@@ -21,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _SCRIPT = textwrap.dedent(
     """
-    import json, os, resource, sys, time
+    import json, os, sys, time
     import torch
     torch.manual_seed(0)
     torch.set_num_threads(1)  # measures memory, not speed: one thread is robust on a shared machine
@@ -30,6 +31,9 @@ _SCRIPT = textwrap.dedent(
     def rss_now():
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    def peak_rss():
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
     q, k, v = (torch.randn(B, T, D, requires_grad=True) for _ in range(3))
     if op == "aft_full":
         from attnfree_ext.ops.aft_full import aft_full
@@ -47,7 +51,7 @@ _SCRIPT = textwrap.dedent(
     with force_backend("python"):
         y = fn()
         y.backward(torch.ones_like(y))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     ok = bool(torch.isfinite(y).all() and torch.isfinite(k.grad).all())
     print(json.dumps({"extra": peak - before, "before": before, "seconds": time.time() - t0, "finite": ok}))
     """
