@@ -53,6 +53,33 @@ struct BwdOutSink {
   }
 };
 
+// The backward scan's source (dy, q, y, lse) and output sink (dq, dk, dv) over the launchers' untyped pointers:
+// the plain and the state launchers' fallback scans read and write the same tensors.
+template <typename scalar_t, typename acc_t>
+BwdSrc<scalar_t, acc_t> bwd_src(const void* dy, const void* q, const void* y, const void* lse, int64_t T, int64_t D) {
+  return {static_cast<const scalar_t*>(dy),
+          static_cast<const scalar_t*>(q),
+          static_cast<const scalar_t*>(y),
+          static_cast<const acc_t*>(lse),
+          T,
+          D};
+}
+
+template <typename scalar_t, typename acc_t>
+BwdOutSink<scalar_t, acc_t> bwd_sink(const void* dy, const void* q, const void* k, const void* v, const void* y,
+                                     void* dq, void* dk, void* dv, int64_t T, int64_t D) {
+  return {static_cast<const scalar_t*>(dy),
+          static_cast<const scalar_t*>(q),
+          static_cast<const scalar_t*>(k),
+          static_cast<const scalar_t*>(v),
+          static_cast<const scalar_t*>(y),
+          static_cast<scalar_t*>(dq),
+          static_cast<scalar_t*>(dk),
+          static_cast<scalar_t*>(dv),
+          T,
+          D};
+}
+
 // ------------------------------------------------------------------ forward at the memory floor
 // One CTA per (b, group of NC * VEC channels) walks the whole sequence in tiles of NG * L steps: thread
 // (g, cv) holds steps [t0 + g*L, t0 + g*L + L) of VEC channels in registers (16-byte loads of k, v and q, one
@@ -689,22 +716,8 @@ cudaError_t aft_simple_bwd(DType dtype, const void* dy, const void* q, const voi
     }
     WsCursor ws(workspace);
     const ScanState<acc_t> st = take_scan_state<acc_t>(ws, B * scan_num_chunks(B, T, D) * D);
-    BwdSrc<scalar_t, acc_t> src{static_cast<const scalar_t*>(dy),
-                                static_cast<const scalar_t*>(q),
-                                static_cast<const scalar_t*>(y),
-                                static_cast<const acc_t*>(lse),
-                                T,
-                                D};
-    BwdOutSink<scalar_t, acc_t> sink{static_cast<const scalar_t*>(dy),
-                                     static_cast<const scalar_t*>(q),
-                                     static_cast<const scalar_t*>(k),
-                                     static_cast<const scalar_t*>(v),
-                                     static_cast<const scalar_t*>(y),
-                                     static_cast<scalar_t*>(dq),
-                                     static_cast<scalar_t*>(dk),
-                                     static_cast<scalar_t*>(dv),
-                                     T,
-                                     D};
+    auto src = bwd_src<scalar_t, acc_t>(dy, q, y, lse, T, D);
+    auto sink = bwd_sink<scalar_t, acc_t>(dy, q, k, v, y, dq, dk, dv, T, D);
     if (causal)
       run_chunked_scan<acc_t, true, false>(src, sink, st, B, T, D, stream);
     else
@@ -757,22 +770,8 @@ cudaError_t aft_simple_state_bwd(DType dtype, const void* dy, const void* q, con
     }
     WsCursor ws(workspace);
     const ScanState<acc_t> st = take_scan_state<acc_t>(ws, B * scan_num_chunks(B, T, D) * D);
-    BwdSrc<scalar_t, acc_t> src{static_cast<const scalar_t*>(dy),
-                                static_cast<const scalar_t*>(q),
-                                static_cast<const scalar_t*>(y),
-                                static_cast<const acc_t*>(lse),
-                                T,
-                                D};
-    BwdOutSink<scalar_t, acc_t> sink{static_cast<const scalar_t*>(dy),
-                                     static_cast<const scalar_t*>(q),
-                                     static_cast<const scalar_t*>(k),
-                                     static_cast<const scalar_t*>(v),
-                                     static_cast<const scalar_t*>(y),
-                                     static_cast<scalar_t*>(dq),
-                                     static_cast<scalar_t*>(dk),
-                                     static_cast<scalar_t*>(dv),
-                                     T,
-                                     D};
+    auto src = bwd_src<scalar_t, acc_t>(dy, q, y, lse, T, D);
+    auto sink = bwd_sink<scalar_t, acc_t>(dy, q, k, v, y, dq, dk, dv, T, D);
     run_state_scan<acc_t, true>(src, sink, st, static_cast<const acc_t*>(final_query), static_cast<acc_t*>(key_sums),
                                 static_cast<const acc_t*>(initial_state), B, T, D, stream);
     return cudaGetLastError();
