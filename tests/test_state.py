@@ -405,6 +405,8 @@ def test_aft_local_varlen_states_bad_arguments():
         aft_local(q, k, v, w, 2, False, output_final_state=True, cu_seqlens=cu)
     with pytest.raises(ValueError, match="output_final_state needs cu_seqlens"):
         aft_local(q, k, v, w, 2, True, output_final_state=True)
+    with pytest.raises(TypeError, match="state must be an AFTLocalState"):
+        aft_local(q, k, v, w, 2, True, initial_state=[None, torch.zeros(1, 3, 2)], cu_seqlens=cu)
     _, states = aft_local(q, k, v, w, 2, True, output_final_state=True, cu_seqlens=cu)
     with pytest.raises(ValueError, match=r"covering every sequence's last position \(offset \+ length: L >= 6\)"):
         aft_local(q, k, v, w, 2, True, initial_state=states, cu_seqlens=cu)

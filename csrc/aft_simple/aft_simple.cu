@@ -133,6 +133,31 @@ __device__ __forceinline__ Acc safe_shift(Acc m) {
   return m == neg_inf<Acc>() ? Acc(0) : m;
 }
 
+// carry.merge(m2, a2, b2) (LseState, the same operations), returning its one exponential: the factor e^{min - max} of
+// the two maxima, 0 when either side is empty (no exponential then).
+template <typename Acc>
+__device__ __forceinline__ Acc merge_factor(LseState<Acc>& carry, Acc m2, Acc a2, Acc b2) {
+  if (m2 == neg_inf<Acc>()) return Acc(0);
+  if (carry.m == neg_inf<Acc>()) {
+    carry.m = m2;
+    carry.a = a2;
+    carry.b = b2;
+    return Acc(0);
+  }
+  Acc e;
+  if (m2 > carry.m) {
+    e = af_exp(carry.m - m2);
+    carry.a = carry.a * e + a2;
+    carry.b = carry.b * e + b2;
+    carry.m = m2;
+  } else {
+    e = af_exp(m2 - carry.m);
+    carry.a += a2 * e;
+    carry.b += b2 * e;
+  }
+  return e;
+}
+
 // The chunk states of one tile in shared memory, [group][channel of the CTA], and the scans over them. Every
 // thread of the CTA calls put / scan / reduce (they hold barriers); thread tid < NCH owns channel tid and its carry.
 template <typename Acc, int NG, int NCH>
@@ -140,6 +165,9 @@ struct TileStates {
   Acc (&m)[NG][NCH];
   Acc (&a)[NG][NCH];
   Acc (&b)[NG][NCH];
+  // per group, the factor e^{min - max} between its exclusive prefix (suffix) and its own state under their larger
+  // max (0 when either is empty), left by scan: the group's re-walk needs that same exponential (chunk_factors)
+  Acc (&f)[NG][NCH];
   // the VEC states of thread group g, channel vector cv
   template <int VEC>
   __device__ __forceinline__ void put(int g, int cv, const Acc* mm, const Acc* aa, const Acc* bb) {
@@ -168,7 +196,7 @@ struct TileStates {
         m[gi][tid] = carry.m;
         a[gi][tid] = carry.a;
         b[gi][tid] = carry.b;
-        carry.merge(m2, a2, b2);
+        f[gi][tid] = merge_factor(carry, m2, a2, b2);
       }
     }
     __syncthreads();
@@ -198,33 +226,35 @@ __device__ __forceinline__ void merge_into(Acc& m, Acc& a, Acc& b, Acc mc, Acc a
   b = st.b;
 }
 
-// The factors of a neighbour state of max mp and a chunk of max mc under M = max(mp, mc), one exp: fp = e^{mp-M},
-// fc = e^{mc-M} (0 for a -inf max, never (-inf) - (-inf)).
+// The factors of a neighbour state of max mp and a chunk of max mc under M = max(mp, mc): fp = e^{mp-M},
+// fc = e^{mc-M} (0 for a -inf max, never (-inf) - (-inf)), from the scan's factor f = e^{min - max} of the same pair
+// (TileStates::f): no exponential here.
 template <typename Acc>
-__device__ __forceinline__ void chunk_factors(Acc mp, Acc mc, Acc& fp, Acc& fc, Acc& M) {
+__device__ __forceinline__ void chunk_factors(Acc mp, Acc mc, Acc f, Acc& fp, Acc& fc, Acc& M) {
   if (mp > mc) {
     fp = Acc(1);
-    fc = af_exp(mc - mp);
+    fc = f;  // e^{mc - mp}; 0 for an empty chunk
   } else if (mc == neg_inf<Acc>()) {
     fp = Acc(0);
     fc = Acc(0);
   } else {
     fc = Acc(1);
-    fp = mp == neg_inf<Acc>() ? Acc(0) : af_exp(mp - mc);
+    fp = f;  // e^{mp - mc}; 0 without a neighbour
   }
   M = mp > mc ? mp : mc;
 }
 
-// The re-walk of a chunk of max mc from its neighbour state nb (the exclusive prefix, or suffix when reversed):
+// The re-walk of a chunk of max mc from its neighbour state nb (the exclusive prefix, or suffix when reversed) and
+// the scan's factor f of the two:
 // the neighbour's sums under M = max(nb.m, mc) (pa, pb), the chunk's factor fc = e^{mc - M}, and whether the chunk
 // must run per element (the guard): the smallest row max a step of the chunk sees is max(nb.m, x_edge) with x_edge
 // the item at the chunk's entry edge (first step; last when reversed), or without a neighbour the first
 // non-masked item x_first from that edge; the guard trips where it lies more than guard_gap below M.
 template <typename Acc>
-__device__ __forceinline__ bool chunk_rewalk(const LseState<Acc>& nb, Acc mc, Acc x_edge, Acc x_first, Acc& pa, Acc& pb,
-                                             Acc& fc, Acc& M) {
+__device__ __forceinline__ bool chunk_rewalk(const LseState<Acc>& nb, Acc mc, Acc f, Acc x_edge, Acc x_first, Acc& pa,
+                                             Acc& pb, Acc& fc, Acc& M) {
   Acc fp;
-  chunk_factors(nb.m, mc, fp, fc, M);
+  chunk_factors(nb.m, mc, f, fp, fc, M);
   pa = nb.a * fp;
   pb = nb.b * fp;
   const Acc lo = nb.m != neg_inf<Acc>() ? (nb.m > x_edge ? nb.m : x_edge) : x_first;
@@ -241,7 +271,8 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
   ATTNFREE_STATIC_SHARED(Acc, sm_m, [NG][NCH]);
   ATTNFREE_STATIC_SHARED(Acc, sm_a, [NG][NCH]);
   ATTNFREE_STATIC_SHARED(Acc, sm_b, [NG][NCH]);
-  TileStates<Acc, NG, NCH> tiles{sm_m, sm_a, sm_b};
+  ATTNFREE_STATIC_SHARED(Acc, sm_f, [NG][NCH]);
+  TileStates<Acc, NG, NCH> tiles{sm_m, sm_a, sm_b, sm_f};
   const int tid = threadIdx.x, cv = tid % NC, g = tid / NC;
   const int64_t ncb = (D + NCH - 1) / NCH;
   const int64_t b = blockIdx.x / ncb;
@@ -313,7 +344,8 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
     Acc ap[VEC], bp[VEC], fc[VEC], MM[VEC];
     bool exact = false;
     for (int i = 0; i < VEC; ++i)  // row maxima only grow along the chunk: its first row is the guard's
-      exact |= chunk_rewalk(tiles.get(g, cv * VEC + i), Mc[i], k0[i], rf[i], ap[i], bp[i], fc[i], MM[i]);
+      exact |= chunk_rewalk(tiles.get(g, cv * VEC + i), Mc[i], tiles.f[g][cv * VEC + i], k0[i], rf[i], ap[i], bp[i],
+                            fc[i], MM[i]);
     if (!exact) {
       Acc sa[VEC], sb[VEC];
       for (int i = 0; i < VEC; ++i) {
@@ -405,7 +437,8 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
   ATTNFREE_STATIC_SHARED(Acc, sm_m, [NG][NCH]);
   ATTNFREE_STATIC_SHARED(Acc, sm_a, [NG][NCH]);
   ATTNFREE_STATIC_SHARED(Acc, sm_b, [NG][NCH]);
-  TileStates<Acc, NG, NCH> tiles{sm_m, sm_a, sm_b};
+  ATTNFREE_STATIC_SHARED(Acc, sm_f, [NG][NCH]);
+  TileStates<Acc, NG, NCH> tiles{sm_m, sm_a, sm_b, sm_f};
   const int tid = threadIdx.x, cv = tid % NC, g = tid / NC;
   const int64_t ncb = (D + NCH - 1) / NCH;
   const int64_t b = blockIdx.x / ncb;
@@ -491,7 +524,8 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
     Acc ag[VEC], ah[VEC], fc[VEC], MM[VEC];
     bool exact = false;
     for (int i = 0; i < VEC; ++i)  // suffix maxima shrink along the chunk: its last key is the guard's
-      exact |= chunk_rewalk(tiles.get(g, cv * VEC + i), Mx[i], xl[i], xf[i], ag[i], ah[i], fc[i], MM[i]);
+      exact |= chunk_rewalk(tiles.get(g, cv * VEC + i), Mx[i], tiles.f[g][cv * VEC + i], xl[i], xf[i], ag[i], ah[i],
+                            fc[i], MM[i]);
     if (!exact) {
       Acc cg[VEC], ch[VEC];
       for (int i = 0; i < VEC; ++i) {

@@ -298,9 +298,7 @@ std::tuple<Tensor, Tensor, Tensor> aft_simple_state_fwd(const Tensor& q, const T
   const varlen::Packed p = varlen::check(cu_seqlens, max_seqlen, q);
   if (!p.on()) return dense_state_fwd(q, k, v, causal, initial_state);
   const Tensor* s0 = state::opt_ptr(initial_state);
-  TORCH_CHECK_VALUE(!s0 || causal,
-                    "initial_state needs causal=True (a non-causal row sees every key: no state to continue)");
-  if (s0) varlen::check_states("initial_state", *s0, p, q);
+  varlen::check_initial_state(s0, q, causal, p);
   const auto acc = acc_dtype(q.scalar_type());
   Tensor y = at::empty(q.sizes(), q.options());
   Tensor lse = at::empty(q.sizes(), q.options().dtype(acc));
@@ -323,9 +321,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> aft_simple_state_bwd(
   if (!p.on()) return dense_state_bwd(dy, dfinal_state, q, k, v, initial_state, y, lse, final_state, causal);
   check_saved(dy, q, y, lse);
   const Tensor* s0 = state::opt_ptr(initial_state);
-  TORCH_CHECK_VALUE(!s0 || causal,
-                    "initial_state needs causal=True (a non-causal row sees every key: no state to continue)");
-  if (s0) varlen::check_states("initial_state", *s0, p, q);
+  varlen::check_initial_state(s0, q, causal, p);
   varlen::check_states("final_state", final_state, p, q);
   const Tensor* gF = state::opt_ptr(dfinal_state);
   if (gF) varlen::check_states("dfinal_state", *gF, p, q);

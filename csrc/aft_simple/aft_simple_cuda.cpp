@@ -75,12 +75,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aft_simple_bwd_cuda(const at::Ten
 
 // The number of states: B, or one per packed sequence.
 inline int64_t n_states(const at::Tensor& q, const vl::Packed& p) { return p.on() ? p.n : q.size(0); }
-inline void check_states(const char* name, const at::Tensor& s, const at::Tensor& q, const vl::Packed& p) {
-  if (p.on())
-    vl::check_states(name, s, p, q);
-  else
-    st::check_final_state(name, s, q);
-}
 
 // With a recurrent state (format and backward: aft_simple_state.h). Causal: the state launchers; non-causal: the
 // plain kernels plus the state of all keys (ATen, per (b, c), or per sequence when packed).
@@ -91,13 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aft_simple_state_fwd_cuda(const a
   check_qkv_cuda(q, k, v);
   const vl::Packed p = vl::check(cu_seqlens, max_seqlen, q);
   const at::Tensor* s0 = st::opt_ptr(s0_opt);
-  if (p.on()) {
-    TORCH_CHECK_VALUE(!s0 || causal,
-                      "initial_state needs causal=True (a non-causal row sees every key: no state to continue)");
-    if (s0) vl::check_states("initial_state", *s0, p, q);
-  } else {
-    st::check_initial_state(s0, q, causal);
-  }
+  vl::check_initial_state(s0, q, causal, p);
   const c10::cuda::CUDAGuard guard(q.device());
   const auto acc = attnfree::acc_dtype(q.scalar_type());
   if (!causal) {
@@ -134,16 +122,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aft_simple_state_bwd_
   check_qkv_cuda(q, k, v);
   const vl::Packed p = vl::check(cu_seqlens, max_seqlen, q);
   const at::Tensor* s0 = st::opt_ptr(s0_opt);
-  if (p.on()) {
-    TORCH_CHECK_VALUE(!s0 || causal,
-                      "initial_state needs causal=True (a non-causal row sees every key: no state to continue)");
-    if (s0) vl::check_states("initial_state", *s0, p, q);
-  } else {
-    st::check_initial_state(s0, q, causal);
-  }
-  check_states("final_state", final_state, q, p);
+  vl::check_initial_state(s0, q, causal, p);
+  vl::check_final_state("final_state", final_state, q, p);
   const at::Tensor* gFp = st::opt_ptr(gF_opt);
-  if (gFp) check_states("dfinal_state", *gFp, q, p);
+  if (gFp) vl::check_final_state("dfinal_state", *gFp, q, p);
   const c10::cuda::CUDAGuard guard(q.device());
   const auto acc = attnfree::acc_dtype(q.scalar_type());
   const int64_t T = q.size(1), D = q.size(2), ns = n_states(q, p);

@@ -76,6 +76,22 @@ inline void check_states(const char* name, const Tensor& s, const Packed& p, con
   check_same_device("q", q, name, s);
 }
 
+// initial_state of a packed (or plain) call: causal only; (N, 3, D) when packed, else state::check_initial_state.
+inline void check_initial_state(const Tensor* s0, const Tensor& q, bool causal, const Packed& p) {
+  if (!p.on()) return state::check_initial_state(s0, q, causal);
+  if (!s0) return;
+  TORCH_CHECK_VALUE(causal, "initial_state needs causal=True (a non-causal row sees every key: no state to continue)");
+  check_states("initial_state", *s0, p, q);
+}
+
+// A final state or its gradient: (N, 3, D) when packed, else (B, 3, D).
+inline void check_final_state(const char* name, const Tensor& s, const Tensor& q, const Packed& p) {
+  if (p.on())
+    check_states(name, s, p, q);
+  else
+    state::check_final_state(name, s, q);
+}
+
 // The sequence of every packed token, (total_T,) int64 (an empty sequence owns no token).
 inline Tensor token_sequence(const Packed& p, int64_t total) {
   const Tensor tok = at::arange(total, p.cu.options());

@@ -111,7 +111,8 @@ def aft_local(
     if not isinstance(output_final_state, bool):
         raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
     if cu_seqlens is not None and (initial_state is not None or output_final_state):
-        return _packed_with_states(q, k, v, w, window, causal, w_layout, initial_state, output_final_state, cu_seqlens)
+        states = (initial_state, output_final_state)
+        return _packed_with_states(q, k, v, w, window, causal, w_layout, states, cu_seqlens, max_seqlen)
     if output_final_state:
         raise ValueError("output_final_state needs cu_seqlens here (the AFTLocal layer returns its state itself)")
     chunk = is_chunk(q, k)
@@ -166,16 +167,17 @@ def _dense(q, k, v, w, window, causal, banded):
     return AFTLocalFunction.apply(q, k, v, w, window, causal, banded)
 
 
-def _packed_with_states(q, k, v, w, window, causal, w_layout, initial_state, output_final_state, cu_seqlens):
+def _packed_with_states(q, k, v, w, window, causal, w_layout, states, cu_seqlens, max_seqlen):
     """Packed causal sequences that continue from (and return) per-sequence AFTLocal states: each sequence runs the
     decoding step of the causal layer (attnfree_ext.nn._decode.local_step) on its rows, on the Python path."""
     from ...nn import _decode  # the layer's state and step (imported here: nn imports the ops)
 
+    initial_state, output_final_state = states
     check_qkv(q, k, v)
     check_causal(causal)
     if not causal:
         raise ValueError("initial_state / output_final_state with cu_seqlens need causal=True")
-    pk = packing(cu_seqlens, q)
+    pk = packing(cu_seqlens, q, max_seqlen)
     window = check_window(window)
     check_tensor("w", w)
     check_like("w", w, "q", q)
@@ -188,6 +190,9 @@ def _packed_with_states(q, k, v, w, window, causal, w_layout, initial_state, out
             + (f" of length {len(initial_state)}" if isinstance(initial_state, (list, tuple)) else "")
         )
     cu = cu_seqlens.tolist()
+    for i, st in enumerate(initial_state):
+        if st is not None:
+            _decode.check_local_state(st, q[:, cu[i] : cu[i + 1]], window)
     ends = [(st.offset if st is not None else 0) + cu[i + 1] - cu[i] for i, st in enumerate(initial_state)]
     need = max(ends, default=0)
     if w_layout == layout.BAND:
@@ -207,7 +212,6 @@ def _packed_with_states(q, k, v, w, window, causal, w_layout, initial_state, out
                 ys.append(aft_local(qi, ki, vi, w[..., : b - a, : b - a], window, True, w_layout=layout.FULL))
             new = _decode.local_state(None, ki.to(ct), vi.to(ct), window, b - a)
         else:
-            _decode.check_local_state(st, qi, window)
             if b == a:
                 new = st
             else:
