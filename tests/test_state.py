@@ -13,6 +13,7 @@ import attnfree_ext
 from attnfree_ext import aft_full, aft_local, aft_simple
 from attnfree_ext.nn import AFTFull, AFTLocal, AFTSimple
 from attnfree_ext.nn.state import AFTFullState, AFTLocalState
+from attnfree_ext.ops.aft_local.layout import full_to_band
 from attnfree_ext.ops.common.features import backend_info
 from attnfree_ext.ops.common.state import empty_state, merge_keys
 from common import oracles
@@ -344,3 +345,68 @@ def test_layer_state_bad_arguments():
         loc(x[:, :2], sl._replace(offset=-1), True)
     with pytest.raises(ValueError, match="state.v"):
         full(x[:, :2], sf._replace(v=sf.v[:1]), True)
+
+
+# ------------------------------------------------------------------------------ per-sequence states with cu_seqlens
+@pytest.mark.parametrize("heads", [None, 2])
+@pytest.mark.parametrize("banded", [False, True])
+def test_aft_local_varlen_states_continue_each_sequence(heads, banded):
+    """aft_local with cu_seqlens, initial_state (one AFTLocalState per sequence, the causal AFTLocal layer's) and
+    output_final_state: two packed calls (a prompt, then a continuation of unequal lengths, some 0 or 1) equal each
+    whole sequence alone (float64 oracle), forward and backward through the states."""
+    window, D = 3, 4
+    first, second = [5, 1, 0, 7], [3, 1, 4, 0]
+    whole = [a + b for a, b in zip(first, second)]
+    L = max(whole) + 1
+    w = torch.randn(*(() if heads is None else (heads,)), L, L, dtype=torch.float64, requires_grad=True)
+    xs = [torch.randn(1, sum(whole), D, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+
+    def cu(lengths):
+        return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)
+
+    def split(x):  # the packed whole sequences -> (prompts packed, continuations packed)
+        parts1, parts2, a = [], [], 0
+        for n1, n in zip(first, whole):
+            parts1.append(x[:, a : a + n1])
+            parts2.append(x[:, a + n1 : a + n])
+            a += n
+        return torch.cat(parts1, 1), torch.cat(parts2, 1)
+
+    wl = full_to_band(w, window) if banded else w
+    kw = {"w_layout": "band"} if banded else {}
+    (q1, q2), (k1, k2), (v1, v2) = (split(x) for x in xs)
+    y1, states = aft_local(q1, k1, v1, wl, window, True, output_final_state=True, cu_seqlens=cu(first), **kw)
+    assert len(states) == 4 and all(isinstance(s, AFTLocalState) for s in states)
+    assert [s.offset for s in states] == first and states[0].prefix.shape == (1, 3, D)
+    y2, final = aft_local(
+        q2, k2, v2, wl, window, True, initial_state=states, output_final_state=True, cu_seqlens=cu(second), **kw
+    )
+    assert [s.offset for s in final] == whole
+    ref, a = [], 0
+    for n in whole:
+        ref.append(oracles.aft_local(*(x[:, a : a + n] for x in xs), w[..., :n, :n], window, True))
+        a += n
+    r1, r2 = split(torch.cat(ref, 1))
+    assert err(y1, r1) <= 1e-12 and err(y2, r2) <= 1e-12
+    dy1, dy2 = torch.randn_like(y1), torch.randn_like(y2)
+    g = torch.autograd.grad((y1 * dy1).sum() + (y2 * dy2).sum(), [*xs, w])
+    gr = torch.autograd.grad((r1 * dy1).sum() + (r2 * dy2).sum(), [*xs, w])
+    for a_, b_ in zip(g, gr):
+        assert err(a_, b_) <= 1e-11
+
+
+def test_aft_local_varlen_states_bad_arguments():
+    q, k, v = qkv(1, 5, 2, torch.float64)
+    w = torch.randn(5, 5, dtype=torch.float64)
+    cu = torch.tensor([0, 2, 5])
+    with pytest.raises(ValueError, match="a list of N = 2 AFTLocalState"):
+        aft_local(q, k, v, w, 2, True, initial_state=empty_state(2, 2, torch.float64, "cpu"), cu_seqlens=cu)
+    with pytest.raises(ValueError, match="need causal=True"):
+        aft_local(q, k, v, w, 2, False, output_final_state=True, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="output_final_state needs cu_seqlens"):
+        aft_local(q, k, v, w, 2, True, output_final_state=True)
+    with pytest.raises(TypeError, match="state must be an AFTLocalState"):
+        aft_local(q, k, v, w, 2, True, initial_state=[None, torch.zeros(1, 3, 2)], cu_seqlens=cu)
+    _, states = aft_local(q, k, v, w, 2, True, output_final_state=True, cu_seqlens=cu)
+    with pytest.raises(ValueError, match=r"covering every sequence's last position \(offset \+ length: L >= 6\)"):
+        aft_local(q, k, v, w, 2, True, initial_state=states, cu_seqlens=cu)

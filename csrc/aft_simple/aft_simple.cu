@@ -133,6 +133,31 @@ __device__ __forceinline__ Acc safe_shift(Acc m) {
   return m == neg_inf<Acc>() ? Acc(0) : m;
 }
 
+// carry.merge(m2, a2, b2) (LseState, the same operations), returning its one exponential: the factor e^{min - max} of
+// the two maxima, 0 when either side is empty (no exponential then).
+template <typename Acc>
+__device__ __forceinline__ Acc merge_factor(LseState<Acc>& carry, Acc m2, Acc a2, Acc b2) {
+  if (m2 == neg_inf<Acc>()) return Acc(0);
+  if (carry.m == neg_inf<Acc>()) {
+    carry.m = m2;
+    carry.a = a2;
+    carry.b = b2;
+    return Acc(0);
+  }
+  Acc e;
+  if (m2 > carry.m) {
+    e = af_exp(carry.m - m2);
+    carry.a = carry.a * e + a2;
+    carry.b = carry.b * e + b2;
+    carry.m = m2;
+  } else {
+    e = af_exp(m2 - carry.m);
+    carry.a += a2 * e;
+    carry.b += b2 * e;
+  }
+  return e;
+}
+
 // The chunk states of one tile in shared memory, [group][channel of the CTA], and the scans over them. Every
 // thread of the CTA calls put / scan / reduce (they hold barriers); thread tid < NCH owns channel tid and its carry.
 template <typename Acc, int NG, int NCH>
@@ -140,6 +165,9 @@ struct TileStates {
   Acc (&m)[NG][NCH];
   Acc (&a)[NG][NCH];
   Acc (&b)[NG][NCH];
+  // per group, the factor e^{min - max} between its exclusive prefix (suffix) and its own state under their larger
+  // max (0 when either is empty), left by scan: the group's re-walk needs that same exponential (chunk_factors)
+  Acc (&f)[NG][NCH];
   // the VEC states of thread group g, channel vector cv
   template <int VEC>
   __device__ __forceinline__ void put(int g, int cv, const Acc* mm, const Acc* aa, const Acc* bb) {
@@ -168,7 +196,7 @@ struct TileStates {
         m[gi][tid] = carry.m;
         a[gi][tid] = carry.a;
         b[gi][tid] = carry.b;
-        carry.merge(m2, a2, b2);
+        f[gi][tid] = merge_factor(carry, m2, a2, b2);
       }
     }
     __syncthreads();
@@ -198,33 +226,35 @@ __device__ __forceinline__ void merge_into(Acc& m, Acc& a, Acc& b, Acc mc, Acc a
   b = st.b;
 }
 
-// The factors of a neighbour state of max mp and a chunk of max mc under M = max(mp, mc), one exp: fp = e^{mp-M},
-// fc = e^{mc-M} (0 for a -inf max, never (-inf) - (-inf)).
+// The factors of a neighbour state of max mp and a chunk of max mc under M = max(mp, mc): fp = e^{mp-M},
+// fc = e^{mc-M} (0 for a -inf max, never (-inf) - (-inf)), from the scan's factor f = e^{min - max} of the same pair
+// (TileStates::f): no exponential here.
 template <typename Acc>
-__device__ __forceinline__ void chunk_factors(Acc mp, Acc mc, Acc& fp, Acc& fc, Acc& M) {
+__device__ __forceinline__ void chunk_factors(Acc mp, Acc mc, Acc f, Acc& fp, Acc& fc, Acc& M) {
   if (mp > mc) {
     fp = Acc(1);
-    fc = af_exp(mc - mp);
+    fc = f;  // e^{mc - mp}; 0 for an empty chunk
   } else if (mc == neg_inf<Acc>()) {
     fp = Acc(0);
     fc = Acc(0);
   } else {
     fc = Acc(1);
-    fp = mp == neg_inf<Acc>() ? Acc(0) : af_exp(mp - mc);
+    fp = f;  // e^{mp - mc}; 0 without a neighbour
   }
   M = mp > mc ? mp : mc;
 }
 
-// The re-walk of a chunk of max mc from its neighbour state nb (the exclusive prefix, or suffix when reversed):
+// The re-walk of a chunk of max mc from its neighbour state nb (the exclusive prefix, or suffix when reversed) and
+// the scan's factor f of the two:
 // the neighbour's sums under M = max(nb.m, mc) (pa, pb), the chunk's factor fc = e^{mc - M}, and whether the chunk
 // must run per element (the guard): the smallest row max a step of the chunk sees is max(nb.m, x_edge) with x_edge
 // the item at the chunk's entry edge (first step; last when reversed), or without a neighbour the first
 // non-masked item x_first from that edge; the guard trips where it lies more than guard_gap below M.
 template <typename Acc>
-__device__ __forceinline__ bool chunk_rewalk(const LseState<Acc>& nb, Acc mc, Acc x_edge, Acc x_first, Acc& pa, Acc& pb,
-                                             Acc& fc, Acc& M) {
+__device__ __forceinline__ bool chunk_rewalk(const LseState<Acc>& nb, Acc mc, Acc f, Acc x_edge, Acc x_first, Acc& pa,
+                                             Acc& pb, Acc& fc, Acc& M) {
   Acc fp;
-  chunk_factors(nb.m, mc, fp, fc, M);
+  chunk_factors(nb.m, mc, f, fp, fc, M);
   pa = nb.a * fp;
   pb = nb.b * fp;
   const Acc lo = nb.m != neg_inf<Acc>() ? (nb.m > x_edge ? nb.m : x_edge) : x_first;
@@ -234,16 +264,22 @@ __device__ __forceinline__ bool chunk_rewalk(const LseState<Acc>& nb, Acc mc, Ac
 template <typename scalar_t, typename Acc, bool CAUSAL>
 __global__ void __launch_bounds__(kFwdNG* kFwdNC)
     simple_fwd_tiles_kernel(gptr<const scalar_t> q, gptr<const scalar_t> k, gptr<const scalar_t> v, gptr<scalar_t> y,
-                            gptr<Acc> lse, gptr<const Acc> s_in, gptr<Acc> s_out, int64_t B, int64_t T, int64_t D) {
+                            gptr<Acc> lse, gptr<const Acc> s_in, gptr<Acc> s_out, gptr<const int64_t> cu, int64_t B,
+                            int64_t T_all, int64_t D) {
   constexpr int VEC = 16 / sizeof(scalar_t);
   constexpr int L = kFwdL, NC = kFwdNC, NG = kFwdNG, NCH = NC * VEC;
   ATTNFREE_STATIC_SHARED(Acc, sm_m, [NG][NCH]);
   ATTNFREE_STATIC_SHARED(Acc, sm_a, [NG][NCH]);
   ATTNFREE_STATIC_SHARED(Acc, sm_b, [NG][NCH]);
-  TileStates<Acc, NG, NCH> tiles{sm_m, sm_a, sm_b};
+  ATTNFREE_STATIC_SHARED(Acc, sm_f, [NG][NCH]);
+  TileStates<Acc, NG, NCH> tiles{sm_m, sm_a, sm_b, sm_f};
   const int tid = threadIdx.x, cv = tid % NC, g = tid / NC;
   const int64_t ncb = (D + NCH - 1) / NCH;
   const int64_t b = blockIdx.x / ncb;
+  // packed sequences (cu non-null): CTA row b walks sequence b alone, rows cu[b] .. cu[b + 1] of the (1, total_T, D)
+  // buffers, so its scan starts empty (or at state b) at the sequence's first key: a segmented scan
+  const int64_t row0 = cu ? int64_t(cu[b]) : b * T_all;
+  const int64_t T = cu ? int64_t(cu[b + 1]) - row0 : T_all;
   const int64_t c = (blockIdx.x % ncb) * NCH + cv * VEC;  // first channel of this thread (D % VEC == 0)
   const bool live = c < D;
   const Acc ninf = neg_inf<Acc>();
@@ -276,7 +312,7 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
     }
     for (int s = 0; s < L; ++s) {
       if (s < n) {
-        const int64_t j = (b * T + t0 + s) * D + c;
+        const int64_t j = (row0 + t0 + s) * D + c;
         const Pack<scalar_t, VEC> kp = load16<scalar_t, VEC>(k + j);
         const Pack<scalar_t, VEC> vp = load16<scalar_t, VEC>(v + j);
         for (int i = 0; i < VEC; ++i) {
@@ -308,7 +344,8 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
     Acc ap[VEC], bp[VEC], fc[VEC], MM[VEC];
     bool exact = false;
     for (int i = 0; i < VEC; ++i)  // row maxima only grow along the chunk: its first row is the guard's
-      exact |= chunk_rewalk(tiles.get(g, cv * VEC + i), Mc[i], k0[i], rf[i], ap[i], bp[i], fc[i], MM[i]);
+      exact |= chunk_rewalk(tiles.get(g, cv * VEC + i), Mc[i], tiles.f[g][cv * VEC + i], k0[i], rf[i], ap[i], bp[i],
+                            fc[i], MM[i]);
     if (!exact) {
       Acc sa[VEC], sb[VEC];
       for (int i = 0; i < VEC; ++i) {
@@ -317,7 +354,7 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
       }
       for (int s = 0; s < L; ++s) {
         if (s < n) {
-          const int64_t j = (b * T + t0 + s) * D + c;
+          const int64_t j = (row0 + t0 + s) * D + c;
           const Pack<scalar_t, VEC> qp = load16<scalar_t, VEC>(q + j);
           Pack<scalar_t, VEC> yp;
           Acc lo[VEC];
@@ -340,7 +377,7 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
       for (int i = 0; i < VEC; ++i) {
         LseState<Acc> st = tiles.get(g, cv * VEC + i);
         for (int s = 0; s < n; ++s) {
-          const int64_t j = (b * T + t0 + s) * D + c + i;
+          const int64_t j = (row0 + t0 + s) * D + c + i;
           st.add(load_acc(k + j), Acc(1), load_acc(v + j));
           const Acc mean = st.mean();
           store_val(y + j, af_sigmoid(load_acc(q + j)) * mean);
@@ -360,7 +397,7 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
       yb[i] = tot.mean();             // ybar; 0 there
     }
     for (int64_t t = g; live && t < T; t += NG) {
-      const int64_t j = (b * T + t) * D + c;
+      const int64_t j = (row0 + t) * D + c;
       const Pack<scalar_t, VEC> qp = load16<scalar_t, VEC>(q + j);
       Pack<scalar_t, VEC> yp;
       for (int i = 0; i < VEC; ++i) yp.x[i] = from_acc<scalar_t>(af_sigmoid(to_acc(qp.x[i])) * yb[i]);
@@ -393,17 +430,22 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
     simple_bwd_tiles_kernel(gptr<const scalar_t> dy, gptr<const scalar_t> q, gptr<const scalar_t> k,
                             gptr<const scalar_t> v, gptr<const scalar_t> y, gptr<const Acc> lse, gptr<scalar_t> dq,
                             gptr<scalar_t> dk, gptr<scalar_t> dv, gptr<const Acc> s_in, gptr<const Acc> m0,
-                            gptr<Acc> s_out, int64_t B, int64_t T, int64_t D) {
+                            gptr<Acc> s_out, gptr<const int64_t> cu, int64_t B, int64_t T_all, int64_t D) {
   constexpr int VEC = 16 / sizeof(scalar_t);
   constexpr int L = kFwdL, NC = kFwdNC, NG = kFwdNG, NCH = NC * VEC;
   constexpr int LV = 16 / sizeof(Acc);  // lse elements per 16-byte load
   ATTNFREE_STATIC_SHARED(Acc, sm_m, [NG][NCH]);
   ATTNFREE_STATIC_SHARED(Acc, sm_a, [NG][NCH]);
   ATTNFREE_STATIC_SHARED(Acc, sm_b, [NG][NCH]);
-  TileStates<Acc, NG, NCH> tiles{sm_m, sm_a, sm_b};
+  ATTNFREE_STATIC_SHARED(Acc, sm_f, [NG][NCH]);
+  TileStates<Acc, NG, NCH> tiles{sm_m, sm_a, sm_b, sm_f};
   const int tid = threadIdx.x, cv = tid % NC, g = tid / NC;
   const int64_t ncb = (D + NCH - 1) / NCH;
   const int64_t b = blockIdx.x / ncb;
+  // packed sequences (cu non-null): CTA row b walks sequence b alone, rows cu[b] .. cu[b + 1] of the (1, total_T, D)
+  // buffers, so its scan starts empty (or at state b) at the sequence's first key: a segmented scan
+  const int64_t row0 = cu ? int64_t(cu[b]) : b * T_all;
+  const int64_t T = cu ? int64_t(cu[b + 1]) - row0 : T_all;
   const int64_t c = (blockIdx.x % ncb) * NCH + cv * VEC;
   const bool live = c < D;
   const Acc ninf = neg_inf<Acc>();
@@ -437,7 +479,7 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
     }
     for (int s = 0; s < L; ++s) {
       if (s >= n) break;
-      const int64_t j = (b * T + t0 + s) * D + c;
+      const int64_t j = (row0 + t0 + s) * D + c;
       const Pack<scalar_t, VEC> dyp = load16<scalar_t, VEC>(dy + j);
       const Pack<scalar_t, VEC> qp = load16<scalar_t, VEC>(q + j);
       const Pack<scalar_t, VEC> yp = load16<scalar_t, VEC>(y + j);
@@ -482,7 +524,8 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
     Acc ag[VEC], ah[VEC], fc[VEC], MM[VEC];
     bool exact = false;
     for (int i = 0; i < VEC; ++i)  // suffix maxima shrink along the chunk: its last key is the guard's
-      exact |= chunk_rewalk(tiles.get(g, cv * VEC + i), Mx[i], xl[i], xf[i], ag[i], ah[i], fc[i], MM[i]);
+      exact |= chunk_rewalk(tiles.get(g, cv * VEC + i), Mx[i], tiles.f[g][cv * VEC + i], xl[i], xf[i], ag[i], ah[i],
+                            fc[i], MM[i]);
     if (!exact) {
       Acc cg[VEC], ch[VEC];
       for (int i = 0; i < VEC; ++i) {
@@ -491,7 +534,7 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
       }
       for (int s = L - 1; s >= 0; --s) {
         if (s < n) {
-          const int64_t j = (b * T + t0 + s) * D + c;
+          const int64_t j = (row0 + t0 + s) * D + c;
           const Pack<scalar_t, VEC> kp = load16<scalar_t, VEC>(k + j);
           const Pack<scalar_t, VEC> vp = load16<scalar_t, VEC>(v + j);
           Pack<scalar_t, VEC> dkp, dvp;
@@ -512,7 +555,7 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
       for (int i = 0; i < VEC; ++i) {
         LseState<Acc> st = tiles.get(g, cv * VEC + i);
         for (int s = n - 1; s >= 0; --s) {
-          const int64_t j = (b * T + t0 + s) * D + c + i;
+          const int64_t j = (row0 + t0 + s) * D + c + i;
           const Acc gy = load_acc(dy + j);
           st.add(bwd_x(Acc(lse[j])), gy * af_sigmoid(load_acc(q + j)), gy * load_acc(y + j));
           const Acc e = st.empty() ? Acc(0) : af_exp(load_acc(k + j) + st.m);
@@ -535,7 +578,7 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
       Bt[i] = tot.b;
     }
     for (int64_t t = g; live && t < T; t += NG) {
-      const int64_t j = (b * T + t) * D + c;
+      const int64_t j = (row0 + t) * D + c;
       const Pack<scalar_t, VEC> kp = load16<scalar_t, VEC>(k + j);
       const Pack<scalar_t, VEC> vp = load16<scalar_t, VEC>(v + j);
       Pack<scalar_t, VEC> dkp, dvp;
@@ -559,7 +602,8 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
 template <typename scalar_t, typename Acc>
 inline void launch_bwd_tiles(const void* dy, const void* q, const void* k, const void* v, const void* y,
                              const void* lse, void* dq, void* dk, void* dv, const void* s_in, const void* m0,
-                             void* s_out, int64_t B, int64_t T, int64_t D, bool causal, cudaStream_t stream) {
+                             void* s_out, const int64_t* cu, int64_t B, int64_t T, int64_t D, bool causal,
+                             cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(scalar_t);
   const int64_t ncb = (D + kFwdNC * VEC - 1) / (kFwdNC * VEC);
   const unsigned grid = static_cast<unsigned>(B * ncb);
@@ -569,13 +613,13 @@ inline void launch_bwd_tiles(const void* dy, const void* q, const void* k, const
         static_cast<S>(dy), static_cast<S>(q), static_cast<S>(k), static_cast<S>(v), static_cast<S>(y),
         static_cast<const Acc*>(lse), static_cast<scalar_t*>(dq), static_cast<scalar_t*>(dk),
         static_cast<scalar_t*>(dv), static_cast<const Acc*>(s_in), static_cast<const Acc*>(m0),
-        static_cast<Acc*>(s_out), B, T, D);
+        static_cast<Acc*>(s_out), cu, B, T, D);
   else
     ATTNFREE_LAUNCH((simple_bwd_tiles_kernel<scalar_t, Acc, false>), grid, kFwdNG * kFwdNC, 0, stream)(
         static_cast<S>(dy), static_cast<S>(q), static_cast<S>(k), static_cast<S>(v), static_cast<S>(y),
         static_cast<const Acc*>(lse), static_cast<scalar_t*>(dq), static_cast<scalar_t*>(dk),
         static_cast<scalar_t*>(dv), static_cast<const Acc*>(s_in), static_cast<const Acc*>(m0),
-        static_cast<Acc*>(s_out), B, T, D);
+        static_cast<Acc*>(s_out), cu, B, T, D);
 }
 
 // True when the tiled forward can run: 16-byte vectors of channels (D % VEC == 0, aligned buffers).
@@ -589,7 +633,8 @@ inline bool tiles_ok(DType dt, const void* const* ptrs, int n, int64_t D) {
 
 template <typename scalar_t, typename Acc>
 inline void launch_fwd_tiles(const void* q, const void* k, const void* v, void* y, void* lse, const void* s_in,
-                             void* s_out, int64_t B, int64_t T, int64_t D, bool causal, cudaStream_t stream) {
+                             void* s_out, const int64_t* cu, int64_t B, int64_t T, int64_t D, bool causal,
+                             cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(scalar_t);
   const int64_t ncb = (D + kFwdNC * VEC - 1) / (kFwdNC * VEC);
   const unsigned grid = static_cast<unsigned>(B * ncb);
@@ -602,10 +647,10 @@ inline void launch_fwd_tiles(const void* q, const void* k, const void* v, void* 
   auto* so = static_cast<Acc*>(s_out);
   if (causal)
     ATTNFREE_LAUNCH((simple_fwd_tiles_kernel<scalar_t, Acc, true>), grid, kFwdNG * kFwdNC, 0, stream)(
-        qq, kk, vv, yy, ll, si, so, B, T, D);
+        qq, kk, vv, yy, ll, si, so, cu, B, T, D);
   else
     ATTNFREE_LAUNCH((simple_fwd_tiles_kernel<scalar_t, Acc, false>), grid, kFwdNG * kFwdNC, 0, stream)(
-        qq, kk, vv, yy, ll, si, so, B, T, D);
+        qq, kk, vv, yy, ll, si, so, cu, B, T, D);
 }
 
 // The scan over chunk states with a boundary (the recurrent state, docs/design.md §2.7), per (b, c); replaces
@@ -670,6 +715,30 @@ inline void run_state_scan(const Src& src, const Sink& sink, const ScanState<Acc
       src, sink, st.m, st.a, st.b, B, T, D, L, nch);
 }
 
+// Packed sequences on the three-kernel scans: the (b, t) grid is (sequence, position) over a padded length T that
+// bounds every sequence; a position past its sequence's end is an empty item (skipped by the scan) and writes
+// nothing, so each sequence's scan restarts at its first key. cu null: the dense (B, T, D) layout, unchanged.
+template <class Inner, typename Acc>
+struct SeqSrc {
+  Inner in;
+  gptr<const int64_t> cu;
+  __device__ __forceinline__ ScanTerm<Acc> operator()(int64_t b, int64_t t, int64_t c) const {
+    if (!cu) return in(b, t, c);
+    const int64_t r = int64_t(cu[b]) + t;
+    if (r >= int64_t(cu[b + 1])) return {neg_inf<Acc>(), Acc(0), Acc(0)};
+    return in(0, r, c);
+  }
+};
+template <class Inner, typename Acc>
+struct SeqSink {
+  Inner in;
+  gptr<const int64_t> cu;
+  __device__ __forceinline__ void operator()(int64_t b, int64_t t, int64_t c, const LseState<Acc>& s) const {
+    if (!cu) return in(b, t, c, s);
+    const int64_t r = int64_t(cu[b]) + t;
+    if (r < int64_t(cu[b + 1])) in(0, r, c, s);
+  }
+};
 }  // namespace
 
 size_t aft_simple_fwd_workspace_bytes(DType dtype, int64_t B, int64_t T, int64_t D, bool /*causal*/) {
@@ -680,20 +749,22 @@ size_t aft_simple_bwd_workspace_bytes(DType dtype, int64_t B, int64_t T, int64_t
 }
 
 cudaError_t aft_simple_fwd(DType dtype, const void* q, const void* k, const void* v, void* y, void* lse, int64_t B,
-                           int64_t T, int64_t D, bool causal, void* workspace, cudaStream_t stream) {
+                           int64_t T, int64_t D, bool causal, void* workspace, cudaStream_t stream,
+                           const int64_t* cu_seqlens) {
   if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
   const void* ptrs[5] = {q, k, v, y, lse};
   const bool tiles = tiles_ok(dtype, ptrs, 5, D);
   return AF_DISPATCH(dtype, [&] {
     if (tiles) {
-      launch_fwd_tiles<scalar_t, acc_t>(q, k, v, y, lse, nullptr, nullptr, B, T, D, causal, stream);
+      launch_fwd_tiles<scalar_t, acc_t>(q, k, v, y, lse, nullptr, nullptr, cu_seqlens, B, T, D, causal, stream);
       return cudaGetLastError();
     }
     WsCursor ws(workspace);
     const ScanState<acc_t> st = take_scan_state<acc_t>(ws, B * scan_num_chunks(B, T, D) * D);
-    FwdSrc<scalar_t, acc_t> src{static_cast<const scalar_t*>(k), static_cast<const scalar_t*>(v), T, D};
-    FwdOutSink<scalar_t, acc_t> sink{static_cast<const scalar_t*>(q), static_cast<scalar_t*>(y),
-                                     static_cast<acc_t*>(lse), T, D};
+    SeqSrc<FwdSrc<scalar_t, acc_t>, acc_t> src{{static_cast<const scalar_t*>(k), static_cast<const scalar_t*>(v), T, D},
+                                               cu_seqlens};
+    SeqSink<FwdOutSink<scalar_t, acc_t>, acc_t> sink{
+        {static_cast<const scalar_t*>(q), static_cast<scalar_t*>(y), static_cast<acc_t*>(lse), T, D}, cu_seqlens};
     if (causal)
       run_chunked_scan<acc_t, false, false>(src, sink, st, B, T, D, stream);
     else
@@ -704,20 +775,21 @@ cudaError_t aft_simple_fwd(DType dtype, const void* q, const void* k, const void
 
 cudaError_t aft_simple_bwd(DType dtype, const void* dy, const void* q, const void* k, const void* v, const void* y,
                            const void* lse, void* dq, void* dk, void* dv, int64_t B, int64_t T, int64_t D, bool causal,
-                           void* workspace, cudaStream_t stream) {
+                           void* workspace, cudaStream_t stream, const int64_t* cu_seqlens) {
   if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
   const void* ptrs[9] = {dy, q, k, v, y, lse, dq, dk, dv};
   const bool tiles = tiles_ok(dtype, ptrs, 9, D);
   return AF_DISPATCH(dtype, [&] {
     if (tiles) {
-      launch_bwd_tiles<scalar_t, acc_t>(dy, q, k, v, y, lse, dq, dk, dv, nullptr, nullptr, nullptr, B, T, D, causal,
-                                        stream);
+      launch_bwd_tiles<scalar_t, acc_t>(dy, q, k, v, y, lse, dq, dk, dv, nullptr, nullptr, nullptr, cu_seqlens, B, T, D,
+                                        causal, stream);
       return cudaGetLastError();
     }
     WsCursor ws(workspace);
     const ScanState<acc_t> st = take_scan_state<acc_t>(ws, B * scan_num_chunks(B, T, D) * D);
-    auto src = bwd_src<scalar_t, acc_t>(dy, q, y, lse, T, D);
-    auto sink = bwd_sink<scalar_t, acc_t>(dy, q, k, v, y, dq, dk, dv, T, D);
+    SeqSrc<BwdSrc<scalar_t, acc_t>, acc_t> src{bwd_src<scalar_t, acc_t>(dy, q, y, lse, T, D), cu_seqlens};
+    SeqSink<BwdOutSink<scalar_t, acc_t>, acc_t> sink{bwd_sink<scalar_t, acc_t>(dy, q, k, v, y, dq, dk, dv, T, D),
+                                                     cu_seqlens};
     if (causal)
       run_chunked_scan<acc_t, true, false>(src, sink, st, B, T, D, stream);
     else
@@ -735,20 +807,21 @@ size_t aft_simple_state_bwd_workspace_bytes(DType dtype, int64_t B, int64_t T, i
 
 cudaError_t aft_simple_state_fwd(DType dtype, const void* q, const void* k, const void* v, const void* initial_state,
                                  void* y, void* lse, void* final_state, int64_t B, int64_t T, int64_t D,
-                                 void* workspace, cudaStream_t stream) {
+                                 void* workspace, cudaStream_t stream, const int64_t* cu_seqlens) {
   if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
   const void* ptrs[7] = {q, k, v, y, lse, initial_state, final_state};
   const bool tiles = tiles_ok(dtype, ptrs, 7, D);
   return AF_DISPATCH(dtype, [&] {
     if (tiles) {
-      launch_fwd_tiles<scalar_t, acc_t>(q, k, v, y, lse, initial_state, final_state, B, T, D, true, stream);
+      launch_fwd_tiles<scalar_t, acc_t>(q, k, v, y, lse, initial_state, final_state, cu_seqlens, B, T, D, true, stream);
       return cudaGetLastError();
     }
     WsCursor ws(workspace);
     const ScanState<acc_t> st = take_scan_state<acc_t>(ws, B * scan_num_chunks(B, T, D) * D);
-    FwdSrc<scalar_t, acc_t> src{static_cast<const scalar_t*>(k), static_cast<const scalar_t*>(v), T, D};
-    FwdOutSink<scalar_t, acc_t> sink{static_cast<const scalar_t*>(q), static_cast<scalar_t*>(y),
-                                     static_cast<acc_t*>(lse), T, D};
+    SeqSrc<FwdSrc<scalar_t, acc_t>, acc_t> src{{static_cast<const scalar_t*>(k), static_cast<const scalar_t*>(v), T, D},
+                                               cu_seqlens};
+    SeqSink<FwdOutSink<scalar_t, acc_t>, acc_t> sink{
+        {static_cast<const scalar_t*>(q), static_cast<scalar_t*>(y), static_cast<acc_t*>(lse), T, D}, cu_seqlens};
     run_state_scan<acc_t, false>(src, sink, st, static_cast<const acc_t*>(initial_state),
                                  static_cast<acc_t*>(final_state), static_cast<const acc_t*>(nullptr), B, T, D, stream);
     return cudaGetLastError();
@@ -758,20 +831,21 @@ cudaError_t aft_simple_state_fwd(DType dtype, const void* q, const void* k, cons
 cudaError_t aft_simple_state_bwd(DType dtype, const void* dy, const void* q, const void* k, const void* v,
                                  const void* y, const void* lse, const void* final_query, const void* initial_state,
                                  void* dq, void* dk, void* dv, void* key_sums, int64_t B, int64_t T, int64_t D,
-                                 void* workspace, cudaStream_t stream) {
+                                 void* workspace, cudaStream_t stream, const int64_t* cu_seqlens) {
   if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
   const void* ptrs[12] = {dy, q, k, v, y, lse, dq, dk, dv, final_query, initial_state, key_sums};
   const bool tiles = tiles_ok(dtype, ptrs, 12, D);
   return AF_DISPATCH(dtype, [&] {
     if (tiles) {
-      launch_bwd_tiles<scalar_t, acc_t>(dy, q, k, v, y, lse, dq, dk, dv, final_query, initial_state, key_sums, B, T, D,
-                                        true, stream);
+      launch_bwd_tiles<scalar_t, acc_t>(dy, q, k, v, y, lse, dq, dk, dv, final_query, initial_state, key_sums,
+                                        cu_seqlens, B, T, D, true, stream);
       return cudaGetLastError();
     }
     WsCursor ws(workspace);
     const ScanState<acc_t> st = take_scan_state<acc_t>(ws, B * scan_num_chunks(B, T, D) * D);
-    auto src = bwd_src<scalar_t, acc_t>(dy, q, y, lse, T, D);
-    auto sink = bwd_sink<scalar_t, acc_t>(dy, q, k, v, y, dq, dk, dv, T, D);
+    SeqSrc<BwdSrc<scalar_t, acc_t>, acc_t> src{bwd_src<scalar_t, acc_t>(dy, q, y, lse, T, D), cu_seqlens};
+    SeqSink<BwdOutSink<scalar_t, acc_t>, acc_t> sink{bwd_sink<scalar_t, acc_t>(dy, q, k, v, y, dq, dk, dv, T, D),
+                                                     cu_seqlens};
     run_state_scan<acc_t, true>(src, sink, st, static_cast<const acc_t*>(final_query), static_cast<acc_t*>(key_sums),
                                 static_cast<const acc_t*>(initial_state), B, T, D, stream);
     return cudaGetLastError();

@@ -22,6 +22,7 @@
 
 #include "aft_simple/aft_simple_global_vec.h"
 #include "aft_simple/aft_simple_state.h"
+#include "aft_simple/aft_simple_varlen.h"
 #include "common/cpu_band.h"
 
 namespace attnfree {
@@ -156,9 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_bwd(const at::Tensor& dya,
   return {dq, dk, dv};
 }
 
-}  // namespace
-
-std::tuple<Tensor, Tensor> aft_simple_fwd(const Tensor& q, const Tensor& k, const Tensor& v, bool causal) {
+std::tuple<Tensor, Tensor> dense_fwd(const Tensor& q, const Tensor& k, const Tensor& v, bool causal) {
   check_qkv(q, k, v);
   if (!causal) {
     auto r = global_fwd(acc_contiguous(q, q), acc_contiguous(k, q), acc_contiguous(v, q));
@@ -167,8 +166,8 @@ std::tuple<Tensor, Tensor> aft_simple_fwd(const Tensor& q, const Tensor& k, cons
   return band_fwd(q, k, v, nullptr, 1, 1, causal);
 }
 
-std::tuple<Tensor, Tensor, Tensor> aft_simple_bwd(const Tensor& dy, const Tensor& q, const Tensor& k, const Tensor& v,
-                                                  const Tensor& y, const Tensor& lse, bool causal) {
+std::tuple<Tensor, Tensor, Tensor> dense_bwd(const Tensor& dy, const Tensor& q, const Tensor& k, const Tensor& v,
+                                             const Tensor& y, const Tensor& lse, bool causal) {
   check_qkv(q, k, v);
   check_saved(dy, q, y, lse);
   if (!causal) {
@@ -181,8 +180,8 @@ std::tuple<Tensor, Tensor, Tensor> aft_simple_bwd(const Tensor& dy, const Tensor
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
 }
 
-std::tuple<Tensor, Tensor, Tensor> aft_simple_state_fwd(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
-                                                        const c10::optional<Tensor>& initial_state) {
+std::tuple<Tensor, Tensor, Tensor> dense_state_fwd(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
+                                                   const c10::optional<Tensor>& initial_state) {
   check_qkv(q, k, v);
   const Tensor* s0 = state::opt_ptr(initial_state);
   state::check_initial_state(s0, q, causal);
@@ -196,12 +195,10 @@ std::tuple<Tensor, Tensor, Tensor> aft_simple_state_fwd(const Tensor& q, const T
   return {std::get<0>(r), std::get<1>(r), sF};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> aft_simple_state_bwd(const Tensor& dy,
-                                                                const c10::optional<Tensor>& dfinal_state,
-                                                                const Tensor& q, const Tensor& k, const Tensor& v,
-                                                                const c10::optional<Tensor>& initial_state,
-                                                                const Tensor& y, const Tensor& lse,
-                                                                const Tensor& final_state, bool causal) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> dense_state_bwd(const Tensor& dy, const c10::optional<Tensor>& dfinal_state,
+                                                           const Tensor& q, const Tensor& k, const Tensor& v,
+                                                           const c10::optional<Tensor>& initial_state, const Tensor& y,
+                                                           const Tensor& lse, const Tensor& final_state, bool causal) {
   check_qkv(q, k, v);
   check_saved(dy, q, y, lse);
   const Tensor* s0 = state::opt_ptr(initial_state);
@@ -218,7 +215,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> aft_simple_state_bwd(const Tensor& dy
   Tensor dq, dk, dv;
   Tensor g0 = at::zeros({B, 3, D}, q.options().dtype(acc));
   if (!causal) {
-    std::tie(dq, dk, dv) = aft_simple_bwd(dy, q, k, v, y, lse, false);
+    std::tie(dq, dk, dv) = dense_bwd(dy, q, k, v, y, lse, false);
     if (gFp && T > 0) {
       const Tensor ka = acc_contiguous(k, q), va = acc_contiguous(v, q);
       auto [dk2, dv2] = state::global_final_state_grad(ka, va, sF, gF);
@@ -238,6 +235,107 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> aft_simple_state_bwd(const Tensor& dy
     const Tensor s0a = s0 ? s0->to(acc) : Tensor();
     dk = state::route_max_residual(dk, acc_contiguous(k, q), sF, gF, s0 ? &s0a : nullptr, &g0);
   }
+  return {dq, dk, dv, g0};
+}
+
+// Packed sequences: each sequence runs alone on its rows (views of the packed tensors, no padding), the kernels
+// parallel over its channels; results are written into the packed outputs and the per-sequence states.
+template <class F>
+void for_each_sequence(const varlen::Packed& p, F f) {
+  const int64_t* c = p.cu.data_ptr<int64_t>();
+  for (int64_t n = 0; n < p.n; ++n) f(n, c[n], c[n + 1] - c[n]);
+}
+
+Tensor rows(const Tensor& x, int64_t start, int64_t len) { return x.narrow(1, start, len); }
+c10::optional<Tensor> state_row(const Tensor* s, int64_t n) {
+  return s ? c10::optional<Tensor>(s->narrow(0, n, 1)) : c10::nullopt;
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> aft_simple_fwd(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
+                                          const c10::optional<Tensor>& cu_seqlens, c10::optional<int64_t> max_seqlen) {
+  check_qkv(q, k, v);
+  const varlen::Packed p = varlen::check(cu_seqlens, max_seqlen, q);
+  if (!p.on()) return dense_fwd(q, k, v, causal);
+  Tensor y = at::empty(q.sizes(), q.options());
+  Tensor lse = at::empty(q.sizes(), q.options().dtype(acc_dtype(q.scalar_type())));
+  for_each_sequence(p, [&](int64_t, int64_t s, int64_t len) {
+    if (len == 0) return;
+    auto [yi, li] = dense_fwd(rows(q, s, len), rows(k, s, len), rows(v, s, len), causal);
+    rows(y, s, len).copy_(yi);
+    rows(lse, s, len).copy_(li);
+  });
+  return {y, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> aft_simple_bwd(const Tensor& dy, const Tensor& q, const Tensor& k, const Tensor& v,
+                                                  const Tensor& y, const Tensor& lse, bool causal,
+                                                  const c10::optional<Tensor>& cu_seqlens,
+                                                  c10::optional<int64_t> max_seqlen) {
+  check_qkv(q, k, v);
+  const varlen::Packed p = varlen::check(cu_seqlens, max_seqlen, q);
+  if (!p.on()) return dense_bwd(dy, q, k, v, y, lse, causal);
+  check_saved(dy, q, y, lse);
+  Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(q.sizes(), q.options());
+  Tensor dv = at::zeros(q.sizes(), q.options());
+  for_each_sequence(p, [&](int64_t, int64_t s, int64_t len) {
+    if (len == 0) return;
+    auto r = dense_bwd(rows(dy, s, len), rows(q, s, len), rows(k, s, len), rows(v, s, len), rows(y, s, len),
+                       rows(lse, s, len), causal);
+    rows(dq, s, len).copy_(std::get<0>(r));
+    rows(dk, s, len).copy_(std::get<1>(r));
+    rows(dv, s, len).copy_(std::get<2>(r));
+  });
+  return {dq, dk, dv};
+}
+
+std::tuple<Tensor, Tensor, Tensor> aft_simple_state_fwd(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
+                                                        const c10::optional<Tensor>& initial_state,
+                                                        const c10::optional<Tensor>& cu_seqlens,
+                                                        c10::optional<int64_t> max_seqlen) {
+  check_qkv(q, k, v);
+  const varlen::Packed p = varlen::check(cu_seqlens, max_seqlen, q);
+  if (!p.on()) return dense_state_fwd(q, k, v, causal, initial_state);
+  const Tensor* s0 = state::opt_ptr(initial_state);
+  varlen::check_initial_state(s0, q, causal, p);
+  const auto acc = acc_dtype(q.scalar_type());
+  Tensor y = at::empty(q.sizes(), q.options());
+  Tensor lse = at::empty(q.sizes(), q.options().dtype(acc));
+  Tensor sF = at::empty({p.n, 3, q.size(2)}, q.options().dtype(acc));
+  for_each_sequence(p, [&](int64_t n, int64_t s, int64_t len) {
+    auto [yi, li, si] = dense_state_fwd(rows(q, s, len), rows(k, s, len), rows(v, s, len), causal, state_row(s0, n));
+    rows(y, s, len).copy_(yi);
+    rows(lse, s, len).copy_(li);
+    sF.narrow(0, n, 1).copy_(si);
+  });
+  return {y, lse, sF};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> aft_simple_state_bwd(
+    const Tensor& dy, const c10::optional<Tensor>& dfinal_state, const Tensor& q, const Tensor& k, const Tensor& v,
+    const c10::optional<Tensor>& initial_state, const Tensor& y, const Tensor& lse, const Tensor& final_state,
+    bool causal, const c10::optional<Tensor>& cu_seqlens, c10::optional<int64_t> max_seqlen) {
+  check_qkv(q, k, v);
+  const varlen::Packed p = varlen::check(cu_seqlens, max_seqlen, q);
+  if (!p.on()) return dense_state_bwd(dy, dfinal_state, q, k, v, initial_state, y, lse, final_state, causal);
+  check_saved(dy, q, y, lse);
+  const Tensor* s0 = state::opt_ptr(initial_state);
+  varlen::check_initial_state(s0, q, causal, p);
+  varlen::check_states("final_state", final_state, p, q);
+  const Tensor* gF = state::opt_ptr(dfinal_state);
+  if (gF) varlen::check_states("dfinal_state", *gF, p, q);
+  Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(q.sizes(), q.options());
+  Tensor dv = at::empty(q.sizes(), q.options());
+  Tensor g0 = at::zeros({p.n, 3, q.size(2)}, q.options().dtype(acc_dtype(q.scalar_type())));
+  for_each_sequence(p, [&](int64_t n, int64_t s, int64_t len) {
+    auto r = dense_state_bwd(rows(dy, s, len), state_row(gF, n), rows(q, s, len), rows(k, s, len), rows(v, s, len),
+                             state_row(s0, n), rows(y, s, len), rows(lse, s, len), final_state.narrow(0, n, 1), causal);
+    rows(dq, s, len).copy_(std::get<0>(r));
+    rows(dk, s, len).copy_(std::get<1>(r));
+    rows(dv, s, len).copy_(std::get<2>(r));
+    g0.narrow(0, n, 1).copy_(std::get<3>(r));
+  });
   return {dq, dk, dv, g0};
 }
 

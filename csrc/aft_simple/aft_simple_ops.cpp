@@ -5,17 +5,21 @@
 #include "aft_simple/aft_simple_cpu.h"
 
 TORCH_LIBRARY_FRAGMENT(attnfree, m) {
-  m.def("aft_simple_fwd(Tensor q, Tensor k, Tensor v, bool causal) -> (Tensor y, Tensor lse)");
   m.def(
-      "aft_simple_bwd(Tensor dy, Tensor q, Tensor k, Tensor v, Tensor y, Tensor lse, bool causal)"
-      " -> (Tensor dq, Tensor dk, Tensor dv)");
+      "aft_simple_fwd(Tensor q, Tensor k, Tensor v, bool causal, Tensor? cu_seqlens=None, int? max_seqlen=None) -> "
+      "(Tensor y, Tensor lse)");
+  m.def(
+      "aft_simple_bwd(Tensor dy, Tensor q, Tensor k, Tensor v, Tensor y, Tensor lse, bool causal"
+      ", Tensor? cu_seqlens=None, int? max_seqlen=None) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // cu_seqlens / max_seqlen: packed sequences (aft_simple_varlen.h), states (N, 3, D) then.
   // with a recurrent state (B, 3, D) = (running max, numerator, denominator), csrc/aft_simple/aft_simple_state.h
   m.def(
-      "aft_simple_state_fwd(Tensor q, Tensor k, Tensor v, bool causal, Tensor? initial_state)"
+      "aft_simple_state_fwd(Tensor q, Tensor k, Tensor v, bool causal, Tensor? initial_state, Tensor? cu_seqlens=None, "
+      "int? max_seqlen=None)"
       " -> (Tensor y, Tensor lse, Tensor final_state)");
   m.def(
       "aft_simple_state_bwd(Tensor dy, Tensor? dfinal_state, Tensor q, Tensor k, Tensor v, Tensor? initial_state,"
-      " Tensor y, Tensor lse, Tensor final_state, bool causal)"
+      " Tensor y, Tensor lse, Tensor final_state, bool causal, Tensor? cu_seqlens=None, int? max_seqlen=None)"
       " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dinitial_state)");
 }
 

@@ -65,9 +65,26 @@ def _exact() -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ aft_simple
-def aft_simple_fwd(q, k, v, causal):
+# Packed sequences (cu_seqlens, csrc/aft_simple/aft_simple.h): the launchers get (N, a bound on the longest
+# sequence) and the int64 offsets, as the binding aft_simple_cuda.cpp passes them.
+def _grid(q, cu_seqlens, max_seqlen):
+    """(B, T, offsets In or None) for the launchers."""
+    if cu_seqlens is None:
+        return q.shape[0], q.shape[1], None
+    cu = cu_seqlens.to(torch.int64).contiguous()
+    T = q.shape[1] if max_seqlen is None else int(max_seqlen)
+    return cu.numel() - 1, T, emu.In("cu_seqlens", cu)
+
+
+def _spans(cu_seqlens):
+    cu = cu_seqlens.tolist()
+    return list(zip(cu[:-1], cu[1:]))
+
+
+def aft_simple_fwd(q, k, v, causal, cu_seqlens=None, max_seqlen=None):
     q, k, v = _c(q), _c(k), _c(v)
-    B, T, D = q.shape
+    _, _, D = q.shape
+    B, T, cu = _grid(q, cu_seqlens, max_seqlen)
     dt = DTYPE[q.dtype]
     ws = library().raw("emu_aft_simple_fwd_ws", dt, B, T, D, bool(causal))
     r = _call(
@@ -83,13 +100,15 @@ def aft_simple_fwd(q, k, v, causal):
         D,
         bool(causal),
         emu.Scratch("workspace", ws),
+        cu,
     )
     return r.outputs["y"], r.outputs["lse"]
 
 
-def aft_simple_bwd(dy, q, k, v, y, lse, causal):
+def aft_simple_bwd(dy, q, k, v, y, lse, causal, cu_seqlens=None, max_seqlen=None):
     q, k, v = _c(q), _c(k), _c(v)
-    B, T, D = q.shape
+    _, _, D = q.shape
+    B, T, cu = _grid(q, cu_seqlens, max_seqlen)
     dt = DTYPE[q.dtype]
     ws = library().raw("emu_aft_simple_bwd_ws", dt, B, T, D, bool(causal))
     outs = [emu.Out(n, torch.empty_like(q)) for n in ("dq", "dk", "dv")]
@@ -108,12 +127,14 @@ def aft_simple_bwd(dy, q, k, v, y, lse, causal):
         D,
         bool(causal),
         emu.Scratch("workspace", ws),
+        cu,
     )
     return tuple(r.outputs[n] for n in ("dq", "dk", "dv"))
 
 
 # aft_simple with a recurrent state (csrc/aft_simple/aft_simple_state.h; the binding aft_simple_cuda.cpp): causal
-# calls run the state launchers, the per-(b, c) pieces the binding does with ATen are done here with torch.
+# calls run the state launchers, the per-(b, c) pieces the binding does with ATen are done here with torch (per
+# sequence when packed).
 def _state_safe(m):
     return torch.where(torch.isneginf(m), torch.zeros_like(m), m)
 
@@ -124,24 +145,31 @@ def _empty_state(B, D, dt):
     return s
 
 
-def aft_simple_state_fwd(q, k, v, causal, initial_state):
+def _global_state(k, v, acc):
+    ka, va = k.to(acc), v.to(acc)
+    if ka.shape[1] == 0:
+        return _empty_state(ka.shape[0], ka.shape[2], acc)
+    m = ka.max(1).values
+    e = torch.exp(ka - _state_safe(m)[:, None])
+    return torch.stack([m, (e * va).sum(1), e.sum(1)], 1)
+
+
+def aft_simple_state_fwd(q, k, v, causal, initial_state, cu_seqlens=None, max_seqlen=None):
     B, T, D = q.shape
     acc = _acc(q.dtype)
     if not causal:
-        y, lse = aft_simple_fwd(q, k, v, False)
-        if T == 0:
-            return y, lse, _empty_state(B, D, acc)
-        ka, va = k.to(acc), v.to(acc)
-        m = ka.max(1).values
-        e = torch.exp(ka - _state_safe(m)[:, None])
-        return y, lse, torch.stack([m, (e * va).sum(1), e.sum(1)], 1)
+        y, lse = aft_simple_fwd(q, k, v, False, cu_seqlens, max_seqlen)
+        if cu_seqlens is None:
+            return y, lse, _global_state(k, v, acc)
+        return y, lse, torch.cat([_global_state(k[:, a:b], v[:, a:b], acc) for a, b in _spans(cu_seqlens)])
+    ns, Tg, cu = _grid(q, cu_seqlens, max_seqlen)
     s0 = None if initial_state is None else _c(initial_state)
-    if T == 0 or B * D == 0:
-        sF = s0.clone() if s0 is not None else _empty_state(B, D, acc)
+    if T == 0 or Tg == 0 or ns * D == 0:
+        sF = s0.clone() if s0 is not None else _empty_state(ns, D, acc)
         return torch.empty_like(q), torch.empty(q.shape, dtype=acc), sF
     q, k, v = _c(q), _c(k), _c(v)
     dt = DTYPE[q.dtype]
-    ws = library().raw("emu_aft_simple_state_fwd_ws", dt, B, T, D)
+    ws = library().raw("emu_aft_simple_state_fwd_ws", dt, ns, Tg, D)
     r = _call(
         "emu_aft_simple_state_fwd",
         dt,
@@ -151,31 +179,56 @@ def aft_simple_state_fwd(q, k, v, causal, initial_state):
         None if s0 is None else emu.In("initial_state", s0),
         emu.Out("y", torch.empty_like(q)),
         emu.Out("lse", torch.empty(q.shape, dtype=acc)),
-        emu.Out("final_state", torch.empty(B, 3, D, dtype=acc)),
-        B,
-        T,
+        emu.Out("final_state", torch.empty(ns, 3, D, dtype=acc)),
+        ns,
+        Tg,
         D,
         emu.Scratch("workspace", ws),
+        cu,
     )
     return r.outputs["y"], r.outputs["lse"], r.outputs["final_state"]
 
 
-def aft_simple_state_bwd(dy, dfinal_state, q, k, v, initial_state, y, lse, final_state, causal):
+def _route_max_residual(dk, k, sF, gF, s0, g0, acc):
+    """The max's own gradient to its first argmax (aft_simple_state.h); k, dk (B, T, D), states (B, 3, D)."""
+    mF = sF[:, 0]
+    res = gF[:, 0] - sF[:, 1] * gF[:, 1] - sF[:, 2] * gF[:, 2]
+    live = torch.isfinite(mF)
+    to_state = live & (s0[:, 0] == mF) if s0 is not None else torch.zeros_like(live)
+    if s0 is not None:
+        g0[:, 0] += torch.where(to_state, res, torch.zeros_like(res))
+    if k.shape[1] == 0:
+        return dk
+    idx = (k.to(acc) == mF[:, None]).to(torch.uint8).argmax(1, keepdim=True)
+    dka = dk.to(acc).clone()
+    dka.scatter_add_(1, idx, torch.where(live & ~to_state, res, torch.zeros_like(res))[:, None])
+    return dka.to(dk.dtype)
+
+
+def aft_simple_state_bwd(
+    dy, dfinal_state, q, k, v, initial_state, y, lse, final_state, causal, cu_seqlens=None, max_seqlen=None
+):
     B, T, D = q.shape
     acc = _acc(q.dtype)
+    ns, Tg, cu = _grid(q, cu_seqlens, max_seqlen)
     sF = final_state.to(acc)
     gF = None if dfinal_state is None else _c(dfinal_state.to(acc))
     s0 = None if initial_state is None else _c(initial_state.to(acc))
-    g0 = torch.zeros(B, 3, D, dtype=acc)
+    g0 = torch.zeros(ns, 3, D, dtype=acc)
     if not causal:
-        dq, dk, dv = aft_simple_bwd(dy, q, k, v, y, lse, False)
+        dq, dk, dv = aft_simple_bwd(dy, q, k, v, y, lse, False, cu_seqlens, max_seqlen)
         if gF is not None and T > 0:
-            ka, va = k.to(acc), v.to(acc)
-            P = torch.exp(ka - _state_safe(sF[:, 0])[:, None])
-            gn, gd = gF[:, 1:2], gF[:, 2:3]
-            dk = (dk.to(acc) + P * (va * gn + gd)).to(q.dtype)
-            dv = (dv.to(acc) + P * gn).to(q.dtype)
-    elif T == 0 or B * D == 0:
+            spans = [(0, T)] if cu_seqlens is None else _spans(cu_seqlens)
+            dk, dv = dk.to(acc).clone(), dv.to(acc).clone()
+            for n, (a, b) in enumerate(spans):
+                sl = slice(n, n + 1) if cu_seqlens is not None else slice(None)
+                ka, va = k[:, a:b].to(acc), v[:, a:b].to(acc)
+                P = torch.exp(ka - _state_safe(sF[sl, 0])[:, None])
+                gn, gd = gF[sl, 1:2], gF[sl, 2:3]
+                dk[:, a:b] += P * (va * gn + gd)
+                dv[:, a:b] += P * gn
+            dk, dv = dk.to(q.dtype), dv.to(q.dtype)
+    elif T == 0 or Tg == 0 or ns * D == 0:
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         if s0 is not None and gF is not None:
             g0 = gF.clone()
@@ -183,7 +236,7 @@ def aft_simple_state_bwd(dy, dfinal_state, q, k, v, initial_state, y, lse, final
         q, k, v = _c(q), _c(k), _c(v)
         dt = DTYPE[q.dtype]
         ps = None if gF is None else torch.stack([sF[:, 0], gF[:, 1], -gF[:, 2]], 1).contiguous()
-        ws = library().raw("emu_aft_simple_state_bwd_ws", dt, B, T, D)
+        ws = library().raw("emu_aft_simple_state_bwd_ws", dt, ns, Tg, D)
         outs = [emu.Out(n, torch.empty_like(q)) for n in ("dq", "dk", "dv")]
         r = _call(
             "emu_aft_simple_state_bwd",
@@ -197,27 +250,33 @@ def aft_simple_state_bwd(dy, dfinal_state, q, k, v, initial_state, y, lse, final
             None if ps is None else emu.In("final_query", ps),
             None if s0 is None else emu.In("initial_state", s0),
             *outs,
-            emu.Out("key_sums", torch.zeros(B, 2, D, dtype=acc)),
-            B,
-            T,
+            emu.Out("key_sums", torch.zeros(ns, 2, D, dtype=acc)),
+            ns,
+            Tg,
             D,
             emu.Scratch("workspace", ws),
+            cu,
         )
         dq, dk, dv = (r.outputs[n] for n in ("dq", "dk", "dv"))
         if s0 is not None:
             gn, gd = r.outputs["key_sums"][:, 0], -r.outputs["key_sums"][:, 1]
             g0 = torch.stack([s0[:, 1] * gn + s0[:, 2] * gd, gn, gd], 1)
-    if gF is not None and T > 0:  # the max's own gradient to its first argmax (aft_simple_state.h)
-        mF = sF[:, 0]
-        res = gF[:, 0] - sF[:, 1] * gF[:, 1] - sF[:, 2] * gF[:, 2]
-        live = torch.isfinite(mF)
-        to_state = live & (s0[:, 0] == mF) if s0 is not None else torch.zeros_like(live)
-        if s0 is not None:
-            g0[:, 0] += torch.where(to_state, res, torch.zeros_like(res))
-        idx = (k.to(acc) == mF[:, None]).to(torch.uint8).argmax(1, keepdim=True)
-        dka = dk.to(acc).clone()
-        dka.scatter_add_(1, idx, torch.where(live & ~to_state, res, torch.zeros_like(res))[:, None])
-        dk = dka.to(q.dtype)
+    if gF is not None and T > 0:
+        if cu_seqlens is None:
+            dk = _route_max_residual(dk, k, sF, gF, s0, g0, acc)
+        else:
+            dk = dk.clone()
+            for n, (a, b) in enumerate(_spans(cu_seqlens)):
+                sl = slice(n, n + 1)
+                g0n = g0[sl].clone()
+                dk[:, a:b] = _route_max_residual(
+                    dk[:, a:b], k[:, a:b], sF[sl], gF[sl], None if s0 is None else s0[sl], g0n, acc
+                )
+                g0[sl] = g0n
+    if cu_seqlens is not None and s0 is not None and T > 0:  # an empty sequence passes its state through
+        for n, (a, b) in enumerate(_spans(cu_seqlens)):
+            if a == b:
+                g0[n] = gF[n] if gF is not None else 0
     return dq, dk, dv, g0
 
 

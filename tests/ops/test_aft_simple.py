@@ -953,3 +953,72 @@ def test_opcheck_state_ops(path, dtype, with_state):
     s0d = None if s0 is None else s0.detach()
     args = (dy, gF, q.detach(), k.detach(), v.detach(), s0d, y, lse, sF, True)
     torch.library.opcheck(OPS.aft_simple_state_bwd.default, args)
+
+
+# ================================================================ packed sequences (cu_seqlens) on the compiled ops
+# Native: each sequence is scanned alone on its rows of (1, total_T, D); states (N, 3, D) (docs/design.md §9.3).
+def _varlen_inputs(dtype=F64):
+    lengths = [4, 1, 0, 6]
+    q, k, v = qkv(1, sum(lengths), 4, dtype)
+    cu = torch.tensor([0, 4, 5, 5, 11], dtype=torch.int32)
+    return q, k, v, cu, lengths
+
+
+@COMPILED
+@pytest.mark.parametrize("which", ["fwd", "bwd", "state_fwd", "state_bwd"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_opcheck_varlen(path, which, causal):
+    """Schemas, fake kernels (N states) and autograd of the ops with cu_seqlens / max_seqlen."""
+    q, k, v, cu, _ = _varlen_inputs()
+    q, k, v = (path.leaf(x) for x in (q, k, v))
+    cu = path.put(cu)
+    if which == "fwd":
+        torch.library.opcheck(OPS.aft_simple_fwd.default, (q, k, v, causal, cu, 6))
+        return
+    if which == "bwd":
+        y, lse = (t.detach() for t in OPS.aft_simple_fwd(q, k, v, causal, cu))
+        dy = path.put(rand(*q.shape, dtype=F64))
+        torch.library.opcheck(OPS.aft_simple_bwd.default, (dy, q.detach(), k.detach(), v.detach(), y, lse, causal, cu))
+        return
+    s0 = None
+    if causal:
+        s0 = path.leaf(
+            torch.stack([rand(4, 4, dtype=F64), rand(4, 4, dtype=F64), rand(4, 4, dtype=F64).abs() + 0.5], 1)
+        )
+    if which == "state_fwd":
+        torch.library.opcheck(OPS.aft_simple_state_fwd.default, (q, k, v, causal, s0, cu, None))
+        return
+    y, lse, sF = (t.detach() for t in OPS.aft_simple_state_fwd(q, k, v, causal, s0, cu))
+    assert sF.shape == (4, 3, 4)
+    dy, gF = path.put(rand(*q.shape, dtype=F64)), path.put(rand(4, 3, 4, dtype=F64))
+    s0d = None if s0 is None else s0.detach()
+    args = (dy, gF, q.detach(), k.detach(), v.detach(), s0d, y, lse, sF, causal, cu, 6)
+    torch.library.opcheck(OPS.aft_simple_state_bwd.default, args)
+
+
+@pytest.mark.paths("compiled-cpu", "emulation")
+def test_varlen_bad_arguments_reach_compiled_checks(path):
+    """Bad cu_seqlens / max_seqlen / per-sequence states given straight to the ops: the C++ checks name them."""
+    q, k, v, cu, _ = _varlen_inputs(F32)
+    bad = [
+        ((cu[None], None), ValueError, "cu_seqlens must have shape (N + 1,) with N >= 0, got (1, 5)"),
+        ((cu.float(), None), TypeError, "cu_seqlens must be int32 or int64, got torch.float32"),
+        ((torch.tensor([1, 4, 11]), None), ValueError, "cu_seqlens must start at 0, got 1"),
+        ((torch.tensor([0, 5, 4, 11]), None), ValueError, "cu_seqlens must be non-decreasing, got 5 then 4"),
+        ((torch.tensor([0, 4, 10]), None), ValueError, "cu_seqlens must end at total_T = q.shape[1] = 11, got 10"),
+        ((cu, 5), ValueError, "max_seqlen = 5 is smaller than the longest sequence of cu_seqlens (6)"),
+        ((cu, -1), ValueError, "max_seqlen must be >= 0, got -1"),
+        ((None, 6), ValueError, "max_seqlen needs cu_seqlens"),
+    ]
+    for (c, m), exc, msg in bad:
+        for causal in (False, True):
+            with pytest.raises(exc) as info:
+                path.fwd(OP, q, k, v, causal, c, m)
+            assert msg in str(info.value)
+    with pytest.raises(ValueError) as info:
+        path.fwd(OP, q.expand(2, -1, -1), k.expand(2, -1, -1), v.expand(2, -1, -1), True, cu)
+    assert "with cu_seqlens, q, k and v must be packed as (1, total_T, D), got (2, 11, 4)" in str(info.value)
+    s1 = torch.zeros(1, 3, 4)
+    with pytest.raises(ValueError) as info:
+        path.fwd("aft_simple_state", q, k, v, True, s1, cu)
+    assert "initial_state must have the shape (N, 3, D) = (4, 3, 4) with cu_seqlens" in str(info.value)

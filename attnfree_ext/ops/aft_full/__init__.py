@@ -24,7 +24,7 @@ from .reference import AFTFullFunction, aft_full_fwd_traceable
 __all__ = ["aft_full", "aft_full_lowrank", "CAPABILITY", "LOWRANK_CAPABILITY"]
 
 
-def aft_full(q, k, v, w, causal: bool = False, *, cu_seqlens=None):
+def aft_full(q, k, v, w, causal: bool = False, *, cu_seqlens=None, max_seqlen=None):
     """AFT-full (Zhai et al. 2021, arXiv 2105.14103, eq. 2; docs/design.md §1).
 
         y[b, t, c] = sigmoid(q[b, t, c]) * sum_t' softmax_t'(k[b, t', c] + w[t, t']) v[b, t', c]
@@ -37,7 +37,11 @@ def aft_full(q, k, v, w, causal: bool = False, *, cu_seqlens=None):
         cu_seqlens: None, or int32/int64 (N + 1,) offsets of N packed sequences (flash-attention's varlen
             convention): q, k, v are (1, total_T, D), sequence i is rows cu_seqlens[i]:cu_seqlens[i + 1] and sees
             no other one; w covers the longest sequence, (L, L) or (heads, L, L) with L >= T_max, and every
-            sequence uses w[..., :len, :len] (positions restart at 0; docs/design.md §9.3).
+            sequence uses w[..., :len, :len] (positions restart at 0; docs/design.md §9.3). Runs as one padded
+            batch (N, T_max, D) on whichever path is selected (compiled kernels included), padding keys -inf.
+        max_seqlen: None, or an int >= the longest packed sequence (only with ``cu_seqlens``): the padded length
+            T_max, so nothing is read back from the device (no host sync; no torch.compile graph break); w must
+            cover it. Checked against CPU offsets; on CUDA it is trusted.
 
     Decoding chunk (causal only; docs/design.md §9.2): q may have fewer rows than k and v, q (B, L, D) and k, v
     (B, S, D) with S > L, the keys so far (a cache) followed by the chunk's own. Query i sits at position
@@ -52,8 +56,9 @@ def aft_full(q, k, v, w, causal: bool = False, *, cu_seqlens=None):
             causal that is not a bool.
         ValueError: wrong ranks/shapes, D % heads != 0, or inputs on different devices; a chunk (S > L) with
             causal=False; a bad cu_seqlens (not (N + 1,), not from 0, decreasing, not ending at total_T) or packed
-            inputs whose batch is not 1. TypeError for a cu_seqlens that is not int32/int64.
-        RuntimeError: backend "compiled" forced for a chunk or packed call (Python path only).
+            inputs whose batch is not 1; a max_seqlen < 0, smaller than the longest sequence (CPU offsets) or without
+            cu_seqlens. TypeError for a cu_seqlens that is not int32/int64 or a max_seqlen that is not an int.
+        RuntimeError: backend "compiled" forced for a chunk (Python path only).
 
     Numerics: math in float32 (float64 for float64 inputs), a numerically stable tile-wise algorithm
     (docs/design.md §2) that stays finite and accurate for |k|, |w| up to 1e4 and for a causal "late spike" key;
@@ -77,16 +82,22 @@ def aft_full(q, k, v, w, causal: bool = False, *, cu_seqlens=None):
         visible, _ = chunk_mask(q.shape[1], k.shape[1], None, q.device)
         return aft_rows(q, k, v, w3.masked_fill(~visible, float("-inf"))).to(q.dtype)
     check_qkv(q, k, v)
+    if cu_seqlens is None and max_seqlen is not None:
+        raise ValueError("max_seqlen needs cu_seqlens (it bounds the packed sequences)")
     if cu_seqlens is None:
         check_bias(w, q)
     check_causal(causal)
     if cu_seqlens is not None:
-        pk = packing(cu_seqlens, q)
+        pk = packing(cu_seqlens, q, max_seqlen)
         qp, kp, vp = pk.pad(q, 0.0), pk.pad(k, float("-inf")), pk.pad(v, 0.0)  # padding keys masked (§7)
         wp = _varlen_bias(w, q, pk.t_max)
         check_bias(wp, qp)
-        require_python("aft_full", python_only_reasons("aft_full", cu_seqlens=cu_seqlens))
-        return pk.unpad(_python(qp, kp, vp, wp, causal))
+        return pk.unpad(_dense(qp, kp, vp, wp, causal))
+    return _dense(q, k, v, w, causal)
+
+
+def _dense(q, k, v, w, causal):
+    """One (B, T, D) call on the selected path (also the padded batch of packed sequences)."""
     if _composite.transform_active(q, k, v, w):  # forward-mode AD / functorch: no kernel formula (§6.1)
         return _composite.aft_full(q, k, v, w, causal)
     if dispatch.select("aft_full", q, k, v, w) == "compiled":

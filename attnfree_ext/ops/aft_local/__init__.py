@@ -15,6 +15,7 @@ import torch
 from ..common import composite as _composite
 from ..common import dispatch
 from ..common.checks import check_causal, check_like, check_qkv, check_tensor, check_window
+from ..common.dtypes import compute_dtype
 from ..common.features import python_only_reasons, require_python
 from ..common.rect import aft_rows, check_chunk, check_chunk_bias, chunk_mask, is_chunk
 from ..common.state import check_state
@@ -35,9 +36,11 @@ def aft_local(
     causal: bool = False,
     *,
     w_layout: str | None = None,
-    initial_state: torch.Tensor | None = None,
+    initial_state=None,
+    output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-) -> torch.Tensor:
+    max_seqlen: int | None = None,
+):
     """AFT-local: AFT (eq. 2) with bias ``w`` inside ``|t - t'| < window`` and 0 outside (paper §3.2;
     docs/design.md §1).
 
@@ -57,11 +60,22 @@ def aft_local(
             decoding chunk takes the full layout's rows (below).
         initial_state: causal only; None or a prefix state (B, 3, D) of keys that come before k and are out of
             every row's band (bias 0): the format of aft_simple's state (docs/design.md §9.1), float32 for
-            fp16/bf16/fp32 inputs, float64 for float64. Differentiable.
+            fp16/bf16/fp32 inputs, float64 for float64. Differentiable. With ``cu_seqlens`` (causal): None or a
+            list of N states, one per sequence, each None (a fresh sequence) or the
+            :class:`attnfree_ext.nn.state.AFTLocalState` of batch 1 that the causal ``AFTLocal`` layer uses
+            (prefix summary, the last window - 1 keys and values, offset): sequence i continues at position
+            offset_i, and w (full layout, or banded with ``w_layout="band"``) must cover offset_i + len_i rows.
+        output_final_state: with ``cu_seqlens`` and causal only: also return the N states after each sequence
+            (a list of AFTLocalState, same convention), ``(y, states)``. Runs on the Python path per sequence
+            (each sequence's own call may use the compiled kernels when it has no state).
         cu_seqlens: None, or int32/int64 (N + 1,) offsets of N packed sequences (flash-attention's varlen
             convention): q, k, v are (1, total_T, D), sequence i is rows cu_seqlens[i]:cu_seqlens[i + 1] and sees
             no other one; w covers the longest sequence, (L, L) or (heads, L, L) with L >= T_max, and every
-            sequence uses w[..., :len, :len] (positions restart at 0; docs/design.md §9.3).
+            sequence uses w[..., :len, :len] (positions restart at 0; docs/design.md §9.3). Runs as one padded
+            batch (N, T_max, D) on whichever path is selected (compiled kernels included), padding keys -inf.
+        max_seqlen: None, or an int >= the longest packed sequence (only with ``cu_seqlens``): the padded length
+            T_max, so nothing is read back from the device (no host sync; no torch.compile graph break); w must
+            cover it. Checked against CPU offsets; on CUDA it is trusted.
 
     Decoding chunk (causal only; docs/design.md §9.2): q may have fewer rows than k and v, q (B, L, D) and k, v
     (B, S, D) with S > L, the preceding keys followed by the chunk's own. Query i sits at position S - L + i, sees
@@ -82,14 +96,25 @@ def aft_local(
             None / "full" / "band", a banded w for a decoding chunk, window < 1, tensors on different devices; a
             chunk or initial_state with causal=False; an initial_state not (B, 3, D) (TypeError: not the state
             dtype); a bad cu_seqlens (not (N + 1,), not from 0, decreasing, not ending at total_T; TypeError: not
-            int32/int64), packed inputs whose batch is not 1, cu_seqlens with initial_state or a chunk.
-        RuntimeError: backend "compiled" forced for a chunk, initial_state or packed call (Python path only).
+            int32/int64), packed inputs whose batch is not 1, cu_seqlens with a chunk; with cu_seqlens, an
+            initial_state that is not a list of N AFTLocalState / None, states or output_final_state with
+            causal=False, a w not covering offset + length of every sequence; output_final_state without
+            cu_seqlens (TypeError: not a bool).
+            A max_seqlen < 0, smaller than the longest sequence (CPU offsets) or without cu_seqlens.
+        RuntimeError: backend "compiled" forced for a chunk or initial_state (Python path only).
 
     Numerics: exact per-row softmax normalisation, finite for any finite input (|k|, |w| up to 1e4, causal
     late spikes); memory O(B*T*D + T*window) besides w and dw (never a (B, T, T, D) tensor; with the banded
     layout no T x T tensor either, except in the forward-mode / double-backward composites). See
     docs/design.md §1-§3.
     """
+    if not isinstance(output_final_state, bool):
+        raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
+    if cu_seqlens is not None and (initial_state is not None or output_final_state):
+        states = (initial_state, output_final_state)
+        return _packed_with_states(q, k, v, w, window, causal, w_layout, states, cu_seqlens, max_seqlen)
+    if output_final_state:
+        raise ValueError("output_final_state needs cu_seqlens here (the AFTLocal layer returns its state itself)")
     chunk = is_chunk(q, k)
     if chunk or initial_state is not None:
         if w_layout == layout.BAND:
@@ -102,7 +127,7 @@ def aft_local(
             name = "initial_state" if initial_state is not None else "q with fewer rows than k (a decoding chunk)"
             raise ValueError(f"{name} needs causal=True")
         if cu_seqlens is not None:
-            raise ValueError("cu_seqlens cannot be combined with initial_state or a decoding chunk")
+            raise ValueError("cu_seqlens cannot be combined with a decoding chunk (q with fewer rows than k)")
         if initial_state is not None:
             check_state("initial_state", initial_state, q)
         require_python("aft_local", python_only_reasons("aft_local", chunk=chunk, initial_state=initial_state))
@@ -115,8 +140,10 @@ def aft_local(
         return aft_rows(q, k, v, bias, prefix=initial_state).to(q.dtype)
     check_qkv(q, k, v)
     check_causal(causal)
+    if cu_seqlens is None and max_seqlen is not None:
+        raise ValueError("max_seqlen needs cu_seqlens (it bounds the packed sequences)")
     if cu_seqlens is not None:
-        pk = packing(cu_seqlens, q)
+        pk = packing(cu_seqlens, q, max_seqlen)
         check_tensor("w", w)
         check_like("w", w, "q", q)
         qp, kp, vp = pk.pad(q, 0.0), pk.pad(k, float("-inf")), pk.pad(v, 0.0)  # padding keys masked (§7)
@@ -124,15 +151,73 @@ def aft_local(
         # the padded batch is one (N, T_max, D) call: w's rows (and, full, its columns) cut to T_max
         wp = w[..., : pk.t_max, :] if w_layout == layout.BAND else check_varlen_bias("w", w, pk.t_max)
         _, banded = layout.resolve(wp, qp, window, w_layout or layout.FULL)
-        require_python("aft_local", python_only_reasons("aft_local", cu_seqlens=cu_seqlens))
-        if _composite.transform_active(qp, kp, vp, wp):
-            return pk.unpad(layout.composite(qp, kp, vp, wp, window, causal, banded))
-        return pk.unpad(AFTLocalFunction.apply(qp, kp, vp, wp, window, causal, banded))
+        return pk.unpad(_dense(qp, kp, vp, wp, window, causal, banded))
     # any positive int (sys.maxsize, 2**64): the band only ever covers T keys, and the compiled op takes an int64
     window = min(check_window(window), max(q.shape[1], 1))
     _, banded = layout.resolve(w, q, window, w_layout)
+    return _dense(q, k, v, w, window, causal, banded)
+
+
+def _dense(q, k, v, w, window, causal, banded):
+    """One (B, T, D) call on the selected path (also the padded batch of packed sequences)."""
     if _composite.transform_active(q, k, v, w):  # forward-mode AD / functorch: no kernel formula (§6.1)
         return layout.composite(q, k, v, w, window, causal, banded)
     if dispatch.select("aft_local", q, k, v, w) == "compiled":
         return torch.ops.attnfree.aft_local_fwd(q, k, v, w, window, causal, banded)[0]
     return AFTLocalFunction.apply(q, k, v, w, window, causal, banded)
+
+
+def _packed_with_states(q, k, v, w, window, causal, w_layout, states, cu_seqlens, max_seqlen):
+    """Packed causal sequences that continue from (and return) per-sequence AFTLocal states: each sequence runs the
+    decoding step of the causal layer (attnfree_ext.nn._decode.local_step) on its rows, on the Python path."""
+    from ...nn import _decode  # the layer's state and step (imported here: nn imports the ops)
+
+    initial_state, output_final_state = states
+    check_qkv(q, k, v)
+    check_causal(causal)
+    if not causal:
+        raise ValueError("initial_state / output_final_state with cu_seqlens need causal=True")
+    pk = packing(cu_seqlens, q, max_seqlen)
+    window = check_window(window)
+    check_tensor("w", w)
+    check_like("w", w, "q", q)
+    if initial_state is None:
+        initial_state = [None] * pk.n
+    if not isinstance(initial_state, (list, tuple)) or len(initial_state) != pk.n:
+        raise ValueError(
+            f"initial_state with cu_seqlens must be a list of N = {pk.n} AFTLocalState (or None) entries, one per "
+            f"sequence, got {type(initial_state).__name__}"
+            + (f" of length {len(initial_state)}" if isinstance(initial_state, (list, tuple)) else "")
+        )
+    cu = cu_seqlens.tolist()
+    for i, st in enumerate(initial_state):
+        if st is not None:
+            _decode.check_local_state(st, q[:, cu[i] : cu[i + 1]], window)
+    ends = [(st.offset if st is not None else 0) + cu[i + 1] - cu[i] for i, st in enumerate(initial_state)]
+    need = max(ends, default=0)
+    if w_layout == layout.BAND:
+        w = layout.band_to_full(w, window)
+    if w.dim() not in (2, 3) or w.shape[-1] != w.shape[-2] or w.shape[-1] < need:
+        raise ValueError(
+            f"with cu_seqlens and states, w must have shape (L, L) or (heads, L, L) covering every sequence's last "
+            f"position (offset + length: L >= {need}), got {tuple(w.shape)}"
+        )
+    ys, finals = [], []
+    for i, st in enumerate(initial_state):
+        a, b = cu[i], cu[i + 1]
+        qi, ki, vi = q[:, a:b], k[:, a:b], v[:, a:b]
+        ct = compute_dtype(q.dtype)
+        if st is None:
+            if b > a:
+                ys.append(aft_local(qi, ki, vi, w[..., : b - a, : b - a], window, True, w_layout=layout.FULL))
+            new = _decode.local_state(None, ki.to(ct), vi.to(ct), window, b - a)
+        else:
+            if b == a:
+                new = st
+            else:
+                t0, c = st.offset, st.k.shape[1]
+                yi, new = _decode.local_step(qi, ki, vi, w[..., t0 : t0 + b - a, t0 - c : t0 + b - a], window, st)
+                ys.append(yi)
+        finals.append(new)
+    y = torch.cat(ys, dim=1) if ys else q.new_empty(q.shape)
+    return (y, finals) if output_final_state else y

@@ -17,7 +17,7 @@ from ..common.checks import check_causal, check_qkv
 from ..common.dtypes import compute_dtype
 from ..common.features import python_only_reasons, require_python
 from ..common.state import check_state, merge_keys, state_as_key
-from ..common.varlen import packing
+from ..common.varlen import Packing, check_cu_seqlens
 from .compiled import CAPABILITY, aft_simple_compiled
 from .reference import AFTSimpleFunction
 
@@ -33,6 +33,7 @@ def aft_simple(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
 ):
     """AFT-simple: ``y = sigmoid(q) * sum_t' softmax_t'(k) * v`` per channel (AFT eq. 2 with w = 0;
     docs/design.md §1).
@@ -48,7 +49,11 @@ def aft_simple(
         output_final_state: causal only; if True also return the state after the last key (same format).
         cu_seqlens: None, or int32/int64 (N + 1,) offsets of N packed sequences (flash-attention's varlen
             convention): sequence i is rows cu_seqlens[i]:cu_seqlens[i + 1] of q, k, v (1, total_T, D) and sees
-            no other sequence (docs/design.md §9.3).
+            no other sequence (docs/design.md §9.3). On the compiled kernels (CPU and CUDA) each sequence is scanned
+            alone on its packed rows (no padded copy); the Python path runs one padded batch.
+        max_seqlen: None, or an int >= the longest packed sequence (flash-attention's argument; only with
+            ``cu_seqlens``). With it nothing is read back from the device to size the padded batch (no host sync;
+            torch.compile does not break the graph on it). Checked against CPU offsets; on CUDA it is trusted.
 
     Returns:
         y: (B, T, D) in q's dtype, or (y, final_state) when ``output_final_state``. Differentiable w.r.t. q, k, v
@@ -58,10 +63,11 @@ def aft_simple(
         TypeError: a non-tensor or non-floating input, mixed dtypes, a causal / output_final_state that is not a
             bool, an initial_state of the wrong dtype, a cu_seqlens that is not int32/int64.
         ValueError: inputs that are not 3-D, differ in shape, or live on different devices; initial_state or
-            output_final_state with causal=False; an initial_state not (B, 3, D); a cu_seqlens that does not start at
-            0, decreases or does not end at total_T, or packed inputs whose batch is not 1.
-        RuntimeError: backend "compiled" forced for a call using cu_seqlens (the Python path runs it;
-            ``attnfree_ext.backend_info`` says so). The state runs on the compiled kernels (CPU and CUDA).
+            output_final_state with causal=False; an initial_state not (B, 3, D) ((N, 3, D) with cu_seqlens); a
+            cu_seqlens not 1-D, that does not start at 0, decreases or does not end at total_T (values checked for
+            CPU offsets), or packed inputs whose batch is not 1; a max_seqlen < 0, smaller than the longest
+            sequence (CPU offsets) or given without cu_seqlens. TypeError for a max_seqlen that is not an int.
+        The state and packed sequences run on the compiled kernels (CPU and CUDA).
 
     Numerics: exact softmax normalisation in log space (no split max), finite for any finite input; memory
     O(B*T*D) forward and backward (never a (B, T, T, D) tensor). See docs/design.md §1-§3, §9.
@@ -77,13 +83,27 @@ def aft_simple(
     if not causal and output_final_state:
         raise ValueError("output_final_state needs causal=True (a state carries a causal prefix)")
     why = python_only_reasons(
-        "aft_simple", initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
+        "aft_simple",
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max_seqlen,
     )
+    if cu_seqlens is None and max_seqlen is not None:
+        raise ValueError("max_seqlen needs cu_seqlens (it bounds the packed sequences)")
     if cu_seqlens is not None:
-        pk = packing(cu_seqlens, q)
+        check_cu_seqlens(cu_seqlens, q, max_seqlen)
         if initial_state is not None:
-            check_state("initial_state", initial_state, q.new_empty(pk.n, 0, q.shape[2]))
+            check_state("initial_state", initial_state, q.new_empty(cu_seqlens.shape[0] - 1, 0, q.shape[2]))
         require_python("aft_simple", why)
+        # native: each sequence scanned alone by the kernels (docs/design.md §9.3); transforms run the padded batch
+        if not _composite.transform_active(q, k, v, initial_state) and dispatch.select("aft_simple", q, k, v) == (
+            "compiled"
+        ):
+            if initial_state is None and not output_final_state:
+                return torch.ops.attnfree.aft_simple_fwd(q, k, v, causal, cu_seqlens, max_seqlen)[0]
+            return aft_simple_compiled(q, k, v, causal, initial_state, output_final_state, cu_seqlens, max_seqlen)
+        pk = Packing(cu_seqlens, q.shape[1], max_seqlen)
         neg_inf = float("-inf")  # padding keys are masked (docs/design.md §7)
         out = _python(pk.pad(q, 0.0), pk.pad(k, neg_inf), pk.pad(v, 0.0), causal, initial_state, output_final_state)
         if output_final_state:

@@ -31,27 +31,52 @@ CAPABILITY = dispatch.register(
 if dispatch.has_op("aft_simple_fwd"):
 
     @torch.library.register_fake("attnfree::aft_simple_fwd")
-    def _aft_simple_fwd_fake(q, k, v, causal):
+    def _aft_simple_fwd_fake(q, k, v, causal, cu_seqlens=None, max_seqlen=None):
         return aft_fwd_outputs(q)
 
     @torch.library.register_fake("attnfree::aft_simple_bwd")
-    def _aft_simple_bwd_fake(dy, q, k, v, y, lse, causal):
+    def _aft_simple_bwd_fake(dy, q, k, v, y, lse, causal, cu_seqlens=None, max_seqlen=None):
         return like(q), like(q), like(q)
 
     def _aft_simple_setup(ctx, inputs, output):
-        q, k, v, causal = inputs
+        q, k, v, causal, cu_seqlens, max_seqlen = _with_varlen(inputs, 4)
         y, lse = output
-        ctx.save_for_backward(q, k, v, y, lse)
-        ctx.causal = causal
+        ctx.save_for_backward(q, k, v, y, lse, cu_seqlens)
+        ctx.causal, ctx.max_seqlen = causal, max_seqlen
 
     def _aft_simple_backward(ctx, dy, dlse):
-        q, k, v, y, lse = ctx.saved_tensors
+        q, k, v, y, lse, cu = ctx.saved_tensors
         if _composite.double_backward_active():  # create_graph=True: a differentiable gradient (§3)
-            return tuple(_composite.vjp(_composite.aft_simple, (q, k, v, ctx.causal), ctx.needs_input_grad, dy))
-        dq, dk, dv = torch.ops.attnfree.aft_simple_bwd(dy, q, k, v, y, lse, ctx.causal)
-        return dq, dk, dv, None
+            fn = _packed(_composite.aft_simple, cu, ctx.max_seqlen)
+            grads = _composite.vjp(fn, (q, k, v, ctx.causal), ctx.needs_input_grad[:4], dy)
+            return (*grads, None, None)
+        dq, dk, dv = torch.ops.attnfree.aft_simple_bwd(dy, q, k, v, y, lse, ctx.causal, cu, ctx.max_seqlen)
+        return dq, dk, dv, None, None, None
 
     torch.library.register_autograd("attnfree::aft_simple_fwd", _aft_simple_backward, setup_context=_aft_simple_setup)
+
+
+def _with_varlen(inputs, n):
+    """The op's inputs with the optional (cu_seqlens, max_seqlen) filled in (callers may omit them)."""
+    inputs = tuple(inputs)
+    return inputs + (None,) * (n + 2 - len(inputs))
+
+
+def _packed(fn, cu_seqlens, max_seqlen):
+    """``fn(q, k, v, causal, *rest)`` -> ``(y, *state)`` as a function of packed (1, total_T, D) inputs: one call on
+    the padded batch (padding keys -inf: masked), y unpacked (the double-backward formula with cu_seqlens)."""
+    if cu_seqlens is None:
+        return fn
+    from ..common.varlen import Packing
+
+    def packed(q, k, v, causal, *rest):
+        pk = Packing(cu_seqlens, q.shape[1], max_seqlen)
+        out = fn(pk.pad(q, 0.0), pk.pad(k, float("-inf")), pk.pad(v, 0.0), causal, *rest)
+        if isinstance(out, tuple):
+            return (pk.unpad(out[0]), *out[1:])
+        return pk.unpad(out)
+
+    return packed
 
 
 def state_composite(q, k, v, causal, initial_state):
@@ -99,38 +124,47 @@ def state_composite(q, k, v, causal, initial_state):
 
 if dispatch.has_op("aft_simple_state_fwd"):
 
-    def _state_shape(q):
-        return torch.empty(q.shape[0], 3, q.shape[2], dtype=compute_dtype(q.dtype), device=q.device)
+    def _state_shape(q, cu_seqlens=None):
+        n = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1  # one state per packed sequence
+        return torch.empty(n, 3, q.shape[2], dtype=compute_dtype(q.dtype), device=q.device)
 
     @torch.library.register_fake("attnfree::aft_simple_state_fwd")
-    def _aft_simple_state_fwd_fake(q, k, v, causal, initial_state):
+    def _aft_simple_state_fwd_fake(q, k, v, causal, initial_state, cu_seqlens=None, max_seqlen=None):
         y, lse = aft_fwd_outputs(q)
-        return y, lse, _state_shape(q)
+        return y, lse, _state_shape(q, cu_seqlens)
 
     @torch.library.register_fake("attnfree::aft_simple_state_bwd")
-    def _aft_simple_state_bwd_fake(dy, dfinal_state, q, k, v, initial_state, y, lse, final_state, causal):
-        return like(q), like(q), like(q), _state_shape(q)
+    def _aft_simple_state_bwd_fake(
+        dy, dfinal_state, q, k, v, initial_state, y, lse, final_state, causal, cu_seqlens=None, max_seqlen=None
+    ):
+        return like(q), like(q), like(q), _state_shape(q, cu_seqlens)
 
     def _aft_simple_state_setup(ctx, inputs, output):
-        q, k, v, causal, initial_state = inputs
+        q, k, v, causal, initial_state, cu_seqlens, max_seqlen = _with_varlen(inputs, 5)
         y, lse, final_state = output
-        ctx.save_for_backward(q, k, v, initial_state, y, lse, final_state)
-        ctx.causal = causal
+        ctx.save_for_backward(q, k, v, initial_state, y, lse, final_state, cu_seqlens)
+        ctx.causal, ctx.max_seqlen = causal, max_seqlen
 
     def _aft_simple_state_backward(ctx, dy, dlse, dfinal_state):
-        q, k, v, s0, y, lse, sF = ctx.saved_tensors
+        q, k, v, s0, y, lse, sF, cu = ctx.saved_tensors
         if _composite.double_backward_active():  # create_graph=True: a differentiable gradient (§3)
-            grads = _composite.vjp(state_composite, (q, k, v, ctx.causal, s0), ctx.needs_input_grad, (dy, dfinal_state))
-            return tuple(grads)
-        dq, dk, dv, ds0 = torch.ops.attnfree.aft_simple_state_bwd(dy, dfinal_state, q, k, v, s0, y, lse, sF, ctx.causal)
-        return dq, dk, dv, None, (ds0 if s0 is not None else None)
+            fn = _packed(state_composite, cu, ctx.max_seqlen)
+            args = (q, k, v, ctx.causal, s0)
+            grads = _composite.vjp(fn, args, ctx.needs_input_grad[:5], (dy, dfinal_state))
+            return (*grads, None, None)
+        dq, dk, dv, ds0 = torch.ops.attnfree.aft_simple_state_bwd(
+            dy, dfinal_state, q, k, v, s0, y, lse, sF, ctx.causal, cu, ctx.max_seqlen
+        )
+        return dq, dk, dv, None, (ds0 if s0 is not None else None), None, None
 
     torch.library.register_autograd(
         "attnfree::aft_simple_state_fwd", _aft_simple_state_backward, setup_context=_aft_simple_state_setup
     )
 
 
-def aft_simple_compiled(q, k, v, causal, initial_state=None, output_final_state=False):
+def aft_simple_compiled(
+    q, k, v, causal, initial_state=None, output_final_state=False, cu_seqlens=None, max_seqlen=None
+):
     """AFT-simple on the compiled kernels with a recurrent state (the compiled path of the public ``aft_simple``
     when it gets ``initial_state`` or ``output_final_state``; docs/design.md §2.7).
 
@@ -143,6 +177,9 @@ def aft_simple_compiled(q, k, v, causal, initial_state=None, output_final_state=
             sum exp(k - m) v; sum exp(k - m)). (-inf, 0, 0) is the same as None.
         output_final_state: bool; if True also return the state after the last key, in the same format (also for
             ``causal=False``: the state of all keys).
+        cu_seqlens, max_seqlen: None, or packed sequences (q, k, v (1, total_T, D), int32/int64 (N + 1,) offsets
+            and an optional int bound on the longest sequence; docs/design.md §9.3): each sequence is scanned alone
+            and the states are (N, 3, D), one per sequence.
 
     Returns:
         y (B, T, D) in q's dtype, or ``(y, final_state)``. Differentiable w.r.t. q, k, v and initial_state
@@ -152,5 +189,5 @@ def aft_simple_compiled(q, k, v, causal, initial_state=None, output_final_state=
     Raises (from the kernels' checks): ValueError naming initial_state for a non-causal call with a state or a
         wrong shape / device; TypeError naming initial_state for a wrong dtype; the q, k, v checks of the plain op.
     """
-    y, _, final_state = torch.ops.attnfree.aft_simple_state_fwd(q, k, v, causal, initial_state)
+    y, _, final_state = torch.ops.attnfree.aft_simple_state_fwd(q, k, v, causal, initial_state, cu_seqlens, max_seqlen)
     return (y, final_state) if output_final_state else y

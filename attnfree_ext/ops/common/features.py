@@ -1,26 +1,46 @@
-"""Arguments the compiled kernels do not take yet, as data: recurrent state, packed sequences, decoding chunks
-(docs/design.md §9). A call that uses one runs on the pure-PyTorch path; ``backend_info`` says so.
+"""Arguments the compiled kernels do not take yet, as data: the aft_local prefix state and decoding chunks
+(docs/design.md §9). A call that uses one runs on the pure-PyTorch path; ``backend_info`` says so. ``VARLEN`` says,
+per op and path, how packed sequences (``cu_seqlens``) run: natively in the kernels or as one padded batch.
 
 ``backend_info(op, *tensors, **arguments)`` (exported as :func:`attnfree_ext.backend_info`) is the dispatcher's
 ``dispatch.backend_info`` plus keyword arguments naming the extra arguments of the call (``initial_state``,
-``output_final_state``, ``cu_seqlens``, ``chunk``); with none given it is exactly the dispatcher's.
+``output_final_state``, ``cu_seqlens``, ``max_seqlen``, ``chunk``); with none given it is exactly the dispatcher's.
+With ``cu_seqlens`` the result also has ``varlen``: path -> "native" / "padded" (``VARLEN``), and its summary names
+the selected path's.
 """
 
 from __future__ import annotations
 
 from . import dispatch
 
-__all__ = ["PYTHON_ONLY_ARGUMENTS", "python_only_reasons", "require_python", "backend_info"]
+__all__ = [
+    "PYTHON_ONLY_ARGUMENTS",
+    "VARLEN",
+    "NATIVE",
+    "PADDED",
+    "python_only_reasons",
+    "require_python",
+    "backend_info",
+]
 
 _STATE = "the aft_local prefix state runs on the pure-PyTorch path (its kernels take no state)"
-_VARLEN = "packed sequences run as one padded batch on the pure-PyTorch path"
 _CHUNK = "a decoding chunk (k, v with more rows than q) runs on the pure-PyTorch path"
 
 #: op -> argument -> why a call using it runs on the pure-PyTorch path (None: the compiled kernels take it too)
 PYTHON_ONLY_ARGUMENTS = {
-    "aft_simple": {"initial_state": None, "output_final_state": None, "cu_seqlens": _VARLEN},
-    "aft_local": {"initial_state": _STATE, "chunk": _CHUNK, "cu_seqlens": _VARLEN},
-    "aft_full": {"chunk": _CHUNK, "cu_seqlens": _VARLEN},
+    "aft_simple": {"initial_state": None, "output_final_state": None, "cu_seqlens": None, "max_seqlen": None},
+    "aft_local": {"initial_state": _STATE, "chunk": _CHUNK, "cu_seqlens": None, "max_seqlen": None},
+    "aft_full": {"chunk": _CHUNK, "cu_seqlens": None, "max_seqlen": None},
+}
+
+NATIVE = "native"  # the kernels scan / reduce each packed sequence alone on its rows (no padded copy)
+PADDED = "padded"  # one call on the padded batch (N, T_max, D), padding keys masked with -inf (docs/design.md §7)
+
+#: op -> path -> how a call with cu_seqlens runs there (docs/design.md §9.3)
+VARLEN = {
+    "aft_simple": {"python": PADDED, "compiled": NATIVE},
+    "aft_local": {"python": PADDED, "compiled": PADDED},
+    "aft_full": {"python": PADDED, "compiled": PADDED},
 }
 
 
@@ -51,6 +71,7 @@ def backend_info(op: str, *tensors, **arguments) -> dict:
     info = dispatch.backend_info(op, *tensors)
     why = python_only_reasons(op, **arguments)
     if not why:
+        _add_varlen(info, op, arguments)
         return info
     info["reasons"]["compiled"] = why + [r for r in info["reasons"]["compiled"] if r not in why]
     if info["requested"] == "compiled":
@@ -60,4 +81,14 @@ def backend_info(op: str, *tensors, **arguments) -> dict:
         info["selected"] = "python"
         info["reasons"]["python"] = []
         info["summary"] = f"{op}: python; compiled skipped ({'; '.join(info['reasons']['compiled'])})"
+    _add_varlen(info, op, arguments)
     return info
+
+
+def _add_varlen(info: dict, op: str, arguments: dict) -> None:
+    # with cu_seqlens: "varlen" = how the packed sequences run on the selected path (VARLEN), and the summary says so
+    if arguments.get("cu_seqlens") is None or op not in VARLEN:
+        return
+    info["varlen"] = {path: VARLEN[op][path] for path in ("python", "compiled")}
+    if info["selected"] is not None:
+        info["summary"] += f"; packed sequences: {VARLEN[op][info['selected']]} ({info['selected']} path)"

@@ -20,13 +20,13 @@ uint64_t emu_aft_simple_bwd_ws(int64_t dt, int64_t B, int64_t T, int64_t D, int 
   return ac::aft_simple_bwd_workspace_bytes(DType(dt), B, T, D, causal != 0);
 }
 int emu_aft_simple_fwd(int64_t dt, const void* q, const void* k, const void* v, void* y, void* lse, int64_t B,
-                       int64_t T, int64_t D, int causal, void* ws) {
-  return ac::aft_simple_fwd(DType(dt), q, k, v, y, lse, B, T, D, causal != 0, ws, nullptr);
+                       int64_t T, int64_t D, int causal, void* ws, const int64_t* cu) {
+  return ac::aft_simple_fwd(DType(dt), q, k, v, y, lse, B, T, D, causal != 0, ws, nullptr, cu);
 }
 int emu_aft_simple_bwd(int64_t dt, const void* dy, const void* q, const void* k, const void* v, const void* y,
                        const void* lse, void* dq, void* dk, void* dv, int64_t B, int64_t T, int64_t D, int causal,
-                       void* ws) {
-  return ac::aft_simple_bwd(DType(dt), dy, q, k, v, y, lse, dq, dk, dv, B, T, D, causal != 0, ws, nullptr);
+                       void* ws, const int64_t* cu) {
+  return ac::aft_simple_bwd(DType(dt), dy, q, k, v, y, lse, dq, dk, dv, B, T, D, causal != 0, ws, nullptr, cu);
 }
 uint64_t emu_aft_simple_state_fwd_ws(int64_t dt, int64_t B, int64_t T, int64_t D) {
   return ac::aft_simple_state_fwd_workspace_bytes(DType(dt), B, T, D);
@@ -35,14 +35,14 @@ uint64_t emu_aft_simple_state_bwd_ws(int64_t dt, int64_t B, int64_t T, int64_t D
   return ac::aft_simple_state_bwd_workspace_bytes(DType(dt), B, T, D);
 }
 int emu_aft_simple_state_fwd(int64_t dt, const void* q, const void* k, const void* v, const void* s0, void* y,
-                             void* lse, void* sF, int64_t B, int64_t T, int64_t D, void* ws) {
-  return ac::aft_simple_state_fwd(DType(dt), q, k, v, s0, y, lse, sF, B, T, D, ws, nullptr);
+                             void* lse, void* sF, int64_t B, int64_t T, int64_t D, void* ws, const int64_t* cu) {
+  return ac::aft_simple_state_fwd(DType(dt), q, k, v, s0, y, lse, sF, B, T, D, ws, nullptr, cu);
 }
 int emu_aft_simple_state_bwd(int64_t dt, const void* dy, const void* q, const void* k, const void* v, const void* y,
                              const void* lse, const void* final_query, const void* s0, void* dq, void* dk, void* dv,
-                             void* key_sums, int64_t B, int64_t T, int64_t D, void* ws) {
+                             void* key_sums, int64_t B, int64_t T, int64_t D, void* ws, const int64_t* cu) {
   return ac::aft_simple_state_bwd(DType(dt), dy, q, k, v, y, lse, final_query, s0, dq, dk, dv, key_sums, B, T, D, ws,
-                                  nullptr);
+                                  nullptr, cu);
 }
 
 uint64_t emu_aft_local_fwd_ws(int64_t dt, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t window, int causal) {
