@@ -16,6 +16,8 @@
 //   t', lanes over (b, c); a warp-shuffle reduction, written once (no atomics, deterministic).
 // w and dw are read and written at band entries only, through WLayout: the full (heads, T, T) layout or the banded
 // (heads, T, 2W-1) one, so with a banded w nothing of size T x T exists (memory O(B*T*D + heads*T*W)).
+// The forward of float32/float16/bfloat16 inputs on sm_80+ runs as block-banded tensor-core tiles (aft_local_tc.cu);
+// the per-element forward here serves float64, older devices and grids past that kernel's launch limits.
 #include "aft_local/aft_local.h"
 #include "aft_local/aft_local_tc.h"
 #include "common/cuda_common.cuh"
