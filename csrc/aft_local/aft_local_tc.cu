@@ -11,8 +11,10 @@
 // the union tiles (from the per-tile maxima of tile_stats_kernel), so every product exp(w' - r) exp(k - m) <= 1 and
 // one pair of accumulators d = Ew @ Ek, n = Ew @ (Ek * v) serves all tiles (no merge per tile):
 //   (1) Ew tile (BM x BK) = exp(w - r) in the band, exp(-r) (one exponential per row) out of the band, 0 if masked;
-//   (2) Ek, Ekv tiles (BK x BN), Ek = exp(k - m);   (3) nvcuda::wmma into d, n (bf16 operands for bf16 inputs,
-//   3xTF32 for float16 / float32: never float16 operands for exponentials, §2.5).
+//   (2) Ek, Ekv tiles (BK x BN), Ek = exp(k - m);   (3) nvcuda::wmma into d, n (bf16 hi + lo operand pairs for
+//   bf16 inputs, 3xTF32 for float16 / float32: never float16 operands for exponentials, §2.5; see TcOps).
+// CTA: 512 threads (16 warps, each a 16 x 64 strip of the BM x BN = 128 x 128 output) per (query tile, column block
+// of one head, head); 128 registers, no local memory, ~110 KB of dynamic shared memory.
 // The prefix and suffix are one (lse, mean) state per (column, tile boundary), the same for every row of the tile:
 // tile_stats_kernel summarises each key tile (one exponential per key), tile_scan_kernel scans the tile states.
 // The epilogue merges the three parts per (t, c) (three exponentials, one log; the union's log-magnitude uses d's
