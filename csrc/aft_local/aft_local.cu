@@ -16,7 +16,10 @@
 //   t', lanes over (b, c); a warp-shuffle reduction, written once (no atomics, deterministic).
 // w and dw are read and written at band entries only, through WLayout: the full (heads, T, T) layout or the banded
 // (heads, T, 2W-1) one, so with a banded w nothing of size T x T exists (memory O(B*T*D + heads*T*W)).
+// The forward of float32/float16/bfloat16 inputs on sm_80+ runs as block-banded tensor-core tiles (aft_local_tc.cu);
+// the per-element forward here serves float64, older devices and grids past that kernel's launch limits.
 #include "aft_local/aft_local.h"
+#include "aft_local/aft_local_tc.h"
 #include "common/cuda_common.cuh"
 
 namespace attnfree {
@@ -45,16 +48,6 @@ struct BandTiles {
     ntiles = B * ntt * nct;
   }
 };
-// Offset of w[h, t, t'] (t' inside the band |t - t'| < W) in either layout of aft_local.h.
-struct WLayout {
-  int64_t T, ld, W;
-  bool banded;
-  WLayout(int64_t T_, int64_t W_, bool banded_) : T(T_), ld(banded_ ? 2 * W_ - 1 : T_), W(W_), banded(banded_) {}
-  __host__ __device__ __forceinline__ int64_t at(int64_t h, int64_t t, int64_t tp) const {
-    return (h * T + t) * ld + (banded ? tp - t + (W - 1) : tp);
-  }
-};
-
 #define TILE_LOOP(b, t, c, i)                                                                                   \
   const int64_t CT_ = tiles.CT, RT_ = tiles.RT;                                                                 \
   for (int64_t tile_ = blockIdx.x; tile_ < tiles.ntiles; tile_ += gridDim.x)                                    \
@@ -215,9 +208,11 @@ inline int64_t eff_window(int64_t window, int64_t T) { return window < T ? windo
 
 }  // namespace
 
-size_t aft_local_fwd_workspace_bytes(DType dtype, int64_t B, int64_t T, int64_t D, int64_t /*heads*/, int64_t window,
+size_t aft_local_fwd_workspace_bytes(DType dtype, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t window,
                                      bool causal) {
   const int64_t W = eff_window(window, T);
+  if (aft_local_tc_fwd_takes(dtype, B, T, D, heads, W))
+    return aft_local_tc_fwd_workspace_bytes(dtype, B, T, D, heads, W);
   if (W >= T) return 256;
   const size_t a = acc_size(dtype);
   const int64_t n = B * T * D;
@@ -231,6 +226,8 @@ cudaError_t aft_local_fwd(DType dtype, const void* q, const void* k, const void*
   if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
   if (heads < 1 || D % heads != 0 || window < 1) return cudaErrorInvalidValue;
   const int64_t W = eff_window(window, T);
+  if (aft_local_tc_fwd_takes(dtype, B, T, D, heads, W))
+    return aft_local_tc_fwd(dtype, q, k, v, w, y, lse, B, T, D, heads, W, causal, banded, workspace, stream);
   return AF_DISPATCH(dtype, [&] {
     const int64_t n = B * T * D;
     const scalar_t* kp = static_cast<const scalar_t*>(k);
