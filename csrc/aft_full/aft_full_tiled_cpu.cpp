@@ -22,8 +22,15 @@
 #include "aft_full/aft_full_cpu.h"
 #include "aft_full/aft_full_tiled_vec.h"
 
+#include <atomic>
+#include <chrono>
 namespace attnfree {
 namespace cpu {
+extern std::atomic<double> g_prof[24];
+void prof_dump(const char* tag);
+inline double pnow2() { return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+#define PT0 double _pt = pnow2();
+#define PT(i) { double _n = pnow2(); g_prof[i] += _n - _pt; _pt = _n; }
 namespace {
 
 // x where x != -inf, else 0: the offset of exp(a - off) when every a may be -inf.
@@ -356,6 +363,10 @@ std::tuple<at::Tensor, at::Tensor> aft_full_tiled_fwd(const at::Tensor& qa, cons
   const int64_t H = wa.size(0);
   const int64_t Dh = D / H;
   const int64_t N = B * Dh;
+  if (qa.scalar_type() == at::kFloat) {
+    at::Tensor y, lse;
+    if (aft_full_fwd_avx2(qa, ka, va, wa, causal, y, lse)) return {y, lse};
+  }
   at::Tensor Z = at::empty({B, T, D}, qa.options());
   at::Tensor lse = at::empty({B, T, D}, qa.options());
   for (int64_t h = 0; h < H; ++h) {
@@ -365,14 +376,10 @@ std::tuple<at::Tensor, at::Tensor> aft_full_tiled_fwd(const at::Tensor& qa, cons
     at::Tensor wt = wa[h].contiguous();
     at::Tensor Zh = at::empty({T, N}, qa.options());
     at::Tensor Lh = at::empty({T, N}, qa.options());
-    const bool vec = qa.scalar_type() == at::kFloat &&
-                     aft_full_head_fwd_avx2(wt.data_ptr<float>(), Kt.data_ptr<float>(), Vt.data_ptr<float>(),
-                                            Zh.data_ptr<float>(), Lh.data_ptr<float>(), T, N, causal, qa.options());
-    if (!vec)
-      AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "attnfree_aft_full_tiled", [&] {
-        head_fwd<scalar_t>(wt.data_ptr<scalar_t>(), Kt.data_ptr<scalar_t>(), Vt.data_ptr<scalar_t>(),
-                           Zh.data_ptr<scalar_t>(), Lh.data_ptr<scalar_t>(), T, N, causal, qa.options());
-      });
+    AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "attnfree_aft_full_tiled", [&] {
+      head_fwd<scalar_t>(wt.data_ptr<scalar_t>(), Kt.data_ptr<scalar_t>(), Vt.data_ptr<scalar_t>(),
+                         Zh.data_ptr<scalar_t>(), Lh.data_ptr<scalar_t>(), T, N, causal, qa.options());
+    });
     Z.narrow(2, h * Dh, Dh).copy_(Zh.view({T, B, Dh}).permute({1, 0, 2}));
     lse.narrow(2, h * Dh, Dh).copy_(Lh.view({T, B, Dh}).permute({1, 0, 2}));
   }
@@ -386,13 +393,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aft_full_tiled_bwd(
   const int64_t H = wa.size(0);
   const int64_t Dh = D / H;
   const int64_t N = B * Dh;
+  PT0
   at::Tensor sq = at::sigmoid(qa);
   at::Tensor Gf = dya * sq;  // dZ
   at::Tensor Hf = dya * ya;  // dZ * Z
   at::Tensor dq = Hf * (1 - sq);
   at::Tensor dk = at::empty({B, T, D}, qa.options());
   at::Tensor dv = at::empty({B, T, D}, qa.options());
+  PT(17)
   at::Tensor dw = at::zeros({H, T, T}, qa.options());
+  PT(19)
   auto cols = [&](const at::Tensor& x, int64_t h) {
     return x.narrow(2, h * Dh, Dh).permute({1, 0, 2}).reshape({T, N}).contiguous();
   };
@@ -402,6 +412,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aft_full_tiled_bwd(
     at::Tensor dVt = at::empty({T, N}, qa.options());
     at::Tensor sPHt = at::empty({T, N}, qa.options());
     at::Tensor dWh = dw[h];
+    PT(18)
     const bool vec =
         qa.scalar_type() == at::kFloat &&
         aft_full_head_bwd_avx2(wt.data_ptr<float>(), Kt.data_ptr<float>(), Vt.data_ptr<float>(), Gt.data_ptr<float>(),
@@ -414,10 +425,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aft_full_tiled_bwd(
                            dVt.data_ptr<scalar_t>(), sPHt.data_ptr<scalar_t>(), dWh.data_ptr<scalar_t>(), T, N, causal,
                            qa.options());
       });
+    PT0
     at::Tensor dKt = Vt * dVt - sPHt;
     dv.narrow(2, h * Dh, Dh).copy_(dVt.view({T, B, Dh}).permute({1, 0, 2}));
     dk.narrow(2, h * Dh, Dh).copy_(dKt.view({T, B, Dh}).permute({1, 0, 2}));
+    PT(20)
   }
+  prof_dump("bwd");
   return {dq, dk, dv, dw};
 }
 

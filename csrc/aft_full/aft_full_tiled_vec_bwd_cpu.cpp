@@ -1,0 +1,274 @@
+// AFT-full backward, float32 AVX2/FMA, per head on the (T, N = B * Dh) column layout (docs/design.md §3).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "aft_full/aft_full_tiled_vec.h"
+#include "common/cpu_simd.h"
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+namespace attnfree { namespace cpu {
+std::atomic<double> g_prof[24];
+inline double pnow() { return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+void prof_dump(const char* tag) {
+  if (!std::getenv("AFT_PROF")) return;
+  static const char* nm[24] = {"xx","ew","gemm","merge","final","in_copy","out_copy","sig","","","yvy","bew","factors","gemm_g","gemm_g2","scale_dv","scale_dw","pre_elem","cols","dwzero","dk_out","","",""};
+  std::fprintf(stderr, "%s:", tag);
+  for (int i = 0; i < 24; ++i) { double v = g_prof[i].exchange(0); if (v > 0) std::fprintf(stderr, " %s=%.1f", nm[i], v); }
+  std::fprintf(stderr, "\n");
+}
+}}
+#define PT0 double _pt = pnow();
+#define PT(i) { double _n = pnow(); g_prof[i] += _n - _pt; _pt = _n; }
+
+namespace attnfree {
+namespace cpu {
+
+#ifdef ATTNFREE_HAVE_AVX2_PATH
+using namespace simd;
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+namespace {
+
+// every x[0, n) finite
+bool all_finite(const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(x[i])) return false;
+  return true;
+}
+
+inline float safe_off(float x) { return x == -std::numeric_limits<float>::infinity() ? 0.f : x; }
+
+// -lse as an exponent offset: -inf where lse = -inf (a row with no finite logit: P = 0)
+inline float neg_lse(float L) { return L == -std::numeric_limits<float>::infinity() ? L : -L; }
+
+// ------------------------------------------------------------------------------------------------ backward
+// The tile-pair factorisation of aft_full_tiled_cpu.cpp's head_bwd with kBwdTile x kBwdTile tiles (4x fewer
+// per-element exponentials than 64-tiles) and vectorised factor/scale loops. Key tiles J in parallel (each owns
+// dV/sPH rows J and dW columns J), query tiles I inside:
+//   a[t] = max_J w[t, J] (visible); Ew = exp(w - a); La = a - lse; lam[j] = max_I La; R = exp(La - lam)
+//   g = Ew^T [R G | R H]                  ->  dV[t', j] += g_G e^(K + lam),  sPH[t', j] += g_H e^(K + lam)
+//   mu[j] = max_J K; Y = exp(K - mu); nu[t] = max_j (La + mu); X = exp(La + mu - nu)
+//   g2 = [X G | -X H] [Y V | Y]^T         ->  dW[t, t'] = g2 e^(w - a + nu)
+// Same guard: where a scale exponent exceeds 42 that entry is recomputed exactly. Causal: tiles above the
+// diagonal skipped; in diagonal tiles hidden keys get Ew = 0 and dW is written only for t' <= t. A non-finite
+// [R G | R H] entry of a diagonal tile's row would reach the later keys that row does not see (0 * NaN): it is
+// zeroed for the GEMM and the keys that row does see get NaN in that column.
+// Masks: -lse enters as -inf for a row with no finite logit (P = 0), shifts are safe offsets.
+constexpr int64_t kBwdTile = 256;
+
+void head_bwd(const float* w, const float* K, const float* V, const float* G, const float* Hm, const float* L,
+              float* dV, float* sPH, float* dW, int64_t T, int64_t N, bool causal, const at::TensorOptions& opts) {
+  const int64_t tau = kBwdTile;
+  const int64_t nt = (T + tau - 1) / tau;
+  const float guard = 42.f;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, nt, 1, [&](int64_t p0, int64_t p1) {
+    at::Tensor Ew = at::empty({tau, tau}, opts);
+    at::Tensor RGH = at::empty({tau, 2 * N}, opts);
+    at::Tensor g = at::empty({tau, 2 * N}, opts);
+    at::Tensor XGH = at::empty({tau, 2 * N}, opts);
+    at::Tensor YVY = at::empty({tau, 2 * N}, opts);
+    at::Tensor g2 = at::empty({tau, tau}, opts);
+    float* Ewp = Ew.data_ptr<float>();
+    float* RGHp = RGH.data_ptr<float>();
+    float* gp = g.data_ptr<float>();
+    float* XGHp = XGH.data_ptr<float>();
+    float* YVYp = YVY.data_ptr<float>();
+    const float* g2p = g2.data_ptr<float>();
+    std::vector<float> a(tau), nu(tau), lam(N), mu(N), La(tau * N);
+    std::vector<int64_t> last(2 * N);  // diagonal tiles: per column, the last zeroed row
+    const __m256 vninf = _mm256_set1_ps(ninf);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t J = (p % 2 == 0) ? p / 2 : nt - 1 - p / 2;
+      const int64_t j0 = J * tau, j1 = std::min(T, j0 + tau), nj = j1 - j0;
+      PT0
+      std::fill(dV + j0 * N, dV + j1 * N, 0.f);
+      std::fill(sPH + j0 * N, sPH + j1 * N, 0.f);
+      for (int64_t j = 0; j < N; j += 8) {
+        const int64_t n = N - j;
+        __m256 mx = vninf;
+        for (int64_t tp = j0; tp < j1; ++tp) mx = vmax_keep(mx, loadn(K + tp * N + j, n));
+        storen(mu.data() + j, mx, n);
+        const __m256 off = vsafe_off(mx);
+        for (int64_t jj = 0; jj < nj; ++jj) {
+          const int64_t tp = j0 + jj;
+          const __m256 y = vexp(_mm256_sub_ps(loadn(K + tp * N + j, n), off));
+          storen(YVYp + jj * 2 * N + j, _mm256_mul_ps(y, loadn(V + tp * N + j, n)), n);
+          storen(YVYp + jj * 2 * N + N + j, y, n);
+        }
+      }
+      PT(10)
+      for (int64_t I = causal ? J : 0; I < nt; ++I) {
+        const int64_t i0 = I * tau, i1 = std::min(T, i0 + tau), ni = i1 - i0;
+        const bool diag = causal && I == J;
+        // w side: a, Ew (hidden keys 0)
+        for (int64_t ii = 0; ii < ni; ++ii) {
+          const int64_t t = i0 + ii;
+          const int64_t cnt = diag ? t - j0 + 1 : nj;
+          const float* row = w + t * T + j0;
+          float* e = Ewp + ii * nj;
+          __m256 mx = vninf;
+          for (int64_t jj = 0; jj < cnt; jj += 8)
+            mx = vmax_keep(
+                mx, _mm256_blendv_ps(vninf, loadn(row + jj, cnt - jj), _mm256_castsi256_ps(tail_mask(cnt - jj))));
+          const float ar = hmax(mx);
+          a[ii] = ar;
+          const __m256 off = _mm256_set1_ps(ar == ninf ? 0.f : ar);
+          for (int64_t jj = 0; jj < cnt; jj += 8)
+            storen(e + jj, vexp(_mm256_sub_ps(loadn(row + jj, cnt - jj), off)), cnt - jj);
+          for (int64_t jj = cnt; jj < nj; ++jj) e[jj] = 0.f;
+        }
+        PT(11)
+        // La = a - lse (-inf where either is -inf: nothing of that row reaches these keys); lam, nu
+        for (int64_t j = 0; j < N; ++j) lam[j] = ninf;
+        for (int64_t ii = 0; ii < ni; ++ii) {
+          const __m256 av = _mm256_set1_ps(a[ii]);
+          const float* Lr = L + (i0 + ii) * N;
+          float* lr = La.data() + ii * N;
+          __m256 nmax = vninf;
+          for (int64_t j = 0; j < N; j += 8) {
+            const int64_t n = N - j;
+            const __m256 Lv = loadn(Lr + j, n);
+            __m256 x = _mm256_sub_ps(av, Lv);
+            x = _mm256_blendv_ps(
+                x, vninf, _mm256_or_ps(_mm256_cmp_ps(av, vninf, _CMP_EQ_OQ), _mm256_cmp_ps(Lv, vninf, _CMP_EQ_OQ)));
+            storen(lr + j, x, n);
+            storen(lam.data() + j, vmax_keep(loadn(lam.data() + j, n), x), n);
+            nmax = vmax_keep(nmax, _mm256_blendv_ps(vninf, _mm256_add_ps(x, loadn(mu.data() + j, n)),
+                                                    _mm256_castsi256_ps(tail_mask(n))));
+          }
+          nu[ii] = hmax(nmax);
+        }
+        for (int64_t ii = 0; ii < ni; ++ii) {
+          const int64_t t = i0 + ii;
+          const float* lr = La.data() + ii * N;
+          float* rr = RGHp + ii * 2 * N;
+          float* xr = XGHp + ii * 2 * N;
+          const __m256 nuv = _mm256_set1_ps(nu[ii] == ninf ? 0.f : nu[ii]);
+          for (int64_t j = 0; j < N; j += 8) {
+            const int64_t n = N - j;
+            const __m256 x = loadn(lr + j, n);
+            const __m256 Gv = loadn(G + t * N + j, n), Hv = loadn(Hm + t * N + j, n);
+            const __m256 R = vexp(_mm256_sub_ps(x, vsafe_off(loadn(lam.data() + j, n))));
+            storen(rr + j, _mm256_mul_ps(R, Gv), n);
+            storen(rr + N + j, _mm256_mul_ps(R, Hv), n);
+            const __m256 X = vexp(_mm256_sub_ps(_mm256_add_ps(x, loadn(mu.data() + j, n)), nuv));
+            storen(xr + j, _mm256_mul_ps(X, Gv), n);
+            storen(xr + N + j, _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(X, Hv)), n);
+          }
+        }
+        PT(12)
+        // diagonal tile: row t does not see keys after t
+        const bool clean = !diag || all_finite(RGHp, (ni - 1) * 2 * N);
+        if (!clean) {
+          std::fill(last.begin(), last.end(), int64_t(-1));
+          for (int64_t ii = 0; ii + 1 < ni; ++ii)
+            for (int64_t c = 0; c < 2 * N; ++c) {
+              float& x = RGHp[ii * 2 * N + c];
+              if (std::isfinite(x)) continue;
+              x = 0.f;
+              last[c] = std::max(last[c], ii);
+            }
+        }
+        at::Tensor gv = g.narrow(0, 0, nj);
+        at::mm_out(gv, Ew.view(-1).narrow(0, 0, ni * nj).view({ni, nj}).t(), RGH.narrow(0, 0, ni));
+        if (!clean)  // keys seen by a zeroed row (t' <= t): that column is not finite
+          for (int64_t jj = 0; jj < nj; ++jj)
+            for (int64_t c = 0; c < 2 * N; ++c)
+              if (jj <= last[c]) gp[jj * 2 * N + c] = std::numeric_limits<float>::quiet_NaN();
+        PT(13)
+        at::Tensor g2v = g2.view(-1).narrow(0, 0, ni * nj).view({ni, nj});
+        at::mm_out(g2v, XGH.narrow(0, 0, ni), YVY.narrow(0, 0, nj).t());
+        PT(14)
+        // dV, sPH: scale e^(K + lam); guard -> exact over the query tile's visible rows
+        for (int64_t jj = 0; jj < nj; ++jj) {
+          const int64_t tp = j0 + jj;
+          const float* gr = gp + jj * 2 * N;
+          for (int64_t j = 0; j < N; j += 8) {
+            const int64_t n = N - j;
+            const __m256 sc = _mm256_add_ps(loadn(K + tp * N + j, n), loadn(lam.data() + j, n));
+            const __m256 big = _mm256_cmp_ps(sc, _mm256_set1_ps(guard), _CMP_GT_OQ);
+            const __m256 e = _mm256_andnot_ps(big, vexp(sc));  // guarded lanes: exact below
+            storen(dV + tp * N + j, _mm256_fmadd_ps(loadn(gr + j, n), e, loadn(dV + tp * N + j, n)), n);
+            storen(sPH + tp * N + j, _mm256_fmadd_ps(loadn(gr + N + j, n), e, loadn(sPH + tp * N + j, n)), n);
+            int bad = _mm256_movemask_ps(big) & ((1 << std::min<int64_t>(n, 8)) - 1);
+            while (bad) {
+              const int c = __builtin_ctz(bad);
+              bad &= bad - 1;
+              const int64_t jc = j + c;
+              float sv = 0, sh = 0;
+              for (int64_t t = diag ? tp : i0; t < i1; ++t) {
+                const float P = std::exp(w[t * T + tp] + K[tp * N + jc] + neg_lse(L[t * N + jc]));
+                sv += P * G[t * N + jc];
+                sh += P * Hm[t * N + jc];
+              }
+              dV[tp * N + jc] += sv;
+              sPH[tp * N + jc] += sh;
+            }
+          }
+        }
+        PT(15)
+        // dW = g2 e^(w - a + nu); guard -> exact over the columns
+        for (int64_t ii = 0; ii < ni; ++ii) {
+          const int64_t t = i0 + ii;
+          const float* g2r = g2p + ii * nj;
+          const int64_t cnt = diag ? t - j0 + 1 : nj;
+          const float* row = w + t * T + j0;
+          float* dwr = dW + t * T + j0;
+          const __m256 shift = _mm256_set1_ps(safe_off(nu[ii]) - safe_off(a[ii]));
+          for (int64_t jj = 0; jj < cnt; jj += 8) {
+            const int64_t n = cnt - jj;
+            const __m256 sc = _mm256_add_ps(loadn(row + jj, n), shift);
+            storen(dwr + jj, _mm256_mul_ps(loadn(g2r + jj, n), vexp(sc)), n);
+            int bad = _mm256_movemask_ps(_mm256_cmp_ps(sc, _mm256_set1_ps(guard), _CMP_GT_OQ)) &
+                      ((1 << std::min<int64_t>(n, 8)) - 1);
+            while (bad) {
+              const int c = __builtin_ctz(bad);
+              bad &= bad - 1;
+              const int64_t tp = j0 + jj + c;
+              const float wv = w[t * T + tp];
+              float acc = 0;
+              for (int64_t j = 0; j < N; ++j) {
+                const float P = std::exp(wv + K[tp * N + j] + neg_lse(L[t * N + j]));
+                acc += P * (G[t * N + j] * V[tp * N + j] - Hm[t * N + j]);
+              }
+              dwr[jj + c] = acc;
+            }
+          }
+        }
+        PT(16)
+      }
+    }
+  });
+}
+
+}  // namespace
+
+#pragma GCC pop_options
+
+bool aft_full_head_bwd_avx2(const float* w, const float* K, const float* V, const float* G, const float* Hm,
+                            const float* L, float* dV, float* sPH, float* dW, int64_t T, int64_t N, bool causal,
+                            const at::TensorOptions& opts) {
+  if (!cpu_has_avx2_fma()) return false;
+  head_bwd(w, K, V, G, Hm, L, dV, sPH, dW, T, N, causal, opts);
+  return true;
+}
+
+#else
+bool aft_full_head_bwd_avx2(const float*, const float*, const float*, const float*, const float*, const float*, float*,
+                            float*, float*, int64_t, int64_t, bool, const at::TensorOptions&) {
+  return false;
+}
+#endif
+
+}  // namespace cpu
+}  // namespace attnfree
