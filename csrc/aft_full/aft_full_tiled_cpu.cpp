@@ -394,19 +394,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aft_full_tiled_bwd(
   const int64_t Dh = D / H;
   const int64_t N = B * Dh;
   PT0
-  at::Tensor sq = at::sigmoid(qa);
-  at::Tensor Gf = dya * sq;  // dZ
-  at::Tensor Hf = dya * ya;  // dZ * Z
-  at::Tensor dq = Hf * (1 - sq);
+  at::Tensor dq = at::empty({B, T, D}, qa.options());
   at::Tensor dk = at::empty({B, T, D}, qa.options());
   at::Tensor dv = at::empty({B, T, D}, qa.options());
-  PT(17)
-  at::Tensor dw = at::zeros({H, T, T}, qa.options());
+  // non-causal kernels write every dw entry; causal ones leave t' > t at 0
+  at::Tensor dw = causal ? at::zeros({H, T, T}, qa.options()) : at::empty({H, T, T}, qa.options());
   PT(19)
   auto cols = [&](const at::Tensor& x, int64_t h) {
     return x.narrow(2, h * Dh, Dh).permute({1, 0, 2}).reshape({T, N}).contiguous();
   };
+  at::Tensor Gf, Hf;  // dZ, dZ * Z of the tile-pair kernels, formed on first use
   for (int64_t h = 0; h < H; ++h) {
+    if (!causal && qa.scalar_type() == at::kFloat &&
+        aft_full_head_bwd_whole_avx2(h, dya, qa, ka, va, wa, ya, lsea, dq, dk, dv, dw))
+      continue;
+    if (!Gf.defined()) {
+      at::Tensor sq = at::sigmoid(qa);
+      Gf = dya * sq;
+      Hf = dya * ya;
+      dq.copy_(Hf * (1 - sq));
+    }
     at::Tensor Kt = cols(ka, h), Vt = cols(va, h), Gt = cols(Gf, h), Ht = cols(Hf, h), Lt = cols(lsea, h);
     at::Tensor wt = wa[h].contiguous();
     at::Tensor dVt = at::empty({T, N}, qa.options());

@@ -25,6 +25,14 @@ bool aft_full_fwd_avx2(const at::Tensor& qa, const at::Tensor& ka, const at::Ten
 bool aft_full_head_bwd_avx2(const float* w, const float* K, const float* V, const float* G, const float* Hm,
                             const float* L, float* dV, float* sPH, float* dW, int64_t T, int64_t N, bool causal,
                             const at::TensorOptions& opts);
+// Non-causal backward of head hh with whole-sequence maxima, reading dy, q, k, v, y, lse (B, T, D) and wa
+// (heads, T, T), all float32 contiguous, writing that head's channels of dq, dk, dv and its slice of dw (every
+// entry). Returns false, having written nothing reliable, when the exactness guard would fire on more than a few
+// entries (extreme logits): then the tile-pair kernel is the one to run.
+bool aft_full_head_bwd_whole_avx2(int64_t hh, const at::Tensor& dya, const at::Tensor& qa, const at::Tensor& ka,
+                                  const at::Tensor& va, const at::Tensor& wa, const at::Tensor& ya,
+                                  const at::Tensor& lsea, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                                  at::Tensor& dw);
 
 }  // namespace cpu
 }  // namespace attnfree
