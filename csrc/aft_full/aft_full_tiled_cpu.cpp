@@ -22,15 +22,8 @@
 #include "aft_full/aft_full_cpu.h"
 #include "aft_full/aft_full_tiled_vec.h"
 
-#include <atomic>
-#include <chrono>
 namespace attnfree {
 namespace cpu {
-extern std::atomic<double> g_prof[24];
-void prof_dump(const char* tag);
-inline double pnow2() { return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
-#define PT0 double _pt = pnow2();
-#define PT(i) { double _n = pnow2(); g_prof[i] += _n - _pt; _pt = _n; }
 namespace {
 
 // x where x != -inf, else 0: the offset of exp(a - off) when every a may be -inf.
@@ -393,13 +386,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aft_full_tiled_bwd(
   const int64_t H = wa.size(0);
   const int64_t Dh = D / H;
   const int64_t N = B * Dh;
-  PT0
   at::Tensor dq = at::empty({B, T, D}, qa.options());
   at::Tensor dk = at::empty({B, T, D}, qa.options());
   at::Tensor dv = at::empty({B, T, D}, qa.options());
   // non-causal kernels write every dw entry; causal ones leave t' > t at 0
   at::Tensor dw = causal ? at::zeros({H, T, T}, qa.options()) : at::empty({H, T, T}, qa.options());
-  PT(19)
   auto cols = [&](const at::Tensor& x, int64_t h) {
     return x.narrow(2, h * Dh, Dh).permute({1, 0, 2}).reshape({T, N}).contiguous();
   };
@@ -419,7 +410,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aft_full_tiled_bwd(
     at::Tensor dVt = at::empty({T, N}, qa.options());
     at::Tensor sPHt = at::empty({T, N}, qa.options());
     at::Tensor dWh = dw[h];
-    PT(18)
     const bool vec =
         qa.scalar_type() == at::kFloat &&
         aft_full_head_bwd_avx2(wt.data_ptr<float>(), Kt.data_ptr<float>(), Vt.data_ptr<float>(), Gt.data_ptr<float>(),
@@ -432,13 +422,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aft_full_tiled_bwd(
                            dVt.data_ptr<scalar_t>(), sPHt.data_ptr<scalar_t>(), dWh.data_ptr<scalar_t>(), T, N, causal,
                            qa.options());
       });
-    PT0
     at::Tensor dKt = Vt * dVt - sPHt;
     dv.narrow(2, h * Dh, Dh).copy_(dVt.view({T, B, Dh}).permute({1, 0, 2}));
     dk.narrow(2, h * Dh, Dh).copy_(dKt.view({T, B, Dh}).permute({1, 0, 2}));
-    PT(20)
   }
-  prof_dump("bwd");
   return {dq, dk, dv, dw};
 }
 

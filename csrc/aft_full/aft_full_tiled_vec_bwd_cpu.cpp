@@ -1,4 +1,6 @@
-// AFT-full backward, float32 AVX2/FMA, per head on the (T, N = B * Dh) column layout (docs/design.md §3).
+// AFT-full backward, float32 AVX2/FMA, per head (docs/design.md §3): the tile-pair kernel on the (T, N = B * Dh)
+// column layout (causal, and the fallback for extreme logits), and the non-causal kernel with whole-sequence
+// maxima that reads and writes the (B, T, D) tensors directly.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -9,23 +11,6 @@
 
 #include "aft_full/aft_full_tiled_vec.h"
 #include "common/cpu_simd.h"
-#include <atomic>
-#include <chrono>
-#include <cstdio>
-#include <cstdlib>
-namespace attnfree { namespace cpu {
-std::atomic<double> g_prof[24];
-inline double pnow() { return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
-void prof_dump(const char* tag) {
-  if (!std::getenv("AFT_PROF")) return;
-  static const char* nm[24] = {"xx","ew","gemm","merge","final","in_copy","out_copy","sig","","","yvy","bew","factors","gemm_g","gemm_g2","scale_dv","scale_dw","pre_elem","cols","dwzero","dk_out","","",""};
-  std::fprintf(stderr, "%s:", tag);
-  for (int i = 0; i < 24; ++i) { double v = g_prof[i].exchange(0); if (v > 0) std::fprintf(stderr, " %s=%.1f", nm[i], v); }
-  std::fprintf(stderr, "\n");
-}
-}}
-#define PT0 double _pt = pnow();
-#define PT(i) { double _n = pnow(); g_prof[i] += _n - _pt; _pt = _n; }
 
 namespace attnfree {
 namespace cpu {
@@ -90,7 +75,6 @@ void head_bwd(const float* w, const float* K, const float* V, const float* G, co
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t J = (p % 2 == 0) ? p / 2 : nt - 1 - p / 2;
       const int64_t j0 = J * tau, j1 = std::min(T, j0 + tau), nj = j1 - j0;
-      PT0
       std::fill(dV + j0 * N, dV + j1 * N, 0.f);
       std::fill(sPH + j0 * N, sPH + j1 * N, 0.f);
       for (int64_t j = 0; j < N; j += 8) {
@@ -106,7 +90,6 @@ void head_bwd(const float* w, const float* K, const float* V, const float* G, co
           storen(YVYp + jj * 2 * N + N + j, y, n);
         }
       }
-      PT(10)
       for (int64_t I = causal ? J : 0; I < nt; ++I) {
         const int64_t i0 = I * tau, i1 = std::min(T, i0 + tau), ni = i1 - i0;
         const bool diag = causal && I == J;
@@ -127,7 +110,6 @@ void head_bwd(const float* w, const float* K, const float* V, const float* G, co
             storen(e + jj, vexp(_mm256_sub_ps(loadn(row + jj, cnt - jj), off)), cnt - jj);
           for (int64_t jj = cnt; jj < nj; ++jj) e[jj] = 0.f;
         }
-        PT(11)
         // La = a - lse (-inf where either is -inf: nothing of that row reaches these keys); lam, nu
         for (int64_t j = 0; j < N; ++j) lam[j] = ninf;
         for (int64_t ii = 0; ii < ni; ++ii) {
@@ -166,7 +148,6 @@ void head_bwd(const float* w, const float* K, const float* V, const float* G, co
             storen(xr + N + j, _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(X, Hv)), n);
           }
         }
-        PT(12)
         // diagonal tile: row t does not see keys after t
         const bool clean = !diag || all_finite(RGHp, (ni - 1) * 2 * N);
         if (!clean) {
@@ -185,10 +166,8 @@ void head_bwd(const float* w, const float* K, const float* V, const float* G, co
           for (int64_t jj = 0; jj < nj; ++jj)
             for (int64_t c = 0; c < 2 * N; ++c)
               if (jj <= last[c]) gp[jj * 2 * N + c] = std::numeric_limits<float>::quiet_NaN();
-        PT(13)
         at::Tensor g2v = g2.view(-1).narrow(0, 0, ni * nj).view({ni, nj});
         at::mm_out(g2v, XGH.narrow(0, 0, ni), YVY.narrow(0, 0, nj).t());
-        PT(14)
         // dV, sPH: scale e^(K + lam); guard -> exact over the query tile's visible rows
         for (int64_t jj = 0; jj < nj; ++jj) {
           const int64_t tp = j0 + jj;
@@ -216,7 +195,6 @@ void head_bwd(const float* w, const float* K, const float* V, const float* G, co
             }
           }
         }
-        PT(15)
         // dW = g2 e^(w - a + nu); guard -> exact over the columns
         for (int64_t ii = 0; ii < ni; ++ii) {
           const int64_t t = i0 + ii;
@@ -245,7 +223,6 @@ void head_bwd(const float* w, const float* K, const float* V, const float* G, co
             }
           }
         }
-        PT(16)
       }
     }
   });
@@ -314,7 +291,8 @@ bool head_bwd_whole(const BwdHead& h, const at::TensorOptions& opts) {
           const int64_t o = L.base(b, t) + c;
           mk = vmax_keep(mk, loadn(h.k + o, n));
           const __m256 av = _mm256_set1_ps(a[t]), Lv = loadn(h.lse + o, n);
-          const __m256 masked = _mm256_or_ps(_mm256_cmp_ps(av, vninf, _CMP_EQ_OQ), _mm256_cmp_ps(Lv, vninf, _CMP_EQ_OQ));
+          const __m256 masked =
+              _mm256_or_ps(_mm256_cmp_ps(av, vninf, _CMP_EQ_OQ), _mm256_cmp_ps(Lv, vninf, _CMP_EQ_OQ));
           ml = vmax_keep(ml, _mm256_blendv_ps(_mm256_sub_ps(av, Lv), vninf, masked));
         }
         storen(mu.data() + j, mk, n);
@@ -505,18 +483,10 @@ bool aft_full_head_bwd_whole_avx2(int64_t hh, const at::Tensor& dya, const at::T
   if (!cpu_has_avx2_fma()) return false;
   const int64_t B = qa.size(0), T = qa.size(1), D = qa.size(2), H = wa.size(0);
   const int64_t Dh = D / H, c0 = hh * Dh;
-  const BwdHead h{wa.data_ptr<float>() + hh * T * T,
-                  dya.data_ptr<float>() + c0,
-                  qa.data_ptr<float>() + c0,
-                  ka.data_ptr<float>() + c0,
-                  va.data_ptr<float>() + c0,
-                  ya.data_ptr<float>() + c0,
-                  lsea.data_ptr<float>() + c0,
-                  dq.data_ptr<float>() + c0,
-                  dk.data_ptr<float>() + c0,
-                  dv.data_ptr<float>() + c0,
-                  dw.data_ptr<float>() + hh * T * T,
-                  Cols{B, T, D, Dh}};
+  const BwdHead h{wa.data_ptr<float>() + hh * T * T, dya.data_ptr<float>() + c0,        qa.data_ptr<float>() + c0,
+                  ka.data_ptr<float>() + c0,         va.data_ptr<float>() + c0,         ya.data_ptr<float>() + c0,
+                  lsea.data_ptr<float>() + c0,       dq.data_ptr<float>() + c0,         dk.data_ptr<float>() + c0,
+                  dv.data_ptr<float>() + c0,         dw.data_ptr<float>() + hh * T * T, Cols{B, T, D, Dh}};
   return head_bwd_whole(h, qa.options());
 }
 

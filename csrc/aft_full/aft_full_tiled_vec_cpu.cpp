@@ -131,8 +131,7 @@ inline float exp_row(const float* row, int64_t cnt, int64_t nj, float* e) {
     mx = vmax_keep(mx, _mm256_blendv_ps(vninf, loadn(row + jj, cnt - jj), _mm256_castsi256_ps(tail_mask(cnt - jj))));
   const float r = hmax(mx);
   const __m256 off = _mm256_set1_ps(r == ninf ? 0.f : r);
-  for (int64_t jj = 0; jj < cnt; jj += 8)
-    storen(e + jj, vexp(_mm256_sub_ps(loadn(row + jj, cnt - jj), off)), cnt - jj);
+  for (int64_t jj = 0; jj < cnt; jj += 8) storen(e + jj, vexp(_mm256_sub_ps(loadn(row + jj, cnt - jj), off)), cnt - jj);
   for (int64_t jj = cnt; jj < nj; ++jj) e[jj] = 0.f;
   return r;
 }
@@ -239,8 +238,8 @@ void qtile_merge(const Head& h, const float* XX, const float* mt, int64_t I, boo
         }
     }
     at::Tensor ndv = sc.nd.narrow(0, 0, ni);
-    at::Tensor rhs = clean ? at::from_blob(const_cast<float*>(XX) + j0 * 2 * N, {nj, 2 * N}, opts)
-                           : sc.XXs.narrow(0, 0, nj);
+    at::Tensor rhs =
+        clean ? at::from_blob(const_cast<float*>(XX) + j0 * 2 * N, {nj, 2 * N}, opts) : sc.XXs.narrow(0, 0, nj);
     at::mm_out(ndv, sc.Ew.view(-1).narrow(0, 0, ni * nj).view({ni, nj}), rhs);
     if (!clean)  // rows that see a zeroed entry: that column is not finite
       for (int64_t ii = 0; ii < ni; ++ii)

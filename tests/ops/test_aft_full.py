@@ -915,7 +915,7 @@ def test_tiled_bit_identical_across_threads(path, causal):
             assert torch.equal(a, b)
 
 
-# ================================================================ whole-sequence key tile (CPU float32 AVX2, non-causal)
+# ======================================================== whole-sequence key tile (CPU float32 AVX2, non-causal)
 @COMPILED
 @pytest.mark.usefixtures("tiled_kernel")
 @pytest.mark.parametrize("T", [300, 1100])
