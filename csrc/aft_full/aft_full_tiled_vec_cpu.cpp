@@ -1,16 +1,17 @@
 // AFT-full forward, float32 AVX2/FMA: the factorised tiles of aft_full_tiled_cpu.cpp (docs/design.md §2.3, §2.4)
 // on wide tiles, reading q, k, v and writing y, lse in their (B, T, D) layout (no transposed copies).
-// Per head, N = B * Dh columns (column j = b * Dh + c is channel h * Dh + c of batch entry b); query tiles of
-// kQTile rows run in parallel, each computed by one thread in a fixed order (bit-identical for any thread count).
+// Per head, N = B * Dh columns (column j = b * Dh + c is channel h * Dh + c of batch entry b); query tiles
+// (kWholeQTile or kQTile rows) run in parallel, each computed by one thread in a fixed order (bit-identical for any
+// thread count).
 //
 // Non-causal, T <= kWholeMax: one key tile spanning the whole sequence, so no merge at all:
 //   r[t] = max_t' w[t, t'], Ew = exp(w - r); m[j] = max_t' K[t', j], XX = [exp(K - m) V | exp(K - m)];
-//   [n | d] = Ew @ XX (one ATen GEMM of kQTile rows against all 2N columns); lse = r + m + log d, z = n / d.
+//   [n | d] = Ew @ XX (one ATen GEMM of kWholeQTile rows against all 2N columns); lse = r + m + log d, z = n / d.
 //   This is the split max of docs/design.md §2.2 with its failure caught: where d < tiny (1e-26) the products
 //   may have underflowed (d then holds nothing reliable), and where d is NaN a NaN must propagate; such a (t, j)
 //   is recomputed exactly per element. Elsewhere every lost product is below 1e-38 while d >= 1e-26, so the
 //   result is exact to rounding. When more than a few (t, j) of a query tile need it (adversarial inputs), the
-//   whole tile is redone with the merge below, whose tile-local maxima keep nearly every tile.
+//   whole tile is redone (as kQTile tiles) with the merge below, whose tile-local maxima keep nearly every tile.
 // Causal, long sequences, and redone tiles: key tiles of kKeyTile keys, merged per (t, j):
 //   r[t] = max_J w[t, J] (visible keys), Ew = exp(w - r) (0 for causal-hidden keys), m[j] = max_J K,
 //   XX = [exp(K - m) V | exp(K - m)], [n | d] = Ew @ XX, s = r + m, merged as (M, Sd, Sn) with M = running max
@@ -48,7 +49,10 @@ namespace {
 
 constexpr int64_t kQTile = 128;
 constexpr int64_t kKeyTile = 512;  // a multiple of kQTile (causal: a key tile starts at or before a query tile)
-// Longest sequence run as one key tile: a thread's exp(w - r) block is kQTile x T floats (4 MiB at the bound).
+// Query tile of the one-key-tile form, a multiple of kQTile (single-threaded GEMMs of 256 rows run ~5 % faster than
+// of 128: the right-hand side is packed half as often), and the longest sequence run as one key tile (a thread's
+// exp(w - r) block is kWholeQTile x T floats, 8 MiB at the bound).
+constexpr int64_t kWholeQTile = 256;
 constexpr int64_t kWholeMax = 8192;
 constexpr float kTiny = 1e-26f;
 
@@ -143,12 +147,12 @@ struct Scratch {
   std::vector<int64_t> first, bad;
 };
 
-// Non-causal query tile I against the whole sequence as one key tile (XX, m from key_side with kt = T).
-// Returns false, having written nothing reliable, when too many (t, j) would need the exact fallback.
+// Non-causal query tile I (of kWholeQTile rows) against the whole sequence as one key tile (XX, m from key_side with kt
+// = T). Returns false, having written nothing reliable, when too many (t, j) would need the exact fallback.
 bool qtile_whole(const Head& h, const float* XX, const float* m, int64_t I, Scratch& sc) {
   const Cols& L = h.L;
   const int64_t T = L.T, N = L.N();
-  const int64_t i0 = I * kQTile, i1 = std::min(T, i0 + kQTile), ni = i1 - i0;
+  const int64_t i0 = I * kWholeQTile, i1 = std::min(T, i0 + kWholeQTile), ni = i1 - i0;
   float* Ewp = sc.Ew.data_ptr<float>();
   for (int64_t ii = 0; ii < ni; ++ii) sc.r[ii] = exp_row(h.w + (i0 + ii) * T, T, T, Ewp + ii * T);
   at::Tensor ndv = sc.nd.narrow(0, 0, ni);
@@ -312,31 +316,33 @@ void head_fwd(const Head& h, bool causal, const at::TensorOptions& opts) {
   for (int64_t p = 0; p < nq; ++p) order.push_back((p % 2 == 0) ? p / 2 : nq - 1 - p / 2);
   at::Tensor XXt = at::empty({T, 2 * N}, opts);
   float* XX = XXt.data_ptr<float>();
-  auto scratch = [&](int64_t kw) {
+  auto scratch = [&](int64_t rows, int64_t kw) {
     Scratch sc;
-    sc.Ew = at::empty({kQTile * kw}, opts);
-    sc.nd = at::empty({kQTile, 2 * N}, opts);
-    sc.r.resize(kQTile);
+    sc.Ew = at::empty({rows * kw}, opts);
+    sc.nd = at::empty({rows, 2 * N}, opts);
+    sc.r.resize(rows);
     return sc;
   };
   if (whole) {
     std::vector<float> m(N);
     key_side(h, T, XX, m.data());
-    std::vector<char> redo(nq, 0);
-    at::parallel_for(0, nq, 1, [&](int64_t p0, int64_t p1) {
-      Scratch sc = scratch(T);
-      for (int64_t p = p0; p < p1; ++p) redo[order[p]] = !qtile_whole(h, XX, m.data(), order[p], sc);
+    const int64_t nw = (T + kWholeQTile - 1) / kWholeQTile, per = kWholeQTile / kQTile;
+    std::vector<char> redo(nw, 0);
+    at::parallel_for(0, nw, 1, [&](int64_t p0, int64_t p1) {
+      Scratch sc = scratch(kWholeQTile, T);
+      for (int64_t I = p0; I < p1; ++I) redo[I] = !qtile_whole(h, XX, m.data(), I, sc);
     });
-    std::vector<int64_t> rest;
-    for (int64_t p = 0; p < nq; ++p)
-      if (redo[order[p]]) rest.push_back(order[p]);
+    std::vector<int64_t> rest;  // the kQTile query tiles of the tiles to redo
+    for (int64_t I = 0; I < nw; ++I)
+      if (redo[I])
+        for (int64_t i = I * per; i < std::min(nq, (I + 1) * per); ++i) rest.push_back(i);
     order.swap(rest);
     if (order.empty()) return;
   }
   std::vector<float> mt(nk * N);
   key_side(h, kKeyTile, XX, mt.data());
   at::parallel_for(0, static_cast<int64_t>(order.size()), 1, [&](int64_t p0, int64_t p1) {
-    Scratch sc = scratch(kKeyTile);
+    Scratch sc = scratch(kQTile, kKeyTile);
     for (int64_t p = p0; p < p1; ++p) qtile_merge(h, XX, mt.data(), order[p], causal, sc);
   });
 }
