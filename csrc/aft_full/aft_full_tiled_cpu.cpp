@@ -356,6 +356,10 @@ std::tuple<at::Tensor, at::Tensor> aft_full_tiled_fwd(const at::Tensor& qa, cons
   const int64_t H = wa.size(0);
   const int64_t Dh = D / H;
   const int64_t N = B * Dh;
+  if (qa.scalar_type() == at::kFloat) {
+    at::Tensor y, lse;
+    if (aft_full_fwd_avx2(qa, ka, va, wa, causal, y, lse)) return {y, lse};
+  }
   at::Tensor Z = at::empty({B, T, D}, qa.options());
   at::Tensor lse = at::empty({B, T, D}, qa.options());
   for (int64_t h = 0; h < H; ++h) {
@@ -365,14 +369,10 @@ std::tuple<at::Tensor, at::Tensor> aft_full_tiled_fwd(const at::Tensor& qa, cons
     at::Tensor wt = wa[h].contiguous();
     at::Tensor Zh = at::empty({T, N}, qa.options());
     at::Tensor Lh = at::empty({T, N}, qa.options());
-    const bool vec = qa.scalar_type() == at::kFloat &&
-                     aft_full_head_fwd_avx2(wt.data_ptr<float>(), Kt.data_ptr<float>(), Vt.data_ptr<float>(),
-                                            Zh.data_ptr<float>(), Lh.data_ptr<float>(), T, N, causal, qa.options());
-    if (!vec)
-      AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "attnfree_aft_full_tiled", [&] {
-        head_fwd<scalar_t>(wt.data_ptr<scalar_t>(), Kt.data_ptr<scalar_t>(), Vt.data_ptr<scalar_t>(),
-                           Zh.data_ptr<scalar_t>(), Lh.data_ptr<scalar_t>(), T, N, causal, qa.options());
-      });
+    AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "attnfree_aft_full_tiled", [&] {
+      head_fwd<scalar_t>(wt.data_ptr<scalar_t>(), Kt.data_ptr<scalar_t>(), Vt.data_ptr<scalar_t>(),
+                         Zh.data_ptr<scalar_t>(), Lh.data_ptr<scalar_t>(), T, N, causal, qa.options());
+    });
     Z.narrow(2, h * Dh, Dh).copy_(Zh.view({T, B, Dh}).permute({1, 0, 2}));
     lse.narrow(2, h * Dh, Dh).copy_(Lh.view({T, B, Dh}).permute({1, 0, 2}));
   }
@@ -386,17 +386,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aft_full_tiled_bwd(
   const int64_t H = wa.size(0);
   const int64_t Dh = D / H;
   const int64_t N = B * Dh;
-  at::Tensor sq = at::sigmoid(qa);
-  at::Tensor Gf = dya * sq;  // dZ
-  at::Tensor Hf = dya * ya;  // dZ * Z
-  at::Tensor dq = Hf * (1 - sq);
+  at::Tensor dq = at::empty({B, T, D}, qa.options());
   at::Tensor dk = at::empty({B, T, D}, qa.options());
   at::Tensor dv = at::empty({B, T, D}, qa.options());
-  at::Tensor dw = at::zeros({H, T, T}, qa.options());
+  // non-causal kernels write every dw entry; causal ones leave t' > t at 0
+  at::Tensor dw = causal ? at::zeros({H, T, T}, qa.options()) : at::empty({H, T, T}, qa.options());
   auto cols = [&](const at::Tensor& x, int64_t h) {
     return x.narrow(2, h * Dh, Dh).permute({1, 0, 2}).reshape({T, N}).contiguous();
   };
+  at::Tensor Gf, Hf;  // dZ, dZ * Z of the tile-pair kernels, formed on first use
   for (int64_t h = 0; h < H; ++h) {
+    if (!causal && qa.scalar_type() == at::kFloat &&
+        aft_full_head_bwd_whole_avx2(h, dya, qa, ka, va, wa, ya, lsea, dq, dk, dv, dw))
+      continue;
+    if (!Gf.defined()) {
+      at::Tensor sq = at::sigmoid(qa);
+      Gf = dya * sq;
+      Hf = dya * ya;
+      dq.copy_(Hf * (1 - sq));
+    }
     at::Tensor Kt = cols(ka, h), Vt = cols(va, h), Gt = cols(Gf, h), Ht = cols(Hf, h), Lt = cols(lsea, h);
     at::Tensor wt = wa[h].contiguous();
     at::Tensor dVt = at::empty({T, N}, qa.options());

@@ -913,3 +913,37 @@ def test_tiled_bit_identical_across_threads(path, causal):
     for o in outs[1:]:
         for a, b in zip(outs[0], o):
             assert torch.equal(a, b)
+
+
+# ======================================================== whole-sequence key tile (CPU float32 AVX2, non-causal)
+@COMPILED
+@pytest.mark.usefixtures("tiled_kernel")
+@pytest.mark.parametrize("T", [300, 1100])
+def test_tiled_whole_tile_few_lost_entries(path, T):
+    """Non-causal float32 runs the whole sequence as one key tile (the split max with its failure caught). Here two
+    rows of channel 0 lose every product of that split max: their row max of w (key 100) and the column max of k
+    (key 70) sit where the other factor is ~e^-160, and their dominant key 90 has both factors ~e^-70. Those few
+    (t, c) take the per-element fallback of the forward; the backward's global maxima then put a few dv / dw
+    entries over the guard (scale exponent > 42), recomputed exactly in place."""
+    q, k, v, w = qkvw(1, T, 2, None, torch.float64)
+    k[0, 70, 0], k[0, 100, 0], k[0, 90, 0] = 100.0, -60.0, 30.0
+    for t in (3, 7):
+        w[t, 100], w[t, 70], w[t, 90] = 100.0, -60.0, 30.0
+    q, k, v, w = (x.to(torch.float32) for x in (q, k, v, w))
+    tol = 1e-5 + 8 * torch.finfo(torch.float32).eps * float(k.abs().max() + w.abs().max())
+    contract.check_all(path, OP, q, k, v, w, T, False, tol, tol)
+
+
+@COMPILED
+@pytest.mark.usefixtures("tiled_kernel")
+@pytest.mark.parametrize("rows", [slice(None), slice(200, 330)], ids=["all_rows", "rows_200_330"])
+def test_tiled_whole_tile_redo_and_decline(path, rows):
+    """Many lost (t, c): the forward redoes those query tiles with 512-key merges and the backward declines its
+    global-maximum form for the tile-pair one. heads = 2 with |k| and |w| ~ 1e3 only in head 0 (its channels, and
+    all or some rows of its w): heads of both kinds in one call, and query tiles of both kinds in one head."""
+    B, T, D = 2, 600, 8
+    q, k, v, w = qkvw(B, T, D, 2, torch.float64)
+    k[:, :, :4] *= 1e3
+    w[0, rows] *= 1e3
+    q, k, v, w = (x.to(torch.float32) for x in (q, k, v, w))
+    contract.check_all(path, OP, q, k, v, w, T, False, 2e-3, 2e-3, tol_lse=1e-6)
