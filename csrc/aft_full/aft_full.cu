@@ -32,7 +32,7 @@
 //   Guard (epilogue): every term is <= 1, so the only loss is underflow (a lost term is < 2^-126). Where
 //   den < (visible keys) * 2^-86 those terms could matter at 2^-40 relative (|w|, |k| ~ 1e4 with misaligned
 //   maxima; causally, a late spike in k that raised m above every earlier key; a row or column fully masked), and
-//   for causal rows that see fewer than 16 keys (few terms: the operands' rounding would not average out), that
+//   with bf16 operands for causal rows that see fewer than 16 keys (the rounding would not average out), that
 //   (t, c) is recomputed exactly by a per-element online log-sum-exp over its visible keys (`fallback_element`).
 //   Elsewhere y = sigmoid(q) * num / den, lse = r + m + log(den) formed in double and rounded once.
 //   Shared memory: union(Ew + Ek + Ekv, per-warp 2 x 16 x 16 fp32 epilogue scratch) + r, m: bf16 53.8 KB, fp32
@@ -221,9 +221,9 @@ static_assert(FWM * FWN * 32 == NT && FBM % 64 == 0 && FBK == 64 && FBM <= NT &&
 // den below kLostRel x (visible keys): terms lost to underflow (each < 2^-126) may matter at 2^-40 relative, so
 // that (t, c) is recomputed exactly.
 constexpr float kLostRel = 0x1p-86f;
-// Causal rows that see fewer keys than this are summed exactly too: over a few terms the operands' rounding
-// (2^-9 relative for bf16) does not average out, and the backward's P = exp(w + k - lse) would inherit it (cost:
-// kFewKeys^2 / 2 exact terms per column, next to the T^2 / 2 of the tensor cores).
+// With bf16 operands, causal rows that see fewer keys than this are summed exactly too: over a few terms the
+// operands' rounding (2^-9 relative) does not average out, and the backward's P = exp(w + k - lse) inherits it
+// (cost: kFewKeys^2 / 2 exact terms per column, next to the T^2 / 2 of the tensor cores).
 constexpr float kFewKeys = 16.f;
 
 template <bool F32OPS>
@@ -235,10 +235,9 @@ struct FwdCfg {
   static constexpr size_t kEkBytes = size_t(FBK) * LDB * sizeof(Op);
   static constexpr size_t kOpsBytes = kEwBytes + 2 * kEkBytes;
   static constexpr size_t kScratchBytes = size_t(NT / 32) * 2 * 256 * sizeof(float);  // per warp: den, num 16 x 16
-  static constexpr size_t kUnionBytes =
-      ((kOpsBytes > kScratchBytes ? kOpsBytes : kScratchBytes) + 127) / 128 * 128;
-  static constexpr size_t kR = kUnionBytes;                                     // float r[FBM]
-  static constexpr size_t kM = kR + FBM * sizeof(float);                        // float m[FBN]
+  static constexpr size_t kUnionBytes = ((kOpsBytes > kScratchBytes ? kOpsBytes : kScratchBytes) + 127) / 128 * 128;
+  static constexpr size_t kR = kUnionBytes;               // float r[FBM]
+  static constexpr size_t kM = kR + FBM * sizeof(float);  // float m[FBN]
   static constexpr size_t kBase = (kM + FBN * sizeof(float) + 127) / 128 * 128;
   static constexpr size_t kUs = kBase;                                   // float Us[64][LDR] (low rank)
   static constexpr size_t kVs = kUs + size_t(64) * LDR * sizeof(float);  // float Vs[64][LDR]
@@ -619,7 +618,7 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
 
   const WSrc<WE, LOWRANK> src = head_bias<WE, LOWRANK>(w, u, vbias, h, T, rank);
   const int64_t kend = causal ? (t0 + FBM < T ? t0 + FBM : T) : T;  // causal: keys up to the last query row
-  const int wrow = tid >> 2, wpart = tid & 3;                        // w-strip roles: row, keys 16 wpart .. + 16
+  const int wrow = tid >> 2, wpart = tid & 3;                       // w-strip roles: row, keys 16 wpart .. + 16
   gptr<const Op> ekh = ek + h * T * ncols;
   gptr<const Op> ekvh = ekv + h * T * ncols;
   __syncthreads();
@@ -665,7 +664,7 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
           const int64_t cb = column_offset(j, ncols, dh, T, D, h), o = cb + t * D;
           const float den = sc[e], nvis = static_cast<float>(causal ? t + 1 : T);
           float z, l;
-          if (!(den < nvis * kLostRel) && (!causal || nvis >= kFewKeys)) {  // NaN: this branch, propagates
+          if (!(den < nvis * kLostRel) && (F32OPS || !causal || nvis >= kFewKeys)) {  // NaN takes this branch
             z = sc[256 + e] / den;
             l = static_cast<float>(static_cast<double>(r_s[row]) + static_cast<double>(m_s[col]) +
                                    static_cast<double>(log2f(den)) * kLn2d);
@@ -1269,7 +1268,8 @@ inline size_t fwd_tc_workspace_bytes(DType dt, int64_t B, int64_t T, int64_t D, 
   return fwd_ws_layout(dt != DType::BFloat16, B, T, D, heads).total;
 }
 
-// The prepasses (column maxima, Ek / Ekv, row maxima) and the main kernel; ws: fwd_ws_layout's bytes.
+// The prepasses (column maxima, Ek / Ekv, row maxima) and the main kernel; ws: fwd_ws_layout's bytes. x3: 3xTF32
+// for float32 inputs (fp16 inputs always take it: plain TF32 would not keep their precision).
 template <typename E, typename WE, bool LOWRANK>
 cudaError_t launch_tc(const void* q, const void* k, const void* v, const void* w, const void* u, const void* vb,
                       void* y, void* lse, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t rank, bool causal,
@@ -1295,21 +1295,20 @@ cudaError_t launch_tc(const void* q, const void* k, const void* v, const void* w
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const size_t rsmem = LOWRANK ? 2 * size_t(64) * LDR * sizeof(float) : 0;
-  ATTNFREE_LAUNCH((fwd_rowmax_kernel<WE, LOWRANK>), dim3(blocks_for(T, 64), 1, static_cast<unsigned>(heads)), NT,
-                  rsmem, s)(static_cast<const WE*>(w), static_cast<const WE*>(u), static_cast<const WE*>(vb), r, T,
-                            rank, causal);
+  ATTNFREE_LAUNCH((fwd_rowmax_kernel<WE, LOWRANK>), dim3(blocks_for(T, 64), 1, static_cast<unsigned>(heads)), NT, rsmem,
+                  s)(static_cast<const WE*>(w), static_cast<const WE*>(u), static_cast<const WE*>(vb), r, T, rank,
+                     causal);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const size_t smem = FwdCfg<F32OPS>::smem_bytes(LOWRANK);
   auto kern = fwd_tc_kernel<E, WE, LOWRANK>;
   err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  ATTNFREE_LAUNCH(kern, grid, NT, smem, s)(static_cast<const E*>(q), ke, static_cast<const E*>(v),
-                                           static_cast<const WE*>(w), static_cast<const WE*>(u),
-                                           static_cast<const WE*>(vb), static_cast<const Op*>(ek),
-                                           static_cast<const Op*>(ekv), static_cast<const float*>(r),
-                                           static_cast<const float*>(m), static_cast<E*>(y), static_cast<float*>(lse),
-                                           B, T, D, dh, rank, causal, x3);
+  ATTNFREE_LAUNCH(kern, grid, NT, smem, s)(
+      static_cast<const E*>(q), ke, static_cast<const E*>(v), static_cast<const WE*>(w), static_cast<const WE*>(u),
+      static_cast<const WE*>(vb), static_cast<const Op*>(ek), static_cast<const Op*>(ekv), static_cast<const float*>(r),
+      static_cast<const float*>(m), static_cast<E*>(y), static_cast<float*>(lse), B, T, D, dh, rank, causal,
+      x3 || !std::is_same<E, float>::value);
   return cudaGetLastError();
 }
 
@@ -1463,7 +1462,7 @@ size_t aft_full_fwd_workspace_bytes(DType dt, int64_t B, int64_t T, int64_t D, i
 
 cudaError_t aft_full_fwd(DType dt, DType w_dt, const void* q, const void* k, const void* v, const void* w, void* y,
                          void* lse, int64_t B, int64_t T, int64_t D, int64_t heads, bool causal, bool exact,
-                         void* workspace, cudaStream_t stream) {
+                         bool tf32x3, void* workspace, cudaStream_t stream) {
   if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
   if (heads <= 0 || D % heads != 0) return cudaErrorInvalidValue;
   exact = exact || !aft_full_tc_supported();
@@ -1475,7 +1474,7 @@ cudaError_t aft_full_fwd(DType dt, DType w_dt, const void* q, const void* k, con
     } else {
       if (exact)
         return launch_exact<E, WE, false>(q, k, v, w, nullptr, nullptr, y, lse, B, T, D, heads, 0, causal, stream);
-      return launch_tc<E, WE, false>(q, k, v, w, nullptr, nullptr, y, lse, B, T, D, heads, 0, causal, true, workspace,
+      return launch_tc<E, WE, false>(q, k, v, w, nullptr, nullptr, y, lse, B, T, D, heads, 0, causal, tf32x3, workspace,
                                      stream);
     }
   });
@@ -1557,7 +1556,8 @@ size_t aft_full_lowrank_fwd_workspace_bytes(DType dt, int64_t B, int64_t T, int6
 
 cudaError_t aft_full_lowrank_fwd(DType dt, DType w_dt, const void* q, const void* k, const void* v, const void* u,
                                  const void* vb, void* y, void* lse, int64_t B, int64_t T, int64_t D, int64_t heads,
-                                 int64_t rank, bool causal, bool exact, void* workspace, cudaStream_t stream) {
+                                 int64_t rank, bool causal, bool exact, bool tf32x3, void* workspace,
+                                 cudaStream_t stream) {
   if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
   if (heads <= 0 || D % heads != 0 || rank < 0) return cudaErrorInvalidValue;
   if (workspace == nullptr && aft_full_lowrank_fwd_workspace_bytes(dt, B, T, D, heads, rank, causal, exact) > 0)
@@ -1576,7 +1576,7 @@ cudaError_t aft_full_lowrank_fwd(DType dt, DType w_dt, const void* q, const void
     } else {
       if (exact)
         return launch_exact<E, A, true>(q, k, v, nullptr, uk, vk, y, lse, B, T, D, heads, rank, causal, stream);
-      return launch_tc<E, A, true>(q, k, v, nullptr, uk, vk, y, lse, B, T, D, heads, rank, causal, true, fwd_ws,
+      return launch_tc<E, A, true>(q, k, v, nullptr, uk, vk, y, lse, B, T, D, heads, rank, causal, tf32x3, fwd_ws,
                                    stream);
     }
   });

@@ -64,6 +64,11 @@ def _exact() -> bool:
     return os.environ.get("ATTNFREE_AFT_FULL_KERNEL", "").lower() == "exact"
 
 
+def _tf32x3() -> bool:
+    """What the torch binding passes: 3xTF32 for float32 unless the matmul precision allows TF32."""
+    return torch.get_float32_matmul_precision() == "highest"
+
+
 # ------------------------------------------------------------------------------------------------ aft_simple
 def aft_simple_fwd(q, k, v, causal):
     q, k, v = _c(q), _c(k), _c(v)
@@ -316,6 +321,7 @@ def aft_full_fwd(q, k, v, w, causal):
         heads,
         bool(causal),
         ex,
+        _tf32x3(),
         emu.Scratch("workspace", ws),
     )
     return r.outputs["y"], r.outputs["lse"]
@@ -378,6 +384,7 @@ def aft_full_lowrank_fwd(q, k, v, u, vb, causal):
         rank,
         bool(causal),
         ex,
+        _tf32x3(),
         emu.Scratch("workspace", ws),
     )
     return r.outputs["y"], r.outputs["lse"]

@@ -913,3 +913,32 @@ def test_tiled_bit_identical_across_threads(path, causal):
     for o in outs[1:]:
         for a, b in zip(outs[0], o):
             assert torch.equal(a, b)
+
+
+@pytest.mark.paths("emulation", "cuda")
+@pytest.mark.parametrize("op", [OP, "aft_full_lowrank"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_float32_follows_matmul_precision(path, op, causal):
+    """float32 forward: 3xTF32 under get_float32_matmul_precision() "highest" (~1e-6 relative), plain TF32 under
+    "high" (~1e-3): the binding's flag reaches the tensor-core launcher."""
+    B, T, D, heads = 2, 70, 16, 2
+    q, k, v, w = qkvw(B, T, D, heads, torch.float32, w_scale=0.5)
+    if op == OP:
+        args = (w,)
+        y_ref = oracles.aft(q.double(), k.double(), v.double(), w.double(), causal)
+    else:
+        u = rand(heads, T, 3, dtype=torch.float32) * 0.5
+        vb = rand(heads, T, 3, dtype=torch.float32) * 0.5
+        args = (u, vb)
+        y_ref = oracles.aft(q.double(), k.double(), v.double(), u.double() @ vb.double().transpose(-1, -2), causal)
+    errs = {}
+    old = torch.get_float32_matmul_precision()
+    try:
+        for prec in ("highest", "high"):
+            torch.set_float32_matmul_precision(prec)
+            y, _ = path.fwd(op, q, k, v, *args, causal)
+            errs[prec] = (y.double() - y_ref).abs().max().item() / y_ref.abs().max().item()
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert errs["highest"] < 2e-6, errs
+    assert 1e-5 < errs["high"] < 5e-3, errs
