@@ -18,9 +18,10 @@
 //                        batch; the low-rank bias builds its tiles here once instead of once per column block).
 //   `fwd_tc_kernel`: CTA = 256 threads (8 warps as 4 x 2) owns FBM = 128 query rows x FBN = 128 columns of one head
 //   and loops over key tiles of FBK = 64 keys (causal: keys <= the tile's last row):
-//     (1) w tile (loaded, or for the low-rank op built as U[rows] @ Vb[keys]^T by fp32 SIMT dot products through
-//         shared-memory chunks of 32 ranks), Ew = exp(w - r) in [0, 1] (0 for invisible / masked keys) to smem as
-//         bf16 for bf16 inputs (never fp16: its exponent range ends near e^-17), fp32 otherwise;
+//     (1) w tile (loaded, or for the low-rank op built as U[rows] @ Vb[keys]^T by fp32 SIMT dot products: with the
+//         CTA's 128 rows of U resident in shared memory and one key tile of Vb per step where they fit, rank 128
+//         in bf16 on sm_80, else through chunks of 32 ranks), Ew = exp(w - r) in [0, 1] (0 for invisible / masked keys)
+//         to smem as bf16 for bf16 inputs (never fp16: its exponent range ends near e^-17), fp32 otherwise;
 //     (2) the Ek, Ekv tiles copied from the workspace (no exps);
 //     (3) nvcuda::wmma (sm_80-compatible, so it also runs on sm_90), fp32 accumulators that stay in registers for
 //         the whole key loop (each warp 32 x 64 outputs: 2 x 4 fragments each for den and num = 128 registers):
@@ -32,12 +33,12 @@
 //   Guard (epilogue): every term is <= 1, so the only loss is underflow (a lost term is < 2^-126). Where
 //   den < (visible keys) * 2^-86 those terms could matter at 2^-40 relative (|w|, |k| ~ 1e4 with misaligned
 //   maxima; causally, a late spike in k that raised m above every earlier key; a row or column fully masked), and
-//   with bf16 operands for causal rows that see fewer than 16 keys (the rounding would not average out), that
+//   with bf16 operands and the dense bias for causal rows that see fewer than 16 keys (kFewKeys), that
 //   (t, c) is recomputed exactly by a per-element online log-sum-exp over its visible keys (`fallback_element`).
 //   Elsewhere y = sigmoid(q) * num / den, lse = r + m + log(den) formed in double and rounded once.
 //   Shared memory: union(Ew + Ek + Ekv, per-warp 2 x 16 x 16 fp32 epilogue scratch) + r, m: bf16 53.8 KB, fp32
-//   101 KB; the low-rank op adds 2 x 64 x 33 fp32 = 16.9 KB. 232-250 registers, 1 CTA per SM, no local memory
-//   (tests/test_cuda_compile.py). No cp.async / double buffering yet.
+//   101 KB; the low-rank op adds (128 + 64) x (rank + 1) fp32 (resident factors) or 2 x 64 x 33 fp32 = 16.9 KB. 232-250
+//   registers, 1 CTA per SM, no local memory (tests/test_cuda_compile.py). No cp.async / double buffering yet.
 //   Workspace (aft_full_fwd_workspace_bytes): Ek, Ekv (2 B T D operands) + r (heads T) + m (B D) fp32; no T x T.
 //
 // Forward, exact kernel `fwd_exact_kernel` (fp64 always; any dtype with exact = true): one thread per (b, t, c),
@@ -221,9 +222,10 @@ static_assert(FWM * FWN * 32 == NT && FBM % 64 == 0 && FBK == 64 && FBM <= NT &&
 // den below kLostRel x (visible keys): terms lost to underflow (each < 2^-126) may matter at 2^-40 relative, so
 // that (t, c) is recomputed exactly.
 constexpr float kLostRel = 0x1p-86f;
-// With bf16 operands, causal rows that see fewer keys than this are summed exactly too: over a few terms the
-// operands' rounding (2^-9 relative) does not average out, and the backward's P = exp(w + k - lse) inherits it
-// (cost: kFewKeys^2 / 2 exact terms per column, next to the T^2 / 2 of the tensor cores).
+// With bf16 operands and the dense bias, causal rows that see fewer keys than this are summed exactly too: over a few
+// terms the operands' rounding (2^-9 relative) does not average out, and the backward's P = exp(w + k - lse)
+// inherits it (cost: kFewKeys^2 / 2 exact terms per column, next to the T^2 / 2 of the tensor cores; not for the
+// low-rank bias, where each exact term is a rank-long dot product).
 constexpr float kFewKeys = 16.f;
 
 template <bool F32OPS>
@@ -242,7 +244,12 @@ struct FwdCfg {
   static constexpr size_t kUs = kBase;                                   // float Us[64][LDR] (low rank)
   static constexpr size_t kVs = kUs + size_t(64) * LDR * sizeof(float);  // float Vs[64][LDR]
   static constexpr size_t kLowRankBytes = kVs + size_t(64) * LDR * sizeof(float);
-  static size_t smem_bytes(bool lowrank) { return lowrank ? kLowRankBytes : kBase; }
+  // Low rank with the factors resident (ldu = rank + 1 > 0): Us[FBM][ldu] (the CTA's rows of u, loaded once) and
+  // Vs[64][ldu] (a key tile of vb), instead of the 32-rank chunks of both re-read for every 64 x 64 tile.
+  static size_t lowrank_resident_bytes(int64_t ldu) { return kBase + size_t(FBM + 64) * ldu * sizeof(float); }
+  static size_t smem_bytes(bool lowrank, int64_t ldu) {
+    return !lowrank ? kBase : ldu > 0 ? lowrank_resident_bytes(ldu) : kLowRankBytes;
+  }
 };
 
 // ------------------------------------------------------------------------------------------ shared tile loads
@@ -583,7 +590,7 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
                   gptr<const typename TcCfg<uses_tf32_operands<E>()>::Op> __restrict__ ekv,
                   gptr<const float> __restrict__ rref, gptr<const float> __restrict__ mref, gptr<E> __restrict__ y,
                   gptr<float> __restrict__ lse, int64_t B, int64_t T, int64_t D, int64_t dh, int64_t rank, bool causal,
-                  bool x3) {
+                  bool x3, int ldu) {
 #if AFT_FULL_TC_ARCH
   constexpr bool F32OPS = uses_tf32_operands<E>();
   using Cfg = FwdCfg<F32OPS>;
@@ -621,16 +628,52 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
   const int wrow = tid >> 2, wpart = tid & 3;                       // w-strip roles: row, keys 16 wpart .. + 16
   gptr<const Op> ekh = ek + h * T * ncols;
   gptr<const Op> ekvh = ekv + h * T * ncols;
+  if constexpr (LOWRANK) {
+    if (ldu > 0) {  // resident factors: the CTA's rows of u, once
+      for (int64_t e = tid; e < FBM * rank; e += NT) {
+        const int64_t rr = e / rank, c = e % rank;
+        Us[rr * ldu + c] = (t0 + rr < T) ? static_cast<float>(to_acc(src.u[(t0 + rr) * rank + c])) : 0.f;
+      }
+    }
+  }
   __syncthreads();
 
   for (int64_t k0 = 0; k0 < kend; k0 += FBK) {
     // (1) Ew = exp(w - r) over the visible keys, FBM / 64 strips of 64 rows
+    bool resident = false;
+    if constexpr (LOWRANK) resident = ldu > 0;
+    if (resident) {  // low rank, factors resident: this key tile of vb, then both strips from shared memory
+      float* Vt = Us + FBM * ldu;
+      for (int64_t e = tid; e < 64 * rank; e += NT) {
+        const int64_t kk = e / rank, c = e % rank;
+        Vt[kk * ldu + c] = (k0 + kk < T) ? static_cast<float>(to_acc(src.vb[(k0 + kk) * rank + c])) : 0.f;
+      }
+      __syncthreads();
 #pragma unroll 1
-    for (int p = 0; p < FBM / 64; ++p) {
-      const int row = p * 64 + wrow;
-      float wv[16];
-      bias_strip(src, t0 + p * 64, k0, wrow, wpart, causal, Us, Vs, wv);
-      exp_w_ref(wv, t0 + row, k0, wpart, T, causal, r_s[row], Ew + row * Cfg::LDA);
+      for (int p = 0; p < FBM / 64; ++p) {
+        const int row = p * 64 + wrow;
+        float wv[16];
+#pragma unroll
+        for (int i = 0; i < 16; ++i) wv[i] = 0.f;
+        const float* ur = Us + row * ldu;
+        const float* vr = Vt + wpart * 16 * ldu;
+        // the same fmaf order over the ranks as lowrank_tile (the prepass's row maxima bound these values exactly)
+#pragma unroll 1
+        for (int r = 0; r < ldu - 1; ++r) {  // ldu - 1 = rank
+          const float uu = ur[r];
+#pragma unroll
+          for (int i = 0; i < 16; ++i) wv[i] = fmaf(uu, vr[i * ldu + r], wv[i]);
+        }
+        exp_w_ref(wv, t0 + row, k0, wpart, T, causal, r_s[row], Ew + row * Cfg::LDA);
+      }
+    } else {
+#pragma unroll 1
+      for (int p = 0; p < FBM / 64; ++p) {
+        const int row = p * 64 + wrow;
+        float wv[16];
+        bias_strip(src, t0 + p * 64, k0, wrow, wpart, causal, Us, Vs, wv);
+        exp_w_ref(wv, t0 + row, k0, wpart, T, causal, r_s[row], Ew + row * Cfg::LDA);
+      }
     }
     // (2) the Ek, Ekv tiles (0 past the last key / column)
 #pragma unroll 4
@@ -664,7 +707,8 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
           const int64_t cb = column_offset(j, ncols, dh, T, D, h), o = cb + t * D;
           const float den = sc[e], nvis = static_cast<float>(causal ? t + 1 : T);
           float z, l;
-          if (!(den < nvis * kLostRel) && (F32OPS || !causal || nvis >= kFewKeys)) {  // NaN takes this branch
+          if (!(den < nvis * kLostRel) &&
+              (F32OPS || LOWRANK || !causal || nvis >= kFewKeys)) {  // NaN takes this branch
             z = sc[256 + e] / den;
             l = static_cast<float>(static_cast<double>(r_s[row]) + static_cast<double>(m_s[col]) +
                                    static_cast<double>(log2f(den)) * kLn2d);
@@ -1300,7 +1344,16 @@ cudaError_t launch_tc(const void* q, const void* k, const void* v, const void* w
                      causal);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const size_t smem = FwdCfg<F32OPS>::smem_bytes(LOWRANK);
+  // low rank: keep the factors resident in shared memory where they fit next to the operands
+  int ldu = 0;
+  if (LOWRANK && rank > 0) {
+    int dev = 0, optin = 0;
+    if (cudaGetDevice(&dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess &&
+        FwdCfg<F32OPS>::lowrank_resident_bytes(rank + 1) <= static_cast<size_t>(optin))
+      ldu = static_cast<int>(rank + 1);
+  }
+  const size_t smem = FwdCfg<F32OPS>::smem_bytes(LOWRANK, ldu);
   auto kern = fwd_tc_kernel<E, WE, LOWRANK>;
   err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
@@ -1308,7 +1361,7 @@ cudaError_t launch_tc(const void* q, const void* k, const void* v, const void* w
       static_cast<const E*>(q), ke, static_cast<const E*>(v), static_cast<const WE*>(w), static_cast<const WE*>(u),
       static_cast<const WE*>(vb), static_cast<const Op*>(ek), static_cast<const Op*>(ekv), static_cast<const float*>(r),
       static_cast<const float*>(m), static_cast<E*>(y), static_cast<float*>(lse), B, T, D, dh, rank, causal,
-      x3 || !std::is_same<E, float>::value);
+      x3 || !std::is_same<E, float>::value, ldu);
   return cudaGetLastError();
 }
 
