@@ -8,39 +8,38 @@
 // with w shared over the batch. For one head h (channels c in [h*dh, (h+1)*dh), dh = D / heads) the GEMM
 // "columns" are the B*dh pairs j = (b, c) — a column block may span several batch entries when dh < BN.
 //
-// Forward, tensor-core kernel `fwd_tc_kernel` (fp16 / bf16 / fp32 inputs):
-//   CTA = 256 threads (8 warps) owns a query tile of BM = 64 rows x a block of BN = 64 columns of one head;
-//   it loops over key tiles of BK = 64 keys (causal: only tiles with k0 <= last query row):
-//     (1) w tile (BM x BK): loaded from w, or for the low-rank op built as U[rows] @ Vb[keys]^T (fp32 SIMT
-//         dot products through shared-memory chunks of 32 ranks; w is never materialised, any rank).
-//         Per-row max r over the VISIBLE keys of the tile (causal mask t' <= t, t' < T), Ew = exp(w - r) in
-//         [0, 1] stored to smem as bf16 for 16-bit inputs (NEVER fp16: its exponent range ends near e^-17) or
-//         fp32 for fp32 inputs.
-//     (2) k, v tile (BK x BN): per-column max m over the tile, Ek = exp(k - m), Ekv = Ek * v -> smem operands.
-//     (3) nvcuda::wmma (sm_80-compatible, so it also runs on sm_90): bf16 m16n16k16, fp32 accumulators,
-//         d = Ew @ Ek, n = Ew @ Ekv. fp32 inputs use 3xTF32 (a = a_big + a_small, three m16n16k8 tf32 MMAs),
-//         which keeps ~fp32 accuracy (plain TF32 would give ~1e-3 relative errors).
-//     (4) accumulators -> smem staging (aliases the operand buffers) -> per-(t, c) tile-wise renormalisation
-//         in registers, in log2 units: the tile's log-magnitude l = r2 + m2 + log2(d) only needs to be a valid
-//         stabiliser, so log2(d) is replaced by d's binary exponent e (integer bit extraction, no MUFU):
-//             Mn = max(M, s2 + e),  S = S*2^(M-Mn) + d*2^(s2-Mn),  A = A*2^(M-Mn) + n*2^(s2-Mn)
-//         (s2 = (r + m)*log2 e; d*2^(s2-Mn) < 2, so S, A stay bounded); the 2^(M-Mn) exp is skipped (warp vote)
-//         when no lane's max grows, so the merge costs ~1-2 MUFU ops per element and tile.
-//     Lost-tile guard: when d < 2^-90 (the tile's sum underflowed, or is tiny) the tile is not merged and an
-//     upper bound of its contribution, U = max(U, s2 + log2 BK) (every term is <= exp(r + m)), is kept. In the
-//     epilogue, where U > log2(total) - 40 (the tile could matter at fp32 precision) or nothing was merged,
-//     that (t, c) is recomputed exactly by a per-element online log-sum-exp loop over all visible keys (rare
-//     path: |w|, |k| ~ 1e4 with misaligned maxima, or the causal "late spike" inside a diagonal tile).
-//     Causal: tiles above the diagonal are skipped; the diagonal tile is masked per element (row max over
-//     t' <= t only), the column max m over the whole tile is still a valid upper bound, and the lost-tile
-//     guard makes the late-spike case exact.
-//   Epilogue: y = sigmoid(q) * A / S, lse = (M + log2 S) * ln 2.
-//   Shared memory: union(Ew + Ek + Ekv operands, 2 x 64 x 68 fp32 staging) + row/column maxima, column offsets
-//     + U bounds (16 KB): bf16: 34.8 + 1.8 + 16 KB; fp32 (3xTF32): 52.2 + 1.8 + 16 KB; low-rank adds
-//     2 x 64 x 33 fp32 = 16.9 KB.
-//   Each thread keeps 16 (t, c) states (M, S, A) = 48 registers (the rarely written bound U lives in smem,
-//   16 KB). ~170-230 registers, 1 CTA per SM, no local memory (see AFT_FULL_*MIN_BLOCKS).
-//   No cp.async / double buffering yet.
+// Forward, tensor cores (fp16 / bf16 / fp32 inputs): fixed references from three prepasses, then one GEMM whose
+// accumulators simply sum over all key tiles (no running max, no per-tile merge: docs/design.md §2.3).
+//   `fwd_colmax_kernel`: m[h][j] = max over all keys of k in column j = (b, c) (one thread per column).
+//   `fwd_expkv_kernel`:  Ek = exp(k - m) <= 1 (rounded to the operand type first), Ekv = Ek * v, into the workspace
+//                        in the head-major layout [heads][T][B*dh] (a column block is contiguous): bf16 for bf16
+//                        inputs, fp32 otherwise. One exp per (b, t, c).
+//   `fwd_rowmax_kernel`: r[h][t] = max of w[h, t, :] over the keys visible to t (w read once, shared over the
+//                        batch; the low-rank bias builds its tiles here once instead of once per column block).
+//   `fwd_tc_kernel`: CTA = 256 threads (8 warps as 4 x 2) owns FBM = 128 query rows x FBN = 128 columns of one head
+//   and loops over key tiles of FBK = 64 keys (causal: keys <= the tile's last row):
+//     (1) w tile (loaded, or for the low-rank op built as U[rows] @ Vb[keys]^T by fp32 SIMT dot products: with the
+//         CTA's 128 rows of U resident in shared memory and one key tile of Vb per step where they fit, rank 128
+//         in bf16 on sm_80, else through chunks of 32 ranks), Ew = exp(w - r) in [0, 1] (0 for invisible / masked keys)
+//         to smem as bf16 for bf16 inputs (never fp16: its exponent range ends near e^-17), fp32 otherwise;
+//     (2) the Ek, Ekv tiles copied from the workspace (no exps);
+//     (3) nvcuda::wmma (sm_80-compatible, so it also runs on sm_90), fp32 accumulators that stay in registers for
+//         the whole key loop (each warp 32 x 64 outputs: 2 x 4 fragments each for den and num = 128 registers):
+//         den += Ew @ Ek, num += Ew @ Ekv. bf16: m16n16k16. fp32 inputs: 3xTF32 (a = a_big + a_small, three
+//         m16n16k8 tf32 MMAs, ~fp32 accuracy) by default; plain TF32 (one MMA, ~1e-3 relative) when the launcher's
+//         `tf32x3` is false. fp16 inputs always take 3xTF32.
+//   Exponentials: one per w element per column block (T / FBN per output element) plus one per (b, t, c) in the
+//   prepass, against 4 T MMA FLOPs per output element: ~0.5 per 256 FLOPs (bf16, T = 4096).
+//   Guard (epilogue): every term is <= 1, so the only loss is underflow (a lost term is < 2^-126). Where
+//   den < (visible keys) * 2^-86 those terms could matter at 2^-40 relative (|w|, |k| ~ 1e4 with misaligned
+//   maxima; causally, a late spike in k that raised m above every earlier key; a row or column fully masked), and
+//   with bf16 operands and the dense bias for causal rows that see fewer than 16 keys (kFewKeys), that
+//   (t, c) is recomputed exactly by a per-element online log-sum-exp over its visible keys (`fallback_element`).
+//   Elsewhere y = sigmoid(q) * num / den, lse = r + m + log(den) formed in double and rounded once.
+//   Shared memory: union(Ew + Ek + Ekv, per-warp 2 x 16 x 16 fp32 epilogue scratch) + r, m: bf16 53.8 KB, fp32
+//   101 KB; the low-rank op adds (128 + 64) x (rank + 1) fp32 (resident factors) or 2 x 64 x 33 fp32 = 16.9 KB. 232-250
+//   registers, 1 CTA per SM, no local memory (tests/test_cuda_compile.py). No cp.async / double buffering yet.
+//   Workspace (aft_full_fwd_workspace_bytes): Ek, Ekv (2 B T D operands) + r (heads T) + m (B D) fp32; no T x T.
 //
 // Forward, exact kernel `fwd_exact_kernel` (fp64 always; any dtype with exact = true): one thread per (b, t, c),
 //   online log-sum-exp over the visible keys in the accumulate type. O(T^2 B D) scalar work.
@@ -101,21 +100,6 @@ using namespace nvcuda;
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr double kLn2d = 0.6931471805599453094;
-constexpr float kLog2eLo = static_cast<float>(1.4426950408889634074 - static_cast<double>(kLog2e));
-
-// x log2 e as hi + lo (hi = the rounded product, lo its error: ~2^-48 relative together); -inf -> (-inf, 0).
-__device__ __forceinline__ void split_log2(float x, float& hi, float& lo) {
-  const float h = x * kLog2e;
-  hi = h;
-  lo = (x == -INFINITY) ? 0.f : fmaf(x, kLog2e, -h) + x * kLog2eLo;
-}
-
-// The rounding error of s = fl(a + b) (Knuth's TwoSum, exact for finite a, b: a + b = s + err).
-__device__ __forceinline__ float two_sum_err(float a, float b, float s) {
-  const float bb = s - a;
-  return (a - (s - bb)) + (b - bb);
-}
-
 // Online log-sum-exp over the visible keys of one (b, t, c): z = sum softmax * v, lse. `wget(t')` -> w[t, t'].
 template <typename E, typename A, typename WGet>
 __device__ __forceinline__ void exact_element(const WGet& wget, gptr<const E> __restrict__ kcol,
@@ -221,33 +205,51 @@ __global__ void fwd_exact_kernel(gptr<const E> __restrict__ q, gptr<const E> __r
 #ifndef AFT_FULL_FWD_MIN_BLOCKS
 #define AFT_FULL_FWD_MIN_BLOCKS 1
 #endif
-constexpr int BM = 64, BN = 64, BK = 64, NT = 256, RCH = 32, LDR = RCH + 1, LDS = BN + 4;
-constexpr float kLog2BK = 6.0f;           // log2(BK)
-constexpr float kLostThresh = 0x1p-90f;   // d below this: tile not merged, bound recorded
-constexpr float kFallbackMargin = 40.0f;  // log2 units
+constexpr int NT = 256, RCH = 32, LDR = RCH + 1, LDS = 64 + 4;
 
+// Operand type of the tensor-core kernels: bf16 for bf16 inputs, fp32 (split into tf32 parts) otherwise.
 template <bool F32OPS>
 struct TcCfg {
   using Op = typename std::conditional<F32OPS, float, __nv_bfloat16>::type;
-  static constexpr int LDA = F32OPS ? BK + 4 : BK + 8;  // Ew [BM][LDA]
-  static constexpr int LDB = F32OPS ? BN + 4 : BN + 8;  // Ek, Ekv [BK][LDB]
-  static constexpr size_t kEwBytes = size_t(BM) * LDA * sizeof(Op);
-  static constexpr size_t kEkBytes = size_t(BK) * LDB * sizeof(Op);
+};
+
+// Forward tiling: a CTA owns FBM query rows x FBN columns and loops over key tiles of FBK keys; its 8 warps form a
+// FWM x FWN grid, each warp owning FFM x FFN accumulator fragments of 16 x 16 for den and for num (kept in
+// registers across all key tiles: 2 FFM FFN x 8 fp32 registers per thread).
+constexpr int FBM = 128, FBN = 128, FBK = 64, FWM = 4, FWN = 2;
+constexpr int FFM = FBM / (16 * FWM), FFN = FBN / (16 * FWN);
+static_assert(FWM * FWN * 32 == NT && FBM % 64 == 0 && FBK == 64 && FBM <= NT && FBN <= NT, "forward tiling");
+// den below kLostRel x (visible keys): terms lost to underflow (each < 2^-126) may matter at 2^-40 relative, so
+// that (t, c) is recomputed exactly.
+constexpr float kLostRel = 0x1p-86f;
+// With bf16 operands and the dense bias, causal rows that see fewer keys than this are summed exactly too: over a few
+// terms the operands' rounding (2^-9 relative) does not average out, and the backward's P = exp(w + k - lse)
+// inherits it (cost: kFewKeys^2 / 2 exact terms per column, next to the T^2 / 2 of the tensor cores; not for the
+// low-rank bias, where each exact term is a rank-long dot product).
+constexpr float kFewKeys = 16.f;
+
+template <bool F32OPS>
+struct FwdCfg {
+  using Op = typename TcCfg<F32OPS>::Op;
+  static constexpr int LDA = F32OPS ? FBK + 4 : FBK + 8;  // Ew [FBM][LDA]
+  static constexpr int LDB = F32OPS ? FBN + 4 : FBN + 8;  // Ek, Ekv [FBK][LDB]
+  static constexpr size_t kEwBytes = size_t(FBM) * LDA * sizeof(Op);
+  static constexpr size_t kEkBytes = size_t(FBK) * LDB * sizeof(Op);
   static constexpr size_t kOpsBytes = kEwBytes + 2 * kEkBytes;
-  static constexpr size_t kStageBytes = 2 * size_t(BM) * LDS * sizeof(float);
-  static constexpr size_t kUnionBytes = ((kOpsBytes > kStageBytes ? kOpsBytes : kStageBytes) + 127) / 128 * 128;
-  static constexpr size_t kR2 = kUnionBytes;                                      // float r2[BM]
-  static constexpr size_t kM2 = kR2 + BM * sizeof(float);                         // float m2[BN]
-  static constexpr size_t kR2l = kM2 + BN * sizeof(float);                        // float r2l[BM] (low parts)
-  static constexpr size_t kM2l = kR2l + BM * sizeof(float);                       // float m2l[BN]
-  static constexpr size_t kRed = kM2l + BN * sizeof(float);                       // float red[4][BN]
-  static constexpr size_t kCol = kRed + 4 * BN * sizeof(float);                   // int64 colbase[BN]
-  static constexpr size_t kUb = (kCol + BN * sizeof(int64_t) + 127) / 128 * 128;  // float Ub[BM][BN] (lost-tile bounds)
-  static constexpr size_t kBase = kUb + size_t(BM) * BN * sizeof(float);
-  static constexpr size_t kUs = kBase;                                   // float Us[BM][LDR] (low rank)
-  static constexpr size_t kVs = kUs + size_t(BM) * LDR * sizeof(float);  // float Vs[BK][LDR]
-  static constexpr size_t kLowRankBytes = kVs + size_t(BK) * LDR * sizeof(float);
-  static size_t smem_bytes(bool lowrank) { return lowrank ? kLowRankBytes : kBase; }
+  static constexpr size_t kScratchBytes = size_t(NT / 32) * 2 * 256 * sizeof(float);  // per warp: den, num 16 x 16
+  static constexpr size_t kUnionBytes = ((kOpsBytes > kScratchBytes ? kOpsBytes : kScratchBytes) + 127) / 128 * 128;
+  static constexpr size_t kR = kUnionBytes;               // float r[FBM]
+  static constexpr size_t kM = kR + FBM * sizeof(float);  // float m[FBN]
+  static constexpr size_t kBase = (kM + FBN * sizeof(float) + 127) / 128 * 128;
+  static constexpr size_t kUs = kBase;                                   // float Us[64][LDR] (low rank)
+  static constexpr size_t kVs = kUs + size_t(64) * LDR * sizeof(float);  // float Vs[64][LDR]
+  static constexpr size_t kLowRankBytes = kVs + size_t(64) * LDR * sizeof(float);
+  // Low rank with the factors resident (ldu = rank + 1 > 0): Us[FBM][ldu] (the CTA's rows of u, loaded once) and
+  // Vs[64][ldu] (a key tile of vb), instead of the 32-rank chunks of both re-read for every 64 x 64 tile.
+  static size_t lowrank_resident_bytes(int64_t ldu) { return kBase + size_t(FBM + 64) * ldu * sizeof(float); }
+  static size_t smem_bytes(bool lowrank, int64_t ldu) {
+    return !lowrank ? kBase : ldu > 0 ? lowrank_resident_bytes(ldu) : kLowRankBytes;
+  }
 };
 
 // ------------------------------------------------------------------------------------------ shared tile loads
@@ -404,58 +406,79 @@ __device__ __forceinline__ void split_tf32(F& big, F& small) {
   }
 }
 
+// The forward's per-key-tile product of a warp: d[i][jj] += Ew[rows] Ek[:, cols], n[i][jj] += Ew[rows] Ekv[:, cols]
+// over FBK keys (rows wr0 + 16 i, columns wc0 + 16 jj). The accumulators stay in registers across key tiles.
 template <bool F32OPS>
-struct TcMma;
+struct FwdMma;
 
 template <>
-struct TcMma<false> {  // bf16 operands, fp32 accumulate
+struct FwdMma<false> {  // bf16 operands, fp32 accumulate
   using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
   __device__ __forceinline__ static void run(const __nv_bfloat16* Ew, const __nv_bfloat16* Ek, const __nv_bfloat16* Ekv,
-                                             int wr0, int wc0, Acc (&d)[2], Acc (&n)[2]) {
-    using LA = TcCfg<false>;
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+                                             int wr0, int wc0, bool /*x3*/, Acc (&d)[FFM][FFN], Acc (&n)[FFM][FFN]) {
+    using Cfg = FwdCfg<false>;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a[FFM];
     wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
+#pragma unroll 2
+    for (int kk = 0; kk < FBK; kk += 16) {
 #pragma unroll
-    for (int kk = 0; kk < BK; kk += 16) {
-      wmma::load_matrix_sync(a, Ew + wr0 * LA::LDA + kk, LA::LDA);
+      for (int i = 0; i < FFM; ++i) wmma::load_matrix_sync(a[i], Ew + (wr0 + 16 * i) * Cfg::LDA + kk, Cfg::LDA);
 #pragma unroll
-      for (int jj = 0; jj < 2; ++jj) {
-        wmma::load_matrix_sync(b, Ek + kk * LA::LDB + wc0 + jj * 16, LA::LDB);
-        wmma::mma_sync(d[jj], a, b, d[jj]);
-        wmma::load_matrix_sync(b, Ekv + kk * LA::LDB + wc0 + jj * 16, LA::LDB);
-        wmma::mma_sync(n[jj], a, b, n[jj]);
+      for (int jj = 0; jj < FFN; ++jj) {
+        wmma::load_matrix_sync(b, Ek + kk * Cfg::LDB + wc0 + jj * 16, Cfg::LDB);
+#pragma unroll
+        for (int i = 0; i < FFM; ++i) wmma::mma_sync(d[i][jj], a[i], b, d[i][jj]);
+        wmma::load_matrix_sync(b, Ekv + kk * Cfg::LDB + wc0 + jj * 16, Cfg::LDB);
+#pragma unroll
+        for (int i = 0; i < FFM; ++i) wmma::mma_sync(n[i][jj], a[i], b, n[i][jj]);
       }
     }
   }
 };
 
 template <>
-struct TcMma<true> {  // 3xTF32: fp32 operands split into tf32 big + small parts
+struct FwdMma<true> {  // fp32 operands: 3xTF32 (x3, ~fp32 accuracy) or plain TF32 (~1e-3 relative, 1/3 the MMAs)
   using Acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
   using FA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
   using FB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-  __device__ __forceinline__ static void mma3(Acc& c, const FA& ab, const FA& as, const FB& bb, const FB& bs) {
-    wmma::mma_sync(c, as, bb, c);
-    wmma::mma_sync(c, ab, bs, c);
+  template <typename F>
+  __device__ __forceinline__ static void to_tf32(F& big, F& small, bool x3) {
+    if (x3) {
+      split_tf32(big, small);
+    } else {
+#pragma unroll
+      for (int i = 0; i < big.num_elements; ++i) big.x[i] = wmma::__float_to_tf32(big.x[i]);
+    }
+  }
+  __device__ __forceinline__ static void prod(Acc& c, const FA& ab, const FA& as, const FB& bb, const FB& bs, bool x3) {
+    if (x3) {
+      wmma::mma_sync(c, as, bb, c);
+      wmma::mma_sync(c, ab, bs, c);
+    }
     wmma::mma_sync(c, ab, bb, c);
   }
   __device__ __forceinline__ static void run(const float* Ew, const float* Ek, const float* Ekv, int wr0, int wc0,
-                                             Acc (&d)[2], Acc (&n)[2]) {
-    using LA = TcCfg<true>;
-    FA ab, as;
+                                             bool x3, Acc (&d)[FFM][FFN], Acc (&n)[FFM][FFN]) {
+    using Cfg = FwdCfg<true>;
+    FA ab[FFM], as[FFM];
     FB bb, bs;
 #pragma unroll 2
-    for (int kk = 0; kk < BK; kk += 8) {
-      wmma::load_matrix_sync(ab, Ew + wr0 * LA::LDA + kk, LA::LDA);
-      split_tf32(ab, as);
+    for (int kk = 0; kk < FBK; kk += 8) {
 #pragma unroll
-      for (int jj = 0; jj < 2; ++jj) {
-        wmma::load_matrix_sync(bb, Ek + kk * LA::LDB + wc0 + jj * 16, LA::LDB);
-        split_tf32(bb, bs);
-        mma3(d[jj], ab, as, bb, bs);
-        wmma::load_matrix_sync(bb, Ekv + kk * LA::LDB + wc0 + jj * 16, LA::LDB);
-        split_tf32(bb, bs);
-        mma3(n[jj], ab, as, bb, bs);
+      for (int i = 0; i < FFM; ++i) {
+        wmma::load_matrix_sync(ab[i], Ew + (wr0 + 16 * i) * Cfg::LDA + kk, Cfg::LDA);
+        to_tf32(ab[i], as[i], x3);
+      }
+#pragma unroll
+      for (int jj = 0; jj < FFN; ++jj) {
+        wmma::load_matrix_sync(bb, Ek + kk * Cfg::LDB + wc0 + jj * 16, Cfg::LDB);
+        to_tf32(bb, bs, x3);
+#pragma unroll
+        for (int i = 0; i < FFM; ++i) prod(d[i][jj], ab[i], as[i], bb, bs, x3);
+        wmma::load_matrix_sync(bb, Ekv + kk * Cfg::LDB + wc0 + jj * 16, Cfg::LDB);
+        to_tf32(bb, bs, x3);
+#pragma unroll
+        for (int i = 0; i < FFM; ++i) prod(n[i][jj], ab[i], as[i], bb, bs, x3);
       }
     }
   }
@@ -483,144 +506,222 @@ __host__ __device__ constexpr bool uses_tf32_operands() {
   return !std::is_same<E, __nv_bfloat16>::value;
 }
 
-// E: q/k/v type; WE: w type (or u/vb type when LOWRANK). F32OPS unless E == bf16 (uses_tf32_operands).
+// ---- prepasses of the tensor-core forward: the fixed references r, m and the operands Ek, Ekv (workspace, FwdWs)
+// r[h][t] = max of w[h, t, :] over the keys visible to t and m[h][j] = max_t k of column j = (b, c): then
+// Ew = exp(w - r) <= 1 and Ek = exp(k - m) <= 1 for every visible (t, t'), so the main kernel needs no running
+// rescale. fmaxf skips NaN (it then propagates through Ew or Ek); -inf only where every entry is -inf (masked).
+
+// m[h][j], j = b dh + c: one thread per column of every head.
+template <typename E>
+__global__ void fwd_colmax_kernel(gptr<const E> __restrict__ k, gptr<float> __restrict__ m, int64_t B, int64_t T,
+                                  int64_t D, int64_t dh) {
+  const int64_t ncols = B * dh;
+  AF_GRID_STRIDE(i, (D / dh) * ncols) {
+    const int64_t cb = column_offset(i % ncols, ncols, dh, T, D, i / ncols);
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < T; ++t) mx = fmaxf(mx, static_cast<float>(to_acc(k[cb + t * D])));
+    m[i] = mx;
+  }
+}
+
+// ek[h][t][j] = exp(k - m[h][j]) (0 for a masked key), ekv = ek * v, in the operand type: the B operands of the
+// main kernel in the head-major layout where a column block is contiguous.
+template <typename E, typename Op>
+__global__ void fwd_expkv_kernel(gptr<const E> __restrict__ k, gptr<const E> __restrict__ v,
+                                 gptr<const float> __restrict__ m, gptr<Op> __restrict__ ek, gptr<Op> __restrict__ ekv,
+                                 int64_t B, int64_t T, int64_t D, int64_t dh) {
+  const int64_t ncols = B * dh;
+  AF_GRID_STRIDE(o, B * T * D) {  // o = (h T + t) ncols + j
+    const int64_t j = o % ncols, t = (o / ncols) % T, h = o / (ncols * T);
+    const int64_t src = column_offset(j, ncols, dh, T, D, h) + t * D;
+    const float kk = to_acc(k[src]);
+    // ekv from the rounded ek: num and den then weigh every key alike (one rounding between them, not two)
+    const Op e = from_acc<Op>((kk == -INFINITY) ? 0.f : exp2f((kk - m[h * ncols + j]) * kLog2e));
+    ek[o] = e;
+    store_val(ekv + o, to_acc(e) * static_cast<float>(to_acc(v[src])));
+  }
+}
+
+// r[h][t]: CTA = 64 query rows of head h, the w strips of the main kernel (a low-rank bias builds its tiles once
+// here instead of once per column block there).
+template <typename WE, bool LOWRANK>
+__global__ void __launch_bounds__(NT)
+    fwd_rowmax_kernel(gptr<const WE> __restrict__ w, gptr<const WE> __restrict__ u, gptr<const WE> __restrict__ vbias,
+                      gptr<float> __restrict__ r, int64_t T, int64_t rank, bool causal) {
+  ATTNFREE_DYNAMIC_SHARED(unsigned char, smem, 128);  // low rank: Us[64][LDR], Vs[64][LDR]
+  float* Us = reinterpret_cast<float*>(smem);
+  float* Vs = Us + 64 * LDR;
+  const int64_t h = blockIdx.z, t0 = static_cast<int64_t>(blockIdx.x) * 64;
+  const int wrow = threadIdx.x >> 2, wpart = threadIdx.x & 3;
+  const WSrc<WE, LOWRANK> src = head_bias<WE, LOWRANK>(w, u, vbias, h, T, rank);
+  const int64_t t = t0 + wrow;
+  const int64_t kend = causal ? (t0 + 64 < T ? t0 + 64 : T) : T;
+  float mx = -INFINITY;
+  for (int64_t k0 = 0; k0 < kend; k0 += 64) {
+    float wv[16];
+    bias_strip(src, t0, k0, wrow, wpart, causal, Us, Vs, wv);
+#pragma unroll
+    for (int i = 0; i < 16; ++i)
+      if (key_visible(t, k0 + wpart * 16 + i, T, causal)) mx = fmaxf(mx, wv[i]);
+  }
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+  if (wpart == 0 && t < T) r[h * T + t] = mx;
+}
+
+// ew_row[16 part + i] = exp(w - r) for the keys of the strip visible to row t, 0 elsewhere (-inf in w: masked key).
+template <typename Op>
+__device__ __forceinline__ void exp_w_ref(const float (&wv)[16], int64_t t, int64_t k0, int part, int64_t T,
+                                          bool causal, float r, Op* ew_row) {
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const bool vis = key_visible(t, k0 + part * 16 + i, T, causal) && wv[i] != -INFINITY;
+    store_val(&ew_row[part * 16 + i], vis ? exp2f((wv[i] - r) * kLog2e) : 0.f);
+  }
+}
+
+// E: q/k/v type; WE: w type (or u/vb type when LOWRANK); Op: the operand type (TcCfg). ek, ekv, rref, mref: the
+// prepasses' results. x3: 3xTF32 for fp32 operands (else plain TF32).
 template <typename E, typename WE, bool LOWRANK>
 __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_FWD_MIN_BLOCKS)
     fwd_tc_kernel(gptr<const E> __restrict__ q, gptr<const E> __restrict__ k, gptr<const E> __restrict__ v,
                   gptr<const WE> __restrict__ w, gptr<const WE> __restrict__ u, gptr<const WE> __restrict__ vbias,
-                  gptr<E> __restrict__ y, gptr<float> __restrict__ lse, int64_t B, int64_t T, int64_t D, int64_t dh,
-                  int64_t rank, bool causal) {
+                  gptr<const typename TcCfg<uses_tf32_operands<E>()>::Op> __restrict__ ek,
+                  gptr<const typename TcCfg<uses_tf32_operands<E>()>::Op> __restrict__ ekv,
+                  gptr<const float> __restrict__ rref, gptr<const float> __restrict__ mref, gptr<E> __restrict__ y,
+                  gptr<float> __restrict__ lse, int64_t B, int64_t T, int64_t D, int64_t dh, int64_t rank, bool causal,
+                  bool x3, int ldu) {
 #if AFT_FULL_TC_ARCH
   constexpr bool F32OPS = uses_tf32_operands<E>();
-  using Cfg = TcCfg<F32OPS>;
+  using Cfg = FwdCfg<F32OPS>;
   using Op = typename Cfg::Op;
-  using Mma = TcMma<F32OPS>;
+  using Mma = FwdMma<F32OPS>;
   ATTNFREE_DYNAMIC_SHARED(unsigned char, smem, 128);
   Op* Ew = reinterpret_cast<Op*>(smem);
   Op* Ek = reinterpret_cast<Op*>(smem + Cfg::kEwBytes);
   Op* Ekv = reinterpret_cast<Op*>(smem + Cfg::kEwBytes + Cfg::kEkBytes);
-  float* stage_d = reinterpret_cast<float*>(smem);
-  float* stage_n = stage_d + BM * LDS;
-  float* r2s = reinterpret_cast<float*>(smem + Cfg::kR2);
-  float* m2s = reinterpret_cast<float*>(smem + Cfg::kM2);
-  float* r2l = reinterpret_cast<float*>(smem + Cfg::kR2l);
-  float* m2l = reinterpret_cast<float*>(smem + Cfg::kM2l);
-  float* red = reinterpret_cast<float*>(smem + Cfg::kRed);
-  int64_t* colbase = reinterpret_cast<int64_t*>(smem + Cfg::kCol);
-  float* Ub = reinterpret_cast<float*>(smem + Cfg::kUb);  // element (row, col) is only touched by its owner thread
+  float* r_s = reinterpret_cast<float*>(smem + Cfg::kR);
+  float* m_s = reinterpret_cast<float*>(smem + Cfg::kM);
   float* Us = reinterpret_cast<float*>(smem + Cfg::kUs);
   float* Vs = reinterpret_cast<float*>(smem + Cfg::kVs);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int64_t h = blockIdx.z;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * BM;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * BN;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * FBM;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * FBN;
   const int64_t ncols = B * dh;
+  if (tid < FBM) r_s[tid] = (t0 + tid < T) ? rref[h * T + t0 + tid] : -INFINITY;
+  if (tid < FBN) m_s[tid] = (j0 + tid < ncols) ? mref[h * ncols + j0 + tid] : -INFINITY;
 
-  if (tid < BN) colbase[tid] = column_offset(j0 + tid, ncols, dh, T, D, h);
-
-  // per-thread merge state: column wc0 + lane, rows wr0 + i
-  const int wr0 = (warp >> 1) * 16, wc0 = (warp & 1) * 32;
-  float Mst[16], Sst[16], Ast[16];
+  const int wr0 = (warp / FWN) * 16 * FFM, wc0 = (warp % FWN) * 16 * FFN;
+  typename Mma::Acc dacc[FFM][FFN], nacc[FFM][FFN];
 #pragma unroll
-  for (int i = 0; i < 16; ++i) {
-    Mst[i] = -INFINITY;
-    Sst[i] = 0.f;
-    Ast[i] = 0.f;
-    Ub[(wr0 + i) * BN + wc0 + lane] = -INFINITY;
-  }
+  for (int i = 0; i < FFM; ++i)
+#pragma unroll
+    for (int jj = 0; jj < FFN; ++jj) {
+      wmma::fill_fragment(dacc[i][jj], 0.f);
+      wmma::fill_fragment(nacc[i][jj], 0.f);
+    }
 
   const WSrc<WE, LOWRANK> src = head_bias<WE, LOWRANK>(w, u, vbias, h, T, rank);
-  const int64_t t_last = (t0 + BM < T ? t0 + BM : T) - 1;
-  const int64_t nkt = causal ? (t_last / BK + 1) : (T + BK - 1) / BK;
-
-  // w-tile roles: row wrow, keys wpart*16 .. +16
-  const int wrow = tid >> 2, wpart = tid & 3;
-  // k/v-tile roles: column kcol, keys kg*16 .. +16
-  const int kcol = tid & (BN - 1), kg = tid >> 6;
-
-  __syncthreads();
-
-  for (int64_t kt = 0; kt < nkt; ++kt) {
-    const int64_t k0 = kt * BK;
-    // ---------------- (1) w tile, row max over visible keys, Ew = exp(w - r)
-    float wv[16];
-    const int64_t trow = t0 + wrow;
-    bias_strip(src, t0, k0, wrow, wpart, causal, Us, Vs, wv);
-    const float rmax = exp_w_strip(wv, trow, k0, wpart, T, causal, Ew + wrow * Cfg::LDA);
-    if (wpart == 0) split_log2(rmax, r2s[wrow], r2l[wrow]);
-
-    // ---------------- (2) k, v tile: column max, Ek = exp(k - m), Ekv = Ek * v
-    const int64_t cb = colbase[kcol];
-    const float m = exp_kv_strip(k, v, cb, k0, kg, kcol, T, D, red, Ek, Ekv, Cfg::LDB);
-    if (kg == 0) split_log2((cb >= 0) ? m : -INFINITY, m2s[kcol], m2l[kcol]);
-    __syncthreads();
-
-    // ---------------- (3) tensor-core partial sums d = Ew Ek, n = Ew Ekv
-    typename Mma::Acc dacc[2], nacc[2];
-    zero_strip(dacc);
-    zero_strip(nacc);
-    Mma::run(Ew, Ek, Ekv, wr0, wc0, dacc, nacc);
-    __syncthreads();  // operands are dead: the staging buffers alias them
-    store_strip(stage_d, dacc, wr0, wc0);
-    store_strip(stage_n, nacc, wr0, wc0);
-    __syncwarp();
-
-    // ---------------- (4) tile-wise renormalisation (log2 units)
-    // The tile's scale (r + m) log2 e as s2 + s2l (two floats): lse carries the stabiliser M unrounded, and with
-    // |r + m| ~ 300 one rounding of s2 alone would cost ~3e-5 relative in every P = exp(k + w - lse) of the
-    // backward. s2 - M is exact wherever the term matters (Sterbenz: M / 2 <= s2 <= M when |M| is large).
-    const float mc = m2s[wc0 + lane], mcl = m2l[wc0 + lane];
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      const int row = wr0 + i;
-      const float dd = stage_d[row * LDS + wc0 + lane];
-      const float nn = stage_n[row * LDS + wc0 + lane];
-      const float rr = r2s[row];
-      const float s2 = rr + mc;
-      const bool ok = dd >= kLostThresh;
-      const int e = ((__float_as_int(dd) >> 23) & 0xff) - 127;  // floor(log2 d) where ok (d normal)
-      const float Mn = ok ? fmaxf(Mst[i], s2 + static_cast<float>(e)) : Mst[i];
-      // the running max rarely grows after the first tiles: skip the rescale exp when no lane of the warp needs it
-      // (all 32 lanes are converged here; Mn == M gives al = 1, and M = Mn = -inf must not compute -inf - -inf)
-      const bool grow = Mn > Mst[i];
-      float al = 1.f;
-      if (__any_sync(0xffffffffu, grow)) al = grow ? exp2f(Mst[i] - Mn) : 1.f;
-      const float s2l = ok ? two_sum_err(rr, mc, s2) + (r2l[row] + mcl) : 0.f;  // ok: every term finite
-      const float be = ok ? exp2f((s2 - Mn) + s2l) : 0.f;
-      Sst[i] = fmaf(Sst[i], al, dd * be);
-      Ast[i] = fmaf(Ast[i], al, nn * be);
-      Mst[i] = Mn;
-      if (!ok && s2 > -INFINITY) {  // tile not merged: remember an upper bound of its contribution
-        float* ub = &Ub[row * BN + wc0 + lane];
-        *ub = fmaxf(*ub, s2 + kLog2BK);
+  const int64_t kend = causal ? (t0 + FBM < T ? t0 + FBM : T) : T;  // causal: keys up to the last query row
+  const int wrow = tid >> 2, wpart = tid & 3;                       // w-strip roles: row, keys 16 wpart .. + 16
+  gptr<const Op> ekh = ek + h * T * ncols;
+  gptr<const Op> ekvh = ekv + h * T * ncols;
+  if constexpr (LOWRANK) {
+    if (ldu > 0) {  // resident factors: the CTA's rows of u, once
+      for (int64_t e = tid; e < FBM * rank; e += NT) {
+        const int64_t rr = e / rank, c = e % rank;
+        Us[rr * ldu + c] = (t0 + rr < T) ? static_cast<float>(to_acc(src.u[(t0 + rr) * rank + c])) : 0.f;
       }
     }
-    __syncthreads();  // before the next tile overwrites operands / r2s / m2s
+  }
+  __syncthreads();
+
+  for (int64_t k0 = 0; k0 < kend; k0 += FBK) {
+    // (1) Ew = exp(w - r) over the visible keys, FBM / 64 strips of 64 rows
+    bool resident = false;
+    if constexpr (LOWRANK) resident = ldu > 0;
+    if (resident) {  // low rank, factors resident: this key tile of vb, then both strips from shared memory
+      float* Vt = Us + FBM * ldu;
+      for (int64_t e = tid; e < 64 * rank; e += NT) {
+        const int64_t kk = e / rank, c = e % rank;
+        Vt[kk * ldu + c] = (k0 + kk < T) ? static_cast<float>(to_acc(src.vb[(k0 + kk) * rank + c])) : 0.f;
+      }
+      __syncthreads();
+#pragma unroll 1
+      for (int p = 0; p < FBM / 64; ++p) {
+        const int row = p * 64 + wrow;
+        float wv[16];
+#pragma unroll
+        for (int i = 0; i < 16; ++i) wv[i] = 0.f;
+        const float* ur = Us + row * ldu;
+        const float* vr = Vt + wpart * 16 * ldu;
+        // the same fmaf order over the ranks as lowrank_tile (the prepass's row maxima bound these values exactly)
+#pragma unroll 1
+        for (int r = 0; r < ldu - 1; ++r) {  // ldu - 1 = rank
+          const float uu = ur[r];
+#pragma unroll
+          for (int i = 0; i < 16; ++i) wv[i] = fmaf(uu, vr[i * ldu + r], wv[i]);
+        }
+        exp_w_ref(wv, t0 + row, k0, wpart, T, causal, r_s[row], Ew + row * Cfg::LDA);
+      }
+    } else {
+#pragma unroll 1
+      for (int p = 0; p < FBM / 64; ++p) {
+        const int row = p * 64 + wrow;
+        float wv[16];
+        bias_strip(src, t0 + p * 64, k0, wrow, wpart, causal, Us, Vs, wv);
+        exp_w_ref(wv, t0 + row, k0, wpart, T, causal, r_s[row], Ew + row * Cfg::LDA);
+      }
+    }
+    // (2) the Ek, Ekv tiles (0 past the last key / column)
+#pragma unroll 4
+    for (int e = tid; e < FBK * FBN; e += NT) {
+      const int key = e / FBN, col = e % FBN;
+      const int64_t tk = k0 + key, j = j0 + col;
+      const bool ok = tk < T && j < ncols;
+      store_val(&Ek[key * Cfg::LDB + col], ok ? to_acc(ekh[tk * ncols + j]) : 0.f);
+      store_val(&Ekv[key * Cfg::LDB + col], ok ? to_acc(ekvh[tk * ncols + j]) : 0.f);
+    }
+    __syncthreads();
+    // (3) den += Ew Ek, num += Ew Ekv
+    Mma::run(Ew, Ek, Ekv, wr0, wc0, x3, dacc, nacc);
+    __syncthreads();  // before the next tile (or the epilogue's scratch) overwrites the operands
   }
 
-  // ---------------- epilogue
-  const int64_t cb = colbase[wc0 + lane];
-  if (cb < 0) return;
+  // ---------------- epilogue: per fragment pair through a per-warp scratch (aliases the dead operands)
+  float* sc = reinterpret_cast<float*>(smem) + warp * 512;
 #pragma unroll
-  for (int i = 0; i < 16; ++i) {
-    const int64_t t = t0 + wr0 + i;
-    if (t < T) {
-      const float S = Sst[i];
-      const float lg = (S > 0.f) ? log2f(S) : 0.f;
-      const float Mtot = (S > 0.f) ? Mst[i] + lg : -INFINITY;
-      float z, l;
-      if (S > 0.f && !(Ub[(wr0 + i) * BN + wc0 + lane] > Mtot - kFallbackMargin)) {
-        z = Ast[i] / S;
-        l = static_cast<float>((static_cast<double>(Mst[i]) + static_cast<double>(lg)) * kLn2d);  // one rounding
-      } else {  // rare: a tile that may matter was lost (or nothing was merged): exact per-element recompute
-        const float2 zl = fallback_element<E, WE, LOWRANK>(k, v, w, u, vbias, T, D, h, t, cb, rank, causal);
-        z = zl.x;
-        l = zl.y;
+  for (int fm = 0; fm < FFM; ++fm) {
+#pragma unroll
+    for (int fn = 0; fn < FFN; ++fn) {
+      wmma::store_matrix_sync(sc, dacc[fm][fn], 16, wmma::mem_row_major);
+      wmma::store_matrix_sync(sc + 256, nacc[fm][fn], 16, wmma::mem_row_major);
+      __syncwarp();
+#pragma unroll 1
+      for (int e = lane; e < 256; e += 32) {
+        const int row = wr0 + 16 * fm + e / 16, col = wc0 + 16 * fn + e % 16;
+        const int64_t t = t0 + row, j = j0 + col;
+        if (t < T && j < ncols) {
+          const int64_t cb = column_offset(j, ncols, dh, T, D, h), o = cb + t * D;
+          const float den = sc[e], nvis = static_cast<float>(causal ? t + 1 : T);
+          float z, l;
+          if (!(den < nvis * kLostRel) &&
+              (F32OPS || LOWRANK || !causal || nvis >= kFewKeys)) {  // NaN takes this branch
+            z = sc[256 + e] / den;
+            l = static_cast<float>(static_cast<double>(r_s[row]) + static_cast<double>(m_s[col]) +
+                                   static_cast<double>(log2f(den)) * kLn2d);
+          } else {  // rare: terms lost to underflow may matter (or nothing is visible): exact recompute
+            const float2 zl = fallback_element<E, WE, LOWRANK>(k, v, w, u, vbias, T, D, h, t, cb, rank, causal);
+            z = zl.x;
+            l = zl.y;
+          }
+          y[o] = from_acc<E>(af_sigmoid(to_acc(q[o])) * z);
+          lse[o] = l;
+        }
       }
-      const int64_t o = cb + t * D;
-      y[o] = from_acc<E>(af_sigmoid(to_acc(q[o])) * z);
-      lse[o] = l;
+      __syncwarp();  // before the next fragment pair overwrites the scratch
     }
   }
 #else
@@ -1190,22 +1291,77 @@ inline bool aft_full_tc_supported() {
   return major >= 8;
 }
 
+// Workspace of the tensor-core forward (byte offsets): ek, ekv [heads][T][B dh] in the operand type (bf16 for
+// bf16 inputs, fp32 otherwise), r [heads][T] and m [heads][B dh] fp32. O(B T D + heads T), never T x T.
+struct FwdWs {
+  size_t ek, ekv, r, m, total;
+};
+inline size_t align256(size_t x) { return (x + 255) / 256 * 256; }
+inline FwdWs fwd_ws_layout(bool f32ops, int64_t B, int64_t T, int64_t D, int64_t heads) {
+  const size_t n = static_cast<size_t>(B * T * D) * (f32ops ? sizeof(float) : sizeof(__nv_bfloat16));
+  FwdWs l;
+  l.ek = 0;
+  l.ekv = align256(n);
+  l.r = l.ekv + align256(n);
+  l.m = l.r + align256(static_cast<size_t>(heads * T) * sizeof(float));
+  l.total = l.m + align256(static_cast<size_t>(B * D) * sizeof(float));
+  return l;
+}
+inline size_t fwd_tc_workspace_bytes(DType dt, int64_t B, int64_t T, int64_t D, int64_t heads, bool exact) {
+  if (exact || dt == DType::Float64 || B <= 0 || T <= 0 || D <= 0 || heads <= 0) return 0;
+  return fwd_ws_layout(dt != DType::BFloat16, B, T, D, heads).total;
+}
+
+// The prepasses (column maxima, Ek / Ekv, row maxima) and the main kernel; ws: fwd_ws_layout's bytes. x3: 3xTF32
+// for float32 inputs (fp16 inputs always take it: plain TF32 would not keep their precision).
 template <typename E, typename WE, bool LOWRANK>
 cudaError_t launch_tc(const void* q, const void* k, const void* v, const void* w, const void* u, const void* vb,
                       void* y, void* lse, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t rank, bool causal,
-                      cudaStream_t s) {
+                      bool x3, void* ws, cudaStream_t s) {
   constexpr bool F32OPS = uses_tf32_operands<E>();
-  const size_t smem = TcCfg<F32OPS>::smem_bytes(LOWRANK);
-  auto kern = fwd_tc_kernel<E, WE, LOWRANK>;
-  cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  const int64_t dh = D / heads;
-  dim3 grid(blocks_for(B * dh, BN), blocks_for(T, BM), static_cast<unsigned>(heads));
+  using Op = typename TcCfg<F32OPS>::Op;
+  if (ws == nullptr) return cudaErrorInvalidValue;
+  const int64_t dh = D / heads, ncols = B * dh;
+  const dim3 grid(blocks_for(ncols, FBN), blocks_for(T, FBM), static_cast<unsigned>(heads));
   if (grid.y > 65535u || grid.z > 65535u) return cudaErrorInvalidConfiguration;
-  ATTNFREE_LAUNCH(kern, grid, NT, smem, s)(static_cast<const E*>(q), static_cast<const E*>(k), static_cast<const E*>(v),
-                                           static_cast<const WE*>(w), static_cast<const WE*>(u),
-                                           static_cast<const WE*>(vb), static_cast<E*>(y), static_cast<float*>(lse), B,
-                                           T, D, dh, rank, causal);
+  const FwdWs l = fwd_ws_layout(F32OPS, B, T, D, heads);
+  unsigned char* base = static_cast<unsigned char*>(ws);
+  Op* ek = reinterpret_cast<Op*>(base + l.ek);
+  Op* ekv = reinterpret_cast<Op*>(base + l.ekv);
+  float* r = reinterpret_cast<float*>(base + l.r);
+  float* m = reinterpret_cast<float*>(base + l.m);
+  const E* ke = static_cast<const E*>(k);
+  ATTNFREE_LAUNCH((fwd_colmax_kernel<E>), grid_for(heads * ncols, 256), 256, 0, s)(ke, m, B, T, D, dh);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  ATTNFREE_LAUNCH((fwd_expkv_kernel<E, Op>), grid_for(B * T * D, 256), 256, 0, s)(
+      ke, static_cast<const E*>(v), static_cast<const float*>(m), ek, ekv, B, T, D, dh);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const size_t rsmem = LOWRANK ? 2 * size_t(64) * LDR * sizeof(float) : 0;
+  ATTNFREE_LAUNCH((fwd_rowmax_kernel<WE, LOWRANK>), dim3(blocks_for(T, 64), 1, static_cast<unsigned>(heads)), NT, rsmem,
+                  s)(static_cast<const WE*>(w), static_cast<const WE*>(u), static_cast<const WE*>(vb), r, T, rank,
+                     causal);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  // low rank: keep the factors resident in shared memory where they fit next to the operands
+  int ldu = 0;
+  if (LOWRANK && rank > 0) {
+    int dev = 0, optin = 0;
+    if (cudaGetDevice(&dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess &&
+        FwdCfg<F32OPS>::lowrank_resident_bytes(rank + 1) <= static_cast<size_t>(optin))
+      ldu = static_cast<int>(rank + 1);
+  }
+  const size_t smem = FwdCfg<F32OPS>::smem_bytes(LOWRANK, ldu);
+  auto kern = fwd_tc_kernel<E, WE, LOWRANK>;
+  err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  ATTNFREE_LAUNCH(kern, grid, NT, smem, s)(
+      static_cast<const E*>(q), ke, static_cast<const E*>(v), static_cast<const WE*>(w), static_cast<const WE*>(u),
+      static_cast<const WE*>(vb), static_cast<const Op*>(ek), static_cast<const Op*>(ekv), static_cast<const float*>(r),
+      static_cast<const float*>(m), static_cast<E*>(y), static_cast<float*>(lse), B, T, D, dh, rank, causal,
+      x3 || !std::is_same<E, float>::value, ldu);
   return cudaGetLastError();
 }
 
@@ -1352,11 +1508,14 @@ cudaError_t dispatch(DType dt, DType w_dt, F&& f) {
 
 using namespace aft_full_detail;
 
-size_t aft_full_fwd_workspace_bytes(DType, int64_t, int64_t, int64_t, int64_t, bool, bool) { return 0; }
+size_t aft_full_fwd_workspace_bytes(DType dt, int64_t B, int64_t T, int64_t D, int64_t heads, bool /*causal*/,
+                                    bool exact) {
+  return fwd_tc_workspace_bytes(dt, B, T, D, heads, exact);
+}
 
 cudaError_t aft_full_fwd(DType dt, DType w_dt, const void* q, const void* k, const void* v, const void* w, void* y,
                          void* lse, int64_t B, int64_t T, int64_t D, int64_t heads, bool causal, bool exact,
-                         void* /*workspace*/, cudaStream_t stream) {
+                         bool tf32x3, void* workspace, cudaStream_t stream) {
   if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
   if (heads <= 0 || D % heads != 0) return cudaErrorInvalidValue;
   exact = exact || !aft_full_tc_supported();
@@ -1368,7 +1527,8 @@ cudaError_t aft_full_fwd(DType dt, DType w_dt, const void* q, const void* k, con
     } else {
       if (exact)
         return launch_exact<E, WE, false>(q, k, v, w, nullptr, nullptr, y, lse, B, T, D, heads, 0, causal, stream);
-      return launch_tc<E, WE, false>(q, k, v, w, nullptr, nullptr, y, lse, B, T, D, heads, 0, causal, stream);
+      return launch_tc<E, WE, false>(q, k, v, w, nullptr, nullptr, y, lse, B, T, D, heads, 0, causal, tf32x3, workspace,
+                                     stream);
     }
   });
 }
@@ -1441,17 +1601,21 @@ cudaError_t lowrank_factors(const void* u, const void* vb, void* ws, int64_t n, 
   }
 }
 
-size_t aft_full_lowrank_fwd_workspace_bytes(DType dt, int64_t /*B*/, int64_t T, int64_t /*D*/, int64_t heads,
-                                            int64_t rank, bool /*causal*/, bool /*exact*/) {
-  return lowrank_factor_bytes(dt, T, heads, rank);
+// The fp32 factors (16-bit inputs), then the tensor-core forward's workspace (fwd_ws_layout).
+size_t aft_full_lowrank_fwd_workspace_bytes(DType dt, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t rank,
+                                            bool /*causal*/, bool exact) {
+  return align256(lowrank_factor_bytes(dt, T, heads, rank)) + fwd_tc_workspace_bytes(dt, B, T, D, heads, exact);
 }
 
 cudaError_t aft_full_lowrank_fwd(DType dt, DType w_dt, const void* q, const void* k, const void* v, const void* u,
                                  const void* vb, void* y, void* lse, int64_t B, int64_t T, int64_t D, int64_t heads,
-                                 int64_t rank, bool causal, bool exact, void* workspace, cudaStream_t stream) {
+                                 int64_t rank, bool causal, bool exact, bool tf32x3, void* workspace,
+                                 cudaStream_t stream) {
   if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
   if (heads <= 0 || D % heads != 0 || rank < 0) return cudaErrorInvalidValue;
-  if (workspace == nullptr && lowrank_factor_bytes(dt, T, heads, rank) > 0) return cudaErrorInvalidValue;
+  if (workspace == nullptr && aft_full_lowrank_fwd_workspace_bytes(dt, B, T, D, heads, rank, causal, exact) > 0)
+    return cudaErrorInvalidValue;
+  void* fwd_ws = static_cast<unsigned char*>(workspace) + align256(lowrank_factor_bytes(dt, T, heads, rank));
   exact = exact || !aft_full_tc_supported();
   return dispatch(dt, w_dt, [&](auto e, auto we) -> cudaError_t {
     using E = decltype(e);
@@ -1465,7 +1629,8 @@ cudaError_t aft_full_lowrank_fwd(DType dt, DType w_dt, const void* q, const void
     } else {
       if (exact)
         return launch_exact<E, A, true>(q, k, v, nullptr, uk, vk, y, lse, B, T, D, heads, rank, causal, stream);
-      return launch_tc<E, A, true>(q, k, v, nullptr, uk, vk, y, lse, B, T, D, heads, rank, causal, stream);
+      return launch_tc<E, A, true>(q, k, v, nullptr, uk, vk, y, lse, B, T, D, heads, rank, causal, tf32x3, fwd_ws,
+                                   stream);
     }
   });
 }

@@ -7,6 +7,7 @@
 // converted once to the accumulate type. dw (du, dvb) come back with w's (u's, vb's) dtype and shape. lse is
 // float32 (float64 for float64 inputs).
 // ATTNFREE_AFT_FULL_KERNEL=exact (common/env.h) selects the per-element kernels instead of the tensor-core ones.
+// float32 forward: torch.get_float32_matmul_precision() "highest" -> 3xTF32, "high" / "medium" -> plain TF32.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -22,6 +23,9 @@ namespace {
 using namespace attnfree::binding;
 
 bool exact_kernels() { return attnfree::aft_full_kernel() == attnfree::AftFullKernel::Exact; }
+
+// float32 inputs: 3xTF32 products unless torch.get_float32_matmul_precision() allows TF32 ("high", "medium").
+bool tf32x3() { return at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST; }
 
 // q, k, v and the dense bias w (common/checks.h), on CUDA. Returns heads.
 int64_t check_full_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w) {
@@ -77,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> aft_full_fwd_cuda(const at::Tensor& q, const 
                [&](void* ws, cudaStream_t stream) {
                  return attnfree::cuda::aft_full_fwd(in.dtype, dtype_of(wc), in.q.data_ptr(), in.k.data_ptr(),
                                                      in.v.data_ptr(), wc.data_ptr(), y.data_ptr(), lse.data_ptr(), in.B,
-                                                     in.T, in.D, heads, causal, exact, ws, stream);
+                                                     in.T, in.D, heads, causal, exact, tf32x3(), ws, stream);
                });
   return {y, lse};
 }
@@ -124,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor> aft_full_lowrank_fwd_cuda(const at::Tensor& q
       in.q, [&](void* ws, cudaStream_t stream) {
         return attnfree::cuda::aft_full_lowrank_fwd(
             in.dtype, dtype_of(uc), in.q.data_ptr(), in.k.data_ptr(), in.v.data_ptr(), uc.data_ptr(), vbc.data_ptr(),
-            y.data_ptr(), lse.data_ptr(), in.B, in.T, in.D, heads, rank, causal, exact, ws, stream);
+            y.data_ptr(), lse.data_ptr(), in.B, in.T, in.D, heads, rank, causal, exact, tf32x3(), ws, stream);
       });
   return {y, lse};
 }

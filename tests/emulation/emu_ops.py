@@ -65,6 +65,11 @@ def _exact() -> bool:
     return os.environ.get("ATTNFREE_AFT_FULL_KERNEL", "").lower() == "exact"
 
 
+def _tf32x3() -> bool:
+    """What the torch binding passes: 3xTF32 for float32 unless the matmul precision allows TF32."""
+    return torch.get_float32_matmul_precision() == "highest"
+
+
 # ------------------------------------------------------------------------------------------------ aft_simple
 # Packed sequences (cu_seqlens, csrc/aft_simple/aft_simple.h): the launchers get (N, a bound on the longest
 # sequence) and the int64 offsets, as the binding aft_simple_cuda.cpp passes them.
@@ -376,6 +381,7 @@ def aft_full_fwd(q, k, v, w, causal):
         heads,
         bool(causal),
         ex,
+        _tf32x3(),
         emu.Scratch("workspace", ws),
     )
     return r.outputs["y"], r.outputs["lse"]
@@ -438,6 +444,7 @@ def aft_full_lowrank_fwd(q, k, v, u, vb, causal):
         rank,
         bool(causal),
         ex,
+        _tf32x3(),
         emu.Scratch("workspace", ws),
     )
     return r.outputs["y"], r.outputs["lse"]

@@ -947,3 +947,48 @@ def test_tiled_whole_tile_redo_and_decline(path, rows):
     w[0, rows] *= 1e3
     q, k, v, w = (x.to(torch.float32) for x in (q, k, v, w))
     contract.check_all(path, OP, q, k, v, w, T, False, 2e-3, 2e-3, tol_lse=1e-6)
+
+
+@pytest.mark.paths("emulation", "cuda")
+@pytest.mark.parametrize("op", [OP, "aft_full_lowrank"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_float32_follows_matmul_precision(path, op, causal):
+    """float32 forward: 3xTF32 under get_float32_matmul_precision() "highest" (~1e-6 relative), plain TF32 under
+    "high" (~1e-3): the binding's flag reaches the tensor-core launcher."""
+    B, T, D, heads = 2, 70, 16, 2
+    q, k, v, w = qkvw(B, T, D, heads, torch.float32, w_scale=0.5)
+    if op == OP:
+        args = (w,)
+        y_ref = oracles.aft(q.double(), k.double(), v.double(), w.double(), causal)
+    else:
+        u = rand(heads, T, 3, dtype=torch.float32) * 0.5
+        vb = rand(heads, T, 3, dtype=torch.float32) * 0.5
+        args = (u, vb)
+        y_ref = oracles.aft(q.double(), k.double(), v.double(), u.double() @ vb.double().transpose(-1, -2), causal)
+    errs = {}
+    old = torch.get_float32_matmul_precision()
+    try:
+        for prec in ("highest", "high"):
+            torch.set_float32_matmul_precision(prec)
+            y, _ = path.fwd(op, q, k, v, *args, causal)
+            errs[prec] = (y.double() - y_ref).abs().max().item() / y_ref.abs().max().item()
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert errs["highest"] < 2e-6, errs
+    assert 1e-5 < errs["high"] < 5e-3, errs
+
+
+@pytest.mark.paths("emulation", "cuda")
+@pytest.mark.parametrize("rank", [37, 300])
+@pytest.mark.parametrize("causal", [False, True])
+def test_lowrank_forward_factors_resident_or_chunked(path, rank, causal):
+    """The tensor-core forward keeps the factors in shared memory when they fit (rank 37) and builds its w tiles
+    from 32-rank chunks otherwise (rank 300): both against the float64 oracle."""
+    B, T, D, heads = 1, 70, 8, 2
+    q, k, v, _ = qkvw(B, T, D, heads, torch.float32)
+    u, vb = _factors(T, heads, rank, torch.float32)
+    u, vb = u * (4 / rank) ** 0.5, vb * (4 / rank) ** 0.5  # |w| ~ 1 at any rank
+    y, lse = path.fwd("aft_full_lowrank", q, k, v, u, vb, causal)
+    y_ref = oracles.aft(q, k, v, u.double() @ vb.double().transpose(-1, -2), causal)
+    assert err(y, y_ref) < 1e-5
+    assert torch.isfinite(lse).all()

@@ -71,9 +71,10 @@ uint64_t emu_aft_full_bwd_ws(int64_t dt, int64_t B, int64_t T, int64_t D, int64_
   return ac::aft_full_bwd_workspace_bytes(DType(dt), B, T, D, heads, causal != 0, exact != 0);
 }
 int emu_aft_full_fwd(int64_t dt, int64_t wdt, const void* q, const void* k, const void* v, const void* w, void* y,
-                     void* lse, int64_t B, int64_t T, int64_t D, int64_t heads, int causal, int exact, void* ws) {
-  return ac::aft_full_fwd(DType(dt), DType(wdt), q, k, v, w, y, lse, B, T, D, heads, causal != 0, exact != 0, ws,
-                          nullptr);
+                     void* lse, int64_t B, int64_t T, int64_t D, int64_t heads, int causal, int exact, int tf32x3,
+                     void* ws) {
+  return ac::aft_full_fwd(DType(dt), DType(wdt), q, k, v, w, y, lse, B, T, D, heads, causal != 0, exact != 0,
+                          tf32x3 != 0, ws, nullptr);
 }
 int emu_aft_full_bwd(int64_t dt, int64_t wdt, const void* dy, const void* q, const void* k, const void* v,
                      const void* w, const void* y, const void* lse, void* dq, void* dk, void* dv, void* dw, int64_t B,
@@ -92,9 +93,9 @@ uint64_t emu_aft_full_lowrank_bwd_ws(int64_t dt, int64_t B, int64_t T, int64_t D
 }
 int emu_aft_full_lowrank_fwd(int64_t dt, int64_t wdt, const void* q, const void* k, const void* v, const void* u,
                              const void* vb, void* y, void* lse, int64_t B, int64_t T, int64_t D, int64_t heads,
-                             int64_t rank, int causal, int exact, void* ws) {
+                             int64_t rank, int causal, int exact, int tf32x3, void* ws) {
   return ac::aft_full_lowrank_fwd(DType(dt), DType(wdt), q, k, v, u, vb, y, lse, B, T, D, heads, rank, causal != 0,
-                                  exact != 0, ws, nullptr);
+                                  exact != 0, tf32x3 != 0, ws, nullptr);
 }
 int emu_aft_full_lowrank_bwd(int64_t dt, int64_t wdt, const void* dy, const void* q, const void* k, const void* v,
                              const void* u, const void* vb, const void* y, const void* lse, void* dq, void* dk,
