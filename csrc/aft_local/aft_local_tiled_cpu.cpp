@@ -20,11 +20,13 @@
 // each, in a fixed order.
 #include "aft_local/aft_local_tiled.h"
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "common/cpu_simd.h"
@@ -76,47 +78,25 @@ void exact_union(const float* kcol, const float* vcol, int64_t D, const float* w
   }
 }
 
-// the final merge of the band part (offset o, sums n, d) with the far state (Mf, Sf, Af); writes y and lse
+// the final merge of the band part (offset o, sums n, d) with the far state (Mf, Sf, Af); writes y and lse.
+// Both parts are summed against the larger offset, max(o, Mf): its own weight is 1 (0 when that offset is -inf,
+// nothing visible at all) and the other's exp(min - max), one exponential; S stays in [d, d + T] or [Sf, Sf + d],
+// never 0 unless nothing is visible (y = 0, lse = -inf). A NaN offset reaches min and S, hence y and lse.
 AF_AVX2 void finish(__m256 o, __m256 n, __m256 d, __m256 Mf, __m256 Sf, __m256 Af, __m256 q, float* yp, float* lp,
                     int64_t cnt) {
-  const __m256 l = _mm256_add_ps(o, vlog(d));
-  const __m256 M = vmax_keep(Mf, l);
-  const __m256 Ms = vsafe_off(M);
-  const __m256 e1 = vexp(_mm256_sub_ps(o, Ms));
-  const __m256 e2 = vexp(_mm256_sub_ps(Mf, Ms));
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256 hi = vmax_keep(Mf, o);  // NaN-ignoring
+  const __m256 Ms = vsafe_off(hi);
+  const __m256 es = vexp(_mm256_sub_ps(_mm256_min_ps(Mf, o), Ms));                               // NaN in o: NaN
+  const __m256 eb = _mm256_andnot_ps(_mm256_cmp_ps(hi, ninf, _CMP_EQ_OQ), _mm256_set1_ps(1.f));  // 0 if -inf
+  const __m256 band_hi = _mm256_cmp_ps(o, Mf, _CMP_GE_OQ);
+  const __m256 e1 = _mm256_blendv_ps(es, eb, band_hi), e2 = _mm256_blendv_ps(eb, es, band_hi);
   const __m256 S = _mm256_fmadd_ps(d, e1, _mm256_mul_ps(Sf, e2));
   const __m256 A = _mm256_fmadd_ps(n, e1, _mm256_mul_ps(Af, e2));
   storen(lp, _mm256_add_ps(Ms, vlog(S)), cnt);
   __m256 y = _mm256_mul_ps(vsigmoid(q), _mm256_div_ps(A, S));
   y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(S, _mm256_setzero_ps(), _CMP_EQ_OQ));
   storen(yp, y, cnt);
-}
-
-// NR rows x 8 channels of the union product: n, d = sum_J s_J * (Ew_J @ [XV_J | XE_J])
-template <int NR>
-AF_AVX2 void union_block(const float* Ew, int64_t ldE, const float* XV, const float* XE, int64_t D, const float* sJ,
-                         int64_t nsc, int64_t c, int64_t cnt, int64_t u0, int64_t u1, __m256* n, __m256* d) {
-  for (int r = 0; r < NR; ++r) n[r] = d[r] = _mm256_setzero_ps();
-  for (int64_t j0 = u0; j0 < u1; j0 += kTau) {
-    const int64_t j1 = std::min(u1, j0 + kTau);
-    __m256 tn[NR], td[NR];
-    for (int r = 0; r < NR; ++r) tn[r] = td[r] = _mm256_setzero_ps();
-    for (int64_t tp = j0; tp < j1; ++tp) {
-      const __m256 xv = loadn(XV + tp * D + c, cnt);
-      const __m256 xe = loadn(XE + tp * D + c, cnt);
-      const float* er = Ew + (tp - u0);
-      for (int r = 0; r < NR; ++r) {
-        const __m256 e = _mm256_broadcast_ss(er + r * ldE);
-        tn[r] = _mm256_fmadd_ps(e, xv, tn[r]);
-        td[r] = _mm256_fmadd_ps(e, xe, td[r]);
-      }
-    }
-    const __m256 s = loadn(sJ + ((j0 - u0) / kTau) * nsc + c, cnt);
-    for (int r = 0; r < NR; ++r) {
-      n[r] = _mm256_fmadd_ps(tn[r], s, n[r]);
-      d[r] = _mm256_fmadd_ps(td[r], s, d[r]);
-    }
-  }
 }
 
 // Rows of query tile [i0, i0 + ni) against the keys [u0, u1) of its union, row stride u1 - u0 (kTau rows):
@@ -170,55 +150,102 @@ void build_rows(const float* w, bool banded, int64_t T, int64_t h, int64_t windo
   }
 }
 
+// One running-max state (M, S, A) per (b, channel) and key tile: the far term's prefix / suffix scans.
+struct FarScan {
+  std::vector<float> M, S, A;  // (B, nt + 1, D): entry J = the state of tiles [0, J) (prefix) or [J, nt) (suffix)
+};
+
+// (M, S, A) <- (M, S, A) merged with (mj, sj, aj); a masked side (max -inf) weighs exactly 0, never inf * 0
+AF_AVX2 void merge_state(__m256& M, __m256& S, __m256& A, __m256 mj, __m256 sj, __m256 aj) {
+  const __m256 M2 = vmax_keep(M, mj);
+  const __m256 off = vsafe_off(M2);
+  const __m256 e1 = vexp(_mm256_sub_ps(M, off));
+  const __m256 e2 = vexp(_mm256_sub_ps(mj, off));
+  S = _mm256_fmadd_ps(S, e1, _mm256_mul_ps(sj, e2));
+  A = _mm256_fmadd_ps(A, e1, _mm256_mul_ps(aj, e2));
+  M = M2;
+}
+
 __attribute__((target("avx2,fma"))) void fwd(const float* __restrict__ q, const float* __restrict__ k,
                                              const float* __restrict__ v, const float* __restrict__ w,
                                              float* __restrict__ y, float* __restrict__ lse, int64_t B, int64_t T,
                                              int64_t D, int64_t H, int64_t window, bool causal, bool banded) {
   const int64_t nt = (T + kTau - 1) / kTau;
   const int64_t Dh = D / H;
+  const int64_t N2 = 2 * B * Dh;  // one key row of XX for one head: per b, [XV | XE] over the head's channels
   const float ninf = -std::numeric_limits<float>::infinity();
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  std::vector<float> XE(B * T * D), XV(B * T * D);
+  // XX (H, T, B, 2, Dh): X = exp(k - m_J), XV = X * v; key rows of all batches side by side, so that one GEMM
+  // takes a key tile against every column of a head (w is shared over the batch). Every element is written.
+  const std::unique_ptr<float[]> XX(new float[H * T * N2]);
   std::vector<float> tm(B * nt * D), tS(B * nt * D), tA(B * nt * D);  // per key tile: max, sums
   std::vector<unsigned char> bad(B * nt, 0);                          // tile holds a NaN in k or v
 
-  // pass 0: per (b, key tile) the offsets, XE = exp(k - m), XV = XE * v, the tile sums and the NaN flag
+  // pass 0: per (b, key tile) the offsets, X, XV, the tile sums and the NaN flag
   at::parallel_for(0, B * nt, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / nt, J = p % nt;
       const int64_t j0 = J * kTau, j1 = std::min(T, j0 + kTau);
-      float* m = tm.data() + p * D;
-      float* sE = tS.data() + p * D;
-      float* sV = tA.data() + p * D;
       __m256 nanacc = _mm256_setzero_ps();
-      for (int64_t c = 0; c < D; c += 8) {
-        const int64_t cnt = D - c;
-        __m256 mx = _mm256_set1_ps(ninf);
-        for (int64_t tp = j0; tp < j1; ++tp) {
-          const __m256 kv = loadn(k + (b * T + tp) * D + c, cnt);
-          const __m256 vv = loadn(v + (b * T + tp) * D + c, cnt);
-          nanacc = _mm256_or_ps(nanacc, _mm256_cmp_ps(kv, vv, _CMP_UNORD_Q));
-          mx = vmax_keep(mx, kv);
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t c = 0; c < Dh; c += 8) {
+          const int64_t cnt = std::min<int64_t>(8, Dh - c), hc = h * Dh + c;
+          __m256 mx = _mm256_set1_ps(ninf);
+          for (int64_t tp = j0; tp < j1; ++tp) {
+            const __m256 kv = loadn(k + (b * T + tp) * D + hc, cnt);
+            const __m256 vv = loadn(v + (b * T + tp) * D + hc, cnt);
+            nanacc = _mm256_or_ps(nanacc, _mm256_cmp_ps(kv, vv, _CMP_UNORD_Q));
+            mx = vmax_keep(mx, kv);
+          }
+          const __m256 off = vsafe_off(mx);
+          __m256 se = _mm256_setzero_ps(), sv = _mm256_setzero_ps();
+          for (int64_t tp = j0; tp < j1; ++tp) {
+            const int64_t o = (b * T + tp) * D + hc;
+            const __m256 kv = loadn(k + o, cnt);
+            const __m256 x = vexp(_mm256_sub_ps(kv, off));
+            __m256 xv = _mm256_mul_ps(x, loadn(v + o, cnt));
+            xv = _mm256_blendv_ps(xv, _mm256_setzero_ps(), _mm256_cmp_ps(kv, _mm256_set1_ps(ninf), _CMP_EQ_OQ));
+            float* xx = XX.get() + ((h * T + tp) * B + b) * 2 * Dh + c;
+            storen(xx, xv, cnt);
+            storen(xx + Dh, x, cnt);
+            se = _mm256_add_ps(se, x);
+            sv = _mm256_add_ps(sv, xv);
+          }
+          storen(tm.data() + p * D + hc, mx, cnt);
+          storen(tS.data() + p * D + hc, se, cnt);
+          storen(tA.data() + p * D + hc, sv, cnt);
         }
-        const __m256 off = vsafe_off(mx);
-        __m256 se = _mm256_setzero_ps(), sv = _mm256_setzero_ps();
-        for (int64_t tp = j0; tp < j1; ++tp) {
-          const int64_t o = (b * T + tp) * D + c;
-          const __m256 kv = loadn(k + o, cnt);
-          const __m256 x = vexp(_mm256_sub_ps(kv, off));
-          __m256 xv = _mm256_mul_ps(x, loadn(v + o, cnt));
-          xv = _mm256_blendv_ps(xv, _mm256_setzero_ps(), _mm256_cmp_ps(kv, _mm256_set1_ps(ninf), _CMP_EQ_OQ));
-          storen(XE.data() + o, x, cnt);
-          storen(XV.data() + o, xv, cnt);
-          se = _mm256_add_ps(se, x);
-          sv = _mm256_add_ps(sv, xv);
-        }
-        storen(m + c, mx, cnt);
-        storen(sE + c, se, cnt);
-        storen(sV + c, sv, cnt);
-      }
       bad[p] = _mm256_movemask_ps(nanacc) != 0;
     }
+  });
+
+  // far term: prefix (and, non-causal, suffix) scans of the tile states, per (b, channel)
+  FarScan pre, suf;
+  const int64_t ns = B * (nt + 1) * D;
+  pre.M.resize(ns), pre.S.resize(ns), pre.A.resize(ns);
+  if (!causal) suf.M.resize(ns), suf.S.resize(ns), suf.A.resize(ns);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t c = 0; c < D; c += 8) {
+        const int64_t cnt = std::min<int64_t>(8, D - c);
+        auto put = [&](FarScan& f, int64_t J, __m256 M, __m256 S, __m256 A) {
+          const int64_t o = (b * (nt + 1) + J) * D + c;
+          storen(f.M.data() + o, M, cnt);
+          storen(f.S.data() + o, S, cnt);
+          storen(f.A.data() + o, A, cnt);
+        };
+        auto tile = [&](int64_t J, __m256& M, __m256& S, __m256& A) {
+          const int64_t o = (b * nt + J) * D + c;
+          merge_state(M, S, A, loadn(tm.data() + o, cnt), loadn(tS.data() + o, cnt), loadn(tA.data() + o, cnt));
+        };
+        __m256 M = _mm256_set1_ps(ninf), S = _mm256_setzero_ps(), A = _mm256_setzero_ps();
+        put(pre, 0, M, S, A);
+        for (int64_t J = 0; J < nt; ++J) tile(J, M, S, A), put(pre, J + 1, M, S, A);
+        if (causal) continue;
+        M = _mm256_set1_ps(ninf), S = A = _mm256_setzero_ps();
+        put(suf, nt, M, S, A);
+        for (int64_t J = nt - 1; J >= 0; --J) tile(J, M, S, A), put(suf, J, M, S, A);
+      }
   });
 
   // per query tile: band union [Jlo, Jhi], far term = prefix over tiles < Jlo (+ suffix over tiles > Jhi)
@@ -227,9 +254,14 @@ __attribute__((target("avx2,fma"))) void fwd(const float* __restrict__ q, const 
     Jlo = std::max<int64_t>(0, i0 - window + 1) / kTau;
     Jhi = causal ? I : std::min<int64_t>(T - 1, i1 - 1 + window - 1) / kTau;
   };
+  // batches per GEMM: about 512 columns (XV and XE of nb batches of one head)
+  const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(B, 256 / std::max<int64_t>(Dh, 1)));
+  const int64_t ncmax = nb * 2 * Dh;
+  const auto fopt = at::TensorOptions().dtype(at::kFloat);
 
   at::parallel_for(0, nt * H, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> Ew, Wt, r(kTau), mU(Dh), sJ, Mf(Dh), Sf(Dh), Af(Dh);
+    std::vector<float> Ew, Wt, r(kTau), sJ, sc(ncmax), C(kTau * ncmax), acc(kTau * ncmax);
+    std::vector<float> mU(nb * Dh), Mf(nb * Dh), Sf(nb * Dh), Af(nb * Dh);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t I = p / H, h = p % H;
       const int64_t i0 = I * kTau, i1 = std::min(T, i0 + kTau), ni = i1 - i0;
@@ -237,94 +269,100 @@ __attribute__((target("avx2,fma"))) void fwd(const float* __restrict__ q, const 
       union_of(I, Jlo, Jhi);
       const int64_t u0 = Jlo * kTau, u1 = std::min(T, (Jhi + 1) * kTau), nu = u1 - u0, nJ = Jhi - Jlo + 1;
       build_rows(w, banded, T, h, window, causal, i0, ni, u0, u1, Wt, Ew, r.data());
-      sJ.resize(nJ * Dh);
-      for (int64_t b = 0; b < B; ++b) {
+      sJ.resize(nJ * nb * Dh);
+      const int64_t hc = h * Dh;
+      for (int64_t b0 = 0; b0 < B; b0 += nb) {
+        const int64_t b1 = std::min(B, b0 + nb), nc = (b1 - b0) * 2 * Dh;
         bool any_bad = false;
-        for (int64_t J = Jlo; J <= Jhi; ++J) any_bad |= bad[b * nt + J] != 0;
-        const int64_t hc = h * Dh;
-        // union offsets m_U, scales s_J, far state
-        for (int64_t c = 0; c < Dh; c += 8) {
-          const int64_t cnt = Dh - c;
-          __m256 mu = _mm256_set1_ps(ninf);
-          for (int64_t J = Jlo; J <= Jhi; ++J) mu = vmax_keep(mu, loadn(tm.data() + (b * nt + J) * D + hc + c, cnt));
-          const __m256 mus = vsafe_off(mu);
-          storen(mU.data() + c, mus, cnt);
-          // a tile with every key masked (m_J = -inf) gets scale 0, not exp(0 - m_U): its sums are 0, and a
-          // scale exp(-m_U) would overflow for m_U < -88 (0 * inf)
-          for (int64_t J = Jlo; J <= Jhi; ++J) {
-            const __m256 mj = loadn(tm.data() + (b * nt + J) * D + hc + c, cnt);
-            storen(sJ.data() + (J - Jlo) * Dh + c, vexp(_mm256_sub_ps(mj, mus)), cnt);
-          }
-          // far state: running max over the far tiles
-          __m256 M = _mm256_set1_ps(ninf), S = _mm256_setzero_ps(), A = _mm256_setzero_ps();
-          auto add_tile = [&](int64_t J) {
-            const int64_t o = (b * nt + J) * D + hc + c;
-            const __m256 mj = loadn(tm.data() + o, cnt);
-            const __m256 M2 = vmax_keep(M, mj);
-            const __m256 off = vsafe_off(M2);
-            const __m256 e1 = vexp(_mm256_sub_ps(M, off));
-            const __m256 e2 = vexp(_mm256_sub_ps(mj, off));  // masked tile (mj = -inf): 0, never inf * 0
-            S = _mm256_fmadd_ps(S, e1, _mm256_mul_ps(loadn(tS.data() + o, cnt), e2));
-            A = _mm256_fmadd_ps(A, e1, _mm256_mul_ps(loadn(tA.data() + o, cnt), e2));
-            M = M2;
-          };
-          for (int64_t J = 0; J < Jlo; ++J) add_tile(J);
-          if (!causal)
-            for (int64_t J = Jhi + 1; J < nt; ++J) add_tile(J);
-          storen(Mf.data() + c, M, cnt);
-          storen(Sf.data() + c, S, cnt);
-          storen(Af.data() + c, A, cnt);
-        }
-        const float* XVb = XV.data() + b * T * D + hc;
-        const float* XEb = XE.data() + b * T * D + hc;
-        const float* kb = k + b * T * D + hc;
-        const float* vb = v + b * T * D + hc;
-        for (int64_t ii = 0; ii < ni; ii += 4) {
-          const int64_t nr = std::min<int64_t>(4, ni - ii);
+        for (int64_t b = b0; b < b1; ++b)
+          for (int64_t J = Jlo; J <= Jhi; ++J) any_bad |= bad[b * nt + J] != 0;
+        // union offsets m_U, scales s_J, far state, per (b, channel) of the chunk
+        for (int64_t b = b0; b < b1; ++b)
           for (int64_t c = 0; c < Dh; c += 8) {
-            const int64_t cnt = std::min<int64_t>(8, Dh - c);
-            __m256 n[4], d[4];
-            if (!any_bad) {
-              if (nr == 4)
-                union_block<4>(Ew.data() + ii * nu, nu, XVb, XEb, D, sJ.data(), Dh, c, cnt, u0, u1, n, d);
-              else
-                for (int64_t rr = 0; rr < nr; ++rr)
-                  union_block<1>(Ew.data() + (ii + rr) * nu, nu, XVb, XEb, D, sJ.data(), Dh, c, cnt, u0, u1, n + rr,
-                                 d + rr);
+            const int64_t cnt = std::min<int64_t>(8, Dh - c), bc = (b - b0) * Dh + c;
+            __m256 mu = _mm256_set1_ps(ninf);
+            for (int64_t J = Jlo; J <= Jhi; ++J) mu = vmax_keep(mu, loadn(tm.data() + (b * nt + J) * D + hc + c, cnt));
+            const __m256 mus = vsafe_off(mu);
+            storen(mU.data() + bc, mus, cnt);
+            // a tile with every key masked (m_J = -inf) gets scale 0, not exp(0 - m_U): its sums are 0, and a
+            // scale exp(-m_U) would overflow for m_U < -88 (0 * inf)
+            for (int64_t J = Jlo; J <= Jhi; ++J) {
+              const __m256 mj = loadn(tm.data() + (b * nt + J) * D + hc + c, cnt);
+              storen(sJ.data() + (J - Jlo) * nb * Dh + bc, vexp(_mm256_sub_ps(mj, mus)), cnt);
             }
-            const __m256 mu = loadn(mU.data() + c, cnt);
-            const __m256 Mfv = loadn(Mf.data() + c, cnt), Sfv = loadn(Sf.data() + c, cnt),
-                         Afv = loadn(Af.data() + c, cnt);
-            for (int64_t rr = 0; rr < nr; ++rr) {
-              const int64_t t = i0 + ii + rr;
+            const int64_t op = (b * (nt + 1) + Jlo) * D + hc + c;
+            __m256 M = loadn(pre.M.data() + op, cnt), S = loadn(pre.S.data() + op, cnt),
+                   A = loadn(pre.A.data() + op, cnt);
+            if (!causal) {
+              const int64_t os = (b * (nt + 1) + Jhi + 1) * D + hc + c;
+              merge_state(M, S, A, loadn(suf.M.data() + os, cnt), loadn(suf.S.data() + os, cnt),
+                          loadn(suf.A.data() + os, cnt));
+            }
+            storen(Mf.data() + bc, M, cnt);
+            storen(Sf.data() + bc, S, cnt);
+            storen(Af.data() + bc, A, cnt);
+          }
+        // acc = sum_J s_J * (Ew_J @ [XV_J | XE_J]): one GEMM per key tile, columns scaled by s_J
+        if (!any_bad) {
+          const at::Tensor Ct = at::from_blob(C.data(), {ni, nc}, fopt);
+          for (int64_t J = Jlo; J <= Jhi; ++J) {
+            const int64_t j0 = J * kTau, nj = std::min(T, j0 + kTau) - j0;
+            const at::Tensor Et = at::from_blob(Ew.data() + (j0 - u0), {ni, nj}, {nu, 1}, fopt);
+            const at::Tensor Xt = at::from_blob(XX.get() + ((h * T + j0) * B + b0) * 2 * Dh, {nj, nc}, {N2, 1}, fopt);
+            at::mm_out(const_cast<at::Tensor&>(Ct), Et, Xt);
+            for (int64_t bb = 0; bb < b1 - b0; ++bb)  // s_J per column: the same for XV and XE of (b, c)
+              for (int64_t c = 0; c < Dh; ++c)
+                sc[bb * 2 * Dh + c] = sc[bb * 2 * Dh + Dh + c] = sJ[(J - Jlo) * nb * Dh + bb * Dh + c];
+            for (int64_t ii = 0; ii < ni; ++ii) {
+              float* a = acc.data() + ii * nc;
+              const float* cr = C.data() + ii * nc;
+              for (int64_t x = 0; x < nc; x += 8) {
+                const int64_t cnt = std::min<int64_t>(8, nc - x);
+                const __m256 prod = _mm256_mul_ps(loadn(cr + x, cnt), loadn(sc.data() + x, cnt));
+                storen(a + x, J == Jlo ? prod : _mm256_add_ps(loadn(a + x, cnt), prod), cnt);
+              }
+            }
+          }
+        }
+        for (int64_t b = b0; b < b1; ++b) {
+          const float* kb = k + b * T * D + hc;
+          const float* vb = v + b * T * D + hc;
+          for (int64_t c = 0; c < Dh; c += 8) {
+            const int64_t cnt = std::min<int64_t>(8, Dh - c), bc = (b - b0) * Dh + c;
+            const __m256 mu = loadn(mU.data() + bc, cnt);
+            const __m256 Mfv = loadn(Mf.data() + bc, cnt), Sfv = loadn(Sf.data() + bc, cnt),
+                         Afv = loadn(Af.data() + bc, cnt);
+            for (int64_t ii = 0; ii < ni; ++ii) {
+              const int64_t t = i0 + ii;
               const int64_t o = (b * T + t) * D + hc + c;
-              __m256 o_ = _mm256_add_ps(_mm256_set1_ps(r[ii + rr]), mu);
-              __m256 nn = n[rr], dd = d[rr];
+              const float* a = acc.data() + ii * nc + (b - b0) * 2 * Dh + c;
+              __m256 o_ = _mm256_add_ps(_mm256_set1_ps(r[ii]), mu);
+              __m256 nn = any_bad ? _mm256_setzero_ps() : loadn(a, cnt);
+              __m256 dd = any_bad ? _mm256_setzero_ps() : loadn(a + Dh, cnt);
               const int lost =
                   any_bad ? 0xff : _mm256_movemask_ps(_mm256_cmp_ps(dd, _mm256_set1_ps(kTiny), _CMP_NGE_UQ));
               if (lost) {  // exact band part for the lost lanes
-                alignas(32) float ob[8], nb[8], db[8];
-                _mm256_store_ps(ob, any_bad ? _mm256_setzero_ps() : o_);
-                _mm256_store_ps(nb, any_bad ? _mm256_setzero_ps() : nn);
-                _mm256_store_ps(db, any_bad ? _mm256_setzero_ps() : dd);
+                alignas(32) float ob[8], nb_[8], db[8];
+                _mm256_store_ps(ob, o_);
+                _mm256_store_ps(nb_, nn);
+                _mm256_store_ps(db, dd);
                 for (int64_t l = 0; l < cnt; ++l) {
                   if (!(lost >> l & 1)) continue;
-                  float mx, s, a;
-                  exact_union(kb + c + l, vb + c + l, D, Wt.data() + (ii + rr) * nu, t, u0, u1, window, causal, mx, s,
-                              a);
+                  float mx, s, a_;
+                  exact_union(kb + c + l, vb + c + l, D, Wt.data() + ii * nu, t, u0, u1, window, causal, mx, s, a_);
                   if (std::isnan(mx)) {
-                    ob[l] = nb[l] = db[l] = nan;
+                    ob[l] = nb_[l] = db[l] = nan;
                   } else if (mx == ninf) {  // nothing visible in the union: contributes exactly 0
                     ob[l] = ninf;
-                    nb[l] = db[l] = 0;
+                    nb_[l] = db[l] = 0;
                   } else {
                     ob[l] = mx;
-                    nb[l] = a;
+                    nb_[l] = a_;
                     db[l] = s;
                   }
                 }
                 o_ = _mm256_load_ps(ob);
-                nn = _mm256_load_ps(nb);
+                nn = _mm256_load_ps(nb_);
                 dd = _mm256_load_ps(db);
               }
               finish(o_, nn, dd, Mfv, Sfv, Afv, loadn(q + o, cnt), y + o, lse + o, cnt);
