@@ -1,0 +1,105 @@
+// AVX-512 micro-kernel of tile_gemm_scaled (aft_local_tiled_gemm.h): 8 rows x 32 columns of C in 16 registers,
+// k innermost (two loads of B, eight broadcasts of A, sixteen FMAs per k); the column panel of B (K x 32) stays in
+// L1 while the row blocks of A pass. Compiled for AVX-512 in this translation unit only, entered after a CPU check.
+#include "aft_local/aft_local_tiled_gemm.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+namespace attnfree {
+namespace cpu {
+namespace {
+
+constexpr int kMR = 8;         // rows of C per micro-tile
+constexpr int kNR = 32;        // columns of C per micro-tile (two 16-lane registers)
+constexpr int64_t kMaxK = 64;  // the key tile
+
+bool cpu_has_avx512f() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+}
+
+template <int MR>
+__attribute__((target("avx512f"), always_inline)) inline void micro(int64_t K, const float* A, int64_t rsa, int64_t csa,
+                                                                    const float* B, int64_t ldb, __mmask16 m0,
+                                                                    __mmask16 m1, const float* scale, float* C,
+                                                                    int64_t ldc, bool accumulate) {
+  __m512 acc0[MR], acc1[MR];
+  for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 b0 = _mm512_load_ps(B + k * ldb);  // packed, zero-padded
+    const __m512 b1 = _mm512_load_ps(B + k * ldb + 16);
+    const float* a = A + k * csa;
+    for (int r = 0; r < MR; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * rsa]);
+      acc0[r] = _mm512_fmadd_ps(av, b0, acc0[r]);
+      acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
+    }
+  }
+  const __m512 s0 = _mm512_maskz_loadu_ps(m0, scale), s1 = _mm512_maskz_loadu_ps(m1, scale + 16);
+  for (int r = 0; r < MR; ++r) {
+    float* c = C + r * ldc;
+    __m512 c0 = _mm512_mul_ps(acc0[r], s0), c1 = _mm512_mul_ps(acc1[r], s1);
+    if (accumulate) {
+      c0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, c), c0);
+      c1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, c + 16), c1);
+    }
+    _mm512_mask_storeu_ps(c, m0, c0);
+    _mm512_mask_storeu_ps(c + 16, m1, c1);
+  }
+}
+
+template <int MR>
+__attribute__((target("avx512f"))) void rows(int64_t K, const float* A, int64_t rsa, int64_t csa, const float* B,
+                                             int64_t ldb, __mmask16 m0, __mmask16 m1, const float* scale, float* C,
+                                             int64_t ldc, bool accumulate) {
+  micro<MR>(K, A, rsa, csa, B, ldb, m0, m1, scale, C, ldc, accumulate);
+}
+
+using RowsFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, __mmask16, __mmask16,
+                        const float*, float*, int64_t, bool);
+constexpr RowsFn kRows[kMR + 1] = {nullptr,  &rows<1>, &rows<2>, &rows<3>, &rows<4>,
+                                   &rows<5>, &rows<6>, &rows<7>, &rows<8>};
+
+__attribute__((target("avx512f"))) void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa,
+                                             const float* B, int64_t ldb, const float* scale, float* C, int64_t ldc,
+                                             bool accumulate) {
+  alignas(64) float pk[kMaxK * kNR];  // the panel of B, packed: rows ldb apart would share L1 sets
+  for (int64_t j0 = 0; j0 < N; j0 += kNR) {
+    const int64_t nj = N - j0;
+    const __mmask16 m0 = nj >= 16 ? __mmask16(0xffff) : __mmask16((1u << nj) - 1);
+    const __mmask16 m1 = nj >= 32 ? __mmask16(0xffff) : nj <= 16 ? __mmask16(0) : __mmask16((1u << (nj - 16)) - 1);
+    for (int64_t k = 0; k < K; ++k) {
+      _mm512_store_ps(pk + k * kNR, _mm512_maskz_loadu_ps(m0, B + k * ldb + j0));
+      _mm512_store_ps(pk + k * kNR + 16, _mm512_maskz_loadu_ps(m1, B + k * ldb + j0 + 16));
+    }
+    int64_t i0 = 0;
+    for (; i0 + kMR <= M; i0 += kMR)
+      rows<kMR>(K, A + i0 * rsa, rsa, csa, pk, kNR, m0, m1, scale + j0, C + i0 * ldc + j0, ldc, accumulate);
+    if (i0 < M)
+      kRows[M - i0](K, A + i0 * rsa, rsa, csa, pk, kNR, m0, m1, scale + j0, C + i0 * ldc + j0, ldc, accumulate);
+  }
+}
+
+}  // namespace
+
+bool tile_gemm_scaled(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa, const float* B,
+                      int64_t ldb, const float* scale, float* C, int64_t ldc, bool accumulate) {
+  if (K > kMaxK || !cpu_has_avx512f()) return false;
+  gemm(M, N, K, A, rsa, csa, B, ldb, scale, C, ldc, accumulate);
+  return true;
+}
+
+}  // namespace cpu
+}  // namespace attnfree
+
+#else
+namespace attnfree {
+namespace cpu {
+bool tile_gemm_scaled(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, const float*,
+                      float*, int64_t, bool) {
+  return false;
+}
+}  // namespace cpu
+}  // namespace attnfree
+#endif
