@@ -30,7 +30,6 @@
 #include <memory>
 #include <vector>
 
-#include <ctime>
 #include "common/cpu_simd.h"
 
 namespace attnfree {
