@@ -327,7 +327,8 @@ __attribute__((target("avx2,fma"))) void fwd(const float* __restrict__ q, const 
               for (int64_t c = 0; c < Dh; ++c)
                 sc[bb * 2 * Dh + c] = sc[bb * 2 * Dh + Dh + c] = sJ[(J - Jlo) * nb * Dh + bb * Dh + c];
             const float* Xj = XX.get() + ((h * T + j0) * B + b0) * 2 * Dh;
-            if (tile_gemm_scaled(ni, nc, nj, Ew.data() + (j0 - u0), nu, 1, Xj, N2, sc.data(), acc.data(), nc, J > Jlo))
+            if (tile_gemm_scaled(ni, nc, nj, Ew.data() + (j0 - u0), nu, 1, Xj, N2, nullptr, sc.data(), acc.data(), nc,
+                                 J > Jlo))
               continue;
             const at::Tensor Ct = at::from_blob(C.data(), {ni, nc}, fopt);
             const at::Tensor Et = at::from_blob(Ew.data() + (j0 - u0), {ni, nj}, {nu, 1}, fopt);
@@ -443,9 +444,10 @@ __attribute__((target("avx2,fma"))) bool bwd(const float* __restrict__ dy, const
   const float ninf = -std::numeric_limits<float>::infinity();
   const float pinf = std::numeric_limits<float>::infinity();
   const auto fopt = at::TensorOptions().dtype(at::kFloat);
-  // XX as in the forward; SGH (H, T, B, 2, Dh): [Sc G | -Sc H] of every row, written by pass 1 for pass 2
+  // XX as in the forward; SGH (H, nt, B, 2, Dh, kTau): [Sc G | -Sc H] of every row, written by pass 1 for pass 2,
+  // per query tile transposed (rows contiguous) so that pass 2 reads it as the B operand of its GEMM
   const std::unique_ptr<float[]> XX(new float[H * T * N2]);
-  const std::unique_ptr<float[]> SGH(new float[dw ? H * T * N2 : 1]);
+  const std::unique_ptr<float[]> SGH(new float[dw ? H * nt * N2 * kTau : 1]);
   std::vector<float> tm(B * nt * D);
   std::vector<unsigned char> bad(B * nt, 0);
   key_tiles(k, v, B, T, D, H, XX.get(), tm.data(), nullptr, nullptr, bad.data(), true);
@@ -491,6 +493,7 @@ __attribute__((target("avx2,fma"))) bool bwd(const float* __restrict__ dy, const
   at::parallel_for(0, B * H * ncb, 1, [&](int64_t p0, int64_t p1) {
     // acc2 (T, 2 cw): per key the union and far sums [G | H] before the factor X; exG / exH: the exact parts
     std::vector<float> acc2, exG, exH, S2(kTau * 2 * kBwdCols), R(kTau * 2 * kBwdCols), sIJ(2 * kBwdCols);
+    std::vector<float> GH(kTau * 2 * kBwdCols);  // [G | H] of the query tile's rows
     std::vector<float> fref(nt * kBwdCols), fG(nt * kBwdCols), fH(nt * kBwdCols), ref(kBwdCols);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / (H * ncb), h = (p / ncb) % H, cb = p % ncb;
@@ -510,7 +513,7 @@ __attribute__((target("avx2,fma"))) bool bwd(const float* __restrict__ dy, const
         for (int64_t c = 0; c < cw; c += 8) _mm256_storeu_ps(ref.data() + c, _mm256_set1_ps(pinf));
         for (int64_t ii = 0; ii < ni; ++ii) {
           const int64_t t = i0 + ii, o = base + t * D;
-          float* sgh = dw ? SGH.get() + ((h * T + t) * B + b) * 2 * Dh + cb * kBwdCols : nullptr;
+          float* sgh = dw ? SGH.get() + (((h * nt + I) * B + b) * 2 * Dh + cb * kBwdCols) * kTau + ii : nullptr;
           for (int64_t c = 0; c < cw; c += 8) {
             const int64_t cnt = std::min<int64_t>(8, cw - c);
             const __m256 d_ = loadn(dy + o + c, cnt), qv = loadn(q + o + c, cnt), l = loadn(lse + o + c, cnt);
@@ -534,9 +537,16 @@ __attribute__((target("avx2,fma"))) bool bwd(const float* __restrict__ dy, const
             const __m256 sg = _mm256_mul_ps(sc, g), sh = _mm256_mul_ps(sc, hh);
             storen(S2.data() + ii * 2 * cw + c, sg, cnt);
             storen(S2.data() + ii * 2 * cw + cw + c, sh, cnt);
+            storen(GH.data() + ii * 2 * cw + c, g, cnt);
+            storen(GH.data() + ii * 2 * cw + cw + c, hh, cnt);
             if (sgh) {
-              storen(sgh + c, sg, cnt);
-              storen(sgh + Dh + c, _mm256_sub_ps(_mm256_setzero_ps(), sh), cnt);
+              alignas(32) float gb[8], hb[8];
+              _mm256_store_ps(gb, sg);
+              _mm256_store_ps(hb, sh);
+              for (int64_t l_ = 0; l_ < cnt; ++l_) {
+                sgh[(c + l_) * kTau] = gb[l_];
+                sgh[(Dh + c + l_) * kTau] = -hb[l_];
+              }
             }
             if (exact) {  // exact per element over the union for lanes with a large split-max gap
               if (!have_exact) {
@@ -564,8 +574,7 @@ __attribute__((target("avx2,fma"))) bool bwd(const float* __restrict__ dy, const
             }
           }
         }
-        // far-term sums of this query tile: exp(ref - lse) [G | H], G and H re-formed from S2 is not possible
-        // (Sc may be 0), so they come from dy, q, y again (cached: the rows were just read)
+        // far-term sums of this query tile: exp(ref - lse) [G | H]
         for (int64_t c = 0; c < cw; c += 8) {
           const int64_t cnt = std::min<int64_t>(8, cw - c);
           const __m256 rf = loadn(ref.data() + c, cnt);
@@ -576,9 +585,8 @@ __attribute__((target("avx2,fma"))) bool bwd(const float* __restrict__ dy, const
             const __m256 l = loadn(lse + o, cnt);
             const __m256 live = _mm256_cmp_ps(l, _mm256_set1_ps(ninf), _CMP_NEQ_OQ);
             const __m256 e = _mm256_and_ps(_mm256_and_ps(live, rfin), vexp(_mm256_sub_ps(rf, l)));
-            const __m256 d_ = loadn(dy + o, cnt);
-            sGf = _mm256_fmadd_ps(e, _mm256_mul_ps(d_, vsigmoid(loadn(q + o, cnt))), sGf);
-            sHf = _mm256_fmadd_ps(e, _mm256_mul_ps(d_, loadn(yv + o, cnt)), sHf);
+            sGf = _mm256_fmadd_ps(e, loadn(GH.data() + ii * 2 * cw + c, cnt), sGf);
+            sHf = _mm256_fmadd_ps(e, loadn(GH.data() + ii * 2 * cw + cw + c, cnt), sHf);
           }
           storen(fref.data() + I * kBwdCols + c, rf, cnt);
           storen(fG.data() + I * kBwdCols + c, sGf, cnt);
@@ -595,7 +603,8 @@ __attribute__((target("avx2,fma"))) bool bwd(const float* __restrict__ dy, const
             storen(sIJ.data() + cw + c, s, cnt);
           }
           float* a2 = acc2.data() + j0 * 2 * cw;
-          if (tile_gemm_scaled(nj, 2 * cw, ni, Ew + (j0 - u0), 1, nu, S2.data(), 2 * cw, sIJ.data(), a2, 2 * cw, true))
+          if (tile_gemm_scaled(nj, 2 * cw, ni, Ew + (j0 - u0), 1, nu, S2.data(), 2 * cw, nullptr, sIJ.data(), a2,
+                               2 * cw, true))
             continue;
           const at::Tensor Et = at::from_blob(const_cast<float*>(Ew) + (j0 - u0), {nj, ni}, {1, nu}, fopt);
           at::Tensor Rt = at::from_blob(R.data(), {nj, 2 * cw}, fopt);
@@ -687,7 +696,7 @@ __attribute__((target("avx2,fma"))) bool bwd(const float* __restrict__ dy, const
       const float* r = rA.data() + (h * nt + I) * kTau;
       const int64_t hc = h * Dh;
       acc.assign(kTau * nu, 0.f);
-      const float* sgh = SGH.get() + (h * T + i0) * N2;
+      const float* sgh = SGH.get() + (h * nt + I) * N2 * kTau;  // (N2, kTau): row k = column k of every row t
       for (int64_t J = ulo[I]; J <= uhi[I]; ++J) {
         const int64_t j0 = J * kTau, nj = std::min(T, j0 + kTau) - j0;
         for (int64_t b = 0; b < B; ++b)
@@ -698,18 +707,26 @@ __attribute__((target("avx2,fma"))) bool bwd(const float* __restrict__ dy, const
             storen(sc.data() + b * 2 * Dh + c, s, cnt);
             storen(sc.data() + b * 2 * Dh + Dh + c, s, cnt);
           }
-        for (int64_t ii = 0; ii < ni; ++ii)
-          for (int64_t x = 0; x < N2; x += 8) {
-            const int64_t cnt = std::min<int64_t>(8, N2 - x);
-            storen(As.data() + ii * N2 + x, _mm256_mul_ps(loadn(sgh + ii * N2 + x, cnt), loadn(sc.data() + x, cnt)),
-                   cnt);
-          }
-        const at::Tensor At = at::from_blob(As.data(), {ni, N2}, fopt);
-        const at::Tensor Xt = at::from_blob(XX.get() + (h * T + j0) * N2, {N2, nj}, {1, N2}, fopt);
-        at::Tensor Ct = at::from_blob(Cb.data(), {ni, nj}, fopt);
-        at::mm_out(Ct, At, Xt);
-        for (int64_t ii = 0; ii < ni; ++ii)
-          for (int64_t tp = 0; tp < nj; ++tp) acc[ii * nu + j0 - u0 + tp] = Cb[ii * nj + tp];
+        // Cb (nj, ni) = [XV | X]_J (nj x N2) @ (s_IJ * SGH) (N2 x ni), in chunks of 64 along N2
+        const float* Xj = XX.get() + (h * T + j0) * N2;
+        const bool done = tile_gemm_available();
+        int64_t ldc = kTau;
+        for (int64_t k0 = 0; done && k0 < N2; k0 += kTau) {
+          const int64_t kc = std::min(kTau, N2 - k0);
+          tile_gemm_scaled(nj, ni, kc, Xj + k0, N2, 1, sgh + k0 * kTau, kTau, sc.data() + k0, nullptr, Cb.data(), kTau,
+                           k0 > 0);
+        }
+        if (!done) {
+          for (int64_t x = 0; x < N2; ++x)
+            for (int64_t ii = 0; ii < ni; ++ii) As[x * kTau + ii] = sgh[x * kTau + ii] * sc[x];
+          const at::Tensor At = at::from_blob(As.data(), {N2, ni}, {kTau, 1}, fopt);
+          const at::Tensor Xt = at::from_blob(const_cast<float*>(Xj), {nj, N2}, {N2, 1}, fopt);
+          at::Tensor Ct = at::from_blob(Cb.data(), {nj, ni}, fopt);
+          at::mm_out(Ct, Xt, At);
+          ldc = ni;
+        }
+        for (int64_t tp = 0; tp < nj; ++tp)
+          for (int64_t ii = 0; ii < ni; ++ii) acc[ii * nu + j0 - u0 + tp] = Cb[tp * ldc + ii];
       }
       if (gexact[I * H + h]) {  // the exact per-element parts of lanes with a large split-max gap
         accx.assign(kTau * nu, 0.f);

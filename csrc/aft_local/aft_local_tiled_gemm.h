@@ -1,9 +1,9 @@
 // The small GEMM of the AFT-local banded tiles (aft_local_tiled_cpu.cpp), float32, with a per-column scale:
-//   C[i, j] = (accumulate ? C[i, j] : 0) + scale[j] * sum_k A[i * rsa + k * csa] * B[k * ldb + j]
-// for i < M, j < N, k < K (K <= 64: one key tile). A is addressed through both strides, so A and its transpose are both
-// plain operands. AVX-512 where the CPU has it (twice the lanes of the AVX2 GEMM the BLAS runs on such CPUs); returns
-// false, doing nothing, where it does not (the caller then uses at::mm). Every element of C is computed by one fixed
-// sequence of FMAs (k ascending), whatever M, N and the thread count: bit-identical results.
+//   C[i, j] = (accumulate ? C[i, j] : 0) + scale[j] * sum_k A[i * rsa + k * csa] * kscale[k] * B[k * ldb + j]
+// for i < M, j < N, k < K (K <= 64: one key tile); scale or kscale null: 1. A is addressed through both strides, so A
+// and its transpose are both plain operands. AVX-512 where the CPU has it (twice the lanes of the AVX2 GEMM the BLAS
+// runs on such CPUs); returns false, doing nothing, where it does not (the caller then uses at::mm). Every element of C
+// is computed by one fixed sequence of FMAs (k ascending), whatever M, N and the thread count: bit-identical results.
 #pragma once
 
 #include <cstdint>
@@ -12,7 +12,10 @@ namespace attnfree {
 namespace cpu {
 
 bool tile_gemm_scaled(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa, const float* B,
-                      int64_t ldb, const float* scale, float* C, int64_t ldc, bool accumulate);
+                      int64_t ldb, const float* kscale, const float* scale, float* C, int64_t ldc, bool accumulate);
+
+// Whether tile_gemm_scaled runs on this CPU.
+bool tile_gemm_available();
 
 }  // namespace cpu
 }  // namespace attnfree

@@ -36,7 +36,8 @@ __attribute__((target("avx512f"), always_inline)) inline void micro(int64_t K, c
       acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
     }
   }
-  const __m512 s0 = _mm512_maskz_loadu_ps(m0, scale), s1 = _mm512_maskz_loadu_ps(m1, scale + 16);
+  const __m512 s0 = scale ? _mm512_maskz_loadu_ps(m0, scale) : _mm512_set1_ps(1.f);
+  const __m512 s1 = scale ? _mm512_maskz_loadu_ps(m1, scale + 16) : _mm512_set1_ps(1.f);
   for (int r = 0; r < MR; ++r) {
     float* c = C + r * ldc;
     __m512 c0 = _mm512_mul_ps(acc0[r], s0), c1 = _mm512_mul_ps(acc1[r], s1);
@@ -62,33 +63,36 @@ constexpr RowsFn kRows[kMR + 1] = {nullptr,  &rows<1>, &rows<2>, &rows<3>, &rows
                                    &rows<5>, &rows<6>, &rows<7>, &rows<8>};
 
 __attribute__((target("avx512f"))) void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa,
-                                             const float* B, int64_t ldb, const float* scale, float* C, int64_t ldc,
-                                             bool accumulate) {
+                                             const float* B, int64_t ldb, const float* kscale, const float* scale,
+                                             float* C, int64_t ldc, bool accumulate) {
   alignas(64) float pk[kMaxK * kNR];  // the panel of B, packed: rows ldb apart would share L1 sets
   for (int64_t j0 = 0; j0 < N; j0 += kNR) {
     const int64_t nj = N - j0;
     const __mmask16 m0 = nj >= 16 ? __mmask16(0xffff) : __mmask16((1u << nj) - 1);
     const __mmask16 m1 = nj >= 32 ? __mmask16(0xffff) : nj <= 16 ? __mmask16(0) : __mmask16((1u << (nj - 16)) - 1);
     for (int64_t k = 0; k < K; ++k) {
-      _mm512_store_ps(pk + k * kNR, _mm512_maskz_loadu_ps(m0, B + k * ldb + j0));
-      _mm512_store_ps(pk + k * kNR + 16, _mm512_maskz_loadu_ps(m1, B + k * ldb + j0 + 16));
+      const __m512 ks = kscale ? _mm512_set1_ps(kscale[k]) : _mm512_set1_ps(1.f);
+      _mm512_store_ps(pk + k * kNR, _mm512_mul_ps(ks, _mm512_maskz_loadu_ps(m0, B + k * ldb + j0)));
+      _mm512_store_ps(pk + k * kNR + 16, _mm512_mul_ps(ks, _mm512_maskz_loadu_ps(m1, B + k * ldb + j0 + 16)));
     }
+    const float* sc = scale ? scale + j0 : nullptr;
     int64_t i0 = 0;
     for (; i0 + kMR <= M; i0 += kMR)
-      rows<kMR>(K, A + i0 * rsa, rsa, csa, pk, kNR, m0, m1, scale + j0, C + i0 * ldc + j0, ldc, accumulate);
-    if (i0 < M)
-      kRows[M - i0](K, A + i0 * rsa, rsa, csa, pk, kNR, m0, m1, scale + j0, C + i0 * ldc + j0, ldc, accumulate);
+      rows<kMR>(K, A + i0 * rsa, rsa, csa, pk, kNR, m0, m1, sc, C + i0 * ldc + j0, ldc, accumulate);
+    if (i0 < M) kRows[M - i0](K, A + i0 * rsa, rsa, csa, pk, kNR, m0, m1, sc, C + i0 * ldc + j0, ldc, accumulate);
   }
 }
 
 }  // namespace
 
 bool tile_gemm_scaled(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa, const float* B,
-                      int64_t ldb, const float* scale, float* C, int64_t ldc, bool accumulate) {
+                      int64_t ldb, const float* kscale, const float* scale, float* C, int64_t ldc, bool accumulate) {
   if (K > kMaxK || !cpu_has_avx512f()) return false;
-  gemm(M, N, K, A, rsa, csa, B, ldb, scale, C, ldc, accumulate);
+  gemm(M, N, K, A, rsa, csa, B, ldb, kscale, scale, C, ldc, accumulate);
   return true;
 }
+
+bool tile_gemm_available() { return cpu_has_avx512f(); }
 
 }  // namespace cpu
 }  // namespace attnfree
