@@ -226,6 +226,7 @@ __attribute__((target("avx2,fma"))) void fwd(const float* __restrict__ q, const 
   const int64_t nt = (T + kTau - 1) / kTau;
   const int64_t Dh = D / H;
   const int64_t N2 = 2 * B * Dh;  // one key row of XX for one head: per b, [XV | XE] over the head's channels
+  const bool wide = tile_gemm_available();
   const float ninf = -std::numeric_limits<float>::infinity();
   const float nan = std::numeric_limits<float>::quiet_NaN();
   // XX (H, T, B, 2, Dh): X = exp(k - m_J), XV = X * v; key rows of all batches side by side, so that one GEMM
@@ -327,8 +328,8 @@ __attribute__((target("avx2,fma"))) void fwd(const float* __restrict__ q, const 
               for (int64_t c = 0; c < Dh; ++c)
                 sc[bb * 2 * Dh + c] = sc[bb * 2 * Dh + Dh + c] = sJ[(J - Jlo) * nb * Dh + bb * Dh + c];
             const float* Xj = XX.get() + ((h * T + j0) * B + b0) * 2 * Dh;
-            if (tile_gemm_scaled(ni, nc, nj, Ew.data() + (j0 - u0), nu, 1, Xj, N2, nullptr, sc.data(), acc.data(), nc,
-                                 J > Jlo))
+            if (wide && tile_gemm_scaled(ni, nc, nj, Ew.data() + (j0 - u0), nu, 1, Xj, N2, nullptr, sc.data(),
+                                         acc.data(), nc, J > Jlo))
               continue;
             const at::Tensor Ct = at::from_blob(C.data(), {ni, nc}, fopt);
             const at::Tensor Et = at::from_blob(Ew.data() + (j0 - u0), {ni, nj}, {nu, 1}, fopt);
@@ -441,6 +442,7 @@ __attribute__((target("avx2,fma"))) bool bwd(const float* __restrict__ dy, const
   const int64_t nt = (T + kTau - 1) / kTau;
   const int64_t Dh = D / H;
   const int64_t N2 = 2 * B * Dh;
+  const bool wide = tile_gemm_available();
   const float ninf = -std::numeric_limits<float>::infinity();
   const float pinf = std::numeric_limits<float>::infinity();
   const auto fopt = at::TensorOptions().dtype(at::kFloat);
@@ -603,8 +605,8 @@ __attribute__((target("avx2,fma"))) bool bwd(const float* __restrict__ dy, const
             storen(sIJ.data() + cw + c, s, cnt);
           }
           float* a2 = acc2.data() + j0 * 2 * cw;
-          if (tile_gemm_scaled(nj, 2 * cw, ni, Ew + (j0 - u0), 1, nu, S2.data(), 2 * cw, nullptr, sIJ.data(), a2,
-                               2 * cw, true))
+          if (wide && tile_gemm_scaled(nj, 2 * cw, ni, Ew + (j0 - u0), 1, nu, S2.data(), 2 * cw, nullptr, sIJ.data(),
+                                       a2, 2 * cw, true))
             continue;
           const at::Tensor Et = at::from_blob(const_cast<float*>(Ew) + (j0 - u0), {nj, ni}, {1, nu}, fopt);
           at::Tensor Rt = at::from_blob(R.data(), {nj, 2 * cw}, fopt);
@@ -709,7 +711,7 @@ __attribute__((target("avx2,fma"))) bool bwd(const float* __restrict__ dy, const
           }
         // Cb (nj, ni) = [XV | X]_J (nj x N2) @ (s_IJ * SGH) (N2 x ni), in chunks of 64 along N2
         const float* Xj = XX.get() + (h * T + j0) * N2;
-        const bool done = tile_gemm_available();
+        const bool done = wide;
         int64_t ldc = kTau;
         for (int64_t k0 = 0; done && k0 < N2; k0 += kTau) {
           const int64_t kc = std::min(kTau, N2 - k0);

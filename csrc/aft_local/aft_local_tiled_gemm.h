@@ -14,7 +14,8 @@ namespace cpu {
 bool tile_gemm_scaled(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa, const float* B,
                       int64_t ldb, const float* kscale, const float* scale, float* C, int64_t ldc, bool accumulate);
 
-// Whether tile_gemm_scaled runs on this CPU.
+// Whether tile_gemm_scaled runs: the CPU has AVX-512 and ATTNFREE_CPU_AVX512 is not 0 (set to 0, the tiles take
+// at::mm instead: how the tests reach that path on an AVX-512 machine). Read on every call; callers ask once per op.
 bool tile_gemm_available();
 
 }  // namespace cpu

@@ -6,6 +6,9 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
+#include <cstdlib>
+#include <cstring>
+
 namespace attnfree {
 namespace cpu {
 namespace {
@@ -92,7 +95,10 @@ bool tile_gemm_scaled(int64_t M, int64_t N, int64_t K, const float* A, int64_t r
   return true;
 }
 
-bool tile_gemm_available() { return cpu_has_avx512f(); }
+bool tile_gemm_available() {
+  const char* e = std::getenv("ATTNFREE_CPU_AVX512");
+  return cpu_has_avx512f() && !(e && std::strcmp(e, "0") == 0);
+}
 
 }  // namespace cpu
 }  // namespace attnfree
