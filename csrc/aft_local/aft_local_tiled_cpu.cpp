@@ -280,6 +280,8 @@ __attribute__((target("avx2,fma"))) void fwd(const float* __restrict__ q, const 
   at::parallel_for(0, nt * H, 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> Ew, Wt, r(kTau), sJ, sc(ncmax), C(kTau * ncmax), acc(kTau * ncmax);
     std::vector<float> mU(nb * Dh), Mf(nb * Dh), Sf(nb * Dh), Af(nb * Dh);
+    std::vector<int64_t> kb(kTau), ke(kTau);
+    std::vector<float> eL(kTau), eR(kTau);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t I = p / H, h = p % H;
       const int64_t i0 = I * kTau, i1 = std::min(T, i0 + kTau), ni = i1 - i0;
@@ -288,6 +290,12 @@ __attribute__((target("avx2,fma"))) void fwd(const float* __restrict__ q, const 
       const int64_t u0 = Jlo * kTau, u1 = std::min(T, (Jhi + 1) * kTau), nu = u1 - u0, nJ = Jhi - Jlo + 1;
       build_rows(w, banded, T, h, window, causal, i0, ni, u0, u1, Wt, Ew, r.data());
       sJ.resize(nJ * nb * Dh);
+      // the weight Ew of a key outside row t's band: exp(0 - r) (r >= 0 wherever such a key exists; the min keeps
+      // it finite where none does), 0 above the diagonal (causal)
+      for (int64_t ii = 0; ii < ni; ++ii) {
+        eL[ii] = std::exp(std::min(-r[ii], 0.f));
+        eR[ii] = causal ? 0.f : eL[ii];
+      }
       const int64_t hc = h * Dh;
       for (int64_t b0 = 0; b0 < B; b0 += nb) {
         const int64_t b1 = std::min(B, b0 + nb), nc = (b1 - b0) * 2 * Dh;
@@ -328,8 +336,13 @@ __attribute__((target("avx2,fma"))) void fwd(const float* __restrict__ q, const 
               for (int64_t c = 0; c < Dh; ++c)
                 sc[bb * 2 * Dh + c] = sc[bb * 2 * Dh + Dh + c] = sJ[(J - Jlo) * nb * Dh + bb * Dh + c];
             const float* Xj = XX.get() + ((h * T + j0) * B + b0) * 2 * Dh;
-            if (wide && tile_gemm_scaled(ni, nc, nj, Ew.data() + (j0 - u0), nu, 1, Xj, N2, nullptr, sc.data(),
-                                         acc.data(), nc, J > Jlo))
+            for (int64_t ii = 0; ii < ni; ++ii) {  // each row's band within the tile
+              const int64_t t = i0 + ii;
+              kb[ii] = std::clamp<int64_t>(t - window + 1 - j0, 0, nj);
+              ke[ii] = std::clamp<int64_t>((causal ? t + 1 : t + window) - j0, 0, nj);
+            }
+            if (wide && tile_gemm_banded(ni, nc, nj, Ew.data() + (j0 - u0), nu, 1, Xj, N2, sc.data(), acc.data(), nc,
+                                         J > Jlo, TileBand{kb.data(), ke.data(), eL.data(), eR.data()}))
               continue;
             const at::Tensor Ct = at::from_blob(C.data(), {ni, nc}, fopt);
             const at::Tensor Et = at::from_blob(Ew.data() + (j0 - u0), {ni, nj}, {nu, 1}, fopt);
