@@ -3,21 +3,23 @@
 //
 // Keys are split into tiles of tau = 64. For query tile I the keys any of its rows sees with bias w (the band
 // |t - t'| < window) lie in the key tiles Jlo..Jhi (the "union", causal: up to I). Everything else is bias 0:
-//   * far term: tiles < Jlo and (non-causal) > Jhi, one running-max state per (query tile, b, c) from prefix and
-//     suffix scans over per-tile sums (the "one more tile" of §2.6);
-//   * union: one factorised product per row block,
+//   * far term: tiles < Jlo and (non-causal) > Jhi, one running-max state per (query tile, b, c), merged from a
+//     prefix and a suffix scan over the per-tile states (the "one more tile" of §2.6);
+//   * union: per key tile J one GEMM against every column (b, c) of the head (w is shared over the batch),
 //       Ew[t, t'] = exp(w'[t, t'] - r[t])    (w' = w inside the band, 0 outside, -inf above the diagonal)
-//       X[t', c]  = exp(k[t', c] - m_J[c])   (built once per key tile: XE, and XE * v: XV)
-//       [n | d][t, c] = sum_J s_J[c] * (Ew_J @ [XV_J | XE_J])[t, c],   s_J[c] = exp(m_J[c] - m_U[c]) <= 1
-//     with r[t] the row max of w' over the union and m_U = max_J m_J, so every factor is in [0, 1];
-//   * one merge per output element: l = r + m_U + log d against the far state, lse = M + log S,
+//       X[t', c]  = exp(k[t', c] - m_J[c])   (built once per key tile, with X * v, into XX)
+//       [n | d][t, c] = sum_J s_J[c] * (Ew_J @ [X v | X]_J)[t, c],   s_J[c] = exp(m_J[c] - m_U[c]) <= 1
+//     with r[t] the row max of w' over the union and m_U = max_J m_J, so every factor is in [0, 1]
+//     (aft_local_tiled_gemm.h: the keys outside a row's band, all of weight exp(-r), are summed per column);
+//   * one merge per output element against the far state at the larger offset, lse = M + log S,
 //     y = sigmoid(q) * A / S.
-// Exponentials: ~0.2 per output element for Ew, ~2 for X, 5 for the merge and sigmoid -- instead of one per band
-// element. Exactness guard (§2.4): where d < 1e-30 (the band part may have underflowed, also any NaN) the band
-// part of that (t, c) is recomputed exactly per element; a key tile holding a NaN in k or v sends its whole
+// Exponentials per output element: 1 for X, 1 for the merge, 1 for the sigmoid, and a log -- instead of one per
+// band element. Exactness guard (§2.4): where d < 1e-30 (the band part may have underflowed, also any NaN) the
+// band part of that (t, c) is recomputed exactly per element; a key tile holding a NaN in k or v sends its whole
 // (query tile, b) through that exact path, so that 0 * NaN from an invisible or masked key can never leak
-// (docs/design.md §7). Bit-identical for any thread count: tasks (query tile, head) are computed by one thread
-// each, in a fixed order.
+// (docs/design.md §7). Bit-identical for any thread count: every task (query tile, head; in the backward also
+// b and a fixed block of channels) is computed by one thread, in a fixed order, with shapes independent of the
+// thread count.
 #include "aft_local/aft_local_tiled.h"
 #include "aft_local/aft_local_tiled_gemm.h"
 
@@ -428,13 +430,6 @@ __attribute__((target("avx2,fma"))) void fwd(const float* __restrict__ q, const 
 // kernel, whose NaN propagation is exact (docs/design.md §7).
 constexpr float kGap = 40.f;
 
-AF_AVX2 float hsum(__m256 x) {
-  __m128 a = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-  a = _mm_add_ss(a, _mm_shuffle_ps(a, a, 1));
-  return _mm_cvtss_f32(a);
-}
-
 void union_tiles(int64_t I, int64_t T, int64_t window, bool causal, int64_t& Jlo, int64_t& Jhi) {
   const int64_t i0 = I * kTau, i1 = std::min(T, i0 + kTau);
   Jlo = std::max<int64_t>(0, i0 - window + 1) / kTau;
@@ -701,7 +696,7 @@ __attribute__((target("avx2,fma"))) bool bwd(const float* __restrict__ dy, const
   // pass 2: dw rows of query tile I, head h: per key tile J one GEMM [Sc G | -Sc H] s_IJ (all b, c of the head)
   // against [XV | X]^T
   at::parallel_for(0, nt * H, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> acc, accx, As(kTau * N2), Cb(kTau * kTau), sc(N2);
+    std::vector<float> acc, accx, As(wide ? 0 : kTau * N2), Cb(kTau * kTau), sc(N2);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t I = p / H, h = p % H;
       const int64_t i0 = I * kTau, ni = std::min(T, i0 + kTau) - i0;
