@@ -97,7 +97,9 @@ AF_AVX2 void finish(__m256 o, __m256 n, __m256 d, __m256 Mf, __m256 Sf, __m256 A
   const __m256 S = _mm256_fmadd_ps(d, e1, _mm256_mul_ps(Sf, e2));
   const __m256 A = _mm256_fmadd_ps(n, e1, _mm256_mul_ps(Af, e2));
   storen(lp, _mm256_add_ps(Ms, vlog(S)), cnt);
-  __m256 y = _mm256_mul_ps(vsigmoid(q), _mm256_div_ps(A, S));
+  // y = sigmoid(q) * A / S as one division; q < -80 with S large may give 0 instead of < 1e-34 * A / S
+  __m256 y = _mm256_div_ps(
+      A, _mm256_mul_ps(S, _mm256_add_ps(_mm256_set1_ps(1.f), vexp(_mm256_sub_ps(_mm256_setzero_ps(), q)))));
   y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(S, _mm256_setzero_ps(), _CMP_EQ_OQ));
   storen(yp, y, cnt);
 }
@@ -239,34 +241,33 @@ __attribute__((target("avx2,fma"))) void fwd(const float* __restrict__ q, const 
 
   key_tiles(k, v, B, T, D, H, XX.get(), tm.data(), tS.data(), tA.data(), bad.data(), false);
 
-  // far term: prefix (and, non-causal, suffix) scans of the tile states, per (b, channel)
+  // far term: prefix (and, non-causal, suffix) scans of the tile states, per (b, channel); serial: O(B * D * T / tau)
+  // merges, less than a parallel region's start-up
   FarScan pre, suf;
   const int64_t ns = B * (nt + 1) * D;
   pre.M.resize(ns), pre.S.resize(ns), pre.A.resize(ns);
   if (!causal) suf.M.resize(ns), suf.S.resize(ns), suf.A.resize(ns);
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      for (int64_t c = 0; c < D; c += 8) {
-        const int64_t cnt = std::min<int64_t>(8, D - c);
-        auto put = [&](FarScan& f, int64_t J, __m256 M, __m256 S, __m256 A) {
-          const int64_t o = (b * (nt + 1) + J) * D + c;
-          storen(f.M.data() + o, M, cnt);
-          storen(f.S.data() + o, S, cnt);
-          storen(f.A.data() + o, A, cnt);
-        };
-        auto tile = [&](int64_t J, __m256& M, __m256& S, __m256& A) {
-          const int64_t o = (b * nt + J) * D + c;
-          merge_state(M, S, A, loadn(tm.data() + o, cnt), loadn(tS.data() + o, cnt), loadn(tA.data() + o, cnt));
-        };
-        __m256 M = _mm256_set1_ps(ninf), S = _mm256_setzero_ps(), A = _mm256_setzero_ps();
-        put(pre, 0, M, S, A);
-        for (int64_t J = 0; J < nt; ++J) tile(J, M, S, A), put(pre, J + 1, M, S, A);
-        if (causal) continue;
-        M = _mm256_set1_ps(ninf), S = A = _mm256_setzero_ps();
-        put(suf, nt, M, S, A);
-        for (int64_t J = nt - 1; J >= 0; --J) tile(J, M, S, A), put(suf, J, M, S, A);
-      }
-  });
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < D; c += 8) {
+      const int64_t cnt = std::min<int64_t>(8, D - c);
+      auto put = [&](FarScan& f, int64_t J, __m256 M, __m256 S, __m256 A) {
+        const int64_t o = (b * (nt + 1) + J) * D + c;
+        storen(f.M.data() + o, M, cnt);
+        storen(f.S.data() + o, S, cnt);
+        storen(f.A.data() + o, A, cnt);
+      };
+      auto tile = [&](int64_t J, __m256& M, __m256& S, __m256& A) {
+        const int64_t o = (b * nt + J) * D + c;
+        merge_state(M, S, A, loadn(tm.data() + o, cnt), loadn(tS.data() + o, cnt), loadn(tA.data() + o, cnt));
+      };
+      __m256 M = _mm256_set1_ps(ninf), S = _mm256_setzero_ps(), A = _mm256_setzero_ps();
+      put(pre, 0, M, S, A);
+      for (int64_t J = 0; J < nt; ++J) tile(J, M, S, A), put(pre, J + 1, M, S, A);
+      if (causal) continue;
+      M = _mm256_set1_ps(ninf), S = A = _mm256_setzero_ps();
+      put(suf, nt, M, S, A);
+      for (int64_t J = nt - 1; J >= 0; --J) tile(J, M, S, A), put(suf, J, M, S, A);
+    }
 
   // per query tile: band union [Jlo, Jhi], far term = prefix over tiles < Jlo (+ suffix over tiles > Jhi)
   auto union_of = [&](int64_t I, int64_t& Jlo, int64_t& Jhi) {
