@@ -500,7 +500,8 @@ __attribute__((target("avx2,fma"))) bool bwd(const float* __restrict__ dy, const
 
   // pass 1: dq, dv, dk (and SGH) per (b, head, block of kBwdCols channels)
   const int64_t ncb = (Dh + kBwdCols - 1) / kBwdCols;
-  std::vector<unsigned char> gbad(B * H * ncb, 0), gexact(nt * H, 0);  // gexact: (I, h) has exact lanes
+  // gexact[task * nt + I]: query tile I of that task has exact lanes (one writer per entry)
+  std::vector<unsigned char> gbad(B * H * ncb, 0), gexact(B * H * ncb * nt, 0);
   at::parallel_for(0, B * H * ncb, 1, [&](int64_t p0, int64_t p1) {
     // acc2 (T, 2 cw): per key the union and far sums [G | H] before the factor X; exG / exH: the exact parts
     std::vector<float> acc2, exG, exH, S2(kTau * 2 * kBwdCols), R(kTau * 2 * kBwdCols), sIJ(2 * kBwdCols);
@@ -565,7 +566,7 @@ __attribute__((target("avx2,fma"))) bool bwd(const float* __restrict__ dy, const
                 exH.assign(T * cw, 0.f);
                 have_exact = true;
               }
-              gexact[I * H + h] = 1;
+              gexact[p * nt + I] = 1;
               alignas(32) float gb[8], hb[8];
               _mm256_store_ps(gb, g);
               _mm256_store_ps(hb, hh);
@@ -739,7 +740,10 @@ __attribute__((target("avx2,fma"))) bool bwd(const float* __restrict__ dy, const
         for (int64_t tp = 0; tp < nj; ++tp)
           for (int64_t ii = 0; ii < ni; ++ii) acc[ii * nu + j0 - u0 + tp] = Cb[tp * ldc + ii];
       }
-      if (gexact[I * H + h]) {  // the exact per-element parts of lanes with a large split-max gap
+      bool any_exact = false;
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t cb = 0; cb < ncb; ++cb) any_exact |= gexact[((b * H + h) * ncb + cb) * nt + I] != 0;
+      if (any_exact) {  // the exact per-element parts of lanes with a large split-max gap
         accx.assign(kTau * nu, 0.f);
         for (int64_t ii = 0; ii < ni; ++ii) {
           const int64_t t = i0 + ii;
@@ -769,7 +773,7 @@ __attribute__((target("avx2,fma"))) bool bwd(const float* __restrict__ dy, const
         for (int64_t tp = lo; tp < hi; ++tp) {
           const int64_t j = ii * nu + tp - u0;
           const float e = (Ew[j] == 0.f ? 0.f : Ew[j] * acc[j]);  // Ew = 0: masked (or negligible)
-          dwrow[tp + shift] = gexact[I * H + h] ? e + accx[j] : e;
+          dwrow[tp + shift] = any_exact ? e + accx[j] : e;
         }
       }
     }

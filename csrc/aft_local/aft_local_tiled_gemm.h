@@ -3,7 +3,8 @@
 // for i < M, j < N, k < K (K <= 64: one key tile); scale or kscale null: 1. A is addressed through both strides, so A
 // and its transpose are both plain operands. AVX-512 where the CPU has it (twice the lanes of the AVX2 GEMM the BLAS
 // runs on such CPUs); returns false, doing nothing, where it does not (the caller then uses at::mm). Every element of C
-// is computed by one fixed sequence of FMAs (k ascending), whatever M, N and the thread count: bit-identical results.
+// is computed by one sequence of FMAs (k ascending) fixed by the shapes (and the band), never by the thread count:
+// bit-identical results across thread counts.
 #pragma once
 
 #include <cstdint>
