@@ -71,18 +71,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> aft_local_bwd(const Tensor& dy, const
   const int64_t B = q.size(0), T = q.size(1), D = q.size(2);
   window = std::min<int64_t>(window, std::max<int64_t>(T, 1));  // huge windows: no t + window overflow
   if (q.scalar_type() == at::kFloat && window >= kLocalTiledMinWindow && q.numel() > 0) {
-    // banded tiles (aft_local_tiled_cpu.cpp), either layout. Inputs holding NaN or +inf keep the per-element band
-    // kernel, whose NaN propagation is exact (docs/design.md §7); -inf (a mask) is handled by the tiles.
-    const Tensor sq = at::sigmoid(q);
-    const Tensor Gt = (dy * sq).contiguous(), Ht = (dy * y).contiguous();
-    const Tensor ka = k.contiguous(), va = v.contiguous(), la = lse.to(at::kFloat).contiguous();
+    // banded tiles (aft_local_tiled_cpu.cpp), either layout, dq included. Inputs holding NaN or +inf keep the
+    // per-element band kernel, whose NaN propagation is exact (docs/design.md §7); -inf (a mask) is handled by the
+    // tiles. Every output element is written by the tiles (dw: 0 outside the band), so at::empty.
+    const Tensor dya = dy.contiguous(), qa = q.contiguous(), ya = y.contiguous(), ka = k.contiguous();
+    const Tensor va = v.contiguous(), la = lse.to(at::kFloat).contiguous();
     const Tensor wa = w.reshape({heads, T, w.size(-1)}).contiguous();
-    Tensor dk = at::empty({B, T, D}, ka.options()), dv = at::empty({B, T, D}, ka.options());
-    Tensor dw = at::zeros(wa.sizes(), wa.options());  // in w's layout; entries outside the band stay 0
-    if (aft_local_tiled_bwd_avx2(Gt.data_ptr<float>(), Ht.data_ptr<float>(), ka.data_ptr<float>(), va.data_ptr<float>(),
-                                 wa.data_ptr<float>(), la.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(),
-                                 dw.data_ptr<float>(), B, T, D, heads, window, causal, banded))
-      return {Ht * (1 - sq), dk, dv, dw.view(w.sizes())};
+    Tensor dq = at::empty({B, T, D}, qa.options()), dk = at::empty({B, T, D}, qa.options());
+    Tensor dv = at::empty({B, T, D}, qa.options()), dw = at::empty(wa.sizes(), wa.options());
+    if (aft_local_tiled_bwd_avx2(dya.data_ptr<float>(), qa.data_ptr<float>(), ya.data_ptr<float>(),
+                                 ka.data_ptr<float>(), va.data_ptr<float>(), wa.data_ptr<float>(), la.data_ptr<float>(),
+                                 dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), dw.data_ptr<float>(),
+                                 B, T, D, heads, window, causal, banded))
+      return {dq, dk, dv, dw.view(w.sizes())};
   }
   if (!banded) return band_bwd(dy, q, k, v, &w, y, lse, heads, window, causal);
   const Tensor wf = band_to_full(w.reshape({heads, T, w.size(-1)}), T, window);

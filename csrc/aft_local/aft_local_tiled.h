@@ -11,13 +11,13 @@ namespace cpu {
 bool aft_local_tiled_fwd_avx2(const float* q, const float* k, const float* v, const float* w, float* y, float* lse,
                               int64_t B, int64_t T, int64_t D, int64_t H, int64_t window, bool causal, bool banded);
 
-// Backward (dk, dv and, when dw is not null, dw) as banded tiles, from G = dy * sigmoid(q), H = dy * y and lse
-// (contiguous (B, T, D) float32); dw in w's layout, zero-filled by the caller (entries outside the band stay 0).
-// -inf in k, w, lse is a mask. Returns false (outputs unwritten) when the CPU lacks AVX2/FMA or an input holds NaN
-// or +inf (k, lse, band entries of w) or a non-finite v, G, H: the caller then runs the exact band kernel.
-bool aft_local_tiled_bwd_avx2(const float* G, const float* Hm, const float* k, const float* v, const float* w,
-                              const float* lse, float* dk, float* dv, float* dw, int64_t B, int64_t T, int64_t D,
-                              int64_t H, int64_t window, bool causal, bool banded);
+// Backward (dq, dk, dv and, when dw is not null, dw) as banded tiles, from dy, q, y and lse (contiguous (B, T, D)
+// float32); dw in w's layout, every entry written (0 outside the band). -inf in k, w, lse is a mask. Returns false
+// (outputs partly written, to be discarded) when the CPU lacks AVX2/FMA or an input holds NaN or +inf (k, lse,
+// band entries of w) or a non-finite v, dy * sigmoid(q), dy * y: the caller then runs the exact band kernel.
+bool aft_local_tiled_bwd_avx2(const float* dy, const float* q, const float* y, const float* k, const float* v,
+                              const float* w, const float* lse, float* dq, float* dk, float* dv, float* dw, int64_t B,
+                              int64_t T, int64_t D, int64_t H, int64_t window, bool causal, bool banded);
 
 }  // namespace cpu
 }  // namespace attnfree

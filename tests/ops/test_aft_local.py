@@ -700,6 +700,35 @@ def test_tiled_sizes_vs_oracle(path, shape, case, causal):
 
 @pytest.mark.paths("compiled-cpu")
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", ["normal", "w_1e4", "split_gap"])
+@pytest.mark.parametrize("shape", [(2, 150, 12, 0, 16), (1, 200, 10, 2, 40), (3, 130, 40, 0, 64)], ids=str)
+def test_tiled_gemm_without_avx512(path, shape, case, causal, monkeypatch):
+    """ATTNFREE_CPU_AVX512=0: the banded tiles take at::mm instead of their AVX-512 tile GEMM (the path of CPUs
+    without AVX-512); both agree with the oracle, and with each other to float32 rounding."""
+    B, T, D, heads, window = shape
+    q, k, v, w = qkvw(B, T, D, heads, F64, w_scale=1e4 if case == "w_1e4" else 1.0)
+    if case == "split_gap":
+        k = k - 60
+        k[:, 10::64, :] += 120
+        idx = torch.arange(1, T)
+        w[..., idx, idx - 1] = 60.0
+    q, k, v, w = (x.to(F32) for x in (q, k, v, w))
+    dy = torch.randn(B, T, D, dtype=F32)
+    monkeypatch.setenv("ATTNFREE_CPU_AVX512", "0")
+    y, grads = _run_public(path, q, k, v, w, window, dy, causal)
+    yo, go = _oracle(q, k, v, w, window, dy, causal)
+    _check_all(y, grads, yo, go, v, w, dy, _tol(F32, k, w))
+    monkeypatch.delenv("ATTNFREE_CPU_AVX512")
+    y2, grads2 = _run_public(path, q, k, v, w, window, dy, causal)
+    for a, b in zip((y, *grads), (y2, *grads2)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * (1 + b.abs().max().item()))
+    # two different GEMMs ran: not bit-identical (the adversarial cases may end on the per-element paths)
+    if case == "normal" and torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert not all(torch.equal(a, b) for a, b in zip((y, *grads), (y2, *grads2)))
+
+
+@pytest.mark.paths("compiled-cpu")
+@pytest.mark.parametrize("causal", [False, True])
 def test_tiled_bit_identical_across_threads(path, causal):
     B, T, D, window = 2, 200, 20, 24
     q, k, v, w = (x.to(F32) for x in qkvw(B, T, D, 2, F64))

@@ -1,0 +1,36 @@
+// The small GEMM of the AFT-local banded tiles (aft_local_tiled_cpu.cpp), float32, with a per-column scale:
+//   C[i, j] = (accumulate ? C[i, j] : 0) + scale[j] * sum_k A[i * rsa + k * csa] * kscale[k] * B[k * ldb + j]
+// for i < M, j < N, k < K (K <= 64: one key tile); scale or kscale null: 1. A is addressed through both strides, so A
+// and its transpose are both plain operands. AVX-512 where the CPU has it (twice the lanes of the AVX2 GEMM the BLAS
+// runs on such CPUs); returns false, doing nothing, where it does not (the caller then uses at::mm). Every element of C
+// is computed by one sequence of FMAs (k ascending) fixed by the shapes (and the band), never by the thread count:
+// bit-identical results across thread counts.
+#pragma once
+
+#include <cstdint>
+
+namespace attnfree {
+namespace cpu {
+
+bool tile_gemm_scaled(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa, const float* B,
+                      int64_t ldb, const float* kscale, const float* scale, float* C, int64_t ldc, bool accumulate);
+
+// The same product where row i of A equals eL[i] at every k < kb[i] and eR[i] at every k >= ke[i] (a band:
+// keys outside a row's band all carry one weight): those keys are summed once per column (prefix / suffix sums of
+// B) instead of through the FMAs.
+struct TileBand {
+  const int64_t* kb;
+  const int64_t* ke;
+  const float* eL;
+  const float* eR;
+};
+bool tile_gemm_banded(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa, const float* B,
+                      int64_t ldb, const float* scale, float* C, int64_t ldc, bool accumulate, const TileBand& band);
+
+// Whether tile_gemm_scaled and tile_gemm_banded run: the CPU has AVX-512 and ATTNFREE_CPU_AVX512 is not 0 (set to 0,
+// the tiles take at::mm instead: how the tests reach that path on an AVX-512 machine). Read on every call; callers ask
+// once per op.
+bool tile_gemm_available();
+
+}  // namespace cpu
+}  // namespace attnfree
