@@ -27,9 +27,8 @@ struct TileBand {
 bool tile_gemm_banded(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa, const float* B,
                       int64_t ldb, const float* scale, float* C, int64_t ldc, bool accumulate, const TileBand& band);
 
-// Whether tile_gemm_scaled and tile_gemm_banded run: the CPU has AVX-512 and ATTNFREE_CPU_AVX512 is not 0 (set to 0,
-// the tiles take at::mm instead: how the tests reach that path on an AVX-512 machine). Read on every call; callers ask
-// once per op.
+// Whether tile_gemm_scaled and tile_gemm_banded run: the CPU has AVX-512 and cpu_avx512_allowed() (common/env.h;
+// otherwise the tiles take at::mm). Read on every call; callers ask once per op.
 bool tile_gemm_available();
 
 }  // namespace cpu

@@ -3,6 +3,8 @@
 // L1 while the row blocks of A pass. Compiled for AVX-512 in this translation unit only, entered after a CPU check.
 #include "aft_local/aft_local_tiled_gemm.h"
 
+#include "common/env.h"
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
@@ -134,10 +136,7 @@ bool tile_gemm_banded(int64_t M, int64_t N, int64_t K, const float* A, int64_t r
   return true;
 }
 
-bool tile_gemm_available() {
-  const char* e = std::getenv("ATTNFREE_CPU_AVX512");
-  return cpu_has_avx512f() && !(e && std::strcmp(e, "0") == 0);
-}
+bool tile_gemm_available() { return cpu_has_avx512f() && cpu_avx512_allowed(); }
 
 }  // namespace cpu
 }  // namespace attnfree
@@ -149,6 +148,11 @@ bool tile_gemm_scaled(int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
                       float*, int64_t, bool) {
   return false;
 }
+bool tile_gemm_banded(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, const float*,
+                      float*, int64_t, bool, const TileBand&) {
+  return false;
+}
+bool tile_gemm_available() { return false; }
 }  // namespace cpu
 }  // namespace attnfree
 #endif

@@ -16,4 +16,12 @@ AftFullKernel aft_full_kernel() {
   return AftFullKernel::Auto;
 }
 
+bool cpu_avx512_allowed() {
+  const char* v = std::getenv("ATTNFREE_CPU_AVX512");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "1") == 0) return true;
+  if (std::strcmp(v, "0") == 0) return false;
+  TORCH_CHECK_VALUE(false, "ATTNFREE_CPU_AVX512 must be 0 or 1 (or unset), got '", v, "'");
+  return true;
+}
+
 }  // namespace attnfree

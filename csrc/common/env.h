@@ -12,4 +12,9 @@ namespace attnfree {
 enum class AftFullKernel { Auto, Tiled, Exact };
 AftFullKernel aft_full_kernel();
 
+// ATTNFREE_CPU_AVX512=0 keeps the CPU kernels off their AVX-512 code (they then run their portable path, e.g. the
+// BLAS): how the tests reach the path of CPUs without AVX-512 on a machine that has it. Unset, empty or 1: AVX-512
+// where the CPU has it. Read on every call; any other value raises a ValueError naming the variable.
+bool cpu_avx512_allowed();
+
 }  // namespace attnfree

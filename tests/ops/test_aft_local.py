@@ -699,6 +699,15 @@ def test_tiled_sizes_vs_oracle(path, shape, case, causal):
 
 
 @pytest.mark.paths("compiled-cpu")
+def test_cpu_avx512_switch_bad_value(path, monkeypatch):
+    """ATTNFREE_CPU_AVX512 takes 0 or 1: another value is an error naming the variable, not a silent default."""
+    q, k, v, w = (x.to(F32) for x in qkvw(2, 150, 12, 0, F64))
+    monkeypatch.setenv("ATTNFREE_CPU_AVX512", "off")
+    with pytest.raises(ValueError, match="ATTNFREE_CPU_AVX512 must be 0 or 1"):
+        aft_local(q, k, v, w, 16)
+
+
+@pytest.mark.paths("compiled-cpu")
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("case", ["normal", "w_1e4", "split_gap"])
 @pytest.mark.parametrize("shape", [(2, 150, 12, 0, 16), (1, 200, 10, 2, 40), (3, 130, 40, 0, 64)], ids=str)
