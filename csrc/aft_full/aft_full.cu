@@ -82,6 +82,7 @@
 #include <type_traits>
 
 #include "common/cuda_common.cuh"
+#include "common/wmma_tf32.cuh"
 
 namespace attnfree {
 namespace cuda {
@@ -394,17 +395,7 @@ __device__ __forceinline__ void store_strip(float* stage, const Frag (&a)[2], in
 }
 
 #if AFT_FULL_TC_ARCH  // bf16 / tf32 wmma: sm_80+
-// 3xTF32: x = big + small with both parts tf32; big*big + big*small + small*big keeps ~fp32 accuracy.
-template <typename F>
-__device__ __forceinline__ void split_tf32(F& big, F& small) {
-#pragma unroll
-  for (int i = 0; i < big.num_elements; ++i) {
-    const float x = big.x[i];
-    const float hi = wmma::__float_to_tf32(x);
-    big.x[i] = hi;
-    small.x[i] = wmma::__float_to_tf32(x - hi);
-  }
-}
+// 3xTF32 (split_tf32, mma_3xtf32): common/wmma_tf32.cuh.
 
 // The forward's per-key-tile product of a warp: d[i][jj] += Ew[rows] Ek[:, cols], n[i][jj] += Ew[rows] Ekv[:, cols]
 // over FBK keys (rows wr0 + 16 i, columns wc0 + 16 jj). The accumulators stay in registers across key tiles.
@@ -452,10 +443,10 @@ struct FwdMma<true> {  // fp32 operands: 3xTF32 (x3, ~fp32 accuracy) or plain TF
   }
   __device__ __forceinline__ static void prod(Acc& c, const FA& ab, const FA& as, const FB& bb, const FB& bs, bool x3) {
     if (x3) {
-      wmma::mma_sync(c, as, bb, c);
-      wmma::mma_sync(c, ab, bs, c);
+      mma_3xtf32(c, ab, as, bb, bs);
+    } else {
+      wmma::mma_sync(c, ab, bb, c);
     }
-    wmma::mma_sync(c, ab, bb, c);
   }
   __device__ __forceinline__ static void run(const float* Ew, const float* Ek, const float* Ekv, int wr0, int wc0,
                                              bool x3, Acc (&d)[FFM][FFN], Acc (&n)[FFM][FFN]) {
@@ -870,10 +861,10 @@ struct WarpMma {
         wmma::load_matrix_sync(b, b_row ? Bm + kk * ldb + c : Bm + c * ldb + kk, ldb);
         if constexpr (F32OPS) {
           split_tf32(b, bs);
-          wmma::mma_sync(acc[jj], as, b, acc[jj]);
-          wmma::mma_sync(acc[jj], a, bs, acc[jj]);
+          mma_3xtf32(acc[jj], a, as, b, bs);
+        } else {
+          wmma::mma_sync(acc[jj], a, b, acc[jj]);
         }
-        wmma::mma_sync(acc[jj], a, b, acc[jj]);
       }
     }
   }

@@ -36,6 +36,7 @@
 #include <type_traits>
 
 #include "common/cuda_common.cuh"
+#include "common/wmma_tf32.cuh"
 
 namespace attnfree {
 namespace cuda {
@@ -208,27 +209,11 @@ struct TcMma<false> {
   }
 };
 
-template <typename F>
-__device__ __forceinline__ void split_tf32(F& big, F& small) {
-#pragma unroll
-  for (int i = 0; i < big.num_elements; ++i) {
-    const float x = big.x[i];
-    const float hi = wmma::__float_to_tf32(x);
-    big.x[i] = hi;
-    small.x[i] = wmma::__float_to_tf32(x - hi);
-  }
-}
-
 template <>
 struct TcMma<true> {
   using Acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
   using FA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
   using FB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-  __device__ __forceinline__ static void mma3(Acc& c, const FA& ab, const FA& as, const FB& bb, const FB& bs) {
-    wmma::mma_sync(c, as, bb, c);
-    wmma::mma_sync(c, ab, bs, c);
-    wmma::mma_sync(c, ab, bb, c);
-  }
   __device__ __forceinline__ static void run(const float* Ew, const float* Ek, const float* Ekv, int wr0, int wc0,
                                              Acc (&d)[4], Acc (&n)[4]) {
     using L = TcOps<true>;
@@ -242,10 +227,10 @@ struct TcMma<true> {
       for (int f = 0; f < 4; ++f) {
         wmma::load_matrix_sync(bb, Ek + kk * L::LDB + wc0 + f * 16, L::LDB);
         split_tf32(bb, bs);
-        mma3(d[f], ab, as, bb, bs);
+        mma_3xtf32(d[f], ab, as, bb, bs);
         wmma::load_matrix_sync(bb, Ekv + kk * L::LDB + wc0 + f * 16, L::LDB);
         split_tf32(bb, bs);
-        mma3(n[f], ab, as, bb, bs);
+        mma_3xtf32(n[f], ab, as, bb, bs);
       }
     }
   }

@@ -672,14 +672,10 @@ def test_compiled_w_dtype_check(path):
 TILED = [(2, 150, 12, 0, 16), (1, 200, 10, 2, 40), (2, 130, 8, 0, 64), (1, 97, 9, 0, 200)]
 
 
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("case", ["normal", "k_1e4", "w_1e4", "late_spike", "split_gap"])
-@pytest.mark.parametrize("shape", TILED, ids=lambda c: "x".join(map(str, c)))
-def test_tiled_sizes_vs_oracle(path, shape, case, causal):
-    """Shapes that take the CPU banded-tile kernels (several key tiles, band edges inside tiles), incl. adversarial.
-    split_gap: the row maximum of w (on key t - 1) and the column maximum of k (keys 10, 74, ...) sit on different
-    keys, so r + m - lse reaches ~60 and the backward's per-element guard runs (docs/design.md §3)."""
-    B, T, D, heads, window = shape
+def _tile_case_inputs(shape, case):
+    """float32 q, k, v, w, dy of a banded-tiles case: normal, |k| or |w| = 1e4, a causal late spike, or split_gap
+    (the row maximum of w and the column maximum of k on different keys, r + m - lse ~ 60)."""
+    B, T, D, heads, _ = shape
     q, k, v, w = qkvw(
         B, T, D, heads, F64, k_scale=1e4 if case == "k_1e4" else 1.0, w_scale=1e4 if case == "w_1e4" else 1.0
     )
@@ -691,7 +687,18 @@ def test_tiled_sizes_vs_oracle(path, shape, case, causal):
         idx = torch.arange(1, T)
         w[..., idx, idx - 1] = 60.0
     q, k, v, w = (x.to(F32) for x in (q, k, v, w))
-    dy = torch.randn(B, T, D, dtype=F32)
+    return q, k, v, w, torch.randn(B, T, D, dtype=F32)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", ["normal", "k_1e4", "w_1e4", "late_spike", "split_gap"])
+@pytest.mark.parametrize("shape", TILED, ids=lambda c: "x".join(map(str, c)))
+def test_tiled_sizes_vs_oracle(path, shape, case, causal):
+    """Shapes that take the CPU banded-tile kernels (several key tiles, band edges inside tiles), incl. adversarial.
+    split_gap: the row maximum of w (on key t - 1) and the column maximum of k (keys 10, 74, ...) sit on different
+    keys, so r + m - lse reaches ~60 and the backward's per-element guard runs (docs/design.md §3)."""
+    B, T, D, heads, window = shape
+    q, k, v, w, dy = _tile_case_inputs(shape, case)
     y, grads = _run_public(path, q, k, v, w, window, dy, causal)
     assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
     yo, go = _oracle(q, k, v, w, window, dy, causal)
@@ -714,15 +721,8 @@ def test_cpu_avx512_switch_bad_value(path, monkeypatch):
 def test_tiled_gemm_without_avx512(path, shape, case, causal, monkeypatch):
     """ATTNFREE_CPU_AVX512=0: the banded tiles take at::mm instead of their AVX-512 tile GEMM (the path of CPUs
     without AVX-512); both agree with the oracle, and with each other to float32 rounding."""
-    B, T, D, heads, window = shape
-    q, k, v, w = qkvw(B, T, D, heads, F64, w_scale=1e4 if case == "w_1e4" else 1.0)
-    if case == "split_gap":
-        k = k - 60
-        k[:, 10::64, :] += 120
-        idx = torch.arange(1, T)
-        w[..., idx, idx - 1] = 60.0
-    q, k, v, w = (x.to(F32) for x in (q, k, v, w))
-    dy = torch.randn(B, T, D, dtype=F32)
+    window = shape[-1]
+    q, k, v, w, dy = _tile_case_inputs(shape, case)
     monkeypatch.setenv("ATTNFREE_CPU_AVX512", "0")
     y, grads = _run_public(path, q, k, v, w, window, dy, causal)
     yo, go = _oracle(q, k, v, w, window, dy, causal)
