@@ -59,6 +59,92 @@ AF_AVX2 void vadd_key(float* pm, float* pa, float* pd, const float* kr, const fl
   }
 }
 
+// Causal window 1 without bias (causal aft_simple, docs/design.md §2.7) in chunks of kSteps steps: per chunk and
+// channel the chunk max first, then one exp per element under M = max(prefix max, chunk max) and one rescale of
+// the carried state per chunk, instead of the running-max recurrence's two exps per step. A chunk whose first row
+// has its largest term more than kGap below M (a spike inside the chunk: the earlier rows' sums would lose their
+// digits) is walked with the recurrence instead, as are chunks where that test is not a number comparison.
+constexpr int64_t kSteps = 16;
+constexpr float kGap = 40.f;
+
+// Row t's outputs from the state (a, d) under offset off: lse = off + log d, y = sigmoid(q) a / d (0 where d = 0).
+AF_AVX2 void simple_row_out(const float* qr, float* yr, float* lr, __m256 off, __m256 a, __m256 d, int64_t n) {
+  storen(lr, _mm256_add_ps(off, vlog(d)), n);
+  const __m256 yv = _mm256_mul_ps(vsigmoid(loadn(qr, n)), _mm256_div_ps(a, d));
+  storen(yr, _mm256_blendv_ps(yv, _mm256_setzero_ps(), _mm256_cmp_ps(d, _mm256_setzero_ps(), _CMP_EQ_OQ)), n);
+}
+
+AF_AVX2 void simple_chunk(const float* kb, const float* vb, const float* qb, float* yb, float* lb, int64_t D,
+                          int64_t t0, int64_t t1, int64_t n, __m256& m, __m256& a, __m256& d) {
+  __m256 Mc = loadn(kb + t0 * D, n);
+  for (int64_t t = t0 + 1; t < t1; ++t) Mc = vmax_keep(Mc, loadn(kb + t * D, n));
+  const __m256 M = vmax_keep(m, Mc);
+  const __m256 r0 = vmax_keep(m, loadn(kb + t0 * D, n));
+  // not (r0 - M >= -kGap): a spike, or a prefix of -inf keys before finite ones; (-inf) - (-inf) = NaN is an
+  // all-masked column, exact either way
+  const __m256 gap = _mm256_sub_ps(r0, M);
+  const __m256 bad =
+      _mm256_andnot_ps(_mm256_cmp_ps(gap, gap, _CMP_UNORD_Q), _mm256_cmp_ps(gap, _mm256_set1_ps(-kGap), _CMP_LT_OQ));
+  if (_mm256_movemask_ps(bad) != 0) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const __m256 kv = loadn(kb + t * D, n);
+      const __m256 m2 = vmax_keep(m, kv);
+      const __m256 off = vsafe_off(m2);
+      const __m256 sc = vexp(_mm256_sub_ps(m, off));
+      const __m256 e = vexp(_mm256_sub_ps(kv, off));
+      d = _mm256_fmadd_ps(d, sc, e);
+      a = _mm256_fmadd_ps(a, sc, _mm256_mul_ps(e, loadn(vb + t * D, n)));
+      m = m2;
+      simple_row_out(qb + t * D, yb + t * D, lb + t * D, off, a, d, n);
+    }
+    return;
+  }
+  const __m256 off = vsafe_off(M);
+  const __m256 sc = vexp(_mm256_sub_ps(m, off));  // 0 for an empty prefix (m = -inf)
+  d = _mm256_mul_ps(d, sc);
+  a = _mm256_mul_ps(a, sc);
+  for (int64_t t = t0; t < t1; ++t) {
+    const __m256 e = vexp(_mm256_sub_ps(loadn(kb + t * D, n), off));
+    d = _mm256_add_ps(d, e);
+    a = _mm256_fmadd_ps(e, loadn(vb + t * D, n), a);
+    simple_row_out(qb + t * D, yb + t * D, lb + t * D, off, a, d, n);
+  }
+  m = M;
+}
+
+__attribute__((target("avx2,fma"))) void simple_causal_fwd(const float* __restrict__ q, const float* __restrict__ k,
+                                                           const float* __restrict__ v, float* __restrict__ y,
+                                                           float* __restrict__ lse, int64_t B, int64_t T, int64_t D,
+                                                           const float* __restrict__ s0, float* __restrict__ sF) {
+  const int64_t ncc = (D + kCH - 1) / kCH;
+  at::parallel_for(0, B * ncc, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / ncc, c0 = (task % ncc) * kCH;
+      const int64_t nc = std::min(kCH, D - c0);
+      const int64_t base = b * T * D + c0;
+      const int64_t sbase = b * 3 * D + c0;  // (b, row, c0) of a (B, 3, D) state
+      for (int64_t c = 0; c < nc; c += 8) {
+        const int64_t n = nc - c;
+        __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+        __m256 a = _mm256_setzero_ps(), d = _mm256_setzero_ps();
+        if (s0) {  // the initial state: keys before t = 0
+          m = loadn(s0 + sbase + c, n);
+          a = loadn(s0 + sbase + D + c, n);
+          d = loadn(s0 + sbase + 2 * D + c, n);
+        }
+        for (int64_t t0 = 0; t0 < T; t0 += kSteps)
+          simple_chunk(k + base + c, v + base + c, q + base + c, y + base + c, lse + base + c, D, t0,
+                       std::min(T, t0 + kSteps), n, m, a, d);
+        if (sF) {
+          storen(sF + sbase + c, m, n);
+          storen(sF + sbase + D + c, a, n);
+          storen(sF + sbase + 2 * D + c, d, n);
+        }
+      }
+    }
+  });
+}
+
 __attribute__((target("avx2,fma"))) void fwd_kernel(const float* __restrict__ q, const float* __restrict__ k,
                                                     const float* __restrict__ v, const float* __restrict__ w,
                                                     float* __restrict__ y, float* __restrict__ lse, int64_t B,
@@ -68,11 +154,12 @@ __attribute__((target("avx2,fma"))) void fwd_kernel(const float* __restrict__ q,
   const int64_t CH = std::min<int64_t>(Dh, kCH);
   const int64_t ncc = (Dh + CH - 1) / CH;
   const int64_t ntask = B * H * ncc;
+  if (causal && window == 1 && !w) return simple_causal_fwd(q, k, v, y, lse, B, T, D, s0, sF);
   const bool has_suffix = !causal && window < T;
   const float ninf = -std::numeric_limits<float>::infinity();
 
   at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
-    alignas(32) float mx[kCH], S[kCH], A[kCH], pm[kCH], pa[kCH], pd[kCH];
+    alignas(32) float pm[kCH], pa[kCH], pd[kCH];
     std::vector<float> sm, sa, sd;
     if (has_suffix) {
       sm.resize(T * CH);
