@@ -435,6 +435,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> band_bwd(const Tensor& dy, const Tens
   if (ps) psa = ps->to(acc).contiguous();
   if (s0) s0a = s0->to(acc).contiguous();
   if (ks) *ks = at::zeros({B, 2, D}, q.options().dtype(acc));
+  if (causal && !w && window == 1 && acc == at::kFloat && B * T * D > 0) {  // causal aft_simple: G, H fused in
+    const Tensor dyc = dy.to(acc).contiguous(), qc = q.to(acc).contiguous(), yc = y.to(acc).contiguous();
+    const Tensor kc = k.to(acc).contiguous(), vc = v.to(acc).contiguous(), lc = lse.to(acc).contiguous();
+    Tensor dq = at::empty({B, T, D}, kc.options()), dk = at::empty({B, T, D}, kc.options());
+    Tensor dv = at::empty({B, T, D}, kc.options());
+    if (simple_causal_bwd_avx2(dyc.data_ptr<float>(), qc.data_ptr<float>(), yc.data_ptr<float>(), kc.data_ptr<float>(),
+                               vc.data_ptr<float>(), lc.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(),
+                               dv.data_ptr<float>(), B, T, D, ps ? psa.data_ptr<float>() : nullptr,
+                               s0 ? s0a.data_ptr<float>() : nullptr, ks ? ks->data_ptr<float>() : nullptr))
+      return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type()), Tensor()};
+  }
   Tensor dya = dy.to(acc), qa = q.to(acc), ya = y.to(acc);
   Tensor sq = at::sigmoid(qa);
   Tensor Gt = (dya * sq).contiguous();  // G = dy * sigmoid(q) = dZ

@@ -278,6 +278,107 @@ AF_AVX2 void vadd_query(float* ref, float* sG, float* sH, const float* lr, const
   }
 }
 
+// Causal window 1 without bias, backward (docs/design.md §2.7, §3), time reversed in chunks of kSteps rows:
+// G = dy sigmoid(q), H = dy y and dq are formed here; the suffix sums over queries t >= t' of e^{-lse[t]} (G, H)
+// are kept under ref = the smallest lse seen (+inf when empty), rescaled once per chunk to the chunk's smallest
+// lse, so each row costs one exp for its weight and one for e^{k - ref}. Key t' sees every row t >= t', whose
+// lse >= k[t'], so e^{k - ref} <= e^{kGap} when the chunk's last row lies within kGap of ref; otherwise (a low
+// lse inside the chunk) the chunk is walked with the per-row running min, as the band kernel does.
+AF_AVX2 void simple_bwd_row(const float* dyr, const float* qr, const float* yr, float* dqr, int64_t n, __m256& g,
+                            __m256& h) {
+  const __m256 dyv = loadn(dyr, n);
+  const __m256 s = vsigmoid(loadn(qr, n));
+  g = _mm256_mul_ps(dyv, s);
+  h = _mm256_mul_ps(dyv, loadn(yr, n));
+  storen(dqr, _mm256_mul_ps(h, _mm256_sub_ps(_mm256_set1_ps(1.0f), s)), n);
+}
+
+AF_AVX2 void simple_bwd_chunk(const float* dyb, const float* qb, const float* yb, const float* kb, const float* vb,
+                              const float* lb, float* dqb, float* dkb, float* dvb, int64_t D, int64_t t0, int64_t t1,
+                              int64_t n, __m256& ref, __m256& sG, __m256& sH) {
+  const __m256 pinf = _mm256_set1_ps(__builtin_inff());
+  __m256 rc = load_lse(lb + (t1 - 1) * D, n);
+  const __m256 rl = _mm256_min_ps(rc, ref);  // the running min at the chunk's last row
+  for (int64_t t = t0; t < t1 - 1; ++t) rc = _mm256_min_ps(load_lse(lb + t * D, n), rc);
+  const __m256 r2 = _mm256_min_ps(rc, ref);
+  const __m256 gap = _mm256_sub_ps(rl, r2);  // NaN ((+inf) - (+inf)): no finite lse, exact either way
+  if (_mm256_movemask_ps(_mm256_cmp_ps(gap, _mm256_set1_ps(kGap), _CMP_GT_OQ)) != 0) {
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      const int64_t o = t * D;
+      __m256 g, h;
+      simple_bwd_row(dyb + o, qb + o, yb + o, dqb + o, n, g, h);
+      const __m256 l = load_lse(lb + o, n);
+      const __m256 rn = _mm256_min_ps(l, ref);
+      const __m256 rs = _mm256_blendv_ps(rn, _mm256_setzero_ps(), _mm256_cmp_ps(rn, pinf, _CMP_EQ_OQ));
+      const __m256 sc = vexp(_mm256_sub_ps(rs, ref));
+      const __m256 e = vexp(_mm256_sub_ps(rs, l));
+      sG = _mm256_fmadd_ps(sG, sc, _mm256_mul_ps(e, g));
+      sH = _mm256_fmadd_ps(sH, sc, _mm256_mul_ps(e, h));
+      ref = rn;
+      const __m256 sk = vexp(_mm256_sub_ps(loadn(kb + o, n), ref));
+      const __m256 dvv = _mm256_mul_ps(sk, sG);
+      storen(dvb + o, dvv, n);
+      storen(dkb + o, _mm256_fmsub_ps(loadn(vb + o, n), dvv, _mm256_mul_ps(sk, sH)), n);
+    }
+    return;
+  }
+  const __m256 rs = _mm256_blendv_ps(r2, _mm256_setzero_ps(), _mm256_cmp_ps(r2, pinf, _CMP_EQ_OQ));
+  const __m256 sc = vexp(_mm256_sub_ps(rs, ref));  // 0 for an empty suffix (ref = +inf)
+  sG = _mm256_mul_ps(sG, sc);
+  sH = _mm256_mul_ps(sH, sc);
+  ref = r2;
+  for (int64_t t = t1 - 1; t >= t0; --t) {
+    const int64_t o = t * D;
+    __m256 g, h;
+    simple_bwd_row(dyb + o, qb + o, yb + o, dqb + o, n, g, h);
+    const __m256 e = vexp(_mm256_sub_ps(rs, load_lse(lb + o, n)));
+    sG = _mm256_fmadd_ps(e, g, sG);
+    sH = _mm256_fmadd_ps(e, h, sH);
+    const __m256 sk = vexp(_mm256_sub_ps(loadn(kb + o, n), ref));
+    const __m256 dvv = _mm256_mul_ps(sk, sG);
+    storen(dvb + o, dvv, n);
+    storen(dkb + o, _mm256_fmsub_ps(loadn(vb + o, n), dvv, _mm256_mul_ps(sk, sH)), n);
+  }
+}
+
+__attribute__((target("avx2,fma"))) void simple_causal_bwd(const float* __restrict__ dy, const float* __restrict__ q,
+                                                           const float* __restrict__ y, const float* __restrict__ k,
+                                                           const float* __restrict__ v, const float* __restrict__ lse,
+                                                           float* __restrict__ dq, float* __restrict__ dk,
+                                                           float* __restrict__ dv, int64_t B, int64_t T, int64_t D,
+                                                           const float* __restrict__ ps, const float* __restrict__ m0,
+                                                           float* __restrict__ ks) {
+  const int64_t ncc = (D + kCH - 1) / kCH;
+  at::parallel_for(0, B * ncc, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / ncc, c0 = (task % ncc) * kCH;
+      const int64_t nc = std::min(kCH, D - c0);
+      const int64_t base = b * T * D + c0;
+      const int64_t sbase = b * 3 * D + c0;
+      for (int64_t c = 0; c < nc; c += 8) {
+        const int64_t n = nc - c, o = base + c;  // lanes: min(n, 8)
+        alignas(32) float ref[8], sG[8], sH[8];
+        std::fill(ref, ref + 8, __builtin_inff());
+        std::fill(sG, sG + 8, 0.f);
+        std::fill(sH, sH + 8, 0.f);
+        if (ps)
+          vadd_query(ref, sG, sH, ps + sbase + c, ps + sbase + D + c, ps + sbase + 2 * D + c, std::min<int64_t>(n, 8));
+        __m256 r = _mm256_load_ps(ref), g = _mm256_load_ps(sG), h = _mm256_load_ps(sH);
+        for (int64_t t1 = T; t1 > 0; t1 -= kSteps)
+          simple_bwd_chunk(dy + o, q + o, y + o, k + o, v + o, lse + o, dq + o, dk + o, dv + o, D,
+                           std::max<int64_t>(0, t1 - kSteps), t1, n, r, g, h);
+        if (ks) {  // the initial state as a key before t = 0, seen by every row
+          const int64_t kbase = b * 2 * D + c0 + c;
+          const __m256 mv = m0 ? loadn(m0 + sbase + c, n) : _mm256_set1_ps(-__builtin_inff());
+          const __m256 sc = vexp(_mm256_sub_ps(mv, r));
+          storen(ks + kbase, _mm256_mul_ps(sc, g), n);
+          storen(ks + kbase + D, _mm256_mul_ps(sc, h), n);
+        }
+      }
+    }
+  });
+}
+
 __attribute__((target("avx2,fma"))) void bwd_kernel(const float* __restrict__ G, const float* __restrict__ Hm,
                                                     const float* __restrict__ k, const float* __restrict__ v,
                                                     const float* __restrict__ w, const float* __restrict__ lse,
@@ -430,6 +531,14 @@ bool band_fwd_avx2(const float* q, const float* k, const float* v, const float* 
   return true;
 }
 
+bool simple_causal_bwd_avx2(const float* dy, const float* q, const float* y, const float* k, const float* v,
+                            const float* lse, float* dq, float* dk, float* dv, int64_t B, int64_t T, int64_t D,
+                            const float* ps, const float* m0, float* ks) {
+  if (!cpu_has_avx2_fma()) return false;
+  simple_causal_bwd(dy, q, y, k, v, lse, dq, dk, dv, B, T, D, ps, m0, ks);
+  return true;
+}
+
 bool band_bwd_avx2(const float* G, const float* Hm, const float* k, const float* v, const float* w, const float* lse,
                    float* dk, float* dv, float* dw, int64_t B, int64_t T, int64_t D, int64_t H, int64_t window,
                    bool causal, const float* ps, const float* m0, float* ks) {
@@ -442,6 +551,10 @@ bool band_bwd_avx2(const float* G, const float* Hm, const float* k, const float*
 
 bool band_fwd_avx2(const float*, const float*, const float*, const float*, float*, float*, int64_t, int64_t, int64_t,
                    int64_t, int64_t, bool, const float*, float*) {
+  return false;
+}
+bool simple_causal_bwd_avx2(const float*, const float*, const float*, const float*, const float*, const float*, float*,
+                            float*, float*, int64_t, int64_t, int64_t, const float*, const float*, float*) {
   return false;
 }
 bool band_bwd_avx2(const float*, const float*, const float*, const float*, const float*, const float*, float*, float*,

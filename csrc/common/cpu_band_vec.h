@@ -14,6 +14,10 @@ bool band_fwd_avx2(const float* q, const float* k, const float* v, const float* 
 bool band_bwd_avx2(const float* G, const float* Hm, const float* k, const float* v, const float* w, const float* lse,
                    float* dk, float* dv, float* dw, int64_t B, int64_t T, int64_t D, int64_t H, int64_t window,
                    bool causal, const float* ps, const float* m0, float* ks);
+// Causal window 1 without bias (causal aft_simple) from dy, q, y directly: also writes dq (G, H formed inside).
+bool simple_causal_bwd_avx2(const float* dy, const float* q, const float* y, const float* k, const float* v,
+                            const float* lse, float* dq, float* dk, float* dv, int64_t B, int64_t T, int64_t D,
+                            const float* ps, const float* m0, float* ks);
 
 }  // namespace cpu
 }  // namespace attnfree
