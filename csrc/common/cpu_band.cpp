@@ -22,6 +22,8 @@
 // Non-finite contract (docs/design.md §7): every running max and every lse enters an exponential through a safe
 // offset (0 where the max is -inf; +inf for a query row whose lse is -inf), so a -inf key adds exactly 0, a row
 // with no finite logit gives y = 0, lse = -inf and zero gradients, and nothing forms (-inf) - (-inf).
+// Causal window 1 without bias (causal aft_simple) in float32 on AVX2 takes the chunked form of cpu_band_vec.cpp
+// instead (chunk max first, one exp per element; G, H and dq formed inside the backward kernel).
 // Low-precision inputs are converted once to float32 (all math in float32), float64 stays float64.
 // Non-contiguous inputs are made contiguous once.
 #include "common/cpu_band.h"

@@ -3,6 +3,7 @@
 // AVX2+FMA (cpu_simd.h); the scalar kernels stay the fallback. Non-finite contract (docs/design.md §7): every
 // running max uses a safe offset (0 where the max is -inf), so masked keys contribute exactly 0, a row with no
 // finite logit gives y = 0, lse = -inf and zero gradients, and NaN propagates through the arithmetic.
+// Causal window 1 without bias (causal aft_simple) has its own chunked kernels here (simple_causal_fwd/bwd).
 // Bit-identical for any thread count: each (b, head, channel chunk) task and each dw row is computed by one thread
 // in a fixed order.
 #include "common/cpu_band_vec.h"
@@ -63,7 +64,7 @@ AF_AVX2 void vadd_key(float* pm, float* pa, float* pd, const float* kr, const fl
 // channel the chunk max first, then one exp per element under M = max(prefix max, chunk max) and one rescale of
 // the carried state per chunk, instead of the running-max recurrence's two exps per step. A chunk whose first row
 // has its largest term more than kGap below M (a spike inside the chunk: the earlier rows' sums would lose their
-// digits) is walked with the recurrence instead, as are chunks where that test is not a number comparison.
+// digits) is walked with the recurrence instead. n is the count of valid lanes (8 or more: all of them).
 constexpr int64_t kSteps = 16;
 constexpr float kGap = 40.f;
 
@@ -80,8 +81,8 @@ AF_AVX2 void simple_chunk(const float* kb, const float* vb, const float* qb, flo
   for (int64_t t = t0 + 1; t < t1; ++t) Mc = vmax_keep(Mc, loadn(kb + t * D, n));
   const __m256 M = vmax_keep(m, Mc);
   const __m256 r0 = vmax_keep(m, loadn(kb + t0 * D, n));
-  // not (r0 - M >= -kGap): a spike, or a prefix of -inf keys before finite ones; (-inf) - (-inf) = NaN is an
-  // all-masked column, exact either way
+  // r0 - M < -kGap: a spike, or -inf keys before finite ones; (-inf) - (-inf) = NaN (no finite key yet) stays on
+  // the chunked form, where every e is exactly 0
   const __m256 gap = _mm256_sub_ps(r0, M);
   const __m256 bad =
       _mm256_andnot_ps(_mm256_cmp_ps(gap, gap, _CMP_UNORD_Q), _mm256_cmp_ps(gap, _mm256_set1_ps(-kGap), _CMP_LT_OQ));
