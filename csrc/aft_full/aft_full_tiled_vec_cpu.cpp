@@ -1,12 +1,12 @@
 // AFT-full forward, float32 AVX2/FMA: the factorised tiles of aft_full_tiled_cpu.cpp (docs/design.md §2.3, §2.4)
 // on wide tiles, reading q, k, v and writing y, lse in their (B, T, D) layout (no transposed copies).
 // Per head, N = B * Dh columns (column j = b * Dh + c is channel h * Dh + c of batch entry b); query tiles
-// (kWholeQTile or kQTile rows) run in parallel, each computed by one thread in a fixed order (bit-identical for any
+// (whole_qtile(T) or kQTile rows) run in parallel, each computed by one thread in a fixed order (bit-identical for any
 // thread count).
 //
 // Non-causal, T <= kWholeMax: one key tile spanning the whole sequence, so no merge at all:
 //   r[t] = max_t' w[t, t'], Ew = exp(w - r); m[j] = max_t' K[t', j], XX = [exp(K - m) V | exp(K - m)];
-//   [n | d] = Ew @ XX (one ATen GEMM of kWholeQTile rows against all 2N columns); lse = r + m + log d, z = n / d.
+//   [n | d] = Ew @ XX (one ATen GEMM of whole_qtile(T) rows against all 2N columns); lse = r + m + log d, z = n / d.
 //   This is the split max of docs/design.md §2.2 with its failure caught: where d < tiny (1e-26) the products
 //   may have underflowed (d then holds nothing reliable), and where d is NaN a NaN must propagate; such a (t, j)
 //   is recomputed exactly per element. Elsewhere every lost product is below 1e-38 while d >= 1e-26, so the
@@ -49,10 +49,13 @@ namespace {
 
 constexpr int64_t kQTile = 128;
 constexpr int64_t kKeyTile = 512;  // a multiple of kQTile (causal: a key tile starts at or before a query tile)
-// Query tile of the one-key-tile form, a multiple of kQTile (single-threaded GEMMs of 256 rows run ~5 % faster than
-// of 128: the right-hand side is packed half as often), and the longest sequence run as one key tile (a thread's
-// exp(w - r) block is kWholeQTile x T floats, 8 MiB at the bound).
-constexpr int64_t kWholeQTile = 256;
+// Query tile of the one-key-tile form, a multiple of kQTile: each single-threaded GEMM packs the whole right-hand
+// side once, so taller tiles pay less packing (256 rows ran ~5 % faster than 128, 512 another ~4 % at T = 2048);
+// 512 only from T = 2048 on, so shorter sequences still give every thread tiles. It depends on T alone (never on
+// the thread count: results stay bit-identical across thread counts). The longest sequence run as one key tile
+// (kWholeMax) makes a thread's exp(w - r) block whole_qtile(T) x T floats, 16 MiB at the bound.
+constexpr int64_t kWholeQTileLong = 512, kWholeQTileShort = 256;
+int64_t whole_qtile(int64_t T) { return T >= 2048 ? kWholeQTileLong : kWholeQTileShort; }
 constexpr int64_t kWholeMax = 8192;
 constexpr float kTiny = 1e-26f;
 
@@ -147,12 +150,12 @@ struct Scratch {
   std::vector<int64_t> first, bad;
 };
 
-// Non-causal query tile I (of kWholeQTile rows) against the whole sequence as one key tile (XX, m from key_side with kt
-// = T). Returns false, having written nothing reliable, when too many (t, j) would need the exact fallback.
+// Non-causal query tile I (of whole_qtile(T) rows) against the whole sequence as one key tile (XX, m from key_side with
+// kt = T). Returns false, having written nothing reliable, when too many (t, j) would need the exact fallback.
 bool qtile_whole(const Head& h, const float* XX, const float* m, int64_t I, Scratch& sc) {
   const Cols& L = h.L;
   const int64_t T = L.T, N = L.N();
-  const int64_t i0 = I * kWholeQTile, i1 = std::min(T, i0 + kWholeQTile), ni = i1 - i0;
+  const int64_t QT = whole_qtile(T), i0 = I * QT, i1 = std::min(T, i0 + QT), ni = i1 - i0;
   float* Ewp = sc.Ew.data_ptr<float>();
   for (int64_t ii = 0; ii < ni; ++ii) sc.r[ii] = exp_row(h.w + (i0 + ii) * T, T, T, Ewp + ii * T);
   at::Tensor ndv = sc.nd.narrow(0, 0, ni);
@@ -326,10 +329,10 @@ void head_fwd(const Head& h, bool causal, const at::TensorOptions& opts) {
   if (whole) {
     std::vector<float> m(N);
     key_side(h, T, XX, m.data());
-    const int64_t nw = (T + kWholeQTile - 1) / kWholeQTile, per = kWholeQTile / kQTile;
+    const int64_t QT = whole_qtile(T), nw = (T + QT - 1) / QT, per = QT / kQTile;
     std::vector<char> redo(nw, 0);
     at::parallel_for(0, nw, 1, [&](int64_t p0, int64_t p1) {
-      Scratch sc = scratch(kWholeQTile, T);
+      Scratch sc = scratch(QT, T);
       for (int64_t I = p0; I < p1; ++I) redo[I] = !qtile_whole(h, XX, m.data(), I, sc);
     });
     std::vector<int64_t> rest;  // the kQTile query tiles of the tiles to redo
