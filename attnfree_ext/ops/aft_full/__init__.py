@@ -89,7 +89,7 @@ def aft_full(q, k, v, w, causal: bool = False, *, cu_seqlens=None, max_seqlen=No
     check_causal(causal)
     if cu_seqlens is not None:
         pk = packing(cu_seqlens, q, max_seqlen)
-        qp, kp, vp = pk.pad(q, 0.0), pk.pad(k, float("-inf")), pk.pad(v, 0.0)  # padding keys masked (§7)
+        qp, kp, vp = pk.pad_qkv(q, k, v)
         wp = _varlen_bias(w, q, pk.t_max)
         check_bias(wp, qp)
         return pk.unpad(_dense(qp, kp, vp, wp, causal))
@@ -113,9 +113,7 @@ def _varlen_bias(w, q, t_max):
 
 
 def _python(q, k, v, w, causal):
-    """The pure-PyTorch path (the composite under forward-mode AD)."""
-    if _composite.transform_active(q, k, v, w):
-        return _composite.aft_full(q, k, v, w, causal)
+    """The pure-PyTorch path (``_dense`` has already sent forward-mode AD to the composite)."""
     if torch.compiler.is_compiling():  # the data-dependent tile loop as one opaque op (fullgraph, export)
         return aft_full_fwd_traceable(q, k, v, w, causal)[0].to(q.dtype)
     return AFTFullFunction.apply(q, k, v, w, causal)

@@ -146,7 +146,7 @@ def aft_local(
         pk = packing(cu_seqlens, q, max_seqlen)
         check_tensor("w", w)
         check_like("w", w, "q", q)
-        qp, kp, vp = pk.pad(q, 0.0), pk.pad(k, float("-inf")), pk.pad(v, 0.0)  # padding keys masked (§7)
+        qp, kp, vp = pk.pad_qkv(q, k, v)
         window = min(check_window(window), max(pk.t_max, 1))
         # the padded batch is one (N, T_max, D) call: w's rows (and, full, its columns) cut to T_max
         wp = w[..., : pk.t_max, :] if w_layout == layout.BAND else check_varlen_bias("w", w, pk.t_max)

@@ -104,8 +104,7 @@ def aft_simple(
                 return torch.ops.attnfree.aft_simple_fwd(q, k, v, causal, cu_seqlens, max_seqlen)[0]
             return aft_simple_compiled(q, k, v, causal, initial_state, output_final_state, cu_seqlens, max_seqlen)
         pk = Packing(cu_seqlens, q.shape[1], max_seqlen)
-        neg_inf = float("-inf")  # padding keys are masked (docs/design.md §7)
-        out = _python(pk.pad(q, 0.0), pk.pad(k, neg_inf), pk.pad(v, 0.0), causal, initial_state, output_final_state)
+        out = _python(*pk.pad_qkv(q, k, v), causal, initial_state, output_final_state)
         if output_final_state:
             return pk.unpad(out[0]), out[1]
         return pk.unpad(out)

@@ -71,7 +71,7 @@ def _packed(fn, cu_seqlens, max_seqlen):
 
     def packed(q, k, v, causal, *rest):
         pk = Packing(cu_seqlens, q.shape[1], max_seqlen)
-        out = fn(pk.pad(q, 0.0), pk.pad(k, float("-inf")), pk.pad(v, 0.0), causal, *rest)
+        out = fn(*pk.pad_qkv(q, k, v), causal, *rest)
         if isinstance(out, tuple):
             return (pk.unpad(out[0]), *out[1:])
         return pk.unpad(out)

@@ -90,6 +90,10 @@ class Packing:
         out = x.new_full((self.n, self.t_max, x.shape[2]), fill)
         return out.index_put((self.seq, self.pos), x[0])
 
+    def pad_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """q, k, v as the padded batch, padding keys -inf (masked: docs/design.md §7), q and v 0 there."""
+        return self.pad(q, 0.0), self.pad(k, float("-inf")), self.pad(v, 0.0)
+
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T_max, D) -> (1, total_T, D)."""
         return x[self.seq, self.pos][None]
