@@ -16,6 +16,7 @@
 #include <cstring>
 
 #include "aft_simple/aft_simple.h"
+#include "aft_simple/pow4_offsets.cuh"
 #include "common/cuda_common.cuh"
 
 namespace attnfree {
@@ -83,17 +84,20 @@ BwdOutSink<scalar_t, acc_t> bwd_sink(const void* dy, const void* q, const void* 
 // ------------------------------------------------------------------ forward at the memory floor
 // One CTA per (b, group of NC * VEC channels) walks the whole sequence in tiles of NG * L steps: thread
 // (g, cv) holds steps [t0 + g*L, t0 + g*L + L) of VEC channels in registers (16-byte loads of k, v and q, one
-// each). Per thread and channel the chunk's max Mc is taken first, then e = exp(k - Mc) once per element (kept in
-// registers) gives the chunk state (Mc, sum e, sum e v). The NG chunk states of a tile are scanned in shared memory
-// by one thread per channel, which also carries the prefix from tile to tile (and starts it at the initial state).
-// Causal: each chunk is re-walked from its exclusive prefix P under M = max(m_P, Mc): a_t = a_P e^{m_P - M} +
-// e^{Mc - M} sum_{t' <= t} e (one exp per chunk), lse = M + log a_t, y = sigmoid(q) b_t / a_t. Non-causal: the
-// total of the whole column first (threads merge their chunks; one reduction), then y and lse in a second sweep.
+// each). Per thread and channel the chunk's max Mc is taken first, then e = exp(k - O(Mc)) once per element (kept
+// in registers) gives the chunk state (Mc, sum e, sum e v); O is the power-of-four offset of pow4_offsets.cuh, so
+// merging two states scales one side by a power of two, without an exponential. The NG chunk states of a tile are
+// scanned in shared memory by one thread per channel, which also carries the prefix from tile to tile (and starts
+// it at the initial state). Causal: each chunk is re-walked from its exclusive prefix P under M = max(m_P, Mc):
+// a_t = a_P e^{O(m_P) - O(M)} + e^{O(Mc) - O(M)} sum_{t' <= t} e (the scan's factor), lse = O(M) + log a_t,
+// y = sigmoid(q) b_t / a_t. Non-causal: the total of the whole column first (threads merge their chunks; one
+// reduction, which also takes the column's one log), then y and lse in a second sweep.
 //
 // Exactness guard (docs/design.md §2.4): a row's largest term is e^{max(m_P, running max) - M}; where it falls
 // below e^-GAP (a late spike inside the chunk), the chunk is re-walked per element with the running-max
 // recurrence instead (k, v re-read: rare, adversarial inputs only).
-// Global traffic: q, k, v read once, y and lse written once; no workspace. SFU: exp(k), sigmoid, log per element.
+// Global traffic: q, k, v read once, y and lse written once; no workspace. SFU per element: exp(k), sigmoid, and
+// (causal) log; non-causal one log per column.
 constexpr int kFwdL = 8;    // steps per thread
 constexpr int kFwdNC = 4;   // channel vectors per CTA
 constexpr int kFwdNG = 64;  // time groups per CTA (NG * NC = 256 threads)
@@ -128,36 +132,6 @@ __device__ __forceinline__ void store16(gptr<S> p, const Pack<S, VEC>& v) {
   *gptr_cast<uint4>(p) = raw;
 }
 
-template <typename Acc>
-__device__ __forceinline__ Acc safe_shift(Acc m) {
-  return m == neg_inf<Acc>() ? Acc(0) : m;
-}
-
-// carry.merge(m2, a2, b2) (LseState, the same operations), returning its one exponential: the factor e^{min - max} of
-// the two maxima, 0 when either side is empty (no exponential then).
-template <typename Acc>
-__device__ __forceinline__ Acc merge_factor(LseState<Acc>& carry, Acc m2, Acc a2, Acc b2) {
-  if (m2 == neg_inf<Acc>()) return Acc(0);
-  if (carry.m == neg_inf<Acc>()) {
-    carry.m = m2;
-    carry.a = a2;
-    carry.b = b2;
-    return Acc(0);
-  }
-  Acc e;
-  if (m2 > carry.m) {
-    e = af_exp(carry.m - m2);
-    carry.a = carry.a * e + a2;
-    carry.b = carry.b * e + b2;
-    carry.m = m2;
-  } else {
-    e = af_exp(m2 - carry.m);
-    carry.a += a2 * e;
-    carry.b += b2 * e;
-  }
-  return e;
-}
-
 // The chunk states of one tile in shared memory, [group][channel of the CTA], and the scans over them. Every
 // thread of the CTA calls put / scan / reduce (they hold barriers); thread tid < NCH owns channel tid and its carry.
 template <typename Acc, int NG, int NCH>
@@ -165,8 +139,8 @@ struct TileStates {
   Acc (&m)[NG][NCH];
   Acc (&a)[NG][NCH];
   Acc (&b)[NG][NCH];
-  // per group, the factor e^{min - max} between its exclusive prefix (suffix) and its own state under their larger
-  // max (0 when either is empty), left by scan: the group's re-walk needs that same exponential (chunk_factors)
+  // per group, the factor e^{O(min) - O(max)} between its exclusive prefix (suffix) and its own state under their
+  // larger max (0 when either is empty), left by scan: the group's re-walk needs that same factor (chunk_factors)
   Acc (&f)[NG][NCH];
   // the VEC states of thread group g, channel vector cv
   template <int VEC>
@@ -196,44 +170,47 @@ struct TileStates {
         m[gi][tid] = carry.m;
         a[gi][tid] = carry.a;
         b[gi][tid] = carry.b;
-        f[gi][tid] = merge_factor(carry, m2, a2, b2);
+        f[gi][tid] = pow4_merge(carry, m2, a2, b2);
       }
     }
     __syncthreads();
   }
-  // the carry merged with every group's state; also left in group 0 for every thread to read
+  // the carry merged with every group's state; also left in group 0 for every thread to read (LSE: and its
+  // log-sum-exp in f[0], one log per channel)
+  template <bool LSE>
   __device__ __forceinline__ void reduce(int tid, LseState<Acc>& carry) {
     if (tid < NCH) {
-      for (int gi = 0; gi < NG; ++gi) carry.merge(m[gi][tid], a[gi][tid], b[gi][tid]);
+      for (int gi = 0; gi < NG; ++gi) pow4_merge(carry, m[gi][tid], a[gi][tid], b[gi][tid]);
       m[0][tid] = carry.m;
       a[0][tid] = carry.a;
       b[0][tid] = carry.b;
+      if (LSE) f[0][tid] = Pow4Offset<Acc>::of(carry.m).lse(carry.a);  // -inf for a column with no finite key
     }
     __syncthreads();
   }
 };
 
-// A chunk state (mc, ac, bc) merged into a per-thread running state (m, a, b).
+// A chunk state (mc, ac, bc) merged into a per-thread running state (m, a, b) (pow4_offsets.cuh convention).
 template <typename Acc>
 __device__ __forceinline__ void merge_into(Acc& m, Acc& a, Acc& b, Acc mc, Acc ac, Acc bc) {
   LseState<Acc> st;
   st.m = m;
   st.a = a;
   st.b = b;
-  st.merge(mc, ac, bc);
+  pow4_merge(st, mc, ac, bc);
   m = st.m;
   a = st.a;
   b = st.b;
 }
 
-// The factors of a neighbour state of max mp and a chunk of max mc under M = max(mp, mc): fp = e^{mp-M},
-// fc = e^{mc-M} (0 for a -inf max, never (-inf) - (-inf)), from the scan's factor f = e^{min - max} of the same pair
+// The factors of a neighbour state of max mp and a chunk of max mc under M = max(mp, mc): fp = e^{O(mp) - O(M)},
+// fc = e^{O(mc) - O(M)} (0 for a -inf max), from the scan's factor f = e^{O(min) - O(max)} of the same pair
 // (TileStates::f): no exponential here.
 template <typename Acc>
 __device__ __forceinline__ void chunk_factors(Acc mp, Acc mc, Acc f, Acc& fp, Acc& fc, Acc& M) {
   if (mp > mc) {
     fp = Acc(1);
-    fc = f;  // e^{mc - mp}; 0 for an empty chunk
+    fc = f;  // e^{O(mc) - O(mp)}; 0 for an empty chunk
   } else if (mc == neg_inf<Acc>()) {
     fp = Acc(0);
     fc = Acc(0);
@@ -288,7 +265,8 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
   carry.init();
   const int64_t cs = (blockIdx.x % ncb) * NCH + tid;
   if (tid < NCH && cs < D && s_in)
-    carry.merge(s_in[(b * 3) * D + cs], s_in[(b * 3 + 2) * D + cs], s_in[(b * 3 + 1) * D + cs]);
+    carry =
+        pow4_from_plain(Acc(s_in[(b * 3) * D + cs]), Acc(s_in[(b * 3 + 2) * D + cs]), Acc(s_in[(b * 3 + 1) * D + cs]));
   const int64_t tile = int64_t(NG) * L;
   // non-causal: per-thread running totals of its chunks
   Acc tm[VEC], ta[VEC], tb[VEC];
@@ -326,10 +304,10 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
       }
     }
     for (int i = 0; i < VEC; ++i) {
-      const Acc off = safe_shift(Mc[i]);
+      const Pow4Offset<Acc> off = Pow4Offset<Acc>::of(Mc[i]);
       for (int s = 0; s < L; ++s) {
         if (s < n) {
-          e[s][i] = af_exp(e[s][i] - off);
+          e[s][i] = off.exp_minus(e[s][i]);
           S[i] += e[s][i];
           A[i] += e[s][i] * vv[s][i];
         }
@@ -348,9 +326,11 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
                             fc[i], MM[i]);
     if (!exact) {
       Acc sa[VEC], sb[VEC];
+      Pow4Offset<Acc> om[VEC];  // the re-walk's sums are relative to O(M)
       for (int i = 0; i < VEC; ++i) {
         sa[i] = Acc(0);
         sb[i] = Acc(0);
+        om[i] = Pow4Offset<Acc>::of(MM[i]);
       }
       for (int s = 0; s < L; ++s) {
         if (s < n) {
@@ -363,7 +343,7 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
             sb[i] += e[s][i] * vv[s][i];
             const Acc den = ap[i] + fc[i] * sa[i];
             const Acc num = bp[i] + fc[i] * sb[i];
-            lo[i] = MM[i] + af_log(den);  // -inf for a row with no finite logit (den = 0)
+            lo[i] = om[i].lse(den);  // -inf for a row with no finite logit (den = 0)
             yp.x[i] = from_acc<scalar_t>(den == Acc(0) ? Acc(0) : af_sigmoid(to_acc(qp.x[i])) * (num / den));
           }
           store16<scalar_t, VEC>(y + j, yp);
@@ -375,7 +355,7 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
       }
     } else {  // the guard: this chunk per element, running max from the prefix (exact for any spike)
       for (int i = 0; i < VEC; ++i) {
-        LseState<Acc> st = tiles.get(g, cv * VEC + i);
+        LseState<Acc> st = pow4_to_plain(tiles.get(g, cv * VEC + i));
         for (int s = 0; s < n; ++s) {
           const int64_t j = (row0 + t0 + s) * D + c + i;
           st.add(load_acc(k + j), Acc(1), load_acc(v + j));
@@ -389,12 +369,11 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
   }
   if (!CAUSAL) {  // the column totals: reduce the NG threads of each channel, then one sweep writing y and lse
     tiles.template put<VEC>(g, cv, tm, ta, tb);
-    tiles.reduce(tid, carry);
+    tiles.template reduce<true>(tid, carry);
     Acc lz[VEC], yb[VEC];
     for (int i = 0; i < VEC; ++i) {
-      const LseState<Acc> tot = tiles.get(0, cv * VEC + i);
-      lz[i] = tot.m + af_log(tot.a);  // lse; -inf for a column with no finite key
-      yb[i] = tot.mean();             // ybar; 0 there
+      lz[i] = tiles.f[0][cv * VEC + i];           // lse
+      yb[i] = tiles.get(0, cv * VEC + i).mean();  // ybar; 0 for a column with no finite key
     }
     for (int64_t t = g; live && t < T; t += NG) {
       const int64_t j = (row0 + t) * D + c;
@@ -408,7 +387,8 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
             *reinterpret_cast<const Pack<Acc, 16 / sizeof(Acc)>*>(lz + h * (16 / sizeof(Acc))));
     }
   }
-  if (tid < NCH && cs < D && s_out) {  // the final state (m, num, den)
+  if (tid < NCH && cs < D && s_out) {  // the final state (m, num, den), sums relative to e^m
+    carry = pow4_to_plain(carry);
     s_out[(b * 3) * D + cs] = carry.m;
     s_out[(b * 3 + 1) * D + cs] = carry.b;
     s_out[(b * 3 + 2) * D + cs] = carry.a;
@@ -419,12 +399,12 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
 // The same CTA layout as the forward, time reversed. Rows t give items x = -lse (a row with lse = -inf: none),
 // G = dy sigmoid(q), H = dy y; a key t' gets dv = e^{k + M} sum_{t >= t'} e^{x - M} G (sum over every row when
 // non-causal), sum P H likewise, dk = v dv - sum P H, and dq = H (1 - sigmoid(q)) is written at once. Per chunk:
-// the max Mx of x first, w = e^{x - Mx} once per element, wG and wH kept in registers; the chunk states
+// the max Mx of x first, w = e^{x - O(Mx)} once per element, wG and wH kept in registers; the chunk states
 // (Mx, sum wG, sum wH) are scanned in reverse (exclusive suffix, a carry from the later tiles, started at the final
 // state's gradient as one more row); each chunk is re-walked backwards under M = max(m_S, Mx). Guard as in the
 // forward: where the smallest row max a key of the chunk sees lies GAP below M, that chunk runs per element.
 // Non-causal: one sweep over the rows (totals), one over the keys. Traffic: every input read once, dq, dk, dv
-// written once; no workspace. SFU: sigmoid, e^{x - Mx}, e^{k + M} per element.
+// written once; no workspace. SFU: sigmoid, e^{x - O(Mx)}, e^{k + O(M)} per element (merges: powers of two).
 template <typename scalar_t, typename Acc, bool CAUSAL>
 __global__ void __launch_bounds__(kFwdNG* kFwdNC)
     simple_bwd_tiles_kernel(gptr<const scalar_t> dy, gptr<const scalar_t> q, gptr<const scalar_t> k,
@@ -452,8 +432,9 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
   LseState<Acc> carry;
   carry.init();
   const int64_t cs = (blockIdx.x % ncb) * NCH + tid;
-  if (tid < NCH && cs < D && s_in)
-    carry.add(bwd_x(Acc(s_in[(b * 3) * D + cs])), s_in[(b * 3 + 1) * D + cs], s_in[(b * 3 + 2) * D + cs]);
+  if (tid < NCH && cs < D && s_in)  // the final state's gradient: one item x = -mF with weights (g_numF, -g_denF)
+    carry = pow4_from_plain(bwd_x(Acc(s_in[(b * 3) * D + cs])), Acc(s_in[(b * 3 + 1) * D + cs]),
+                            Acc(s_in[(b * 3 + 2) * D + cs]));
   const int64_t tile = int64_t(NG) * L;
   const int64_t ntile = (T + tile - 1) / tile;
   Acc tm[VEC], ta[VEC], tb[VEC];  // non-causal: per-thread totals over its rows
@@ -503,11 +484,11 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
       store16<scalar_t, VEC>(dq + j, dqp);
     }
     for (int i = 0; i < VEC; ++i) {
-      const Acc off = safe_shift(Mx[i]);
+      const Pow4Offset<Acc> off = Pow4Offset<Acc>::of(Mx[i]);
       for (int s = 0; s < L; ++s) {
         if (s < n) {
           const bool none = xs[s][i] == ninf;  // a row without a finite logit: no item
-          const Acc w = af_exp(xs[s][i] - off);
+          const Acc w = off.exp_minus(xs[s][i]);
           wG[s][i] = none ? Acc(0) : w * wG[s][i];
           wH[s][i] = none ? Acc(0) : w * wH[s][i];
           SG[i] += wG[s][i];
@@ -528,9 +509,11 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
                             fc[i], MM[i]);
     if (!exact) {
       Acc cg[VEC], ch[VEC];
+      Pow4Offset<Acc> om[VEC];  // the re-walk's sums are relative to O(M)
       for (int i = 0; i < VEC; ++i) {
         cg[i] = Acc(0);
         ch[i] = Acc(0);
+        om[i] = Pow4Offset<Acc>::of(MM[i]);
       }
       for (int s = L - 1; s >= 0; --s) {
         if (s < n) {
@@ -542,7 +525,7 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
             cg[i] += wG[s][i];
             ch[i] += wH[s][i];
             const Acc kk = to_acc(kp.x[i]);
-            const Acc e = MM[i] == ninf ? Acc(0) : af_exp(kk + MM[i]);  // <= 1 (up to the rounding of lse)
+            const Acc e = MM[i] == ninf ? Acc(0) : om[i].exp_plus(kk);  // <= 4 (k + M <= 0, O < M + U)
             const Acc dvv = e * (ag[i] + fc[i] * cg[i]);
             dvp.x[i] = from_acc<scalar_t>(dvv);
             dkp.x[i] = from_acc<scalar_t>(to_acc(vp.x[i]) * dvv - e * (ah[i] + fc[i] * ch[i]));
@@ -553,7 +536,7 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
       }
     } else {  // the guard: this chunk per element, from its suffix state
       for (int i = 0; i < VEC; ++i) {
-        LseState<Acc> st = tiles.get(g, cv * VEC + i);
+        LseState<Acc> st = pow4_to_plain(tiles.get(g, cv * VEC + i));
         for (int s = n - 1; s >= 0; --s) {
           const int64_t j = (row0 + t0 + s) * D + c + i;
           const Acc gy = load_acc(dy + j);
@@ -569,11 +552,14 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
   }
   if (!CAUSAL) {  // column totals, then one sweep over the keys
     tiles.template put<VEC>(g, cv, tm, ta, tb);
-    tiles.reduce(tid, carry);
-    Acc Mt[VEC], At[VEC], Bt[VEC];
+    tiles.template reduce<false>(tid, carry);
+    Acc At[VEC], Bt[VEC];
+    Pow4Offset<Acc> Ot[VEC];
+    bool none[VEC];  // a column whose rows have no finite lse
     for (int i = 0; i < VEC; ++i) {
       const LseState<Acc> tot = tiles.get(0, cv * VEC + i);
-      Mt[i] = tot.m;
+      none[i] = tot.empty();
+      Ot[i] = Pow4Offset<Acc>::of(tot.m);
       At[i] = tot.a;
       Bt[i] = tot.b;
     }
@@ -583,7 +569,7 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
       const Pack<scalar_t, VEC> vp = load16<scalar_t, VEC>(v + j);
       Pack<scalar_t, VEC> dkp, dvp;
       for (int i = 0; i < VEC; ++i) {
-        const Acc e = Mt[i] == ninf ? Acc(0) : af_exp(to_acc(kp.x[i]) + Mt[i]);
+        const Acc e = none[i] ? Acc(0) : Ot[i].exp_plus(to_acc(kp.x[i]));
         const Acc dvv = e * At[i];
         dvp.x[i] = from_acc<scalar_t>(dvv);
         dkp.x[i] = from_acc<scalar_t>(to_acc(vp.x[i]) * dvv - e * Bt[i]);
@@ -593,7 +579,7 @@ __global__ void __launch_bounds__(kFwdNG* kFwdNC)
     }
   }
   if (CAUSAL && tid < NCH && cs < D && s_out) {  // the initial state as a key before t = 0: every row sees it
-    const Acc e = (m0 && !carry.empty()) ? af_exp(Acc(m0[(b * 3) * D + cs]) + carry.m) : Acc(0);
+    const Acc e = (m0 && !carry.empty()) ? Pow4Offset<Acc>::of(carry.m).exp_plus(Acc(m0[(b * 3) * D + cs])) : Acc(0);
     s_out[(b * 2) * D + cs] = e * carry.a;
     s_out[(b * 2 + 1) * D + cs] = e * carry.b;
   }
