@@ -16,8 +16,8 @@
 #include <cstring>
 
 #include "aft_simple/aft_simple.h"
-#include "aft_simple/pow4_offsets.cuh"
 #include "common/cuda_common.cuh"
+#include "common/pow4_offsets.cuh"
 
 namespace attnfree {
 namespace cuda {

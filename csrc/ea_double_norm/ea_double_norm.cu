@@ -7,7 +7,8 @@
 //
 // Vectorised kernels (S a multiple of the 16-byte vector width V and at most 32 vectors, pointers 16-byte aligned;
 // the paper's S = 64 in every dtype), at the memory floor's structure:
-//   forward  1. column (max, sum exp) per (m, row block) in one read of the logits with 16-byte loads;
+//   forward  1. column (max, sum exp) per (m, row block) in one read of the logits with 16-byte loads (sums
+//            relative to power-of-four offsets, common/pow4_offsets.cuh: no exponential to rescale or merge);
 //            2. a tiny combine -> lse;  3. per row: p = exp(l - lse), the row L1, out and rowsum (second and last
 //            read of the logits). One exp per logit in each of 1 and 3.
 //   backward 1. row-blocked: a, rowdot, u = a * (dout - rowdot), column sums of u per row block;  2. combine;
@@ -20,6 +21,7 @@
 // Masks (docs/design.md §7 rules 3-4): a -inf logit has p = 0; an all -inf column has lse = -inf and p = 0; a
 // token with p = 0 for every unit has out = 0 (also eps = 0) and dlogits = 0. NaN propagates.
 #include "common/cuda_common.cuh"
+#include "common/pow4_offsets.cuh"
 #include "ea_double_norm/ea_double_norm.h"
 
 #include <cstdint>
@@ -263,9 +265,10 @@ inline VecGeom vec_geom(int64_t N, int64_t S, int V, int iters) {
   return g;
 }
 
-// Pass 1 of the forward: per (m, row block), the column max and sum exp(l - max) over the block's rows, one read of
-// the logits. Each thread keeps a running (max, sum) for its V columns (the sum is rescaled only when the max
-// rises); the row lanes are merged in shared memory. Writes pm, ps (M, nblk, S).
+// Pass 1 of the forward: per (m, row block), the column max and sum exp(l - O(max)) over the block's rows, one read
+// of the logits (O: the power-of-four offset of common/pow4_offsets.cuh, so the rescale when the max rises and the
+// merges are powers of two: one exponential per logit). Each thread keeps a running (max, sum) for its V columns;
+// the row lanes are merged in shared memory. Writes pm, ps (M, nblk, S).
 template <typename scalar_t, typename Acc, int V>
 __global__ void __launch_bounds__(kThreads)
     ea_colstat_vec_kernel(gptr<const scalar_t> __restrict__ l, gptr<Acc> __restrict__ pm, gptr<Acc> __restrict__ ps,
@@ -289,10 +292,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           if (x[i] > mx[i]) {  // NaN never raises the max; it reaches the sum below
-            if (mx[i] != neg_inf<Acc>()) sm[i] *= af_exp(mx[i] - x[i]);  // (else 0, or NaN: kept)
+            if (mx[i] != neg_inf<Acc>()) sm[i] *= pow4_factor(mx[i], x[i]);  // (else 0, or NaN: kept)
             mx[i] = x[i];
           }
-          if (x[i] != neg_inf<Acc>()) sm[i] += af_exp(x[i] - mx[i]);  // a -inf logit adds 0 (docs §7 rule 3)
+          // a -inf logit adds 0 (docs §7 rule 3)
+          if (x[i] != neg_inf<Acc>()) sm[i] += Pow4Offset<Acc>::of(mx[i]).exp_minus(x[i]);
         }
       }
     }
@@ -313,7 +317,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int r = 0; r < rpp; ++r) {
         const Acc y = sh_m[(r * tpr + g) * V + i], z = sh_s[(r * tpr + g) * V + i];
         if (y != neg_inf<Acc>())
-          s2 += y == m2 ? z : z * af_exp(y - m2);
+          s2 += y == m2 ? z : z * pow4_factor(y, m2);
         else
           s2 += z;  // 0, or NaN from a NaN logit of an otherwise all -inf lane
       }
@@ -324,7 +328,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// lse[m, s] = logsumexp over the row blocks' (max, sum); -inf for a column of all -inf logits (docs §7 rule 4).
+// lse[m, s] = logsumexp over the row blocks' (max, sum relative to O(max)); -inf for a column of all -inf logits
+// (docs §7 rule 4).
 template <typename Acc>
 __global__ void ea_lse_combine_kernel(gptr<const Acc> __restrict__ pm, gptr<const Acc> __restrict__ ps,
                                       gptr<Acc> __restrict__ lse, int64_t M, int64_t nblk, int64_t S) {
@@ -338,9 +343,9 @@ __global__ void ea_lse_combine_kernel(gptr<const Acc> __restrict__ pm, gptr<cons
     Acc s2 = Acc(0);
     for (int64_t b = 0; b < nblk; ++b) {
       const Acc y = pm[(m * nblk + b) * S + s], z = ps[(m * nblk + b) * S + s];
-      s2 += y == neg_inf<Acc>() ? z : (y == m2 ? z : z * af_exp(y - m2));
+      s2 += y == neg_inf<Acc>() ? z : (y == m2 ? z : z * pow4_factor(y, m2));
     }
-    lse[i] = m2 == neg_inf<Acc>() ? m2 + s2 : m2 + af_log(s2);  // -inf (NaN stays NaN)
+    lse[i] = m2 == neg_inf<Acc>() ? m2 + s2 : Pow4Offset<Acc>::of(m2).lse(s2);  // -inf (NaN stays NaN)
   }
 }
 
@@ -378,8 +383,10 @@ __global__ void __launch_bounds__(kThreads)
       }
       tot = group_sum(tot, tpr);
       Acc rs = Acc(0);
-      const bool small = !(tot >= Acc(1e-30));  // also NaN: the log-space branch propagates it as well
-      if (__any_sync(0xffffffffu, small)) {     // every lane joins the shuffles of the log-space branch
+      // also NaN: the log-space branch propagates it as well; a row past N (the last block's tail) is never small,
+      // else its tot = 0 would send the real rows of its warp through the log-space branch's exponentials
+      const bool small = n < N && !(tot >= Acc(1e-30));
+      if (__any_sync(0xffffffffu, small)) {  // every lane joins the shuffles of the log-space branch
         Acc zm = ninf;
 #pragma unroll
         for (int i = 0; i < V; ++i) zm = (z[i] > zm || z[i] != z[i]) ? z[i] : zm;

@@ -1,5 +1,6 @@
-// Log-sum-exp states whose sums are kept relative to a power-of-four offset, for the tiled AFT-simple kernels
-// (aft_simple.cu, docs/design.md §2.7). Plain CUDA C++ (no torch headers).
+// Log-sum-exp states whose sums are kept relative to a power-of-four offset: the tiled AFT-simple kernels
+// (aft_simple/aft_simple.cu, docs/design.md §2.7) and the column statistics of EA's double normalisation
+// (ea_double_norm/ea_double_norm.cu). Plain CUDA C++ (no torch headers).
 //
 // A state (m, a, b) keeps m = the true max of its items and the sums relative to an offset O(m): a = sum e^{x - O},
 // b = sum e^{x - O} v. For |m| <= 2^23, O = h U with U = 2 ln 2 and h = ceil(m / U): O is at least m (up to the
