@@ -23,7 +23,9 @@
 //         CTA's 128 rows of U resident in shared memory and one key tile of Vb per step where they fit, rank 128
 //         in bf16 on sm_80, else through chunks of 32 ranks), Ew = exp(w - r) in [0, 1] (0 for invisible / masked keys)
 //         to smem as bf16 for bf16 inputs (never fp16: its exponent range ends near e^-17), fp32 otherwise;
-//     (2) the Ek, Ekv tiles copied from the workspace (no exps);
+//     (2) the Ek, Ekv tiles copied from the workspace (no exps): dense bias, 16-byte aligned rows (B dh a multiple of
+//         8 bf16 / 4 fp32 operands): cp.async into the second of two buffers while (1) builds the current Ew tile,
+//         else plain loads after (1);
 //     (3) nvcuda::wmma (sm_80-compatible, so it also runs on sm_90), fp32 accumulators that stay in registers for
 //         the whole key loop (each warp 48 x 48 outputs: 3 x 3 fragments each for den and num = 144 registers; low
 //         rank 32 x 64, 2 x 4 fragments, 128 registers):
@@ -38,10 +40,10 @@
 //   with bf16 operands and the dense bias for causal rows that see fewer than 16 keys (kFewKeys), that
 //   (t, c) is recomputed exactly by a per-element online log-sum-exp over its visible keys (`fallback_element`).
 //   Elsewhere y = sigmoid(q) * num / den, lse = r + m + log(den) formed in double and rounded once.
-//   Shared memory: union(Ew + Ek + Ekv, per-warp 2 x 16 x 16 fp32 epilogue scratch) + r, m: dense bf16 54.1 KB,
-//   fp32 102 KB (low rank 53.8 / 101 KB, plus (128 + 64) x (rank + 1) fp32 for resident factors or 2 x 64 x 33 fp32
-//   = 16.9 KB). 245-254 registers, 1 CTA per SM, no local memory (tests/test_cuda_compile.py). No cp.async /
-//   double buffering yet.
+//   Shared memory: union(Ew + Ek + Ekv, per-warp 2 x 16 x 16 fp32 epilogue scratch) + r, m: dense (two Ek, Ekv
+//   buffers) bf16 80.1 KB, fp32 152 KB; low rank (one) 53.8 / 101 KB, plus (128 + 64) x (rank + 1) fp32 for
+//   resident factors or 2 x 64 x 33 fp32 = 16.9 KB. 249-255 registers, 1 CTA per SM, no local memory
+//   (tests/test_cuda_compile.py).
 //   Workspace (aft_full_fwd_workspace_bytes): Ek, Ekv (2 B T D operands) + r (heads T) + m (B D) fp32; no T x T.
 //
 // Forward, exact kernel `fwd_exact_kernel` (fp64 always; any dtype with exact = true): one thread per (b, t, c),
@@ -221,7 +223,7 @@ struct TcCfg {
 // form a FWM x FWN grid, each warp owning FFM x FFN accumulator fragments of 16 x 16 for den and for num (kept in
 // registers across all key tiles: 2 FFM FFN x 8 fp32 registers per thread). Per key a CTA reads FBM w entries and
 // 2 FBN operand entries, i.e. w_bytes / FBN + 2 op_bytes / FBM per output element and key: for the FBM FBN the
-// registers hold, least at FBM = 2 FBN. Dense bias 192 x 96 (144 accumulator registers, 245-254 in all, no local
+// registers hold, least at FBM = 2 FBN. Dense bias 192 x 96 (144 accumulator registers, 249-255 in all, no local
 // memory); the low-rank bias, whose tile building needs more registers (192 x 96 spills there), 128 x 128.
 constexpr int FBK = 64, FWM = 4, FWN = 2;
 // den below kLostRel x (visible keys): terms lost to underflow (each < 2^-126) may matter at 2^-40 relative, so
@@ -245,7 +247,9 @@ struct FwdCfg {
   static constexpr int LDB = F32OPS ? FBN + 4 : FBN + 8;  // Ek, Ekv [FBK][LDB]
   static constexpr size_t kEwBytes = size_t(FBM) * LDA * sizeof(Op);
   static constexpr size_t kEkBytes = size_t(FBK) * LDB * sizeof(Op);
-  static constexpr size_t kOpsBytes = kEwBytes + 2 * kEkBytes;
+  // the dense bias double-buffers the Ek, Ekv tiles (cp.async of the next key tile while this one's Ew is built)
+  static constexpr int kEkBufs = LOWRANK ? 1 : 2;
+  static constexpr size_t kOpsBytes = kEwBytes + 2 * kEkBufs * kEkBytes;
   static constexpr size_t kScratchBytes = size_t(NT / 32) * 2 * 256 * sizeof(float);  // per warp: den, num 16 x 16
   static constexpr size_t kUnionBytes = ((kOpsBytes > kScratchBytes ? kOpsBytes : kScratchBytes) + 127) / 128 * 128;
   static constexpr size_t kR = kUnionBytes;               // float r[FBM]
@@ -606,8 +610,7 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
   constexpr int FBM = Cfg::FBM, FBN = Cfg::FBN, FFM = Cfg::FFM, FFN = Cfg::FFN;
   ATTNFREE_DYNAMIC_SHARED(unsigned char, smem, 128);
   Op* Ew = reinterpret_cast<Op*>(smem);
-  Op* Ek = reinterpret_cast<Op*>(smem + Cfg::kEwBytes);
-  Op* Ekv = reinterpret_cast<Op*>(smem + Cfg::kEwBytes + Cfg::kEkBytes);
+  Op* Ek = reinterpret_cast<Op*>(smem + Cfg::kEwBytes);  // buffer b: Ek + 2 b kEk, Ekv = Ek + kEk
   float* r_s = reinterpret_cast<float*>(smem + Cfg::kR);
   float* m_s = reinterpret_cast<float*>(smem + Cfg::kM);
   float* Us = reinterpret_cast<float*>(smem + Cfg::kUs);
@@ -636,6 +639,23 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
   const int wrow = tid >> 2, wpart = tid & 3;                       // w-strip roles: row, keys 16 wpart .. + 16
   gptr<const Op> ekh = ek + h * T * ncols;
   gptr<const Op> ekvh = ekv + h * T * ncols;
+  // Dense bias with 16-byte aligned operand rows: the Ek, Ekv tiles of key tile k0 + FBK are copied (cp.async) while
+  // the Ew tile of k0 is built; otherwise they are loaded after it (one buffer).
+  constexpr int CW = 16 / sizeof(Op), kEk = FBK * Cfg::LDB;  // operands per 16-byte chunk; elements per tile
+  const bool async_tiles = Cfg::kEkBufs == 2 && ncols % CW == 0;
+  auto issue_tiles = [&](int64_t kt, Op* dst) {  // Ek, Ekv of key tile kt into dst, dst + kEk (0 past T / ncols)
+#pragma unroll 2
+    for (int c = tid; c < 2 * FBK * FBN / CW; c += NT) {
+      const int arr = c / (FBK * FBN / CW), e = c % (FBK * FBN / CW);
+      const int key = e / (FBN / CW), col = (e % (FBN / CW)) * CW;
+      const int64_t tk = kt + key, j = j0 + col;
+      const bool ok = tk < T && j < ncols;  // ncols % CW == 0: a chunk is wholly inside or outside
+      async_copy16(dst + arr * kEk + key * Cfg::LDB + col, (arr ? ekvh : ekh) + (ok ? tk * ncols + j : 0), ok);
+    }
+    async_commit();
+  };
+  if (async_tiles) issue_tiles(0, Ek);
+  int buf = 0;
   if constexpr (LOWRANK) {
     if (ldu > 0) {  // resident factors: the CTA's rows of u, once
       for (int64_t e = tid; e < FBM * rank; e += NT) {
@@ -647,6 +667,16 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
   __syncthreads();
 
   for (int64_t k0 = 0; k0 < kend; k0 += FBK) {
+    Op* Ekb = Ek + 2 * buf * kEk;
+    Op* Ekvb = Ekb + kEk;
+    // the next key tile's operands into the other buffer (read by the previous step's MMA, behind its barrier)
+    if (async_tiles) {
+      if (k0 + FBK < kend) {
+        issue_tiles(k0 + FBK, Ek + 2 * (buf ^ 1) * kEk);
+      } else {
+        async_commit();  // an empty group: the wait below then always leaves one group in flight
+      }
+    }
     // (1) Ew = exp(w - r) over the visible keys, FBM / 64 strips of 64 rows
     bool resident = false;
     if constexpr (LOWRANK) resident = ldu > 0;
@@ -683,20 +713,26 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
         exp_w_ref(wv, t0 + row, k0, wpart, T, causal, r_s[row], Ew + row * Cfg::LDA);
       }
     }
-    // (2) the Ek, Ekv tiles (0 past the last key / column)
+    // (2) the Ek, Ekv tiles (0 past the last key / column): this step's copies complete, or loaded now
+    if (async_tiles) {
+      async_wait<1>();
+    } else {
 #pragma unroll 4
-    for (int e = tid; e < FBK * FBN; e += NT) {
-      const int key = e / FBN, col = e % FBN;
-      const int64_t tk = k0 + key, j = j0 + col;
-      const bool ok = tk < T && j < ncols;
-      store_val(&Ek[key * Cfg::LDB + col], ok ? to_acc(ekh[tk * ncols + j]) : 0.f);
-      store_val(&Ekv[key * Cfg::LDB + col], ok ? to_acc(ekvh[tk * ncols + j]) : 0.f);
+      for (int e = tid; e < FBK * FBN; e += NT) {
+        const int key = e / FBN, col = e % FBN;
+        const int64_t tk = k0 + key, j = j0 + col;
+        const bool ok = tk < T && j < ncols;
+        store_val(&Ekb[key * Cfg::LDB + col], ok ? to_acc(ekh[tk * ncols + j]) : 0.f);
+        store_val(&Ekvb[key * Cfg::LDB + col], ok ? to_acc(ekvh[tk * ncols + j]) : 0.f);
+      }
     }
     __syncthreads();
     // (3) den += Ew Ek, num += Ew Ekv
-    Mma::template run<Cfg>(Ew, Ek, Ekv, wr0, wc0, x3, dacc, nacc);
+    Mma::template run<Cfg>(Ew, Ekb, Ekvb, wr0, wc0, x3, dacc, nacc);
     __syncthreads();  // before the next tile (or the epilogue's scratch) overwrites the operands
+    if (async_tiles) buf ^= 1;
   }
+  if (async_tiles) async_wait<0>();  // the trailing empty group
 
   // ---------------- epilogue: per fragment pair through a per-warp scratch (aliases the dead operands)
   float* sc = reinterpret_cast<float*>(smem) + warp * 512;

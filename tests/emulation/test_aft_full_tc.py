@@ -1,8 +1,9 @@
 """AFT-full's tensor-core forward (fwd_tc_kernel, csrc/aft_full/aft_full.cu) under the emulation harness, at shapes the
 op tests do not reach: several CTAs of the 192-row x 96-column dense tiling (and of the low-rank bias's 128 x 128)
 in both directions, T not a multiple of the row tile, B * dh not a multiple of the column tile, column blocks
-spanning batch entries, heads, every input dtype, |k|, |w| = 1e4, a causal late spike, a NaN value, and the counted
-cost per element (docs/design.md §2.3, §5.3). The float64 oracle is tests/common/oracles.py."""
+spanning batch entries, heads, every input dtype, |k|, |w| = 1e4, a causal late spike, a NaN value, the operand
+tiles double-buffered (cp.async) and loaded synchronously, and the counted cost per element (docs/design.md §2.3,
+§5.3). The float64 oracle is tests/common/oracles.py."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ pytestmark = pytest.mark.emulation
 F64 = torch.float64
 # T = 400: three row tiles of 192 (the last one 16 rows); B dh = 2 x 100 = 200 columns per head with heads = 1:
 # three column blocks of 96 (the last one 8 columns), blocks 1 and 2 spanning both batch entries.
-SHAPES = [(2, 400, 100, 1), (2, 230, 120, 2)]  # heads 2: dh = 60, 120 columns per head -> 2 column blocks
+# heads 2: dh = 60, 120 columns per head -> 2 column blocks. Both copy the operand tiles with cp.async (columns per
+# head a multiple of 16 bytes of operands); 101 columns take the synchronous loads.
+SHAPES = [(2, 400, 100, 1), (2, 230, 120, 2), (1, 400, 101, 1)]
+IDS = ["heads1", "heads2", "odd_columns"]
 
 
 def _inputs(B, T, D, heads, seed, scale=0.5):
@@ -61,7 +65,7 @@ def _main(res):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("shape", SHAPES, ids=["heads1", "heads2"])
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 def test_float32_several_tiles(emu, shape, causal):
     q, k, v, w = _inputs(*shape, 1)
     y, lse, res = _fwd(q, k, v, w, causal, torch.float32)
@@ -75,7 +79,7 @@ def test_float32_several_tiles(emu, shape, causal):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("shape", SHAPES, ids=["heads1", "heads2"])
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 def test_low_precision_2x_rule(emu, shape, causal, dtype):
     """error(kernel) <= 2 x error(eager PyTorch in dtype) + 1e-3, both against the float64 oracle."""
     q, k, v, w = _rounded(dtype, *_inputs(*shape, 2))
