@@ -43,7 +43,7 @@ def _fwd(q, k, v, w, causal, dtype):
 
 
 def _oracle(q, k, v, w, causal):
-    """y, lse of the inputs as the kernel sees them (rounded to dtype first)."""
+    """float64 y, lse (callers pass the inputs rounded to the kernel's dtype: what it sees)."""
     wo = w[0] if w.shape[0] == 1 else w
     y = oracles.aft(q, k, v, wo, causal)
     lse = oracles.aft_lse(k, oracles.bias_per_channel(wo, k.shape[2]), causal)
