@@ -5,7 +5,9 @@ tests/emulation/emu_ops.py), which counts per launch the global-memory bytes rea
 (every access, not distinct bytes: a re-read that would hit L1/L2 on the GPU is counted again), the
 special-function calls (sfu_total: exp, log, rcp, rsqrt, sqrt, trig, whatever the spelling; divisions are not
 counted) and the MMA FLOPs (2*M*N*K per warp-level mma_sync). Each case runs at two scaled-down sizes (T and 2T;
-T and D at least two tiles of every kernel's tiling: AFT-full 128x128 tiles, AFT-local 32-column x 8-row tiles,
+T and D at least two tiles of every kernel's tiling, and multiples of them where partial tiles would bend the fit:
+AFT-full 192-row x 96-column dense forward tiles (T = 384, 768 and B*D = 384 are whole tiles of those and of the
+128 x 128 / 64 x 64 tiles), AFT-local 32-column x 8-row tiles,
 scan chunks of 64 steps, B*D >= 2048 columns so the scan chunk length is the paper shapes' 64). Every count is fitted
 as  count = a*X + b*Y  through the two points and evaluated at the paper shape:
     memory-bound ops:  X = B*T*D (elements), Y = B*D   (per-column overheads, clipped window edges)
@@ -72,7 +74,7 @@ PAPER = {"aft": dict(B=8, T=4096, D=1024), "ea": dict(B=64, T=4096, D=64)}
 SMALL = {
     "aft_simple": (2, 128, 1024),
     "aft_local": (2, 256, 1024),
-    "aft_full": (1, 256, 256),
+    "aft_full": (1, 384, 384),
     "aft_full_lowrank": (1, 256, 256),
     "ea_double_norm": (32, 128, 64),
 }

@@ -13,32 +13,37 @@
 //   `fwd_colmax_kernel`: m[h][j] = max over all keys of k in column j = (b, c) (one thread per column).
 //   `fwd_expkv_kernel`:  Ek = exp(k - m) <= 1 (rounded to the operand type first), Ekv = Ek * v, into the workspace
 //                        in the head-major layout [heads][T][B*dh] (a column block is contiguous): bf16 for bf16
-//                        inputs, fp32 otherwise. One exp per (b, t, c).
+//                        inputs, fp32 otherwise. One exp per (b, t, c); a thread per 16 time steps of a column.
 //   `fwd_rowmax_kernel`: r[h][t] = max of w[h, t, :] over the keys visible to t (w read once, shared over the
 //                        batch; the low-rank bias builds its tiles here once instead of once per column block).
-//   `fwd_tc_kernel`: CTA = 256 threads (8 warps as 4 x 2) owns FBM = 128 query rows x FBN = 128 columns of one head
-//   and loops over key tiles of FBK = 64 keys (causal: keys <= the tile's last row):
+//   `fwd_tc_kernel`: CTA = 256 threads (8 warps as 4 x 2) owns FBM query rows x FBN columns of one head, 192 x 96
+//   for the dense bias (the shape of least re-read bytes the registers hold: FwdCfg), 128 x 128 for the low-rank
+//   one, and loops over key tiles of FBK = 64 keys (causal: keys <= the tile's last row):
 //     (1) w tile (loaded, or for the low-rank op built as U[rows] @ Vb[keys]^T by fp32 SIMT dot products: with the
 //         CTA's 128 rows of U resident in shared memory and one key tile of Vb per step where they fit, rank 128
 //         in bf16 on sm_80, else through chunks of 32 ranks), Ew = exp(w - r) in [0, 1] (0 for invisible / masked keys)
 //         to smem as bf16 for bf16 inputs (never fp16: its exponent range ends near e^-17), fp32 otherwise;
-//     (2) the Ek, Ekv tiles copied from the workspace (no exps);
+//     (2) the Ek, Ekv tiles copied from the workspace (no exps): dense bias, 16-byte aligned rows (B dh a multiple of
+//         8 bf16 / 4 fp32 operands): cp.async into the second of two buffers while (1) builds the current Ew tile,
+//         else plain loads after (1);
 //     (3) nvcuda::wmma (sm_80-compatible, so it also runs on sm_90), fp32 accumulators that stay in registers for
-//         the whole key loop (each warp 32 x 64 outputs: 2 x 4 fragments each for den and num = 128 registers):
+//         the whole key loop (each warp 48 x 48 outputs: 3 x 3 fragments each for den and num = 144 registers; low
+//         rank 32 x 64, 2 x 4 fragments, 128 registers):
 //         den += Ew @ Ek, num += Ew @ Ekv. bf16: m16n16k16. fp32 inputs: 3xTF32 (a = a_big + a_small, three
 //         m16n16k8 tf32 MMAs, ~fp32 accuracy) by default; plain TF32 (one MMA, ~1e-3 relative) when the launcher's
 //         `tf32x3` is false. fp16 inputs always take 3xTF32.
 //   Exponentials: one per w element per column block (T / FBN per output element) plus one per (b, t, c) in the
-//   prepass, against 4 T MMA FLOPs per output element: ~0.5 per 256 FLOPs (bf16, T = 4096).
+//   prepass, against 4 T MMA FLOPs per output element: ~0.7 per 256 FLOPs (bf16, T = 4096, FBN = 96).
 //   Guard (epilogue): every term is <= 1, so the only loss is underflow (a lost term is < 2^-126). Where
 //   den < (visible keys) * 2^-86 those terms could matter at 2^-40 relative (|w|, |k| ~ 1e4 with misaligned
 //   maxima; causally, a late spike in k that raised m above every earlier key; a row or column fully masked), and
 //   with bf16 operands and the dense bias for causal rows that see fewer than 16 keys (kFewKeys), that
 //   (t, c) is recomputed exactly by a per-element online log-sum-exp over its visible keys (`fallback_element`).
 //   Elsewhere y = sigmoid(q) * num / den, lse = r + m + log(den) formed in double and rounded once.
-//   Shared memory: union(Ew + Ek + Ekv, per-warp 2 x 16 x 16 fp32 epilogue scratch) + r, m: bf16 53.8 KB, fp32
-//   101 KB; the low-rank op adds (128 + 64) x (rank + 1) fp32 (resident factors) or 2 x 64 x 33 fp32 = 16.9 KB. 232-250
-//   registers, 1 CTA per SM, no local memory (tests/test_cuda_compile.py). No cp.async / double buffering yet.
+//   Shared memory: union(Ew + Ek + Ekv, per-warp 2 x 16 x 16 fp32 epilogue scratch) + r, m: dense (two Ek, Ekv
+//   buffers) bf16 80.1 KB, fp32 152 KB; low rank (one) 53.8 / 101 KB, plus (128 + 64) x (rank + 1) fp32 for
+//   resident factors or 2 x 64 x 33 fp32 = 16.9 KB. 249-255 registers, 1 CTA per SM, no local memory
+//   (tests/test_cuda_compile.py).
 //   Workspace (aft_full_fwd_workspace_bytes): Ek, Ekv (2 B T D operands) + r (heads T) + m (B D) fp32; no T x T.
 //
 // Forward, exact kernel `fwd_exact_kernel` (fp64 always; any dtype with exact = true): one thread per (b, t, c),
@@ -214,12 +219,13 @@ struct TcCfg {
   using Op = typename std::conditional<F32OPS, float, __nv_bfloat16>::type;
 };
 
-// Forward tiling: a CTA owns FBM query rows x FBN columns and loops over key tiles of FBK keys; its 8 warps form a
-// FWM x FWN grid, each warp owning FFM x FFN accumulator fragments of 16 x 16 for den and for num (kept in
-// registers across all key tiles: 2 FFM FFN x 8 fp32 registers per thread).
-constexpr int FBM = 128, FBN = 128, FBK = 64, FWM = 4, FWN = 2;
-constexpr int FFM = FBM / (16 * FWM), FFN = FBN / (16 * FWN);
-static_assert(FWM * FWN * 32 == NT && FBM % 64 == 0 && FBK == 64 && FBM <= NT && FBN <= NT, "forward tiling");
+// Forward tiling (FwdCfg): a CTA owns FBM query rows x FBN columns and loops over key tiles of FBK keys; its 8 warps
+// form a FWM x FWN grid, each warp owning FFM x FFN accumulator fragments of 16 x 16 for den and for num (kept in
+// registers across all key tiles: 2 FFM FFN x 8 fp32 registers per thread). Per key a CTA reads FBM w entries and
+// 2 FBN operand entries, i.e. w_bytes / FBN + 2 op_bytes / FBM per output element and key: for the FBM FBN the
+// registers hold, least at FBM = 2 FBN. Dense bias 192 x 96 (144 accumulator registers, 249-255 in all, no local
+// memory); the low-rank bias, whose tile building needs more registers (192 x 96 spills there), 128 x 128.
+constexpr int FBK = 64, FWM = 4, FWN = 2;
 // den below kLostRel x (visible keys): terms lost to underflow (each < 2^-126) may matter at 2^-40 relative, so
 // that (t, c) is recomputed exactly.
 constexpr float kLostRel = 0x1p-86f;
@@ -229,14 +235,21 @@ constexpr float kLostRel = 0x1p-86f;
 // low-rank bias, where each exact term is a rank-long dot product).
 constexpr float kFewKeys = 16.f;
 
-template <bool F32OPS>
+template <bool F32OPS, bool LOWRANK>
 struct FwdCfg {
   using Op = typename TcCfg<F32OPS>::Op;
+  static constexpr int FBM = LOWRANK ? 128 : 192, FBN = LOWRANK ? 128 : 96;
+  static constexpr int FFM = FBM / (16 * FWM), FFN = FBN / (16 * FWN);
+  static_assert(FWM * FWN * 32 == NT && FBM % 64 == 0 && FBM == 16 * FWM * FFM && FBN == 16 * FWN * FFN && FBK == 64 &&
+                    FBM <= NT && FBN <= NT,
+                "forward tiling");
   static constexpr int LDA = F32OPS ? FBK + 4 : FBK + 8;  // Ew [FBM][LDA]
   static constexpr int LDB = F32OPS ? FBN + 4 : FBN + 8;  // Ek, Ekv [FBK][LDB]
   static constexpr size_t kEwBytes = size_t(FBM) * LDA * sizeof(Op);
   static constexpr size_t kEkBytes = size_t(FBK) * LDB * sizeof(Op);
-  static constexpr size_t kOpsBytes = kEwBytes + 2 * kEkBytes;
+  // the dense bias double-buffers the Ek, Ekv tiles (cp.async of the next key tile while this one's Ew is built)
+  static constexpr int kEkBufs = LOWRANK ? 1 : 2;
+  static constexpr size_t kOpsBytes = kEwBytes + 2 * kEkBufs * kEkBytes;
   static constexpr size_t kScratchBytes = size_t(NT / 32) * 2 * 256 * sizeof(float);  // per warp: den, num 16 x 16
   static constexpr size_t kUnionBytes = ((kOpsBytes > kScratchBytes ? kOpsBytes : kScratchBytes) + 127) / 128 * 128;
   static constexpr size_t kR = kUnionBytes;               // float r[FBM]
@@ -405,9 +418,9 @@ struct FwdMma;
 template <>
 struct FwdMma<false> {  // bf16 operands, fp32 accumulate
   using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  template <typename Cfg, int FFM = Cfg::FFM, int FFN = Cfg::FFN>
   __device__ __forceinline__ static void run(const __nv_bfloat16* Ew, const __nv_bfloat16* Ek, const __nv_bfloat16* Ekv,
                                              int wr0, int wc0, bool /*x3*/, Acc (&d)[FFM][FFN], Acc (&n)[FFM][FFN]) {
-    using Cfg = FwdCfg<false>;
     wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a[FFM];
     wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
 #pragma unroll 2
@@ -448,9 +461,9 @@ struct FwdMma<true> {  // fp32 operands: 3xTF32 (x3, ~fp32 accuracy) or plain TF
       wmma::mma_sync(c, ab, bb, c);
     }
   }
+  template <typename Cfg, int FFM = Cfg::FFM, int FFN = Cfg::FFN>
   __device__ __forceinline__ static void run(const float* Ew, const float* Ek, const float* Ekv, int wr0, int wc0,
                                              bool x3, Acc (&d)[FFM][FFN], Acc (&n)[FFM][FFN]) {
-    using Cfg = FwdCfg<true>;
     FA ab[FFM], as[FFM];
     FB bb, bs;
 #pragma unroll 2
@@ -516,20 +529,27 @@ __global__ void fwd_colmax_kernel(gptr<const E> __restrict__ k, gptr<float> __re
 }
 
 // ek[h][t][j] = exp(k - m[h][j]) (0 for a masked key), ekv = ek * v, in the operand type: the B operands of the
-// main kernel in the head-major layout where a column block is contiguous.
+// main kernel in the head-major layout where a column block is contiguous. A thread takes kExpKvSteps time steps of
+// one column, so m is read once per strip, not once per element (adjacent threads: adjacent columns, coalesced).
+constexpr int kExpKvSteps = 16;
 template <typename E, typename Op>
 __global__ void fwd_expkv_kernel(gptr<const E> __restrict__ k, gptr<const E> __restrict__ v,
                                  gptr<const float> __restrict__ m, gptr<Op> __restrict__ ek, gptr<Op> __restrict__ ekv,
                                  int64_t B, int64_t T, int64_t D, int64_t dh) {
-  const int64_t ncols = B * dh;
-  AF_GRID_STRIDE(o, B * T * D) {  // o = (h T + t) ncols + j
-    const int64_t j = o % ncols, t = (o / ncols) % T, h = o / (ncols * T);
-    const int64_t src = column_offset(j, ncols, dh, T, D, h) + t * D;
-    const float kk = to_acc(k[src]);
-    // ekv from the rounded ek: num and den then weigh every key alike (one rounding between them, not two)
-    const Op e = from_acc<Op>((kk == -INFINITY) ? 0.f : exp2f((kk - m[h * ncols + j]) * kLog2e));
-    ek[o] = e;
-    store_val(ekv + o, to_acc(e) * static_cast<float>(to_acc(v[src])));
+  const int64_t ncols = B * dh, nstrips = (T + kExpKvSteps - 1) / kExpKvSteps;
+  AF_GRID_STRIDE(i, (D / dh) * nstrips * ncols) {  // i = (h nstrips + strip) ncols + j
+    const int64_t j = i % ncols, strip = (i / ncols) % nstrips, h = i / (ncols * nstrips);
+    const int64_t cb = column_offset(j, ncols, dh, T, D, h);
+    const float mj = m[h * ncols + j];
+    const int64_t ta = strip * kExpKvSteps, tb = ta + kExpKvSteps < T ? ta + kExpKvSteps : T;
+    for (int64_t t = ta; t < tb; ++t) {
+      const int64_t src = cb + t * D, o = (h * T + t) * ncols + j;
+      const float kk = to_acc(k[src]);
+      // ekv from the rounded ek: num and den then weigh every key alike (one rounding between them, not two)
+      const Op e = from_acc<Op>((kk == -INFINITY) ? 0.f : exp2f((kk - mj) * kLog2e));
+      ek[o] = e;
+      store_val(ekv + o, to_acc(e) * static_cast<float>(to_acc(v[src])));
+    }
   }
 }
 
@@ -584,13 +604,13 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
                   bool x3, int ldu) {
 #if AFT_FULL_TC_ARCH
   constexpr bool F32OPS = uses_tf32_operands<E>();
-  using Cfg = FwdCfg<F32OPS>;
+  using Cfg = FwdCfg<F32OPS, LOWRANK>;
   using Op = typename Cfg::Op;
   using Mma = FwdMma<F32OPS>;
+  constexpr int FBM = Cfg::FBM, FBN = Cfg::FBN, FFM = Cfg::FFM, FFN = Cfg::FFN;
   ATTNFREE_DYNAMIC_SHARED(unsigned char, smem, 128);
   Op* Ew = reinterpret_cast<Op*>(smem);
-  Op* Ek = reinterpret_cast<Op*>(smem + Cfg::kEwBytes);
-  Op* Ekv = reinterpret_cast<Op*>(smem + Cfg::kEwBytes + Cfg::kEkBytes);
+  Op* Ek = reinterpret_cast<Op*>(smem + Cfg::kEwBytes);  // buffer b: Ek + 2 b kEk, Ekv = Ek + kEk
   float* r_s = reinterpret_cast<float*>(smem + Cfg::kR);
   float* m_s = reinterpret_cast<float*>(smem + Cfg::kM);
   float* Us = reinterpret_cast<float*>(smem + Cfg::kUs);
@@ -619,6 +639,23 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
   const int wrow = tid >> 2, wpart = tid & 3;                       // w-strip roles: row, keys 16 wpart .. + 16
   gptr<const Op> ekh = ek + h * T * ncols;
   gptr<const Op> ekvh = ekv + h * T * ncols;
+  // Dense bias with 16-byte aligned operand rows: the Ek, Ekv tiles of key tile k0 + FBK are copied (cp.async) while
+  // the Ew tile of k0 is built; otherwise they are loaded after it (one buffer).
+  constexpr int CW = 16 / sizeof(Op), kEk = FBK * Cfg::LDB;  // operands per 16-byte chunk; elements per tile
+  const bool async_tiles = Cfg::kEkBufs == 2 && ncols % CW == 0;
+  auto issue_tiles = [&](int64_t kt, Op* dst) {  // Ek, Ekv of key tile kt into dst, dst + kEk (0 past T / ncols)
+#pragma unroll 2
+    for (int c = tid; c < 2 * FBK * FBN / CW; c += NT) {
+      const int arr = c / (FBK * FBN / CW), e = c % (FBK * FBN / CW);
+      const int key = e / (FBN / CW), col = (e % (FBN / CW)) * CW;
+      const int64_t tk = kt + key, j = j0 + col;
+      const bool ok = tk < T && j < ncols;  // ncols % CW == 0: a chunk is wholly inside or outside
+      async_copy16(dst + arr * kEk + key * Cfg::LDB + col, (arr ? ekvh : ekh) + (ok ? tk * ncols + j : 0), ok);
+    }
+    async_commit();
+  };
+  if (async_tiles) issue_tiles(0, Ek);
+  int buf = 0;
   if constexpr (LOWRANK) {
     if (ldu > 0) {  // resident factors: the CTA's rows of u, once
       for (int64_t e = tid; e < FBM * rank; e += NT) {
@@ -630,6 +667,16 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
   __syncthreads();
 
   for (int64_t k0 = 0; k0 < kend; k0 += FBK) {
+    Op* Ekb = Ek + 2 * buf * kEk;
+    Op* Ekvb = Ekb + kEk;
+    // the next key tile's operands into the other buffer (read by the previous step's MMA, behind its barrier)
+    if (async_tiles) {
+      if (k0 + FBK < kend) {
+        issue_tiles(k0 + FBK, Ek + 2 * (buf ^ 1) * kEk);
+      } else {
+        async_commit();  // an empty group: the wait below then always leaves one group in flight
+      }
+    }
     // (1) Ew = exp(w - r) over the visible keys, FBM / 64 strips of 64 rows
     bool resident = false;
     if constexpr (LOWRANK) resident = ldu > 0;
@@ -666,20 +713,26 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
         exp_w_ref(wv, t0 + row, k0, wpart, T, causal, r_s[row], Ew + row * Cfg::LDA);
       }
     }
-    // (2) the Ek, Ekv tiles (0 past the last key / column)
+    // (2) the Ek, Ekv tiles (0 past the last key / column): this step's copies complete, or loaded now
+    if (async_tiles) {
+      async_wait<1>();
+    } else {
 #pragma unroll 4
-    for (int e = tid; e < FBK * FBN; e += NT) {
-      const int key = e / FBN, col = e % FBN;
-      const int64_t tk = k0 + key, j = j0 + col;
-      const bool ok = tk < T && j < ncols;
-      store_val(&Ek[key * Cfg::LDB + col], ok ? to_acc(ekh[tk * ncols + j]) : 0.f);
-      store_val(&Ekv[key * Cfg::LDB + col], ok ? to_acc(ekvh[tk * ncols + j]) : 0.f);
+      for (int e = tid; e < FBK * FBN; e += NT) {
+        const int key = e / FBN, col = e % FBN;
+        const int64_t tk = k0 + key, j = j0 + col;
+        const bool ok = tk < T && j < ncols;
+        store_val(&Ekb[key * Cfg::LDB + col], ok ? to_acc(ekh[tk * ncols + j]) : 0.f);
+        store_val(&Ekvb[key * Cfg::LDB + col], ok ? to_acc(ekvh[tk * ncols + j]) : 0.f);
+      }
     }
     __syncthreads();
     // (3) den += Ew Ek, num += Ew Ekv
-    Mma::run(Ew, Ek, Ekv, wr0, wc0, x3, dacc, nacc);
+    Mma::template run<Cfg>(Ew, Ekb, Ekvb, wr0, wc0, x3, dacc, nacc);
     __syncthreads();  // before the next tile (or the epilogue's scratch) overwrites the operands
+    if (async_tiles) buf ^= 1;
   }
+  if (async_tiles) async_wait<0>();  // the trailing empty group
 
   // ---------------- epilogue: per fragment pair through a per-warp scratch (aliases the dead operands)
   float* sc = reinterpret_cast<float*>(smem) + warp * 512;
@@ -1313,7 +1366,8 @@ cudaError_t launch_tc(const void* q, const void* k, const void* v, const void* w
   using Op = typename TcCfg<F32OPS>::Op;
   if (ws == nullptr) return cudaErrorInvalidValue;
   const int64_t dh = D / heads, ncols = B * dh;
-  const dim3 grid(blocks_for(ncols, FBN), blocks_for(T, FBM), static_cast<unsigned>(heads));
+  using Cfg = FwdCfg<F32OPS, LOWRANK>;
+  const dim3 grid(blocks_for(ncols, Cfg::FBN), blocks_for(T, Cfg::FBM), static_cast<unsigned>(heads));
   if (grid.y > 65535u || grid.z > 65535u) return cudaErrorInvalidConfiguration;
   const FwdWs l = fwd_ws_layout(F32OPS, B, T, D, heads);
   unsigned char* base = static_cast<unsigned char*>(ws);
@@ -1325,7 +1379,7 @@ cudaError_t launch_tc(const void* q, const void* k, const void* v, const void* w
   ATTNFREE_LAUNCH((fwd_colmax_kernel<E>), grid_for(heads * ncols, 256), 256, 0, s)(ke, m, B, T, D, dh);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  ATTNFREE_LAUNCH((fwd_expkv_kernel<E, Op>), grid_for(B * T * D, 256), 256, 0, s)(
+  ATTNFREE_LAUNCH((fwd_expkv_kernel<E, Op>), grid_for(heads * blocks_for(T, kExpKvSteps) * ncols, 256), 256, 0, s)(
       ke, static_cast<const E*>(v), static_cast<const float*>(m), ek, ekv, B, T, D, dh);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
@@ -1341,10 +1395,10 @@ cudaError_t launch_tc(const void* q, const void* k, const void* v, const void* w
     int dev = 0, optin = 0;
     if (cudaGetDevice(&dev) == cudaSuccess &&
         cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess &&
-        FwdCfg<F32OPS>::lowrank_resident_bytes(rank + 1) <= static_cast<size_t>(optin))
+        Cfg::lowrank_resident_bytes(rank + 1) <= static_cast<size_t>(optin))
       ldu = static_cast<int>(rank + 1);
   }
-  const size_t smem = FwdCfg<F32OPS>::smem_bytes(LOWRANK, ldu);
+  const size_t smem = Cfg::smem_bytes(LOWRANK, ldu);
   auto kern = fwd_tc_kernel<E, WE, LOWRANK>;
   err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;

@@ -189,6 +189,17 @@ def test_vector_loads(emu, basic):
     assert r.counters["bytes_read"] == 256 * 4 and r.counters["bytes_written"] == 64 * 4
 
 
+def test_async_copy_double_buffered(emu, basic):
+    """async_copy16 / async_commit / async_wait: three tiles through two shared buffers, the last one partial
+    (chunks past the input zero-filled, not read: only the valid chunks count as bytes read)."""
+    n4 = 2 * 256 + 100  # 16-byte chunks: two whole tiles of 256 and 100 of the third
+    x = torch.randn(n4 * 4)
+    r = basic.call("emu_async_copy", emu.In("x", x), emu.Out("y", torch.empty(3 * 64)), n4, 3).check()
+    xp = torch.cat([x, torch.zeros(3 * 1024 - x.numel())]).view(3, 64, 16).sum(2).roll(-1, dims=1)
+    torch.testing.assert_close(r.outputs["y"], xp.reshape(-1))
+    assert r.counters["bytes_read"] == n4 * 16
+
+
 def test_gptr_api(emu, basic):
     n = 50
     x = torch.randn(n)

@@ -152,6 +152,38 @@ __global__ void vector_load_kernel(gptr<const float> x, gptr<float> y, int n4) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------- async copies
+// Double-buffered staging through shared memory with async_copy16: tile i + 1 (16 floats per thread, 4 chunks)
+// is issued before tile i is read; chunks at or past n4 are zero-filled. y[i * 64 + tid] = sum of tile i's
+// 16 values of that thread, rotated by one thread so that each thread reads chunks another thread copied.
+__global__ void async_copy_kernel(gptr<const float> x, gptr<float> y, int n4, int tiles) {
+  __shared__ __align__(16) float s[2][64 * 16];
+  const int tid = threadIdx.x;
+  auto issue = [&](int tile, int b) {
+    for (int c = 0; c < 4; ++c) {
+      const int chunk = tile * 256 + tid * 4 + c;  // chunk index in units of 4 floats
+      attnfree::async_copy16(&s[b][(tid * 4 + c) * 4], x + (chunk < n4 ? chunk * 4 : 0), chunk < n4);
+    }
+    attnfree::async_commit();
+  };
+  issue(0, 0);
+  for (int i = 0; i < tiles; ++i) {
+    if (i + 1 < tiles) {
+      issue(i + 1, (i + 1) & 1);
+    } else {
+      attnfree::async_commit();
+    }
+    attnfree::async_wait<1>();
+    __syncthreads();
+    const float* t = s[i & 1] + ((tid + 1) % 64) * 16;
+    float acc = 0.f;
+    for (int e = 0; e < 16; ++e) acc += t[e];
+    y[i * 64 + tid] = acc;
+    __syncthreads();
+  }
+  attnfree::async_wait<0>();
+}
+
 // ---------------------------------------------------------------------------------------------- counters
 // n elements, one per thread; per element: 1 load, 1 store, expf + logf + rsqrtf + __expf + exp2f (5 SFU:
 // 3 exp, 1 log, 1 rsqrt); one __syncthreads per block.
@@ -321,6 +353,10 @@ int emu_misaligned(const float* x, float* y) {
 }
 int emu_vector_load(const float* x, float* y, int64_t n4) {
   vector_load_kernel<<<static_cast<unsigned>((n4 + 63) / 64), 64>>>(x, y, static_cast<int>(n4));
+  return cudaGetLastError();
+}
+int emu_async_copy(const float* x, float* y, int64_t n4, int64_t tiles) {
+  async_copy_kernel<<<1, 64>>>(x, y, static_cast<int>(n4), static_cast<int>(tiles));
   return cudaGetLastError();
 }
 int emu_counters(const float* x, float* y, int64_t n, int64_t threads) {
