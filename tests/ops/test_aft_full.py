@@ -357,8 +357,11 @@ def test_contract_causal_late_spike(path, dtype):
     yr, grads_r = contract.oracle_grads(OP, q, k, v, w, window, True, dy)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     assert maxabs(y, yr) <= tol
+    # the gradients rebuild P = exp(w + k - lse) from the float32 lse, which at |lse| ~ 300 carries up to
+    # ulp(300) / 2 ~ 1.5e-5 absolute, i.e. that relative error in P (the rows that see the spike key)
+    gtol = 2e-5 if dtype == torch.float32 else tol
     for g, gr in zip(grads, grads_r):
-        assert maxabs(g, gr) / max(1.0, gr.abs().max().item()) <= tol
+        assert maxabs(g, gr) / max(1.0, gr.abs().max().item()) <= gtol
 
 
 @pytest.mark.parametrize("causal", [False, True])
