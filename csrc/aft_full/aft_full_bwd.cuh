@@ -171,7 +171,7 @@ struct BwdKvCfg {
   static constexpr int LD = F32OPS ? KBM + 4 : KBM + 8;  // Ew [KBK][LD] (query row, key), SG / SH [KBK][LD]
   static constexpr size_t kTile = size_t(KBK) * LD * sizeof(Op);
   static constexpr size_t kOps = 3 * kTile;
-  static constexpr size_t kScratch = size_t(NT / 32) * 2 * 256 * sizeof(float);  // per warp: gG, gH 16 x 16
+  static constexpr size_t kScratch = size_t(NT / 32) * 2 * 256 * sizeof(float);          // per warp: gG, gH 16 x 16
   static constexpr size_t kM = ((kOps > kScratch ? kOps : kScratch) + 127) / 128 * 128;  // float m[KBN]
   static constexpr size_t kFlag = kM + KBN * sizeof(float);                              // int colflag[KBN]
   static constexpr size_t kBytes = kFlag + KBN * sizeof(int);
@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
     flag_s[tid] = ok ? colflag[h * ncols + j0 + tid] : 0;
   }
   const int wr0 = (warp / KWN) * 16 * KFM, wc0 = (warp % KWN) * 16 * KFN;  // keys, columns of this warp
-  typename Mma::Acc acc[2][KFM][KFN];                                       // [0]: gG, [1]: gH
+  typename Mma::Acc acc[2][KFM][KFN];                                      // [0]: gG, [1]: gH
 #pragma unroll
   for (int nb = 0; nb < 2; ++nb)
 #pragma unroll
@@ -456,8 +456,8 @@ inline size_t bwd_tc_workspace_bytes(DType dt, int64_t B, int64_t T, int64_t D, 
 
 // The forward's prepasses (m, X, X v, r), the flags, bwd_prep_kernel, then the dk/dv and dw kernels.
 template <typename E, typename WE>
-cudaError_t launch_bwd_dense_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t D, int64_t heads,
-                                bool causal, void* ws, cudaStream_t s) {
+cudaError_t launch_bwd_dense_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t D, int64_t heads, bool causal,
+                                void* ws, cudaStream_t s) {
   constexpr bool F32OPS = uses_tf32_operands<E>();
   using Op = typename TcCfg<F32OPS>::Op;
   if (ws == nullptr) return cudaErrorInvalidValue;
@@ -487,8 +487,8 @@ cudaError_t launch_bwd_dense_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T
   err = cudaMemsetAsync(base + l.rowflag, 0, l.total - l.rowflag, s);
   if (err != cudaSuccess) return err;
   ATTNFREE_LAUNCH((bwd_prep_kernel<E, Op>), grid_for(B * T * D, 256), 256, 0, s)(
-      p.dy, p.q, p.y, p.lse, static_cast<const float*>(r), static_cast<const float*>(m), p.dq, sg, sh, rowflag,
-      colflag, B, T, D, dh);
+      p.dy, p.q, p.y, p.lse, static_cast<const float*>(r), static_cast<const float*>(m), p.dq, sg, sh, rowflag, colflag,
+      B, T, D, dh);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const size_t kv_smem = BwdKvCfg<F32OPS>::kBytes;
@@ -498,8 +498,8 @@ cudaError_t launch_bwd_dense_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T
   const dim3 kv_grid(blocks_for(ncols, KBN), blocks_for(T, KBM), static_cast<unsigned>(heads));
   ATTNFREE_LAUNCH((bwd_kv_kernel<E, WE>), kv_grid, NT, kv_smem, s)(
       p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, static_cast<const Op*>(sg), static_cast<const Op*>(sh),
-      static_cast<const float*>(r), static_cast<const float*>(m), static_cast<const int*>(colflag), p.dk, p.dv, B, T,
-      D, dh, causal);
+      static_cast<const float*>(r), static_cast<const float*>(m), static_cast<const int*>(colflag), p.dk, p.dv, B, T, D,
+      dh, causal);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const size_t w_smem = BwdWCfg<F32OPS>::kBytes;
