@@ -46,9 +46,10 @@
 //
 // Backward, tensor cores (fp16 / bf16 / fp32; docs/design.md §3), by recomputation from lse. With P = exp(w + k - lse)
 // (<= 1), G = dy * sigmoid(q), H = dy * y:  dq = dy * y * (1 - sigmoid(q)).
-//   Dense bias: aft_full_bwd.cuh (the forward's fixed references r, m, then three GEMMs with the exponentials of
-//   each operand formed once: bwd_prep_kernel, bwd_kv_kernel, bwd_w_kernel).
-//   Low-rank bias, per 64 x 64 tile pair with local maxima (`bwd_dq_kernel` first):
+//   aft_full_bwd.cuh: the forward's fixed references r, m, then three GEMMs with the exponentials of each operand
+//   formed once (bwd_prep_kernel, bwd_kv_kernel, bwd_w_kernel); the low-rank bias takes its prepass and dk/dv kernel
+//   where the factor rows fit in shared memory, and the du / dvb passes of bwd_w_tc_kernel below.
+//   Per 64 x 64 tile pair with local maxima (the low-rank bias; `bwd_dq_kernel` first):
 //   `bwd_kv_tc_kernel`: CTA = key tile J (64 keys) x 64 columns of a head; loop over query tiles I (causal: I >= J).
 //     a[t] = max_{t' in J, visible} w;  Ew = exp(w - a);  La = a - lse;  lam[c] = max_{t in I} La;  R = exp(La - lam)
 //     [g1 | g2] = Ew^T [R G | R H]  (two 64x64x64 MMAs, same operand formats as the forward)
@@ -1434,7 +1435,7 @@ cudaError_t launch_bwd_w_tc(DwMode mode, const BwdBuffers<E, WE>& p, gptr<float>
   return cudaGetLastError();
 }
 
-// The tensor-core kernels of the low-rank bias (no float64); the dense bias takes launch_bwd_dense_tc.
+// The per-tile-pair tensor-core kernels of the low-rank bias (no float64), for factors too large for launch_bwd_tc.
 template <typename E, typename WE>
 cudaError_t launch_bwd_lowrank_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t D, int64_t heads,
                                   int64_t rank, bool causal, cudaStream_t s) {
@@ -1457,7 +1458,7 @@ cudaError_t launch_bwd_lowrank_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t
   return launch_bwd_w_tc<E, WE, true>(DwMode::DVb, p, p.dvb_acc, B, T, D, heads, rank, causal, s);
 }
 
-// The tensor-core backward of the dense bias: bwd_prep_kernel, bwd_kv_kernel, bwd_w_kernel, launch_bwd_dense_tc.
+// The three-GEMM tensor-core backward: bwd_prep_kernel, bwd_kv_kernel, bwd_w_kernel, launch_bwd_tc.
 #include "aft_full/aft_full_bwd.cuh"
 
 // SIMT for float64 or when `exact`, tensor cores otherwise (ws: the dense backward's workspace, bwd_ws_layout).
@@ -1468,11 +1469,10 @@ cudaError_t launch_bwd_any(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int
     return launch_bwd<E, WE, LOWRANK>(p, B, T, D, heads, rank, causal, s);
   } else {
     if (exact) return launch_bwd<E, WE, LOWRANK>(p, B, T, D, heads, rank, causal, s);
-    if constexpr (LOWRANK) {
+    // low rank with factors too large for bwd_kv_kernel's shared memory: the per-tile-pair kernels throughout
+    if (LOWRANK && (ws == nullptr || bwd_kv_smem_bytes<uses_tf32_operands<E>()>(true, rank) == 0))
       return launch_bwd_lowrank_tc<E, WE>(p, B, T, D, heads, rank, causal, s);
-    } else {
-      return launch_bwd_dense_tc<E, WE>(p, B, T, D, heads, causal, ws, s);
-    }
+    return launch_bwd_tc<E, WE, LOWRANK>(p, B, T, D, heads, rank, causal, ws, s);
   }
 }
 
@@ -1633,11 +1633,13 @@ cudaError_t aft_full_lowrank_fwd(DType dt, DType w_dt, const void* q, const void
   });
 }
 
-// du, dvb accumulated in the accumulate type, 2 x (heads, T, rank), then the fp32 factors of 16-bit inputs.
-size_t aft_full_lowrank_bwd_workspace_bytes(DType dt, int64_t /*B*/, int64_t T, int64_t /*D*/, int64_t heads,
-                                            int64_t rank, bool /*causal*/, bool /*exact*/) {
-  return 2 * static_cast<size_t>(heads * T * rank) * dtype_size(acc_dtype(dt)) +
-         lowrank_factor_bytes(dt, T, heads, rank);
+// du, dvb accumulated in the accumulate type, 2 x (heads, T, rank), then the fp32 factors of 16-bit inputs, then
+// the three-GEMM backward's workspace (bwd_ws_layout).
+size_t aft_full_lowrank_bwd_workspace_bytes(DType dt, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t rank,
+                                            bool /*causal*/, bool exact) {
+  return align256(2 * static_cast<size_t>(heads * T * rank) * dtype_size(acc_dtype(dt)) +
+                  lowrank_factor_bytes(dt, T, heads, rank)) +
+         bwd_tc_workspace_bytes(dt, B, T, D, heads, exact);
 }
 
 cudaError_t aft_full_lowrank_bwd(DType dt, DType w_dt, const void* dy, const void* q, const void* k, const void* v,
@@ -1680,7 +1682,11 @@ cudaError_t aft_full_lowrank_bwd(DType dt, DType w_dt, const void* dy, const voi
                              dvb_acc};
     // the dw kernels add into the accumulators (the SIMT factor kernel zeroes its own rows)
     if (n > 0) err = cudaMemsetAsync(workspace, 0, 2 * static_cast<size_t>(n) * sizeof(A), stream);
-    if (err == cudaSuccess) err = launch_bwd_any<E, A, true>(p, B, T, D, heads, rank, causal, exact, nullptr, stream);
+    void* tc_ws = (workspace != nullptr && bwd_tc_workspace_bytes(dt, B, T, D, heads, exact) > 0)
+                      ? static_cast<unsigned char*>(workspace) +
+                            align256(2 * static_cast<size_t>(n) * sizeof(A) + lowrank_factor_bytes(dt, T, heads, rank))
+                      : nullptr;
+    if (err == cudaSuccess) err = launch_bwd_any<E, A, true>(p, B, T, D, heads, rank, causal, exact, tc_ws, stream);
     if (err == cudaSuccess) err = launch_cast<A, WE>(du_acc, static_cast<WE*>(du), n, stream);
     if (err == cudaSuccess) err = launch_cast<A, WE>(dvb_acc, static_cast<WE*>(dvb), n, stream);
     return err;

@@ -1,4 +1,4 @@
-// The tensor-core backward of AFT-full with a dense bias (docs/design.md §3). A part of aft_full.cu: included there
+// The tensor-core backward of AFT-full (docs/design.md §3). A part of aft_full.cu: included there
 // inside namespace aft_full_detail, after the helpers it shares with the forward (column_offset, key_visible, the
 // operand formats, the forward's prepass kernels fwd_colmax / fwd_expkv / fwd_rowmax and their workspace layout).
 //
@@ -22,6 +22,10 @@
 // per-row / per-column flags the prepass sets. This catches |k|, |w| ~ 1e4 with misaligned maxima and the causal
 // late spike (m raised by a key that rows before it cannot see); NaN reaches the outputs through the same path.
 // Rows with lse = -inf (no visible key) contribute nothing.
+// Low-rank bias w = u vb^T: the same prepass and dk/dv kernel (w tiles as fp32 dot products from the factor rows of
+// the key tile, resident in shared memory, and of each query step), where those rows fit (rank <= ~160 with fp32
+// operands, ~220 bf16); dw is never formed: du and dvb come from the per-tile-pair dw kernel of aft_full.cu
+// (launch_bwd_w_tc).
 
 // log2 of Sc = exp(r + m - lse) for an element with lse > -inf, formed in double: r + m may be ~1e4, and float
 // rounding there would add its own error to lse's (float lse carries ulp(lse) / 2, ~1.5e-5 at |lse| ~ 300, into
@@ -71,8 +75,8 @@ __device__ __forceinline__ bool bwd_exact_element(float r, float m, float lse) {
 
 // Exact terms of key s, column j (offset cb) from the exact elements (t, j) of its column: (sum P G, sum P H).
 // Returned by value (output references would put the caller's accumulators on the stack).
-template <typename E, typename WE>
-__device__ __noinline__ float2 bwd_kv_exact_col(gptr<const WE> __restrict__ wh, gptr<const E> __restrict__ dy,
+template <typename E, typename WE, bool LOWRANK>
+__device__ __noinline__ float2 bwd_kv_exact_col(const WSrc<WE, LOWRANK> src, gptr<const E> __restrict__ dy,
                                                 gptr<const E> __restrict__ q, gptr<const E> __restrict__ y,
                                                 gptr<const float> __restrict__ lse, gptr<const float> __restrict__ rh,
                                                 float m, float kk, int64_t s, int64_t cb, int64_t T, int64_t D,
@@ -82,7 +86,7 @@ __device__ __noinline__ float2 bwd_kv_exact_col(gptr<const WE> __restrict__ wh, 
     const int64_t o = cb + t * D;
     const float l = lse[o];
     if (!bwd_exact_element(rh[t], m, l)) continue;
-    const float P = p_of(static_cast<float>(to_acc(wh[t * T + s])) + kk, l);
+    const float P = p_of(static_cast<float>(src.at(t, s)) + kk, l);
     const float d = to_acc(dy[o]);
     sgs += P * (d * af_sigmoid(to_acc(q[o])));
     shs += P * (d * to_acc(y[o]));
@@ -198,10 +202,11 @@ struct BwdWCfg {
 
 // dk, dv of KBM keys x KBN columns of head h (see the top of this file). ek: X = exp(k - m) is recomputed in fp32
 // from k and m here, so only the row operands come from the workspace.
-template <typename E, typename WE>
+template <typename E, typename WE, bool LOWRANK>
 __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
     bwd_kv_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
-                  gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const E> __restrict__ y,
+                  gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const WE> __restrict__ u,
+                  gptr<const WE> __restrict__ vbias, int64_t rank, gptr<const E> __restrict__ y,
                   gptr<const float> __restrict__ lse,
                   gptr<const typename TcCfg<uses_tf32_operands<E>()>::Op> __restrict__ sg,
                   gptr<const typename TcCfg<uses_tf32_operands<E>()>::Op> __restrict__ sh,
@@ -240,15 +245,52 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
 #pragma unroll
       for (int jj = 0; jj < KFN; ++jj) wmma::fill_fragment(acc[nb][i][jj], 0.f);
 
-  gptr<const WE> wh = w + h * T * T;
+  const WSrc<WE, LOWRANK> src = head_bias<WE, LOWRANK>(w, u, vbias, h, T, rank);
   gptr<const Op> sgh = sg + h * T * ncols;
   gptr<const Op> shh = sh + h * T * ncols;
   const int erow = tid >> 2, epart = tid & 3;  // Ew roles: query row erow, keys 32 epart .. + 32
+  // low rank: the key tile's rows of vb stay in shared memory (Vt [KBM][rank + 1]); each step loads its rows of u
+  // (Ut [KBK][rank + 1]) and forms w as fp32 dot products in the order of the row-max prepass (lowrank_tile)
+  const int ldu = static_cast<int>(rank) + 1;
+  float* Vt = reinterpret_cast<float*>(smem + Cfg::kBytes);
+  float* Ut = Vt + KBM * ldu;
+  if constexpr (LOWRANK) {
+    for (int64_t e = tid; e < KBM * rank; e += NT) {
+      const int64_t kk = e / rank, c = e % rank;
+      Vt[kk * ldu + c] = (s0 + kk < T) ? static_cast<float>(to_acc(src.vb[(s0 + kk) * rank + c])) : 0.f;
+    }
+  }
   const Op* const rhs[2] = {SG, SH};
   // causal: query rows before the first key see none of the tile (s0 is a multiple of KBK)
   for (int64_t t0 = causal ? s0 : 0; t0 < T; t0 += KBK) {
     // (1) Ew = exp(w - r) over the visible keys (0 elsewhere and for masked keys, w = -inf)
-    {
+    if constexpr (LOWRANK) {
+      for (int64_t e = tid; e < KBK * rank; e += NT) {
+        const int64_t rr = e / rank, c = e % rank;
+        Ut[rr * ldu + c] = (t0 + rr < T) ? static_cast<float>(to_acc(src.u[(t0 + rr) * rank + c])) : 0.f;
+      }
+      __syncthreads();
+      const int64_t t = t0 + erow;
+      const float rr = (t < T) ? rref[h * T + t] : 0.f;
+#pragma unroll 1
+      for (int half = 0; half < 2; ++half) {
+        const int kb = epart * 32 + half * 16;
+        float wv[16];
+#pragma unroll
+        for (int i = 0; i < 16; ++i) wv[i] = 0.f;
+#pragma unroll 1
+        for (int r = 0; r < ldu - 1; ++r) {
+          const float uu = Ut[erow * ldu + r];
+#pragma unroll
+          for (int i = 0; i < 16; ++i) wv[i] = fmaf(uu, Vt[(kb + i) * ldu + r], wv[i]);
+        }
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+          const bool vis = key_visible(t, s0 + kb + i, T, causal) && wv[i] != -INFINITY;
+          store_val(&Ew[erow * LD + kb + i], vis ? exp2f((wv[i] - rr) * kLog2e) : 0.f);
+        }
+      }
+    } else {
       const int64_t t = t0 + erow;
       const float rr = (t < T) ? rref[h * T + t] : 0.f;
 #pragma unroll 8
@@ -256,7 +298,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
         const int64_t s = s0 + epart * 32 + i;
         float e = 0.f;
         if (key_visible(t, s, T, causal)) {
-          const float wv = to_acc(wh[t * T + s]);
+          const float wv = to_acc(src.w[t * T + s]);
           if (wv != -INFINITY) e = exp2f((wv - rr) * kLog2e);
         }
         store_val(&Ew[erow * LD + epart * 32 + i], e);
@@ -296,7 +338,8 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
           const float X = (kk == -INFINITY) ? 0.f : exp2f((kk - m) * kLog2e);  // masked key: no gradient
           float pg = X * sc[e], ph = X * sc[256 + e];
           if (flag_s[col] != 0) {  // rare: the exact elements of this column
-            const float2 ex = bwd_kv_exact_col<E, WE>(wh, dy, q, y, lse, rref + h * T, m, kk, s, cb, T, D, causal);
+            const float2 ex =
+                bwd_kv_exact_col<E, WE, LOWRANK>(src, dy, q, y, lse, rref + h * T, m, kk, s, cb, T, D, causal);
             pg += ex.x;
             ph += ex.y;
           }
@@ -454,15 +497,33 @@ inline size_t bwd_tc_workspace_bytes(DType dt, int64_t B, int64_t T, int64_t D, 
   return bwd_ws_layout(dt != DType::BFloat16, B, T, D, heads).total;
 }
 
-// The forward's prepasses (m, X, X v, r), the flags, bwd_prep_kernel, then the dk/dv and dw kernels.
-template <typename E, typename WE>
-cudaError_t launch_bwd_dense_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t D, int64_t heads, bool causal,
-                                void* ws, cudaStream_t s) {
+// Dynamic shared memory of bwd_kv_kernel: the operands, plus for the low-rank bias the resident factor rows
+// (KBM + KBK) x (rank + 1) fp32; 0 when that exceeds the device's opt-in limit (the launcher then takes the
+// per-tile-pair kernels).
+template <bool F32OPS>
+inline size_t bwd_kv_smem_bytes(bool lowrank, int64_t rank) {
+  const size_t base = BwdKvCfg<F32OPS>::kBytes;
+  if (!lowrank) return base;
+  const size_t bytes = base + size_t(KBM + KBK) * static_cast<size_t>(rank + 1) * sizeof(float);
+  int dev = 0, optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    return 0;
+  return bytes <= static_cast<size_t>(optin) ? bytes : 0;
+}
+
+// The forward's prepasses (m, X, X v, r), the flags, bwd_prep_kernel, then the dk/dv kernel and the dw kernel
+// (low rank: the two du / dvb passes of the per-tile-pair dw kernel, launch_bwd_w_tc). ws: bwd_ws_layout's bytes.
+template <typename E, typename WE, bool LOWRANK>
+cudaError_t launch_bwd_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t rank,
+                          bool causal, void* ws, cudaStream_t s) {
   constexpr bool F32OPS = uses_tf32_operands<E>();
   using Op = typename TcCfg<F32OPS>::Op;
   if (ws == nullptr) return cudaErrorInvalidValue;
   const int64_t dh = D / heads, ncols = B * dh;
   if (blocks_for(T, WBN) > 65535u || heads > 65535) return cudaErrorInvalidConfiguration;
+  const size_t kv_smem = bwd_kv_smem_bytes<F32OPS>(LOWRANK, rank);
+  if (kv_smem == 0) return cudaErrorInvalidConfiguration;
   const BwdWs l = bwd_ws_layout(F32OPS, B, T, D, heads);
   unsigned char* base = static_cast<unsigned char*>(ws);
   Op* ek = reinterpret_cast<Op*>(base + l.f.ek);
@@ -480,8 +541,9 @@ cudaError_t launch_bwd_dense_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T
       p.k, p.v, static_cast<const float*>(m), ek, ekv, B, T, D, dh);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  ATTNFREE_LAUNCH((fwd_rowmax_kernel<WE, false>), dim3(blocks_for(T, 64), 1, static_cast<unsigned>(heads)), NT, 0, s)(
-      p.w, nullptr, nullptr, r, T, 0, causal);
+  const size_t rsmem = LOWRANK ? 2 * size_t(64) * LDR * sizeof(float) : 0;
+  const dim3 rgrid(blocks_for(T, 64), 1, static_cast<unsigned>(heads));
+  ATTNFREE_LAUNCH((fwd_rowmax_kernel<WE, LOWRANK>), rgrid, NT, rsmem, s)(p.w, p.u, p.vb, r, T, rank, causal);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   err = cudaMemsetAsync(base + l.rowflag, 0, l.total - l.rowflag, s);
@@ -491,25 +553,30 @@ cudaError_t launch_bwd_dense_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T
       B, T, D, dh);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const size_t kv_smem = BwdKvCfg<F32OPS>::kBytes;
-  auto kv = bwd_kv_kernel<E, WE>;
+  auto kv = bwd_kv_kernel<E, WE, LOWRANK>;
   err = cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kv_smem));
   if (err != cudaSuccess) return err;
   const dim3 kv_grid(blocks_for(ncols, KBN), blocks_for(T, KBM), static_cast<unsigned>(heads));
-  ATTNFREE_LAUNCH((bwd_kv_kernel<E, WE>), kv_grid, NT, kv_smem, s)(
-      p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, static_cast<const Op*>(sg), static_cast<const Op*>(sh),
+  ATTNFREE_LAUNCH((bwd_kv_kernel<E, WE, LOWRANK>), kv_grid, NT, kv_smem, s)(
+      p.dy, p.q, p.k, p.v, p.w, p.u, p.vb, rank, p.y, p.lse, static_cast<const Op*>(sg), static_cast<const Op*>(sh),
       static_cast<const float*>(r), static_cast<const float*>(m), static_cast<const int*>(colflag), p.dk, p.dv, B, T, D,
       dh, causal);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const size_t w_smem = BwdWCfg<F32OPS>::kBytes;
-  auto kw = bwd_w_kernel<E, WE>;
-  err = cudaFuncSetAttribute(kw, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(w_smem));
-  if (err != cudaSuccess) return err;
-  const dim3 w_grid(blocks_for(T, WBN), blocks_for(T, WBM), static_cast<unsigned>(heads));
-  ATTNFREE_LAUNCH((bwd_w_kernel<E, WE>), w_grid, NT, w_smem, s)(
-      p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, static_cast<const Op*>(sg), static_cast<const Op*>(sh),
-      static_cast<const Op*>(ek), static_cast<const Op*>(ekv), static_cast<const float*>(r),
-      static_cast<const float*>(m), static_cast<const int*>(rowflag), p.dw, B, T, D, dh, causal);
-  return cudaGetLastError();
+  if constexpr (LOWRANK) {
+    err = launch_bwd_w_tc<E, WE, true>(DwMode::DU, p, p.du_acc, B, T, D, heads, rank, causal, s);
+    if (err != cudaSuccess) return err;
+    return launch_bwd_w_tc<E, WE, true>(DwMode::DVb, p, p.dvb_acc, B, T, D, heads, rank, causal, s);
+  } else {
+    const size_t w_smem = BwdWCfg<F32OPS>::kBytes;
+    auto kw = bwd_w_kernel<E, WE>;
+    err = cudaFuncSetAttribute(kw, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(w_smem));
+    if (err != cudaSuccess) return err;
+    const dim3 w_grid(blocks_for(T, WBN), blocks_for(T, WBM), static_cast<unsigned>(heads));
+    ATTNFREE_LAUNCH((bwd_w_kernel<E, WE>), w_grid, NT, w_smem, s)(
+        p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, static_cast<const Op*>(sg), static_cast<const Op*>(sh),
+        static_cast<const Op*>(ek), static_cast<const Op*>(ekv), static_cast<const float*>(r),
+        static_cast<const float*>(m), static_cast<const int*>(rowflag), p.dw, B, T, D, dh, causal);
+    return cudaGetLastError();
+  }
 }
