@@ -50,7 +50,11 @@
 //   online log-sum-exp over the visible keys in the accumulate type. O(T^2 B D) scalar work.
 //
 // Backward, tensor cores (fp16 / bf16 / fp32; docs/design.md §3), by recomputation from lse. With P = exp(w + k - lse)
-// (<= 1), G = dy * sigmoid(q), H = dy * y:  dq = dy * y * (1 - sigmoid(q))                  (`bwd_dq_kernel`)
+// (<= 1), G = dy * sigmoid(q), H = dy * y:  dq = dy * y * (1 - sigmoid(q)).
+//   aft_full_bwd.cuh: the forward's fixed references r, m, then three GEMMs with the exponentials of each operand
+//   formed once (bwd_prep_kernel, bwd_kv_kernel, bwd_w_kernel); the low-rank bias takes its prepass and dk/dv kernel
+//   where the factor rows fit in shared memory, and the du / dvb passes of bwd_w_tc_kernel below.
+//   Per 64 x 64 tile pair with local maxima (the low-rank bias; `bwd_dq_kernel` first):
 //   `bwd_kv_tc_kernel`: CTA = key tile J (64 keys) x 64 columns of a head; loop over query tiles I (causal: I >= J).
 //     a[t] = max_{t' in J, visible} w;  Ew = exp(w - a);  La = a - lse;  lam[c] = max_{t in I} La;  R = exp(La - lam)
 //     [g1 | g2] = Ew^T [R G | R H]  (two 64x64x64 MMAs, same operand formats as the forward)
@@ -61,11 +65,10 @@
 //   `bwd_w_tc_kernel`: CTA = query tile I x key tile J of a head; loop over chunks of 64 columns (b, c):
 //     mu[c] = max_{t' in J} k;  Y = exp(k - mu);  Xl = mu - lse;  nu[t] = max_c Xl;  Xt = exp(Xl - nu)
 //     g = (Xt G)(Y v)^T - (Xt H) Y^T  (K = 64 columns, two MMAs into one accumulator);  dw += g * exp(w + nu)
-//     with the same guard (w + nu) * log2 e > 60 -> exact per-element sum over the chunk. Causal: tiles above the
-//     diagonal write zeros; elements t' > t are masked.
+//     with the same guard (w + nu) * log2 e > 60 -> exact per-element sum over the chunk.
 //   The SIMT kernels below (`bwd_dkdv_kernel`: one thread per (b, t', c); `bwd_dw_kernel`: one warp per
 //   (h, t, t')) are used for float64 and with exact = true.
-//   Low-rank (w = u vb^T, never materialised): both kernels build their w tiles from u, vb on chip (lowrank_tile);
+//   Low rank (w = u vb^T, never materialised): both kernels build their w tiles from u, vb on chip (lowrank_tile);
 //   the dw kernel runs twice, once per query tile I looping over key tiles (du[I] += dw[I, J] vb[J]) and once per
 //   key tile J looping over query tiles (dvb[J] += dw[I, J]^T u[I]), each CTA owning its rows of an fp32
 //   (heads, T, rank) accumulator: deterministic, no atomics, no T x T buffer (2x the dw work of the dense bias).
@@ -1486,43 +1489,44 @@ cudaError_t launch_bwd_w_tc(DwMode mode, const BwdBuffers<E, WE>& p, gptr<float>
   return cudaGetLastError();
 }
 
-// The tensor-core kernels (no float64).
-template <typename E, typename WE, bool LOWRANK>
-cudaError_t launch_bwd_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t rank,
-                          bool causal, cudaStream_t s) {
+// The per-tile-pair tensor-core kernels of the low-rank bias (no float64), for factors too large for launch_bwd_tc.
+template <typename E, typename WE>
+cudaError_t launch_bwd_lowrank_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t D, int64_t heads,
+                                  int64_t rank, bool causal, cudaStream_t s) {
   constexpr bool F32OPS = uses_tf32_operands<E>();
   const int64_t n = B * T * D, dh = D / heads;
-  const size_t smem = BwdCfg<F32OPS>::smem_bytes(LOWRANK);
+  const size_t smem = BwdCfg<F32OPS>::smem_bytes(true);
   const unsigned tiles = blocks_for(T, 64);
   if (tiles > 65535u || heads > 65535) return cudaErrorInvalidConfiguration;
   cudaError_t err = launch_bwd_dq(p, n, s);
   if (err != cudaSuccess) return err;
-  auto kv = bwd_kv_tc_kernel<E, WE, LOWRANK>;
+  auto kv = bwd_kv_tc_kernel<E, WE, true>;
   err = cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   ATTNFREE_LAUNCH(kv, dim3(blocks_for(B * dh, 64), tiles, static_cast<unsigned>(heads)), NT, smem, s)(
       p.dy, p.q, p.k, p.v, p.w, p.u, p.vb, p.y, p.lse, p.dk, p.dv, B, T, D, dh, rank, causal);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  if constexpr (LOWRANK) {
-    err = launch_bwd_w_tc<E, WE, true>(DwMode::DU, p, p.du_acc, B, T, D, heads, rank, causal, s);
-    if (err == cudaSuccess)
-      err = launch_bwd_w_tc<E, WE, true>(DwMode::DVb, p, p.dvb_acc, B, T, D, heads, rank, causal, s);
-    return err;
-  } else {
-    return launch_bwd_w_tc<E, WE, false>(DwMode::Dense, p, nullptr, B, T, D, heads, rank, causal, s);
-  }
+  err = launch_bwd_w_tc<E, WE, true>(DwMode::DU, p, p.du_acc, B, T, D, heads, rank, causal, s);
+  if (err != cudaSuccess) return err;
+  return launch_bwd_w_tc<E, WE, true>(DwMode::DVb, p, p.dvb_acc, B, T, D, heads, rank, causal, s);
 }
 
-// SIMT for float64 or when `exact`, tensor cores otherwise.
+// The three-GEMM tensor-core backward: bwd_prep_kernel, bwd_kv_kernel, bwd_w_kernel, launch_bwd_tc.
+#include "aft_full/aft_full_bwd.cuh"
+
+// SIMT for float64 or when `exact`, tensor cores otherwise (ws: the dense backward's workspace, bwd_ws_layout).
 template <typename E, typename WE, bool LOWRANK>
 cudaError_t launch_bwd_any(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t rank,
-                           bool causal, bool exact, cudaStream_t s) {
+                           bool causal, bool exact, void* ws, cudaStream_t s) {
   if constexpr (std::is_same<E, double>::value) {
     return launch_bwd<E, WE, LOWRANK>(p, B, T, D, heads, rank, causal, s);
   } else {
     if (exact) return launch_bwd<E, WE, LOWRANK>(p, B, T, D, heads, rank, causal, s);
-    return launch_bwd_tc<E, WE, LOWRANK>(p, B, T, D, heads, rank, causal, s);
+    // low rank with factors too large for bwd_kv_kernel's shared memory: the per-tile-pair kernels throughout
+    if (LOWRANK && (ws == nullptr || bwd_kv_smem_bytes<uses_tf32_operands<E>()>(true, rank) == 0))
+      return launch_bwd_lowrank_tc<E, WE>(p, B, T, D, heads, rank, causal, s);
+    return launch_bwd_tc<E, WE, LOWRANK>(p, B, T, D, heads, rank, causal, ws, s);
   }
 }
 
@@ -1578,11 +1582,14 @@ cudaError_t aft_full_fwd(DType dt, DType w_dt, const void* q, const void* k, con
   });
 }
 
-size_t aft_full_bwd_workspace_bytes(DType, int64_t, int64_t, int64_t, int64_t, bool, bool) { return 0; }
+size_t aft_full_bwd_workspace_bytes(DType dt, int64_t B, int64_t T, int64_t D, int64_t heads, bool /*causal*/,
+                                    bool exact) {
+  return bwd_tc_workspace_bytes(dt, B, T, D, heads, exact);
+}
 
 cudaError_t aft_full_bwd(DType dt, DType w_dt, const void* dy, const void* q, const void* k, const void* v,
                          const void* w, const void* y, const void* lse, void* dq, void* dk, void* dv, void* dw,
-                         int64_t B, int64_t T, int64_t D, int64_t heads, bool causal, bool exact, void* /*workspace*/,
+                         int64_t B, int64_t T, int64_t D, int64_t heads, bool causal, bool exact, void* workspace,
                          cudaStream_t stream) {
   if (heads <= 0 || (D > 0 && D % heads != 0)) return cudaErrorInvalidValue;
   if (T <= 0) return cudaSuccess;
@@ -1608,7 +1615,7 @@ cudaError_t aft_full_bwd(DType dt, DType w_dt, const void* dy, const void* q, co
                               static_cast<WE*>(dw),
                               nullptr,
                               nullptr};
-    return launch_bwd_any<E, WE, false>(p, B, T, D, heads, 0, causal, exact, stream);
+    return launch_bwd_any<E, WE, false>(p, B, T, D, heads, 0, causal, exact, workspace, stream);
   });
 }
 
@@ -1680,11 +1687,13 @@ cudaError_t aft_full_lowrank_fwd(DType dt, DType w_dt, const void* q, const void
   });
 }
 
-// du, dvb accumulated in the accumulate type, 2 x (heads, T, rank), then the fp32 factors of 16-bit inputs.
-size_t aft_full_lowrank_bwd_workspace_bytes(DType dt, int64_t /*B*/, int64_t T, int64_t /*D*/, int64_t heads,
-                                            int64_t rank, bool /*causal*/, bool /*exact*/) {
-  return 2 * static_cast<size_t>(heads * T * rank) * dtype_size(acc_dtype(dt)) +
-         lowrank_factor_bytes(dt, T, heads, rank);
+// du, dvb accumulated in the accumulate type, 2 x (heads, T, rank), then the fp32 factors of 16-bit inputs, then
+// the three-GEMM backward's workspace (bwd_ws_layout).
+size_t aft_full_lowrank_bwd_workspace_bytes(DType dt, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t rank,
+                                            bool /*causal*/, bool exact) {
+  return align256(2 * static_cast<size_t>(heads * T * rank) * dtype_size(acc_dtype(dt)) +
+                  lowrank_factor_bytes(dt, T, heads, rank)) +
+         bwd_tc_workspace_bytes(dt, B, T, D, heads, exact);
 }
 
 cudaError_t aft_full_lowrank_bwd(DType dt, DType w_dt, const void* dy, const void* q, const void* k, const void* v,
@@ -1727,7 +1736,11 @@ cudaError_t aft_full_lowrank_bwd(DType dt, DType w_dt, const void* dy, const voi
                              dvb_acc};
     // the dw kernels add into the accumulators (the SIMT factor kernel zeroes its own rows)
     if (n > 0) err = cudaMemsetAsync(workspace, 0, 2 * static_cast<size_t>(n) * sizeof(A), stream);
-    if (err == cudaSuccess) err = launch_bwd_any<E, A, true>(p, B, T, D, heads, rank, causal, exact, stream);
+    void* tc_ws = (workspace != nullptr && bwd_tc_workspace_bytes(dt, B, T, D, heads, exact) > 0)
+                      ? static_cast<unsigned char*>(workspace) +
+                            align256(2 * static_cast<size_t>(n) * sizeof(A) + lowrank_factor_bytes(dt, T, heads, rank))
+                      : nullptr;
+    if (err == cudaSuccess) err = launch_bwd_any<E, A, true>(p, B, T, D, heads, rank, causal, exact, tc_ws, stream);
     if (err == cudaSuccess) err = launch_cast<A, WE>(du_acc, static_cast<WE*>(du), n, stream);
     if (err == cudaSuccess) err = launch_cast<A, WE>(dvb_acc, static_cast<WE*>(dvb), n, stream);
     return err;

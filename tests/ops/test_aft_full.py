@@ -357,8 +357,11 @@ def test_contract_causal_late_spike(path, dtype):
     yr, grads_r = contract.oracle_grads(OP, q, k, v, w, window, True, dy)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     assert maxabs(y, yr) <= tol
+    # the gradients rebuild P = exp(w + k - lse) from the float32 lse, which at |lse| ~ 300 carries up to
+    # ulp(300) / 2 ~ 1.5e-5 absolute, i.e. that relative error in P (the rows that see the spike key)
+    gtol = 2e-5 if dtype == torch.float32 else tol
     for g, gr in zip(grads, grads_r):
-        assert maxabs(g, gr) / max(1.0, gr.abs().max().item()) <= tol
+        assert maxabs(g, gr) / max(1.0, gr.abs().max().item()) <= gtol
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -766,7 +769,7 @@ def test_lowrank_contract_matches_oracle(path, cfg, causal, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("causal", [False, True])
 def test_lowrank_workspace_linear_in_T(path, dtype, causal, exact):
-    """The CUDA launchers of the factorised bias need O(heads T rank) workspace, never a T x T buffer."""
+    """The CUDA launchers of the factorised bias need O(B T D + heads T rank) workspace, never a T x T buffer."""
     from common.paths import _emu_ops
 
     lib = _emu_ops().library()
@@ -775,7 +778,8 @@ def test_lowrank_workspace_linear_in_T(path, dtype, causal, exact):
     for which in ("fwd", "bwd"):
         ws = [lib.raw(f"emu_aft_full_lowrank_{which}_ws", dt, B, T, D, heads, rank, causal, exact) for T in (512, 1024)]
         assert ws[1] <= 2 * ws[0] + 1024, (which, ws)
-        assert ws[1] <= 4 * heads * 1024 * rank * 8, (which, ws)  # a few (heads, T, rank) arrays
+        # a few (heads, T, rank) arrays and a few (B, T, D) operand arrays (T x T would be 8 MB here)
+        assert ws[1] <= 4 * heads * 1024 * rank * 8 + 4 * B * 1024 * D * 4 + 8192, (which, ws)
 
 
 @LOWRANK

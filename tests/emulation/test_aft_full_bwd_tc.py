@@ -1,0 +1,174 @@
+"""AFT-full's three-GEMM tensor-core backward (csrc/aft_full/aft_full_bwd.cuh) under the emulation harness, at
+shapes the op tests do not reach: several 128-key tiles (dk, dv) and 256-row x 128-key tiles (dw), T not a multiple
+of any tile, column blocks spanning batch entries (dh < 128) and more than one column block, heads, fp32 / fp16 /
+bf16, the exact elements (|k|, |w| ~ 1e4, a causal late spike, NaN), the factorised bias (its dk / dv through the
+same kernel where the factor rows fit in shared memory), and the counted cost per element (docs/design.md §3, §5.3).
+The backward runs from the float64 oracle's y and lse, so it is tested on its own."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__))))
+
+from common import oracles  # noqa: E402
+
+pytestmark = pytest.mark.emulation
+F64 = torch.float64
+NAMES = ("dq", "dk", "dv", "dw")
+
+
+def _inputs(B, T, D, heads, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, dy = (torch.randn(B, T, D, generator=g, dtype=F64) for _ in range(4))
+    w = torch.randn(heads, T, T, generator=g, dtype=F64) * scale
+    return q, k * scale, v, w, dy
+
+
+def _oracle(q, k, v, w, causal, dy):
+    xs = [x.clone().requires_grad_() for x in (q, k, v, w)]
+    y = oracles.aft(*xs, causal=causal)
+    grads = torch.autograd.grad(y, xs, dy)
+    lse = oracles.aft_lse(k, oracles.bias_per_channel(w, q.shape[2]), causal)
+    return y.detach(), lse, grads
+
+
+def _bwd(dy, q, k, v, w, y, lse, causal, dtype):
+    import emu_ops
+
+    args = [x.to(dtype) for x in (dy, q, k, v, w, y)]
+    grads = emu_ops.aft_full_bwd(*args[:5], args[5], lse.float(), causal)
+    res = emu_ops.last_result()
+    return [g.double() for g in grads], res, {ln["kernel"] for ln in res.launches}
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_tensor_core_backward_is_the_default(emu, dtype):
+    q, k, v, w, dy = _inputs(1, 20, 4, 1, 0)
+    y, lse, _ = _oracle(q, k, v, w, False, dy)
+    *_, names = _bwd(dy, q, k, v, w, y, lse, False, dtype)
+    assert any("bwd_kv_kernel" in n for n in names) and any("bwd_w_kernel" in n for n in names), names
+    *_, names = _bwd(dy, q, k, v, w, y, lse, False, F64)
+    assert not any("bwd_kv_kernel" in n or "bwd_w_kernel" in n for n in names), names
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    "shape", [(1, 300, 4, 1), (3, 262, 6, 2), (1, 150, 130, 1)], ids=["T300", "dh3-heads2", "cols130"]
+)
+def test_float32_matches_oracle(emu, shape, causal):
+    B, T, D, H = shape
+    q, k, v, w, dy = _inputs(B, T, D, H, 1)
+    y, lse, exp = _oracle(q, k, v, w, causal, dy)
+    got, _, _ = _bwd(dy, q, k, v, w, y, lse, causal, torch.float32)
+    for name, g, e in zip(NAMES, got, exp):
+        assert _rel(g, e) < 2e-5, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_low_precision_2x_rule(emu, dtype, causal):
+    """Against eager PyTorch in the same dtype (its error doubled, plus 1e-3 of the gradient's size)."""
+    B, T, D, H = 2, 300, 8, 2
+    q, k, v, w, dy = _inputs(B, T, D, H, 2, scale=0.5)
+    y, lse, exp = _oracle(q, k, v, w, causal, dy)
+    leaves = [x.to(dtype).requires_grad_() for x in (q, k, v, w)]
+    low = torch.autograd.grad(oracles.aft_eager(*leaves, causal), leaves, dy.to(dtype))
+    got, _, _ = _bwd(dy, q, k, v, w, y, lse, causal, dtype)
+    for name, g, gl, e in zip(NAMES, got, low, exp):
+        assert torch.isfinite(g).all(), name
+        bound = 2 * (gl.double() - e).abs().max().item() + 1e-3 * max(1.0, e.abs().max().item())
+        assert (g - e).abs().max().item() <= bound, name
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_adversarial_magnitudes_exact_elements(emu, causal):
+    """|k|, |w| up to 1e4 with misaligned maxima: Sc = exp(r + m - lse) is huge for most elements, which are then
+    summed exactly; the result is exact to the rounding of logits ~1e4 in float32."""
+    B, T, D, H = 1, 260, 4, 1
+    q, _, v, _, dy = _inputs(B, T, D, H, 3)
+    g = torch.Generator().manual_seed(4)
+    k = (torch.rand(B, T, D, generator=g, dtype=F64) * 2e4 - 1e4).float().double()
+    w = (torch.rand(H, T, T, generator=g, dtype=F64) * 2e4 - 1e4).float().double()
+    y, lse, exp = _oracle(q, k, v, w, causal, dy)
+    got, _, _ = _bwd(dy, q, k, v, w, y, lse, causal, torch.float32)
+    for name, gg, e in zip(NAMES, got, exp):
+        assert torch.isfinite(gg).all(), name
+        assert _rel(gg, e) < 5e-3, name  # float32 lse ~1e4 carries ~5e-4 absolute into every P
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_late_spike(emu, dtype):
+    """A key 120 above every earlier one: m (its column's max) exceeds what the rows before it see by ~120, so their
+    elements have Sc ~ e^120 and are summed exactly; the rows after it take the tensor cores."""
+    B, T, D, H = 1, 300, 5, 1
+    q, k, v, w, dy = _inputs(B, T, D, H, 5)
+    k[:, 250, :] += 120.0
+    q, k, v, w, dy = (x.to(dtype).double() for x in (q, k, v, w, dy))  # the oracle sees the kernel's inputs
+    y, lse, exp = _oracle(q, k, v, w, True, dy)
+    got, _, _ = _bwd(dy, q, k, v, w, y, lse, True, dtype)
+    for name, g, e in zip(NAMES, got, exp):
+        assert torch.isfinite(g).all(), name
+        assert _rel(g, e) < (2e-5 if dtype == torch.float32 else 3e-2), name
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_nan_reaches_the_gradients_the_oracle_says(emu, causal):
+    """A NaN in v at key 200 of one channel: NaN in the gradients exactly where the float64 oracle has it."""
+    B, T, D, H = 1, 300, 4, 1
+    q, k, v, w, dy = _inputs(B, T, D, H, 6)
+    v[0, 200, 1] = float("nan")
+    y, lse, exp = _oracle(q, k, v, w, causal, dy)
+    got, _, _ = _bwd(dy, q, k, v, w, y, lse, causal, torch.float32)
+    assert any(torch.isnan(e).any() for e in exp)
+    for name, g, e in zip(NAMES, got, exp):
+        assert torch.equal(torch.isnan(g), torch.isnan(e)), name
+        ok = ~torch.isnan(e)
+        if ok.any():
+            assert _rel(g[ok], e[ok]) < 2e-5, name
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("rank", [37, 300])
+def test_lowrank_float32_matches_oracle(emu, rank, causal):
+    """w = u vb^T: rank 37 keeps the factor rows of a key tile in shared memory (bwd_kv_kernel), rank 300 does not
+    fit there and takes the per-tile-pair kernels; dq, dk, dv, du, dvb against the float64 oracle."""
+    import emu_ops
+
+    B, T, D, H = 1, 300, 4, 2
+    q, k, v, _, dy = _inputs(B, T, D, H, 7)
+    g = torch.Generator().manual_seed(8)
+    u, vb = (torch.randn(H, T, rank, generator=g, dtype=F64) * (2 / rank) ** 0.5 for _ in range(2))
+    xs = [x.clone().requires_grad_() for x in (q, k, v, u, vb)]
+    y = oracles.aft(*xs[:3], xs[3] @ xs[4].transpose(-1, -2), causal=causal)
+    exp = torch.autograd.grad(y, xs, dy)
+    lse = oracles.aft_lse(k, oracles.bias_per_channel(u @ vb.transpose(-1, -2), D), causal)
+    f = [x.float() for x in (dy, q, k, v, u, vb, y.detach())]
+    got = emu_ops.aft_full_lowrank_bwd(*f, lse.float(), causal)
+    names = {ln["kernel"] for ln in emu_ops.last_result().launches}
+    assert any("bwd_kv_kernel" in n for n in names) == (rank == 37), names
+    for name, gg, e in zip(("dq", "dk", "dv", "du", "dvb"), got, exp):
+        assert _rel(gg.double(), e) < 2e-5, name
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_counted_cost_per_element(emu, causal):
+    """bf16 at the paper shape (benchmarks/cost_model.py): the per-tile-pair kernels counted ~2256 bytes, 513
+    special-function ops per output element and predicted_fraction 0.08; the three-GEMM backward ~670 bytes, 52
+    ops, 0.27 (causal ~380 bytes, 28 ops, 0.23)."""
+    from benchmarks import cost_model as cm
+
+    paper = cm.PAPER["aft"]
+    r = cm.model_case("aft_full", "bwd", "bf16", causal, cm.SMALL["aft_full"], paper)
+    n = paper["B"] * paper["T"] * paper["D"]
+    assert r["bytes_counted"] / n < (750 if not causal else 450)
+    assert r["special_ops"] / n < (60 if not causal else 34)
+    assert r["predicted_fraction"] > (0.25 if not causal else 0.21)
