@@ -4,16 +4,18 @@ The op launchers (csrc/<op>/<op>.cu) run on the CPU under the emulation harness 
 tests/emulation/emu_ops.py), which counts per launch the global-memory bytes read and written through gptr<T>
 (every access, not distinct bytes: a re-read that would hit L1/L2 on the GPU is counted again), the
 special-function calls (sfu_total: exp, log, rcp, rsqrt, sqrt, trig, whatever the spelling; divisions are not
-counted) and the MMA FLOPs (2*M*N*K per warp-level mma_sync). Each case runs at two scaled-down sizes (T and 2T;
-T and D at least two tiles of every kernel's tiling, and multiples of them where partial tiles would bend the fit:
-AFT-full 192-row x 96-column dense forward tiles (T = 384, 768 and B*D = 384 are whole tiles of those and of the
-128 x 128 / 64 x 64 tiles), AFT-local 32-column x 8-row tiles,
+counted) and the MMA FLOPs (2*M*N*K per warp-level mma_sync). Each case runs at scaled-down sizes (T and 2T, and
+for AFT-full also 2D; T and D at least two tiles of every kernel's tiling, and multiples of them where partial tiles
+would bend the fit: AFT-full 192-row x 96-column dense forward tiles (T = 384, 768 and B*D = 384, 768 are whole
+tiles of those and of the 128 x 128 / 64 x 64 tiles), AFT-local 32-column x 8-row tiles,
 scan chunks of 64 steps, B*D >= 2048 columns so the scan chunk length is the paper shapes' 64). Every count is fitted
-as  count = a*X + b*Y  through the two points and evaluated at the paper shape:
+as  count = a*X + b*Y (+ c*Z)  through the points (one per term) and evaluated at the paper shape:
     memory-bound ops:  X = B*T*D (elements), Y = B*D   (per-column overheads, clipped window edges)
-    AFT-full (dense and low-rank):  X = B*T^2*D,  Y = B*T*D
-(EA: B -> M batch rows, T -> N, D -> S). ``scale`` in the output is the per-X ratio of the two sizes (1.0 = scales
-exactly as the model says; the fit absorbs the rest).
+    AFT-full (dense and low-rank):  X = B*T^2*D,  Y = B*T*D,  Z = T^2   (per-(query, key) work shared by every
+        column: the row maximum of w, the w tiles of the backward, dw; with two sizes of the same B*D it was
+        fitted into X and multiplied by B*D at the paper shape)
+(EA: B -> M batch rows, T -> N, D -> S). ``scale`` in the output is the per-X ratio of the first two sizes (1.0 =
+scales exactly as the model says; the fit absorbs the rest).
 
 Paper shapes: AFT B=8, T=4096, D=1024 (aft_local window 64, aft_full_lowrank rank 128, one head); EA B=64, N=4096,
 S=64.
@@ -101,7 +103,24 @@ def _dense(op):
 
 
 def _features(op, B, T, D):
-    return (B * T * T * D, B * T * D) if _dense(op) else (B * T * D, B * D)
+    return (B * T * T * D, B * T * D, T * T) if _dense(op) else (B * T * D, B * D)
+
+
+def _points(op, sizes):
+    """The scaled-down sizes a case runs at: (B, T, D) and (B, 2T, D); AFT-full also (B, T, 2D), so that its
+    per-(query, key) work that no column shares (the row maximum of w, dw) is fitted apart from B*T^2*D."""
+    B, T1, D = sizes
+    pts = [(B, T1, D), (B, 2 * T1, D)]
+    return pts + [(B, T1, 2 * D)] if _dense(op) else pts
+
+
+def _fit(feats, counts, at):
+    """count = sum_i a_i * feature_i through the points (as many points as features), evaluated at ``at``;
+    clipped at 0 (a count that the fit extrapolates below zero is a noise term of the small sizes)."""
+    a = torch.linalg.solve(
+        torch.tensor(feats, dtype=torch.float64), torch.tensor(counts, dtype=torch.float64).unsqueeze(1)
+    )
+    return max(0.0, float(torch.tensor(at, dtype=torch.float64) @ a.squeeze(1)))
 
 
 def _inputs(op, B, T, D, dt, g):
@@ -197,24 +216,20 @@ def floor_format(dt):
 
 def model_case(op, direction, dtname, causal, sizes, paper):
     dt = DTYPES[dtname]
-    B, T1, D = sizes
-    pts = [(B, T1, D), (B, 2 * T1, D)]
+    pts = _points(op, sizes)
     runs = [_run(op, direction, b, t, d, dt, causal) for b, t, d in pts]
     feats = [_features(op, *p) for p in pts]
     Bp, Tp, Dp = paper["B"], paper["T"], paper["D"]
     fp = _features(op, Bp, Tp, Dp)
-    (x1, y1), (x2, y2) = feats
-    det = x1 * y2 - x2 * y1
     ext, scale = {}, {}
     for k in runs[0]:
-        c1, c2 = runs[0][k], runs[1][k]
+        cs = [r[k] for r in runs]
         if k == "launches":
-            ext[k] = c2
+            ext[k] = cs[1]
             continue
-        a = (c1 * y2 - c2 * y1) / det
-        b = (x1 * c2 - x2 * c1) / det
-        ext[k] = max(0.0, a * fp[0] + b * fp[1])
-        scale[k] = (c2 / x2) / (c1 / x1) if c1 else None
+        ext[k] = _fit(feats, cs, fp)
+        x1, x2 = feats[0][0], feats[1][0]
+        scale[k] = (cs[1] / x2) / (cs[0] / x1) if cs[0] else None
     bc = ext["bytes_read"] + ext["bytes_written"]
     mma_total = sum(ext[f"mma_flops_{f}"] for f in MMA)
     bfl_r, bfl_w = bytes_floor(op, direction, Bp, Tp, Dp, dt, causal)
@@ -325,7 +340,8 @@ def table(recs, sha, wall):
         "395 (half of bf16, dense spec ratio), fp64 67 (datasheet); SFU 16 op/clk/SM x 132 SM x 1.98 GHz = 4.18 T op/s",
         "(CUDA C++ Programming Guide arithmetic-instruction throughput, cc 9.0; FlashAttention-3: 3.9 T/s, H100 SXM).",
         "Upper bounds, not predictions: no latency, occupancy, bank conflicts; counted bytes include L1/L2 hits (tiled",
-        f"re-reads), so t_mem is pessimistic for tiled kernels. Counts fitted at 2 sizes per case; wall {wall:.0f} s.",
+        "re-reads), so t_mem is pessimistic for tiled kernels. Counts fitted at 2 sizes per case (AFT-full 3: a T^2",
+        f"term apart); wall {wall:.0f} s.",
     ]
     return "\n".join(lines)
 

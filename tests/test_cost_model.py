@@ -62,3 +62,21 @@ def test_cost_model_cli_json(tmp_path):
     assert {(r["direction"], r["causal"]) for r in d["records"]} == {
         (a, c) for a in ("fwd", "bwd") for c in (False, True)
     }
+
+
+@pytest.mark.parametrize("op", ["aft_simple", "aft_full"])
+def test_fit_recovers_each_term(op):
+    """A count made of the model's terms is recovered exactly at the paper shape; for AFT-full a per-(query, key)
+    term (T^2, shared by every column) stays T^2 there instead of growing with B*D as a two-size fit makes it."""
+    from benchmarks import cost_model as cm
+
+    pts = cm._points(op, cm.SMALL[op])
+    feats = [cm._features(op, *p) for p in pts]
+    paper = cm._features(op, 8, 4096, 1024)
+    coef = (3.0, 17.0, 5.0)[: len(feats[0])]
+    counts = [sum(c * f for c, f in zip(coef, fe)) for fe in feats]
+    want = sum(c * f for c, f in zip(coef, paper))
+    assert cm._fit(feats, counts, paper) == pytest.approx(want, rel=1e-9)
+    if op == "aft_full":
+        t2 = [p[1] ** 2 for p in pts]  # a pure T^2 count (one read of w per pass)
+        assert cm._fit(feats, t2, paper) == pytest.approx(4096**2, rel=1e-9)
