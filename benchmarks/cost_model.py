@@ -5,15 +5,16 @@ tests/emulation/emu_ops.py), which counts per launch the global-memory bytes rea
 (every access, not distinct bytes: a re-read that would hit L1/L2 on the GPU is counted again), the
 special-function calls (sfu_total: exp, log, rcp, rsqrt, sqrt, trig, whatever the spelling; divisions are not
 counted) and the MMA FLOPs (2*M*N*K per warp-level mma_sync). Each case runs at scaled-down sizes (T and 2T, and
-for AFT-full also 2D; T and D at least two tiles of every kernel's tiling, and multiples of them where partial tiles
-would bend the fit: AFT-full 192-row x 96-column dense forward tiles (T = 384, 768 and B*D = 384, 768 are whole
-tiles of those and of the 128 x 128 / 64 x 64 tiles), AFT-local 32-column x 8-row tiles,
+for the dense AFT-full also 2D; T and D at least two tiles of every kernel's tiling, and multiples of them where
+partial tiles would bend the fit: the dense AFT-full at T = 768, 1536 and B*D = 384, 768, whole tiles of its
+192 x 96 forward, 256 x 128 backward dw and 128 x 128 tiles; AFT-local 32-column x 8-row tiles,
 scan chunks of 64 steps, B*D >= 2048 columns so the scan chunk length is the paper shapes' 64). Every count is fitted
 as  count = a*X + b*Y (+ c*Z)  through the points (one per term) and evaluated at the paper shape:
     memory-bound ops:  X = B*T*D (elements), Y = B*D   (per-column overheads, clipped window edges)
-    AFT-full (dense and low-rank):  X = B*T^2*D,  Y = B*T*D,  Z = T^2   (per-(query, key) work shared by every
-        column: the row maximum of w, the w tiles of the backward, dw; with two sizes of the same B*D it was
-        fitted into X and multiplied by B*D at the paper shape)
+    AFT-full, dense bias:  X = B*T^2*D,  Y = B*T*D,  Z = T^2   (per-(query, key) work shared by every column: the
+        row maximum of w, the w tiles of the backward, dw; with two sizes of the same B*D it was fitted into X and
+        multiplied by B*D at the paper shape)
+    AFT-full, low-rank bias:  X = B*T^2*D,  Y = B*T*D
 (EA: B -> M batch rows, T -> N, D -> S). ``scale`` in the output is the per-X ratio of the first two sizes (1.0 =
 scales exactly as the model says; the fit absorbs the rest).
 
@@ -76,7 +77,7 @@ PAPER = {"aft": dict(B=8, T=4096, D=1024), "ea": dict(B=64, T=4096, D=64)}
 SMALL = {
     "aft_simple": (2, 128, 1024),
     "aft_local": (2, 256, 1024),
-    "aft_full": (1, 384, 384),
+    "aft_full": (1, 768, 384),
     "aft_full_lowrank": (1, 256, 256),
     "ea_double_norm": (32, 128, 64),
 }
@@ -103,15 +104,18 @@ def _dense(op):
 
 
 def _features(op, B, T, D):
-    return (B * T * T * D, B * T * D, T * T) if _dense(op) else (B * T * D, B * D)
+    if op == "aft_full":
+        return (B * T * T * D, B * T * D, T * T)
+    return (B * T * T * D, B * T * D) if _dense(op) else (B * T * D, B * D)
 
 
 def _points(op, sizes):
-    """The scaled-down sizes a case runs at: (B, T, D) and (B, 2T, D); AFT-full also (B, T, 2D), so that its
-    per-(query, key) work that no column shares (the row maximum of w, dw) is fitted apart from B*T^2*D."""
+    """The scaled-down sizes a case runs at: (B, T, D) and (B, 2T, D); the dense AFT-full also (B, T, 2D), so that
+    its per-(query, key) work that no column shares (the row maximum of w, dw) is fitted apart from B*T^2*D. (The
+    low-rank bias has no T^2 pass; its per-head work goes as T*rank, which a T^2 term would extrapolate wrongly.)"""
     B, T1, D = sizes
     pts = [(B, T1, D), (B, 2 * T1, D)]
-    return pts + [(B, T1, 2 * D)] if _dense(op) else pts
+    return pts + [(B, T1, 2 * D)] if op == "aft_full" else pts
 
 
 def _fit(feats, counts, at):
@@ -340,8 +344,8 @@ def table(recs, sha, wall):
         "395 (half of bf16, dense spec ratio), fp64 67 (datasheet); SFU 16 op/clk/SM x 132 SM x 1.98 GHz = 4.18 T op/s",
         "(CUDA C++ Programming Guide arithmetic-instruction throughput, cc 9.0; FlashAttention-3: 3.9 T/s, H100 SXM).",
         "Upper bounds, not predictions: no latency, occupancy, bank conflicts; counted bytes include L1/L2 hits (tiled",
-        "re-reads), so t_mem is pessimistic for tiled kernels. Counts fitted at 2 sizes per case (AFT-full 3: a T^2",
-        f"term apart); wall {wall:.0f} s.",
+        "re-reads), so t_mem is pessimistic for tiled kernels. Counts fitted at 2 sizes per case (dense AFT-full 3:",
+        f"a T^2 term apart); wall {wall:.0f} s.",
     ]
     return "\n".join(lines)
 
