@@ -46,6 +46,8 @@ using namespace nvcuda;
 #endif
 
 constexpr int KT = 128, QC = 64, CB = 32, NT = 512, NCH = 4, MAXW = 64;
+constexpr int NSUB = KT / QC, NSLOT = 6;  // dW: the (query chunk, 64-key subtile) pairs that meet the band
+constexpr int WSPAN = 2 * MAXW - 1;       // w cache: per key, the queries t' - (MAXW - 1) .. t' + MAXW - 1
 constexpr float kGap = 40.f;
 
 struct BGeo {
@@ -158,24 +160,30 @@ __global__ void local_bwd_zero_kernel(gptr<int> __restrict__ f, int64_t n) {
   AF_GRID_STRIDE(i, n) f[i] = 0;
 }
 
-// Operand planes and shared-memory layout of the main kernel (bf16 inputs: hi + lo bf16 planes; otherwise fp32 for
-// 3xTF32). dW: fp32 [NCH * QC][KT]; EwT [KT][LDE]; S = [Sc G | -Sc H] [QC][LDS]; XX = [X v ; X] [2 CB][LDX].
-template <bool F32OPS>
+// Operand planes and shared-memory layout of the main kernel for inputs E (bf16: hi + lo bf16 planes; float16 /
+// float32: fp32 for 3xTF32). dW: fp32 [NSLOT][QC][QC]; EwT [KT][LDE]; S = [Sc G | -Sc H] [QC][LDS];
+// XX = [X v ; X] [2 CB][LDX]; for 16-bit inputs the tile's band of w, E [KT][WSPAN], read once instead of once per
+// column block (float32's would not fit).
+template <typename E>
 struct BwdOps {
+  static constexpr bool F32OPS = !std::is_same<E, __nv_bfloat16>::value;
+  static constexpr bool WCACHE = sizeof(E) == 2;
   using Op = typename std::conditional<F32OPS, float, __nv_bfloat16>::type;
   static constexpr int PAD = F32OPS ? 4 : 8;
   static constexpr int LDE = QC + PAD, LDS = 2 * CB + PAD, LDX = KT + PAD;
   static constexpr int PL = F32OPS ? 1 : 2;  // planes
-  static constexpr size_t kDw = size_t(NCH) * QC * KT * sizeof(float);
+  static constexpr size_t kDw = size_t(NSLOT) * QC * QC * sizeof(float);
   static constexpr size_t kEwPlane = size_t(KT) * LDE, kSPlane = size_t(QC) * LDS, kXPlane = size_t(2 * CB) * LDX;
   static constexpr size_t kEw = kDw, kS = kEw + PL * kEwPlane * sizeof(Op), kX = kS + PL * kSPlane * sizeof(Op);
-  static constexpr size_t kRow = kX + PL * kXPlane * sizeof(Op);            // float r[NCH QC], e0[NCH QC]
-  static constexpr size_t kCol = kRow + 2 * NCH * QC * sizeof(float);       // float m, 6 far values [CB]; red
-  static constexpr size_t kRed = kCol + 7 * CB * sizeof(float);             // float red[NT / CB][CB]
-  static constexpr size_t kBase = kRed + (NT / CB) * CB * sizeof(float);    // int64 colbase[CB]
-  static constexpr size_t kFlag = kBase + CB * sizeof(int64_t);             // int flag
-  static constexpr size_t kBytes = kFlag + 16;
+  static constexpr size_t kWc = kX + PL * kXPlane * sizeof(Op);
+  static constexpr size_t kRow = kWc + (WCACHE ? (size_t(KT) * WSPAN * sizeof(E) + 127) / 128 * 128 : 0);
+  static constexpr size_t kCol = kRow + 2 * NCH * QC * sizeof(float);     // float r[NCH QC], e0[NCH QC]
+  static constexpr size_t kRed = kCol + 7 * CB * sizeof(float);           // float m, 6 far values [CB]
+  static constexpr size_t kBase = kRed + (NT / CB) * CB * sizeof(float);  // float red[NT / CB][CB]
+  static constexpr size_t kFlag = kBase + CB * sizeof(int64_t);           // int64 colbase[CB]
+  static constexpr size_t kBytes = kFlag + 16 + NCH * NSUB * sizeof(int);  // int flag; int slot[NCH][NSUB]
   static_assert(PL * kEwPlane * sizeof(Op) >= 2 * size_t(KT) * CB * sizeof(float), "staging fits the Ew planes");
+  static_assert(kBytes <= 232448, "227 KB of shared memory per block (sm_90)");
 };
 
 __device__ __forceinline__ void put_op2(float* p, size_t /*lo*/, float x) { *p = x; }
@@ -247,8 +255,8 @@ __global__ void __launch_bounds__(NT, 1)
                         gptr<E> __restrict__ dw, gptr<int> __restrict__ kvflag, gptr<int> __restrict__ rowflag,
                         int64_t B, int64_t D, int64_t dh, int64_t nJ, int64_t nI, BGeo g, WLayout wl) {
 #if AFT_LOCAL_TC_BWD_ARCH
-  constexpr bool F32OPS = !std::is_same<E, __nv_bfloat16>::value;
-  using L = BwdOps<F32OPS>;
+  using L = BwdOps<E>;
+  constexpr bool F32OPS = L::F32OPS;
   using Op = typename L::Op;
   using Mma = BwdMma<F32OPS>;
   ATTNFREE_DYNAMIC_SHARED(unsigned char, smem, 128);
@@ -263,6 +271,8 @@ __global__ void __launch_bounds__(NT, 1)
   float* red = reinterpret_cast<float*>(smem + L::kRed);
   int64_t* colbase = reinterpret_cast<int64_t*>(smem + L::kBase);
   int* flag = reinterpret_cast<int*>(smem + L::kFlag);
+  int* slot = flag + 4;
+  E* wc = reinterpret_cast<E*>(smem + L::kWc);  // [key][t - t' + MAXW - 1] (16-bit inputs)
 
   const int64_t T = g.T;
   const int tid = threadIdx.x, warp = tid >> 5;
@@ -286,7 +296,20 @@ __global__ void __launch_bounds__(NT, 1)
     rrow[i] = r;
     e0[i] = r == -INFINITY ? 0.f : af_exp(-r);
   }
-  for (int i = tid; i < NCH * QC * KT; i += NT) dW[i] = 0.f;
+  for (int i = tid; i < NSLOT * QC * QC; i += NT) dW[i] = 0.f;
+  if (tid == 0) {  // dW slots of the (chunk, subtile) pairs with a band entry: at most NSLOT for W <= MAXW
+    int ns = 0;
+    for (int x = 0; x < NCH * NSUB; ++x) {
+      const int64_t t0 = r0 + (x / NSUB) * QC, k0 = j0 + (x % NSUB) * QC;  // rows t0 .. +QC, keys k0 .. +QC
+      const bool meets = t0 < r1 && k0 < j1 && k0 - (t0 + QC - 1) < g.W && t0 - (k0 + QC - 1) < g.W;
+      slot[x] = meets && ns < NSLOT ? ns++ : -1;
+    }
+  }
+  if (L::WCACHE)
+    for (int i = tid; i < KT * WSPAN; i += NT) {
+      const int64_t tp = j0 + i / WSPAN, t = tp + i % WSPAN - (MAXW - 1);
+      if (tp < j1 && t >= r0 && t < r1 && g.in_band(t, tp) && g.visible(t, tp)) wc[i] = static_cast<E>(*(w + wl.at(h, t, tp)));
+    }
 
   const size_t lo_e = L::kEwPlane, lo_s = L::kSPlane, lo_x = L::kXPlane;
   const int lc = tid & (CB - 1), lg = tid >> 5;  // key / column roles: column lc, keys lg*8 .. +8 (or rows lg*4 ..)
@@ -299,28 +322,28 @@ __global__ void __launch_bounds__(NT, 1)
     if (tid < CB) {
       const int64_t j = cb * CB + tid;
       int64_t base = -1;
-      float f[6] = {INFINITY, 0.f, 0.f, INFINITY, 0.f, 0.f};
+      far[tid] = far[3 * CB + tid] = INFINITY;  // empty prefix / suffix states
+      far[CB + tid] = far[2 * CB + tid] = far[4 * CB + tid] = far[5 * CB + tid] = 0.f;
       if (j < ncols) {
         const int64_t b = j / dh, c = h * dh + j % dh;
         base = b * T * D + c;
         if (!g.causal) {
           const int64_t o = (b * (nI + 1) + c0) * D + c;
-          f[0] = pr[o];
-          f[1] = pg[o];
-          f[2] = ph[o];
+          far[tid] = pr[o];
+          far[CB + tid] = pg[o];
+          far[2 * CB + tid] = ph[o];
         }
         const int64_t o = (b * (nI + 1) + c1 + 1) * D + c;
-        f[3] = sr[o];
-        f[4] = sg[o];
-        f[5] = sh[o];
+        far[3 * CB + tid] = sr[o];
+        far[4 * CB + tid] = sg[o];
+        far[5 * CB + tid] = sh[o];
       }
       colbase[tid] = base;
-      for (int x = 0; x < 6; ++x) far[x * CB + tid] = f[x];
     }
     __syncthreads();
-    // k, v of the tile: column max m, X = exp(k - m), [X v ; X] planes; v and X kept for the epilogue
+    // k, v of the tile: column max m, X = exp(k - m), [X v ; X] planes; k and v kept for the epilogue
     const int64_t cbase = colbase[lc];
-    float kx[8], vx[8], xx[8];
+    float kx[8], vx[8];
     float mloc = -INFINITY;
     bool bad = false;
 #pragma unroll
@@ -344,9 +367,9 @@ __global__ void __launch_bounds__(NT, 1)
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const int key = lg * 8 + i;
-      xx[i] = (kx[i] == -INFINITY || m == -INFINITY) ? 0.f : af_exp(kx[i] - m);
-      put_op2(XX + size_t(lc) * L::LDX + key, lo_x, xx[i] * vx[i]);
-      put_op2(XX + size_t(CB + lc) * L::LDX + key, lo_x, xx[i]);
+      const float x = (kx[i] == -INFINITY || m == -INFINITY) ? 0.f : af_exp(kx[i] - m);
+      put_op2(XX + size_t(lc) * L::LDX + key, lo_x, x * vx[i]);
+      put_op2(XX + size_t(CB + lc) * L::LDX + key, lo_x, x);
     }
 
     typename Mma::Acc aG, aH;
@@ -399,7 +422,7 @@ __global__ void __launch_bounds__(NT, 1)
           if (t < T && tp < j1 && g.visible(t, tp)) {
             const float r = rrow[ci * QC + ri];
             if (g.in_band(t, tp)) {
-              const float wv = load_acc(w + wl.at(h, t, tp));
+              const float wv = L::WCACHE ? to_acc(wc[key * WSPAN + (t - tp + MAXW - 1)]) : load_acc(w + wl.at(h, t, tp));
               if (!(wv < INFINITY)) fl = true;
               e = wv == -INFINITY ? 0.f : af_exp(wv - r);
             } else {
@@ -413,13 +436,16 @@ __global__ void __launch_bounds__(NT, 1)
       __syncthreads();
       Mma::run(aG, EwT + size_t(ks) * L::LDE, L::LDE, lo_e, S + cf, L::LDS, lo_s, QC);
       Mma::run(aH, EwT + size_t(ks) * L::LDE, L::LDE, lo_e, S + CB + cf, L::LDS, lo_s, QC);
+      const int sl = slot[ci * NSUB + kf / QC];  // the same for both fragments of the warp
+      if (sl >= 0) {
 #pragma unroll
-      for (int f = 0; f < 2; ++f) {
-        float* dst = dW + (size_t(ci) * QC + rs) * KT + kf + f * 16;
-        typename Mma::Acc acc;
-        wmma::load_matrix_sync(acc, dst, KT, wmma::mem_row_major);
-        Mma::run(acc, S + size_t(rs) * L::LDS, L::LDS, lo_s, XX + kf + f * 16, L::LDX, lo_x, 2 * CB);
-        wmma::store_matrix_sync(dst, acc, KT, wmma::mem_row_major);
+        for (int f = 0; f < 2; ++f) {
+          float* dst = dW + (size_t(sl) * QC + rs) * QC + kf % QC + f * 16;
+          typename Mma::Acc acc;
+          wmma::load_matrix_sync(acc, dst, QC, wmma::mem_row_major);
+          Mma::run(acc, S + size_t(rs) * L::LDS, L::LDS, lo_s, XX + kf + f * 16, L::LDX, lo_x, 2 * CB);
+          wmma::store_matrix_sync(dst, acc, QC, wmma::mem_row_major);
+        }
       }
     }
     __syncthreads();  // the Ew planes become the staging of aG, aH
@@ -435,7 +461,8 @@ __global__ void __launch_bounds__(NT, 1)
         const int key = lg * 8 + i;
         const int64_t tp = j0 + key;
         if (tp >= j1) continue;
-        float sgv = xx[i] * stG[key * CB + lc], shv = -xx[i] * stH[key * CB + lc];
+        const float x = get_op2(XX + size_t(CB + lc) * L::LDX + key, lo_x);  // X (hi + lo for bf16)
+        float sgv = x * stG[key * CB + lc], shv = -x * stH[key * CB + lc];
         pre.apply(kx[i], sgv, shv);
         suf.apply(kx[i], sgv, shv);
         const int64_t o = cbase + tp * D;
@@ -454,9 +481,10 @@ __global__ void __launch_bounds__(NT, 1)
     const int64_t t = r0 + ri, tp = j0 + key;
     if (t >= r1 || tp >= j1 || !g.in_band(t, tp) || !g.visible(t, tp)) continue;
     const int64_t at = wl.at(h, t, tp);
-    const float wv = load_acc(w + at);
+    const float wv = L::WCACHE ? to_acc(wc[key * WSPAN + (t - tp + MAXW - 1)]) : load_acc(w + at);
     const float e = wv == -INFINITY ? 0.f : af_exp(wv - rrow[ri]);
-    store_val(dw + at, e == 0.f ? 0.f : e * dW[i]);
+    const int sl = slot[(ri / QC) * NSUB + key / QC];  // >= 0: the pair holds this band entry
+    store_val(dw + at, e == 0.f ? 0.f : e * dW[(size_t(sl) * QC + ri % QC) * QC + key % QC]);
   }
 #else
   __trap();  // sm < 80: aft_local_tc_bwd_takes() keeps the launcher off this kernel
@@ -566,7 +594,9 @@ bool aft_local_tc_bwd_takes(DType dtype, int64_t B, int64_t T, int64_t D, int64_
   if (dtype != DType::Float32 && dtype != DType::Float16 && dtype != DType::BFloat16) return false;
   if (B <= 0 || T <= 0 || D <= 0 || heads < 1 || D % heads != 0 || W < 1 || W > MAXW) return false;
   if (num_tiles(T) > 0x7fffffff || heads > 65535) return false;
-  const size_t smem = dtype == DType::BFloat16 ? BwdOps<false>::kBytes : BwdOps<true>::kBytes;
+  const size_t smem = dtype == DType::BFloat16 ? BwdOps<__nv_bfloat16>::kBytes
+                      : dtype == DType::Float16 ? BwdOps<__half>::kBytes
+                                                : BwdOps<float>::kBytes;
   return tc_bwd_device(smem);
 }
 
@@ -608,8 +638,7 @@ cudaError_t aft_local_tc_bwd(DType dtype, const void* dy, const void* q, const v
         dyp, qp, yp, lp, static_cast<E*>(dq), cr, cg, chh, B, T, D, nI);
     ATTNFREE_LAUNCH(local_bwd_scan_kernel, grid_for(B * D), kThreads, 0, stream)(cr, cg, chh, pr, pg, ph, sr, sg, sh, B,
                                                                                  D, nI);
-    constexpr bool F32OPS = !std::is_same<E, __nv_bfloat16>::value;
-    const size_t smem = BwdOps<F32OPS>::kBytes;
+    const size_t smem = BwdOps<E>::kBytes;
     cudaError_t err = cudaFuncSetAttribute(local_bwd_tc_kernel<E>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(smem));
     if (err != cudaSuccess) return err;
