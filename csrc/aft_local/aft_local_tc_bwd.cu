@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "aft_local/aft_local_tc.h"
+#include "aft_local/aft_local_tc_ops.cuh"
 #include "common/cuda_common.cuh"
 #include "common/wmma_tf32.cuh"
 
@@ -185,17 +186,6 @@ struct BwdOps {
   static_assert(PL * kEwPlane * sizeof(Op) >= 2 * size_t(KT) * CB * sizeof(float), "staging fits the Ew planes");
   static_assert(kBytes <= 232448, "227 KB of shared memory per block (sm_90)");
 };
-
-__device__ __forceinline__ void put_op2(float* p, size_t /*lo*/, float x) { *p = x; }
-__device__ __forceinline__ void put_op2(__nv_bfloat16* p, size_t lo, float x) {
-  const __nv_bfloat16 hi = __float2bfloat16_rn(x);
-  p[0] = hi;
-  p[lo] = __float2bfloat16_rn(x - __bfloat162float(hi));
-}
-__device__ __forceinline__ float get_op2(const float* p, size_t /*lo*/) { return *p; }
-__device__ __forceinline__ float get_op2(const __nv_bfloat16* p, size_t lo) {
-  return __bfloat162float(p[0]) + __bfloat162float(p[lo]);
-}
 
 #if AFT_LOCAL_TC_BWD_ARCH
 // acc (16 x 16) += A (16 x K, row-major, lda) @ B (K x 16, row-major, ldb); lo planes at element offsets la, lb.
@@ -368,8 +358,8 @@ __global__ void __launch_bounds__(NT, 1)
     for (int i = 0; i < 8; ++i) {
       const int key = lg * 8 + i;
       const float x = (kx[i] == -INFINITY || m == -INFINITY) ? 0.f : af_exp(kx[i] - m);
-      put_op2(XX + size_t(lc) * L::LDX + key, lo_x, x * vx[i]);
-      put_op2(XX + size_t(CB + lc) * L::LDX + key, lo_x, x);
+      put_op(XX + size_t(lc) * L::LDX + key, lo_x, x * vx[i]);
+      put_op(XX + size_t(CB + lc) * L::LDX + key, lo_x, x);
     }
 
     typename Mma::Acc aG, aH;
@@ -405,8 +395,8 @@ __global__ void __launch_bounds__(NT, 1)
               }
             }
           }
-          put_op2(S + size_t(ri) * L::LDS + lc, lo_s, sgv);
-          put_op2(S + size_t(ri) * L::LDS + CB + lc, lo_s, shv);
+          put_op(S + size_t(ri) * L::LDS + lc, lo_s, sgv);
+          put_op(S + size_t(ri) * L::LDS + CB + lc, lo_s, shv);
         }
         if (fl) *flag = 1;
       }
@@ -429,7 +419,7 @@ __global__ void __launch_bounds__(NT, 1)
               e = e0[ci * QC + ri];
             }
           }
-          put_op2(EwT + size_t(key) * L::LDE + ri, lo_e, e);
+          put_op(EwT + size_t(key) * L::LDE + ri, lo_e, e);
         }
         if (fl) *flag = 1;
       }
@@ -461,7 +451,7 @@ __global__ void __launch_bounds__(NT, 1)
         const int key = lg * 8 + i;
         const int64_t tp = j0 + key;
         if (tp >= j1) continue;
-        const float x = get_op2(XX + size_t(CB + lc) * L::LDX + key, lo_x);  // X (hi + lo for bf16)
+        const float x = get_op(XX + size_t(CB + lc) * L::LDX + key, lo_x);  // X (hi + lo for bf16)
         float sgv = x * stG[key * CB + lc], shv = -x * stH[key * CB + lc];
         pre.apply(kx[i], sgv, shv);
         suf.apply(kx[i], sgv, shv);
