@@ -1,5 +1,5 @@
-// AFT-local as block-banded tensor-core tiles (aft_local_tc.cu, aft_local_tc_bwd.cu): the launchers aft_local.cu dispatches to for
-// 16/32-bit inputs on sm_80+, and the w index both kernel files share. Plain C++ (no torch headers).
+// AFT-local as block-banded tensor-core tiles (aft_local_tc.cu, aft_local_tc_bwd.cu): the launchers aft_local.cu
+// dispatches to for 16/32-bit inputs on sm_80+, and the w index both kernel files share. Plain C++ (no torch headers).
 // Buffers and sizes as in aft_local.h; W is the window already clipped to T.
 #pragma once
 

@@ -157,9 +157,7 @@ __global__ void local_bwd_scan_kernel(gptr<const float> __restrict__ cr, gptr<co
   }
 }
 
-__global__ void local_bwd_zero_kernel(gptr<int> __restrict__ f, int64_t n) {
-  AF_GRID_STRIDE(i, n) f[i] = 0;
-}
+__global__ void local_bwd_zero_kernel(gptr<int> __restrict__ f, int64_t n) { AF_GRID_STRIDE(i, n) f[i] = 0; }
 
 // Operand planes and shared-memory layout of the main kernel for inputs E (bf16: hi + lo bf16 planes; float16 /
 // float32: fp32 for 3xTF32). dW: fp32 [NSLOT][QC][QC]; EwT [KT][LDE]; S = [Sc G | -Sc H] [QC][LDS];
@@ -178,10 +176,10 @@ struct BwdOps {
   static constexpr size_t kEw = kDw, kS = kEw + PL * kEwPlane * sizeof(Op), kX = kS + PL * kSPlane * sizeof(Op);
   static constexpr size_t kWc = kX + PL * kXPlane * sizeof(Op);
   static constexpr size_t kRow = kWc + (WCACHE ? (size_t(KT) * WSPAN * sizeof(E) + 127) / 128 * 128 : 0);
-  static constexpr size_t kCol = kRow + 2 * NCH * QC * sizeof(float);     // float r[NCH QC], e0[NCH QC]
-  static constexpr size_t kRed = kCol + 7 * CB * sizeof(float);           // float m, 6 far values [CB]
-  static constexpr size_t kBase = kRed + (NT / CB) * CB * sizeof(float);  // float red[NT / CB][CB]
-  static constexpr size_t kFlag = kBase + CB * sizeof(int64_t);           // int64 colbase[CB]
+  static constexpr size_t kCol = kRow + 2 * NCH * QC * sizeof(float);      // float r[NCH QC], e0[NCH QC]
+  static constexpr size_t kRed = kCol + 7 * CB * sizeof(float);            // float m, 6 far values [CB]
+  static constexpr size_t kBase = kRed + (NT / CB) * CB * sizeof(float);   // float red[NT / CB][CB]
+  static constexpr size_t kFlag = kBase + CB * sizeof(int64_t);            // int64 colbase[CB]
   static constexpr size_t kBytes = kFlag + 16 + NCH * NSUB * sizeof(int);  // int flag; int slot[NCH][NSUB]
   static_assert(PL * kEwPlane * sizeof(Op) >= 2 * size_t(KT) * CB * sizeof(float), "staging fits the Ew planes");
   static_assert(kBytes <= 232448, "227 KB of shared memory per block (sm_90)");
@@ -298,7 +296,8 @@ __global__ void __launch_bounds__(NT, 1)
   if (L::WCACHE)
     for (int i = tid; i < KT * WSPAN; i += NT) {
       const int64_t tp = j0 + i / WSPAN, t = tp + i % WSPAN - (MAXW - 1);
-      if (tp < j1 && t >= r0 && t < r1 && g.in_band(t, tp) && g.visible(t, tp)) wc[i] = static_cast<E>(*(w + wl.at(h, t, tp)));
+      if (tp < j1 && t >= r0 && t < r1 && g.in_band(t, tp) && g.visible(t, tp))
+        wc[i] = static_cast<E>(*(w + wl.at(h, t, tp)));
     }
 
   const size_t lo_e = L::kEwPlane, lo_s = L::kSPlane, lo_x = L::kXPlane;
@@ -412,7 +411,8 @@ __global__ void __launch_bounds__(NT, 1)
           if (t < T && tp < j1 && g.visible(t, tp)) {
             const float r = rrow[ci * QC + ri];
             if (g.in_band(t, tp)) {
-              const float wv = L::WCACHE ? to_acc(wc[key * WSPAN + (t - tp + MAXW - 1)]) : load_acc(w + wl.at(h, t, tp));
+              const float wv =
+                  L::WCACHE ? to_acc(wc[key * WSPAN + (t - tp + MAXW - 1)]) : load_acc(w + wl.at(h, t, tp));
               if (!(wv < INFINITY)) fl = true;
               e = wv == -INFINITY ? 0.f : af_exp(wv - r);
             } else {
@@ -497,7 +497,7 @@ __global__ void local_bwd_exact_kv_kernel(gptr<const E> __restrict__ dy, gptr<co
   const int64_t T = g.T, ncols = B * dh, ncb = (ncols + CB - 1) / CB;
   __shared__ int flagged;
   for (int64_t f = blockIdx.x; f < heads * nJ * ncb; f += gridDim.x) {
-    __syncthreads();  // the previous item's flag was read by every thread
+    __syncthreads();                            // the previous item's flag was read by every thread
     if (threadIdx.x == 0) flagged = kvflag[f];  // one read per block
     __syncthreads();
     if (!flagged) continue;
@@ -542,7 +542,7 @@ __global__ void local_bwd_exact_w_kernel(gptr<const E> __restrict__ dy, gptr<con
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   __shared__ int flagged;
   for (int64_t blk = blockIdx.x; blk < heads * T; blk += gridDim.x) {
-    __syncthreads();  // the previous row's flag was read by every thread
+    __syncthreads();                               // the previous row's flag was read by every thread
     if (threadIdx.x == 0) flagged = rowflag[blk];  // one read per block
     __syncthreads();
     if (!flagged) continue;
@@ -584,7 +584,7 @@ bool aft_local_tc_bwd_takes(DType dtype, int64_t B, int64_t T, int64_t D, int64_
   if (dtype != DType::Float32 && dtype != DType::Float16 && dtype != DType::BFloat16) return false;
   if (B <= 0 || T <= 0 || D <= 0 || heads < 1 || D % heads != 0 || W < 1 || W > MAXW) return false;
   if (num_tiles(T) > 0x7fffffff || heads > 65535) return false;
-  const size_t smem = dtype == DType::BFloat16 ? BwdOps<__nv_bfloat16>::kBytes
+  const size_t smem = dtype == DType::BFloat16  ? BwdOps<__nv_bfloat16>::kBytes
                       : dtype == DType::Float16 ? BwdOps<__half>::kBytes
                                                 : BwdOps<float>::kBytes;
   return tc_bwd_device(smem);
@@ -633,9 +633,8 @@ cudaError_t aft_local_tc_bwd(DType dtype, const void* dy, const void* q, const v
                                            static_cast<int>(smem));
     if (err != cudaSuccess) return err;
     const dim3 grid(static_cast<unsigned>(nJ), static_cast<unsigned>(heads));
-    ATTNFREE_LAUNCH((local_bwd_tc_kernel<E>), grid, NT, smem, stream)(dyp, qp, kp, vp, wp, yp, lp, pr, pg, ph, sr, sg,
-                                                                      sh, dkp, dvp, dwp, kvflag, rowflag, B, D, dh, nJ,
-                                                                      nI, g, wl);
+    ATTNFREE_LAUNCH((local_bwd_tc_kernel<E>), grid, NT, smem, stream)(
+        dyp, qp, kp, vp, wp, yp, lp, pr, pg, ph, sr, sg, sh, dkp, dvp, dwp, kvflag, rowflag, B, D, dh, nJ, nI, g, wl);
     ATTNFREE_LAUNCH((local_bwd_exact_kv_kernel<E>), grid_for(heads * nJ * ncb * kThreads), kThreads, 0, stream)(
         dyp, qp, kp, vp, wp, yp, lp, pr, pg, ph, sr, sg, sh, dkp, dvp, kvflag, B, D, heads, dh, nJ, nI, g, wl);
     ATTNFREE_LAUNCH((local_bwd_exact_w_kernel<E>), grid_for(heads * T * kThreads), kThreads, 0, stream)(
