@@ -497,16 +497,7 @@ cudaError_t aft_local_tc_fwd(DType dtype, const void* q, const void* k, const vo
         static_cast<float*>(lse), B, D, dh, nJ, g, wl);
     return cudaGetLastError();
   };
-  switch (dtype) {
-    case DType::Float32:
-      return run(float{});
-    case DType::Float16:
-      return run(__half{});
-    case DType::BFloat16:
-      return run(__nv_bfloat16{});
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return tc_dtype_dispatch(dtype, run);
 }
 
 }  // namespace cuda

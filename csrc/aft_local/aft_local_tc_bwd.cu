@@ -641,16 +641,7 @@ cudaError_t aft_local_tc_bwd(DType dtype, const void* dy, const void* q, const v
         dyp, qp, kp, vp, wp, yp, lp, dwp, rowflag, B, D, heads, g, wl);
     return cudaGetLastError();
   };
-  switch (dtype) {
-    case DType::Float32:
-      return run(float{});
-    case DType::Float16:
-      return run(__half{});
-    case DType::BFloat16:
-      return run(__nv_bfloat16{});
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return tc_dtype_dispatch(dtype, run);
 }
 
 }  // namespace cuda

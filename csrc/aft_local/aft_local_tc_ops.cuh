@@ -3,10 +3,12 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <cstddef>
 
 #include "common/emulation/device_compat.cuh"
+#include "common/launch.h"
 
 namespace attnfree {
 namespace cuda {
@@ -24,6 +26,21 @@ __device__ __forceinline__ void put_op(__nv_bfloat16* p, size_t lo, float x) {
 __device__ __forceinline__ float get_op(const float* p, size_t /*lo*/) { return *p; }
 __device__ __forceinline__ float get_op(const __nv_bfloat16* p, size_t lo) {
   return __bfloat162float(p[0]) + __bfloat162float(p[lo]);
+}
+
+// run(E{}) with E the element type of a float32 / float16 / bfloat16 dtype (the launchers' generic lambda).
+template <typename Run>
+inline cudaError_t tc_dtype_dispatch(DType dtype, Run&& run) {
+  switch (dtype) {
+    case DType::Float32:
+      return run(float{});
+    case DType::Float16:
+      return run(__half{});
+    case DType::BFloat16:
+      return run(__nv_bfloat16{});
+    default:
+      return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace
