@@ -12,8 +12,12 @@
 // so per chunk two MMAs (same operand formats as the forward: bf16 hi + lo pairs for bf16 inputs, 3xTF32 otherwise)
 //   [aG | aH] (KT x 2CB)  += Ew^T (KT x QC) @ [Sc G | -Sc H] (QC x 2CB)        -> dv = X aG, sum P H = -X aH
 //   dW (QC x KT)          += [Sc G | -Sc H] (QC x 2CB) @ [X v ; X]^T (2CB x KT) -> dw = Ew dW (band entries)
-// aG, aH live in registers for one column block; dW is an fp32 tile in shared memory that sums every column of the
-// head, and is written once at the end (each dw entry has one writer: the tile of its key; no atomics).
+// aG, aH live in registers for one column block; dW is an fp32 tile in shared memory (the <= 6 pairs of query
+// chunk x 64 keys that meet the band) that sums every column of the head, and is written once at the end (each dw
+// entry has one writer: the tile of its key; no atomics). 16-bit inputs keep the tile's band of w in shared memory.
+// Counted cost per output element (bf16, W = 64, B*D large): dy, q, y, lse read 3 times (prep + 256 rows per 128
+// keys), k, v once; about 41 bytes and 13 special-function operations. 512 threads, up to 226 KB of shared
+// memory (sm_90; aft_local_tc_bwd_takes() checks the device limit); one CTA per (key tile, head).
 // Far queries (chunks outside the CTA's, bias 0 for every key of the tile) come from prefix / suffix states over
 // query chunks of (ref, sum exp(ref - lse) G, sum exp(ref - lse) H), ref = min lse (prep + scan kernels), times
 // exp(k - ref) <= 1.
