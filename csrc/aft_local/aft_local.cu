@@ -17,7 +17,9 @@
 // w and dw are read and written at band entries only, through WLayout: the full (heads, T, T) layout or the banded
 // (heads, T, 2W-1) one, so with a banded w nothing of size T x T exists (memory O(B*T*D + heads*T*W)).
 // The forward of float32/float16/bfloat16 inputs on sm_80+ runs as block-banded tensor-core tiles (aft_local_tc.cu);
-// the per-element forward here serves float64, older devices and grids past that kernel's launch limits.
+// the per-element forward here serves float64, older devices and grids past that kernel's launch limits. The backward
+// of those inputs with W <= 64 runs as tensor-core tiles too (aft_local_tc_bwd.cu); the band kernels below serve the
+// rest.
 #include "aft_local/aft_local.h"
 #include "aft_local/aft_local_tc.h"
 #include "common/cuda_common.cuh"
@@ -256,9 +258,11 @@ cudaError_t aft_local_fwd(DType dtype, const void* q, const void* k, const void*
   });
 }
 
-size_t aft_local_bwd_workspace_bytes(DType dtype, int64_t B, int64_t T, int64_t D, int64_t /*heads*/, int64_t window,
+size_t aft_local_bwd_workspace_bytes(DType dtype, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t window,
                                      bool causal) {
   const int64_t W = eff_window(window, T);
+  if (aft_local_tc_bwd_takes(dtype, B, T, D, heads, W))
+    return aft_local_tc_bwd_workspace_bytes(dtype, B, T, D, heads, W);
   const size_t a = acc_size(dtype);
   const int64_t n = B * T * D;
   size_t bytes = 2 * align_up(a * size_t(n));  // G, H
@@ -276,6 +280,9 @@ cudaError_t aft_local_bwd(DType dtype, const void* dy, const void* q, const void
   if (B <= 0 || T <= 0 || D <= 0) return cudaSuccess;
   if (heads < 1 || D % heads != 0 || window < 1) return cudaErrorInvalidValue;
   const int64_t W = eff_window(window, T);
+  if (aft_local_tc_bwd_takes(dtype, B, T, D, heads, W))
+    return aft_local_tc_bwd(dtype, dy, q, k, v, w, y, lse, dq, dk, dv, dw, B, T, D, heads, W, causal, banded, workspace,
+                            stream);
   return AF_DISPATCH(dtype, [&] {
     const scalar_t* kp = static_cast<const scalar_t*>(k);
     const scalar_t* vp = static_cast<const scalar_t*>(v);

@@ -35,6 +35,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "aft_local/aft_local_tc_ops.cuh"
 #include "common/cuda_common.cuh"
 #include "common/wmma_tf32.cuh"
 
@@ -236,14 +237,6 @@ struct TcMma<true> {
   }
 };
 #endif  // AFT_LOCAL_TC_ARCH
-
-// An operand x into its plane(s): Op(x), and for bf16 also the rounding error x - bf16(x) into the lo plane.
-__device__ __forceinline__ void put_op(float* p, size_t /*lo*/, float x) { *p = x; }
-__device__ __forceinline__ void put_op(__nv_bfloat16* p, size_t lo, float x) {
-  const __nv_bfloat16 hi = __float2bfloat16_rn(x);
-  p[0] = hi;
-  p[lo] = __float2bfloat16_rn(x - __bfloat162float(hi));
-}
 
 // The zero-bias prefix and suffix states of one column, as the epilogue merges them.
 struct Outside {
@@ -504,16 +497,7 @@ cudaError_t aft_local_tc_fwd(DType dtype, const void* q, const void* k, const vo
         static_cast<float*>(lse), B, D, dh, nJ, g, wl);
     return cudaGetLastError();
   };
-  switch (dtype) {
-    case DType::Float32:
-      return run(float{});
-    case DType::Float16:
-      return run(__half{});
-    case DType::BFloat16:
-      return run(__nv_bfloat16{});
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return tc_dtype_dispatch(dtype, run);
 }
 
 }  // namespace cuda

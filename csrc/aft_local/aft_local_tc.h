@@ -1,5 +1,5 @@
-// AFT-local as block-banded tensor-core tiles (aft_local_tc.cu): the launchers aft_local.cu dispatches to for
-// 16/32-bit inputs on sm_80+, and the w index both kernel files share. Plain C++ (no torch headers).
+// AFT-local as block-banded tensor-core tiles (aft_local_tc.cu, aft_local_tc_bwd.cu): the launchers aft_local.cu
+// dispatches to for 16/32-bit inputs on sm_80+, and the w index both kernel files share. Plain C++ (no torch headers).
 // Buffers and sizes as in aft_local.h; W is the window already clipped to T.
 #pragma once
 
@@ -25,6 +25,15 @@ size_t aft_local_tc_fwd_workspace_bytes(DType dtype, int64_t B, int64_t T, int64
 cudaError_t aft_local_tc_fwd(DType dtype, const void* q, const void* k, const void* v, const void* w, void* y,
                              void* lse, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t W, bool causal,
                              bool banded, void* workspace, cudaStream_t stream);
+
+// The tensor-core backward (aft_local_tc_bwd.cu): the same dtypes and devices with W <= 64 (its dw tile covers the
+// query chunks of one key tile's band) and enough shared memory per block; otherwise the per-element kernels run.
+bool aft_local_tc_bwd_takes(DType dtype, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t W);
+size_t aft_local_tc_bwd_workspace_bytes(DType dtype, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t W);
+cudaError_t aft_local_tc_bwd(DType dtype, const void* dy, const void* q, const void* k, const void* v, const void* w,
+                             const void* y, const void* lse, void* dq, void* dk, void* dv, void* dw, int64_t B,
+                             int64_t T, int64_t D, int64_t heads, int64_t W, bool causal, bool banded, void* workspace,
+                             cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace attnfree

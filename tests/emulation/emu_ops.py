@@ -21,6 +21,7 @@ SOURCES = [
     "csrc/aft_simple/aft_simple.cu",
     "csrc/aft_local/aft_local.cu",
     "csrc/aft_local/aft_local_tc.cu",
+    "csrc/aft_local/aft_local_tc_bwd.cu",
     "csrc/aft_full/aft_full.cu",
     "csrc/ea_double_norm/ea_double_norm.cu",
     "tests/emulation/shims/ops_shim.cpp",
