@@ -1130,27 +1130,24 @@ __device__ __noinline__ float bwd_w_exact(gptr<const E> __restrict__ dy, gptr<co
   return s;
 }
 
-// What the dw kernel does with a finished tile g = dw[I, J] of head h:
-//   Dense: CTA (J, I) writes dw[I, J] (zeros above the causal diagonal).
-//   DU:    CTA (-, I) loops over the key tiles J and accumulates du[I] += dw[I, J] vb[J];
-//   DVb:   CTA (J, -) loops over the query tiles I and accumulates dvb[J] += dw[I, J]^T u[I].
-// (low rank, w = u vb^T built tile by tile: the dw tile never leaves the chip.) Each CTA owns its rows of the fp32
-// accumulator and adds the tiles in a fixed order: no atomics, deterministic. The two passes recompute dw once each.
-// (DU and DVb share one instantiation: the mode is a kernel argument.)
-enum class DwMode : int { Dense, DU, DVb };
+// What the low-rank dw kernel does with a finished tile g = dw[I, J] of head h (w = u vb^T built tile by tile: the
+// dw tile never leaves the chip):
+//   DU:  CTA (-, I) loops over the key tiles J and accumulates du[I] += dw[I, J] vb[J];
+//   DVb: CTA (J, -) loops over the query tiles I and accumulates dvb[J] += dw[I, J]^T u[I].
+// Each CTA owns its rows of the fp32 accumulator and adds the tiles in a fixed order: no atomics, deterministic.
+// The two passes recompute dw once each. (DU and DVb share one instantiation: the mode is a kernel argument.)
+enum class DwMode : int { DU, DVb };
 
-// dw. CTA as above; per tile pair (I, J), loops over chunks of 64 columns (b, c) of the head.
+// Low-rank dw. CTA as above; per tile pair (I, J), loops over chunks of 64 columns (b, c) of the head.
 // Per chunk: mu[c] = max_{t' in J} k, Y = exp(k - mu); Xl = mu - lse, nu[t] = max_c Xl, Xt = exp(Xl - nu);
 // g = (Xt G) (Y v)^T - (Xt H) Y^T (rows x keys); dw += g * exp(w + nu).
-template <typename E, typename WE, bool LOWRANK>
+template <typename E, typename WE>
 __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
     bwd_w_tc_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
-                    gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const WE> __restrict__ u,
-                    gptr<const WE> __restrict__ vbias, gptr<const E> __restrict__ y, gptr<const float> __restrict__ lse,
-                    gptr<WE> __restrict__ dw, gptr<float> __restrict__ facc, int64_t B, int64_t T, int64_t D,
-                    int64_t dh, int64_t rank, bool causal, DwMode mode_arg) {
+                    gptr<const E> __restrict__ v, gptr<const WE> __restrict__ u, gptr<const WE> __restrict__ vbias,
+                    gptr<const E> __restrict__ y, gptr<const float> __restrict__ lse, gptr<float> __restrict__ facc,
+                    int64_t B, int64_t T, int64_t D, int64_t dh, int64_t rank, bool causal, DwMode mode) {
 #if AFT_FULL_TC_ARCH
-  const DwMode mode = LOWRANK ? mode_arg : DwMode::Dense;
   constexpr bool F32OPS = uses_tf32_operands<E>();
   using Cfg = BwdCfg<F32OPS>;
   using Op = typename Cfg::Op;
@@ -1171,45 +1168,24 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int64_t h = blockIdx.z;
-  const WSrc<WE, LOWRANK> src = head_bias<WE, LOWRANK>(w, u, vbias, h, T, rank);
+  const WSrc<WE, true> src = head_bias<WE, true>(nullptr, u, vbias, h, T, rank);
   // outputs owned: rows t0 + wr0 + i, key k0 + wc0 + lane
   const int wr0 = (warp >> 1) * 16, wc0 = (warp & 1) * 32;
   const int ycol = tid & 63, yg = tid >> 6;    // Y roles: column, keys yg*16 .. +16
   const int xrow = tid >> 2, xpart = tid & 3;  // X roles: row, columns xpart*16 .. +16
   const int64_t ncols = B * dh;
   const int64_t ntiles = (T + 63) / 64;
-  // the tile pairs of this CTA: Dense one, DU (I fixed) the key tiles J, DVb (J fixed) the query tiles I
+  // the tile pairs of this CTA: DU (I fixed) the key tiles J, DVb (J fixed) the query tiles I
   const int64_t fixed = (mode == DwMode::DVb) ? static_cast<int64_t>(blockIdx.x) : static_cast<int64_t>(blockIdx.y);
-  int64_t p0 = 0, p1 = 1;
-  if (mode == DwMode::DU) p1 = causal ? ((fixed * 64 + 63 < T ? fixed * 64 + 63 : T - 1) / 64 + 1) : ntiles;
-  if (mode == DwMode::DVb) {
-    p0 = causal ? fixed : 0;
-    p1 = ntiles;
-  }
+  const bool du = mode == DwMode::DU;
+  const int64_t p0 = (!du && causal) ? fixed : 0;
+  const int64_t p1 = (du && causal) ? (fixed * 64 + 63 < T ? fixed * 64 + 63 : T - 1) / 64 + 1 : ntiles;
   for (int64_t p = p0; p < p1; ++p) {
-    const int64_t t0 = 64 * (mode == DwMode::Dense ? static_cast<int64_t>(blockIdx.y) : mode == DwMode::DU ? fixed : p);
-    const int64_t k0 = 64 * (mode == DwMode::Dense ? static_cast<int64_t>(blockIdx.x) : mode == DwMode::DU ? p : fixed);
+    const int64_t t0 = 64 * (du ? fixed : p);
+    const int64_t k0 = 64 * (du ? p : fixed);
     const int64_t tkey = k0 + wc0 + lane;
-    const int64_t t_last = (t0 + 64 < T ? t0 + 64 : T) - 1;
-    if (mode == DwMode::Dense && causal && k0 > t_last) {  // the whole tile is above the diagonal
-      gptr<WE> dwh = dw + h * T * T;
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        const int64_t t = t0 + wr0 + i;
-        if (t < T && tkey < T) dwh[t * T + tkey] = from_acc<WE>(0.f);
-      }
-      return;
-    }
     float wreg[16], acc[16];
-    if constexpr (LOWRANK) {
-      lowrank_tile<false>(src, t0, k0, wc0 + lane, wr0, Us, Vs, wreg);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        const int64_t t = t0 + wr0 + i;
-        wreg[i] = (t < T && tkey < T) ? static_cast<float>(src.at(t, tkey)) : 0.f;
-      }
-    }
+    lowrank_tile<false>(src, t0, k0, wc0 + lane, wr0, Us, Vs, wreg);
 #pragma unroll
     for (int i = 0; i < 16; ++i) acc[i] = 0.f;
     for (int64_t j0 = 0; j0 < ncols; j0 += 64) {
@@ -1282,44 +1258,33 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
       }
       __syncthreads();  // before the next chunk overwrites colbase / operands / staging
     }
-    if constexpr (!LOWRANK) {
-      if (tkey >= T) return;
-      gptr<WE> dwh = dw + h * T * T;
+    // the dw tile (0 outside the visible part: acc was only added to there) through shared memory, then the
+    // factor product of this CTA's rows
 #pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        const int64_t t = t0 + wr0 + i;
-        if (t < T) dwh[t * T + tkey] = from_acc<WE>((causal && tkey > t) ? 0.f : acc[i]);
+    for (int i = 0; i < 16; ++i) st[(wr0 + i) * LDS + wc0 + lane] = acc[i];
+    __syncthreads();
+    // the other factor's 64 rows (vb[J] for DU, u[I] for DVb) in chunks of RCH ranks through Vs, read once
+    gptr<float> fh = facc + h * T * rank;
+    const int64_t own0 = du ? t0 : k0, oth0 = du ? k0 : t0;
+    gptr<const WE> fac = du ? src.vb : src.u;
+    for (int64_t r0 = 0; r0 < rank; r0 += RCH) {
+      for (int e = tid; e < 64 * RCH; e += NT) {
+        const int c = e / RCH, cc = e % RCH;
+        const int64_t tc = oth0 + c, rk = r0 + cc;
+        Vs[c * LDR + cc] = (tc < T && rk < rank) ? static_cast<float>(to_acc(fac[tc * rank + rk])) : 0.f;
       }
-    } else {
-      // the dw tile (0 outside the visible part: acc was only added to there) through shared memory, then the
-      // factor product of this CTA's rows
-#pragma unroll
-      for (int i = 0; i < 16; ++i) st[(wr0 + i) * LDS + wc0 + lane] = acc[i];
       __syncthreads();
-      // the other factor's 64 rows (vb[J] for DU, u[I] for DVb) in chunks of RCH ranks through Vs, read once
-      gptr<float> fh = facc + h * T * rank;
-      const bool du = mode == DwMode::DU;
-      const int64_t own0 = du ? t0 : k0, oth0 = du ? k0 : t0;
-      gptr<const WE> fac = du ? src.vb : src.u;
-      for (int64_t r0 = 0; r0 < rank; r0 += RCH) {
-        for (int e = tid; e < 64 * RCH; e += NT) {
-          const int c = e / RCH, cc = e % RCH;
-          const int64_t tc = oth0 + c, rk = r0 + cc;
-          Vs[c * LDR + cc] = (tc < T && rk < rank) ? static_cast<float>(to_acc(fac[tc * rank + rk])) : 0.f;
-        }
-        __syncthreads();
-        for (int e = tid; e < 64 * RCH; e += NT) {
-          const int a = e / RCH, cc = e % RCH;  // a: the owned row (DU) or key (DVb) of the tile
-          const int64_t rk = r0 + cc;
-          if (own0 + a >= T || rk >= rank) continue;
-          float sum = 0.f;
-          for (int c = 0; c < 64; ++c) sum = fmaf(du ? st[a * LDS + c] : st[c * LDS + a], Vs[c * LDR + cc], sum);
-          fh[(own0 + a) * rank + rk] += sum;
-        }
-        __syncthreads();  // before the next chunk overwrites Vs
+      for (int e = tid; e < 64 * RCH; e += NT) {
+        const int a = e / RCH, cc = e % RCH;  // a: the owned row (DU) or key (DVb) of the tile
+        const int64_t rk = r0 + cc;
+        if (own0 + a >= T || rk >= rank) continue;
+        float sum = 0.f;
+        for (int c = 0; c < 64; ++c) sum = fmaf(du ? st[a * LDS + c] : st[c * LDS + a], Vs[c * LDR + cc], sum);
+        fh[(own0 + a) * rank + rk] += sum;
       }
-      __syncthreads();  // before the next tile pair overwrites the staging
+      __syncthreads();  // before the next chunk overwrites Vs
     }
+    __syncthreads();  // before the next tile pair overwrites the staging
   }
 #else
   __trap();  // sm < 80: the launchers never select this kernel there (aft_full_tc_supported)
@@ -1473,19 +1438,19 @@ cudaError_t launch_bwd(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t
   return cudaGetLastError();
 }
 
-// One dw-kernel pass (see DwMode) on the grid it needs.
-template <typename E, typename WE, bool LOWRANK>
+// One low-rank dw-kernel pass (see DwMode) on the grid it needs.
+template <typename E, typename WE>
 cudaError_t launch_bwd_w_tc(DwMode mode, const BwdBuffers<E, WE>& p, gptr<float> facc, int64_t B, int64_t T, int64_t D,
                             int64_t heads, int64_t rank, bool causal, cudaStream_t s) {
   constexpr bool F32OPS = uses_tf32_operands<E>();
-  const size_t smem = BwdCfg<F32OPS>::smem_bytes(LOWRANK);
+  const size_t smem = BwdCfg<F32OPS>::smem_bytes(true);
   const unsigned tiles = blocks_for(T, 64);
-  auto kw = bwd_w_tc_kernel<E, WE, LOWRANK>;
+  auto kw = bwd_w_tc_kernel<E, WE>;
   cudaError_t err = cudaFuncSetAttribute(kw, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid(mode == DwMode::DU ? 1u : tiles, mode == DwMode::DVb ? 1u : tiles, static_cast<unsigned>(heads));
-  ATTNFREE_LAUNCH(kw, grid, NT, smem, s)(p.dy, p.q, p.k, p.v, p.w, p.u, p.vb, p.y, p.lse, p.dw, facc, B, T, D,
-                                         D / heads, rank, causal, mode);
+  ATTNFREE_LAUNCH((bwd_w_tc_kernel<E, WE>), grid, NT, smem, s)(p.dy, p.q, p.k, p.v, p.u, p.vb, p.y, p.lse, facc, B, T,
+                                                              D, D / heads, rank, causal, mode);
   return cudaGetLastError();
 }
 
@@ -1503,13 +1468,14 @@ cudaError_t launch_bwd_lowrank_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t
   auto kv = bwd_kv_tc_kernel<E, WE, true>;
   err = cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  ATTNFREE_LAUNCH(kv, dim3(blocks_for(B * dh, 64), tiles, static_cast<unsigned>(heads)), NT, smem, s)(
+  ATTNFREE_LAUNCH((bwd_kv_tc_kernel<E, WE, true>), dim3(blocks_for(B * dh, 64), tiles, static_cast<unsigned>(heads)),
+                  NT, smem, s)(
       p.dy, p.q, p.k, p.v, p.w, p.u, p.vb, p.y, p.lse, p.dk, p.dv, B, T, D, dh, rank, causal);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  err = launch_bwd_w_tc<E, WE, true>(DwMode::DU, p, p.du_acc, B, T, D, heads, rank, causal, s);
+  err = launch_bwd_w_tc<E, WE>(DwMode::DU, p, p.du_acc, B, T, D, heads, rank, causal, s);
   if (err != cudaSuccess) return err;
-  return launch_bwd_w_tc<E, WE, true>(DwMode::DVb, p, p.dvb_acc, B, T, D, heads, rank, causal, s);
+  return launch_bwd_w_tc<E, WE>(DwMode::DVb, p, p.dvb_acc, B, T, D, heads, rank, causal, s);
 }
 
 // The three-GEMM tensor-core backward: bwd_prep_kernel, bwd_kv_kernel, bwd_w_kernel, launch_bwd_tc.
@@ -1523,8 +1489,10 @@ cudaError_t launch_bwd_any(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int
     return launch_bwd<E, WE, LOWRANK>(p, B, T, D, heads, rank, causal, s);
   } else {
     if (exact) return launch_bwd<E, WE, LOWRANK>(p, B, T, D, heads, rank, causal, s);
-    // low rank with factors too large for bwd_kv_kernel's shared memory: the per-tile-pair kernels throughout
-    if (LOWRANK && (ws == nullptr || bwd_kv_smem_bytes<uses_tf32_operands<E>()>(true, rank) == 0))
+    // low rank with factors too large for bwd_kv_kernel's or bwd_uv_kernel's shared memory: the per-tile-pair
+    // kernels throughout
+    if (LOWRANK && (ws == nullptr || bwd_kv_smem_bytes<uses_tf32_operands<E>()>(true, rank) == 0 ||
+                    bwd_uv_smem_bytes<uses_tf32_operands<E>()>(rank) == 0))
       return launch_bwd_lowrank_tc<E, WE>(p, B, T, D, heads, rank, causal, s);
     return launch_bwd_tc<E, WE, LOWRANK>(p, B, T, D, heads, rank, causal, ws, s);
   }

@@ -155,6 +155,8 @@ def test_lowrank_float32_matches_oracle(emu, rank, causal):
     got = emu_ops.aft_full_lowrank_bwd(*f, lse.float(), causal)
     names = {ln["kernel"] for ln in emu_ops.last_result().launches}
     assert any("bwd_kv_kernel" in n for n in names) == (rank == 37), names
+    assert any("bwd_uv_kernel" in n for n in names) == (rank == 37), names
+    assert any("bwd_w_tc_kernel" in n for n in names) == (rank == 300), names
     for name, gg, e in zip(("dq", "dk", "dv", "du", "dvb"), got, exp):
         assert _rel(gg.double(), e) < 2e-5, name
 
