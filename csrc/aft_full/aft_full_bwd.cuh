@@ -612,8 +612,8 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
 #pragma unroll
           for (int i = 0; i < 16; ++i) wv[i] = fmaf(uu, Vt[(kb + i) * ldu + r], wv[i]);
         }
-#pragma unroll 1
-        for (int i = 0; i < 16; ++i) {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {  // unrolled: wv stays in registers
           const int64_t s = s0 + kb + i;
           float g = 0.f;
           if (key_visible(t, s, T, causal) && wv[i] != -INFINITY) {
