@@ -52,9 +52,9 @@
 // Backward, tensor cores (fp16 / bf16 / fp32; docs/design.md §3), by recomputation from lse. With P = exp(w + k - lse)
 // (<= 1), G = dy * sigmoid(q), H = dy * y:  dq = dy * y * (1 - sigmoid(q)).
 //   aft_full_bwd.cuh: the forward's fixed references r, m, then three GEMMs with the exponentials of each operand
-//   formed once (bwd_prep_kernel, bwd_kv_kernel, bwd_w_kernel); the low-rank bias takes its prepass and dk/dv kernel
-//   where the factor rows fit in shared memory, and the du / dvb passes of bwd_w_tc_kernel below.
-//   Per 64 x 64 tile pair with local maxima (the low-rank bias; `bwd_dq_kernel` first):
+//   formed once (bwd_prep_kernel, bwd_kv_kernel, bwd_w_kernel); the low-rank bias takes its prepass, dk/dv kernel
+//   and, for du / dvb, bwd_uv_kernel where the factor rows fit in shared memory (rank <= ~150).
+//   Per 64 x 64 tile pair with local maxima (the low-rank bias with larger factors; `bwd_dq_kernel` first):
 //   `bwd_kv_tc_kernel`: CTA = key tile J (64 keys) x 64 columns of a head; loop over query tiles I (causal: I >= J).
 //     a[t] = max_{t' in J, visible} w;  Ew = exp(w - a);  La = a - lse;  lam[c] = max_{t in I} La;  R = exp(La - lam)
 //     [g1 | g2] = Ew^T [R G | R H]  (two 64x64x64 MMAs, same operand formats as the forward)
@@ -68,7 +68,8 @@
 //     with the same guard (w + nu) * log2 e > 60 -> exact per-element sum over the chunk.
 //   The SIMT kernels below (`bwd_dkdv_kernel`: one thread per (b, t', c); `bwd_dw_kernel`: one warp per
 //   (h, t, t')) are used for float64 and with exact = true.
-//   Low rank (w = u vb^T, never materialised): both kernels build their w tiles from u, vb on chip (lowrank_tile);
+//   Low rank (w = u vb^T, never materialised; the only user of these two kernels): both build their w tiles from
+//   u, vb on chip (lowrank_tile);
 //   the dw kernel runs twice, once per query tile I looping over key tiles (du[I] += dw[I, J] vb[J]) and once per
 //   key tile J looping over query tiles (dvb[J] += dw[I, J]^T u[I]), each CTA owning its rows of an fp32
 //   (heads, T, rank) accumulator: deterministic, no atomics, no T x T buffer (2x the dw work of the dense bias).
@@ -945,18 +946,17 @@ struct BwdCfg {
   static constexpr size_t kUs = kBytes;                                  // float Us[64][LDR] (low rank)
   static constexpr size_t kVs = kUs + size_t(64) * LDR * sizeof(float);  // float Vs[64][LDR]
   static constexpr size_t kLowRankBytes = kVs + size_t(64) * LDR * sizeof(float);
-  static size_t smem_bytes(bool lowrank) { return lowrank ? kLowRankBytes : kBytes; }
 };
 
 // Exact (per-element) partial sums for the rare path of the dk/dv kernel: (sum P G, sum P H) over query rows
 // [ta, tb) for key tk (returned by value: output references would put the caller's accumulators on the stack).
-template <typename E, typename WE, bool LOWRANK>
+template <typename E, typename WE>
 __device__ __noinline__ float2 bwd_kv_exact(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q,
                                             gptr<const E> __restrict__ y, gptr<const float> __restrict__ lse,
-                                            gptr<const WE> __restrict__ w, gptr<const WE> __restrict__ u,
-                                            gptr<const WE> __restrict__ vbias, int64_t h, int64_t rank, int64_t tk,
-                                            float kk, int64_t cb, int64_t T, int64_t D, int64_t ta, int64_t tb) {
-  const WSrc<WE, LOWRANK> src = head_bias<WE, LOWRANK>(w, u, vbias, h, T, rank);
+                                            gptr<const WE> __restrict__ u, gptr<const WE> __restrict__ vbias,
+                                            int64_t h, int64_t rank, int64_t tk, float kk, int64_t cb, int64_t T,
+                                            int64_t D, int64_t ta, int64_t tb) {
+  const WSrc<WE, true> src = head_bias<WE, true>(nullptr, u, vbias, h, T, rank);
   float sg = 0.f, sh = 0.f;
   for (int64_t t = ta; t < tb; ++t) {
     const int64_t o = cb + t * D;
@@ -968,14 +968,14 @@ __device__ __noinline__ float2 bwd_kv_exact(gptr<const E> __restrict__ dy, gptr<
   return make_float2(sg, sh);
 }
 
-// dk, dv. CTA: key tile J (64 keys) x 64 columns (b, c) of head h; loops over query tiles I.
+// Low-rank dk, dv. CTA: key tile J (64 keys) x 64 columns (b, c) of head h; loops over query tiles I.
 // Per I: a[t] = max_{t' in J visible} w, Ew = exp(w - a) (64 x 64, [t][t']); La = a - lse, lam[c] = max_t La,
 // R = exp(La - lam); X1 = R G, X2 = R H ([t][c]); g = Ew^T X (keys x columns); contribution = g * exp(k + lam).
-template <typename E, typename WE, bool LOWRANK>
+template <typename E, typename WE>
 __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
     bwd_kv_tc_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
-                     gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const WE> __restrict__ u,
-                     gptr<const WE> __restrict__ vbias, gptr<const E> __restrict__ y,
+                     gptr<const E> __restrict__ v, gptr<const WE> __restrict__ u, gptr<const WE> __restrict__ vbias,
+                     gptr<const E> __restrict__ y,
                      gptr<const float> __restrict__ lse, gptr<E> __restrict__ dk, gptr<E> __restrict__ dv, int64_t B,
                      int64_t T, int64_t D, int64_t dh, int64_t rank, bool causal) {
 #if AFT_FULL_TC_ARCH
@@ -1003,7 +1003,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * 64;
   if (tid < 64) colbase[tid] = column_offset(j0 + tid, B * dh, dh, T, D, h);
   __syncthreads();
-  const WSrc<WE, LOWRANK> src = head_bias<WE, LOWRANK>(w, u, vbias, h, T, rank);
+  const WSrc<WE, true> src = head_bias<WE, true>(nullptr, u, vbias, h, T, rank);
   // outputs owned: keys k0 + wr0 + i (i < 16), column wc0 + lane
   const int wr0 = (warp >> 1) * 16, wc0 = (warp & 1) * 32;
   const int64_t cbo = colbase[wc0 + lane];
@@ -1088,7 +1088,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
             const int64_t tb = (t0 + 64 < T) ? t0 + 64 : T;
             const int64_t ta = (causal && tk > t0) ? tk : t0;
             const float2 e =
-                bwd_kv_exact<E, WE, LOWRANK>(dy, q, y, lse, w, u, vbias, h, rank, tk, kreg[i], cbo, T, D, ta, tb);
+                bwd_kv_exact<E, WE>(dy, q, y, lse, u, vbias, h, rank, tk, kreg[i], cbo, T, D, ta, tb);
             sg[i] += e.x;
             sh[i] += e.y;
           }
@@ -1443,7 +1443,7 @@ template <typename E, typename WE>
 cudaError_t launch_bwd_w_tc(DwMode mode, const BwdBuffers<E, WE>& p, gptr<float> facc, int64_t B, int64_t T, int64_t D,
                             int64_t heads, int64_t rank, bool causal, cudaStream_t s) {
   constexpr bool F32OPS = uses_tf32_operands<E>();
-  const size_t smem = BwdCfg<F32OPS>::smem_bytes(true);
+  const size_t smem = BwdCfg<F32OPS>::kLowRankBytes;
   const unsigned tiles = blocks_for(T, 64);
   auto kw = bwd_w_tc_kernel<E, WE>;
   cudaError_t err = cudaFuncSetAttribute(kw, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -1460,17 +1460,17 @@ cudaError_t launch_bwd_lowrank_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t
                                   int64_t rank, bool causal, cudaStream_t s) {
   constexpr bool F32OPS = uses_tf32_operands<E>();
   const int64_t n = B * T * D, dh = D / heads;
-  const size_t smem = BwdCfg<F32OPS>::smem_bytes(true);
+  const size_t smem = BwdCfg<F32OPS>::kLowRankBytes;
   const unsigned tiles = blocks_for(T, 64);
   if (tiles > 65535u || heads > 65535) return cudaErrorInvalidConfiguration;
   cudaError_t err = launch_bwd_dq(p, n, s);
   if (err != cudaSuccess) return err;
-  auto kv = bwd_kv_tc_kernel<E, WE, true>;
+  auto kv = bwd_kv_tc_kernel<E, WE>;
   err = cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  ATTNFREE_LAUNCH((bwd_kv_tc_kernel<E, WE, true>), dim3(blocks_for(B * dh, 64), tiles, static_cast<unsigned>(heads)),
-                  NT, smem, s)(
-      p.dy, p.q, p.k, p.v, p.w, p.u, p.vb, p.y, p.lse, p.dk, p.dv, B, T, D, dh, rank, causal);
+  ATTNFREE_LAUNCH((bwd_kv_tc_kernel<E, WE>), dim3(blocks_for(B * dh, 64), tiles, static_cast<unsigned>(heads)), NT,
+                  smem, s)(
+      p.dy, p.q, p.k, p.v, p.u, p.vb, p.y, p.lse, p.dk, p.dv, B, T, D, dh, rank, causal);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   err = launch_bwd_w_tc<E, WE>(DwMode::DU, p, p.du_acc, B, T, D, heads, rank, causal, s);

@@ -23,9 +23,13 @@
 // late spike (m raised by a key that rows before it cannot see); NaN reaches the outputs through the same path.
 // Rows with lse = -inf (no visible key) contribute nothing.
 // Low-rank bias w = u vb^T: the same prepass and dk/dv kernel (w tiles as fp32 dot products from the factor rows of
-// the key tile, resident in shared memory, and of each query step), where those rows fit (rank <= ~160 with fp32
-// operands, ~220 bf16); dw is never formed: du and dvb come from the per-tile-pair dw kernel of aft_full.cu
-// (launch_bwd_w_tc).
+// the key tile, resident in shared memory, and of each query step); dw is never formed in memory:
+//   `bwd_uv_kernel`: CTA = 128 rows of du (or keys of dvb) of a head, loops over the other side's 128-tiles: the
+//       dw tile of bwd_w_kernel's GEMM (Ew from both tiles' factor rows in shared memory), contracted on chip with
+//       vb (du += dw vb) or u (dvb += dw^T u) into the CTA's own fp32 accumulator rows. Two launches (du, dvb),
+//       deterministic, no atomics, no workspace beyond the dense backward's.
+// where the factor rows fit (rank <= ~150 for both kernels; larger factors take the per-tile-pair kernels of
+// aft_full.cu throughout).
 
 // log2 of Sc = exp(r + m - lse) for an element with lse > -inf, formed in double: r + m may be ~1e4, and float
 // rounding there would add its own error to lse's (float lse carries ulp(lse) / 2, ~1.5e-5 at |lse| ~ 300, into
@@ -693,7 +697,7 @@ inline size_t bwd_uv_smem_bytes(int64_t rank) {
 }
 
 // The forward's prepasses (m, X, X v, r), the flags, bwd_prep_kernel, then the dk/dv kernel and the dw kernel
-// (low rank: the two du / dvb passes of the per-tile-pair dw kernel, launch_bwd_w_tc). ws: bwd_ws_layout's bytes.
+// (low rank: the du and dvb passes of bwd_uv_kernel). ws: bwd_ws_layout's bytes.
 template <typename E, typename WE, bool LOWRANK>
 cudaError_t launch_bwd_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t rank,
                           bool causal, void* ws, cudaStream_t s) {
