@@ -117,6 +117,20 @@ __device__ __noinline__ float bwd_w_exact_row(gptr<const E> __restrict__ k, gptr
   return acc;
 }
 
+// w[t, s0 + i] = sum_r u[t, r] vb[s0 + i, r], i < 16, from factor rows in shared memory (urow: row t, vrows: the 16
+// keys' rows, row stride ldu = rank + 1), as fp32 fmaf in rank order: the order of the row-max prepass
+// (lowrank_tile), so that w - r <= 0 holds exactly where r is the row's maximum.
+__device__ __forceinline__ void lowrank_w_strip(const float* urow, const float* vrows, int ldu, float (&wv)[16]) {
+#pragma unroll
+  for (int i = 0; i < 16; ++i) wv[i] = 0.f;
+#pragma unroll 1
+  for (int r = 0; r < ldu - 1; ++r) {
+    const float uu = urow[r];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) wv[i] = fmaf(uu, vrows[i * ldu + r], wv[i]);
+  }
+}
+
 #if AFT_FULL_TC_ARCH
 // A warp's FM x FN accumulator fragments (16 x 16) over rows r0 + 16 i and columns c0 + 16 jj:
 // acc[i][jj] += A[r0 + 16 i .., 0 .. K) B[0 .. K, c0 + 16 jj ..). LA/LB: wmma::row_major or wmma::col_major
@@ -280,14 +294,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
       for (int half = 0; half < 2; ++half) {
         const int kb = epart * 32 + half * 16;
         float wv[16];
-#pragma unroll
-        for (int i = 0; i < 16; ++i) wv[i] = 0.f;
-#pragma unroll 1
-        for (int r = 0; r < ldu - 1; ++r) {
-          const float uu = Ut[erow * ldu + r];
-#pragma unroll
-          for (int i = 0; i < 16; ++i) wv[i] = fmaf(uu, Vt[(kb + i) * ldu + r], wv[i]);
-        }
+        lowrank_w_strip(Ut + erow * ldu, Vt + kb * ldu, ldu, wv);
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
           const bool vis = key_visible(t, s0 + kb + i, T, causal) && wv[i] != -INFINITY;
@@ -608,14 +615,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
       for (int quarter = 0; quarter < 4; ++quarter) {
         const int kb = ehalf * 64 + quarter * 16;
         float wv[16];
-#pragma unroll
-        for (int i = 0; i < 16; ++i) wv[i] = 0.f;
-#pragma unroll 1
-        for (int r = 0; r < ldu - 1; ++r) {
-          const float uu = Ut[erow * ldu + r];
-#pragma unroll
-          for (int i = 0; i < 16; ++i) wv[i] = fmaf(uu, Vt[(kb + i) * ldu + r], wv[i]);
-        }
+        lowrank_w_strip(Ut + erow * ldu, Vt + kb * ldu, ldu, wv);
 #pragma unroll
         for (int i = 0; i < 16; ++i) {  // unrolled: wv stays in registers
           const int64_t s = s0 + kb + i;
