@@ -286,3 +286,18 @@ def test_counted_cost_per_element(emu, causal):
     assert r["bytes_counted"] / n < (750 if not causal else 450)
     assert r["special_ops"] / n < (60 if not causal else 34)
     assert r["predicted_fraction"] > (0.25 if not causal else 0.21)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lowrank_counted_cost_per_element(emu, causal):
+    """bf16, rank 128 at the paper shape: du, dvb through bwd_uv_kernel counted ~839 bytes, 37 special-function
+    ops per output element and predicted_fraction 0.21 (causal ~455, 20.5, 0.20); the per-tile-pair du / dvb passes
+    it replaces ~2659 bytes, 548 ops, 0.067."""
+    from benchmarks import cost_model as cm
+
+    paper = cm.PAPER["aft"]
+    r = cm.model_case("aft_full_lowrank", "bwd", "bf16", causal, cm.SMALL["aft_full_lowrank"], paper)
+    n = paper["B"] * paper["T"] * paper["D"]
+    assert r["bytes_counted"] / n < (900 if not causal else 500)
+    assert r["special_ops"] / n < (40 if not causal else 23)
+    assert r["predicted_fraction"] > (0.2 if not causal else 0.18)
