@@ -9,12 +9,13 @@ for the dense AFT-full also 2D; T and D at least two tiles of every kernel's til
 partial tiles would bend the fit: the dense AFT-full at T = 768, 1536 and B*D = 384, 768, whole tiles of its
 192 x 96 forward, 256 x 128 backward dw and 128 x 128 tiles; AFT-local 32-column x 8-row tiles,
 scan chunks of 64 steps, B*D >= 2048 columns so the scan chunk length is the paper shapes' 64). Every count is fitted
-as  count = a*X + b*Y (+ c*Z)  through the points (one per term) and evaluated at the paper shape:
+as  count = a*X + b*Y (+ c*Z (+ d*T))  through the points (one per term) and evaluated at the paper shape:
     memory-bound ops:  X = B*T*D (elements), Y = B*D   (per-column overheads, clipped window edges)
-    AFT-full, dense bias:  X = B*T^2*D,  Y = B*T*D,  Z = T^2   (per-(query, key) work shared by every column: the
-        row maximum of w, the w tiles of the backward, dw; with two sizes of the same B*D it was fitted into X and
-        multiplied by B*D at the paper shape)
-    AFT-full, low-rank bias:  X = B*T^2*D,  Y = B*T*D
+    AFT-full (dense and low-rank):  X = B*T^2*D,  Y = B*T*D,  Z = T^2   (per-(query, key) work shared by every
+        column: the row maximum of w, the w tiles of the backward, dw; with two sizes of the same B*D it was
+        fitted into X and multiplied by B*D at the paper shape); low-rank also  + d*T  from a fourth size
+        (B, 2T, 2D): per-row work shared by every column (factor rows, du / dvb accumulator rows), which the
+        three-term fit of the small sizes had spread over X and Y
 (EA: B -> M batch rows, T -> N, D -> S). ``scale`` in the output is the per-X ratio of the first two sizes (1.0 =
 scales exactly as the model says; the fit absorbs the rest).
 
@@ -104,18 +105,21 @@ def _dense(op):
 
 
 def _features(op, B, T, D):
-    if op == "aft_full":
-        return (B * T * T * D, B * T * D, T * T)
-    return (B * T * T * D, B * T * D) if _dense(op) else (B * T * D, B * D)
+    if op == "aft_full_lowrank":
+        return (B * T * T * D, B * T * D, T * T, T)
+    return (B * T * T * D, B * T * D, T * T) if _dense(op) else (B * T * D, B * D)
 
 
 def _points(op, sizes):
-    """The scaled-down sizes a case runs at: (B, T, D) and (B, 2T, D); the dense AFT-full also (B, T, 2D), so that
-    its per-(query, key) work that no column shares (the row maximum of w, dw) is fitted apart from B*T^2*D. (The
-    low-rank bias has no T^2 pass; its per-head work goes as T*rank, which a T^2 term would extrapolate wrongly.)"""
+    """The scaled-down sizes a case runs at: (B, T, D) and (B, 2T, D); AFT-full also (B, T, 2D), so that its
+    per-(query, key) work that no column shares (the row maximum of w, dw) is fitted apart from B*T^2*D; the
+    low-rank bias also (B, 2T, 2D), for its per-row work that no column shares (the factor conversions, the
+    resident factor rows and fp32 du / dvb rows of the backward's tiles, its causal diagonal tile pairs)."""
     B, T1, D = sizes
     pts = [(B, T1, D), (B, 2 * T1, D)]
-    return pts + [(B, T1, 2 * D)] if op == "aft_full" else pts
+    if op == "aft_full_lowrank":
+        return pts + [(B, T1, 2 * D), (B, 2 * T1, 2 * D)]
+    return pts + [(B, T1, 2 * D)] if _dense(op) else pts
 
 
 def _fit(feats, counts, at):

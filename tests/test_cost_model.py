@@ -64,19 +64,22 @@ def test_cost_model_cli_json(tmp_path):
     }
 
 
-@pytest.mark.parametrize("op", ["aft_simple", "aft_full"])
+@pytest.mark.parametrize("op", ["aft_simple", "aft_full", "aft_full_lowrank"])
 def test_fit_recovers_each_term(op):
     """A count made of the model's terms is recovered exactly at the paper shape; for AFT-full a per-(query, key)
-    term (T^2, shared by every column) stays T^2 there instead of growing with B*D as a two-size fit makes it."""
+    term (T^2, shared by every column) stays T^2 there instead of growing with B*D as a two-size fit makes it, and
+    for the low-rank bias a per-row term stays T."""
     from benchmarks import cost_model as cm
 
     pts = cm._points(op, cm.SMALL[op])
     feats = [cm._features(op, *p) for p in pts]
     paper = cm._features(op, 8, 4096, 1024)
-    coef = (3.0, 17.0, 5.0)[: len(feats[0])]
+    coef = (3.0, 17.0, 5.0, 11.0)[: len(feats[0])]
     counts = [sum(c * f for c, f in zip(coef, fe)) for fe in feats]
     want = sum(c * f for c, f in zip(coef, paper))
     assert cm._fit(feats, counts, paper) == pytest.approx(want, rel=1e-9)
-    if op == "aft_full":
+    if op != "aft_simple":
         t2 = [p[1] ** 2 for p in pts]  # a pure T^2 count (one read of w per pass)
         assert cm._fit(feats, t2, paper) == pytest.approx(4096**2, rel=1e-9)
+    if op == "aft_full_lowrank":  # a pure per-row count (the factor rows of a tile) stays T
+        assert cm._fit(feats, [p[1] for p in pts], paper) == pytest.approx(4096, rel=1e-9)

@@ -136,7 +136,14 @@ def test_nvcc_compiles_sm75(cu, jobs):
 # Kernels whose per-thread state must live in registers: ptxas must give them a 0-byte stack frame (no local
 # memory: no spills, no address-taken arrays) on every architecture of test_nvcc_compiles_sm80_sm90.
 NO_STACK_KERNELS = {
-    "aft_full.cu": ("fwd_tc_kernel", "bwd_kv_tc_kernel", "bwd_w_tc_kernel", "bwd_kv_kernel", "bwd_w_kernel"),
+    "aft_full.cu": (
+        "fwd_tc_kernel",
+        "bwd_kv_tc_kernel",
+        "bwd_w_tc_kernel",
+        "bwd_kv_kernel",
+        "bwd_w_kernel",
+        "bwd_uv_kernel",
+    ),
     "aft_local_tc.cu": ("local_fwd_tc_kernel", "tile_stats_kernel"),
 }
 

@@ -52,9 +52,9 @@
 // Backward, tensor cores (fp16 / bf16 / fp32; docs/design.md §3), by recomputation from lse. With P = exp(w + k - lse)
 // (<= 1), G = dy * sigmoid(q), H = dy * y:  dq = dy * y * (1 - sigmoid(q)).
 //   aft_full_bwd.cuh: the forward's fixed references r, m, then three GEMMs with the exponentials of each operand
-//   formed once (bwd_prep_kernel, bwd_kv_kernel, bwd_w_kernel); the low-rank bias takes its prepass and dk/dv kernel
-//   where the factor rows fit in shared memory, and the du / dvb passes of bwd_w_tc_kernel below.
-//   Per 64 x 64 tile pair with local maxima (the low-rank bias; `bwd_dq_kernel` first):
+//   formed once (bwd_prep_kernel, bwd_kv_kernel, bwd_w_kernel); the low-rank bias takes its prepass, dk/dv kernel
+//   and, for du / dvb, bwd_uv_kernel where the factor rows fit in shared memory (rank <= ~150).
+//   Per 64 x 64 tile pair with local maxima (the low-rank bias with larger factors; `bwd_dq_kernel` first):
 //   `bwd_kv_tc_kernel`: CTA = key tile J (64 keys) x 64 columns of a head; loop over query tiles I (causal: I >= J).
 //     a[t] = max_{t' in J, visible} w;  Ew = exp(w - a);  La = a - lse;  lam[c] = max_{t in I} La;  R = exp(La - lam)
 //     [g1 | g2] = Ew^T [R G | R H]  (two 64x64x64 MMAs, same operand formats as the forward)
@@ -68,7 +68,8 @@
 //     with the same guard (w + nu) * log2 e > 60 -> exact per-element sum over the chunk.
 //   The SIMT kernels below (`bwd_dkdv_kernel`: one thread per (b, t', c); `bwd_dw_kernel`: one warp per
 //   (h, t, t')) are used for float64 and with exact = true.
-//   Low rank (w = u vb^T, never materialised): both kernels build their w tiles from u, vb on chip (lowrank_tile);
+//   Low rank (w = u vb^T, never materialised; the only user of these two kernels): both build their w tiles from
+//   u, vb on chip (lowrank_tile);
 //   the dw kernel runs twice, once per query tile I looping over key tiles (du[I] += dw[I, J] vb[J]) and once per
 //   key tile J looping over query tiles (dvb[J] += dw[I, J]^T u[I]), each CTA owning its rows of an fp32
 //   (heads, T, rank) accumulator: deterministic, no atomics, no T x T buffer (2x the dw work of the dense bias).
@@ -945,18 +946,17 @@ struct BwdCfg {
   static constexpr size_t kUs = kBytes;                                  // float Us[64][LDR] (low rank)
   static constexpr size_t kVs = kUs + size_t(64) * LDR * sizeof(float);  // float Vs[64][LDR]
   static constexpr size_t kLowRankBytes = kVs + size_t(64) * LDR * sizeof(float);
-  static size_t smem_bytes(bool lowrank) { return lowrank ? kLowRankBytes : kBytes; }
 };
 
 // Exact (per-element) partial sums for the rare path of the dk/dv kernel: (sum P G, sum P H) over query rows
 // [ta, tb) for key tk (returned by value: output references would put the caller's accumulators on the stack).
-template <typename E, typename WE, bool LOWRANK>
+template <typename E, typename WE>
 __device__ __noinline__ float2 bwd_kv_exact(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q,
                                             gptr<const E> __restrict__ y, gptr<const float> __restrict__ lse,
-                                            gptr<const WE> __restrict__ w, gptr<const WE> __restrict__ u,
-                                            gptr<const WE> __restrict__ vbias, int64_t h, int64_t rank, int64_t tk,
-                                            float kk, int64_t cb, int64_t T, int64_t D, int64_t ta, int64_t tb) {
-  const WSrc<WE, LOWRANK> src = head_bias<WE, LOWRANK>(w, u, vbias, h, T, rank);
+                                            gptr<const WE> __restrict__ u, gptr<const WE> __restrict__ vbias,
+                                            int64_t h, int64_t rank, int64_t tk, float kk, int64_t cb, int64_t T,
+                                            int64_t D, int64_t ta, int64_t tb) {
+  const WSrc<WE, true> src = head_bias<WE, true>(nullptr, u, vbias, h, T, rank);
   float sg = 0.f, sh = 0.f;
   for (int64_t t = ta; t < tb; ++t) {
     const int64_t o = cb + t * D;
@@ -968,14 +968,14 @@ __device__ __noinline__ float2 bwd_kv_exact(gptr<const E> __restrict__ dy, gptr<
   return make_float2(sg, sh);
 }
 
-// dk, dv. CTA: key tile J (64 keys) x 64 columns (b, c) of head h; loops over query tiles I.
+// Low-rank dk, dv. CTA: key tile J (64 keys) x 64 columns (b, c) of head h; loops over query tiles I.
 // Per I: a[t] = max_{t' in J visible} w, Ew = exp(w - a) (64 x 64, [t][t']); La = a - lse, lam[c] = max_t La,
 // R = exp(La - lam); X1 = R G, X2 = R H ([t][c]); g = Ew^T X (keys x columns); contribution = g * exp(k + lam).
-template <typename E, typename WE, bool LOWRANK>
+template <typename E, typename WE>
 __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
     bwd_kv_tc_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
-                     gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const WE> __restrict__ u,
-                     gptr<const WE> __restrict__ vbias, gptr<const E> __restrict__ y,
+                     gptr<const E> __restrict__ v, gptr<const WE> __restrict__ u, gptr<const WE> __restrict__ vbias,
+                     gptr<const E> __restrict__ y,
                      gptr<const float> __restrict__ lse, gptr<E> __restrict__ dk, gptr<E> __restrict__ dv, int64_t B,
                      int64_t T, int64_t D, int64_t dh, int64_t rank, bool causal) {
 #if AFT_FULL_TC_ARCH
@@ -1003,7 +1003,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * 64;
   if (tid < 64) colbase[tid] = column_offset(j0 + tid, B * dh, dh, T, D, h);
   __syncthreads();
-  const WSrc<WE, LOWRANK> src = head_bias<WE, LOWRANK>(w, u, vbias, h, T, rank);
+  const WSrc<WE, true> src = head_bias<WE, true>(nullptr, u, vbias, h, T, rank);
   // outputs owned: keys k0 + wr0 + i (i < 16), column wc0 + lane
   const int wr0 = (warp >> 1) * 16, wc0 = (warp & 1) * 32;
   const int64_t cbo = colbase[wc0 + lane];
@@ -1088,7 +1088,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
             const int64_t tb = (t0 + 64 < T) ? t0 + 64 : T;
             const int64_t ta = (causal && tk > t0) ? tk : t0;
             const float2 e =
-                bwd_kv_exact<E, WE, LOWRANK>(dy, q, y, lse, w, u, vbias, h, rank, tk, kreg[i], cbo, T, D, ta, tb);
+                bwd_kv_exact<E, WE>(dy, q, y, lse, u, vbias, h, rank, tk, kreg[i], cbo, T, D, ta, tb);
             sg[i] += e.x;
             sh[i] += e.y;
           }
@@ -1130,27 +1130,24 @@ __device__ __noinline__ float bwd_w_exact(gptr<const E> __restrict__ dy, gptr<co
   return s;
 }
 
-// What the dw kernel does with a finished tile g = dw[I, J] of head h:
-//   Dense: CTA (J, I) writes dw[I, J] (zeros above the causal diagonal).
-//   DU:    CTA (-, I) loops over the key tiles J and accumulates du[I] += dw[I, J] vb[J];
-//   DVb:   CTA (J, -) loops over the query tiles I and accumulates dvb[J] += dw[I, J]^T u[I].
-// (low rank, w = u vb^T built tile by tile: the dw tile never leaves the chip.) Each CTA owns its rows of the fp32
-// accumulator and adds the tiles in a fixed order: no atomics, deterministic. The two passes recompute dw once each.
-// (DU and DVb share one instantiation: the mode is a kernel argument.)
-enum class DwMode : int { Dense, DU, DVb };
+// What the low-rank dw kernel does with a finished tile g = dw[I, J] of head h (w = u vb^T built tile by tile: the
+// dw tile never leaves the chip):
+//   DU:  CTA (-, I) loops over the key tiles J and accumulates du[I] += dw[I, J] vb[J];
+//   DVb: CTA (J, -) loops over the query tiles I and accumulates dvb[J] += dw[I, J]^T u[I].
+// Each CTA owns its rows of the fp32 accumulator and adds the tiles in a fixed order: no atomics, deterministic.
+// The two passes recompute dw once each. (DU and DVb share one instantiation: the mode is a kernel argument.)
+enum class DwMode : int { DU, DVb };
 
-// dw. CTA as above; per tile pair (I, J), loops over chunks of 64 columns (b, c) of the head.
+// Low-rank dw. CTA as above; per tile pair (I, J), loops over chunks of 64 columns (b, c) of the head.
 // Per chunk: mu[c] = max_{t' in J} k, Y = exp(k - mu); Xl = mu - lse, nu[t] = max_c Xl, Xt = exp(Xl - nu);
 // g = (Xt G) (Y v)^T - (Xt H) Y^T (rows x keys); dw += g * exp(w + nu).
-template <typename E, typename WE, bool LOWRANK>
+template <typename E, typename WE>
 __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
     bwd_w_tc_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
-                    gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const WE> __restrict__ u,
-                    gptr<const WE> __restrict__ vbias, gptr<const E> __restrict__ y, gptr<const float> __restrict__ lse,
-                    gptr<WE> __restrict__ dw, gptr<float> __restrict__ facc, int64_t B, int64_t T, int64_t D,
-                    int64_t dh, int64_t rank, bool causal, DwMode mode_arg) {
+                    gptr<const E> __restrict__ v, gptr<const WE> __restrict__ u, gptr<const WE> __restrict__ vbias,
+                    gptr<const E> __restrict__ y, gptr<const float> __restrict__ lse, gptr<float> __restrict__ facc,
+                    int64_t B, int64_t T, int64_t D, int64_t dh, int64_t rank, bool causal, DwMode mode) {
 #if AFT_FULL_TC_ARCH
-  const DwMode mode = LOWRANK ? mode_arg : DwMode::Dense;
   constexpr bool F32OPS = uses_tf32_operands<E>();
   using Cfg = BwdCfg<F32OPS>;
   using Op = typename Cfg::Op;
@@ -1171,45 +1168,24 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int64_t h = blockIdx.z;
-  const WSrc<WE, LOWRANK> src = head_bias<WE, LOWRANK>(w, u, vbias, h, T, rank);
+  const WSrc<WE, true> src = head_bias<WE, true>(nullptr, u, vbias, h, T, rank);
   // outputs owned: rows t0 + wr0 + i, key k0 + wc0 + lane
   const int wr0 = (warp >> 1) * 16, wc0 = (warp & 1) * 32;
   const int ycol = tid & 63, yg = tid >> 6;    // Y roles: column, keys yg*16 .. +16
   const int xrow = tid >> 2, xpart = tid & 3;  // X roles: row, columns xpart*16 .. +16
   const int64_t ncols = B * dh;
   const int64_t ntiles = (T + 63) / 64;
-  // the tile pairs of this CTA: Dense one, DU (I fixed) the key tiles J, DVb (J fixed) the query tiles I
+  // the tile pairs of this CTA: DU (I fixed) the key tiles J, DVb (J fixed) the query tiles I
   const int64_t fixed = (mode == DwMode::DVb) ? static_cast<int64_t>(blockIdx.x) : static_cast<int64_t>(blockIdx.y);
-  int64_t p0 = 0, p1 = 1;
-  if (mode == DwMode::DU) p1 = causal ? ((fixed * 64 + 63 < T ? fixed * 64 + 63 : T - 1) / 64 + 1) : ntiles;
-  if (mode == DwMode::DVb) {
-    p0 = causal ? fixed : 0;
-    p1 = ntiles;
-  }
+  const bool du = mode == DwMode::DU;
+  const int64_t p0 = (!du && causal) ? fixed : 0;
+  const int64_t p1 = (du && causal) ? (fixed * 64 + 63 < T ? fixed * 64 + 63 : T - 1) / 64 + 1 : ntiles;
   for (int64_t p = p0; p < p1; ++p) {
-    const int64_t t0 = 64 * (mode == DwMode::Dense ? static_cast<int64_t>(blockIdx.y) : mode == DwMode::DU ? fixed : p);
-    const int64_t k0 = 64 * (mode == DwMode::Dense ? static_cast<int64_t>(blockIdx.x) : mode == DwMode::DU ? p : fixed);
+    const int64_t t0 = 64 * (du ? fixed : p);
+    const int64_t k0 = 64 * (du ? p : fixed);
     const int64_t tkey = k0 + wc0 + lane;
-    const int64_t t_last = (t0 + 64 < T ? t0 + 64 : T) - 1;
-    if (mode == DwMode::Dense && causal && k0 > t_last) {  // the whole tile is above the diagonal
-      gptr<WE> dwh = dw + h * T * T;
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        const int64_t t = t0 + wr0 + i;
-        if (t < T && tkey < T) dwh[t * T + tkey] = from_acc<WE>(0.f);
-      }
-      return;
-    }
     float wreg[16], acc[16];
-    if constexpr (LOWRANK) {
-      lowrank_tile<false>(src, t0, k0, wc0 + lane, wr0, Us, Vs, wreg);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        const int64_t t = t0 + wr0 + i;
-        wreg[i] = (t < T && tkey < T) ? static_cast<float>(src.at(t, tkey)) : 0.f;
-      }
-    }
+    lowrank_tile<false>(src, t0, k0, wc0 + lane, wr0, Us, Vs, wreg);
 #pragma unroll
     for (int i = 0; i < 16; ++i) acc[i] = 0.f;
     for (int64_t j0 = 0; j0 < ncols; j0 += 64) {
@@ -1282,44 +1258,33 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
       }
       __syncthreads();  // before the next chunk overwrites colbase / operands / staging
     }
-    if constexpr (!LOWRANK) {
-      if (tkey >= T) return;
-      gptr<WE> dwh = dw + h * T * T;
+    // the dw tile (0 outside the visible part: acc was only added to there) through shared memory, then the
+    // factor product of this CTA's rows
 #pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        const int64_t t = t0 + wr0 + i;
-        if (t < T) dwh[t * T + tkey] = from_acc<WE>((causal && tkey > t) ? 0.f : acc[i]);
+    for (int i = 0; i < 16; ++i) st[(wr0 + i) * LDS + wc0 + lane] = acc[i];
+    __syncthreads();
+    // the other factor's 64 rows (vb[J] for DU, u[I] for DVb) in chunks of RCH ranks through Vs, read once
+    gptr<float> fh = facc + h * T * rank;
+    const int64_t own0 = du ? t0 : k0, oth0 = du ? k0 : t0;
+    gptr<const WE> fac = du ? src.vb : src.u;
+    for (int64_t r0 = 0; r0 < rank; r0 += RCH) {
+      for (int e = tid; e < 64 * RCH; e += NT) {
+        const int c = e / RCH, cc = e % RCH;
+        const int64_t tc = oth0 + c, rk = r0 + cc;
+        Vs[c * LDR + cc] = (tc < T && rk < rank) ? static_cast<float>(to_acc(fac[tc * rank + rk])) : 0.f;
       }
-    } else {
-      // the dw tile (0 outside the visible part: acc was only added to there) through shared memory, then the
-      // factor product of this CTA's rows
-#pragma unroll
-      for (int i = 0; i < 16; ++i) st[(wr0 + i) * LDS + wc0 + lane] = acc[i];
       __syncthreads();
-      // the other factor's 64 rows (vb[J] for DU, u[I] for DVb) in chunks of RCH ranks through Vs, read once
-      gptr<float> fh = facc + h * T * rank;
-      const bool du = mode == DwMode::DU;
-      const int64_t own0 = du ? t0 : k0, oth0 = du ? k0 : t0;
-      gptr<const WE> fac = du ? src.vb : src.u;
-      for (int64_t r0 = 0; r0 < rank; r0 += RCH) {
-        for (int e = tid; e < 64 * RCH; e += NT) {
-          const int c = e / RCH, cc = e % RCH;
-          const int64_t tc = oth0 + c, rk = r0 + cc;
-          Vs[c * LDR + cc] = (tc < T && rk < rank) ? static_cast<float>(to_acc(fac[tc * rank + rk])) : 0.f;
-        }
-        __syncthreads();
-        for (int e = tid; e < 64 * RCH; e += NT) {
-          const int a = e / RCH, cc = e % RCH;  // a: the owned row (DU) or key (DVb) of the tile
-          const int64_t rk = r0 + cc;
-          if (own0 + a >= T || rk >= rank) continue;
-          float sum = 0.f;
-          for (int c = 0; c < 64; ++c) sum = fmaf(du ? st[a * LDS + c] : st[c * LDS + a], Vs[c * LDR + cc], sum);
-          fh[(own0 + a) * rank + rk] += sum;
-        }
-        __syncthreads();  // before the next chunk overwrites Vs
+      for (int e = tid; e < 64 * RCH; e += NT) {
+        const int a = e / RCH, cc = e % RCH;  // a: the owned row (DU) or key (DVb) of the tile
+        const int64_t rk = r0 + cc;
+        if (own0 + a >= T || rk >= rank) continue;
+        float sum = 0.f;
+        for (int c = 0; c < 64; ++c) sum = fmaf(du ? st[a * LDS + c] : st[c * LDS + a], Vs[c * LDR + cc], sum);
+        fh[(own0 + a) * rank + rk] += sum;
       }
-      __syncthreads();  // before the next tile pair overwrites the staging
+      __syncthreads();  // before the next chunk overwrites Vs
     }
+    __syncthreads();  // before the next tile pair overwrites the staging
   }
 #else
   __trap();  // sm < 80: the launchers never select this kernel there (aft_full_tc_supported)
@@ -1473,19 +1438,19 @@ cudaError_t launch_bwd(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t
   return cudaGetLastError();
 }
 
-// One dw-kernel pass (see DwMode) on the grid it needs.
-template <typename E, typename WE, bool LOWRANK>
+// One low-rank dw-kernel pass (see DwMode) on the grid it needs.
+template <typename E, typename WE>
 cudaError_t launch_bwd_w_tc(DwMode mode, const BwdBuffers<E, WE>& p, gptr<float> facc, int64_t B, int64_t T, int64_t D,
                             int64_t heads, int64_t rank, bool causal, cudaStream_t s) {
   constexpr bool F32OPS = uses_tf32_operands<E>();
-  const size_t smem = BwdCfg<F32OPS>::smem_bytes(LOWRANK);
+  const size_t smem = BwdCfg<F32OPS>::kLowRankBytes;
   const unsigned tiles = blocks_for(T, 64);
-  auto kw = bwd_w_tc_kernel<E, WE, LOWRANK>;
+  auto kw = bwd_w_tc_kernel<E, WE>;
   cudaError_t err = cudaFuncSetAttribute(kw, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid(mode == DwMode::DU ? 1u : tiles, mode == DwMode::DVb ? 1u : tiles, static_cast<unsigned>(heads));
-  ATTNFREE_LAUNCH(kw, grid, NT, smem, s)(p.dy, p.q, p.k, p.v, p.w, p.u, p.vb, p.y, p.lse, p.dw, facc, B, T, D,
-                                         D / heads, rank, causal, mode);
+  ATTNFREE_LAUNCH((bwd_w_tc_kernel<E, WE>), grid, NT, smem, s)(p.dy, p.q, p.k, p.v, p.u, p.vb, p.y, p.lse, facc, B, T,
+                                                              D, D / heads, rank, causal, mode);
   return cudaGetLastError();
 }
 
@@ -1495,21 +1460,22 @@ cudaError_t launch_bwd_lowrank_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t
                                   int64_t rank, bool causal, cudaStream_t s) {
   constexpr bool F32OPS = uses_tf32_operands<E>();
   const int64_t n = B * T * D, dh = D / heads;
-  const size_t smem = BwdCfg<F32OPS>::smem_bytes(true);
+  const size_t smem = BwdCfg<F32OPS>::kLowRankBytes;
   const unsigned tiles = blocks_for(T, 64);
   if (tiles > 65535u || heads > 65535) return cudaErrorInvalidConfiguration;
   cudaError_t err = launch_bwd_dq(p, n, s);
   if (err != cudaSuccess) return err;
-  auto kv = bwd_kv_tc_kernel<E, WE, true>;
+  auto kv = bwd_kv_tc_kernel<E, WE>;
   err = cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  ATTNFREE_LAUNCH(kv, dim3(blocks_for(B * dh, 64), tiles, static_cast<unsigned>(heads)), NT, smem, s)(
-      p.dy, p.q, p.k, p.v, p.w, p.u, p.vb, p.y, p.lse, p.dk, p.dv, B, T, D, dh, rank, causal);
+  ATTNFREE_LAUNCH((bwd_kv_tc_kernel<E, WE>), dim3(blocks_for(B * dh, 64), tiles, static_cast<unsigned>(heads)), NT,
+                  smem, s)(
+      p.dy, p.q, p.k, p.v, p.u, p.vb, p.y, p.lse, p.dk, p.dv, B, T, D, dh, rank, causal);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  err = launch_bwd_w_tc<E, WE, true>(DwMode::DU, p, p.du_acc, B, T, D, heads, rank, causal, s);
+  err = launch_bwd_w_tc<E, WE>(DwMode::DU, p, p.du_acc, B, T, D, heads, rank, causal, s);
   if (err != cudaSuccess) return err;
-  return launch_bwd_w_tc<E, WE, true>(DwMode::DVb, p, p.dvb_acc, B, T, D, heads, rank, causal, s);
+  return launch_bwd_w_tc<E, WE>(DwMode::DVb, p, p.dvb_acc, B, T, D, heads, rank, causal, s);
 }
 
 // The three-GEMM tensor-core backward: bwd_prep_kernel, bwd_kv_kernel, bwd_w_kernel, launch_bwd_tc.
@@ -1523,8 +1489,10 @@ cudaError_t launch_bwd_any(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int
     return launch_bwd<E, WE, LOWRANK>(p, B, T, D, heads, rank, causal, s);
   } else {
     if (exact) return launch_bwd<E, WE, LOWRANK>(p, B, T, D, heads, rank, causal, s);
-    // low rank with factors too large for bwd_kv_kernel's shared memory: the per-tile-pair kernels throughout
-    if (LOWRANK && (ws == nullptr || bwd_kv_smem_bytes<uses_tf32_operands<E>()>(true, rank) == 0))
+    // low rank with factors too large for bwd_kv_kernel's or bwd_uv_kernel's shared memory: the per-tile-pair
+    // kernels throughout
+    if (LOWRANK && (ws == nullptr || bwd_kv_smem_bytes<uses_tf32_operands<E>()>(true, rank) == 0 ||
+                    bwd_uv_smem_bytes<uses_tf32_operands<E>()>(rank) == 0))
       return launch_bwd_lowrank_tc<E, WE>(p, B, T, D, heads, rank, causal, s);
     return launch_bwd_tc<E, WE, LOWRANK>(p, B, T, D, heads, rank, causal, ws, s);
   }

@@ -23,9 +23,13 @@
 // late spike (m raised by a key that rows before it cannot see); NaN reaches the outputs through the same path.
 // Rows with lse = -inf (no visible key) contribute nothing.
 // Low-rank bias w = u vb^T: the same prepass and dk/dv kernel (w tiles as fp32 dot products from the factor rows of
-// the key tile, resident in shared memory, and of each query step), where those rows fit (rank <= ~160 with fp32
-// operands, ~220 bf16); dw is never formed: du and dvb come from the per-tile-pair dw kernel of aft_full.cu
-// (launch_bwd_w_tc).
+// the key tile, resident in shared memory, and of each query step); dw is never formed in memory:
+//   `bwd_uv_kernel`: CTA = 128 rows of du (or keys of dvb) of a head, loops over the other side's 128-tiles: the
+//       dw tile of bwd_w_kernel's GEMM (Ew from both tiles' factor rows in shared memory), contracted on chip with
+//       vb (du += dw vb) or u (dvb += dw^T u) into the CTA's own fp32 accumulator rows. Two launches (du, dvb),
+//       deterministic, no atomics, no workspace beyond the dense backward's.
+// where the factor rows fit (rank <= ~150 for both kernels; larger factors take the per-tile-pair kernels of
+// aft_full.cu throughout).
 
 // log2 of Sc = exp(r + m - lse) for an element with lse > -inf, formed in double: r + m may be ~1e4, and float
 // rounding there would add its own error to lse's (float lse carries ulp(lse) / 2, ~1.5e-5 at |lse| ~ 300, into
@@ -111,6 +115,20 @@ __device__ __noinline__ float bwd_w_exact_row(gptr<const E> __restrict__ k, gptr
     acc += P * (d * af_sigmoid(to_acc(q[o])) * to_acc(v[op]) - d * to_acc(y[o]));
   }
   return acc;
+}
+
+// w[t, s0 + i] = sum_r u[t, r] vb[s0 + i, r], i < 16, from factor rows in shared memory (urow: row t, vrows: the 16
+// keys' rows, row stride ldu = rank + 1), as fp32 fmaf in rank order: the order of the row-max prepass
+// (lowrank_tile), so that w - r <= 0 holds exactly where r is the row's maximum.
+__device__ __forceinline__ void lowrank_w_strip(const float* urow, const float* vrows, int ldu, float (&wv)[16]) {
+#pragma unroll
+  for (int i = 0; i < 16; ++i) wv[i] = 0.f;
+#pragma unroll 1
+  for (int r = 0; r < ldu - 1; ++r) {
+    const float uu = urow[r];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) wv[i] = fmaf(uu, vrows[i * ldu + r], wv[i]);
+  }
 }
 
 #if AFT_FULL_TC_ARCH
@@ -276,14 +294,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
       for (int half = 0; half < 2; ++half) {
         const int kb = epart * 32 + half * 16;
         float wv[16];
-#pragma unroll
-        for (int i = 0; i < 16; ++i) wv[i] = 0.f;
-#pragma unroll 1
-        for (int r = 0; r < ldu - 1; ++r) {
-          const float uu = Ut[erow * ldu + r];
-#pragma unroll
-          for (int i = 0; i < 16; ++i) wv[i] = fmaf(uu, Vt[(kb + i) * ldu + r], wv[i]);
-        }
+        lowrank_w_strip(Ut + erow * ldu, Vt + kb * ldu, ldu, wv);
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
           const bool vis = key_visible(t, s0 + kb + i, T, causal) && wv[i] != -INFINITY;
@@ -474,6 +485,167 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
 #endif
 }
 
+// du, dvb tiling: UBM query rows x UBN keys per tile pair, WKC columns per step; 8 warps as UWM x UWN, each UFM x UFN
+// fragments (64 fp32 registers per thread). The tile is smaller than bwd_w_kernel's so that the factor rows of both
+// sides (the CTA's own, resident, and the other tile's, reloaded per pair) fit in shared memory next to the operands.
+constexpr int UBM = 128, UBN = 128, UWM = 4, UWN = 2;
+constexpr int UFM = UBM / (16 * UWM), UFN = UBN / (16 * UWN);
+static_assert(UWM * UWN * 32 == NT && UBM == UBN && UBM == NT / 2, "du/dvb tiling");
+
+template <bool F32OPS>
+struct BwdUvCfg {
+  using Op = typename TcCfg<F32OPS>::Op;
+  static constexpr int LD = F32OPS ? WKC + 4 : WKC + 8;  // SG, SH [UBM][LD]; X v, -X [UBN][LD] (row, column)
+  static constexpr int LDW = UBN + 4;                    // the fp32 dw tile [UBM][LDW] (aliases the operands)
+  static constexpr size_t kTile = size_t(UBM) * LD * sizeof(Op);
+  static constexpr size_t kOps = 4 * kTile;
+  static constexpr size_t kStage = size_t(UBM) * LDW * sizeof(float);
+  static constexpr size_t kR = ((kOps > kStage ? kOps : kStage) + 127) / 128 * 128;  // float r[UBM]
+  static constexpr size_t kFlag = kR + UBM * sizeof(float);                          // int rowflag[UBM]
+  static constexpr size_t kBytes = kFlag + UBM * sizeof(int);  // then float Ut [UBM][rank + 1], Vt [UBN][rank + 1]
+};
+
+// du (dvb = false) or dvb (dvb = true) of UBM rows of head h for the low-rank bias w = u vb^T. The CTA owns query
+// rows own0 .. + UBM of du (or keys own0 .. + UBN of dvb) and loops over the other side's tiles in a fixed order;
+// per tile pair: acc = SG (X v)^T - SH X^T over every column as bwd_w_kernel, staged in shared memory as fp32; there
+// dw = exp(w - r) acc (w as fp32 dot products of the resident factor rows, in the order of the row-max prepass; the
+// exact elements of flagged rows as bwd_w_kernel), then du[own] += dw vb[keys] or dvb[own] += dw^T u[rows] into the
+// CTA's own rows of the fp32 accumulator facc (no atomics: deterministic). dw never leaves the chip.
+template <typename E, typename WE>
+__global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
+    bwd_uv_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
+                  gptr<const E> __restrict__ v, gptr<const WE> __restrict__ u, gptr<const WE> __restrict__ vbias,
+                  int64_t rank, gptr<const E> __restrict__ y, gptr<const float> __restrict__ lse,
+                  gptr<const typename TcCfg<uses_tf32_operands<E>()>::Op> __restrict__ sg,
+                  gptr<const typename TcCfg<uses_tf32_operands<E>()>::Op> __restrict__ sh,
+                  gptr<const typename TcCfg<uses_tf32_operands<E>()>::Op> __restrict__ ek,
+                  gptr<const typename TcCfg<uses_tf32_operands<E>()>::Op> __restrict__ ekv,
+                  gptr<const float> __restrict__ rref, gptr<const float> __restrict__ mref,
+                  gptr<const int> __restrict__ rowflag, gptr<float> __restrict__ facc, int64_t B, int64_t T,
+                  int64_t D, int64_t dh, bool causal, bool dvb) {
+#if AFT_FULL_TC_ARCH
+  constexpr bool F32OPS = uses_tf32_operands<E>();
+  using Cfg = BwdUvCfg<F32OPS>;
+  using Op = typename Cfg::Op;
+  using Mma = TileMma<F32OPS, wmma::row_major, wmma::col_major, UFM, UFN>;
+  constexpr int LD = Cfg::LD, LDW = Cfg::LDW;
+  ATTNFREE_DYNAMIC_SHARED(unsigned char, smem, 128);
+  Op* SG = reinterpret_cast<Op*>(smem);
+  Op* SH = reinterpret_cast<Op*>(smem + Cfg::kTile);
+  Op* XV = reinterpret_cast<Op*>(smem + 2 * Cfg::kTile);
+  Op* XN = reinterpret_cast<Op*>(smem + 3 * Cfg::kTile);  // -X
+  float* Wst = reinterpret_cast<float*>(smem);             // the dw tile, after the column loop
+  float* r_s = reinterpret_cast<float*>(smem + Cfg::kR);
+  int* flag_s = reinterpret_cast<int*>(smem + Cfg::kFlag);
+  const int ldu = static_cast<int>(rank) + 1;
+  float* Ut = reinterpret_cast<float*>(smem + Cfg::kBytes);  // u rows of the query tile
+  float* Vt = Ut + UBM * ldu;                                 // vb rows of the key tile
+
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int64_t h = blockIdx.z;
+  const int64_t own0 = static_cast<int64_t>(blockIdx.x) * UBM;
+  const int64_t ncols = B * dh;
+  const WSrc<WE, true> src = head_bias<WE, true>(nullptr, u, vbias, h, T, rank);
+  float* own_rows = dvb ? Vt : Ut;
+  float* oth_rows = dvb ? Ut : Vt;
+  gptr<const WE> own_f = dvb ? src.vb : src.u;
+  gptr<const WE> oth_f = dvb ? src.u : src.vb;
+  for (int64_t e = tid; e < UBM * rank; e += NT) {
+    const int64_t a = e / rank, c = e % rank;
+    own_rows[a * ldu + c] = (own0 + a < T) ? static_cast<float>(to_acc(own_f[(own0 + a) * rank + c])) : 0.f;
+  }
+  const int wr0 = (warp / UWN) * 16 * UFM, wc0 = (warp % UWN) * 16 * UFN;  // rows, keys of this warp
+  const int erow = tid >> 1, ehalf = tid & 1;  // dw roles: row erow, keys 64 ehalf .. + 64
+  gptr<const Op> sgh = sg + h * T * ncols;
+  gptr<const Op> shh = sh + h * T * ncols;
+  gptr<const Op> ekh = ek + h * T * ncols;
+  gptr<const Op> ekvh = ekv + h * T * ncols;
+  gptr<float> fh = facc + h * T * rank;
+  const Op* const xv[1] = {XV};
+  const Op* const xn[1] = {XN};
+  // causal: du's rows see the key tiles up to their own (UBM == UBN), dvb's keys are seen from their own row tile on
+  const int64_t p0 = (dvb && causal) ? own0 : 0;
+  const int64_t p1 = (!dvb && causal) ? own0 + 1 : T;
+  for (int64_t p = p0; p < p1; p += UBM) {
+    const int64_t t0 = dvb ? p : own0, s0 = dvb ? own0 : p;
+    for (int64_t e = tid; e < UBM * rank; e += NT) {
+      const int64_t a = e / rank, c = e % rank;
+      oth_rows[a * ldu + c] = (p + a < T) ? static_cast<float>(to_acc(oth_f[(p + a) * rank + c])) : 0.f;
+    }
+    if (tid < UBM) {
+      const bool ok = t0 + tid < T;
+      r_s[tid] = ok ? rref[h * T + t0 + tid] : 0.f;
+      flag_s[tid] = ok ? rowflag[h * T + t0 + tid] : 0;
+    }
+    typename Mma::Acc acc[1][UFM][UFN];
+#pragma unroll
+    for (int i = 0; i < UFM; ++i)
+#pragma unroll
+      for (int jj = 0; jj < UFN; ++jj) wmma::fill_fragment(acc[0][i][jj], 0.f);
+    for (int64_t c0 = 0; c0 < ncols; c0 += WKC) {
+      // the row operands SG, SH and the key operands X v, -X of WKC columns (0 past the last row / key / column)
+#pragma unroll 4
+      for (int e = tid; e < UBM * WKC; e += NT) {
+        const int row = e / WKC, c = e % WKC;
+        const int64_t t = t0 + row, s = s0 + row, j = c0 + c;
+        const bool okt = t < T && j < ncols, oks = s < T && j < ncols;
+        store_val(&SG[row * LD + c], okt ? to_acc(sgh[t * ncols + j]) : 0.f);
+        store_val(&SH[row * LD + c], okt ? to_acc(shh[t * ncols + j]) : 0.f);
+        store_val(&XV[row * LD + c], oks ? to_acc(ekvh[s * ncols + j]) : 0.f);
+        store_val(&XN[row * LD + c], oks ? -to_acc(ekh[s * ncols + j]) : 0.f);
+      }
+      __syncthreads();
+      // acc += SG (X v)^T - SH X^T
+      Mma::template run<1>(SG, LD, xv, LD, wr0, wc0, WKC, acc);
+      Mma::template run<1>(SH, LD, xn, LD, wr0, wc0, WKC, acc);
+      __syncthreads();  // before the next step (or the dw tile) overwrites the operands
+    }
+#pragma unroll
+    for (int fm = 0; fm < UFM; ++fm)
+#pragma unroll
+      for (int fn = 0; fn < UFN; ++fn)
+        wmma::store_matrix_sync(Wst + (wr0 + 16 * fm) * LDW + wc0 + 16 * fn, acc[0][fm][fn], LDW,
+                                wmma::mem_row_major);
+    __syncthreads();
+    // dw = exp(w - r) acc (+ the exact elements of flagged rows); 0 where invisible or masked
+    {
+      const int64_t t = t0 + erow;
+      const float rr = r_s[erow];
+#pragma unroll 1
+      for (int quarter = 0; quarter < 4; ++quarter) {
+        const int kb = ehalf * 64 + quarter * 16;
+        float wv[16];
+        lowrank_w_strip(Ut + erow * ldu, Vt + kb * ldu, ldu, wv);
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {  // unrolled: wv stays in registers
+          const int64_t s = s0 + kb + i;
+          float g = 0.f;
+          if (key_visible(t, s, T, causal) && wv[i] != -INFINITY) {
+            g = exp2f((wv[i] - rr) * kLog2e) * Wst[erow * LDW + kb + i];
+            if (flag_s[erow] != 0)  // rare: the exact elements of this row
+              g += bwd_w_exact_row<E>(k, v, dy, q, y, lse, mref + h * ncols, rr, wv[i], t, s, h, ncols, dh, T, D);
+          }
+          Wst[erow * LDW + kb + i] = g;
+        }
+      }
+    }
+    __syncthreads();
+    // du[own0 + a] += dw[a, :] vb[keys],  dvb[own0 + a] += dw[:, a]^T u[rows]
+    for (int64_t e = tid; e < UBM * rank; e += NT) {
+      const int a = static_cast<int>(e / rank), c = static_cast<int>(e % rank);
+      if (own0 + a >= T) continue;
+      float sum = 0.f;
+#pragma unroll 4
+      for (int x = 0; x < UBN; ++x) sum = fmaf(dvb ? Wst[x * LDW + a] : Wst[a * LDW + x], oth_rows[x * ldu + c], sum);
+      fh[(own0 + a) * rank + c] += sum;
+    }
+    __syncthreads();  // before the next pair overwrites the factor rows, the flags and the dw tile
+  }
+#else
+  __trap();  // sm < 80: the launchers never select this kernel there (aft_full_tc_supported)
+#endif
+}
+
 // ------------------------------------------------------------------------------------------ host side
 // Workspace of the dense tensor-core backward (byte offsets): the forward's prepass layout (X, X v, r, m), then
 // SG, SH [heads][T][B dh] in the operand type and the exact flags per row (heads T) and column (heads B dh), int32.
@@ -512,8 +684,20 @@ inline size_t bwd_kv_smem_bytes(bool lowrank, int64_t rank) {
   return bytes <= static_cast<size_t>(optin) ? bytes : 0;
 }
 
+// Dynamic shared memory of bwd_uv_kernel: the operands or the dw tile, plus the factor rows of both tiles
+// (UBM + UBN) x (rank + 1) fp32; 0 when that exceeds the device's opt-in limit.
+template <bool F32OPS>
+inline size_t bwd_uv_smem_bytes(int64_t rank) {
+  const size_t bytes = BwdUvCfg<F32OPS>::kBytes + size_t(UBM + UBN) * static_cast<size_t>(rank + 1) * sizeof(float);
+  int dev = 0, optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    return 0;
+  return bytes <= static_cast<size_t>(optin) ? bytes : 0;
+}
+
 // The forward's prepasses (m, X, X v, r), the flags, bwd_prep_kernel, then the dk/dv kernel and the dw kernel
-// (low rank: the two du / dvb passes of the per-tile-pair dw kernel, launch_bwd_w_tc). ws: bwd_ws_layout's bytes.
+// (low rank: the du and dvb passes of bwd_uv_kernel). ws: bwd_ws_layout's bytes.
 template <typename E, typename WE, bool LOWRANK>
 cudaError_t launch_bwd_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t rank,
                           bool causal, void* ws, cudaStream_t s) {
@@ -564,9 +748,22 @@ cudaError_t launch_bwd_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int6
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   if constexpr (LOWRANK) {
-    err = launch_bwd_w_tc<E, WE, true>(DwMode::DU, p, p.du_acc, B, T, D, heads, rank, causal, s);
+    const size_t uv_smem = bwd_uv_smem_bytes<F32OPS>(rank);
+    if (uv_smem == 0) return cudaErrorInvalidConfiguration;
+    auto ku = bwd_uv_kernel<E, WE>;
+    err = cudaFuncSetAttribute(ku, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(uv_smem));
     if (err != cudaSuccess) return err;
-    return launch_bwd_w_tc<E, WE, true>(DwMode::DVb, p, p.dvb_acc, B, T, D, heads, rank, causal, s);
+    const dim3 u_grid(blocks_for(T, UBM), 1, static_cast<unsigned>(heads));
+    for (int pass = 0; pass < 2; ++pass) {  // du, then dvb
+      ATTNFREE_LAUNCH((bwd_uv_kernel<E, WE>), u_grid, NT, uv_smem, s)(
+          p.dy, p.q, p.k, p.v, p.u, p.vb, rank, p.y, p.lse, static_cast<const Op*>(sg), static_cast<const Op*>(sh),
+          static_cast<const Op*>(ek), static_cast<const Op*>(ekv), static_cast<const float*>(r),
+          static_cast<const float*>(m), static_cast<const int*>(rowflag), pass == 0 ? p.du_acc : p.dvb_acc, B, T, D,
+          dh, causal, pass == 1);
+      err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+    return cudaSuccess;
   } else {
     const size_t w_smem = BwdWCfg<F32OPS>::kBytes;
     auto kw = bwd_w_kernel<E, WE>;
