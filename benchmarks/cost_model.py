@@ -147,7 +147,16 @@ def _run(op, direction, B, T, D, dt, causal, seed=0):
     """One launcher call under the harness; returns (counters dict, per-launch mma time at the peak rates)."""
     import emu_ops
 
-    emu_ops.VALIDATE = False
+    # the CPU op that checks the inputs first would only add time here; restored for whoever runs next (a test
+    # session that calls the model must keep the checks of the tests after it)
+    validate, emu_ops.VALIDATE = emu_ops.VALIDATE, False
+    try:
+        return _counted(emu_ops, op, direction, B, T, D, dt, causal, seed)
+    finally:
+        emu_ops.VALIDATE = validate
+
+
+def _counted(emu_ops, op, direction, B, T, D, dt, causal, seed):
     g = torch.Generator().manual_seed(seed)
     x = _inputs(op, B, T, D, dt, g)
     O = emu_ops.OPS

@@ -499,12 +499,12 @@ __global__ void local_bwd_exact_kv_kernel(gptr<const E> __restrict__ dy, gptr<co
                                           int64_t D, int64_t heads, int64_t dh, int64_t nJ, int64_t nI, BGeo g,
                                           WLayout wl) {
   const int64_t T = g.T, ncols = B * dh, ncb = (ncols + CB - 1) / CB;
-  __shared__ int flagged;
+  ATTNFREE_STATIC_SHARED(int, flagged, [1]);
   for (int64_t f = blockIdx.x; f < heads * nJ * ncb; f += gridDim.x) {
     __syncthreads();                            // the previous item's flag was read by every thread
-    if (threadIdx.x == 0) flagged = kvflag[f];  // one read per block
+    if (threadIdx.x == 0) flagged[0] = kvflag[f];  // one read per block
     __syncthreads();
-    if (!flagged) continue;
+    if (!flagged[0]) continue;
     const int64_t cb = f % ncb, J = (f / ncb) % nJ, h = f / (ncb * nJ);
     const int64_t c0 = g.clo(J), c1 = g.chi(J), r0 = c0 * QC, r1 = (c1 + 1) * QC < T ? (c1 + 1) * QC : T;
     for (int x = threadIdx.x; x < KT * CB; x += blockDim.x) {
@@ -544,12 +544,12 @@ __global__ void local_bwd_exact_w_kernel(gptr<const E> __restrict__ dy, gptr<con
                                          BGeo g, WLayout wl) {
   const int64_t T = g.T, W = g.W, dh = D / heads;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  __shared__ int flagged;
+  ATTNFREE_STATIC_SHARED(int, flagged, [1]);
   for (int64_t blk = blockIdx.x; blk < heads * T; blk += gridDim.x) {
     __syncthreads();                               // the previous row's flag was read by every thread
-    if (threadIdx.x == 0) flagged = rowflag[blk];  // one read per block
+    if (threadIdx.x == 0) flagged[0] = rowflag[blk];  // one read per block
     __syncthreads();
-    if (!flagged) continue;
+    if (!flagged[0]) continue;
     const int64_t t = blk % T, h = blk / T;
     const int64_t lo = t - W + 1 > 0 ? t - W + 1 : 0;
     const int64_t hi = g.causal ? t : (t + W - 1 < T - 1 ? t + W - 1 : T - 1);
