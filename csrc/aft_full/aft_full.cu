@@ -953,9 +953,9 @@ struct BwdCfg {
 template <typename E, typename WE>
 __device__ __noinline__ float2 bwd_kv_exact(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q,
                                             gptr<const E> __restrict__ y, gptr<const float> __restrict__ lse,
-                                            gptr<const WE> __restrict__ u, gptr<const WE> __restrict__ vbias,
-                                            int64_t h, int64_t rank, int64_t tk, float kk, int64_t cb, int64_t T,
-                                            int64_t D, int64_t ta, int64_t tb) {
+                                            gptr<const WE> __restrict__ u, gptr<const WE> __restrict__ vbias, int64_t h,
+                                            int64_t rank, int64_t tk, float kk, int64_t cb, int64_t T, int64_t D,
+                                            int64_t ta, int64_t tb) {
   const WSrc<WE, true> src = head_bias<WE, true>(nullptr, u, vbias, h, T, rank);
   float sg = 0.f, sh = 0.f;
   for (int64_t t = ta; t < tb; ++t) {
@@ -975,9 +975,8 @@ template <typename E, typename WE>
 __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
     bwd_kv_tc_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
                      gptr<const E> __restrict__ v, gptr<const WE> __restrict__ u, gptr<const WE> __restrict__ vbias,
-                     gptr<const E> __restrict__ y,
-                     gptr<const float> __restrict__ lse, gptr<E> __restrict__ dk, gptr<E> __restrict__ dv, int64_t B,
-                     int64_t T, int64_t D, int64_t dh, int64_t rank, bool causal) {
+                     gptr<const E> __restrict__ y, gptr<const float> __restrict__ lse, gptr<E> __restrict__ dk,
+                     gptr<E> __restrict__ dv, int64_t B, int64_t T, int64_t D, int64_t dh, int64_t rank, bool causal) {
 #if AFT_FULL_TC_ARCH
   constexpr bool F32OPS = uses_tf32_operands<E>();
   using Cfg = BwdCfg<F32OPS>;
@@ -1087,8 +1086,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
           } else {
             const int64_t tb = (t0 + 64 < T) ? t0 + 64 : T;
             const int64_t ta = (causal && tk > t0) ? tk : t0;
-            const float2 e =
-                bwd_kv_exact<E, WE>(dy, q, y, lse, u, vbias, h, rank, tk, kreg[i], cbo, T, D, ta, tb);
+            const float2 e = bwd_kv_exact<E, WE>(dy, q, y, lse, u, vbias, h, rank, tk, kreg[i], cbo, T, D, ta, tb);
             sg[i] += e.x;
             sh[i] += e.y;
           }
@@ -1450,7 +1448,7 @@ cudaError_t launch_bwd_w_tc(DwMode mode, const BwdBuffers<E, WE>& p, gptr<float>
   if (err != cudaSuccess) return err;
   const dim3 grid(mode == DwMode::DU ? 1u : tiles, mode == DwMode::DVb ? 1u : tiles, static_cast<unsigned>(heads));
   ATTNFREE_LAUNCH((bwd_w_tc_kernel<E, WE>), grid, NT, smem, s)(p.dy, p.q, p.k, p.v, p.u, p.vb, p.y, p.lse, facc, B, T,
-                                                              D, D / heads, rank, causal, mode);
+                                                               D, D / heads, rank, causal, mode);
   return cudaGetLastError();
 }
 
@@ -1469,8 +1467,7 @@ cudaError_t launch_bwd_lowrank_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t
   err = cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   ATTNFREE_LAUNCH((bwd_kv_tc_kernel<E, WE>), dim3(blocks_for(B * dh, 64), tiles, static_cast<unsigned>(heads)), NT,
-                  smem, s)(
-      p.dy, p.q, p.k, p.v, p.u, p.vb, p.y, p.lse, p.dk, p.dv, B, T, D, dh, rank, causal);
+                  smem, s)(p.dy, p.q, p.k, p.v, p.u, p.vb, p.y, p.lse, p.dk, p.dv, B, T, D, dh, rank, causal);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   err = launch_bwd_w_tc<E, WE>(DwMode::DU, p, p.du_acc, B, T, D, heads, rank, causal, s);

@@ -521,8 +521,8 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
                   gptr<const typename TcCfg<uses_tf32_operands<E>()>::Op> __restrict__ ek,
                   gptr<const typename TcCfg<uses_tf32_operands<E>()>::Op> __restrict__ ekv,
                   gptr<const float> __restrict__ rref, gptr<const float> __restrict__ mref,
-                  gptr<const int> __restrict__ rowflag, gptr<float> __restrict__ facc, int64_t B, int64_t T,
-                  int64_t D, int64_t dh, bool causal, bool dvb) {
+                  gptr<const int> __restrict__ rowflag, gptr<float> __restrict__ facc, int64_t B, int64_t T, int64_t D,
+                  int64_t dh, bool causal, bool dvb) {
 #if AFT_FULL_TC_ARCH
   constexpr bool F32OPS = uses_tf32_operands<E>();
   using Cfg = BwdUvCfg<F32OPS>;
@@ -534,12 +534,12 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
   Op* SH = reinterpret_cast<Op*>(smem + Cfg::kTile);
   Op* XV = reinterpret_cast<Op*>(smem + 2 * Cfg::kTile);
   Op* XN = reinterpret_cast<Op*>(smem + 3 * Cfg::kTile);  // -X
-  float* Wst = reinterpret_cast<float*>(smem);             // the dw tile, after the column loop
+  float* Wst = reinterpret_cast<float*>(smem);            // the dw tile, after the column loop
   float* r_s = reinterpret_cast<float*>(smem + Cfg::kR);
   int* flag_s = reinterpret_cast<int*>(smem + Cfg::kFlag);
   const int ldu = static_cast<int>(rank) + 1;
   float* Ut = reinterpret_cast<float*>(smem + Cfg::kBytes);  // u rows of the query tile
-  float* Vt = Ut + UBM * ldu;                                 // vb rows of the key tile
+  float* Vt = Ut + UBM * ldu;                                // vb rows of the key tile
 
   const int tid = threadIdx.x, warp = tid >> 5;
   const int64_t h = blockIdx.z;
@@ -555,7 +555,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
     own_rows[a * ldu + c] = (own0 + a < T) ? static_cast<float>(to_acc(own_f[(own0 + a) * rank + c])) : 0.f;
   }
   const int wr0 = (warp / UWN) * 16 * UFM, wc0 = (warp % UWN) * 16 * UFN;  // rows, keys of this warp
-  const int erow = tid >> 1, ehalf = tid & 1;  // dw roles: row erow, keys 64 ehalf .. + 64
+  const int erow = tid >> 1, ehalf = tid & 1;                              // dw roles: row erow, keys 64 ehalf .. + 64
   gptr<const Op> sgh = sg + h * T * ncols;
   gptr<const Op> shh = sh + h * T * ncols;
   gptr<const Op> ekh = ek + h * T * ncols;
@@ -604,8 +604,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
     for (int fm = 0; fm < UFM; ++fm)
 #pragma unroll
       for (int fn = 0; fn < UFN; ++fn)
-        wmma::store_matrix_sync(Wst + (wr0 + 16 * fm) * LDW + wc0 + 16 * fn, acc[0][fm][fn], LDW,
-                                wmma::mem_row_major);
+        wmma::store_matrix_sync(Wst + (wr0 + 16 * fm) * LDW + wc0 + 16 * fn, acc[0][fm][fn], LDW, wmma::mem_row_major);
     __syncthreads();
     // dw = exp(w - r) acc (+ the exact elements of flagged rows); 0 where invisible or masked
     {
@@ -758,8 +757,8 @@ cudaError_t launch_bwd_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int6
       ATTNFREE_LAUNCH((bwd_uv_kernel<E, WE>), u_grid, NT, uv_smem, s)(
           p.dy, p.q, p.k, p.v, p.u, p.vb, rank, p.y, p.lse, static_cast<const Op*>(sg), static_cast<const Op*>(sh),
           static_cast<const Op*>(ek), static_cast<const Op*>(ekv), static_cast<const float*>(r),
-          static_cast<const float*>(m), static_cast<const int*>(rowflag), pass == 0 ? p.du_acc : p.dvb_acc, B, T, D,
-          dh, causal, pass == 1);
+          static_cast<const float*>(m), static_cast<const int*>(rowflag), pass == 0 ? p.du_acc : p.dvb_acc, B, T, D, dh,
+          causal, pass == 1);
       err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }

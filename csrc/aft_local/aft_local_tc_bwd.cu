@@ -501,7 +501,7 @@ __global__ void local_bwd_exact_kv_kernel(gptr<const E> __restrict__ dy, gptr<co
   const int64_t T = g.T, ncols = B * dh, ncb = (ncols + CB - 1) / CB;
   ATTNFREE_STATIC_SHARED(int, flagged, [1]);
   for (int64_t f = blockIdx.x; f < heads * nJ * ncb; f += gridDim.x) {
-    __syncthreads();                            // the previous item's flag was read by every thread
+    __syncthreads();                               // the previous item's flag was read by every thread
     if (threadIdx.x == 0) flagged[0] = kvflag[f];  // one read per block
     __syncthreads();
     if (!flagged[0]) continue;
@@ -546,7 +546,7 @@ __global__ void local_bwd_exact_w_kernel(gptr<const E> __restrict__ dy, gptr<con
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   ATTNFREE_STATIC_SHARED(int, flagged, [1]);
   for (int64_t blk = blockIdx.x; blk < heads * T; blk += gridDim.x) {
-    __syncthreads();                               // the previous row's flag was read by every thread
+    __syncthreads();                                  // the previous row's flag was read by every thread
     if (threadIdx.x == 0) flagged[0] = rowflag[blk];  // one read per block
     __syncthreads();
     if (!flagged[0]) continue;
