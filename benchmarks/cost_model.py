@@ -357,8 +357,8 @@ def table(recs, sha, wall):
         "395 (half of bf16, dense spec ratio), fp64 67 (datasheet); SFU 16 op/clk/SM x 132 SM x 1.98 GHz = 4.18 T op/s",
         "(CUDA C++ Programming Guide arithmetic-instruction throughput, cc 9.0; FlashAttention-3: 3.9 T/s, H100 SXM).",
         "Upper bounds, not predictions: no latency, occupancy, bank conflicts; counted bytes include L1/L2 hits (tiled",
-        "re-reads), so t_mem is pessimistic for tiled kernels. Counts fitted at 2 sizes per case (dense AFT-full 3:",
-        f"a T^2 term apart); wall {wall:.0f} s.",
+        "re-reads), so t_mem is pessimistic for tiled kernels. Counts fitted at 2 sizes per case (AFT-full 3, low",
+        f"rank 4: T^2 and T terms apart); wall {wall:.0f} s.",
     ]
     return "\n".join(lines)
 
