@@ -35,6 +35,7 @@
 #include "aft_full/aft_full_cpu.h"
 #include "aft_full/aft_full_tiled_vec.h"
 #include "common/cpu_simd.h"
+#include "common/cpu_tile_gemm.h"
 
 namespace attnfree {
 namespace cpu {
@@ -145,6 +146,7 @@ inline float exp_row(const float* row, int64_t cnt, int64_t nj, float* e) {
 
 // Per-thread scratch of the query-tile loops.
 struct Scratch {
+  bool wide;  // the AVX-512 tile GEMM instead of at::mm (ATen's float32 GEMM runs AVX2 code on AMD CPUs)
   at::Tensor Ew, nd, XXs;
   std::vector<float> r, M, Sd, Sn, LB;
   std::vector<int64_t> first, bad;
@@ -159,8 +161,9 @@ bool qtile_whole(const Head& h, const float* XX, const float* m, int64_t I, Scra
   float* Ewp = sc.Ew.data_ptr<float>();
   for (int64_t ii = 0; ii < ni; ++ii) sc.r[ii] = exp_row(h.w + (i0 + ii) * T, T, T, Ewp + ii * T);
   at::Tensor ndv = sc.nd.narrow(0, 0, ni);
-  at::mm_out(ndv, sc.Ew.view(-1).narrow(0, 0, ni * T).view({ni, T}),
-             at::from_blob(const_cast<float*>(XX), {T, 2 * N}, sc.nd.options()));
+  if (!(sc.wide && tile_gemm(ni, 2 * N, T, Ewp, T, XX, 2 * N, sc.nd.data_ptr<float>(), 2 * N)))
+    at::mm_out(ndv, sc.Ew.view(-1).narrow(0, 0, ni * T).view({ni, T}),
+               at::from_blob(const_cast<float*>(XX), {T, 2 * N}, sc.nd.options()));
   const float* ndp = sc.nd.data_ptr<float>();
   const __m256 vtiny = _mm256_set1_ps(kTiny), vninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   const __m256 zero = _mm256_setzero_ps();
@@ -247,7 +250,9 @@ void qtile_merge(const Head& h, const float* XX, const float* mt, int64_t I, boo
     at::Tensor ndv = sc.nd.narrow(0, 0, ni);
     at::Tensor rhs =
         clean ? at::from_blob(const_cast<float*>(XX) + j0 * 2 * N, {nj, 2 * N}, opts) : sc.XXs.narrow(0, 0, nj);
-    at::mm_out(ndv, sc.Ew.view(-1).narrow(0, 0, ni * nj).view({ni, nj}), rhs);
+    if (!(sc.wide && tile_gemm(ni, 2 * N, nj, sc.Ew.data_ptr<float>(), nj, rhs.data_ptr<float>(), 2 * N,
+                               sc.nd.data_ptr<float>(), 2 * N)))
+      at::mm_out(ndv, sc.Ew.view(-1).narrow(0, 0, ni * nj).view({ni, nj}), rhs);
     if (!clean)  // rows that see a zeroed entry: that column is not finite
       for (int64_t ii = 0; ii < ni; ++ii)
         for (int64_t c = 0; c < 2 * N; ++c)
@@ -319,8 +324,10 @@ void head_fwd(const Head& h, bool causal, const at::TensorOptions& opts) {
   for (int64_t p = 0; p < nq; ++p) order.push_back((p % 2 == 0) ? p / 2 : nq - 1 - p / 2);
   at::Tensor XXt = at::empty({T, 2 * N}, opts);
   float* XX = XXt.data_ptr<float>();
+  const bool wide = tile_gemm_available();
   auto scratch = [&](int64_t rows, int64_t kw) {
     Scratch sc;
+    sc.wide = wide;
     sc.Ew = at::empty({rows * kw}, opts);
     sc.nd = at::empty({rows, 2 * N}, opts);
     sc.r.resize(rows);

@@ -10,7 +10,7 @@
 //       X[t', c]  = exp(k[t', c] - m_J[c])   (built once per key tile, with X * v, into XX)
 //       [n | d][t, c] = sum_J s_J[c] * (Ew_J @ [X v | X]_J)[t, c],   s_J[c] = exp(m_J[c] - m_U[c]) <= 1
 //     with r[t] the row max of w' over the union and m_U = max_J m_J, so every factor is in [0, 1]
-//     (aft_local_tiled_gemm.h: the keys outside a row's band, all of weight exp(-r), are summed per column);
+//     (common/cpu_tile_gemm.h: the keys outside a row's band, all of weight exp(-r), are summed per column);
 //   * one merge per output element against the far state at the larger offset, lse = M + log S,
 //     y = sigmoid(q) * A / S.
 // Exponentials per output element: 1 for X, 1 for the merge, 1 for the sigmoid, and a log -- instead of one per
@@ -21,7 +21,7 @@
 // b and a fixed block of channels) is computed by one thread, in a fixed order, with shapes independent of the
 // thread count.
 #include "aft_local/aft_local_tiled.h"
-#include "aft_local/aft_local_tiled_gemm.h"
+#include "common/cpu_tile_gemm.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -953,6 +953,34 @@ def test_tiled_whole_tile_redo_and_decline(path, rows):
     contract.check_all(path, OP, q, k, v, w, T, False, 2e-3, 2e-3, tol_lse=1e-6)
 
 
+@pytest.mark.paths("compiled-cpu")
+@pytest.mark.usefixtures("tiled_kernel")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", ["normal", "w_1e4"])
+@pytest.mark.parametrize("T", [300, 1100], ids=lambda t: f"T{t}")  # 1100: several 512-key tiles (causal)
+def test_tiled_gemm_without_avx512(path, T, case, causal, monkeypatch):
+    """ATTNFREE_CPU_AVX512=0: the float32 forward's GEMMs take at::mm instead of the AVX-512 tile GEMM
+    (common/cpu_tile_gemm.h; the path of CPUs without AVX-512); both agree with the oracle, and with each other to
+    float32 rounding. Key lengths past 64 (the tile GEMM's slice) and partial slices, whole and merged key tiles."""
+    q, k, v, w = qkvw(2, T, 6, 2, torch.float64)
+    if case == "w_1e4":
+        w = w * 1e4
+    q, k, v, w = (x.to(torch.float32) for x in (q, k, v, w))
+    # float32: 1e-5 + 8 eps L, L the largest |logit| (P carries the float32 lse's rounding, ~eps L)
+    tol = 1e-5 + 8 * torch.finfo(torch.float32).eps * float(k.abs().max() + w.abs().max())
+    monkeypatch.setenv("ATTNFREE_CPU_AVX512", "0")
+    contract.check_all(path, OP, q, k, v, w, T, causal, tol, tol, tol_lse=1e-6 if case != "normal" else None)
+    y0, l0 = path.fwd(OP, q, k, v, w, causal)
+    monkeypatch.delenv("ATTNFREE_CPU_AVX512")
+    contract.check_all(path, OP, q, k, v, w, T, causal, tol, tol, tol_lse=1e-6 if case != "normal" else None)
+    y1, l1 = path.fwd(OP, q, k, v, w, causal)
+    torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    # two different GEMMs ran: not bit-identical (the w_1e4 case may end on the per-element paths)
+    if case == "normal" and torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert not torch.equal(y0, y1)
+
+
 @pytest.mark.paths("emulation", "cuda")
 @pytest.mark.parametrize("op", [OP, "aft_full_lowrank"])
 @pytest.mark.parametrize("causal", [False, True])

@@ -1,7 +1,7 @@
-// AVX-512 micro-kernel of tile_gemm_scaled (aft_local_tiled_gemm.h): 8 rows x 32 columns of C in 16 registers,
+// AVX-512 micro-kernel of tile_gemm_scaled (cpu_tile_gemm.h): 8 rows x 32 columns of C in 16 registers,
 // k innermost (two loads of B, eight broadcasts of A, sixteen FMAs per k); the column panel of B (K x 32) stays in
 // L1 while the row blocks of A pass. Compiled for AVX-512 in this translation unit only, entered after a CPU check.
-#include "aft_local/aft_local_tiled_gemm.h"
+#include "common/cpu_tile_gemm.h"
 
 #include "common/env.h"
 
@@ -136,6 +136,18 @@ bool tile_gemm_banded(int64_t M, int64_t N, int64_t K, const float* A, int64_t r
   return true;
 }
 
+bool tile_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+               int64_t ldc) {
+  if (!cpu_has_avx512f()) return false;
+  if (K <= 0) {
+    for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, sizeof(float) * static_cast<size_t>(N));
+    return true;
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += kMaxK)
+    gemm(M, N, std::min(kMaxK, K - k0), A + k0, lda, 1, B + k0 * ldb, ldb, nullptr, nullptr, C, ldc, k0 > 0, nullptr);
+  return true;
+}
+
 bool tile_gemm_available() { return cpu_has_avx512f() && cpu_avx512_allowed(); }
 
 }  // namespace cpu
@@ -150,6 +162,9 @@ bool tile_gemm_scaled(int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
 }
 bool tile_gemm_banded(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, const float*,
                       float*, int64_t, bool, const TileBand&) {
+  return false;
+}
+bool tile_gemm(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t) {
   return false;
 }
 bool tile_gemm_available() { return false; }
