@@ -43,11 +43,18 @@ H200 rates (used as peaks):
     SFU   16 ops/clk/SM x 132 SMs x 1.98 GHz = 4.18e12 op/s: per-SM throughput of the MUFU functions for
           compute capability 9.0, NVIDIA CUDA C++ Programming Guide, "Arithmetic Instructions" throughput table;
           FlashAttention-3 (Shah et al. 2024, arXiv 2407.08608) quotes 3.9 T op/s for the H100 SXM.
+The sm_90 thread-block cluster kernels (operand tiles or statistics shared between the CTAs of a cluster through
+distributed shared memory; csrc/common/cluster.h) are opt-in through ATTNFREE_CLUSTERS=1 until a GPU run has
+verified them. The modelled device is an H200, so the switch alone picks them: ``--clusters both`` (default)
+counts every case with it on and, where that ran a cluster kernel, also with it off (the default path, and the
+path of GPUs without clusters); table column ``cl``: 1 / 0 / - (no cluster kernel in the case).
+
 These are upper bounds on the achievable fraction, not predictions of a measurement: the harness does not model
 latency, occupancy, bank conflicts, caches (counted bytes include L1/L2 hits, which makes the memory term
 pessimistic for kernels that re-read, e.g. AFT-local's band) or instruction issue limits other than the three above.
 
-    python -m benchmarks.cost_model [--ops aft_simple,aft_full] [--dtypes bf16,fp32] [--json PATH] [--quick]
+    python -m benchmarks.cost_model [--ops aft_simple,aft_full] [--dtypes bf16,fp32] [--clusters both|on|off]
+                                    [--json PATH] [--out PATH] [--quick]
 """
 
 from __future__ import annotations
@@ -90,6 +97,7 @@ QUICK = {
     "ea_double_norm": (2, 32, 16),
 }
 COUNTS = ("bytes_read", "bytes_written", "sfu_total", "barriers", "launches")
+CLUSTER_SWITCH = "ATTNFREE_CLUSTERS"  # opt-in for the sm_90 thread-block cluster kernels until a GPU verified them
 
 
 def _es(dt):
@@ -143,17 +151,25 @@ def _inputs(op, B, T, D, dt, g):
     return x
 
 
-def _run(op, direction, B, T, D, dt, causal, seed=0):
-    """One launcher call under the harness; returns (counters dict, per-launch mma time at the peak rates)."""
+def _run(op, direction, B, T, D, dt, causal, clusters=False, seed=0):
+    """One launcher call under the harness; returns its counters (dict). ``clusters``: the value of the
+    launchers' opt-in switch for thread-block cluster kernels (ATTNFREE_CLUSTERS, csrc/common/cluster.h) during
+    the call; the modelled device is an H200 (sm_90), so the switch alone decides."""
     import emu_ops
 
     # the CPU op that checks the inputs first would only add time here; restored for whoever runs next (a test
-    # session that calls the model must keep the checks of the tests after it)
+    # session that calls the model must keep the checks of the tests after it), as is the switch
     validate, emu_ops.VALIDATE = emu_ops.VALIDATE, False
+    switch = os.environ.get(CLUSTER_SWITCH)
+    os.environ[CLUSTER_SWITCH] = "1" if clusters else "0"
     try:
         return _counted(emu_ops, op, direction, B, T, D, dt, causal, seed)
     finally:
         emu_ops.VALIDATE = validate
+        if switch is None:
+            del os.environ[CLUSTER_SWITCH]
+        else:
+            os.environ[CLUSTER_SWITCH] = switch
 
 
 def _counted(emu_ops, op, direction, B, T, D, dt, causal, seed):
@@ -185,6 +201,7 @@ def _counted(emu_ops, op, direction, B, T, D, dt, causal, seed):
             O["aft_full_lowrank_bwd"](dy, x["q"], x["k"], x["v"], x["u"], x["vb"], res[0], res[1], causal)
     r = emu_ops.last_result()
     c = {k: r.counters[k] for k in COUNTS}
+    c["cluster_barriers"] = r.counters.get("cluster_barriers", 0)  # > 0: a cluster kernel ran
     mma = {f: 0 for f in MMA}
     for ln in r.launches:
         lc = ln["counters"]
@@ -231,17 +248,17 @@ def floor_format(dt):
     return {"bf16": "bf16", "fp16": "fp16", "fp32": "tf32", "fp64": "fp64"}[dt]
 
 
-def model_case(op, direction, dtname, causal, sizes, paper):
+def model_case(op, direction, dtname, causal, sizes, paper, clusters=False):
     dt = DTYPES[dtname]
     pts = _points(op, sizes)
-    runs = [_run(op, direction, b, t, d, dt, causal) for b, t, d in pts]
+    runs = [_run(op, direction, b, t, d, dt, causal, clusters) for b, t, d in pts]
     feats = [_features(op, *p) for p in pts]
     Bp, Tp, Dp = paper["B"], paper["T"], paper["D"]
     fp = _features(op, Bp, Tp, Dp)
     ext, scale = {}, {}
     for k in runs[0]:
         cs = [r[k] for r in runs]
-        if k == "launches":
+        if k in ("launches", "cluster_barriers"):
             ext[k] = cs[1]
             continue
         ext[k] = _fit(feats, cs, fp)
@@ -272,6 +289,9 @@ def model_case(op, direction, dtname, causal, sizes, paper):
         "direction": direction,
         "dtype": dtname,
         "causal": causal,
+        "clusters": clusters,
+        # the switch on and a cluster kernel among the launches at every measured size
+        "cluster_kernels": all(r["cluster_barriers"] > 0 for r in runs),
         "bytes_counted": int(round(bc)),
         "bytes_floor": int(bfl),
         "special_ops": int(round(ext["sfu_total"])),
@@ -309,6 +329,18 @@ def model_case(op, direction, dtname, causal, sizes, paper):
     }
 
 
+def model_switch_cases(op, direction, dtname, causal, sizes, paper, clusters="both"):
+    """The records of one case for the cluster switch: "off" / "on" one record with the switch so; "both" the
+    switch on, and where that ran a cluster kernel also the switch off before it (the default path, and the one
+    of GPUs without clusters); a case without cluster kernels gives one record either way."""
+    if clusters == "off":
+        return [model_case(op, direction, dtname, causal, sizes, paper, False)]
+    on = model_case(op, direction, dtname, causal, sizes, paper, True)
+    if clusters == "on" or not on["cluster_kernels"]:
+        return [on]
+    return [model_case(op, direction, dtname, causal, sizes, paper, False), on]
+
+
 def cases(ops, dtypes):
     for op in ops:
         for direction in ("fwd", "bwd"):
@@ -326,8 +358,9 @@ def _fmt_si(x, unit=""):
 
 def table(recs, sha, wall):
     head = (
-        f"{'op':<17}{'dir':<4}{'dtype':<5}{'c':>2} {'GB cnt':>6}{'GB fl':>6}{'B/el':>7}{'Bfl/el':>7}{'sfu/el':>7}"
-        f"{'TF mma':>7}{'TF fl':>6}{'t_fl us':>8}{'t_mem':>7}{'t_sfu':>7}{'t_mma':>7}{'bound':>7}{'frac':>7}"
+        f"{'op':<17}{'dir':<4}{'dtype':<5}{'c':>2}{'cl':>3} {'GB cnt':>6}{'GB fl':>6}{'B/el':>7}{'Bfl/el':>7}"
+        f"{'sfu/el':>7}{'TF mma':>7}{'TF fl':>6}"
+        f"{'t_fl us':>8}{'t_mem':>7}{'t_sfu':>7}{'t_mma':>7}{'bound':>7}{'frac':>7}"
     )
     lines = [
         f"attnfree_ext counted upper bounds (python -m benchmarks.cost_model), commit {sha}",
@@ -335,11 +368,14 @@ def table(recs, sha, wall):
         head,
         "-" * len(head),
     ]
+    case = lambda r: (r["op"], r["direction"], r["dtype"], r["causal"])  # noqa: E731
+    with_clusters = {case(r) for r in recs if r["cluster_kernels"]}
     for r in recs:
         c = "-" if r["causal"] is None else ("T" if r["causal"] else "F")
+        cl = "1" if r["cluster_kernels"] else ("0" if case(r) in with_clusters else "-")
         frac = r["predicted_fraction"]
         lines.append(
-            f"{r['op']:<17}{r['direction']:<4}{r['dtype']:<5}{c:>2} {r['bytes_counted'] / 1e9:>6.2f}"
+            f"{r['op']:<17}{r['direction']:<4}{r['dtype']:<5}{c:>2}{cl:>3} {r['bytes_counted'] / 1e9:>6.2f}"
             f"{r['bytes_floor'] / 1e9:>6.2f}{r['bytes_per_elem']:>7.1f}{r['bytes_floor_per_elem']:>7.1f}"
             f"{r['special_per_elem']:>7.2f}{r['mma_flops'] / 1e12:>7.2f}{r['flops_floor'] / 1e12:>6.2f}"
             f"{r['t_floor_us']:>8.1f}{r['t_memory_us']:>7.0f}{r['t_sfu_us']:>7.0f}{r['t_mma_us']:>7.0f}"
@@ -347,6 +383,8 @@ def table(recs, sha, wall):
         )
     lines += [
         "-" * len(head),
+        "cl: 1 the sm_90 cluster kernels (ATTNFREE_CLUSTERS=1, opt-in until a GPU run verified them), 0 the same",
+        "case with the switch off (the default path, and GPUs without clusters), - no cluster kernel in the case.",
         "c: causal. GB cnt / GB fl: bytes counted (read + written, every gptr access) / bytes_floor; B/el, Bfl/el,",
         "sfu/el: the same and special-function ops per output element (B*T*D); TF mma: counted MMA TFLOP (3xTF32",
         "counted as 3 MMAs); TF fl: flops_floor. t_fl = max(bytes_floor/COPY, flops_floor/MMA); t_mem = bytes/COPY,",
@@ -368,6 +406,13 @@ def main(argv=None):
     ap.add_argument("--ops", default=",".join(OPS), help="comma-separated: " + ",".join(OPS))
     ap.add_argument("--dtypes", default="bf16,fp16,fp32", help="comma-separated: bf16,fp16,fp32,fp64")
     ap.add_argument("--json", default=None, help="write one record per (op, direction, dtype, causal) here")
+    ap.add_argument(
+        "--clusters",
+        choices=("both", "on", "off"),
+        default="both",
+        help="the sm_90 cluster kernels' switch (ATTNFREE_CLUSTERS): both = a row with it on, and one with it off "
+        "where the op has cluster kernels (default)",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny sizes (tests; counts less representative)")
     ap.add_argument("--out", default=None, help="also write the table to this file")
     a = ap.parse_args(argv)
@@ -388,7 +433,7 @@ def main(argv=None):
     for op, direction, dt, causal in cases(ops, dtypes):
         sizes = (QUICK if a.quick else SMALL)[op]
         paper = PAPER["ea" if op == "ea_double_norm" else "aft"]
-        recs.append(model_case(op, direction, dt, causal, sizes, paper))
+        recs += model_switch_cases(op, direction, dt, causal, sizes, paper, a.clusters)
     wall = time.time() - t0
     txt = table(recs, sha, wall)
     print(txt)
