@@ -99,12 +99,24 @@ def test_backend_info_python_only_ops():
 def test_backend_info_reports_the_aft_full_kernel_switch(monkeypatch):
     q, k, v, w = _qkvw(torch.float32)
     monkeypatch.delenv("ATTNFREE_AFT_FULL_KERNEL", raising=False)
+    monkeypatch.delenv("ATTNFREE_CLUSTERS", raising=False)
     info = attnfree_ext.backend_info("aft_full", q, k, v, w)
-    assert info["switches"] == {"ATTNFREE_AFT_FULL_KERNEL": "auto"}
+    assert info["switches"] == {"ATTNFREE_AFT_FULL_KERNEL": "auto", "ATTNFREE_CLUSTERS": "0"}
     assert "ATTNFREE_AFT_FULL_KERNEL=auto" in info["summary"]
     monkeypatch.setenv("ATTNFREE_AFT_FULL_KERNEL", "exact")
-    assert attnfree_ext.backend_info("aft_full", q, k, v, w)["switches"] == {"ATTNFREE_AFT_FULL_KERNEL": "exact"}
+    assert attnfree_ext.backend_info("aft_full", q, k, v, w)["switches"]["ATTNFREE_AFT_FULL_KERNEL"] == "exact"
     assert attnfree_ext.backend_info("aft_simple", q, k, v)["switches"] == {}
+
+
+def test_backend_info_reports_the_cluster_switch(monkeypatch):
+    """The ops with sm_90 cluster kernels name their opt-in switch and its value."""
+    logits = torch.randn(2, 5, 3)
+    monkeypatch.delenv("ATTNFREE_CLUSTERS", raising=False)
+    assert attnfree_ext.backend_info("ea_double_norm", logits)["switches"] == {"ATTNFREE_CLUSTERS": "0"}
+    monkeypatch.setenv("ATTNFREE_CLUSTERS", "1")
+    info = attnfree_ext.backend_info("ea_double_norm", logits)
+    assert info["switches"] == {"ATTNFREE_CLUSTERS": "1"} and "ATTNFREE_CLUSTERS=1" in info["summary"]
+    assert attnfree_ext.backend_info("aft_full", *_qkvw(torch.float32))["switches"]["ATTNFREE_CLUSTERS"] == "1"
 
 
 def test_reasons_are_generic():

@@ -15,7 +15,7 @@ import torch
 
 from ..common import composite as _composite
 from ..common import dispatch
-from ..common.capabilities import Capability, Input, Switch
+from ..common.capabilities import CLUSTER_SWITCH, Capability, Input, Switch
 from ..common.fakes import aft_fwd_outputs, like
 
 __all__ = ["CAPABILITY", "LOWRANK_CAPABILITY", "KERNEL_SWITCH"]
@@ -36,7 +36,7 @@ CAPABILITY = dispatch.register(
         bwd="aft_full_bwd",
         devices=("cpu", "cuda"),
         inputs=_QKV + (Input("w", "(T, T) or (heads, T, T)", 2, 3),),
-        switches=(KERNEL_SWITCH,),
+        switches=(KERNEL_SWITCH, CLUSTER_SWITCH),
     )
 )
 

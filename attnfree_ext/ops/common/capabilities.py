@@ -16,7 +16,7 @@ import torch
 
 from .dtypes import FLOAT_DTYPES
 
-__all__ = ["Input", "Switch", "Capability", "not_supported_reasons"]
+__all__ = ["Input", "Switch", "CLUSTER_SWITCH", "Capability", "not_supported_reasons"]
 
 #: device type -> dispatch key of its compiled kernels
 DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
@@ -43,6 +43,17 @@ class Switch:
     choices: tuple[str, ...]
     default: str
     doc: str = ""
+
+
+#: The sm_90 thread-block cluster kernels (operand tiles or statistics shared between the CTAs of a cluster through
+#: distributed shared memory; csrc/common/cluster.h): opt-in until a GPU run has verified them. Read by the CUDA
+#: launchers at every call; only GPUs of compute capability >= 9.0 take them.
+CLUSTER_SWITCH = Switch(
+    "ATTNFREE_CLUSTERS",
+    ("0", "1"),
+    "0",
+    "1: the sm_90 thread-block cluster kernels (opt-in until verified on a GPU); 0: the kernels of every GPU",
+)
 
 
 @dataclasses.dataclass(frozen=True)

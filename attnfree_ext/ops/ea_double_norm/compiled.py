@@ -11,7 +11,7 @@ import torch
 
 from ..common import composite as _composite
 from ..common import dispatch
-from ..common.capabilities import Capability, Input
+from ..common.capabilities import CLUSTER_SWITCH, Capability, Input
 from ..common.dtypes import compute_dtype
 from ..common.fakes import like
 
@@ -24,6 +24,7 @@ CAPABILITY = dispatch.register(
         bwd="ea_double_norm_bwd",
         devices=("cpu", "cuda"),
         inputs=(Input("logits", "(..., N, S) (at least 2 dimensions)", 2),),
+        switches=(CLUSTER_SWITCH,),
     )
 )
 
