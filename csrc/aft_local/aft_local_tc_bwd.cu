@@ -139,82 +139,105 @@ __device__ __forceinline__ float load_u(const UPlanesRO& p, int64_t o) {
   return __uint_as_float((hi << 16) | (lo << 8));
 }
 
-// dq, u, and per (b, query chunk, c) the far state of the chunk's rows: ref = rho, sums of exp(rho - lse) G, H.
-// The chunk's lse values stay in registers between the min and the sums (read once).
+// The far states are kept per pair of query chunks, [2S - o, 2S + 2 - o) with o = 1 for W >= 2 (0 for W = 1):
+// every key tile's band starts and ends on such a boundary (clo(J) = 2J - o, chi(J) + 1 = 2J + 2 + o, or the ends of
+// the sequence), so the scan reads half as many states.
+__host__ __device__ __forceinline__ int64_t pair_offset(int64_t W) { return W >= 2 ? 1 : 0; }
+__host__ __device__ __forceinline__ int64_t num_pairs(int64_t nI, int64_t W) { return (nI + pair_offset(W) + 1) / 2; }
+
+// dq, u, rho per (b, query chunk, c), and per (b, chunk pair, c) the far state of the pair's rows: the sums of
+// exp(rho - lse) G, H per chunk merged against the pair's min. A chunk's lse values stay in registers between its
+// min and its sums (read once).
 template <typename E>
 __global__ void local_bwd_prep_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q,
                                       gptr<const E> __restrict__ y, gptr<const float> __restrict__ lse,
-                                      gptr<E> __restrict__ dq, gptr<float> __restrict__ cr, gptr<float> __restrict__ cg,
-                                      gptr<float> __restrict__ ch, UPlanes up, int64_t B, int64_t T, int64_t D,
-                                      int64_t nI) {
-  AF_GRID_STRIDE(i, B * nI * D) {
-    const int64_t c = i % D, I = (i / D) % nI, b = i / (D * nI);
-    const int64_t t0 = I * QC, n = t0 + QC < T ? QC : T - t0, base = (b * T + t0) * D + c;
-    float l[QC];
-    float r = INFINITY;
+                                      gptr<E> __restrict__ dq, gptr<float> __restrict__ cr, gptr<float> __restrict__ fr,
+                                      gptr<float> __restrict__ fg, gptr<float> __restrict__ fh, UPlanes up, int64_t B,
+                                      int64_t T, int64_t D, int64_t nI, int64_t W) {
+  const int64_t nS = num_pairs(nI, W), po = pair_offset(W);
+  AF_GRID_STRIDE(i, B * nS * D) {
+    const int64_t c = i % D, S = (i / D) % nS, b = i / (D * nS);
+    const int64_t i0 = 2 * S - po > 0 ? 2 * S - po : 0, i1 = 2 * S + 2 - po < nI ? 2 * S + 2 - po : nI;
+    FarState st;
+    st.init();
+    for (int64_t I = i0; I < i1; ++I) {
+      const int64_t t0 = I * QC, n = t0 + QC < T ? QC : T - t0, base = (b * T + t0) * D + c;
+      float l[QC];
+      float r = INFINITY;
 #pragma unroll
-    for (int j = 0; j < QC; ++j) {
-      l[j] = j < n ? lse[base + j * D] : -INFINITY;
-      if (l[j] != -INFINITY) r = fminf(r, l[j]);  // a row that sees no key (-inf) has no term; NaN is skipped
-    }
-    float sg = 0.f, sh = 0.f;
-#pragma unroll
-    for (int j = 0; j < QC; ++j) {
-      if (j >= n) continue;
-      const int64_t o = base + j * D;
-      const float d = load_acc(dy + o), sq = af_sigmoid(load_acc(q + o)), hh = d * load_acc(y + o);
-      store_val(dq + o, hh * (1.f - sq));
-      float u = d * 0.f;  // -inf lse: 0 (NaN for a non-finite dy, which the main kernel flags)
-      if (l[j] != -INFINITY) {
-        const float e = af_exp(r - l[j]);  // NaN for a NaN lse (and an all-+inf chunk): propagates into the sums
-        sg += e * d * sq;
-        sh += e * hh;
-        u = (l[j] < INFINITY && r - l[j] >= -kSpread) ? d * e : __uint_as_float(0x7fc00000u);
+      for (int j = 0; j < QC; ++j) {
+        l[j] = j < n ? lse[base + j * D] : -INFINITY;
+        if (l[j] != -INFINITY) r = fminf(r, l[j]);  // a row that sees no key (-inf) has no term; NaN is skipped
       }
-      store_u<E>(up, o, u);
+      float sg = 0.f, sh = 0.f;
+#pragma unroll
+      for (int j = 0; j < QC; ++j) {
+        if (j >= n) continue;
+        const int64_t o = base + j * D;
+        const float d = load_acc(dy + o), sq = af_sigmoid(load_acc(q + o)), hh = d * load_acc(y + o);
+        store_val(dq + o, hh * (1.f - sq));
+        float u = d * 0.f;  // -inf lse: 0 (NaN for a non-finite dy, which the main kernel flags)
+        if (l[j] != -INFINITY) {
+          const float e = af_exp(r - l[j]);  // NaN for a NaN lse (and an all-+inf chunk): propagates into the sums
+          sg += e * d * sq;
+          sh += e * hh;
+          u = (l[j] < INFINITY && r - l[j] >= -kSpread) ? d * e : __uint_as_float(0x7fc00000u);
+        }
+        store_u<E>(up, o, u);
+      }
+      cr[(b * nI + I) * D + c] = r;
+      if (r == INFINITY && sg == 0.f && sh == 0.f) continue;  // no term (merge would skip it too)
+      if (st.r == INFINITY && !(r < INFINITY)) {
+        st.r = r;  // the pair's first chunk: as it is (an all-+inf / NaN chunk keeps its NaN sums)
+        st.g = sg;
+        st.h = sh;
+      } else {
+        st.merge(r, sg, sh);
+      }
     }
-    cr[i] = r;
-    cg[i] = sg;
-    ch[i] = sh;
+    fr[i] = st.r;
+    fg[i] = st.g;
+    fh[i] = st.h;
   }
 }
 
-// Per (b, key tile J, c): pre = the chunks before J's band (clo(J)), suf = the chunks after it (chi(J)); index
+// Per (b, key tile J, c): pre = the chunk pairs before J's band (clo(J)), suf = the pairs after it (chi(J)); index
 // (b * nJ + J) * D + c. Causal rows before a key tile never see it: no prefix.
-__global__ void local_bwd_scan_kernel(gptr<const float> __restrict__ cr, gptr<const float> __restrict__ cg,
-                                      gptr<const float> __restrict__ ch, gptr<float> __restrict__ pr,
+__global__ void local_bwd_scan_kernel(gptr<const float> __restrict__ fr, gptr<const float> __restrict__ fg,
+                                      gptr<const float> __restrict__ fh, gptr<float> __restrict__ pr,
                                       gptr<float> __restrict__ pg, gptr<float> __restrict__ ph,
                                       gptr<float> __restrict__ sr, gptr<float> __restrict__ sg,
                                       gptr<float> __restrict__ sh, int64_t B, int64_t D, int64_t nI, int64_t nJ,
                                       BGeo g) {
+  const int64_t nS = num_pairs(nI, g.W), po = pair_offset(g.W);
   AF_GRID_STRIDE(i, B * D) {
     const int64_t c = i % D, b = i / D;
     FarState st;
     if (!g.causal) {
       st.init();
-      int64_t I = 0;
+      int64_t S = 0;
       for (int64_t J = 0; J < nJ; ++J) {
-        for (const int64_t lo = g.clo(J); I < lo; ++I) {
-          const int64_t s = (b * nI + I) * D + c;
-          st.merge(cr[s], cg[s], ch[s]);
+        for (const int64_t lo = (g.clo(J) + po) / 2; S < lo; ++S) {  // the pairs that end by clo(J)
+          const int64_t x = (b * nS + S) * D + c;
+          st.merge(fr[x], fg[x], fh[x]);
         }
-        const int64_t o = (b * nJ + J) * D + c;
-        pr[o] = st.r;
-        pg[o] = st.g;
-        ph[o] = st.h;
+        const int64_t x = (b * nJ + J) * D + c;
+        pr[x] = st.r;
+        pg[x] = st.g;
+        ph[x] = st.h;
       }
     }
     st.init();
-    int64_t I = nI - 1;
+    int64_t S = nS - 1;
     for (int64_t J = nJ - 1; J >= 0; --J) {
-      for (const int64_t hi = g.chi(J); I > hi; --I) {
-        const int64_t s = (b * nI + I) * D + c;
-        st.merge(cr[s], cg[s], ch[s]);
+      for (const int64_t hi = (g.chi(J) + 2 + po) / 2; S >= hi; --S) {  // the pairs that start after chi(J)
+        const int64_t x = (b * nS + S) * D + c;
+        st.merge(fr[x], fg[x], fh[x]);
       }
-      const int64_t o = (b * nJ + J) * D + c;
-      sr[o] = st.r;
-      sg[o] = st.g;
-      sh[o] = st.h;
+      const int64_t x = (b * nJ + J) * D + c;
+      sr[x] = st.r;
+      sg[x] = st.g;
+      sh[x] = st.h;
     }
   }
 }
@@ -652,11 +675,12 @@ bool aft_local_tc_bwd_takes(DType dtype, int64_t B, int64_t T, int64_t D, int64_
   return tc_bwd_device(smem);
 }
 
-size_t aft_local_tc_bwd_workspace_bytes(DType dtype, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t /*W*/) {
+size_t aft_local_tc_bwd_workspace_bytes(DType dtype, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t W) {
   const int64_t nI = num_chunks(T), nJ = num_tiles(T), ncb = (B * (D / heads) + CB - 1) / CB, n = B * T * D;
   const size_t u = dtype == DType::Float32 ? align_up(sizeof(float) * size_t(n))
                                            : align_up(sizeof(uint16_t) * size_t(n)) + align_up(size_t(n));
-  return 3 * align_up(sizeof(float) * size_t(B * nI * D)) + 6 * align_up(sizeof(float) * size_t(B * nJ * D)) + u +
+  return align_up(sizeof(float) * size_t(B * nI * D)) + 3 * align_up(sizeof(float) * size_t(B * num_pairs(nI, W) * D)) +
+         6 * align_up(sizeof(float) * size_t(B * nJ * D)) + u +
          align_up(sizeof(int) * size_t(heads * nJ * ncb + heads * T));
 }
 
@@ -669,8 +693,9 @@ cudaError_t aft_local_tc_bwd(DType dtype, const void* dy, const void* q, const v
   const WLayout wl(T, W, banded);
   WsCursor ws(workspace);
   float* cr = ws.take<float>(B * nI * D);
-  float* cg = ws.take<float>(B * nI * D);
-  float* chh = ws.take<float>(B * nI * D);
+  float* fr = ws.take<float>(B * num_pairs(nI, W) * D);
+  float* fg = ws.take<float>(B * num_pairs(nI, W) * D);
+  float* fh = ws.take<float>(B * num_pairs(nI, W) * D);
   float* pr = ws.take<float>(B * nJ * D);
   float* pg = ws.take<float>(B * nJ * D);
   float* ph = ws.take<float>(B * nJ * D);
@@ -695,9 +720,9 @@ cudaError_t aft_local_tc_bwd(DType dtype, const void* dy, const void* q, const v
     E *dkp = static_cast<E*>(dk), *dvp = static_cast<E*>(dv), *dwp = static_cast<E*>(dw);
     ATTNFREE_LAUNCH(local_bwd_zero_kernel, grid_for(heads * nJ * ncb + heads * T), kThreads, 0, stream)(
         kvflag, heads * nJ * ncb + heads * T);
-    ATTNFREE_LAUNCH((local_bwd_prep_kernel<E>), grid_for(B * nI * D), kThreads, 0, stream)(
-        dyp, qp, yp, lp, static_cast<E*>(dq), cr, cg, chh, up, B, T, D, nI);
-    ATTNFREE_LAUNCH(local_bwd_scan_kernel, grid_for(B * D), kThreads, 0, stream)(cr, cg, chh, pr, pg, ph, sr, sg, sh, B,
+    ATTNFREE_LAUNCH((local_bwd_prep_kernel<E>), grid_for(B * num_pairs(nI, W) * D), kThreads, 0, stream)(
+        dyp, qp, yp, lp, static_cast<E*>(dq), cr, fr, fg, fh, up, B, T, D, nI, W);
+    ATTNFREE_LAUNCH(local_bwd_scan_kernel, grid_for(B * D), kThreads, 0, stream)(fr, fg, fh, pr, pg, ph, sr, sg, sh, B,
                                                                                  D, nI, nJ, g);
     const size_t smem = BwdOps<E>::kBytes;
     cudaError_t err = cudaFuncSetAttribute(local_bwd_tc_kernel<E>, cudaFuncAttributeMaxDynamicSharedMemorySize,
