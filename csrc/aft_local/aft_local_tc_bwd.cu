@@ -23,8 +23,8 @@
 // bytes and 13 special-function operations. 512 threads, up to 227 KB of shared memory (sm_90;
 // aft_local_tc_bwd_takes() checks the device limit); one CTA per (key tile, head).
 // Far queries (chunks outside the CTA's, bias 0 for every key of the tile) come from prefix / suffix states over
-// query chunks of (ref, sum exp(ref - lse) G, sum exp(ref - lse) H), ref = rho (prep kernel; the scan kernel merges
-// them per key tile), times exp(k - ref) <= 1.
+// pairs of query chunks of (ref, sum exp(ref - lse) G, sum exp(ref - lse) H), ref = their min rho (prep kernel; the
+// scan kernel merges them per key tile), times exp(k - ref) <= 1.
 // Guard: Sc <= e^kGap (tested as r + m - rho <= kGap, rho <= lse) keeps every product in range and any term lost to
 // underflow below e^-47 of its row's sum; a (t, c) with a larger gap (|k|, |w| ~ 1e4 with the maxima on different
 // keys), an lse more than kSpread above its chunk's rho (u would underflow), and any non-finite input the tile
