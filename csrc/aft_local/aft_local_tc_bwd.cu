@@ -15,16 +15,21 @@
 // aG, aH live in registers for one column block; dW is an fp32 tile in shared memory (the <= 6 pairs of query
 // chunk x 64 keys that meet the band) that sums every column of the head, and is written once at the end (each dw
 // entry has one writer: the tile of its key; no atomics). 16-bit inputs keep the tile's band of w in shared memory.
-// Counted cost per output element (bf16, W = 64, B*D large): dy, q, y, lse read 3 times (prep + 256 rows per 128
-// keys), k, v once; about 41 bytes and 13 special-function operations. 512 threads, up to 226 KB of shared
-// memory (sm_90; aft_local_tc_bwd_takes() checks the device limit); one CTA per (key tile, head).
+// The prep kernel reads dy, q, y, lse once: dq, the far states below, and per (t, c) u = dy exp(rho - lse) with
+// rho = the min lse of the row's query chunk, which the CTAs read with q, y instead of dy and lse (Sc G =
+// exp(r + m - rho) u sigmoid(q)): 3 bytes per visit instead of 6 for 16-bit inputs (u to 16 significant bits as a
+// 16-bit and an 8-bit plane), 4 instead of 8 for float32. Counted cost per output element (bf16, W = 64, B*D large):
+// the prep's 10 bytes in and 5 out, per visit (256 rows per 128 keys) 7 bytes of query data, k, v once; about 38
+// bytes and 13 special-function operations. 512 threads, up to 227 KB of shared memory (sm_90;
+// aft_local_tc_bwd_takes() checks the device limit); one CTA per (key tile, head).
 // Far queries (chunks outside the CTA's, bias 0 for every key of the tile) come from prefix / suffix states over
-// query chunks of (ref, sum exp(ref - lse) G, sum exp(ref - lse) H), ref = min lse (prep + scan kernels), times
-// exp(k - ref) <= 1.
-// Guard: Sc <= e^kGap keeps every product in range and any term lost to underflow below e^-47 of its row's sum; a
-// (t, c) with a larger gap (|k|, |w| ~ 1e4 with the maxima on different keys), and any non-finite input the tile
+// pairs of query chunks of (ref, sum exp(ref - lse) G, sum exp(ref - lse) H), ref = their min rho (prep kernel; the
+// scan kernel merges them per key tile), times exp(k - ref) <= 1.
+// Guard: Sc <= e^kGap (tested as r + m - rho <= kGap, rho <= lse) keeps every product in range and any term lost to
+// underflow below e^-47 of its row's sum; a (t, c) with a larger gap (|k|, |w| ~ 1e4 with the maxima on different
+// keys), an lse more than kSpread above its chunk's rho (u would underflow), and any non-finite input the tile
 // sees, flags its key tile x column block (dv, dk) and its rows (dw); the per-element kernels at the end recompute
-// exactly those outputs (and propagate NaN as the band kernels of aft_local.cu do).
+// exactly those outputs from dy, q, y, lse (and propagate NaN as the band kernels of aft_local.cu do).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -53,7 +58,7 @@ using namespace nvcuda;
 constexpr int KT = 128, QC = 64, CB = 32, NT = 512, NCH = 4, MAXW = 64;
 constexpr int NSUB = KT / QC, NSLOT = 6;  // dW: the (query chunk, 64-key subtile) pairs that meet the band
 constexpr int WSPAN = 2 * MAXW - 1;       // w cache: per key, the queries t' - (MAXW - 1) .. t' + MAXW - 1
-constexpr float kGap = 40.f;
+constexpr float kGap = 40.f, kSpread = 80.f;
 
 struct BGeo {
   int64_t T, W;
@@ -95,68 +100,144 @@ struct FarState {
   }
 };
 
-// dq, and per (b, query chunk, c) the far state of the chunk's rows (online: the reference follows the minimum).
+// u = dy exp(rho - lse) in global memory, rho = the min lse of the row's query chunk (<= 1 times dy): float32
+// inputs keep it in fp32; 16-bit inputs round it to 16 significant bits (nearest even) and keep its top 16 bits
+// (hi) and the next 8 (lo), 3 bytes instead of the 6 of dy and lse (the operands built from it carry ~16 bits).
+// A NaN u marks a (t, c) for the per-element kernels: NaN or +inf lse, non-finite dy, or an lse more than kSpread
+// above rho (u would lose its bits to underflow).
+struct UPlanes {
+  gptr<float> f;
+  gptr<uint16_t> hi;
+  gptr<uint8_t> lo;
+};
+struct UPlanesRO {
+  gptr<const float> f;
+  gptr<const uint16_t> hi;
+  gptr<const uint8_t> lo;
+};
+
+template <typename E>
+__device__ __forceinline__ void store_u(const UPlanes& p, int64_t o, float u) {
+  if (sizeof(E) == 4) {
+    p.f[o] = u;
+    return;
+  }
+  uint32_t b = __float_as_uint(u);
+  if (!(u - u == 0.f)) {
+    b = 0x7fc00000u;  // every non-finite u as a NaN that the 24 bits keep
+  } else {
+    b += 0x7fu + ((b >> 8) & 1u);  // round to nearest even at bit 8; |u| <= |dy| stays below the fp32 maximum
+  }
+  p.hi[o] = static_cast<uint16_t>(b >> 16);
+  p.lo[o] = static_cast<uint8_t>((b >> 8) & 0xffu);
+}
+
+template <typename E>
+__device__ __forceinline__ float load_u(const UPlanesRO& p, int64_t o) {
+  if (sizeof(E) == 4) return p.f[o];
+  const uint32_t hi = static_cast<uint16_t>(p.hi[o]), lo = static_cast<uint8_t>(p.lo[o]);
+  return __uint_as_float((hi << 16) | (lo << 8));
+}
+
+// The far states are kept per pair of query chunks, [2S - o, 2S + 2 - o) with o = 1 for W >= 2 (0 for W = 1):
+// every key tile's band starts and ends on such a boundary (clo(J) = 2J - o, chi(J) + 1 = 2J + 2 + o, or the ends of
+// the sequence), so the scan reads half as many states.
+__host__ __device__ __forceinline__ int64_t pair_offset(int64_t W) { return W >= 2 ? 1 : 0; }
+__host__ __device__ __forceinline__ int64_t num_pairs(int64_t nI, int64_t W) { return (nI + pair_offset(W) + 1) / 2; }
+
+// dq, u, rho per (b, query chunk, c), and per (b, chunk pair, c) the far state of the pair's rows: the sums of
+// exp(rho - lse) G, H per chunk merged against the pair's min. A chunk's lse values stay in registers between its
+// min and its sums (read once).
 template <typename E>
 __global__ void local_bwd_prep_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q,
                                       gptr<const E> __restrict__ y, gptr<const float> __restrict__ lse,
-                                      gptr<E> __restrict__ dq, gptr<float> __restrict__ cr, gptr<float> __restrict__ cg,
-                                      gptr<float> __restrict__ ch, int64_t B, int64_t T, int64_t D, int64_t nI) {
-  AF_GRID_STRIDE(i, B * nI * D) {
-    const int64_t c = i % D, I = (i / D) % nI, b = i / (D * nI);
-    const int64_t t0 = I * QC, t1 = t0 + QC < T ? t0 + QC : T;
-    float r = INFINITY, sg = 0.f, sh = 0.f;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t o = (b * T + t) * D + c;
-      const float d = load_acc(dy + o), sq = af_sigmoid(load_acc(q + o)), hh = d * load_acc(y + o);
-      store_val(dq + o, hh * (1.f - sq));
-      const float l = lse[o];
-      if (l == -INFINITY) continue;  // a row that sees no key: no term
-      if (l < r) {
-        const float f = r == INFINITY ? 0.f : af_exp(l - r);
-        sg *= f;
-        sh *= f;
-        r = l;
+                                      gptr<E> __restrict__ dq, gptr<float> __restrict__ cr, gptr<float> __restrict__ fr,
+                                      gptr<float> __restrict__ fg, gptr<float> __restrict__ fh, UPlanes up, int64_t B,
+                                      int64_t T, int64_t D, int64_t nI, int64_t W) {
+  const int64_t nS = num_pairs(nI, W), po = pair_offset(W);
+  AF_GRID_STRIDE(i, B * nS * D) {
+    const int64_t c = i % D, S = (i / D) % nS, b = i / (D * nS);
+    const int64_t i0 = 2 * S - po > 0 ? 2 * S - po : 0, i1 = 2 * S + 2 - po < nI ? 2 * S + 2 - po : nI;
+    FarState st;
+    st.init();
+    for (int64_t I = i0; I < i1; ++I) {
+      const int64_t t0 = I * QC, n = t0 + QC < T ? QC : T - t0, base = (b * T + t0) * D + c;
+      float l[QC];
+      float r = INFINITY;
+#pragma unroll
+      for (int j = 0; j < QC; ++j) {
+        l[j] = j < n ? lse[base + j * D] : -INFINITY;
+        if (l[j] != -INFINITY) r = fminf(r, l[j]);  // a row that sees no key (-inf) has no term; NaN is skipped
       }
-      const float e = af_exp(r - l);  // NaN for a NaN lse: propagates into the far sums
-      sg += e * d * sq;
-      sh += e * hh;
+      float sg = 0.f, sh = 0.f;
+#pragma unroll
+      for (int j = 0; j < QC; ++j) {
+        if (j >= n) continue;
+        const int64_t o = base + j * D;
+        const float d = load_acc(dy + o), sq = af_sigmoid(load_acc(q + o)), hh = d * load_acc(y + o);
+        store_val(dq + o, hh * (1.f - sq));
+        float u = d * 0.f;  // -inf lse: 0 (NaN for a non-finite dy, which the main kernel flags)
+        if (l[j] != -INFINITY) {
+          const float e = af_exp(r - l[j]);  // NaN for a NaN lse (and an all-+inf chunk): propagates into the sums
+          sg += e * d * sq;
+          sh += e * hh;
+          u = (l[j] < INFINITY && r - l[j] >= -kSpread) ? d * e : __uint_as_float(0x7fc00000u);
+        }
+        store_u<E>(up, o, u);
+      }
+      cr[(b * nI + I) * D + c] = r;
+      if (r == INFINITY && sg == 0.f && sh == 0.f) continue;  // no term (merge would skip it too)
+      if (st.r == INFINITY && !(r < INFINITY)) {
+        st.r = r;  // the pair's first chunk: as it is (an all-+inf / NaN chunk keeps its NaN sums)
+        st.g = sg;
+        st.h = sh;
+      } else {
+        st.merge(r, sg, sh);
+      }
     }
-    cr[i] = r;
-    cg[i] = sg;
-    ch[i] = sh;
+    fr[i] = st.r;
+    fg[i] = st.g;
+    fh[i] = st.h;
   }
 }
 
-// Per (b, c): pre[I] = the chunks < I, suf[I] = the chunks >= I; index (b * (nI + 1) + I) * D + c.
-__global__ void local_bwd_scan_kernel(gptr<const float> __restrict__ cr, gptr<const float> __restrict__ cg,
-                                      gptr<const float> __restrict__ ch, gptr<float> __restrict__ pr,
+// Per (b, key tile J, c): pre = the chunk pairs before J's band (clo(J)), suf = the pairs after it (chi(J)); index
+// (b * nJ + J) * D + c. Causal rows before a key tile never see it: no prefix.
+__global__ void local_bwd_scan_kernel(gptr<const float> __restrict__ fr, gptr<const float> __restrict__ fg,
+                                      gptr<const float> __restrict__ fh, gptr<float> __restrict__ pr,
                                       gptr<float> __restrict__ pg, gptr<float> __restrict__ ph,
                                       gptr<float> __restrict__ sr, gptr<float> __restrict__ sg,
-                                      gptr<float> __restrict__ sh, int64_t B, int64_t D, int64_t nI) {
+                                      gptr<float> __restrict__ sh, int64_t B, int64_t D, int64_t nI, int64_t nJ,
+                                      BGeo g) {
+  const int64_t nS = num_pairs(nI, g.W), po = pair_offset(g.W);
   AF_GRID_STRIDE(i, B * D) {
     const int64_t c = i % D, b = i / D;
     FarState st;
-    st.init();
-    for (int64_t I = 0; I <= nI; ++I) {
-      const int64_t o = (b * (nI + 1) + I) * D + c;
-      pr[o] = st.r;
-      pg[o] = st.g;
-      ph[o] = st.h;
-      if (I < nI) {
-        const int64_t s = (b * nI + I) * D + c;
-        st.merge(cr[s], cg[s], ch[s]);
+    if (!g.causal) {
+      st.init();
+      int64_t S = 0;
+      for (int64_t J = 0; J < nJ; ++J) {
+        for (const int64_t lo = (g.clo(J) + po) / 2; S < lo; ++S) {  // the pairs that end by clo(J)
+          const int64_t x = (b * nS + S) * D + c;
+          st.merge(fr[x], fg[x], fh[x]);
+        }
+        const int64_t x = (b * nJ + J) * D + c;
+        pr[x] = st.r;
+        pg[x] = st.g;
+        ph[x] = st.h;
       }
     }
     st.init();
-    for (int64_t I = nI; I >= 0; --I) {
-      const int64_t o = (b * (nI + 1) + I) * D + c;
-      if (I < nI) {
-        const int64_t s = (b * nI + I) * D + c;
-        st.merge(cr[s], cg[s], ch[s]);
+    int64_t S = nS - 1;
+    for (int64_t J = nJ - 1; J >= 0; --J) {
+      for (const int64_t hi = (g.chi(J) + 2 + po) / 2; S >= hi; --S) {  // the pairs that start after chi(J)
+        const int64_t x = (b * nS + S) * D + c;
+        st.merge(fr[x], fg[x], fh[x]);
       }
-      sr[o] = st.r;
-      sg[o] = st.g;
-      sh[o] = st.h;
+      const int64_t x = (b * nJ + J) * D + c;
+      sr[x] = st.r;
+      sg[x] = st.g;
+      sh[x] = st.h;
     }
   }
 }
@@ -181,7 +262,7 @@ struct BwdOps {
   static constexpr size_t kWc = kX + PL * kXPlane * sizeof(Op);
   static constexpr size_t kRow = kWc + (WCACHE ? (size_t(KT) * WSPAN * sizeof(E) + 127) / 128 * 128 : 0);
   static constexpr size_t kCol = kRow + 2 * NCH * QC * sizeof(float);      // float r[NCH QC], e0[NCH QC]
-  static constexpr size_t kRed = kCol + 7 * CB * sizeof(float);            // float m, 6 far values [CB]
+  static constexpr size_t kRed = kCol + (7 + NCH) * CB * sizeof(float);    // float m, 6 far values, rho[NCH] [CB]
   static constexpr size_t kBase = kRed + (NT / CB) * CB * sizeof(float);   // float red[NT / CB][CB]
   static constexpr size_t kFlag = kBase + CB * sizeof(int64_t);            // int64 colbase[CB]
   static constexpr size_t kBytes = kFlag + 16 + NCH * NSUB * sizeof(int);  // int flag; int slot[NCH][NSUB]
@@ -238,9 +319,9 @@ __device__ __forceinline__ bool finite_f(float x) { return x - x == 0.f; }
 
 template <typename E>
 __global__ void __launch_bounds__(NT, 1)
-    local_bwd_tc_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
-                        gptr<const E> __restrict__ v, gptr<const E> __restrict__ w, gptr<const E> __restrict__ y,
-                        gptr<const float> __restrict__ lse, gptr<const float> __restrict__ pr,
+    local_bwd_tc_kernel(UPlanesRO up, gptr<const float> __restrict__ cr, gptr<const E> __restrict__ q,
+                        gptr<const E> __restrict__ k, gptr<const E> __restrict__ v, gptr<const E> __restrict__ w,
+                        gptr<const E> __restrict__ y, gptr<const float> __restrict__ pr,
                         gptr<const float> __restrict__ pg, gptr<const float> __restrict__ ph,
                         gptr<const float> __restrict__ sr, gptr<const float> __restrict__ sg,
                         gptr<const float> __restrict__ sh, gptr<E> __restrict__ dk, gptr<E> __restrict__ dv,
@@ -259,7 +340,8 @@ __global__ void __launch_bounds__(NT, 1)
   float* rrow = reinterpret_cast<float*>(smem + L::kRow);
   float* e0 = rrow + NCH * QC;
   float* mcol = reinterpret_cast<float*>(smem + L::kCol);
-  float* far = mcol + CB;  // pr, pg, ph, sr, sg, sh [CB]
+  float* far = mcol + CB;     // pr, pg, ph, sr, sg, sh [CB]
+  float* rho = far + 6 * CB;  // [chunk - c0][CB]: the u reference of each chunk
   float* red = reinterpret_cast<float*>(smem + L::kRed);
   int64_t* colbase = reinterpret_cast<int64_t*>(smem + L::kBase);
   int* flag = reinterpret_cast<int*>(smem + L::kFlag);
@@ -273,6 +355,14 @@ __global__ void __launch_bounds__(NT, 1)
   const int64_t r1 = (c1 + 1) * QC < T ? (c1 + 1) * QC : T;  // rows [r0, r1)
   const int64_t ncols = B * dh, ncb = (ncols + CB - 1) / CB;
 
+  if (L::WCACHE)
+    for (int i = tid; i < KT * WSPAN; i += NT) {
+      const int64_t tp = j0 + i / WSPAN, t = tp + i % WSPAN - (MAXW - 1);
+      if (tp < j1 && t >= r0 && t < r1 && g.in_band(t, tp) && g.visible(t, tp))
+        wc[i] = static_cast<E>(*(w + wl.at(h, t, tp)));
+    }
+
+  if (L::WCACHE) __syncthreads();  // the row references read the cache
   // row references of this key tile: r[t] = max of w' over the keys of [j0, j1) that t sees; e0 = exp(-r)
   for (int i = tid; i < NCH * QC; i += NT) {
     const int64_t t = r0 + i;
@@ -282,7 +372,8 @@ __global__ void __launch_bounds__(NT, 1)
       if (hi > j0) {
         const int64_t blo = t - g.W + 1 > j0 ? t - g.W + 1 : j0, bhi = t + g.W < hi ? t + g.W : hi;
         if (blo > j0 || bhi < hi) r = 0.f;  // a visible key of the tile outside the band: bias 0
-        for (int64_t tp = blo; tp < bhi; ++tp) r = fmaxf(r, load_acc(w + wl.at(h, t, tp)));
+        for (int64_t tp = blo; tp < bhi; ++tp)
+          r = fmaxf(r, L::WCACHE ? to_acc(wc[(tp - j0) * WSPAN + (t - tp + MAXW - 1)]) : load_acc(w + wl.at(h, t, tp)));
       }
     }
     rrow[i] = r;
@@ -297,13 +388,6 @@ __global__ void __launch_bounds__(NT, 1)
       slot[x] = meets && ns < NSLOT ? ns++ : -1;
     }
   }
-  if (L::WCACHE)
-    for (int i = tid; i < KT * WSPAN; i += NT) {
-      const int64_t tp = j0 + i / WSPAN, t = tp + i % WSPAN - (MAXW - 1);
-      if (tp < j1 && t >= r0 && t < r1 && g.in_band(t, tp) && g.visible(t, tp))
-        wc[i] = static_cast<E>(*(w + wl.at(h, t, tp)));
-    }
-
   const size_t lo_e = L::kEwPlane, lo_s = L::kSPlane, lo_x = L::kXPlane;
   const int lc = tid & (CB - 1), lg = tid >> 5;  // key / column roles: column lc, keys lg*8 .. +8 (or rows lg*4 ..)
   const int ks = (warp >> 1) * 16, cf = (warp & 1) * 16;  // MMA1: key strip, column fragment
@@ -320,16 +404,16 @@ __global__ void __launch_bounds__(NT, 1)
       if (j < ncols) {
         const int64_t b = j / dh, c = h * dh + j % dh;
         base = b * T * D + c;
+        const int64_t o = (b * nJ + J) * D + c;
         if (!g.causal) {
-          const int64_t o = (b * (nI + 1) + c0) * D + c;
           far[tid] = pr[o];
           far[CB + tid] = pg[o];
           far[2 * CB + tid] = ph[o];
         }
-        const int64_t o = (b * (nI + 1) + c1 + 1) * D + c;
         far[3 * CB + tid] = sr[o];
         far[4 * CB + tid] = sg[o];
         far[5 * CB + tid] = sh[o];
+        for (int64_t ch = c0; ch <= c1; ++ch) rho[(ch - c0) * CB + tid] = cr[(b * nI + ch) * D + c];
       }
       colbase[tid] = base;
     }
@@ -373,7 +457,7 @@ __global__ void __launch_bounds__(NT, 1)
       __syncthreads();  // mcol written; the previous chunk's operands consumed
       // S = [Sc G | -Sc H]: column lc, rows lg*4 .. +4
       {
-        const float mm = mcol[lc];
+        const float mm = mcol[lc], rh = rho[ci * CB + lc];
         bool fl = false;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -382,13 +466,13 @@ __global__ void __launch_bounds__(NT, 1)
           float sgv = 0.f, shv = 0.f;
           if (cbase >= 0 && t < T) {
             const int64_t o = cbase + t * D;
-            const float d = load_acc(dy + o), l = lse[o];
-            const float G = d * af_sigmoid(load_acc(q + o)), Hh = d * load_acc(y + o);
+            const float u = load_u<E>(up, o);  // dy exp(rho - lse)
+            const float G = u * af_sigmoid(load_acc(q + o)), Hh = u * load_acc(y + o);
             const float r = rrow[ci * QC + ri];
-            if (!(l < INFINITY) || !finite_f(G) || !finite_f(Hh)) {
-              fl = true;  // NaN / +inf: exact per element
-            } else if (l != -INFINITY && r != -INFINITY && mm != -INFINITY) {
-              const float gap = r + mm - l;
+            if (!finite_f(G) || !finite_f(Hh)) {
+              fl = true;  // NaN / +inf, or u marked: exact per element
+            } else if (u != 0.f && r != -INFINITY && mm != -INFINITY) {
+              const float gap = r + mm - rh;  // >= r + m - lse: Sc = exp(gap) u / dy <= e^kGap
               if (gap > kGap) {
                 fl = true;
               } else {
@@ -522,11 +606,8 @@ __global__ void local_bwd_exact_kv_kernel(gptr<const E> __restrict__ dy, gptr<co
         sgv += p * d * af_sigmoid(load_acc(q + o));
         shv += p * d * load_acc(y + o);
       }
-      if (!g.causal) {
-        const int64_t o = (b * (nI + 1) + c0) * D + c;
-        FarState{pr[o], pg[o], ph[o]}.apply(kk, sgv, shv);
-      }
-      const int64_t o = (b * (nI + 1) + c1 + 1) * D + c;
+      const int64_t o = (b * nJ + J) * D + c;
+      if (!g.causal) FarState{pr[o], pg[o], ph[o]}.apply(kk, sgv, shv);
       FarState{sr[o], sg[o], sh[o]}.apply(kk, sgv, shv);
       store_val(dv + i, sgv);
       store_val(dk + i, load_acc(v + i) * sgv - shv);
@@ -594,10 +675,12 @@ bool aft_local_tc_bwd_takes(DType dtype, int64_t B, int64_t T, int64_t D, int64_
   return tc_bwd_device(smem);
 }
 
-size_t aft_local_tc_bwd_workspace_bytes(DType /*dtype*/, int64_t B, int64_t T, int64_t D, int64_t heads,
-                                        int64_t /*W*/) {
-  const int64_t nI = num_chunks(T), nJ = num_tiles(T), ncb = (B * (D / heads) + CB - 1) / CB;
-  return 3 * align_up(sizeof(float) * size_t(B * nI * D)) + 6 * align_up(sizeof(float) * size_t(B * (nI + 1) * D)) +
+size_t aft_local_tc_bwd_workspace_bytes(DType dtype, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t W) {
+  const int64_t nI = num_chunks(T), nJ = num_tiles(T), ncb = (B * (D / heads) + CB - 1) / CB, n = B * T * D;
+  const size_t u = dtype == DType::Float32 ? align_up(sizeof(float) * size_t(n))
+                                           : align_up(sizeof(uint16_t) * size_t(n)) + align_up(size_t(n));
+  return align_up(sizeof(float) * size_t(B * nI * D)) + 3 * align_up(sizeof(float) * size_t(B * num_pairs(nI, W) * D)) +
+         6 * align_up(sizeof(float) * size_t(B * nJ * D)) + u +
          align_up(sizeof(int) * size_t(heads * nJ * ncb + heads * T));
 }
 
@@ -610,14 +693,23 @@ cudaError_t aft_local_tc_bwd(DType dtype, const void* dy, const void* q, const v
   const WLayout wl(T, W, banded);
   WsCursor ws(workspace);
   float* cr = ws.take<float>(B * nI * D);
-  float* cg = ws.take<float>(B * nI * D);
-  float* chh = ws.take<float>(B * nI * D);
-  float* pr = ws.take<float>(B * (nI + 1) * D);
-  float* pg = ws.take<float>(B * (nI + 1) * D);
-  float* ph = ws.take<float>(B * (nI + 1) * D);
-  float* sr = ws.take<float>(B * (nI + 1) * D);
-  float* sg = ws.take<float>(B * (nI + 1) * D);
-  float* sh = ws.take<float>(B * (nI + 1) * D);
+  float* fr = ws.take<float>(B * num_pairs(nI, W) * D);
+  float* fg = ws.take<float>(B * num_pairs(nI, W) * D);
+  float* fh = ws.take<float>(B * num_pairs(nI, W) * D);
+  float* pr = ws.take<float>(B * nJ * D);
+  float* pg = ws.take<float>(B * nJ * D);
+  float* ph = ws.take<float>(B * nJ * D);
+  float* sr = ws.take<float>(B * nJ * D);
+  float* sg = ws.take<float>(B * nJ * D);
+  float* sh = ws.take<float>(B * nJ * D);
+  UPlanes up{nullptr, nullptr, nullptr};
+  if (dtype == DType::Float32) {
+    up.f = ws.take<float>(B * T * D);
+  } else {
+    up.hi = ws.take<uint16_t>(B * T * D);
+    up.lo = ws.take<uint8_t>(B * T * D);
+  }
+  const UPlanesRO upr{up.f, up.hi, up.lo};
   int* kvflag = ws.take<int>(heads * nJ * ncb + heads * T);
   int* rowflag = kvflag + heads * nJ * ncb;
   const float* lp = static_cast<const float*>(lse);
@@ -628,17 +720,17 @@ cudaError_t aft_local_tc_bwd(DType dtype, const void* dy, const void* q, const v
     E *dkp = static_cast<E*>(dk), *dvp = static_cast<E*>(dv), *dwp = static_cast<E*>(dw);
     ATTNFREE_LAUNCH(local_bwd_zero_kernel, grid_for(heads * nJ * ncb + heads * T), kThreads, 0, stream)(
         kvflag, heads * nJ * ncb + heads * T);
-    ATTNFREE_LAUNCH((local_bwd_prep_kernel<E>), grid_for(B * nI * D), kThreads, 0, stream)(
-        dyp, qp, yp, lp, static_cast<E*>(dq), cr, cg, chh, B, T, D, nI);
-    ATTNFREE_LAUNCH(local_bwd_scan_kernel, grid_for(B * D), kThreads, 0, stream)(cr, cg, chh, pr, pg, ph, sr, sg, sh, B,
-                                                                                 D, nI);
+    ATTNFREE_LAUNCH((local_bwd_prep_kernel<E>), grid_for(B * num_pairs(nI, W) * D), kThreads, 0, stream)(
+        dyp, qp, yp, lp, static_cast<E*>(dq), cr, fr, fg, fh, up, B, T, D, nI, W);
+    ATTNFREE_LAUNCH(local_bwd_scan_kernel, grid_for(B * D), kThreads, 0, stream)(fr, fg, fh, pr, pg, ph, sr, sg, sh, B,
+                                                                                 D, nI, nJ, g);
     const size_t smem = BwdOps<E>::kBytes;
     cudaError_t err = cudaFuncSetAttribute(local_bwd_tc_kernel<E>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(smem));
     if (err != cudaSuccess) return err;
     const dim3 grid(static_cast<unsigned>(nJ), static_cast<unsigned>(heads));
     ATTNFREE_LAUNCH((local_bwd_tc_kernel<E>), grid, NT, smem, stream)(
-        dyp, qp, kp, vp, wp, yp, lp, pr, pg, ph, sr, sg, sh, dkp, dvp, dwp, kvflag, rowflag, B, D, dh, nJ, nI, g, wl);
+        upr, cr, qp, kp, vp, wp, yp, pr, pg, ph, sr, sg, sh, dkp, dvp, dwp, kvflag, rowflag, B, D, dh, nJ, nI, g, wl);
     ATTNFREE_LAUNCH((local_bwd_exact_kv_kernel<E>), grid_for(heads * nJ * ncb * kThreads), kThreads, 0, stream)(
         dyp, qp, kp, vp, wp, yp, lp, pr, pg, ph, sr, sg, sh, dkp, dvp, kvflag, B, D, heads, dh, nJ, nI, g, wl);
     ATTNFREE_LAUNCH((local_bwd_exact_w_kernel<E>), grid_for(heads * T * kThreads), kThreads, 0, stream)(
