@@ -45,6 +45,12 @@
 //   resident factors or 2 x 64 x 33 fp32 = 16.9 KB. 249-255 registers, 1 CTA per SM, no local memory
 //   (tests/test_cuda_compile.py).
 //   Workspace (aft_full_fwd_workspace_bytes): Ek, Ekv (2 B T D operands) + r (heads T) + m (B D) fp32; no T x T.
+//   `fwd_tc_cluster_kernel` (dense bias, sm_90 with ATTNFREE_CLUSTERS=1: attnfree::cuda::cluster_kernels_enabled()):
+//   the same CTAs in 2 x 2 thread-block clusters; the two CTAs of a cluster row share each Ew tile, the two of a
+//   cluster column each Ek, Ekv tile, through distributed shared memory (each builds / loads half and stores it to
+//   both), so w and Ek, Ekv are read and w exponentiated once per cluster: half of fwd_tc_kernel's tile bytes and
+//   exps, bitwise equal results. Odd block counts: the grid is padded with CTAs that only share. fwd_tc_kernel stays
+//   the sm_80 / switch-off path.
 //
 // Forward, exact kernel `fwd_exact_kernel` (fp64 always; any dtype with exact = true): one thread per (b, t, c),
 //   online log-sum-exp over the visible keys in the accumulate type. O(T^2 B D) scalar work.
