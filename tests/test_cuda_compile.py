@@ -162,6 +162,7 @@ def test_nvcc_compiles_cluster_helpers():
 NO_STACK_KERNELS = {
     "aft_full.cu": (
         "fwd_tc_kernel",
+        "fwd_tc_cluster_kernel",
         "bwd_kv_tc_kernel",
         "bwd_w_tc_kernel",
         "bwd_kv_kernel",

@@ -45,6 +45,12 @@
 //   resident factors or 2 x 64 x 33 fp32 = 16.9 KB. 249-255 registers, 1 CTA per SM, no local memory
 //   (tests/test_cuda_compile.py).
 //   Workspace (aft_full_fwd_workspace_bytes): Ek, Ekv (2 B T D operands) + r (heads T) + m (B D) fp32; no T x T.
+//   `fwd_tc_cluster_kernel` (dense bias, sm_90 with ATTNFREE_CLUSTERS=1: attnfree::cuda::cluster_kernels_enabled()):
+//   the same CTAs in 2 x 2 thread-block clusters; the two CTAs of a cluster row share each Ew tile, the two of a
+//   cluster column each Ek, Ekv tile, through distributed shared memory (each builds / loads half and stores it to
+//   both), so w and Ek, Ekv are read and w exponentiated once per cluster: half of fwd_tc_kernel's tile bytes and
+//   exps, bitwise equal results. Odd block counts: the grid is padded with CTAs that only share. fwd_tc_kernel stays
+//   the sm_80 / switch-off path.
 //
 // Forward, exact kernel `fwd_exact_kernel` (fp64 always; any dtype with exact = true): one thread per (b, t, c),
 //   online log-sum-exp over the visible keys in the accumulate type. O(T^2 B D) scalar work.
@@ -90,6 +96,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/cluster.h"
 #include "common/cuda_common.cuh"
 #include "common/wmma_tf32.cuh"
 
@@ -595,6 +602,54 @@ __device__ __forceinline__ void exp_w_ref(const float (&wv)[16], int64_t t, int6
   }
 }
 
+#if AFT_FULL_TC_ARCH
+// Epilogue of the tensor-core forward (both kernels): each warp's den, num fragments through its 16 x 32 fp32
+// scratch `sc`; y = sigmoid(q) num / den, lse = r + m + log(den) (in double, rounded once), or the exact recompute
+// where terms lost to underflow may matter (docs/design.md §2.3). r_s[row], m_s[col]: the fixed references.
+template <typename E, typename WE, bool LOWRANK, bool F32OPS, int FFM, int FFN, typename Acc>
+__device__ __forceinline__ void fwd_epilogue(const Acc (&dacc)[FFM][FFN], const Acc (&nacc)[FFM][FFN], float* sc,
+                                             const float* r_s, const float* m_s, int wr0, int wc0, int lane,
+                                             gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
+                                             gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w,
+                                             gptr<const WE> __restrict__ u, gptr<const WE> __restrict__ vbias,
+                                             gptr<E> __restrict__ y, gptr<float> __restrict__ lse, int64_t t0,
+                                             int64_t j0, int64_t T, int64_t D, int64_t dh, int64_t h, int64_t ncols,
+                                             int64_t rank, bool causal) {
+#pragma unroll
+  for (int fm = 0; fm < FFM; ++fm) {
+#pragma unroll
+    for (int fn = 0; fn < FFN; ++fn) {
+      wmma::store_matrix_sync(sc, dacc[fm][fn], 16, wmma::mem_row_major);
+      wmma::store_matrix_sync(sc + 256, nacc[fm][fn], 16, wmma::mem_row_major);
+      __syncwarp();
+#pragma unroll 1
+      for (int e = lane; e < 256; e += 32) {
+        const int row = wr0 + 16 * fm + e / 16, col = wc0 + 16 * fn + e % 16;
+        const int64_t t = t0 + row, j = j0 + col;
+        if (t < T && j < ncols) {
+          const int64_t cb = column_offset(j, ncols, dh, T, D, h), o = cb + t * D;
+          const float den = sc[e], nvis = static_cast<float>(causal ? t + 1 : T);
+          float z, l;
+          if (!(den < nvis * kLostRel) &&
+              (F32OPS || LOWRANK || !causal || nvis >= kFewKeys)) {  // NaN takes this branch
+            z = sc[256 + e] / den;
+            l = static_cast<float>(static_cast<double>(r_s[row]) + static_cast<double>(m_s[col]) +
+                                   static_cast<double>(log2f(den)) * kLn2d);
+          } else {  // rare: terms lost to underflow may matter (or nothing is visible): exact recompute
+            const float2 zl = fallback_element<E, WE, LOWRANK>(k, v, w, u, vbias, T, D, h, t, cb, rank, causal);
+            z = zl.x;
+            l = zl.y;
+          }
+          y[o] = from_acc<E>(af_sigmoid(to_acc(q[o])) * z);
+          lse[o] = l;
+        }
+      }
+      __syncwarp();  // before the next fragment pair overwrites the scratch
+    }
+  }
+}
+#endif  // AFT_FULL_TC_ARCH
+
 // E: q/k/v type; WE: w type (or u/vb type when LOWRANK); Op: the operand type (TcCfg). ek, ekv, rref, mref: the
 // prepasses' results. x3: 3xTF32 for fp32 operands (else plain TF32).
 template <typename E, typename WE, bool LOWRANK>
@@ -739,41 +794,201 @@ __global__ void __launch_bounds__(NT, LOWRANK ? AFT_FULL_MIN_BLOCKS : AFT_FULL_F
   if (async_tiles) async_wait<0>();  // the trailing empty group
 
   // ---------------- epilogue: per fragment pair through a per-warp scratch (aliases the dead operands)
-  float* sc = reinterpret_cast<float*>(smem) + warp * 512;
-#pragma unroll
-  for (int fm = 0; fm < FFM; ++fm) {
-#pragma unroll
-    for (int fn = 0; fn < FFN; ++fn) {
-      wmma::store_matrix_sync(sc, dacc[fm][fn], 16, wmma::mem_row_major);
-      wmma::store_matrix_sync(sc + 256, nacc[fm][fn], 16, wmma::mem_row_major);
-      __syncwarp();
-#pragma unroll 1
-      for (int e = lane; e < 256; e += 32) {
-        const int row = wr0 + 16 * fm + e / 16, col = wc0 + 16 * fn + e % 16;
-        const int64_t t = t0 + row, j = j0 + col;
-        if (t < T && j < ncols) {
-          const int64_t cb = column_offset(j, ncols, dh, T, D, h), o = cb + t * D;
-          const float den = sc[e], nvis = static_cast<float>(causal ? t + 1 : T);
-          float z, l;
-          if (!(den < nvis * kLostRel) &&
-              (F32OPS || LOWRANK || !causal || nvis >= kFewKeys)) {  // NaN takes this branch
-            z = sc[256 + e] / den;
-            l = static_cast<float>(static_cast<double>(r_s[row]) + static_cast<double>(m_s[col]) +
-                                   static_cast<double>(log2f(den)) * kLn2d);
-          } else {  // rare: terms lost to underflow may matter (or nothing is visible): exact recompute
-            const float2 zl = fallback_element<E, WE, LOWRANK>(k, v, w, u, vbias, T, D, h, t, cb, rank, causal);
-            z = zl.x;
-            l = zl.y;
-          }
-          y[o] = from_acc<E>(af_sigmoid(to_acc(q[o])) * z);
-          lse[o] = l;
-        }
-      }
-      __syncwarp();  // before the next fragment pair overwrites the scratch
-    }
-  }
+  fwd_epilogue<E, WE, LOWRANK, F32OPS>(dacc, nacc, reinterpret_cast<float*>(smem) + warp * 512, r_s, m_s, wr0, wc0,
+                                       lane, q, k, v, w, u, vbias, y, lse, t0, j0, T, D, dh, h, ncols, rank, causal);
 #else
   __trap();  // sm < 80: the launchers never select this kernel there (aft_full_tc_supported)
+#endif
+}
+
+// ------------------------------------------------------------------------------------------ cluster forward (sm_90)
+// The dense-bias forward on 2 x 2 thread-block clusters (docs/design.md §2.3, §5.3). CTA (x, y) of a cluster owns
+// the 192 x 96 output tile of column block blockIdx.x and row block blockIdx.y, as in fwd_tc_kernel, but the two
+// CTAs of a cluster row (the same query rows) share every Ew tile and the two CTAs of a cluster column (the same
+// columns) share every Ek, Ekv tile through distributed shared memory: per key tile a CTA exponentiates its half of
+// the Ew tile's rows (96, by its x), loads its half of the Ek, Ekv tiles' keys (32, by its y), and stores each
+// into its own buffer and its partner's. Every operand element is then read from global memory once per cluster:
+// per output element and key 2 B / 192 of w and 4 B / 384 of Ek, Ekv (bf16; fwd_tc_kernel 2 B / 96 and 4 B / 192),
+// and a w element is exponentiated once per cluster row (T / 192 exps per output element, not T / 96).
+// Pipeline: two buffers of (Ew, Ek, Ekv); step s fills buffer s & 1 (own and partners'), one cluster_sync, then
+// the MMAs of buffer s & 1. A CTA fills buffer s & 1 again at step s + 2, after the cluster_sync of step s + 1,
+// which its partners reach only after their MMAs of step s: one barrier per step, and the warps that finish their
+// MMAs early go on loading the next tile while the others still multiply.
+// Causal: the cluster loops over the keys of its upper row block. A CTA skips the Ew tiles and MMAs past its own
+// last row (both CTAs of a cluster row skip the same ones) but still loads its half of the Ek, Ekv tiles that its
+// column partner needs; the steps past the upper row block are skipped by all four.
+// Numerics are fwd_tc_kernel's: the same Ew, Ek, Ekv operand values and the same MMA order (bitwise equal results),
+// then the same epilogue (fixed references, lost-tile guard with the exact fallback, NaN propagation).
+// Grid: the launcher pads odd column / row block counts by one; a padded CTA (all rows past T, or all columns past
+// B dh) still shares its halves (zeros where nothing exists, without reads) and writes nothing.
+// Shared memory: two (Ew, Ek, Ekv) buffers + r, m: bf16 107 KB, fp32 203 KB (dynamic only: multi-CTA cluster
+// launches refuse static shared memory).
+template <bool F32OPS>
+struct FwdClusterCfg : FwdCfg<F32OPS, false> {
+  using Base = FwdCfg<F32OPS, false>;
+  static constexpr int HM = Base::FBM / 2, HK = FBK / 2;                    // a CTA's half: Ew rows, Ek / Ekv keys
+  static constexpr size_t kBufBytes = Base::kEwBytes + 2 * Base::kEkBytes;  // Ew, Ek, Ekv of one key tile
+  static constexpr size_t kOps = 2 * kBufBytes;
+  static constexpr size_t kUnion = ((kOps > Base::kScratchBytes ? kOps : Base::kScratchBytes) + 127) / 128 * 128;
+  static constexpr size_t kR = kUnion;                          // float r[FBM]
+  static constexpr size_t kM = kR + Base::FBM * sizeof(float);  // float m[FBN]
+  static constexpr size_t kBytes = (kM + Base::FBN * sizeof(float) + 127) / 128 * 128;
+  static_assert(kBufBytes % 128 == 0 && Base::kEwBytes % 128 == 0 && Base::kEkBytes % 128 == 0, "buffer alignment");
+  static_assert(kBytes <= 227 * 1024, "shared memory per CTA");
+};
+
+// Eight operands (consecutive keys of an Ew row) as 16-byte (bf16) or two 16-byte (fp32) stores to two places.
+__device__ __forceinline__ unsigned bf16_pair_bits(float a, float b) {
+  return static_cast<unsigned>(__bfloat16_as_ushort(__float2bfloat16_rn(a))) |
+         (static_cast<unsigned>(__bfloat16_as_ushort(__float2bfloat16_rn(b))) << 16);
+}
+__device__ __forceinline__ void store8_twice(__nv_bfloat16* a, __nv_bfloat16* b, const float (&e)[8]) {
+  const uint4 u = make_uint4(bf16_pair_bits(e[0], e[1]), bf16_pair_bits(e[2], e[3]), bf16_pair_bits(e[4], e[5]),
+                             bf16_pair_bits(e[6], e[7]));
+  *reinterpret_cast<uint4*>(a) = u;
+  *reinterpret_cast<uint4*>(b) = u;
+}
+__device__ __forceinline__ void store8_twice(float* a, float* b, const float (&e)[8]) {
+  const float4 lo = make_float4(e[0], e[1], e[2], e[3]), hi = make_float4(e[4], e[5], e[6], e[7]);
+  reinterpret_cast<float4*>(a)[0] = lo;
+  reinterpret_cast<float4*>(a)[1] = hi;
+  reinterpret_cast<float4*>(b)[0] = lo;
+  reinterpret_cast<float4*>(b)[1] = hi;
+}
+
+template <typename E, typename WE>
+__global__ void __launch_bounds__(NT, AFT_FULL_FWD_MIN_BLOCKS)
+    fwd_tc_cluster_kernel(gptr<const E> __restrict__ q, gptr<const E> __restrict__ k, gptr<const E> __restrict__ v,
+                          gptr<const WE> __restrict__ w,
+                          gptr<const typename TcCfg<uses_tf32_operands<E>()>::Op> __restrict__ ek,
+                          gptr<const typename TcCfg<uses_tf32_operands<E>()>::Op> __restrict__ ekv,
+                          gptr<const float> __restrict__ rref, gptr<const float> __restrict__ mref,
+                          gptr<E> __restrict__ y, gptr<float> __restrict__ lse, int64_t B, int64_t T, int64_t D,
+                          int64_t dh, bool causal, bool x3) {
+#if AFT_FULL_TC_ARCH
+  constexpr bool F32OPS = uses_tf32_operands<E>();
+  using Cfg = FwdClusterCfg<F32OPS>;
+  using Op = typename Cfg::Op;
+  using Mma = FwdMma<F32OPS>;
+  constexpr int FBM = Cfg::FBM, FBN = Cfg::FBN, FFM = Cfg::FFM, FFN = Cfg::FFN, HM = Cfg::HM, HK = Cfg::HK;
+  constexpr int LDA = Cfg::LDA, LDB = Cfg::LDB, kEk = FBK * LDB;
+  ATTNFREE_DYNAMIC_SHARED(unsigned char, smem, 128);
+  float* r_s = reinterpret_cast<float*>(smem + Cfg::kR);
+  float* m_s = reinterpret_cast<float*>(smem + Cfg::kM);
+  // cluster (2, 2, 1): rank x + 2 y with x = blockIdx.x & 1, y = blockIdx.y & 1; rank ^ 1 has the same query rows,
+  // rank ^ 2 the same columns
+  const unsigned rank = cluster_ctarank(), cx = blockIdx.x & 1u, cy = blockIdx.y & 1u;
+  unsigned char* smem_row = cluster_map_shared(smem, rank ^ 1u);
+  unsigned char* smem_col = cluster_map_shared(smem, rank ^ 2u);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int64_t h = blockIdx.z;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * FBM;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * FBN;
+  const int64_t ncols = B * dh;
+  if (tid < FBM) r_s[tid] = (t0 + tid < T) ? rref[h * T + t0 + tid] : -INFINITY;
+  if (tid < FBN) m_s[tid] = (j0 + tid < ncols) ? mref[h * ncols + j0 + tid] : -INFINITY;
+
+  const int wr0 = (warp / FWN) * 16 * FFM, wc0 = (warp % FWN) * 16 * FFN;
+  typename Mma::Acc dacc[FFM][FFN], nacc[FFM][FFN];
+#pragma unroll
+  for (int i = 0; i < FFM; ++i)
+#pragma unroll
+    for (int jj = 0; jj < FFN; ++jj) {
+      wmma::fill_fragment(dacc[i][jj], 0.f);
+      wmma::fill_fragment(nacc[i][jj], 0.f);
+    }
+
+  // keys of this CTA's rows and of the cluster's (its upper row block's): the same in all four CTAs
+  const int64_t tu = static_cast<int64_t>(blockIdx.y | 1u) * FBM;
+  const int64_t kown = causal ? (t0 + FBM < T ? t0 + FBM : T) : T;
+  const int64_t kend = causal ? (tu + FBM < T ? tu + FBM : T) : T;
+  const bool rows_in = t0 < T, outputs = rows_in && j0 < ncols;
+  gptr<const WE> wh = w + h * T * T;
+  gptr<const Op> ekh = ek + h * T * ncols;
+  gptr<const Op> ekvh = ekv + h * T * ncols;
+  constexpr int CW = 16 / sizeof(Op);   // operands per 16-byte chunk
+  const bool chunks = ncols % CW == 0;  // 16-byte aligned operand rows: a chunk is wholly inside or outside
+  cluster_sync();  // r_s, m_s; and every CTA of the cluster runs before its shared memory is written to
+
+  int buf = 0;
+  for (int64_t k0 = 0; k0 < kend; k0 += FBK) {
+    unsigned char* own = smem + buf * Cfg::kBufBytes;
+    Op* Ew = reinterpret_cast<Op*>(own);
+    Op* Ek = reinterpret_cast<Op*>(own + Cfg::kEwBytes);  // Ekv = Ek + kEk
+    Op* Ew_row = reinterpret_cast<Op*>(smem_row + buf * Cfg::kBufBytes);
+    Op* Ek_col = reinterpret_cast<Op*>(smem_col + buf * Cfg::kBufBytes + Cfg::kEwBytes);
+    // (2) this CTA's keys k0 + HK y + [0, HK) of the Ek, Ekv tiles (0 past the last key / column), to this CTA and
+    // its column partner. All loads before the stores: the remote stores go through generic pointers, which the
+    // compiler cannot tell apart from the global loads.
+    if (chunks) {
+      constexpr int kPerKey = FBN / CW, kChunks = 2 * HK * kPerKey;
+      static_assert(kChunks % NT == 0, "chunks per thread");
+      uint4 val[kChunks / NT];
+#pragma unroll
+      for (int i = 0; i < kChunks / NT; ++i) {
+        const int c = tid + i * NT, arr = c / (HK * kPerKey), e = c % (HK * kPerKey);
+        const int64_t tk = k0 + HK * cy + e / kPerKey, j = j0 + (e % kPerKey) * CW;
+        val[i] = make_uint4(0u, 0u, 0u, 0u);
+        if (tk < T && j < ncols) val[i] = gptr_cast<const uint4>((arr ? ekvh : ekh) + (tk * ncols + j))[0];
+      }
+#pragma unroll
+      for (int i = 0; i < kChunks / NT; ++i) {
+        const int c = tid + i * NT, arr = c / (HK * kPerKey), e = c % (HK * kPerKey);
+        const int off = arr * kEk + (HK * cy + e / kPerKey) * LDB + (e % kPerKey) * CW;
+        *reinterpret_cast<uint4*>(Ek + off) = val[i];
+        *reinterpret_cast<uint4*>(Ek_col + off) = val[i];
+      }
+    } else {
+#pragma unroll 4
+      for (int e = tid; e < HK * FBN; e += NT) {
+        const int key = HK * cy + e / FBN, col = e % FBN;
+        const int64_t tk = k0 + key, j = j0 + col;
+        const bool ok = tk < T && j < ncols;
+        const float a = ok ? to_acc(ekh[tk * ncols + j]) : 0.f, b = ok ? to_acc(ekvh[tk * ncols + j]) : 0.f;
+        const int off = key * LDB + col;
+        store_val(&Ek[off], a);
+        store_val(&Ek_col[off], a);
+        store_val(&Ek[kEk + off], b);
+        store_val(&Ek_col[kEk + off], b);
+      }
+    }
+    // (1) this CTA's rows HM x + [0, HM) of Ew = exp(w - r) over the visible keys (0 elsewhere), in strips of 8
+    // keys, to this CTA and its row partner (both CTAs of the cluster row need the tile or neither)
+    const bool need = rows_in && k0 < kown;
+    if (need) {
+      constexpr int kStrips = HM * (FBK / 8);
+      static_assert(kStrips % NT == 0, "strips per thread");
+#pragma unroll 1
+      for (int i = 0; i < kStrips / NT; ++i) {
+        const int s = tid + i * NT, row = HM * cx + s / (FBK / 8), part = s % (FBK / 8);
+        const int64_t t = t0 + row;
+        float e[8];
+#pragma unroll
+        for (int ii = 0; ii < 8; ++ii) {
+          const int64_t tk = k0 + part * 8 + ii;
+          e[ii] = key_visible(t, tk, T, causal) ? static_cast<float>(to_acc(wh[t * T + tk])) : 0.f;
+        }
+        const float rr = r_s[row];
+#pragma unroll
+        for (int ii = 0; ii < 8; ++ii) {
+          const bool vis = key_visible(t, k0 + part * 8 + ii, T, causal) && e[ii] != -INFINITY;  // -inf: masked
+          e[ii] = vis ? exp2f((e[ii] - rr) * kLog2e) : 0.f;
+        }
+        store8_twice(Ew + row * LDA + part * 8, Ew_row + row * LDA + part * 8, e);
+      }
+    }
+    cluster_sync();  // both halves of this step's tiles in every CTA of the cluster
+    // (3) den += Ew Ek, num += Ew Ekv
+    if (need && outputs) Mma::template run<Cfg>(Ew, Ek, Ek + kEk, wr0, wc0, x3, dacc, nacc);
+    buf ^= 1;
+  }
+  __syncthreads();  // the epilogue's scratch aliases the operands other warps may still multiply
+  if (!outputs) return;
+  fwd_epilogue<E, WE, false, F32OPS>(dacc, nacc, reinterpret_cast<float*>(smem) + warp * 512, r_s, m_s, wr0, wc0, lane,
+                                     q, k, v, w, nullptr, nullptr, y, lse, t0, j0, T, D, dh, h, ncols, 0, causal);
+#else
+  __trap();  // sm < 80: the launchers never select this kernel there (cluster_kernels_enabled needs sm_90)
 #endif
 }
 
@@ -1355,6 +1570,26 @@ cudaError_t launch_tc(const void* q, const void* k, const void* v, const void* w
                      causal);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
+  const bool x3_eff = x3 || !std::is_same<E, float>::value;
+  if constexpr (!LOWRANK) {
+    // sm_90 with ATTNFREE_CLUSTERS=1: 2 x 2 clusters sharing the operand tiles (fwd_tc_cluster_kernel). The cluster
+    // dims must divide the grid, so an odd count of column or row blocks is padded by one block of CTAs that only
+    // load and share their halves of the tiles and write nothing (a padded block row still halves the Ek reads of
+    // the row above it, where falling back to fwd_tc_kernel for the whole grid would double every read).
+    if (cluster_kernels_enabled()) {
+      using CCfg = FwdClusterCfg<F32OPS>;
+      const dim3 cgrid((grid.x + 1u) & ~1u, (grid.y + 1u) & ~1u, grid.z);
+      if (cgrid.y > 65535u) return cudaErrorInvalidConfiguration;
+      err = cudaFuncSetAttribute(fwd_tc_cluster_kernel<E, WE>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(CCfg::kBytes));
+      if (err != cudaSuccess) return err;
+      ATTNFREE_LAUNCH_CLUSTER((fwd_tc_cluster_kernel<E, WE>), dim3(2, 2, 1), cgrid, NT, CCfg::kBytes, s)(
+          static_cast<const E*>(q), ke, static_cast<const E*>(v), static_cast<const WE*>(w), static_cast<const Op*>(ek),
+          static_cast<const Op*>(ekv), static_cast<const float*>(r), static_cast<const float*>(m), static_cast<E*>(y),
+          static_cast<float*>(lse), B, T, D, dh, causal, x3_eff);
+      return cudaGetLastError();
+    }
+  }
   // low rank: keep the factors resident in shared memory where they fit next to the operands
   int ldu = 0;
   if (LOWRANK && rank > 0) {
@@ -1371,8 +1606,8 @@ cudaError_t launch_tc(const void* q, const void* k, const void* v, const void* w
   ATTNFREE_LAUNCH(kern, grid, NT, smem, s)(
       static_cast<const E*>(q), ke, static_cast<const E*>(v), static_cast<const WE*>(w), static_cast<const WE*>(u),
       static_cast<const WE*>(vb), static_cast<const Op*>(ek), static_cast<const Op*>(ekv), static_cast<const float*>(r),
-      static_cast<const float*>(m), static_cast<E*>(y), static_cast<float*>(lse), B, T, D, dh, rank, causal,
-      x3 || !std::is_same<E, float>::value, ldu);
+      static_cast<const float*>(m), static_cast<E*>(y), static_cast<float*>(lse), B, T, D, dh, rank, causal, x3_eff,
+      ldu);
   return cudaGetLastError();
 }
 
