@@ -90,6 +90,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/cluster.h"
 #include "common/cuda_common.cuh"
 #include "common/wmma_tf32.cuh"
 
