@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
   const int64_t ncols = B * dh;
   float* m_s = reinterpret_cast<float*>(smem + Cfg::kM);
   int* flag_s = reinterpret_cast<int*>(smem + Cfg::kFlag);
-  if (tid < KBN) {  // read once per column here, not once per output in the epilogue
+  if (tid < KBN && s0 < T) {  // read once per column here, not once per output in the epilogue (padding: none)
     const bool ok = j0 + tid < ncols;
     m_s[tid] = ok ? mref[h * ncols + j0 + tid] : 0.f;
     flag_s[tid] = ok ? colflag[h * ncols + j0 + tid] : 0;
@@ -458,7 +458,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
   const bool active = s0 < T && !above;
   float* r_s = reinterpret_cast<float*>(smem + Cfg::kR);
   int* flag_s = reinterpret_cast<int*>(smem + Cfg::kFlag);
-  if (tid < WBM) {  // read once per row here, not once per dw entry in the epilogue
+  if (tid < WBM && active) {  // read once per row here, not once per dw entry in the epilogue
     const bool ok = t0 + tid < T;
     r_s[tid] = ok ? rref[h * T + t0 + tid] : 0.f;
     flag_s[tid] = ok ? rowflag[h * T + t0 + tid] : 0;
