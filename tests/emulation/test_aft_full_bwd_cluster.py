@@ -199,3 +199,18 @@ def test_deterministic_across_schedules(emu, clusters):
         lib.set_seed(old)
     for name, a, b in zip(NAMES, *runs):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_counted_cost_per_element(emu, clusters, causal):
+    """bf16 at the paper shape (benchmarks/cost_model.py) with clusters: ~228 bytes and 36.5 special-function ops
+    per output element, predicted_fraction 0.78 (causal ~146 bytes, 20.3 ops, 0.61); the per-CTA kernels counted
+    433 bytes, 0.41 (causal 246, 0.36)."""
+    from benchmarks import cost_model as cm
+
+    paper = cm.PAPER["aft"]
+    r = cm.model_case("aft_full", "bwd", "bf16", causal, cm.SMALL["aft_full"], paper)
+    n = paper["B"] * paper["T"] * paper["D"]
+    assert r["bytes_counted"] / n < (260 if not causal else 165)
+    assert r["special_ops"] / n < (40 if not causal else 23)
+    assert r["predicted_fraction"] > (0.7 if not causal else 0.55)
