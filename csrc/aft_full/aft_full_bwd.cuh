@@ -187,16 +187,21 @@ constexpr int KBM = 128, KBN = 128, KBK = 64, KWM = 4, KWN = 2;
 constexpr int KFM = KBM / (16 * KWM), KFN = KBN / (16 * KWN);
 static_assert(KWM * KWN * 32 == NT && KBM == KBN && NT == 4 * KBK && KBM == 4 * 32, "dk/dv tiling");
 
-template <bool F32OPS>
+// CL: CTAs per cluster along the key tiles (1: no cluster; the cluster kernels double-buffer the step's operand
+// set Ew, SG, SH, NB = 2, so that one cluster barrier per step suffices).
+template <bool F32OPS, int CL = 1>
 struct BwdKvCfg {
   using Op = typename TcCfg<F32OPS>::Op;
   static constexpr int LD = F32OPS ? KBM + 4 : KBM + 8;  // Ew [KBK][LD] (query row, key), SG / SH [KBK][LD]
+  static constexpr int NB = CL > 1 ? 2 : 1;
   static constexpr size_t kTile = size_t(KBK) * LD * sizeof(Op);
-  static constexpr size_t kOps = 3 * kTile;
+  static constexpr size_t kSet = 3 * kTile;  // Ew, SG, SH of one step
+  static constexpr size_t kOps = NB * kSet;
   static constexpr size_t kScratch = size_t(NT / 32) * 2 * 256 * sizeof(float);          // per warp: gG, gH 16 x 16
   static constexpr size_t kM = ((kOps > kScratch ? kOps : kScratch) + 127) / 128 * 128;  // float m[KBN]
   static constexpr size_t kFlag = kM + KBN * sizeof(float);                              // int colflag[KBN]
   static constexpr size_t kBytes = kFlag + KBN * sizeof(int);
+  static_assert(KBK % CL == 0 && kBytes <= 227 * 1024, "dk/dv cluster tiling");
 };
 
 // dw tiling: WBM query rows x WBN keys per CTA, WKC columns per step; 8 warps as WWM x WWN, each WFM x WFN fragments
@@ -205,22 +210,35 @@ constexpr int WBM = 256, WBN = 128, WKC = 32, WWM = 4, WWN = 2;
 constexpr int WFM = WBM / (16 * WWM), WFN = WBN / (16 * WWN);
 static_assert(WWM * WWN * 32 == NT, "dw tiling");
 
-template <bool F32OPS>
+// CL: CTAs per cluster along the key tiles (1: no cluster; the cluster kernels double-buffer the step's operand
+// set SG, SH, X v, -X, NB = 2, so that one cluster barrier per step suffices).
+template <bool F32OPS, int CL = 1>
 struct BwdWCfg {
   using Op = typename TcCfg<F32OPS>::Op;
   static constexpr int LD = F32OPS ? WKC + 4 : WKC + 8;  // SG, SH [WBM][LD]; X v, -X [WBN][LD] (row, column)
+  static constexpr int NB = CL > 1 ? 2 : 1;
   static constexpr size_t kRowTile = size_t(WBM) * LD * sizeof(Op);
   static constexpr size_t kKeyTile = size_t(WBN) * LD * sizeof(Op);
-  static constexpr size_t kOps = 2 * (kRowTile + kKeyTile);
+  static constexpr size_t kSet = 2 * (kRowTile + kKeyTile);
+  static constexpr size_t kOps = NB * kSet;
   static constexpr size_t kScratch = size_t(NT / 32) * 256 * sizeof(float);
   static constexpr size_t kR = ((kOps > kScratch ? kOps : kScratch) + 127) / 128 * 128;  // float r[WBM]
   static constexpr size_t kFlag = kR + WBM * sizeof(float);                              // int rowflag[WBM]
   static constexpr size_t kBytes = kFlag + WBM * sizeof(int);
+  static_assert(WBM % CL == 0 && kBytes <= 227 * 1024, "dw cluster tiling");
 };
 
 // dk, dv of KBM keys x KBN columns of head h (see the top of this file). ek: X = exp(k - m) is recomputed in fp32
 // from k and m here, so only the row operands come from the workspace.
-template <typename E, typename WE, bool LOWRANK>
+// CL > 1 (sm_90, dense bias only): launched in clusters of CL CTAs along blockIdx.y, i.e. CL adjacent key tiles of
+// the same column block, which need the same SG, SH rows at every step. Each CTA loads KBK / CL of the step's rows
+// and stores them into every CTA's shared memory (distributed shared memory), so the cluster reads each row once
+// instead of CL times; the step's operand set is double-buffered and one cluster barrier per step orders the
+// stores before the reads (a CTA writes buffer b again only after every CTA passed the barrier that follows its
+// last reads of b). All CTAs of a cluster run the same steps: causal, from the cluster's first key tile on, and a
+// CTA with no visible key in a step (or past the last key: the launcher pads the grid to a multiple of CL) skips
+// its Ew tile and MMAs but still loads its share.
+template <typename E, typename WE, bool LOWRANK, int CL = 1>
 __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
     bwd_kv_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
                   gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const WE> __restrict__ u,
@@ -233,23 +251,23 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
                   int64_t T, int64_t D, int64_t dh, bool causal) {
 #if AFT_FULL_TC_ARCH
   constexpr bool F32OPS = uses_tf32_operands<E>();
-  using Cfg = BwdKvCfg<F32OPS>;
+  static_assert(CL == 1 || !LOWRANK, "the cluster kernel is the dense bias's");
+  using Cfg = BwdKvCfg<F32OPS, CL>;
   using Op = typename Cfg::Op;
   using Mma = TileMma<F32OPS, wmma::col_major, wmma::row_major, KFM, KFN>;
   constexpr int LD = Cfg::LD;
   ATTNFREE_DYNAMIC_SHARED(unsigned char, smem, 128);
-  Op* Ew = reinterpret_cast<Op*>(smem);
-  Op* SG = reinterpret_cast<Op*>(smem + Cfg::kTile);
-  Op* SH = reinterpret_cast<Op*>(smem + 2 * Cfg::kTile);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int64_t h = blockIdx.z;
+  const int crank = CL > 1 ? static_cast<int>(blockIdx.y % CL) : 0;  // = cluster_ctarank() for clusters (1, CL, 1)
   const int64_t s0 = static_cast<int64_t>(blockIdx.y) * KBM;
+  const int64_t sc0 = s0 - crank * KBM;  // the cluster's first key
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * KBN;
   const int64_t ncols = B * dh;
   float* m_s = reinterpret_cast<float*>(smem + Cfg::kM);
   int* flag_s = reinterpret_cast<int*>(smem + Cfg::kFlag);
-  if (tid < KBN) {  // read once per column here, not once per output in the epilogue
+  if (tid < KBN && s0 < T) {  // read once per column here, not once per output in the epilogue (padding: none)
     const bool ok = j0 + tid < ncols;
     m_s[tid] = ok ? mref[h * ncols + j0 + tid] : 0.f;
     flag_s[tid] = ok ? colflag[h * ncols + j0 + tid] : 0;
@@ -278,9 +296,17 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
       Vt[kk * ldu + c] = (s0 + kk < T) ? static_cast<float>(to_acc(src.vb[(s0 + kk) * rank + c])) : 0.f;
     }
   }
-  const Op* const rhs[2] = {SG, SH};
-  // causal: query rows before the first key see none of the tile (s0 is a multiple of KBK)
-  for (int64_t t0 = causal ? s0 : 0; t0 < T; t0 += KBK) {
+  if constexpr (CL > 1) cluster_sync();  // every CTA of the cluster runs before any stores into its shared memory
+  // causal: query rows before the cluster's first key see none of its tiles (sc0 is a multiple of KBK)
+  int step = 0;
+  for (int64_t t0 = causal ? sc0 : 0; t0 < T; t0 += KBK, ++step) {
+    unsigned char* set = smem + (CL > 1 ? (step & 1) : 0) * Cfg::kSet;
+    Op* Ew = reinterpret_cast<Op*>(set);
+    Op* SG = reinterpret_cast<Op*>(set + Cfg::kTile);
+    Op* SH = reinterpret_cast<Op*>(set + 2 * Cfg::kTile);
+    const Op* const rhs[2] = {SG, SH};
+    // does any key of this tile see a row of this step? (without clusters always: the loop starts at s0)
+    const bool active = s0 < T && (!causal || t0 + KBK > s0);
     // (1) Ew = exp(w - r) over the visible keys (0 elsewhere and for masked keys, w = -inf)
     if constexpr (LOWRANK) {
       for (int64_t e = tid; e < KBK * rank; e += NT) {
@@ -301,7 +327,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
           store_val(&Ew[erow * LD + kb + i], vis ? exp2f((wv[i] - rr) * kLog2e) : 0.f);
         }
       }
-    } else {
+    } else if (active) {
       const int64_t t = t0 + erow;
       const float rr = (t < T) ? rref[h * T + t] : 0.f;
 #pragma unroll 8
@@ -315,20 +341,39 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
         store_val(&Ew[erow * LD + epart * 32 + i], e);
       }
     }
-    // (2) the SG, SH tiles (0 past the last row / column)
+    // (2) the SG, SH tiles (0 past the last row / column); clusters: this CTA's KBK / CL rows, into every CTA
+    if constexpr (CL == 1) {
 #pragma unroll 4
-    for (int e = tid; e < KBK * KBN; e += NT) {
-      const int row = e / KBN, col = e % KBN;
-      const int64_t t = t0 + row, j = j0 + col;
-      const bool ok = t < T && j < ncols;
-      store_val(&SG[row * LD + col], ok ? to_acc(sgh[t * ncols + j]) : 0.f);
-      store_val(&SH[row * LD + col], ok ? to_acc(shh[t * ncols + j]) : 0.f);
+      for (int e = tid; e < KBK * KBN; e += NT) {
+        const int row = e / KBN, col = e % KBN;
+        const int64_t t = t0 + row, j = j0 + col;
+        const bool ok = t < T && j < ncols;
+        store_val(&SG[row * LD + col], ok ? to_acc(sgh[t * ncols + j]) : 0.f);
+        store_val(&SH[row * LD + col], ok ? to_acc(shh[t * ncols + j]) : 0.f);
+      }
+      __syncthreads();
+    } else {
+#pragma unroll 2
+      for (int e = tid; e < (KBK / CL) * KBN; e += NT) {
+        const int row = crank * (KBK / CL) + e / KBN, col = e % KBN;
+        const int64_t t = t0 + row, j = j0 + col;
+        const bool ok = t < T && j < ncols;
+        const float g = ok ? to_acc(sgh[t * ncols + j]) : 0.f;
+        const float hh = ok ? to_acc(shh[t * ncols + j]) : 0.f;
+#pragma unroll
+        for (int c = 0; c < CL; ++c) {
+          store_val(cluster_map_shared(SG, c) + row * LD + col, g);
+          store_val(cluster_map_shared(SH, c) + row * LD + col, hh);
+        }
+      }
+      cluster_sync();
     }
-    __syncthreads();
     // (3) gG += Ew^T SG, gH += Ew^T SH
-    Mma::template run<2>(Ew, LD, rhs, LD, wr0, wc0, KBK, acc);
-    __syncthreads();  // before the next step (or the epilogue's scratch) overwrites the operands
+    if (active) Mma::template run<2>(Ew, LD, rhs, LD, wr0, wc0, KBK, acc);
+    if constexpr (CL == 1) __syncthreads();  // before the next step (or the epilogue's scratch) overwrites the operands
   }
+  // clusters: no CTA stores into this one after the last cluster barrier; the epilogue's scratch aliases the operands
+  if constexpr (CL > 1) __syncthreads();
 
   // ---------------- epilogue: per fragment pair through a per-warp scratch (aliases the dead operands)
   float* sc = reinterpret_cast<float*>(smem) + warp * 512;
@@ -367,7 +412,13 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
 }
 
 // dw of WBM query rows x WBN keys of head h (see the top of this file). ek, ekv: the forward's X, X v.
-template <typename E, typename WE>
+// CL > 1 (sm_90): launched in clusters of CL CTAs along blockIdx.x, i.e. CL adjacent key tiles of the same query
+// rows, which need the same SG, SH tiles at every step; each CTA loads WBM / CL of their rows into every CTA's shared
+// memory (double-buffered, one cluster barrier per step, as bwd_kv_kernel). Causal: a cluster whose first tile lies
+// above the diagonal writes zeros and leaves at once; a CTA above the diagonal (or past the last key: the launcher
+// pads the grid to a multiple of CL) in a cluster that is not writes its zeros and still loads its share of every
+// step, without X tiles, MMAs or epilogue.
+template <typename E, typename WE, int CL = 1>
 __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
     bwd_w_kernel(gptr<const E> __restrict__ dy, gptr<const E> __restrict__ q, gptr<const E> __restrict__ k,
                  gptr<const E> __restrict__ v, gptr<const WE> __restrict__ w, gptr<const E> __restrict__ y,
@@ -381,33 +432,33 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
                  int64_t dh, bool causal) {
 #if AFT_FULL_TC_ARCH
   constexpr bool F32OPS = uses_tf32_operands<E>();
-  using Cfg = BwdWCfg<F32OPS>;
+  using Cfg = BwdWCfg<F32OPS, CL>;
   using Op = typename Cfg::Op;
   using Mma = TileMma<F32OPS, wmma::row_major, wmma::col_major, WFM, WFN>;
   constexpr int LD = Cfg::LD;
   ATTNFREE_DYNAMIC_SHARED(unsigned char, smem, 128);
-  Op* SG = reinterpret_cast<Op*>(smem);
-  Op* SH = reinterpret_cast<Op*>(smem + Cfg::kRowTile);
-  Op* XV = reinterpret_cast<Op*>(smem + 2 * Cfg::kRowTile);
-  Op* XN = reinterpret_cast<Op*>(smem + 2 * Cfg::kRowTile + Cfg::kKeyTile);  // -X
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int64_t h = blockIdx.z;
+  const int crank = CL > 1 ? static_cast<int>(blockIdx.x % CL) : 0;  // = cluster_ctarank() for clusters (CL, 1, 1)
   const int64_t t0 = static_cast<int64_t>(blockIdx.y) * WBM;
   const int64_t s0 = static_cast<int64_t>(blockIdx.x) * WBN;
+  const int64_t sc0 = s0 - crank * WBN;  // the cluster's first key
   const int64_t ncols = B * dh;
   gptr<WE> dwh = dw + h * T * T;
   const int64_t t_last = (t0 + WBM < T ? t0 + WBM : T) - 1;
-  if (causal && s0 > t_last) {  // the whole tile is above the diagonal
+  const bool above = causal && s0 > t_last;  // the whole tile is above the diagonal
+  if (above) {
     for (int e = tid; e < WBM * WBN; e += NT) {
       const int64_t t = t0 + e / WBN, s = s0 + e % WBN;
       if (t < T && s < T) dwh[t * T + s] = from_acc<WE>(0.f);
     }
-    return;
   }
+  if (causal && sc0 > t_last) return;  // so is every tile of the cluster (CL = 1: this one)
+  const bool active = s0 < T && !above;
   float* r_s = reinterpret_cast<float*>(smem + Cfg::kR);
   int* flag_s = reinterpret_cast<int*>(smem + Cfg::kFlag);
-  if (tid < WBM) {  // read once per row here, not once per dw entry in the epilogue
+  if (tid < WBM && active) {  // read once per row here, not once per dw entry in the epilogue
     const bool ok = t0 + tid < T;
     r_s[tid] = ok ? rref[h * T + t0 + tid] : 0.f;
     flag_s[tid] = ok ? rowflag[h * T + t0 + tid] : 0;
@@ -423,32 +474,67 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
   gptr<const Op> shh = sh + h * T * ncols;
   gptr<const Op> ekh = ek + h * T * ncols;
   gptr<const Op> ekvh = ekv + h * T * ncols;
-  const Op* const xv[1] = {XV};
-  const Op* const xn[1] = {XN};
-  for (int64_t c0 = 0; c0 < ncols; c0 += WKC) {
-    // the row operands SG, SH and the key operands X v, -X of WKC columns (0 past the last row / key / column)
+  if constexpr (CL > 1) cluster_sync();  // every CTA of the cluster runs before any stores into its shared memory
+  int step = 0;
+  for (int64_t c0 = 0; c0 < ncols; c0 += WKC, ++step) {
+    unsigned char* set = smem + (CL > 1 ? (step & 1) : 0) * Cfg::kSet;
+    Op* SG = reinterpret_cast<Op*>(set);
+    Op* SH = reinterpret_cast<Op*>(set + Cfg::kRowTile);
+    Op* XV = reinterpret_cast<Op*>(set + 2 * Cfg::kRowTile);
+    Op* XN = reinterpret_cast<Op*>(set + 2 * Cfg::kRowTile + Cfg::kKeyTile);  // -X
+    const Op* const xv[1] = {XV};
+    const Op* const xn[1] = {XN};
+    // the row operands SG, SH and the key operands X v, -X of WKC columns (0 past the last row / key / column);
+    // clusters: this CTA's WBM / CL rows of SG, SH, into every CTA
+    if constexpr (CL == 1) {
 #pragma unroll 4
-    for (int e = tid; e < WBM * WKC; e += NT) {
-      const int row = e / WKC, c = e % WKC;
-      const int64_t t = t0 + row, j = c0 + c;
-      const bool ok = t < T && j < ncols;
-      store_val(&SG[row * LD + c], ok ? to_acc(sgh[t * ncols + j]) : 0.f);
-      store_val(&SH[row * LD + c], ok ? to_acc(shh[t * ncols + j]) : 0.f);
+      for (int e = tid; e < WBM * WKC; e += NT) {
+        const int row = e / WKC, c = e % WKC;
+        const int64_t t = t0 + row, j = c0 + c;
+        const bool ok = t < T && j < ncols;
+        store_val(&SG[row * LD + c], ok ? to_acc(sgh[t * ncols + j]) : 0.f);
+        store_val(&SH[row * LD + c], ok ? to_acc(shh[t * ncols + j]) : 0.f);
+      }
+    } else {
+#pragma unroll 2
+      for (int e = tid; e < (WBM / CL) * WKC; e += NT) {
+        const int row = crank * (WBM / CL) + e / WKC, c = e % WKC;
+        const int64_t t = t0 + row, j = c0 + c;
+        const bool ok = t < T && j < ncols;
+        const float g = ok ? to_acc(sgh[t * ncols + j]) : 0.f;
+        const float hh = ok ? to_acc(shh[t * ncols + j]) : 0.f;
+#pragma unroll
+        for (int cr = 0; cr < CL; ++cr) {
+          store_val(cluster_map_shared(SG, cr) + row * LD + c, g);
+          store_val(cluster_map_shared(SH, cr) + row * LD + c, hh);
+        }
+      }
     }
+    if (active) {
 #pragma unroll 4
-    for (int e = tid; e < WBN * WKC; e += NT) {
-      const int key = e / WKC, c = e % WKC;
-      const int64_t s = s0 + key, j = c0 + c;
-      const bool ok = s < T && j < ncols;
-      store_val(&XV[key * LD + c], ok ? to_acc(ekvh[s * ncols + j]) : 0.f);
-      store_val(&XN[key * LD + c], ok ? -to_acc(ekh[s * ncols + j]) : 0.f);
+      for (int e = tid; e < WBN * WKC; e += NT) {
+        const int key = e / WKC, c = e % WKC;
+        const int64_t s = s0 + key, j = c0 + c;
+        const bool ok = s < T && j < ncols;
+        store_val(&XV[key * LD + c], ok ? to_acc(ekvh[s * ncols + j]) : 0.f);
+        store_val(&XN[key * LD + c], ok ? -to_acc(ekh[s * ncols + j]) : 0.f);
+      }
     }
-    __syncthreads();
+    if constexpr (CL == 1) {
+      __syncthreads();
+    } else {
+      cluster_sync();
+    }
     // acc += SG (X v)^T - SH X^T
-    Mma::template run<1>(SG, LD, xv, LD, wr0, wc0, WKC, acc);
-    Mma::template run<1>(SH, LD, xn, LD, wr0, wc0, WKC, acc);
-    __syncthreads();  // before the next step (or the epilogue's scratch) overwrites the operands
+    if (active) {
+      Mma::template run<1>(SG, LD, xv, LD, wr0, wc0, WKC, acc);
+      Mma::template run<1>(SH, LD, xn, LD, wr0, wc0, WKC, acc);
+    }
+    if constexpr (CL == 1) __syncthreads();  // before the next step (or the epilogue's scratch) overwrites the operands
   }
+  // clusters: no CTA stores into this one after the last cluster barrier; the epilogue's scratch aliases the operands
+  if constexpr (CL > 1) __syncthreads();
+  if (!active) return;
 
   // ---------------- epilogue: dw = exp(w - r) acc (+ the exact elements of flagged rows); 0 where invisible
   float* sc = reinterpret_cast<float*>(smem) + warp * 256;
@@ -695,8 +781,49 @@ inline size_t bwd_uv_smem_bytes(int64_t rank) {
   return bytes <= static_cast<size_t>(optin) ? bytes : 0;
 }
 
+// CTAs per cluster of the cluster kernels (sm_90), along the key tiles in both: each SG / SH row tile is read once
+// per 4 key tiles instead of once per key tile, in both GEMMs (docs/design.md §3). The key-tile grid is padded to a
+// multiple of it with CTAs that only load and share (their keys are past T): no odd-grid fallback is needed.
+constexpr int kBwdCluster = 4;
+
+inline unsigned bwd_padded_to(unsigned n, unsigned m) { return (n + m - 1) / m * m; }
+
+// bwd_kv_kernel<.., kBwdCluster> over clusters (1, kBwdCluster, 1) of the padded grid (dense bias).
+template <typename E, typename WE, typename Op>
+cudaError_t launch_bwd_kv_cluster(const BwdBuffers<E, WE>& p, const Op* sg, const Op* sh, const float* r,
+                                  const float* m, const int* colflag, int64_t B, int64_t T, int64_t D, int64_t dh,
+                                  int64_t heads, bool causal, cudaStream_t s) {
+  constexpr int CL = kBwdCluster;
+  const size_t smem = BwdKvCfg<uses_tf32_operands<E>(), CL>::kBytes;
+  auto kv = bwd_kv_kernel<E, WE, false, CL>;
+  cudaError_t err = cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(blocks_for(B * dh, KBN), bwd_padded_to(blocks_for(T, KBM), CL), static_cast<unsigned>(heads));
+  ATTNFREE_LAUNCH_CLUSTER((bwd_kv_kernel<E, WE, false, CL>), dim3(1, CL, 1), grid, NT, smem, s)(
+      p.dy, p.q, p.k, p.v, p.w, p.u, p.vb, int64_t(0), p.y, p.lse, sg, sh, r, m, colflag, p.dk, p.dv, B, T, D, dh,
+      causal);
+  return cudaGetLastError();
+}
+
+// bwd_w_kernel<.., kBwdCluster> over clusters (kBwdCluster, 1, 1) of the padded grid.
+template <typename E, typename WE, typename Op>
+cudaError_t launch_bwd_w_cluster(const BwdBuffers<E, WE>& p, const Op* sg, const Op* sh, const Op* ek, const Op* ekv,
+                                 const float* r, const float* m, const int* rowflag, int64_t B, int64_t T, int64_t D,
+                                 int64_t dh, int64_t heads, bool causal, cudaStream_t s) {
+  constexpr int CL = kBwdCluster;
+  const size_t smem = BwdWCfg<uses_tf32_operands<E>(), CL>::kBytes;
+  auto kw = bwd_w_kernel<E, WE, CL>;
+  cudaError_t err = cudaFuncSetAttribute(kw, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(bwd_padded_to(blocks_for(T, WBN), CL), blocks_for(T, WBM), static_cast<unsigned>(heads));
+  ATTNFREE_LAUNCH_CLUSTER((bwd_w_kernel<E, WE, CL>), dim3(CL, 1, 1), grid, NT, smem, s)(
+      p.dy, p.q, p.k, p.v, p.w, p.y, p.lse, sg, sh, ek, ekv, r, m, rowflag, p.dw, B, T, D, dh, causal);
+  return cudaGetLastError();
+}
+
 // The forward's prepasses (m, X, X v, r), the flags, bwd_prep_kernel, then the dk/dv kernel and the dw kernel
-// (low rank: the du and dvb passes of bwd_uv_kernel). ws: bwd_ws_layout's bytes.
+// (low rank: the du and dvb passes of bwd_uv_kernel); sm_90 with ATTNFREE_CLUSTERS=1: their cluster variants (dense
+// bias). ws: bwd_ws_layout's bytes.
 template <typename E, typename WE, bool LOWRANK>
 cudaError_t launch_bwd_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int64_t D, int64_t heads, int64_t rank,
                           bool causal, void* ws, cudaStream_t s) {
@@ -736,16 +863,26 @@ cudaError_t launch_bwd_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int6
       B, T, D, dh);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  auto kv = bwd_kv_kernel<E, WE, LOWRANK>;
-  err = cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kv_smem));
-  if (err != cudaSuccess) return err;
-  const dim3 kv_grid(blocks_for(ncols, KBN), blocks_for(T, KBM), static_cast<unsigned>(heads));
-  ATTNFREE_LAUNCH((bwd_kv_kernel<E, WE, LOWRANK>), kv_grid, NT, kv_smem, s)(
-      p.dy, p.q, p.k, p.v, p.w, p.u, p.vb, rank, p.y, p.lse, static_cast<const Op*>(sg), static_cast<const Op*>(sh),
-      static_cast<const float*>(r), static_cast<const float*>(m), static_cast<const int*>(colflag), p.dk, p.dv, B, T, D,
-      dh, causal);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
+  // sm_90 with ATTNFREE_CLUSTERS=1, dense bias: the cluster kernels (bwd_kv_kernel, bwd_w_kernel with CL = kBwdCluster)
+  const bool clusters = !LOWRANK && cluster_kernels_enabled();
+  if constexpr (!LOWRANK) {
+    if (clusters) {
+      err = launch_bwd_kv_cluster<E, WE>(p, sg, sh, r, m, colflag, B, T, D, dh, heads, causal, s);
+      if (err != cudaSuccess) return err;
+    }
+  }
+  if (!clusters) {
+    auto kv = bwd_kv_kernel<E, WE, LOWRANK>;
+    err = cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kv_smem));
+    if (err != cudaSuccess) return err;
+    const dim3 kv_grid(blocks_for(ncols, KBN), blocks_for(T, KBM), static_cast<unsigned>(heads));
+    ATTNFREE_LAUNCH((bwd_kv_kernel<E, WE, LOWRANK>), kv_grid, NT, kv_smem, s)(
+        p.dy, p.q, p.k, p.v, p.w, p.u, p.vb, rank, p.y, p.lse, static_cast<const Op*>(sg), static_cast<const Op*>(sh),
+        static_cast<const float*>(r), static_cast<const float*>(m), static_cast<const int*>(colflag), p.dk, p.dv, B, T,
+        D, dh, causal);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
   if constexpr (LOWRANK) {
     const size_t uv_smem = bwd_uv_smem_bytes<F32OPS>(rank);
     if (uv_smem == 0) return cudaErrorInvalidConfiguration;
@@ -764,6 +901,7 @@ cudaError_t launch_bwd_tc(const BwdBuffers<E, WE>& p, int64_t B, int64_t T, int6
     }
     return cudaSuccess;
   } else {
+    if (clusters) return launch_bwd_w_cluster<E, WE>(p, sg, sh, ek, ekv, r, m, rowflag, B, T, D, dh, heads, causal, s);
     const size_t w_smem = BwdWCfg<F32OPS>::kBytes;
     auto kw = bwd_w_kernel<E, WE>;
     err = cudaFuncSetAttribute(kw, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(w_smem));
