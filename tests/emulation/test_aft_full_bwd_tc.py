@@ -281,7 +281,7 @@ def test_counted_cost_per_element(emu, causal):
     from benchmarks import cost_model as cm
 
     paper = cm.PAPER["aft"]
-    r = cm.model_case("aft_full", "bwd", "bf16", causal, cm.SMALL["aft_full"], paper)
+    r = cm.model_case("aft_full", "bwd", "bf16", causal, cm.small_sizes("aft_full", "bwd"), paper)
     n = paper["B"] * paper["T"] * paper["D"]
     assert r["bytes_counted"] / n < (750 if not causal else 450)
     assert r["special_ops"] / n < (60 if not causal else 34)
