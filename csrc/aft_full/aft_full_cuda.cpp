@@ -7,6 +7,8 @@
 // converted once to the accumulate type. dw (du, dvb) come back with w's (u's, vb's) dtype and shape. lse is
 // float32 (float64 for float64 inputs).
 // ATTNFREE_AFT_FULL_KERNEL=exact (common/env.h) selects the per-element kernels instead of the tensor-core ones.
+// ATTNFREE_CLUSTERS=1 (validated here, read by the launchers: common/cluster.h): the dense bias's tensor-core forward
+// and backward take their thread-block cluster kernels on sm_90.
 // float32 forward: torch.get_float32_matmul_precision() "highest" -> 3xTF32, "high" / "medium" -> plain TF32.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -74,6 +76,7 @@ std::tuple<at::Tensor, at::Tensor> aft_full_fwd_cuda(const at::Tensor& q, const 
   const Qkv in = contiguous_qkv(q, k, v);
   const at::Tensor wc = bias_for_kernel(w, in.scalar_type);
   const bool exact = exact_kernels();
+  attnfree::clusters_requested();
   at::Tensor y = at::empty(in.q.sizes(), in.q.options());
   at::Tensor lse = at::empty(in.q.sizes(), in.q.options().dtype(in.acc_type));
   run_launcher("aft_full_fwd",
@@ -96,6 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aft_full_bwd_cuda(con
   const at::Tensor wc = bias_for_kernel(w, in.scalar_type);
   const SavedOutputs sv = saved_outputs(dy, y, lse, q);
   const bool exact = exact_kernels();
+  attnfree::clusters_requested();
   at::Tensor dq = at::empty(in.q.sizes(), in.q.options());
   at::Tensor dk = at::empty(in.q.sizes(), in.q.options());
   at::Tensor dv = at::empty(in.q.sizes(), in.q.options());
