@@ -349,9 +349,67 @@ __global__ void ea_lse_combine_kernel(gptr<const Acc> __restrict__ pm, gptr<cons
   }
 }
 
-// Pass 2 of the forward: per row, p = exp(l - lse) (0 where lse = -inf or l = -inf), out = p / (sum_S p + eps),
-// rowsum = sum_S p + eps; the rare row whose sum_S p < 1e-30 is redone in log space (eps = 0 cannot give 0/0), and
-// a token with p = 0 for every unit gets out = 0, rowsum = eps. Second and last read of the logits.
+// log p and p of a thread's V columns of one row: z holds the logits and becomes log p (-inf for a masked logit and
+// in a column whose lse is -inf, NaN where lse is NaN), o = p (0 where log p = -inf). Returns the thread's part of
+// the row sum.
+template <typename Acc, int V>
+__device__ __forceinline__ Acc ea_row_p(Acc (&z)[V], Acc (&o)[V], const Acc* lse) {
+  const Acc ninf = neg_inf<Acc>();
+  Acc tot = Acc(0);
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const Acc ls = lse[i];
+    z[i] = ls == ninf ? ninf : z[i] - ls;
+    o[i] = z[i] == ninf ? Acc(0) : af_exp(z[i]);
+    tot += o[i];
+  }
+  return tot;
+}
+
+// The row part of the forward, from log p (z) and p (o) of the thread's V columns and its part of the row sum:
+// rowsum = sum_S p + eps (returned) and o becomes out = p / rowsum; the rare row whose sum_S p < 1e-30 is redone in
+// log space (eps = 0 cannot give 0/0), and a token with p = 0 for every unit gets out = 0, rowsum = eps. Every lane
+// of the warp calls (shuffles inside the tpr-lane groups); `row` is false for a group past the rows (its tot = 0).
+template <typename Acc, int V>
+__device__ __forceinline__ Acc ea_row_out(const Acc (&z)[V], Acc (&o)[V], Acc tot, bool row, Acc eps, int tpr) {
+  const Acc ninf = neg_inf<Acc>();
+  tot = group_sum(tot, tpr);
+  Acc rs = Acc(0);
+  // also NaN: the log-space branch propagates it as well; a row past the end (the last block's tail) is never small,
+  // else its tot = 0 would send the real rows of its warp through the log-space branch's exponentials
+  const bool small = row && !(tot >= Acc(1e-30));
+  if (__any_sync(0xffffffffu, small)) {  // every lane joins the shuffles of the log-space branch
+    Acc zm = ninf;
+#pragma unroll
+    for (int i = 0; i < V; ++i) zm = (z[i] > zm || z[i] != z[i]) ? z[i] : zm;
+    zm = group_max(zm, tpr);
+    Acc t2 = Acc(0);
+#pragma unroll
+    for (int i = 0; i < V; ++i) t2 += (z[i] == ninf || zm == ninf) ? Acc(0) : af_exp(z[i] - zm);
+    t2 = group_sum(t2, tpr);
+    if (small) {
+      const Acc log_s = zm == ninf ? ninf : zm + af_log(t2);  // -inf: p = 0 for every unit
+      Acc log_r = log_s;
+      if (eps > Acc(0)) {  // logaddexp(log_s, log eps)
+        const Acc le = af_log(eps);
+        const Acc hi = log_s > le ? log_s : le, lo = log_s > le ? le : log_s;
+        log_r = hi + af_log(Acc(1) + af_exp(lo - hi));
+      }
+#pragma unroll
+      for (int i = 0; i < V; ++i) o[i] = (z[i] == ninf || log_r == ninf) ? Acc(0) : af_exp(z[i] - log_r);
+      rs = (log_s == ninf ? Acc(0) : af_exp(log_s)) + eps;
+    }
+  }
+  if (!small) {
+    rs = tot + eps;
+    const Acc inv = Acc(1) / rs;
+#pragma unroll
+    for (int i = 0; i < V; ++i) o[i] *= inv;
+  }
+  return rs;
+}
+
+// Pass 2 of the forward: per row, p = exp(l - lse), out and rowsum (ea_row_out). Second and last read of the logits.
 template <typename scalar_t, typename Acc, int V>
 __global__ void __launch_bounds__(kThreads)
     ea_rows_fwd_vec_kernel(gptr<const scalar_t> __restrict__ l, gptr<const Acc> __restrict__ lse,
@@ -359,7 +417,6 @@ __global__ void __launch_bounds__(kThreads)
                            int64_t N, int64_t S, int nvec, int tpr, int64_t rows_per_block, int64_t nblk) {
   ATTNFREE_STATIC_SHARED(Acc, sh_lse, [kThreads * V]);
   const int t = threadIdx.x, cg = t % tpr, rl = t / tpr, rpp = kThreads / tpr;
-  const Acc ninf = neg_inf<Acc>();
   for (int64_t item = blockIdx.x; item < M * nblk; item += gridDim.x) {
     const int64_t m = item / nblk, blk = item % nblk;
     for (int64_t c = t; c < S; c += kThreads) sh_lse[c] = lse[m * S + c];
@@ -370,50 +427,12 @@ __global__ void __launch_bounds__(kThreads)
       Acc tot = Acc(0);
       if (valid) {
         load_vec<scalar_t, V>(l + (m * N + n) * S + int64_t(cg) * V, z);
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          const Acc ls = sh_lse[cg * V + i];
-          z[i] = ls == ninf ? ninf : z[i] - ls;  // -inf for a masked logit; NaN where lse is NaN
-          o[i] = z[i] == ninf ? Acc(0) : af_exp(z[i]);
-          tot += o[i];
-        }
+        tot = ea_row_p<Acc, V>(z, o, sh_lse + cg * V);
       } else {
 #pragma unroll
-        for (int i = 0; i < V; ++i) z[i] = ninf, o[i] = Acc(0);
+        for (int i = 0; i < V; ++i) z[i] = neg_inf<Acc>(), o[i] = Acc(0);
       }
-      tot = group_sum(tot, tpr);
-      Acc rs = Acc(0);
-      // also NaN: the log-space branch propagates it as well; a row past N (the last block's tail) is never small,
-      // else its tot = 0 would send the real rows of its warp through the log-space branch's exponentials
-      const bool small = n < N && !(tot >= Acc(1e-30));
-      if (__any_sync(0xffffffffu, small)) {  // every lane joins the shuffles of the log-space branch
-        Acc zm = ninf;
-#pragma unroll
-        for (int i = 0; i < V; ++i) zm = (z[i] > zm || z[i] != z[i]) ? z[i] : zm;
-        zm = group_max(zm, tpr);
-        Acc t2 = Acc(0);
-#pragma unroll
-        for (int i = 0; i < V; ++i) t2 += (z[i] == ninf || zm == ninf) ? Acc(0) : af_exp(z[i] - zm);
-        t2 = group_sum(t2, tpr);
-        if (small) {
-          const Acc log_s = zm == ninf ? ninf : zm + af_log(t2);  // -inf: p = 0 for every unit
-          Acc log_r = log_s;
-          if (eps > Acc(0)) {  // logaddexp(log_s, log eps)
-            const Acc le = af_log(eps);
-            const Acc hi = log_s > le ? log_s : le, lo = log_s > le ? le : log_s;
-            log_r = hi + af_log(Acc(1) + af_exp(lo - hi));
-          }
-#pragma unroll
-          for (int i = 0; i < V; ++i) o[i] = (z[i] == ninf || log_r == ninf) ? Acc(0) : af_exp(z[i] - log_r);
-          rs = (log_s == ninf ? Acc(0) : af_exp(log_s)) + eps;
-        }
-      }
-      if (!small) {
-        rs = tot + eps;
-        const Acc inv = Acc(1) / rs;
-#pragma unroll
-        for (int i = 0; i < V; ++i) o[i] *= inv;
-      }
+      const Acc rs = ea_row_out<Acc, V>(z, o, tot, n < N, eps, tpr);
       if (valid) store_vec<scalar_t, V>(out + (m * N + n) * S + int64_t(cg) * V, o);
       if (valid && cg == 0) rowsum[m * N + n] = rs;
     }
