@@ -311,6 +311,7 @@ class Counters(ctypes.Structure):
             "atomics",
             "memset_bytes",
             "memcpy_bytes",
+            "cluster_barriers",
         )
     ]
 
@@ -327,6 +328,7 @@ class LaunchRecord(ctypes.Structure):
         ("grid", ctypes.c_uint32 * 3),
         ("block", ctypes.c_uint32 * 3),
         ("grid_run", ctypes.c_uint32 * 3),
+        ("cluster", ctypes.c_uint32 * 3),
         ("smem_dynamic", ctypes.c_uint64),
         ("error", ctypes.c_int32),
         ("reserved", ctypes.c_int32),
@@ -342,13 +344,14 @@ class LaunchRecord(ctypes.Structure):
             "grid": tuple(self.grid),
             "block": tuple(self.block),
             "grid_run": tuple(self.grid_run),
+            "cluster": tuple(self.cluster),
             "smem": int(self.smem_dynamic),
             "error": int(self.error),
             "counters": self.counters.as_dict(),
         }
 
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 
 # ----------------------------------------------------------------------------------------------- arguments

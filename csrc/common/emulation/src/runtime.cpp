@@ -31,6 +31,7 @@ namespace attnfree_emu {
 
 attnfree_emu_counters g_counters;
 int g_in_kernel = 0;
+int g_multi_cta_cluster = 0;
 
 namespace {
 
@@ -177,6 +178,8 @@ struct Fiber {
   int lane = 0;
   uint3 idx{};
   int bar_result = 0;
+  int gid = 0;              // index in g_fibers: cta * threads per block + tid
+  struct Block* blk = nullptr;  // its CTA
 };
 
 #if defined(__x86_64__)
@@ -271,11 +274,12 @@ struct Warp {
   std::vector<WarpGroup> groups;
 };
 
+// One CTA. A plain launch runs one at a time (g_blocks[0]); a cluster launch runs the CTAs of one cluster together
+// (g_blocks[rank]), their threads fibers of one scheduler.
 struct Block {
   int nthreads = 0;
   int live = 0;
   int exited = 0;
-  std::vector<int> runnable;
   std::vector<Warp> warps;
   // barrier
   int bar_waiting = 0;
@@ -285,10 +289,29 @@ struct Block {
   long long bar_count = 0;
   int bar_and = 1;
   int bar_or = 0;
-  std::vector<int> bar_waiters;
-  bool failed = false;
+  std::vector<int> bar_waiters;  // fiber gids
+  int cl_waiting = 0;            // threads of this CTA waiting at cluster_sync
+  uint3 idx{};                   // blockIdx
+  unsigned rank = 0;             // in its cluster
+  char* dyn = nullptr;           // dynamic shared memory
 };
-Block g_block;
+const int kMaxClusterCtas = 8;  // the portable cluster size limit
+Block g_blocks[kMaxClusterCtas];
+
+// The cluster being run (a plain launch: a cluster of one CTA).
+struct Cluster {
+  int nctas = 1;
+  unsigned dims[3] = {1, 1, 1};
+  int live = 0;
+  int exited = 0;
+  int waiting = 0;  // threads at cluster_sync
+  const char* file = "";
+  int line = 0;
+  std::vector<int> waiters;  // fiber gids
+};
+Cluster g_cluster;
+std::vector<int> g_runnable;  // fiber gids, over every CTA of the cluster
+bool g_failed = false;
 
 // current launch (for messages)
 const rt::LaunchConfig* g_launch = nullptr;
@@ -300,10 +323,10 @@ sigjmp_buf g_jmp;
 // static shared objects registered by the cu2cpp rewrite
 std::vector<std::pair<void*, size_t>>* g_static_smem = nullptr;
 
-// dynamic shared memory: [ ... smem ][guard page]
+// dynamic shared memory, per CTA of the cluster: [ ... smem ][guard page] [ ... smem ][guard page] ...
 char* g_dyn_map = nullptr;
 size_t g_dyn_map_bytes = 0;
-char* g_dyn = nullptr;
+size_t g_dyn_stride = 0;  // bytes from one CTA's region to the next
 size_t g_dyn_bytes = 0;
 
 long long g_clock = 0;
@@ -314,19 +337,23 @@ std::map<const void*, int>* g_func_smem_attr = nullptr;
 std::string where_prefix() {
   char buf[2048];
   if (g_launch == nullptr) return "attnfree_emu: ";
+  char cl[96] = "";
+  if (g_cluster.nctas > 1 || (g_launch->cluster[0] != 0))
+    std::snprintf(cl, sizeof cl, " cluster (%u,%u,%u) rank %u", g_cluster.dims[0], g_cluster.dims[1],
+                  g_cluster.dims[2], g_cur != nullptr ? g_cur->blk->rank : 0u);
   if (g_cur != nullptr)
     std::snprintf(buf, sizeof buf,
                   "attnfree_emu: kernel %s (launched at %s:%d in %s, grid (%u,%u,%u), block (%u,%u,%u)): "
-                  "blockIdx (%u,%u,%u) threadIdx (%u,%u,%u): ",
+                  "blockIdx (%u,%u,%u)%s threadIdx (%u,%u,%u): ",
                   g_launch->name, g_launch->file, g_launch->line, g_launch->caller ? g_launch->caller : "?", g_grid_run[0], g_grid_run[1], g_grid_run[2],
-                  g_launch->block[0], g_launch->block[1], g_launch->block[2], blockIdx.x, blockIdx.y, blockIdx.z,
+                  g_launch->block[0], g_launch->block[1], g_launch->block[2], blockIdx.x, blockIdx.y, blockIdx.z, cl,
                   g_cur->idx.x, g_cur->idx.y, g_cur->idx.z);
   else
     std::snprintf(buf, sizeof buf,
                   "attnfree_emu: kernel %s (launched at %s:%d in %s, grid (%u,%u,%u), block (%u,%u,%u)): "
-                  "blockIdx (%u,%u,%u): ",
+                  "blockIdx (%u,%u,%u)%s: ",
                   g_launch->name, g_launch->file, g_launch->line, g_launch->caller ? g_launch->caller : "?", g_grid_run[0], g_grid_run[1], g_grid_run[2],
-                  g_launch->block[0], g_launch->block[1], g_launch->block[2], blockIdx.x, blockIdx.y, blockIdx.z);
+                  g_launch->block[0], g_launch->block[1], g_launch->block[2], blockIdx.x, blockIdx.y, blockIdx.z, cl);
   return buf;
 }
 
@@ -334,7 +361,7 @@ void record_fault(int code, const char* detail) {
   const std::string msg = where_prefix() + detail;
   set_error(code, msg);
   if (g_sticky_error == 0) g_sticky_error = code;
-  g_block.failed = true;
+  g_failed = true;
 }
 
 std::string vformat(const char* fmt, va_list ap) {
@@ -365,12 +392,12 @@ Fiber* current_or_die(const char* what) {
 
 void yield_current() {
   Fiber* f = g_cur;
-  g_block.runnable.push_back(f->tid);
+  g_runnable.push_back(f->gid);
   switch_to_scheduler(f);
 }
 
 void thread_exit(Fiber* f) {
-  Block& B = g_block;
+  Block& B = *f->blk;
   Warp& W = B.warps[f->warp];
   const unsigned bit = 1u << f->lane;
   for (const WarpGroup& g : W.groups)
@@ -382,10 +409,20 @@ void thread_exit(Fiber* f) {
               "thread exited while %d thread(s) of the block wait at __syncthreads (%s:%d): a barrier must be "
               "reached by every thread of the block",
               B.bar_waiting, B.bar_file, B.bar_line);
+  Cluster& C = g_cluster;
+  if (C.waiting > 0)
+    rt::fault(719,
+              "thread exited while %d thread(s) of the cluster wait at cluster_sync (%s:%d): a cluster barrier must "
+              "be reached by every thread of every CTA of the cluster",
+              C.waiting, C.file, C.line);
   f->state = kExited;
   W.exited |= bit;
   B.live--;
   B.exited++;
+  C.live--;
+  C.exited++;
+  // Its shared memory is gone on the GPU once a CTA has exited: reads through cluster_map_shared show NaN.
+  if (B.live == 0 && C.live > 0 && g_cfg.poison && g_dyn_bytes) std::memset(B.dyn, 0xff, g_dyn_bytes);
 }
 
 void fiber_main(void* arg) {
@@ -402,13 +439,20 @@ void fiber_main_uc() { fiber_main(g_cur); }
 
 // Called in the scheduler when no thread can run but some are alive.
 void report_deadlock() {
-  Block& B = g_block;
-  std::string d = format("deadlock: %d of %d thread(s) alive, none can run;", B.live, B.nthreads);
-  if (B.bar_waiting) d += format(" %d wait at __syncthreads (%s:%d);", B.bar_waiting, B.bar_file, B.bar_line);
-  for (size_t w = 0; w < B.warps.size(); ++w)
-    for (const WarpGroup& g : B.warps[w].groups)
-      d += format(" warp %zu: lanes 0x%08x wait in %s (%s:%d) for mask 0x%08x;", w, g.arrived, g.what, g.file, g.line,
-                  g.mask);
+  const Cluster& C = g_cluster;
+  std::string d = format("deadlock: %d of %d thread(s) alive, none can run;", C.live,
+                         g_blocks[0].nthreads * C.nctas);
+  if (C.waiting) d += format(" %d wait at cluster_sync (%s:%d);", C.waiting, C.file, C.line);
+  for (int c = 0; c < C.nctas; ++c) {
+    const Block& B = g_blocks[c];
+    const std::string cta = C.nctas > 1 ? format(" CTA rank %d:", c) : std::string();
+    if (B.bar_waiting)
+      d += cta + format(" %d wait at __syncthreads (%s:%d);", B.bar_waiting, B.bar_file, B.bar_line);
+    for (size_t w = 0; w < B.warps.size(); ++w)
+      for (const WarpGroup& g : B.warps[w].groups)
+        d += cta + format(" warp %zu: lanes 0x%08x wait in %s (%s:%d) for mask 0x%08x;", w, g.arrived, g.what, g.file,
+                          g.line, g.mask);
+  }
   record_fault(719, d.c_str());
 }
 
@@ -423,14 +467,19 @@ void on_signal(int sig, siginfo_t* si, void*) {
   if (g_cur != nullptr && g_in_kernel) {
     const uintptr_t a = reinterpret_cast<uintptr_t>(si->si_addr);
     const uintptr_t guard = reinterpret_cast<uintptr_t>(g_cur->map);
-    const uintptr_t dyn_end = reinterpret_cast<uintptr_t>(g_dyn) + g_dyn_bytes;
+    // the guard page after the dynamic shared memory of any CTA of the cluster
+    bool past_dyn = false;
+    for (int c = 0; c < g_cluster.nctas && g_dyn_map != nullptr; ++c) {
+      const uintptr_t dyn_end = reinterpret_cast<uintptr_t>(g_blocks[c].dyn) + g_dyn_bytes;
+      past_dyn = past_dyn || (a >= dyn_end && a < dyn_end + 2 * g_page);
+    }
     const char* what = sig == SIGSEGV ? "segmentation fault" : sig == SIGBUS ? "bus error"
                        : sig == SIGFPE ? "arithmetic exception (integer division by zero?)" : "illegal instruction";
     if (sig == SIGSEGV && a >= guard && a < guard + g_page)
       std::snprintf(g_sig_msg, sizeof g_sig_msg,
                     "thread stack overflow (address %p; raise ATTNFREE_EMU_STACK_KB, now %zu)", si->si_addr,
                     g_cfg.stack_bytes / 1024);
-    else if (sig == SIGSEGV && g_dyn != nullptr && a >= dyn_end && a < dyn_end + 2 * g_page)
+    else if (sig == SIGSEGV && past_dyn)
       std::snprintf(g_sig_msg, sizeof g_sig_msg,
                     "access past the end of dynamic shared memory (%zu bytes requested at launch; address %p)",
                     g_launch ? g_launch->smem : size_t(0), si->si_addr);
@@ -466,8 +515,9 @@ void restore_signals() {
 }
 
 // ------------------------------------------------------------------------------------------------ blocks
-void run_block(unsigned bx, unsigned by, unsigned bz, const unsigned block[3]) {
-  Block& B = g_block;
+// Runs one cluster: CTA `rank` has blockIdx first + its position (x fastest) in the cluster.
+void run_cluster(unsigned bx, unsigned by, unsigned bz, const unsigned block[3]) {
+  Cluster& C = g_cluster;
   const int n = static_cast<int>(block[0] * block[1] * block[2]);
   blockIdx.x = bx;
   blockIdx.y = by;
@@ -478,61 +528,77 @@ void run_block(unsigned bx, unsigned by, unsigned bz, const unsigned block[3]) {
     char* s0 = +__start_attnfree_emu_shared;
     char* s1 = +__stop_attnfree_emu_shared;
     if (s0 != nullptr && s1 > s0) std::memset(s0, 0xff, static_cast<size_t>(s1 - s0));
-    if (g_dyn_bytes) std::memset(g_dyn, 0xff, g_dyn_bytes);
   }
-  B.nthreads = n;
-  B.live = n;
-  B.exited = 0;
-  B.failed = false;
-  B.bar_waiting = 0;
-  B.bar_waiters.clear();
-  B.runnable.clear();
+  g_failed = false;
+  g_runnable.clear();
+  C.live = n * C.nctas;
+  C.exited = 0;
+  C.waiting = 0;
+  C.waiters.clear();
   const int nwarps = (n + 31) / 32;
-  B.warps.resize(static_cast<size_t>(nwarps));
-  for (int w = 0; w < nwarps; ++w) {
-    Warp& W = B.warps[static_cast<size_t>(w)];
-    const int lanes = (n - 32 * w) < 32 ? n - 32 * w : 32;
-    W.exists = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1u);
-    W.exited = 0;
-    W.at_barrier = 0;
-    W.groups.clear();
-  }
-  for (int t = 0; t < n; ++t) {
-    Fiber* f = g_fibers[static_cast<size_t>(t)].get();
-    f->tid = t;
-    f->warp = t / 32;
-    f->lane = t % 32;
-    f->idx.x = static_cast<unsigned>(t) % block[0];
-    f->idx.y = (static_cast<unsigned>(t) / block[0]) % block[1];
-    f->idx.z = static_cast<unsigned>(t) / (block[0] * block[1]);
-    f->state = kRunnable;
-    fiber_init(f);
-    B.runnable.push_back(t);
+  for (int c = 0; c < C.nctas; ++c) {
+    Block& B = g_blocks[c];
+    if (g_cfg.poison && g_dyn_bytes) std::memset(B.dyn, 0xff, g_dyn_bytes);
+    B.idx.x = bx + static_cast<unsigned>(c) % C.dims[0];
+    B.idx.y = by + (static_cast<unsigned>(c) / C.dims[0]) % C.dims[1];
+    B.idx.z = bz + static_cast<unsigned>(c) / (C.dims[0] * C.dims[1]);
+    B.rank = static_cast<unsigned>(c);
+    B.nthreads = n;
+    B.live = n;
+    B.exited = 0;
+    B.bar_waiting = 0;
+    B.cl_waiting = 0;
+    B.bar_waiters.clear();
+    B.warps.resize(static_cast<size_t>(nwarps));
+    for (int w = 0; w < nwarps; ++w) {
+      Warp& W = B.warps[static_cast<size_t>(w)];
+      const int lanes = (n - 32 * w) < 32 ? n - 32 * w : 32;
+      W.exists = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1u);
+      W.exited = 0;
+      W.at_barrier = 0;
+      W.groups.clear();
+    }
+    for (int t = 0; t < n; ++t) {
+      const int gid = c * n + t;
+      Fiber* f = g_fibers[static_cast<size_t>(gid)].get();
+      f->tid = t;
+      f->gid = gid;
+      f->blk = &B;
+      f->warp = t / 32;
+      f->lane = t % 32;
+      f->idx.x = static_cast<unsigned>(t) % block[0];
+      f->idx.y = (static_cast<unsigned>(t) / block[0]) % block[1];
+      f->idx.z = static_cast<unsigned>(t) / (block[0] * block[1]);
+      f->state = kRunnable;
+      fiber_init(f);
+      g_runnable.push_back(gid);
+    }
   }
   if (sigsetjmp(g_jmp, 1) != 0) {  // a signal in a kernel thread (see on_signal)
     record_fault(700, g_sig_msg);
     g_cur = nullptr;
     return;
   }
-  while (!B.failed) {
-    if (B.runnable.empty()) {
-      if (B.live > 0) report_deadlock();
+  while (!g_failed) {
+    if (g_runnable.empty()) {
+      if (C.live > 0) report_deadlock();
       break;
     }
     size_t k;
     if (g_cfg.schedule == 0) {
-      k = static_cast<size_t>(g_rng.below(B.runnable.size()));
+      k = static_cast<size_t>(g_rng.below(g_runnable.size()));
     } else {
       k = 0;
-      for (size_t i = 1; i < B.runnable.size(); ++i)
-        if (B.runnable[i] < B.runnable[k]) k = i;
+      for (size_t i = 1; i < g_runnable.size(); ++i)
+        if (g_runnable[i] < g_runnable[k]) k = i;
     }
-    const int t = B.runnable[k];
-    B.runnable[k] = B.runnable.back();
-    B.runnable.pop_back();
+    const int t = g_runnable[k];
+    g_runnable[k] = g_runnable.back();
+    g_runnable.pop_back();
     Fiber* f = g_fibers[static_cast<size_t>(t)].get();
     g_cur = f;
     threadIdx = f->idx;
+    blockIdx = f->blk->idx;
     switch_to_fiber(f);
     g_cur = nullptr;
   }
@@ -572,6 +638,7 @@ void push_record(const rt::LaunchConfig& cfg, int error, const attnfree_emu_coun
   }
   r.smem_dynamic = cfg.smem;
   r.error = error;
+  for (int i = 0; i < 3; ++i) r.cluster[i] = cfg.cluster[0] != 0 ? cfg.cluster[i] : 1u;
   if (delta) r.counters = *delta;
   g_records.push_back(r);
 }
@@ -584,10 +651,12 @@ std::map<const void*, int>& func_smem_attr() {
   return *g_func_smem_attr;
 }
 
-void ensure_dyn_smem(size_t bytes) {
+// One region per CTA, each ending at a guard page: an access past the (128-byte rounded) size faults.
+void ensure_dyn_smem(size_t bytes, int nctas) {
   const size_t rounded = (bytes + 127) / 128 * 128;
   const size_t body = (rounded + g_page - 1) / g_page * g_page;
-  const size_t need = body + g_page;
+  const size_t stride = body + g_page;
+  const size_t need = stride * static_cast<size_t>(nctas);
   if (g_dyn_map == nullptr || g_dyn_map_bytes < need) {
     if (g_dyn_map) munmap(g_dyn_map, g_dyn_map_bytes);
     void* m = mmap(nullptr, need, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -598,11 +667,11 @@ void ensure_dyn_smem(size_t bytes) {
     g_dyn_map = static_cast<char*>(m);
     g_dyn_map_bytes = need;
   }
-  // the body ends at a guard page: an access past the (128-byte rounded) size faults
   mprotect(g_dyn_map, g_dyn_map_bytes, PROT_READ | PROT_WRITE);
-  char* guard = g_dyn_map + (g_dyn_map_bytes - g_page);
-  mprotect(guard, g_page, PROT_NONE);
-  g_dyn = guard - rounded;
+  for (int c = 0; c < nctas; ++c)
+    mprotect(g_dyn_map + stride * (static_cast<size_t>(c) + 1) - g_page, g_page, PROT_NONE);
+  g_dyn_stride = stride;
+  for (int c = 0; c < nctas; ++c) g_blocks[c].dyn = g_dyn_map + stride * (static_cast<size_t>(c) + 1) - g_page - rounded;
   g_dyn_bytes = bytes;
 }
 
@@ -654,7 +723,7 @@ bool allow_unregistered() { return g_cfg.allow_unregistered != 0; }
 
 int syncthreads(int kind, int pred, const char* file, int line) {
   Fiber* f = current_or_die("__syncthreads");
-  Block& B = g_block;
+  Block& B = *f->blk;
   Warp& W = B.warps[static_cast<size_t>(f->warp)];
   const unsigned bit = 1u << f->lane;
   static const char* names[] = {"__syncthreads", "__syncthreads_count", "__syncthreads_and", "__syncthreads_or"};
@@ -672,6 +741,9 @@ int syncthreads(int kind, int pred, const char* file, int line) {
           line, B.bar_waiting, B.bar_file, B.bar_line);
   if (B.bar_waiting > 0 && B.bar_kind != kind)
     fault(719, "divergent barrier: %s and %s at %s:%d", names[kind], names[B.bar_kind], file, line);
+  if (B.cl_waiting > 0)
+    fault(719, "divergent barrier: this thread reached %s at %s:%d while %d thread(s) of its block wait at "
+          "cluster_sync (%s:%d)", names[kind], file, line, B.cl_waiting, g_cluster.file, g_cluster.line);
   if (B.bar_waiting == 0) {
     B.bar_file = file;
     B.bar_line = line;
@@ -686,7 +758,7 @@ int syncthreads(int kind, int pred, const char* file, int line) {
   B.bar_or = B.bar_or || pred != 0;
   f->state = kWaitBarrier;
   W.at_barrier |= bit;
-  B.bar_waiters.push_back(f->tid);
+  B.bar_waiters.push_back(f->gid);
   if (B.bar_waiting == B.live) {
     const int r = kind == 1 ? static_cast<int>(B.bar_count) : kind == 2 ? B.bar_and : kind == 3 ? B.bar_or : 0;
     for (int t : B.bar_waiters) {
@@ -694,7 +766,7 @@ int syncthreads(int kind, int pred, const char* file, int line) {
       o->bar_result = r;
       o->state = kRunnable;
       B.warps[static_cast<size_t>(o->warp)].at_barrier &= ~(1u << o->lane);
-      B.runnable.push_back(t);
+      g_runnable.push_back(t);
     }
     B.bar_waiters.clear();
     B.bar_waiting = 0;
@@ -706,7 +778,7 @@ int syncthreads(int kind, int pred, const char* file, int line) {
 
 void warp_collective(unsigned mask, CollectiveFn fn, LaneSlot* slot, const char* what, const char* file, int line) {
   Fiber* f = current_or_die(what);
-  Block& B = g_block;
+  Block& B = *f->blk;
   Warp& W = B.warps[static_cast<size_t>(f->warp)];
   const unsigned bit = 1u << f->lane;
   if (!(mask & bit)) fault(719, "%s (%s:%d): the calling lane %d is not in the mask 0x%08x", what, file, line, f->lane, mask);
@@ -717,8 +789,9 @@ void warp_collective(unsigned mask, CollectiveFn fn, LaneSlot* slot, const char*
     fault(719, "%s (%s:%d): lane(s) 0x%08x named in the mask 0x%08x have exited", what, file, line, mask & W.exited,
           mask);
   if (mask & W.at_barrier)
-    fault(719, "deadlock: %s (%s:%d): lane(s) 0x%08x named in the mask wait at __syncthreads (%s:%d)", what, file,
-          line, mask & W.at_barrier, B.bar_file, B.bar_line);
+    fault(719, "deadlock: %s (%s:%d): lane(s) 0x%08x named in the mask wait at %s (%s:%d)", what, file, line,
+          mask & W.at_barrier, B.bar_waiting > 0 ? "__syncthreads" : "cluster_sync",
+          B.bar_waiting > 0 ? B.bar_file : g_cluster.file, B.bar_waiting > 0 ? B.bar_line : g_cluster.line);
   WarpGroup* g = nullptr;
   for (WarpGroup& x : W.groups) {
     if (!(x.mask & mask)) continue;
@@ -748,9 +821,9 @@ void warp_collective(unsigned mask, CollectiveFn fn, LaneSlot* slot, const char*
     if (g_in_kernel) ++g_counters.warp_collectives;
     for (int l = 0; l < 32; ++l) {
       if (!((mask >> l) & 1u) || l == f->lane) continue;
-      Fiber* o = g_fibers[static_cast<size_t>(f->warp * 32 + l)].get();
+      Fiber* o = g_fibers[static_cast<size_t>(f->gid - f->lane + l)].get();
       o->state = kRunnable;
-      B.runnable.push_back(o->tid);
+      g_runnable.push_back(o->gid);
     }
     W.groups.erase(W.groups.begin() + (g - W.groups.data()));
     yield_current();
@@ -767,7 +840,7 @@ void maybe_yield() {
 int lane_id() { return current_or_die("lane id")->lane; }
 unsigned live_lanes_mask() {
   Fiber* f = current_or_die("__activemask");
-  const Warp& W = g_block.warps[static_cast<size_t>(f->warp)];
+  const Warp& W = f->blk->warps[static_cast<size_t>(f->warp)];
   return W.exists & ~W.exited;
 }
 void register_static_smem(void* p, size_t bytes) {
@@ -777,9 +850,79 @@ void register_static_smem(void* p, size_t bytes) {
   g_static_smem->emplace_back(p, bytes);
   if (g_cfg.poison) std::memset(p, 0xff, bytes);  // first execution, inside the first block that uses it
 }
-void* dynamic_smem() { return g_dyn; }
+void* dynamic_smem() { return g_cur != nullptr ? g_cur->blk->dyn : g_blocks[0].dyn; }
 size_t dynamic_smem_bytes() { return g_dyn_bytes; }
 long long clock_ticks() { return g_clock += 4; }
+
+unsigned cluster_ctarank() { return current_or_die("cluster_ctarank")->blk->rank; }
+unsigned cluster_num_ctas() { return static_cast<unsigned>(g_cluster.nctas); }
+
+void cluster_sync(const char* file, int line) {
+  Fiber* f = current_or_die("cluster_sync");
+  Block& B = *f->blk;
+  Cluster& C = g_cluster;
+  Warp& W = B.warps[static_cast<size_t>(f->warp)];
+  const unsigned bit = 1u << f->lane;
+  for (const WarpGroup& g : W.groups)
+    if (g.mask & bit)
+      fault(719, "deadlock: cluster_sync (%s:%d) reached while lanes 0x%08x of this warp wait for this lane in %s (%s:%d)",
+            file, line, g.arrived, g.what, g.file, g.line);
+  if (C.exited > 0)
+    fault(719,
+          "cluster_sync (%s:%d) reached after %d thread(s) of the cluster exited: a cluster barrier must be reached "
+          "by every thread of every CTA of the cluster",
+          file, line, C.exited);
+  if (B.bar_waiting > 0)
+    fault(719, "divergent barrier: this thread reached cluster_sync at %s:%d while %d thread(s) of its block wait at "
+          "__syncthreads (%s:%d)", file, line, B.bar_waiting, B.bar_file, B.bar_line);
+  if (C.waiting > 0 && !same_site(C.file, C.line, file, line))
+    fault(719, "divergent cluster barrier: this thread reached cluster_sync at %s:%d while %d thread(s) of the cluster "
+          "wait at %s:%d", file, line, C.waiting, C.file, C.line);
+  if (C.waiting == 0) {
+    C.file = file;
+    C.line = line;
+  }
+  C.waiting++;
+  B.cl_waiting++;
+  f->state = kWaitBarrier;
+  W.at_barrier |= bit;
+  C.waiters.push_back(f->gid);
+  if (C.waiting == C.live) {
+    for (int t : C.waiters) {
+      Fiber* o = g_fibers[static_cast<size_t>(t)].get();
+      o->state = kRunnable;
+      o->blk->warps[static_cast<size_t>(o->warp)].at_barrier &= ~(1u << o->lane);
+      g_runnable.push_back(t);
+    }
+    for (int c = 0; c < C.nctas; ++c) g_blocks[c].cl_waiting = 0;
+    C.waiters.clear();
+    C.waiting = 0;
+    if (g_in_kernel) ++g_counters.cluster_barriers;
+  }
+  switch_to_scheduler(f);
+}
+
+void* cluster_map_shared(const void* p, unsigned rank, const char* file, int line) {
+  Fiber* f = current_or_die("cluster_map_shared");
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t base = reinterpret_cast<uintptr_t>(f->blk->dyn);
+  if (a < base || a > base + g_dyn_bytes)
+    fault(700,
+          "cluster_map_shared (%s:%d): %p is not inside this CTA's dynamic shared memory ([%p, +%zu bytes)); only "
+          "dynamic shared memory is mapped across the cluster",
+          file, line, p, f->blk->dyn, g_dyn_bytes);
+  if (rank >= static_cast<unsigned>(g_cluster.nctas))
+    fault(700, "cluster_map_shared (%s:%d): rank %u, but the cluster has %d CTA(s)", file, line, rank,
+          g_cluster.nctas);
+  return g_blocks[rank].dyn + (a - base);
+}
+
+void static_smem_in_cluster(const char* name, const char* file, int line) {
+  fault(719,
+        "static shared memory '%s' (%s:%d) used in a cluster launch of %d CTAs: the harness keeps one copy of each "
+        "static shared array, so it cannot give every CTA of a cluster its own (use dynamic shared memory)",
+        name, file, line, g_cluster.nctas);
+}
 
 bool launch_begin(const LaunchConfig& cfg) {
   for (int i = 0; i < 3; ++i) g_grid_run[i] = cfg.grid[i];
@@ -801,6 +944,18 @@ bool launch_begin(const LaunchConfig& cfg) {
     code = 9;
     why = format("invalid grid (%u,%u,%u): at least 1 and at most (2^31-1, 65535, 65535)", cfg.grid[0], cfg.grid[1],
                  cfg.grid[2]);
+  } else if (cfg.cluster[0] != 0 &&
+             (cfg.cluster[1] == 0 || cfg.cluster[2] == 0 || cfg.grid[0] % cfg.cluster[0] != 0 ||
+              cfg.grid[1] % cfg.cluster[1] != 0 || cfg.grid[2] % cfg.cluster[2] != 0)) {
+    code = 912;  // cudaErrorInvalidClusterSize
+    why = format("grid (%u,%u,%u) is not a multiple of the cluster dimensions (%u,%u,%u)", cfg.grid[0], cfg.grid[1],
+                 cfg.grid[2], cfg.cluster[0], cfg.cluster[1], cfg.cluster[2]);
+  } else if (cfg.cluster[0] != 0 &&
+             static_cast<unsigned long long>(cfg.cluster[0]) * cfg.cluster[1] * cfg.cluster[2] >
+                 static_cast<unsigned long long>(kMaxClusterCtas)) {
+    code = 912;
+    why = format("cluster (%u,%u,%u) has more than %d CTAs (the portable cluster size limit)", cfg.cluster[0],
+                 cfg.cluster[1], cfg.cluster[2], kMaxClusterCtas);
   } else {
     size_t limit = kDefaultSmem;
     if (cfg.func != nullptr) {  // launch through a kernel pointer: that kernel's opt-in
@@ -833,43 +988,57 @@ void launch_run(const LaunchConfig& cfg, KernelThunk thunk, void* ctx) {
   g_thunk_ctx = ctx;
   g_rng.s = g_cfg.seed ^ (0x9e3779b97f4a7c15ull * (++g_launch_index));
   g_rng.next();
+  Cluster& C = g_cluster;
+  const unsigned cd[3] = {cfg.cluster[0] ? cfg.cluster[0] : 1u, cfg.cluster[0] ? cfg.cluster[1] : 1u,
+                          cfg.cluster[0] ? cfg.cluster[2] : 1u};
+  for (int i = 0; i < 3; ++i) C.dims[i] = cd[i];
+  C.nctas = static_cast<int>(cd[0] * cd[1] * cd[2]);
   unsigned gx = cfg.grid[0];
-  if (g_cfg.grid_cap && gx > g_cfg.grid_cap) gx = static_cast<unsigned>(g_cfg.grid_cap);
+  if (g_cfg.grid_cap && gx > g_cfg.grid_cap) {  // whole clusters only
+    gx = static_cast<unsigned>(g_cfg.grid_cap) / cd[0] * cd[0];
+    if (gx == 0) gx = cd[0];
+  }
   g_grid_run[0] = gx;
   g_grid_run[1] = cfg.grid[1];
   g_grid_run[2] = cfg.grid[2];
   gridDim = dim3(gx, cfg.grid[1], cfg.grid[2]);
   blockDim = dim3(cfg.block[0], cfg.block[1], cfg.block[2]);
   const int nthreads = static_cast<int>(cfg.block[0] * cfg.block[1] * cfg.block[2]);
-  ensure_fibers(nthreads);
-  ensure_dyn_smem(cfg.smem);
+  ensure_fibers(nthreads * C.nctas);
+  ensure_dyn_smem(cfg.smem, C.nctas);
   install_signals();
   g_in_kernel = 1;
+  g_multi_cta_cluster = C.nctas > 1;
   ++g_counters.launches;
-  const uint64_t total = static_cast<uint64_t>(gx) * cfg.grid[1] * cfg.grid[2];
+  // clusters in shuffled order: i -> (a*i + c) mod total, a coprime with total
+  const unsigned ncx = gx / cd[0], ncy = cfg.grid[1] / cd[1], ncz = cfg.grid[2] / cd[2];
+  const uint64_t total = static_cast<uint64_t>(ncx) * ncy * ncz;
   uint64_t a = 1, c = 0;
-  if (g_cfg.schedule == 0 && total > 1) {  // block order: i -> (a*i + c) mod total, a coprime with total
+  if (g_cfg.schedule == 0 && total > 1) {
     a = 1 + g_rng.below(total - 1);
     while (gcd(a, total) != 1) a = a % (total - 1) + 1;
     c = g_rng.below(total);
   }
   for (uint64_t i = 0; i < total; ++i) {
     const uint64_t lin = static_cast<uint64_t>((static_cast<unsigned __int128>(a) * i + c) % total);
-    const unsigned bx = static_cast<unsigned>(lin % gx);
-    const unsigned by = static_cast<unsigned>((lin / gx) % cfg.grid[1]);
-    const unsigned bz = static_cast<unsigned>(lin / (static_cast<uint64_t>(gx) * cfg.grid[1]));
-    ++g_counters.blocks;
-    g_counters.threads += static_cast<uint64_t>(nthreads);
-    run_block(bx, by, bz, cfg.block);
-    if (g_block.failed) break;
+    const unsigned cx = static_cast<unsigned>(lin % ncx);
+    const unsigned cy = static_cast<unsigned>((lin / ncx) % ncy);
+    const unsigned cz = static_cast<unsigned>(lin / (static_cast<uint64_t>(ncx) * ncy));
+    g_counters.blocks += static_cast<uint64_t>(C.nctas);
+    g_counters.threads += static_cast<uint64_t>(nthreads) * static_cast<uint64_t>(C.nctas);
+    run_cluster(cx * cd[0], cy * cd[1], cz * cd[2], cfg.block);
+    if (g_failed) break;
   }
   g_in_kernel = 0;
+  g_multi_cta_cluster = 0;
   restore_signals();
   attnfree_emu_counters delta;
   counters_sub(&delta, g_counters, before);
-  push_record(cfg, g_block.failed ? g_sticky_error : 0, &delta);
+  push_record(cfg, g_failed ? g_sticky_error : 0, &delta);
   g_launch = nullptr;
   g_cur = nullptr;
+  C.nctas = 1;
+  for (int i = 0; i < 3; ++i) C.dims[i] = 1;
 }
 
 // uncounted math (the __real_ symbols exist because the link wraps these functions)
@@ -1012,6 +1181,7 @@ const char* cudaGetErrorName(cudaError_t e) {
     case 715: return "cudaErrorIllegalInstruction";
     case 716: return "cudaErrorMisalignedAddress";
     case 719: return "cudaErrorLaunchFailure";
+    case 912: return "cudaErrorInvalidClusterSize";
     default: return "cudaErrorUnknown";
   }
 }
@@ -1027,6 +1197,7 @@ const char* cudaGetErrorString(cudaError_t e) {
     case 715: return "an illegal instruction was encountered";
     case 716: return "misaligned address";
     case 719: return "unspecified launch failure";
+    case 912: return "cluster misconfiguration";
     default: return "unknown error";
   }
 }
@@ -1078,6 +1249,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int dev
     case cudaDevAttrIntegrated: v = 0; break;
     case cudaDevAttrManagedMemory: v = 1; break;
     case cudaDevAttrCooperativeLaunch: v = 1; break;
+    case cudaDevAttrClusterLaunch: v = 1; break;
     case cudaDevAttrReservedSharedMemoryPerBlock: v = 1024; break;
     default: *value = 0; return cudaErrorInvalidValue;
   }

@@ -16,7 +16,7 @@
 extern "C" {
 #endif
 
-#define ATTNFREE_EMU_ABI_VERSION 1
+#define ATTNFREE_EMU_ABI_VERSION 2
 
 // Counted costs. Cumulative since the last attnfree_emu_reset(); per launch in attnfree_emu_launch_record.
 typedef struct attnfree_emu_counters {
@@ -39,6 +39,7 @@ typedef struct attnfree_emu_counters {
   uint64_t atomics;           // atomic operations (any address space)
   uint64_t memset_bytes;      // cudaMemset(Async) bytes
   uint64_t memcpy_bytes;      // cudaMemcpy(Async) bytes
+  uint64_t cluster_barriers;  // completed attnfree::cluster_sync barriers, one per cluster (a plain launch: per block)
 } attnfree_emu_counters;
 
 typedef struct attnfree_emu_launch_record {
@@ -49,6 +50,7 @@ typedef struct attnfree_emu_launch_record {
   uint32_t grid[3];           // as requested
   uint32_t block[3];
   uint32_t grid_run[3];       // as executed (differs from grid when a grid cap applies)
+  uint32_t cluster[3];        // CTAs per cluster (1,1,1 for a launch without clusters)
   uint64_t smem_dynamic;      // dynamic shared memory bytes
   int32_t error;              // cudaError_t of this launch (0 = success)
   int32_t reserved;

@@ -595,4 +595,9 @@ template <class T> inline T* dynamic_smem() { return static_cast<T*>(rt::dynamic
 inline void static_smem(const volatile void* p, size_t bytes) {
   rt::register_static_smem(const_cast<void*>(p), bytes);
 }
+// Executed by every thread at each static shared declaration: one copy per array cannot serve several CTAs.
+inline bool static_smem_use(const char* name, const char* file, int line) {
+  if (g_multi_cta_cluster) rt::static_smem_in_cluster(name, file, line);
+  return true;
+}
 }  // namespace attnfree_emu

@@ -108,6 +108,18 @@ Launcher<P...> launch_at(void (*f)(P...), const char* name, const char* file, in
   return Launcher<P...>(f, make_config(reinterpret_cast<const void*>(f), name, file, line, caller, grid, block, smem));
 }
 
+// A thread-block cluster launch (ATTNFREE_LAUNCH_CLUSTER): through the kernel pointer, as cudaLaunchKernelEx.
+template <class... P>
+Launcher<P...> launch_cluster_at(void (*f)(P...), const char* name, const char* file, int line, const char* caller,
+                                 dim3 cluster, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t stream = 0) {
+  (void)stream;
+  rt::LaunchConfig cfg = make_config(reinterpret_cast<const void*>(f), name, file, line, caller, grid, block, smem);
+  cfg.cluster[0] = cluster.x;
+  cfg.cluster[1] = cluster.y;
+  cfg.cluster[2] = cluster.z;
+  return Launcher<P...>(f, cfg);
+}
+
 template <class F, typename std::enable_if<!std::is_pointer<typename std::decay<F>::type>::value, int>::type = 0>
 CallableLauncher<typename std::decay<F>::type> launch_at(F&& f, const char* name, const char* file, int line,
                                                          const char* caller, dim3 grid, dim3 block, size_t smem = 0,

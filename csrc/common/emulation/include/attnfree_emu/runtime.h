@@ -21,6 +21,8 @@ enum SfuKind { kSfuExp = 0, kSfuLog, kSfuRcp, kSfuRsqrt, kSfuSqrt, kSfuTrig, kSf
 // Live counters (cumulative since reset) and "a kernel is executing" flag. Only counted while in_kernel != 0.
 extern attnfree_emu_counters g_counters;
 extern int g_in_kernel;
+// A cluster launch of more than one CTA is running: static shared memory (one copy per array) is not modelled.
+extern int g_multi_cta_cluster;
 
 inline void count_sfu(SfuKind k, uint64_t n = 1) {
   if (!g_in_kernel) return;
@@ -68,6 +70,15 @@ void* dynamic_smem();             // base of the block's dynamic shared memory (
 size_t dynamic_smem_bytes();
 long long clock_ticks();
 
+// Thread-block clusters (the CTAs of a cluster run together, their threads fibers of one scheduler). Outside a
+// cluster launch a CTA is a cluster of one.
+unsigned cluster_ctarank();
+unsigned cluster_num_ctas();
+void cluster_sync(const char* file, int line);  // every thread of every CTA of the cluster, at one call site
+// p inside this CTA's dynamic shared memory -> the same offset in CTA `rank`'s (faults otherwise)
+void* cluster_map_shared(const void* p, unsigned rank, const char* file, int line);
+[[noreturn]] void static_smem_in_cluster(const char* name, const char* file, int line);
+
 // Launch entry points (used by launch.h).
 struct LaunchConfig {
   const char* name;    // the kernel expression at the launch site
@@ -78,6 +89,7 @@ struct LaunchConfig {
   unsigned block[3];
   size_t smem;
   const void* func;
+  unsigned cluster[3];  // CTAs per cluster; {0,0,0}: a launch without clusters
 };
 typedef void (*KernelThunk)(void* ctx);
 // Validates the configuration; false (and the CUDA error recorded) if the launch must not run.
