@@ -133,6 +133,30 @@ def test_nvcc_compiles_sm75(cu, jobs):
     assert (_TMP / (cu.stem + "_sm75.o")).stat().st_size > 0
 
 
+CLUSTER_CU = ROOT / "tests" / "emulation" / "kernels" / "cluster.cu"
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
+def test_nvcc_compiles_cluster_helpers():
+    """device_compat.cuh's thread-block cluster helpers (ATTNFREE_LAUNCH_CLUSTER, cluster_ctarank, cluster_num_ctas,
+    cluster_sync, cluster_map_shared), used by the harness's cluster self-test kernels, compile for sm_80 and sm_90:
+    to the cluster instructions on sm_90, to a trap on sm_80; the launch goes through cudaLaunchKernelEx."""
+    res = _run(_nvcc_cmd(CLUSTER_CU))
+    assert res.returncode == 0, f"nvcc failed on {CLUSTER_CU.name}:\n{res.stdout}\n{res.stderr}"
+    obj = _TMP / (CLUSTER_CU.stem + "_sm80_sm90.o")
+    syms = _run(["nm", "-C", str(obj)])
+    assert syms.returncode != 0 or "cudaLaunchKernelExC" in syms.stdout
+    sm90 = ["barrier.cluster.arrive.release", "barrier.cluster.wait.acquire", "mapa.u64", "%cluster_ctarank"]
+    for arch, present, absent in ((90, sm90 + ["%cluster_nctarank"], ["trap;"]), (80, ["trap;"], sm90)):
+        ptx = _TMP / f"{CLUSTER_CU.stem}_sm{arch}.ptx"
+        cmd = [NVCC, "-std=c++17", "-ptx", f"-arch=sm_{arch}", "-I", str(CSRC), str(CLUSTER_CU), "-o", str(ptx)]
+        res = _run(cmd)
+        assert res.returncode == 0, f"nvcc -ptx -arch=sm_{arch} failed:\n{res.stderr}"
+        text = ptx.read_text()
+        assert all(p in text for p in present), (arch, [p for p in present if p not in text])
+        assert not any(a in text for a in absent), (arch, [a for a in absent if a in text])
+
+
 # Kernels whose per-thread state must live in registers: ptxas must give them a 0-byte stack frame (no local
 # memory: no spills, no address-taken arrays) on every architecture of test_nvcc_compiles_sm80_sm90.
 NO_STACK_KERNELS = {

@@ -24,4 +24,12 @@ bool cpu_avx512_allowed() {
   return true;
 }
 
+bool clusters_requested() {
+  const char* v = std::getenv("ATTNFREE_CLUSTERS");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "0") == 0) return false;
+  if (std::strcmp(v, "1") == 0) return true;
+  TORCH_CHECK_VALUE(false, "ATTNFREE_CLUSTERS must be 0 or 1 (or unset), got '", v, "'");
+  return false;
+}
+
 }  // namespace attnfree

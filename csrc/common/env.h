@@ -17,4 +17,10 @@ AftFullKernel aft_full_kernel();
 // where the CPU has it. Read on every call; any other value raises a ValueError naming the variable.
 bool cpu_avx512_allowed();
 
+// ATTNFREE_CLUSTERS=1 lets the CUDA launchers select their thread-block cluster kernels (sm_90, distributed shared
+// memory) where the device supports them (common/cluster.h decides, torch-free, on every launch). Unset, empty or
+// 0: off (opt-in until a GPU run has verified them). Called by the bindings before a launch, so that any other value
+// raises a ValueError naming the variable; returns whether clusters were requested.
+bool clusters_requested();
+
 }  // namespace attnfree

@@ -16,7 +16,9 @@ as written, with the harness headers standing in for the CUDA ones:
                              (::attnfree_emu::static_smem(&a, sizeof(a)), ..., true);
                          (one static object per declaration - blocks run one at a time - registered on first
                          execution so that the runtime poisons it with NaN before every block; the section
-                         attribute the plain macro uses is ignored by GCC in template instantiations)
+                         attribute the plain macro uses is ignored by GCC in template instantiations), and
+                         [[maybe_unused]] const bool attnfree_emu_useN = ::attnfree_emu::static_smem_use("a", ...)
+                         && ...; executed by every thread: one copy cannot serve the CTAs of a cluster (a fault)
 
 Comments, string and character literals are left alone. Line structure is preserved (every newline of the original
 text is kept), and the output starts with a #line directive naming the original file, so compiler diagnostics,
@@ -287,8 +289,10 @@ def rewrite(text: str, path: str = "<input>") -> tuple[str, int, int]:
             continue
         n_static += 1
         reg = ", ".join(f"::attnfree_emu::static_smem(&{nm}, sizeof({nm}))" for nm in names)
+        use = " && ".join(f'::attnfree_emu::static_smem_use("{nm}", __FILE__, __LINE__)' for nm in names)
         repl = ("static" + decl + "; [[maybe_unused]] static const bool attnfree_emu_sh" + str(n_static)
-                + " = (" + reg + ", true);")
+                + " = (" + reg + ", true); [[maybe_unused]] const bool attnfree_emu_use" + str(n_static)
+                + " = " + use + ";")
         edits.append((st, end + 1, repl))
     edits.sort()
     for s, e, r in edits:
