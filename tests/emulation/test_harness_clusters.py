@@ -84,6 +84,12 @@ def test_missing_cluster_sync_before_remote_reads_shows(emu, clus):
     assert wrong >= 1
 
 
+def test_shared_memory_of_every_cta_is_poisoned(emu, clus):
+    for seed in range(2):  # a second cluster of the launch reuses the memory of the first: poisoned again
+        r = fault(emu, clus, 5, blocks=8, cx=4, seed=seed).check()
+        assert r.outputs["y"].isnan().all()
+
+
 def test_shared_memory_of_an_exited_cta_is_poisoned(emu, clus):
     """Without the last cluster_sync a CTA may exit while the others still read its shared memory: its shared
     memory is poisoned at exit, so the late reads give NaN (for most seeds)."""
@@ -160,7 +166,8 @@ def test_exit_while_cluster_waits_reported(emu, clus):
 
 def test_syncthreads_against_cluster_sync_reported(emu, clus):
     r = fault(emu, clus, 2)
-    assert not r.ok and r.rc == 719 and "cluster_sync" in r.fault and "__syncthreads" in r.fault
+    assert not r.ok and r.rc == 719 and "divergent barrier" in r.fault
+    assert "cluster_sync" in r.fault and "__syncthreads" in r.fault
 
 
 def test_cluster_map_shared_checks(emu, clus):

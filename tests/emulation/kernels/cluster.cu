@@ -51,7 +51,8 @@ __global__ void cluster_sum_kernel(gptr<const float> x, gptr<float> out, gptr<in
 
 // Faults. what: 0 rank 0 reaches cluster_sync at another call site than the other CTAs, 1 CTA rank 1 exits without
 // the cluster_sync the others wait at, 2 __syncthreads in warp 0 against cluster_sync in the other warps, 3
-// cluster_map_shared of a pointer outside dynamic shared memory, 4 cluster_map_shared to a rank outside the cluster.
+// cluster_map_shared of a pointer outside dynamic shared memory, 4 cluster_map_shared to a rank outside the cluster;
+// 5 (no fault) reads the never written second half of its own and of the next CTA's shared memory: poisoned, NaN.
 __global__ void cluster_fault_kernel(gptr<float> y, int what) {
   ATTNFREE_DYNAMIC_SHARED(float, s, 16);
   s[threadIdx.x] = float(threadIdx.x);
@@ -71,6 +72,11 @@ __global__ void cluster_fault_kernel(gptr<float> y, int what) {
       __syncthreads();
     else
       attnfree::cluster_sync();
+  } else if (what == 5) {
+    attnfree::cluster_sync();
+    v = s[blockDim.x + threadIdx.x] + *attnfree::cluster_map_shared(s + blockDim.x + threadIdx.x,
+                                                                    (rank + 1) % attnfree::cluster_num_ctas());
+    attnfree::cluster_sync();
   } else if (what == 3) {
     v = *attnfree::cluster_map_shared(&local, 1);
   } else {
@@ -94,7 +100,7 @@ extern "C" {
 
 int emu_cluster_fault(float* y, int64_t blocks, int64_t cx, int64_t what) {
   ATTNFREE_LAUNCH_CLUSTER(cluster_fault_kernel, dim3(static_cast<unsigned>(cx)), dim3(static_cast<unsigned>(blocks)),
-                          kThreads, kThreads * sizeof(float), 0)(y, int(what));
+                          kThreads, 2 * kThreads * sizeof(float), 0)(y, int(what));
   return cudaGetLastError();
 }
 
