@@ -170,6 +170,28 @@ def test_cluster_nan_and_masked_column(emu, clusters):
     assert maxabs(out[1:], ref1) <= 2e-6
 
 
+def test_cluster_schedule_independent(emu, clusters):
+    """fp32, C = 8: bitwise the same out, lse and rowsum under different thread and cluster orders and in order:
+    every CTA merges the warps' and the cluster's partials in a fixed order, whoever finishes first."""
+    import emu_ops
+
+    lib = emu_ops.library()
+    x = _logits(2, 1677, 128, 100, scale=3.0)
+    old = lib._lib.attnfree_emu_get_seed()
+    runs = []
+    try:
+        for seed in (11, 12, 13):
+            lib.set_seed(seed)
+            runs.append(_run(x, 1e-9)[:3])
+        lib.set_schedule("inorder")
+        runs.append(_run(x, 1e-9)[:3])
+    finally:
+        lib.set_schedule("shuffle")
+        lib.set_seed(old)
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
 @pytest.mark.parametrize("dtype", [BF16, F32])
 def test_cluster_reads_logits_once(emu, clusters, dtype):
     """Counted: one cluster launch; the logits read exactly once (nothing else is read from global memory), exactly
