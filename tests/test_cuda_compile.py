@@ -170,6 +170,7 @@ NO_STACK_KERNELS = {
         "bwd_uv_kernel",
     ),
     "aft_local_tc.cu": ("local_fwd_tc_kernel", "tile_stats_kernel"),
+    "ea_double_norm.cu": ("ea_fwd_cluster_kernel",),
 }
 
 

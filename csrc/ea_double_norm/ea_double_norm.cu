@@ -14,12 +14,16 @@
 //   backward 1. row-blocked: a, rowdot, u = a * (dout - rowdot), column sums of u per row block;  2. combine;
 //            3. element-wise dl = u - p * colsum (u recomputed from rowdot). fp32/fp64: p = out * rowsum, the
 //            logits are not read; fp16/bf16: a = p / rowsum from the logits, out is not read.
+// Cluster kernel (sm_90, ATTNFREE_CLUSTERS=1, the vectorised shapes whose matrix fits in the shared memory of 8 CTAs):
+//   the forward in one launch and one read of the logits, a matrix held by a thread-block cluster whose CTAs merge
+//   their column statistics through distributed shared memory (ea_fwd_cluster_kernel).
 // General kernels (other S / alignments): column log-sum-exp over N with the chunked state kernels of common.cuh
 //   (threads along S, chunks of N for occupancy) -> lse; then one warp per row (m, n): rowsum by warp shuffle, out
 //   written, in log space (eps = 0 safe). Backward: warp per row -> rowdot; chunked column sums of u over N (chunk
 //   partials combined in a second kernel, deterministic); elementwise dlogits.
 // Masks (docs/design.md §7 rules 3-4): a -inf logit has p = 0; an all -inf column has lse = -inf and p = 0; a
 // token with p = 0 for every unit has out = 0 (also eps = 0) and dlogits = 0. NaN propagates.
+#include "common/cluster.h"
 #include "common/cuda_common.cuh"
 #include "common/pow4_offsets.cuh"
 #include "ea_double_norm/ea_double_norm.h"
@@ -349,9 +353,67 @@ __global__ void ea_lse_combine_kernel(gptr<const Acc> __restrict__ pm, gptr<cons
   }
 }
 
-// Pass 2 of the forward: per row, p = exp(l - lse) (0 where lse = -inf or l = -inf), out = p / (sum_S p + eps),
-// rowsum = sum_S p + eps; the rare row whose sum_S p < 1e-30 is redone in log space (eps = 0 cannot give 0/0), and
-// a token with p = 0 for every unit gets out = 0, rowsum = eps. Second and last read of the logits.
+// log p and p of a thread's V columns of one row: z holds the logits and becomes log p (-inf for a masked logit and
+// in a column whose lse is -inf, NaN where lse is NaN), o = p (0 where log p = -inf). Returns the thread's part of
+// the row sum.
+template <typename Acc, int V>
+__device__ __forceinline__ Acc ea_row_p(Acc (&z)[V], Acc (&o)[V], const Acc* lse) {
+  const Acc ninf = neg_inf<Acc>();
+  Acc tot = Acc(0);
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const Acc ls = lse[i];
+    z[i] = ls == ninf ? ninf : z[i] - ls;
+    o[i] = z[i] == ninf ? Acc(0) : af_exp(z[i]);
+    tot += o[i];
+  }
+  return tot;
+}
+
+// The row part of the forward, from log p (z) and p (o) of the thread's V columns and its part of the row sum:
+// rowsum = sum_S p + eps (returned) and o becomes out = p / rowsum; the rare row whose sum_S p < 1e-30 is redone in
+// log space (eps = 0 cannot give 0/0), and a token with p = 0 for every unit gets out = 0, rowsum = eps. Every lane
+// of the warp calls (shuffles inside the tpr-lane groups); `row` is false for a group past the rows (its tot = 0).
+template <typename Acc, int V>
+__device__ __forceinline__ Acc ea_row_out(const Acc (&z)[V], Acc (&o)[V], Acc tot, bool row, Acc eps, int tpr) {
+  const Acc ninf = neg_inf<Acc>();
+  tot = group_sum(tot, tpr);
+  Acc rs = Acc(0);
+  // also NaN: the log-space branch propagates it as well; a row past the end (the last block's tail) is never small,
+  // else its tot = 0 would send the real rows of its warp through the log-space branch's exponentials
+  const bool small = row && !(tot >= Acc(1e-30));
+  if (__any_sync(0xffffffffu, small)) {  // every lane joins the shuffles of the log-space branch
+    Acc zm = ninf;
+#pragma unroll
+    for (int i = 0; i < V; ++i) zm = (z[i] > zm || z[i] != z[i]) ? z[i] : zm;
+    zm = group_max(zm, tpr);
+    Acc t2 = Acc(0);
+#pragma unroll
+    for (int i = 0; i < V; ++i) t2 += (z[i] == ninf || zm == ninf) ? Acc(0) : af_exp(z[i] - zm);
+    t2 = group_sum(t2, tpr);
+    if (small) {
+      const Acc log_s = zm == ninf ? ninf : zm + af_log(t2);  // -inf: p = 0 for every unit
+      Acc log_r = log_s;
+      if (eps > Acc(0)) {  // logaddexp(log_s, log eps)
+        const Acc le = af_log(eps);
+        const Acc hi = log_s > le ? log_s : le, lo = log_s > le ? le : log_s;
+        log_r = hi + af_log(Acc(1) + af_exp(lo - hi));
+      }
+#pragma unroll
+      for (int i = 0; i < V; ++i) o[i] = (z[i] == ninf || log_r == ninf) ? Acc(0) : af_exp(z[i] - log_r);
+      rs = (log_s == ninf ? Acc(0) : af_exp(log_s)) + eps;
+    }
+  }
+  if (!small) {
+    rs = tot + eps;
+    const Acc inv = Acc(1) / rs;
+#pragma unroll
+    for (int i = 0; i < V; ++i) o[i] *= inv;
+  }
+  return rs;
+}
+
+// Pass 2 of the forward: per row, p = exp(l - lse), out and rowsum (ea_row_out). Second and last read of the logits.
 template <typename scalar_t, typename Acc, int V>
 __global__ void __launch_bounds__(kThreads)
     ea_rows_fwd_vec_kernel(gptr<const scalar_t> __restrict__ l, gptr<const Acc> __restrict__ lse,
@@ -359,7 +421,6 @@ __global__ void __launch_bounds__(kThreads)
                            int64_t N, int64_t S, int nvec, int tpr, int64_t rows_per_block, int64_t nblk) {
   ATTNFREE_STATIC_SHARED(Acc, sh_lse, [kThreads * V]);
   const int t = threadIdx.x, cg = t % tpr, rl = t / tpr, rpp = kThreads / tpr;
-  const Acc ninf = neg_inf<Acc>();
   for (int64_t item = blockIdx.x; item < M * nblk; item += gridDim.x) {
     const int64_t m = item / nblk, blk = item % nblk;
     for (int64_t c = t; c < S; c += kThreads) sh_lse[c] = lse[m * S + c];
@@ -370,50 +431,12 @@ __global__ void __launch_bounds__(kThreads)
       Acc tot = Acc(0);
       if (valid) {
         load_vec<scalar_t, V>(l + (m * N + n) * S + int64_t(cg) * V, z);
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          const Acc ls = sh_lse[cg * V + i];
-          z[i] = ls == ninf ? ninf : z[i] - ls;  // -inf for a masked logit; NaN where lse is NaN
-          o[i] = z[i] == ninf ? Acc(0) : af_exp(z[i]);
-          tot += o[i];
-        }
+        tot = ea_row_p<Acc, V>(z, o, sh_lse + cg * V);
       } else {
 #pragma unroll
-        for (int i = 0; i < V; ++i) z[i] = ninf, o[i] = Acc(0);
+        for (int i = 0; i < V; ++i) z[i] = neg_inf<Acc>(), o[i] = Acc(0);
       }
-      tot = group_sum(tot, tpr);
-      Acc rs = Acc(0);
-      // also NaN: the log-space branch propagates it as well; a row past N (the last block's tail) is never small,
-      // else its tot = 0 would send the real rows of its warp through the log-space branch's exponentials
-      const bool small = n < N && !(tot >= Acc(1e-30));
-      if (__any_sync(0xffffffffu, small)) {  // every lane joins the shuffles of the log-space branch
-        Acc zm = ninf;
-#pragma unroll
-        for (int i = 0; i < V; ++i) zm = (z[i] > zm || z[i] != z[i]) ? z[i] : zm;
-        zm = group_max(zm, tpr);
-        Acc t2 = Acc(0);
-#pragma unroll
-        for (int i = 0; i < V; ++i) t2 += (z[i] == ninf || zm == ninf) ? Acc(0) : af_exp(z[i] - zm);
-        t2 = group_sum(t2, tpr);
-        if (small) {
-          const Acc log_s = zm == ninf ? ninf : zm + af_log(t2);  // -inf: p = 0 for every unit
-          Acc log_r = log_s;
-          if (eps > Acc(0)) {  // logaddexp(log_s, log eps)
-            const Acc le = af_log(eps);
-            const Acc hi = log_s > le ? log_s : le, lo = log_s > le ? le : log_s;
-            log_r = hi + af_log(Acc(1) + af_exp(lo - hi));
-          }
-#pragma unroll
-          for (int i = 0; i < V; ++i) o[i] = (z[i] == ninf || log_r == ninf) ? Acc(0) : af_exp(z[i] - log_r);
-          rs = (log_s == ninf ? Acc(0) : af_exp(log_s)) + eps;
-        }
-      }
-      if (!small) {
-        rs = tot + eps;
-        const Acc inv = Acc(1) / rs;
-#pragma unroll
-        for (int i = 0; i < V; ++i) o[i] *= inv;
-      }
+      const Acc rs = ea_row_out<Acc, V>(z, o, tot, n < N, eps, tpr);
       if (valid) store_vec<scalar_t, V>(out + (m * N + n) * S + int64_t(cg) * V, o);
       if (valid && cg == 0) rowsum[m * N + n] = rs;
     }
@@ -553,6 +576,179 @@ __global__ void ea_colsum_vec_combine_kernel(gptr<const Acc> __restrict__ partia
   }
 }
 
+// ------------------------------------------------------------------ the cluster kernel (sm_90)
+// One read of the logits (docs/design.md §5.3): a matrix m (N x S) is spread over the dynamic shared memory of a
+// thread-block cluster of C CTAs, CTA `rank` holding rows [rank R, (rank + 1) R), R = ceil(N / C). Each CTA loads
+// its rows once (16-byte loads, kept in shared memory in the logits' dtype), takes their column (max, sum e^{l -
+// O(max)}) (one exponential per logit, power-of-four offsets as in ea_colstat_vec_kernel), publishes them in its shared
+// memory, and after a cluster barrier merges the C partials read through distributed shared memory, in rank order in
+// every CTA, so every CTA holds the same lse (rank 0 writes it). Then the rows as in ea_rows_fwd_vec_kernel, from
+// shared memory. Same thread layout as the vectorised kernels (tpr threads per row, V columns per thread).
+constexpr int kClusterThreads = 512;
+constexpr int kClusterWarps = kClusterThreads / 32;
+constexpr int kMaxCluster = 8;    // the portable cluster size
+constexpr int kClusterLoads = 4;  // 16-byte loads per thread in flight in the first phase
+
+// (m1, s1) merged with (m2, s2), column states whose sums are relative to the power-of-four offsets of their maxima
+// (never NaN: a NaN logit never raises a max; its NaN sum is kept). -inf: an empty state.
+template <typename Acc>
+__device__ __forceinline__ void pow4_col_merge(Acc& m1, Acc& s1, Acc m2, Acc s2) {
+  const Acc mm = m2 > m1 ? m2 : m1;
+  const Acc a = (m1 == neg_inf<Acc>() || m1 == mm) ? s1 : s1 * pow4_factor(m1, mm);
+  const Acc b = (m2 == neg_inf<Acc>() || m2 == mm) ? s2 : s2 * pow4_factor(m2, mm);
+  m1 = mm;
+  s1 = a + b;
+}
+
+// Shared memory of a CTA: the rows (R x S logits), then in the accumulation type its column partials (max, sum)
+// read by the other CTAs, the lse, and the per-warp partials (kClusterWarps x S, twice).
+// (S is a multiple of the 16-byte vector: the partials stay aligned.)
+inline size_t ea_cluster_smem_bytes(int64_t rows, int64_t S, size_t elt, size_t acc) {
+  return size_t(rows * S) * elt + acc * size_t(S) * (3 + 2 * kClusterWarps);
+}
+
+template <typename scalar_t, typename Acc, int V>
+__global__ void __launch_bounds__(kClusterThreads)
+    ea_fwd_cluster_kernel(gptr<const scalar_t> __restrict__ l, gptr<Acc> __restrict__ lse,
+                          gptr<scalar_t> __restrict__ out, gptr<Acc> __restrict__ rowsum, Acc eps, int64_t N, int64_t S,
+                          int nvec, int tpr, int64_t rows_per_cta) {
+  static_assert(V * sizeof(scalar_t) == 16, "one 16-byte vector per thread and row");
+  ATTNFREE_DYNAMIC_SHARED(unsigned char, smem, 16);
+  scalar_t* const tile = reinterpret_cast<scalar_t*>(smem);
+  Acc* const part_m = reinterpret_cast<Acc*>(smem + size_t(rows_per_cta * S) * sizeof(scalar_t));
+  Acc* const part_s = part_m + S;
+  Acc* const sh_lse = part_s + S;
+  Acc* const warp_m = sh_lse + S;
+  Acc* const warp_s = warp_m + kClusterWarps * S;
+  const Acc ninf = neg_inf<Acc>();
+  const unsigned rank = cluster_ctarank(), C = cluster_num_ctas();
+  const int64_t m = blockIdx.x / C;
+  const int t = threadIdx.x, lane = t & 31, warp = t >> 5, cg = t % tpr, rl = t / tpr;
+  const int rpp = kClusterThreads / tpr;
+  const int64_t n0 = int64_t(rank) * rows_per_cta;
+  const int64_t nr = N - n0 < rows_per_cta ? (N - n0 > 0 ? N - n0 : 0) : rows_per_cta;  // this CTA's rows
+  gptr<const scalar_t> lm = l + (m * N + n0) * S;
+
+  // 1. the rows into shared memory and their column statistics (the update of ea_colstat_vec_kernel)
+  Acc mx[V], sm[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    mx[i] = ninf;
+    sm[i] = Acc(0);
+  }
+  if (cg < nvec) {
+    for (int64_t r0 = rl; r0 < nr; r0 += kClusterLoads * rpp) {
+      uint4 raw[kClusterLoads];  // the loads of kClusterLoads rows in flight together
+#pragma unroll
+      for (int b = 0; b < kClusterLoads; ++b) {
+        const int64_t r = r0 + b * rpp;
+        if (r < nr) raw[b] = *gptr_cast<const uint4>(lm + r * S + int64_t(cg) * V);
+      }
+#pragma unroll
+      for (int b = 0; b < kClusterLoads; ++b) {
+        const int64_t r = r0 + b * rpp;
+        if (r >= nr) break;
+        *reinterpret_cast<uint4*>(tile + r * S + int64_t(cg) * V) = raw[b];
+        scalar_t v[V];
+        memcpy(v, &raw[b], 16);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const Acc x = to_acc(v[i]);
+          if (x > mx[i]) {                                      // NaN never raises the max; it reaches the sum below
+            if (mx[i] != ninf) sm[i] *= pow4_factor(mx[i], x);  // (else 0, or NaN: kept)
+            mx[i] = x;
+          }
+          if (x != ninf) sm[i] += Pow4Offset<Acc>::of(mx[i]).exp_minus(x);  // a -inf logit adds 0
+        }
+      }
+    }
+  }
+  // the row lanes of a warp (lanes tpr apart hold the same columns), then the warps in order
+  for (int o = 16; o >= tpr; o >>= 1) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const Acc m2 = __shfl_xor_sync(0xffffffffu, mx[i], o), s2 = __shfl_xor_sync(0xffffffffu, sm[i], o);
+      pow4_col_merge(mx[i], sm[i], m2, s2);
+    }
+  }
+  if (lane < tpr && cg < nvec) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      warp_m[warp * S + cg * V + i] = mx[i];
+      warp_s[warp * S + cg * V + i] = sm[i];
+    }
+  }
+  __syncthreads();
+  for (int64_t c = t; c < S; c += kClusterThreads) {
+    Acc m2 = ninf, s2 = Acc(0);
+    for (int w = 0; w < kClusterWarps; ++w) pow4_col_merge(m2, s2, warp_m[w * S + c], warp_s[w * S + c]);
+    part_m[c] = m2;
+    part_s[c] = s2;
+  }
+  cluster_sync();  // every CTA's partials are written
+
+  // 2. lse: the C partials merged in rank order (the same in every CTA), as ea_lse_combine_kernel
+  for (int64_t c = t; c < S; c += kClusterThreads) {
+    Acc m2 = ninf;
+    for (unsigned q = 0; q < C; ++q) {
+      const Acc y = cluster_map_shared(part_m, q)[c];
+      m2 = y > m2 ? y : m2;
+    }
+    Acc s2 = Acc(0);
+    for (unsigned q = 0; q < C; ++q) {
+      const Acc y = cluster_map_shared(part_m, q)[c], z = cluster_map_shared(part_s, q)[c];
+      s2 += y == ninf ? z : (y == m2 ? z : z * pow4_factor(y, m2));
+    }
+    const Acc ls = m2 == ninf ? m2 + s2 : Pow4Offset<Acc>::of(m2).lse(s2);  // -inf (NaN stays NaN)
+    sh_lse[c] = ls;
+    if (rank == 0) lse[m * S + c] = ls;
+  }
+  __syncthreads();
+
+  // 3. the rows from shared memory: p = exp(l - lse), out, rowsum (ea_rows_fwd_vec_kernel)
+  const int64_t cap = (rows_per_cta + rpp - 1) / rpp * rpp;  // the same trip count in every warp
+  for (int64_t r = rl; r < cap; r += rpp) {
+    const bool valid = r < nr && cg < nvec;
+    const int64_t j = r * S + int64_t(cg) * V;
+    Acc z[V], o[V];
+    Acc tot = Acc(0);
+    if (valid) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(tile + j);
+      scalar_t v[V];
+      memcpy(v, &raw, 16);
+#pragma unroll
+      for (int i = 0; i < V; ++i) z[i] = to_acc(v[i]);
+      tot = ea_row_p<Acc, V>(z, o, sh_lse + cg * V);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) z[i] = ninf, o[i] = Acc(0);
+    }
+    const Acc rs = ea_row_out<Acc, V>(z, o, tot, r < nr, eps, tpr);
+    if (valid) store_vec<scalar_t, V>(out + (m * N + n0) * S + j, o);
+    if (valid && cg == 0) rowsum[m * N + n0 + r] = rs;
+  }
+  cluster_sync();  // the other CTAs may still read this CTA's partials
+}
+
+// The cluster size of the cluster kernel for (N, S): the smallest power of two <= kMaxCluster whose CTAs' rows fit in
+// the opt-in shared memory (*smem: the bytes per CTA), or 0 (then the two-pass kernels).
+template <typename scalar_t, typename acc_t>
+inline int ea_cluster_size(int64_t M, int64_t N, int64_t S, size_t* smem) {
+  int dev = 0, optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    return 0;
+  for (int C = 1; C <= kMaxCluster; C *= 2) {
+    const size_t b = ea_cluster_smem_bytes((N + C - 1) / C, S, sizeof(scalar_t), sizeof(acc_t));
+    if (b <= static_cast<size_t>(optin)) {
+      if (M > int64_t(INT32_MAX) / C) return 0;  // grid.x = M C
+      *smem = b;
+      return C;
+    }
+  }
+  return 0;
+}
+
 // Vector width (elements per 16 bytes) when the vectorised kernels apply to this shape and these pointers, else 0.
 template <typename scalar_t>
 inline int vec_width(int64_t S, std::initializer_list<const void*> ptrs) {
@@ -583,6 +779,20 @@ cudaError_t ea_double_norm_fwd(DType dtype, const void* logits, void* out, void*
     const scalar_t* lp = static_cast<const scalar_t*>(logits);
     if (vec_width<scalar_t>(S, {logits, out}) > 0) {
       constexpr int V = 16 / sizeof(scalar_t);
+      size_t smem = 0;
+      const int C = cluster_kernels_enabled() ? ea_cluster_size<scalar_t, acc_t>(M, N, S, &smem) : 0;
+      if (C > 0) {  // one read of the logits
+        const cudaError_t err =
+            cudaFuncSetAttribute(ea_fwd_cluster_kernel<scalar_t, acc_t, V>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(smem));
+        if (err != cudaSuccess) return err;
+        const VecGeom g = vec_geom(N, S, V, 1);
+        ATTNFREE_LAUNCH_CLUSTER((ea_fwd_cluster_kernel<scalar_t, acc_t, V>), dim3(C, 1, 1),
+                                dim3(static_cast<unsigned>(M * C)), kClusterThreads, smem, stream)(
+            lp, static_cast<acc_t*>(lse), static_cast<scalar_t*>(out), static_cast<acc_t*>(rowsum),
+            static_cast<acc_t>(eps), N, S, g.nvec, g.tpr, (N + C - 1) / C);
+        return cudaGetLastError();
+      }
       const VecGeom gc = vec_geom(N, S, V, kColIters), gr = vec_geom(N, S, V, kRowIters);
       WsCursor ws(workspace);
       acc_t* pm = ws.take<acc_t>(M * gc.nblk * S);

@@ -1,6 +1,7 @@
 // CUDA implementations of ea_double_norm_fwd / ea_double_norm_bwd (schemas: ea_double_norm_ops.cpp).
 // logits (..., N, S) are viewed as (M, N, S) (made contiguous once). Outputs: out (logits' dtype and shape),
-// lse (..., 1, S) and rowsum (..., N, 1), both float32 (float64 for float64 logits).
+// lse (..., 1, S) and rowsum (..., N, 1), both float32 (float64 for float64 logits). The forward takes the cluster
+// kernel (one read of the logits) with ATTNFREE_CLUSTERS=1 on sm_90 (common/env.h, common/cluster.h).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "common/cuda_binding.h"
+#include "common/env.h"
 #include "ea_double_norm/ea_double_norm.h"
 
 namespace {
@@ -52,6 +54,7 @@ at::Tensor aux_like(const at::Tensor& t, const at::Tensor& ref, at::IntArrayRef 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ea_double_norm_fwd_cuda(const at::Tensor& logits, double eps) {
   check_logits_cuda(logits);
+  attnfree::clusters_requested();  // ATTNFREE_CLUSTERS validated here; the launcher picks the cluster kernel
   const c10::cuda::CUDAGuard guard(logits.device());
   const Logits in = contiguous_logits(logits);
   at::Tensor out = empty_like_contiguous(in.l);
