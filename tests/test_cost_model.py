@@ -83,3 +83,27 @@ def test_fit_recovers_each_term(op):
         assert cm._fit(feats, t2, paper) == pytest.approx(4096**2, rel=1e-9)
     if op == "aft_full_lowrank":  # a pure per-row count (the factor rows of a tile) stays T
         assert cm._fit(feats, [p[1] for p in pts], paper) == pytest.approx(4096, rel=1e-9)
+
+
+def test_cluster_switch_rows(monkeypatch):
+    """--clusters both: an op with a cluster kernel gives a row with the switch off and one with it on (the cluster
+    kernel counted: EA's forward reads the logits once, fewer bytes); one without gives a single row; the caller's
+    ATTNFREE_CLUSTERS is left as it was."""
+    from benchmarks import cost_model as cm
+
+    monkeypatch.setenv("ATTNFREE_CLUSTERS", "0")
+    paper = cm.PAPER["ea"]
+    off, on = cm.model_switch_cases("ea_double_norm", "fwd", "bf16", None, cm.QUICK["ea_double_norm"], paper)
+    assert (off["clusters"], off["cluster_kernels"], on["clusters"], on["cluster_kernels"]) == (
+        False,
+        False,
+        True,
+        True,
+    )
+    assert on["bytes_counted"] < off["bytes_counted"]
+    assert os.environ["ATTNFREE_CLUSTERS"] == "0"
+    (only,) = cm.model_switch_cases("ea_double_norm", "bwd", "bf16", None, cm.QUICK["ea_double_norm"], paper)
+    assert only["clusters"] and not only["cluster_kernels"]
+    txt = cm.table([off, on, only], "x", 0.0)
+    cols = [ln.split()[4] for ln in txt.splitlines() if ln.startswith("ea_double_norm")]
+    assert cols == ["0", "1", "-"]
