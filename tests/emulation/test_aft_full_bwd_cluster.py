@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__))))
 
-from test_aft_full_bwd_tc import NAMES, _assert_nan_pattern, _bwd, _inputs, _oracle, _rel  # noqa: E402
+from test_aft_full_bwd_tc import NAMES, _assert_nan_pattern, _bwd, _inputs, _magnitude_inputs, _oracle, _rel  # noqa: E402
 
 from common import oracles  # noqa: E402
 
@@ -106,10 +106,7 @@ def test_adversarial_magnitudes_exact_elements(emu, clusters, causal):
     """|k|, |w| up to 1e4 with misaligned maxima: most elements are summed exactly (the flagged rows / columns of
     the cluster kernels' epilogues); exact to the rounding of logits ~1e4 in float32."""
     B, T, D, H = 1, 260, 4, 1
-    q, _, v, _, dy = _inputs(B, T, D, H, 3)
-    g = torch.Generator().manual_seed(4)
-    k = (torch.rand(B, T, D, generator=g, dtype=F64) * 2e4 - 1e4).float().double()
-    w = (torch.rand(H, T, T, generator=g, dtype=F64) * 2e4 - 1e4).float().double()
+    q, k, v, w, dy = _magnitude_inputs(B, T, D, H)
     y, lse, exp = _oracle(q, k, v, w, causal, dy)
     got, _ = _cluster_bwd(dy, q, k, v, w, y, lse, causal, torch.float32)
     for name, gg, e in zip(NAMES, got, exp):

@@ -99,15 +99,21 @@ def test_low_precision_2x_rule(emu, dtype, causal):
         assert (g - e).abs().max().item() <= bound, name
 
 
+def _magnitude_inputs(B, T, D, H):
+    """q, v, dy as usual; k, w uniform in [-1e4, 1e4] (float32 values): their maxima fall far apart."""
+    q, _, v, _, dy = _inputs(B, T, D, H, 3)
+    g = torch.Generator().manual_seed(4)
+    k = (torch.rand(B, T, D, generator=g, dtype=F64) * 2e4 - 1e4).float().double()
+    w = (torch.rand(H, T, T, generator=g, dtype=F64) * 2e4 - 1e4).float().double()
+    return q, k, v, w, dy
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_adversarial_magnitudes_exact_elements(emu, causal):
     """|k|, |w| up to 1e4 with misaligned maxima: Sc = exp(r + m - lse) is huge for most elements, which are then
     summed exactly; the result is exact to the rounding of logits ~1e4 in float32."""
     B, T, D, H = 1, 260, 4, 1
-    q, _, v, _, dy = _inputs(B, T, D, H, 3)
-    g = torch.Generator().manual_seed(4)
-    k = (torch.rand(B, T, D, generator=g, dtype=F64) * 2e4 - 1e4).float().double()
-    w = (torch.rand(H, T, T, generator=g, dtype=F64) * 2e4 - 1e4).float().double()
+    q, k, v, w, dy = _magnitude_inputs(B, T, D, H)
     y, lse, exp = _oracle(q, k, v, w, causal, dy)
     got, _, _ = _bwd(dy, q, k, v, w, y, lse, causal, torch.float32)
     for name, gg, e in zip(NAMES, got, exp):

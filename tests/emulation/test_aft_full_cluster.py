@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__))))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from test_aft_full_tc import _fwd, _inputs, _oracle, _rel, _rounded  # noqa: E402
+from test_aft_full_tc import _adversarial_inputs, _fwd, _inputs, _oracle, _rel, _rounded  # noqa: E402
 
 from common import oracles  # noqa: E402
 
@@ -102,14 +102,7 @@ def test_adversarial_finite_and_accurate(emu, clusters, what, causal, dtype):
     """|k| or |w| ~ 1e4 (row and column maxima far apart: the lost-tile guard recomputes those (t, c) exactly) and
     a late key larger than every earlier one by 3000 (causally, m comes from a key most rows do not see)."""
     B, T, D, heads = 2, 400, 100, 1
-    q, k, v, w = _inputs(B, T, D, heads, 3)
-    if what == "k1e4":
-        k = k * 2e4
-    elif what == "w1e4":
-        w = w * 2e4
-    else:
-        k[:, T - 3, :] += 3000.0
-    q, k, v, w = _rounded(dtype, q, k, v, w)
+    q, k, v, w = _rounded(dtype, *_adversarial_inputs(what, B, T, D, heads))
     y, lse, res = _fwd(q, k, v, w, causal, dtype)
     _cluster_launch(res, B, D, T, heads)
     assert torch.isfinite(y).all() and torch.isfinite(lse).all()

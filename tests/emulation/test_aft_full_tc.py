@@ -92,13 +92,8 @@ def test_low_precision_2x_rule(emu, shape, causal, dtype):
     assert (lse - lr).abs().max().item() < 1e-2
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("what", ["k1e4", "w1e4", "late_spike"])
-def test_adversarial_finite_and_accurate(emu, what, causal, dtype):
-    """|k| or |w| ~ 1e4 (row and column maxima far apart: the lost-tile guard recomputes those (t, c) exactly) and
-    a late key larger than every earlier one by 3000 (causally, m comes from a key most rows do not see)."""
-    B, T, D, heads = 2, 400, 100, 1
+def _adversarial_inputs(what, B, T, D, heads):
+    """k1e4 / w1e4: |k| or |w| ~ 1e4; late_spike: a key 3000 above every earlier one, three steps before the end."""
     q, k, v, w = _inputs(B, T, D, heads, 3)
     if what == "k1e4":
         k = k * 2e4
@@ -106,7 +101,17 @@ def test_adversarial_finite_and_accurate(emu, what, causal, dtype):
         w = w * 2e4
     else:
         k[:, T - 3, :] += 3000.0
-    q, k, v, w = _rounded(dtype, q, k, v, w)
+    return q, k, v, w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("what", ["k1e4", "w1e4", "late_spike"])
+def test_adversarial_finite_and_accurate(emu, what, causal, dtype):
+    """|k| or |w| ~ 1e4 (row and column maxima far apart: the lost-tile guard recomputes those (t, c) exactly) and
+    a late key larger than every earlier one by 3000 (causally, m comes from a key most rows do not see)."""
+    B, T, D, heads = 2, 400, 100, 1
+    q, k, v, w = _rounded(dtype, *_adversarial_inputs(what, B, T, D, heads))
     y, lse, _ = _fwd(q, k, v, w, causal, dtype)
     assert torch.isfinite(y).all() and torch.isfinite(lse).all()
     yr, lr = _oracle(q, k, v, w, causal)
