@@ -228,6 +228,35 @@ struct BwdWCfg {
   static_assert(WBM % CL == 0 && kBytes <= 227 * 1024, "dw cluster tiling");
 };
 
+// The cluster kernels' share of a step's row operands: rows [first, first + ROWS) of Sc G, Sc H (source row
+// t0 + row, column j0 + col; 0 past T or ncols) stored into the SG, SH tiles of all CL CTAs of the cluster. The CL
+// destinations are mapped once per call, not once per element.
+template <int CL, int ROWS, int COLS, typename Op>
+__device__ __forceinline__ void share_row_operands(Op* SG, Op* SH, int LD, int first, gptr<const Op> sgh,
+                                                   gptr<const Op> shh, int64_t t0, int64_t j0, int64_t T, int64_t ncols,
+                                                   int tid) {
+  Op* dg[CL];
+  Op* dh[CL];
+#pragma unroll
+  for (int c = 0; c < CL; ++c) {
+    dg[c] = cluster_map_shared(SG, static_cast<unsigned>(c));
+    dh[c] = cluster_map_shared(SH, static_cast<unsigned>(c));
+  }
+#pragma unroll 2
+  for (int e = tid; e < ROWS * COLS; e += NT) {
+    const int row = first + e / COLS, col = e % COLS;
+    const int64_t t = t0 + row, j = j0 + col;
+    const bool ok = t < T && j < ncols;
+    const float g = ok ? to_acc(sgh[t * ncols + j]) : 0.f;
+    const float hh = ok ? to_acc(shh[t * ncols + j]) : 0.f;
+#pragma unroll
+    for (int c = 0; c < CL; ++c) {
+      store_val(dg[c] + row * LD + col, g);
+      store_val(dh[c] + row * LD + col, hh);
+    }
+  }
+}
+
 // dk, dv of KBM keys x KBN columns of head h (see the top of this file). ek: X = exp(k - m) is recomputed in fp32
 // from k and m here, so only the row operands come from the workspace.
 // CL > 1 (sm_90, dense bias only): launched in clusters of CL CTAs along blockIdx.y, i.e. CL adjacent key tiles of
@@ -353,19 +382,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
       }
       __syncthreads();
     } else {
-#pragma unroll 2
-      for (int e = tid; e < (KBK / CL) * KBN; e += NT) {
-        const int row = crank * (KBK / CL) + e / KBN, col = e % KBN;
-        const int64_t t = t0 + row, j = j0 + col;
-        const bool ok = t < T && j < ncols;
-        const float g = ok ? to_acc(sgh[t * ncols + j]) : 0.f;
-        const float hh = ok ? to_acc(shh[t * ncols + j]) : 0.f;
-#pragma unroll
-        for (int c = 0; c < CL; ++c) {
-          store_val(cluster_map_shared(SG, c) + row * LD + col, g);
-          store_val(cluster_map_shared(SH, c) + row * LD + col, hh);
-        }
-      }
+      share_row_operands<CL, KBK / CL, KBN>(SG, SH, LD, crank * (KBK / CL), sgh, shh, t0, j0, T, ncols, tid);
       cluster_sync();
     }
     // (3) gG += Ew^T SG, gH += Ew^T SH
@@ -496,19 +513,7 @@ __global__ void __launch_bounds__(NT, AFT_FULL_MIN_BLOCKS)
         store_val(&SH[row * LD + c], ok ? to_acc(shh[t * ncols + j]) : 0.f);
       }
     } else {
-#pragma unroll 2
-      for (int e = tid; e < (WBM / CL) * WKC; e += NT) {
-        const int row = crank * (WBM / CL) + e / WKC, c = e % WKC;
-        const int64_t t = t0 + row, j = c0 + c;
-        const bool ok = t < T && j < ncols;
-        const float g = ok ? to_acc(sgh[t * ncols + j]) : 0.f;
-        const float hh = ok ? to_acc(shh[t * ncols + j]) : 0.f;
-#pragma unroll
-        for (int cr = 0; cr < CL; ++cr) {
-          store_val(cluster_map_shared(SG, cr) + row * LD + c, g);
-          store_val(cluster_map_shared(SH, cr) + row * LD + c, hh);
-        }
-      }
+      share_row_operands<CL, WBM / CL, WKC>(SG, SH, LD, crank * (WBM / CL), sgh, shh, t0, c0, T, ncols, tid);
     }
     if (active) {
 #pragma unroll 4
